@@ -1,0 +1,161 @@
+"""The procurement agent: plans a purchase, asks governance, and places the order through
+the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+
+import msgspec
+
+from govmesh.agents._base import AgentService
+from govmesh.agents.messages import PurchaseOutcome, PurchaseRequest
+from govmesh.bus import Delivery
+from govmesh.config import Deployment
+from govmesh.errors import BusError
+from govmesh.governance.messages import Decision, ToolIntent
+from govmesh.identity import Identity
+from govmesh.llm import ModelProvider
+from govmesh.tools import ERP_CREATE_PO, ToolCall, ToolResult
+
+__all__ = ["ProcurementAgent"]
+
+
+class ProcurementAgent(AgentService):
+    """Turns purchase requests into governed purchase orders.
+
+    Args:
+        decision_timeout_s: how long to wait for governance's first answer.
+        approval_timeout_s: how long to wait for a human's answer to an escalation.
+        max_reflections: the agent's own stop for a model that keeps failing.
+    """
+
+    def __init__(
+        self,
+        deployment: Deployment,
+        identity: Identity,
+        *,
+        model: ModelProvider,
+        max_tokens: int = 1024,
+        decision_timeout_s: float = 30.0,
+        approval_timeout_s: float = 300.0,
+        max_reflections: int = 40,
+    ) -> None:
+        super().__init__(deployment, identity, model=model, max_tokens=max_tokens)
+        self._decision_timeout_s = decision_timeout_s
+        self._approval_timeout_s = approval_timeout_s
+        self._max_reflections = max_reflections
+        self._decisions: defaultdict[str, asyncio.Queue[Delivery]] = defaultdict(asyncio.Queue)
+
+    async def on_start(self) -> None:
+        """Subscribe to purchase requests and to decisions."""
+        await self.bus.subscribe(
+            self.subjects.msg(self.agent_id), self._on_request, accepts=PurchaseRequest
+        )
+        await self.bus.subscribe(self.subjects.all("decision"), self._on_decision, accepts=Decision)
+
+    async def _on_decision(self, d: Delivery) -> None:
+        decision: Decision = d.body
+        if decision.agent == self.agent_id and decision.workflow in self._decisions:
+            self._decisions[decision.workflow].put_nowait(d)
+
+    async def _next_decision(
+        self, workflow: str, intent_id: str, *, final: bool, timeout: float
+    ) -> Delivery:
+        queue = self._decisions[workflow]
+        async with asyncio.timeout(timeout):
+            while True:
+                d = await queue.get()
+                decision: Decision = d.body
+                if decision.intent_id == intent_id and (decision.final or not final):
+                    return d
+
+    async def _on_request(self, d: Delivery) -> None:
+        workflow = d.envelope.workflow
+        self._decisions[workflow]
+        try:
+            outcome = await self._purchase(workflow, d.body, trace=d.envelope.trace)
+        except (TimeoutError, BusError) as exc:
+            outcome = PurchaseOutcome(result="failed", reasons=(f"{type(exc).__name__}: {exc}",))
+        finally:
+            self._decisions.pop(workflow, None)
+            self.forget(workflow)
+        await self.bus.publish(
+            self.subjects.msg(d.envelope.sender),
+            outcome,
+            workflow=workflow,
+            causation=d.envelope.id,
+            trace=d.envelope.trace,
+        )
+
+    async def _purchase(
+        self, workflow: str, req: PurchaseRequest, *, trace: str
+    ) -> PurchaseOutcome:
+        goal = {"item": req.item, "vendor": req.vendor, "amount_usd": req.amount_usd}
+        await self.snapshot(workflow, {**goal, "phase": "planning"})
+        _, reflections = await self.think_until_usable(
+            workflow,
+            f"Plan a purchase of {req.item} from {req.vendor} for ${req.amount_usd:,.2f}.",
+            key=f"{self.agent_id}:plan",
+            max_reflections=self._max_reflections,
+            trace=trace,
+        )
+        step = 1
+        args = {"item": req.item, "vendor": req.vendor, "amount_usd": req.amount_usd}
+        started = time.perf_counter()
+        sent = await self.bus.publish(
+            self.subjects.intent(self.agent_id),
+            ToolIntent(tool=ERP_CREATE_PO, args=args, step=step, reflections=reflections),
+            workflow=workflow,
+            trace=trace,
+        )
+        first = await self._next_decision(
+            workflow, sent.id, final=False, timeout=self._decision_timeout_s
+        )
+        governance_ms = (time.perf_counter() - started) * 1000
+        first_decision: Decision = first.body
+        await self.snapshot(
+            workflow,
+            {**goal, "phase": "decided", "decision": first_decision.outcome},
+            policy_hash=first_decision.policy_hash,
+        )
+        final = first
+        if not first_decision.final:
+            final = await self._next_decision(
+                workflow, sent.id, final=True, timeout=self._approval_timeout_s
+            )
+        decision: Decision = final.body
+        outcome = PurchaseOutcome(
+            result="denied",
+            first_decision=first_decision.outcome,
+            reasons=decision.reasons,
+            approval_id=decision.approval_id,
+            approved_by=decision.approved_by,
+            reflections=reflections,
+            governance_ms=governance_ms,
+            model_calls=reflections + 1,
+        )
+        if decision.outcome != "allow":
+            return msgspec.structs.replace(
+                outcome, result="rejected" if decision.approval_id else "denied"
+            )
+        reply = await self.bus.request(
+            self.subjects.tool(ERP_CREATE_PO),
+            ToolCall(tool=ERP_CREATE_PO, args=args, step=step, decision=final.data),
+            accepts=ToolResult,
+            workflow=workflow,
+            causation=final.envelope.id,
+            trace=trace,
+        )
+        tool_result: ToolResult = reply.body
+        await self.snapshot(
+            workflow,
+            {**goal, "phase": "done", "ok": tool_result.ok, "order": tool_result.result},
+            policy_hash=decision.policy_hash,
+        )
+        if not tool_result.ok:
+            return msgspec.structs.replace(outcome, result="failed", reasons=(tool_result.error,))
+        return msgspec.structs.replace(
+            outcome, result="executed", order_id=str(tool_result.result.get("po_id", ""))
+        )

@@ -1,0 +1,60 @@
+"""Message bodies exchanged between agents and the swarm coordinator."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+__all__ = ["PurchaseOutcome", "PurchaseRequest", "WorkflowDone", "WorkflowStart"]
+
+Result = Literal["executed", "denied", "rejected", "failed"]
+
+
+class WorkflowStart(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """The coordinator asks a requester agent to start a purchase workflow."""
+
+    item: str
+    vendor: str
+    amount_usd: float
+
+
+class PurchaseRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A requester asks the procurement agent to buy something."""
+
+    item: str
+    vendor: str
+    amount_usd: float
+
+
+class PurchaseOutcome(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """What became of a purchase request.
+
+    Attributes:
+        result: ``executed`` (an order was placed), ``denied`` (by policy), ``rejected``
+            (an approver said no), ``failed`` (an error; see ``reasons``).
+        first_decision: governance's first answer: allow, deny or escalate.
+        governance_ms: intent-to-first-decision latency seen by the agent.
+    """
+
+    result: Result
+    first_decision: str = ""
+    reasons: tuple[str, ...] = ()
+    order_id: str = ""
+    approval_id: str = ""
+    approved_by: str = ""
+    reflections: int = 0
+    governance_ms: float = 0.0
+    model_calls: int = 0
+
+
+class WorkflowDone(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A requester tells the coordinator its workflow ended.
+
+    Attributes:
+        model_calls: model calls all agents made for the workflow, which the coordinator
+            checks against the budget actor's count.
+    """
+
+    outcome: PurchaseOutcome
+    model_calls: int = 0

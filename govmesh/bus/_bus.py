@@ -1,0 +1,282 @@
+"""The Bus: signed publish, verified subscribe, and request/reply over NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from govmesh.bus._codec import Codec
+from govmesh.bus._envelope import Envelope, SecurityEvent
+from govmesh.bus._subjects import Subjects
+from govmesh.bus._verify import MessageVerifier
+from govmesh.config import Deployment
+from govmesh.errors import BusError, SecurityError
+from govmesh.identity import Claims, Identity, TokenVerifier
+
+__all__ = ["Bus", "Delivery", "Handler"]
+
+log = logging.getLogger(__name__)
+
+
+class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+    """A verified message handed to a handler.
+
+    Attributes:
+        envelope: the verified envelope.
+        body: the decoded typed body.
+        claims: the sender's verified token claims.
+        reply: the reply subject, for requests.
+        data: the exact wire bytes, so a signed message can be forwarded as proof.
+    """
+
+    envelope: Envelope
+    body: Any
+    claims: Claims
+    reply: str = ""
+    data: bytes = b""
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+class Bus:
+    """One member's connection to the bus.
+
+    Every outgoing message is sealed with the member's key and token; every incoming one is
+    verified before any handler runs. A refused message is counted in `rejected`, reported on
+    the security subject and dropped; the receiver keeps running. Each verified message runs
+    in its own task, so one member serves many workflows at once.
+
+    Use `Bus.connect`; `close` cancels handler tasks still running and is safe to call twice.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        identity: Identity,
+        tokens: TokenVerifier,
+        subjects: Subjects,
+        codec: Codec | None = None,
+    ) -> None:
+        self.nc = nc
+        self.identity = identity
+        self.subjects = subjects
+        self.codec = codec or Codec()
+        self.verifier = MessageVerifier(tokens=tokens, codec=self.codec)
+        self.rejected: Counter[str] = Counter()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, deployment: Deployment, identity: Identity, **options: Any) -> Bus:
+        """Connect ``identity`` to the deployment's NATS server.
+
+        Args:
+            deployment: where the server is and whom to trust.
+            identity: this member's identity.
+            **options: passed to ``nats.connect`` (e.g. ``tls=``).
+        """
+        options.setdefault("name", identity.agent_id)
+        options.setdefault("max_reconnect_attempts", -1)
+        options.setdefault("reconnect_time_wait", 0.2)
+        try:
+            nc = await nats.connect(deployment.nats_url, **options)
+        except Exception as exc:
+            raise BusError(f"cannot connect to NATS at {deployment.nats_url!r}: {exc}") from exc
+        tokens = TokenVerifier(issuers=list(deployment.issuers), audience=deployment.audience)
+        return cls(nc, identity=identity, tokens=tokens, subjects=Subjects(deployment.tenant))
+
+    async def publish(
+        self,
+        subject: str,
+        body: msgspec.Struct,
+        *,
+        workflow: str = "",
+        causation: str = "",
+        trace: str = "",
+    ) -> Envelope:
+        """Sign and publish ``body`` on ``subject``; returns the envelope sent."""
+        envelope, data = self.codec.seal(
+            self.identity,
+            subject=subject,
+            body=body,
+            workflow=workflow,
+            causation=causation,
+            trace=trace,
+        )
+        await self.nc.publish(subject, data)
+        return envelope
+
+    async def respond(self, to: Delivery, body: msgspec.Struct) -> Envelope:
+        """Answer a request ``to`` on its reply subject."""
+        if not to.reply:
+            raise BusError(f"message {to.envelope.id} on {to.envelope.subject!r} is not a request")
+        return await self.publish(
+            to.reply,
+            body,
+            workflow=to.envelope.workflow,
+            causation=to.envelope.id,
+            trace=to.envelope.trace,
+        )
+
+    async def request(
+        self,
+        subject: str,
+        body: msgspec.Struct,
+        *,
+        accepts: Any,
+        timeout: float = 10.0,
+        workflow: str = "",
+        causation: str = "",
+        trace: str = "",
+    ) -> Delivery:
+        """Send a request and return the verified reply.
+
+        Raises:
+            BusError: nobody answered within ``timeout`` seconds.
+            SecurityError: the reply failed verification (also reported as a security event).
+        """
+        _, data = self.codec.seal(
+            self.identity,
+            subject=subject,
+            body=body,
+            workflow=workflow,
+            causation=causation,
+            trace=trace,
+        )
+        try:
+            msg = await self.nc.request(subject, data, timeout=timeout)
+        except NatsTimeoutError:
+            raise BusError(f"no answer on {subject!r} within {timeout}s") from None
+        delivery = self._accept(msg, accepts)
+        if delivery is None:
+            raise SecurityError("bad_reply", f"the reply on {subject!r} failed verification")
+        return delivery
+
+    async def subscribe(
+        self, subject: str, handler: Handler, *, accepts: Any, queue: str = ""
+    ) -> Subscription:
+        """Run ``handler`` for every verified message on ``subject`` whose body is ``accepts``.
+
+        Args:
+            subject: subject or wildcard.
+            handler: coroutine function taking a `Delivery`.
+            accepts: the body type or tagged union this subscription accepts.
+            queue: queue group; members of one group share the messages.
+        """
+
+        async def on_message(msg: Msg) -> None:
+            delivery = self._accept(msg, accepts)
+            if delivery is not None:
+                task = asyncio.create_task(self._run(handler, delivery))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_message)
+
+    def check(self, subject: str, data: bytes, accepts: Any, *, replay: bool = True) -> Delivery:
+        """Verify a message carried inside another one (e.g. a decision inside a tool call).
+
+        Raises:
+            SecurityError: with the reason; the caller decides whether to report it.
+        """
+        verified = self.verifier.verify(subject, data, replay=replay)
+        body = self.codec.body(verified.envelope, accepts)
+        return Delivery(envelope=verified.envelope, body=body, claims=verified.claims, data=data)
+
+    def _accept(self, msg: Msg, accepts: Any) -> Delivery | None:
+        try:
+            verified = self.verifier.verify(msg.subject, msg.data)
+            body = self.codec.body(verified.envelope, accepts)
+        except SecurityError as exc:
+            self.report(exc, subject=msg.subject, data=msg.data)
+            return None
+        return Delivery(
+            envelope=verified.envelope,
+            body=body,
+            claims=verified.claims,
+            reply=msg.reply or "",
+            data=msg.data,
+        )
+
+    def report(self, exc: SecurityError, *, subject: str, data: bytes = b"") -> None:
+        """Count a refused message and publish a security event about it."""
+        self.rejected[exc.reason] += 1
+        claimed = self._claimed_sender(data)
+        log.warning("refused message on %s from %r: %s", subject, claimed, exc)
+        if subject == self.subjects.security or self._closed:
+            return
+        event = SecurityEvent(
+            reason=exc.reason,
+            subject=subject,
+            claimed_sender=claimed,
+            receiver=self.identity.agent_id,
+            detail=str(exc)[:500],
+        )
+        task = asyncio.get_running_loop().create_task(
+            self._report_quietly(event), name="security-event"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _report_quietly(self, event: SecurityEvent) -> None:
+        try:
+            await self.publish(self.subjects.security, event)
+        except Exception as exc:  # a failing report must never take the receiver down
+            log.error("could not publish security event %s: %s", event.reason, exc)
+
+    def _claimed_sender(self, data: bytes) -> str:
+        try:
+            return self.codec.envelope(self.codec.open(data).envelope).sender[:200]
+        except SecurityError:
+            return ""
+
+    async def _run(self, handler: Handler, delivery: Delivery) -> None:
+        try:
+            await handler(delivery)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "handler failed for %s %s on %s",
+                delivery.envelope.kind,
+                delivery.envelope.id,
+                delivery.envelope.subject,
+            )
+
+    async def flush(self, timeout: int = 5) -> None:
+        """Wait until the server has everything published so far."""
+        await self.nc.flush(timeout=timeout)
+
+    async def close(self) -> None:
+        """Cancel running handlers, drain and close the connection. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 2)
+            except Exception as exc:
+                log.debug("drain failed, closing: %s", exc)
+                await self.nc.close()
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,201 @@
+"""The ``govmesh`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from govmesh.errors import GovmeshError
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+console = Console(stderr=True)
+out = Console()
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``; Ctrl-C and SIGTERM cancel it so every context manager cleans up."""
+
+    async def guarded() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await coro
+
+    try:
+        return asyncio.run(guarded())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        console.print("[yellow]interrupted; every service govmesh started has been stopped[/]")
+        sys.exit(130)
+    except GovmeshError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """govmesh: governed multi-agent workflow automation."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # Refused messages are counted and reported in the summary; one line each is noise.
+        logging.getLogger("govmesh.bus._bus").setLevel(logging.ERROR)
+
+
+@cli.command()
+def up() -> None:
+    """Run embedded nats-server, Redis-protocol server and Ray until Ctrl-C.
+
+    Prints the URLs so other processes can join with GOVMESH_NATS_URL, GOVMESH_REDIS_URL
+    and RAY_ADDRESS.
+    """
+    from govmesh.runtime import Runtime
+
+    async def serve() -> None:
+        async with Runtime() as rt:
+            out.print(f"GOVMESH_NATS_URL={rt.nats_url}")
+            out.print(f"GOVMESH_REDIS_URL={rt.redis_url}")
+            if rt.ray_address:
+                out.print(f"RAY_ADDRESS={rt.ray_address}")
+            console.print("[green]govmesh services are up[/]; Ctrl-C stops them")
+            await asyncio.Event().wait()
+
+    _run(serve())
+
+
+@cli.command()
+@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--workflows", "-n", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--seed", "-s", default=1, show_default=True, type=int)
+@click.option(
+    "--concurrency",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Workflows in flight at once.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the full report as JSON here.",
+)
+def run(
+    scenario: Path, workflows: int, seed: int, concurrency: int, json_path: Path | None
+) -> None:
+    """Run SCENARIO with a swarm of agent actors and print a summary."""
+    from govmesh.scenarios import run_scenario
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[tally]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("starting", total=workflows, tally="")
+        tally: dict[str, int] = {}
+
+        def on_done(_: str, outcome: Any) -> None:
+            tally[outcome.result] = tally.get(outcome.result, 0) + 1
+            text = " ".join(f"{k}={v}" for k, v in sorted(tally.items()))
+            progress.update(task, advance=1, tally=text, description="workflows")
+
+        def on_phase(text: str) -> None:
+            progress.update(task, description=text)
+
+        report = _run(
+            run_scenario(
+                scenario,
+                workflows=workflows,
+                seed=seed,
+                concurrency=concurrency,
+                on_done=on_done,
+                on_phase=on_phase,
+            )
+        )
+    out.print(_summary(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        console.print(f"report written to {json_path}")
+    if report["workflows"]["finished"] != report["workflows"]["total"]:
+        sys.exit(1)
+
+
+def _summary(report: dict[str, Any]) -> Table:
+    w, d, lat = report["workflows"], report["decisions"], report["governance_latency_ms"]
+    table = Table(title=f"govmesh run: {report['scenario']} (seed {report['seed']})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("workflows finished", f"{w['finished']} / {w['total']}")
+    table.add_row(
+        "outcomes",
+        f"executed {w['executed']}, denied {w['denied']}, rejected {w['rejected']}, "
+        f"failed {w['failed']}",
+    )
+    table.add_row("decisions", f"allow {d['allow']}, deny {d['deny']}, escalate {d['escalate']}")
+    table.add_row(
+        "approvals (simulated approver)",
+        f"approved {report['approvals']['approved']}, rejected {report['approvals']['rejected']}",
+    )
+    table.add_row(
+        "tokens (simulated model)",
+        f"{report['tokens']:,} in {report['model_calls']['counted_by_budget']} calls",
+    )
+    table.add_row("cost", f"${report['cost_usd']:,.4f}")
+    table.add_row("governance latency p50 / p99", f"{lat['p50']:.2f} / {lat['p99']:.2f} ms")
+    rejections = report["security_rejections"]
+    table.add_row(
+        "security rejections",
+        ", ".join(f"{k} {v}" for k, v in rejections.items()) if rejections else "none",
+    )
+    t = report["timings_s"]
+    table.add_row(
+        "time (start / workflows / total)",
+        f"{t['start_s']:.1f} / {t['workflows_s']:.1f} / {t['total_s']:.1f} s",
+    )
+    return table
+
+
+@cli.group()
+def policy() -> None:
+    """Work with policy files."""
+
+
+@policy.command("check")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+def policy_check(files: tuple[Path, ...]) -> None:
+    """Validate policy FILES together and print the policy hash."""
+    from govmesh.governance._policy import load_policies
+
+    try:
+        policies = load_policies(list(files))
+    except GovmeshError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+    for p in policies.policies:
+        out.print(f"ok  {p.source or '-'}  agent={p.agent}")
+    out.print(f"policy hash {policies.hash}")
+
+
+def main() -> None:
+    """Entry point of the ``govmesh`` command."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

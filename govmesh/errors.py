@@ -1,0 +1,80 @@
+"""The govmesh error hierarchy: one root, a few subclasses that carry data.
+
+Each subclass also inherits the matching built-in exception so callers that already catch
+``ValueError`` or ``RuntimeError`` keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BusError",
+    "ConfigError",
+    "GovmeshError",
+    "PolicyError",
+    "RuntimeStartError",
+    "ScenarioError",
+    "SecurityError",
+    "StateError",
+]
+
+
+class GovmeshError(Exception):
+    """Root of every error govmesh raises on purpose."""
+
+
+class ConfigError(GovmeshError, ValueError):
+    """A setting, flag or file is invalid."""
+
+
+class PolicyError(GovmeshError, ValueError):
+    """A policy file is malformed.
+
+    Attributes:
+        path: the policy file, when known.
+        line: 1-based line number of the offending value, when known.
+        value: the offending value, when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        value: object = None,
+    ) -> None:
+        self.path = path
+        self.line = line
+        self.value = value
+        where = path or "<policy>"
+        if line is not None:
+            where = f"{where}:{line}"
+        super().__init__(f"{where}: {message}")
+
+
+class ScenarioError(GovmeshError, ValueError):
+    """A scenario file is malformed."""
+
+
+class RuntimeStartError(GovmeshError, RuntimeError):
+    """An embedded service (nats-server, Redis-protocol server, Ray) failed to start."""
+
+
+class BusError(GovmeshError, RuntimeError):
+    """Publishing, subscribing or a request on the bus failed."""
+
+
+class SecurityError(GovmeshError, PermissionError):
+    """A message or credential failed verification.
+
+    Attributes:
+        reason: short machine-readable reason, e.g. ``"bad_signature"`` or ``"replay"``.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class StateError(GovmeshError, RuntimeError):
+    """Persisting or restoring state failed."""

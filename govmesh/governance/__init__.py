@@ -1,0 +1,39 @@
+"""Governance: policy files compiled into a ``PolicySet`` and the evaluator that decides intents.
+
+Every tool call an agent wants is an ``Intent``; ``evaluate`` turns it into an allow, deny or
+escalate ``Verdict`` as a pure function of the policy set, the intent and an ``EvalContext``.
+"""
+
+from govmesh.governance._evaluator import (
+    OBLIGATION_AWAIT_APPROVAL,
+    OBLIGATION_RECORD_SPEND,
+    EvalContext,
+    Intent,
+    Outcome,
+    Verdict,
+    evaluate,
+    intent_hash,
+)
+from govmesh.governance._policy import (
+    Policy,
+    PolicySet,
+    load_policies,
+    load_policy_file,
+    parse_policy_text,
+)
+
+__all__ = [
+    "OBLIGATION_AWAIT_APPROVAL",
+    "OBLIGATION_RECORD_SPEND",
+    "EvalContext",
+    "Intent",
+    "Outcome",
+    "Policy",
+    "PolicySet",
+    "Verdict",
+    "evaluate",
+    "intent_hash",
+    "load_policies",
+    "load_policy_file",
+    "parse_policy_text",
+]

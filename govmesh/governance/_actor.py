@@ -1,0 +1,221 @@
+"""The governance actor: the policy decision point on the bus."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from govmesh.bus import Delivery
+from govmesh.config import Deployment
+from govmesh.errors import SecurityError
+from govmesh.governance._evaluator import EvalContext, Intent, Verdict, evaluate, intent_hash
+from govmesh.governance._policy import PolicySet, load_policies
+from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest, Decision, ToolIntent
+from govmesh.identity import Identity
+from govmesh.service import Service
+
+__all__ = ["OPERATOR_ROLE", "GovernanceService"]
+
+OPERATOR_ROLE = "operator"
+GOVERNANCE_ROLE = "governance"
+QUEUE = "governance"
+
+
+class GovernanceService(Service):
+    """Answers every tool intent with a signed allow, deny or escalate decision.
+
+    Several instances share intents as one NATS queue group; what they must agree on
+    (committed spend per workflow, pending approvals) lives in Redis.
+
+    Args:
+        deployment: where the services are and whom to trust.
+        identity: this actor's identity (role ``governance``).
+        policy_paths: the policy files in force.
+        decision_ttl_s: how long an allow decision may be presented to the gateway.
+    """
+
+    def __init__(
+        self,
+        deployment: Deployment,
+        identity: Identity,
+        *,
+        policy_paths: list[str],
+        decision_ttl_s: float = 60.0,
+    ) -> None:
+        super().__init__(deployment, identity)
+        self.policies: PolicySet = load_policies([Path(p) for p in policy_paths])
+        self._decision_ttl_s = decision_ttl_s
+        self._codec = msgspec.msgpack.Encoder()
+        self._request_decoder = msgspec.msgpack.Decoder(ApprovalRequest)
+        self.decided: Counter[str] = Counter()
+
+    async def on_start(self) -> None:
+        """Subscribe to intents and approval answers as a queue group."""
+        await self.bus.subscribe(
+            self.subjects.all("intent"), self._on_intent, accepts=ToolIntent, queue=QUEUE
+        )
+        await self.bus.subscribe(
+            self.subjects.all("approval"),
+            self._on_approval,
+            accepts=ApprovalRequest | ApprovalAnswer,
+            queue=QUEUE,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, plus decisions by outcome and the policy hash in force."""
+        return {**super().stats(), "decided": dict(self.decided), "policy": self.policies.hash}
+
+    async def _on_intent(self, d: Delivery) -> None:
+        body: ToolIntent = d.body
+        workflow = d.envelope.workflow
+        intent = Intent(
+            agent=d.claims.sub,
+            role=d.claims.role,
+            tool=body.tool,
+            args=body.args,
+            workflow=workflow,
+            step=body.step,
+        )
+        ihash = intent_hash(intent)
+        if not d.claims.may(body.tool):
+            verdict = Verdict(
+                outcome="deny",
+                reasons=(f"token of {d.claims.sub!r} lacks capability {body.tool!r}",),
+                obligations=(),
+                policy_hash=self.policies.hash,
+            )
+        else:
+            spent = float(await self.redis.hget(self.key("spend"), workflow) or 0.0)
+            ctx = EvalContext(
+                reflections=body.reflections, workflow_spend_usd=spent, now=time.time()
+            )
+            verdict = evaluate(self.policies, intent, ctx)
+        self.decided[verdict.outcome] += 1
+        approval_id = ""
+        if verdict.outcome == "allow":
+            await self._commit_spend(workflow, body.args)
+        elif verdict.outcome == "escalate":
+            approval_id = await self._escalate(d, intent, ihash, verdict)
+        decision = Decision(
+            intent_id=d.envelope.id,
+            intent_hash=ihash,
+            workflow=workflow,
+            agent=intent.agent,
+            outcome=verdict.outcome,
+            reasons=verdict.reasons,
+            obligations=verdict.obligations,
+            policy_hash=verdict.policy_hash,
+            expires_at=time.time() + self._decision_ttl_s,
+            final=verdict.outcome != "escalate",
+            approval_id=approval_id,
+        )
+        await self.bus.publish(
+            self.subjects.decision(workflow),
+            decision,
+            workflow=workflow,
+            causation=d.envelope.id,
+            trace=d.envelope.trace,
+        )
+
+    async def _commit_spend(self, workflow: str, args: dict[str, Any]) -> None:
+        amount = args.get("amount_usd")
+        if isinstance(amount, int | float) and not isinstance(amount, bool):
+            await self.redis.hincrbyfloat(self.key("spend"), workflow, float(amount))
+
+    async def _escalate(self, d: Delivery, intent: Intent, ihash: str, verdict: Verdict) -> str:
+        approval_id = uuid.uuid4().hex
+        request = ApprovalRequest(
+            approval_id=approval_id,
+            workflow=intent.workflow,
+            agent=intent.agent,
+            tool=intent.tool,
+            args=intent.args,
+            intent_id=d.envelope.id,
+            intent_hash=ihash,
+            reasons=verdict.reasons,
+            escalation=verdict.escalation or "human_review",
+            policy_hash=verdict.policy_hash,
+            requested_at=time.time(),
+        )
+        # Stored before it is announced, so an answer can never arrive for an unknown request.
+        await self.redis.hset(
+            self.key("approvals", "pending"), approval_id, self._codec.encode(request)
+        )
+        await self.bus.publish(
+            self.subjects.approval(intent.workflow),
+            request,
+            workflow=intent.workflow,
+            causation=d.envelope.id,
+            trace=d.envelope.trace,
+        )
+        return approval_id
+
+    async def _on_approval(self, d: Delivery) -> None:
+        match d.body:
+            case ApprovalRequest():
+                return  # our own announcement, seen through the wildcard
+            case ApprovalAnswer() as answer:
+                await self._on_answer(d, answer)
+
+    async def _on_answer(self, d: Delivery, answer: ApprovalAnswer) -> None:
+        if d.claims.role != OPERATOR_ROLE:
+            self.bus.report(
+                SecurityError(
+                    "not_an_operator",
+                    f"{d.claims.sub!r} (role {d.claims.role!r}) answered an approval",
+                ),
+                subject=d.envelope.subject,
+                data=d.data,
+            )
+            return
+        pending_key = self.key("approvals", "pending")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hget(pending_key, answer.approval_id)
+            pipe.hdel(pending_key, answer.approval_id)
+            raw, removed = await pipe.execute()
+        if not removed:
+            return  # already answered (by another governance actor or a duplicate answer)
+        request = self._request_decoder.decode(raw)
+        record = {
+            "approval_id": answer.approval_id,
+            "approved": answer.approved,
+            "by": answer.by,
+            "operator": d.claims.sub,
+            "reason": answer.reason,
+            "workflow": request.workflow,
+            "intent_hash": request.intent_hash,
+            "answered_at": time.time(),
+        }
+        await self.redis.hset(
+            self.key("approvals", "done"), answer.approval_id, msgspec.json.encode(record)
+        )
+        if answer.approved:
+            await self._commit_spend(request.workflow, request.args)
+        decision = Decision(
+            intent_id=request.intent_id,
+            intent_hash=request.intent_hash,
+            workflow=request.workflow,
+            agent=request.agent,
+            outcome="allow" if answer.approved else "deny",
+            reasons=(
+                *request.reasons,
+                f"{'approved' if answer.approved else 'rejected'} by {answer.by}",
+            ),
+            policy_hash=request.policy_hash,
+            expires_at=time.time() + self._decision_ttl_s,
+            approval_id=answer.approval_id,
+            approved_by=answer.by if answer.approved else "",
+        )
+        self.decided["approved" if answer.approved else "rejected"] += 1
+        await self.bus.publish(
+            self.subjects.decision(request.workflow),
+            decision,
+            workflow=request.workflow,
+            causation=d.envelope.id,
+            trace=d.envelope.trace,
+        )

@@ -1,0 +1,494 @@
+"""Policy files: a strict YAML schema compiled into an immutable, hashed ``PolicySet``.
+
+A policy file holds one ``policy:`` mapping, or a ``policies:`` list of them, optionally split
+over several YAML documents. Every mistake is a ``PolicyError`` naming the file, the 1-based line
+and the offending value; nothing ambiguous is guessed at (YAML 1.1 octal, ``yes`` as a number,
+a quoted ``"10000"``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Final, NoReturn
+
+import msgspec
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from govmesh.errors import PolicyError
+
+__all__ = ["Policy", "PolicySet", "load_policies", "load_policy_file", "parse_policy_text"]
+
+
+class Policy(msgspec.Struct, frozen=True, kw_only=True, dict=True):
+    """One compiled ``policy:`` document.
+
+    Attributes:
+        agent: the agent role this policy governs (matched against the identity token's role).
+        spending_limit_usd: cap on the total spend of one workflow, or ``None`` for no cap.
+        require_approval_if_over: single amounts above this escalate, or ``None``.
+        allowed_vendors: the only vendors a call may name (sorted), or ``None`` for no
+            restriction.
+        reflection_loop_cap: most reflection iterations allowed per workflow, or ``None``.
+        escalation: where escalated intents go, e.g. ``"human_review"``.
+        source: the file the policy came from; not part of the policy's identity or hash.
+    """
+
+    agent: str
+    spending_limit_usd: float | None = None
+    require_approval_if_over: float | None = None
+    allowed_vendors: tuple[str, ...] | None = None
+    reflection_loop_cap: int | None = None
+    escalation: str = "human_review"
+    source: str = ""
+
+    @functools.cached_property
+    def vendor_set(self) -> frozenset[str] | None:
+        """``allowed_vendors`` as a frozenset, built once, for constant-time membership."""
+        return None if self.allowed_vendors is None else frozenset(self.allowed_vendors)
+
+
+class PolicySet(msgspec.Struct, frozen=True, dict=True):
+    """The compiled policies in force, deduplicated and in canonical order.
+
+    Build one with ``load_policy_file``, ``load_policies`` or ``parse_policy_text``: they sort
+    and deduplicate the policies so the set, its hash and every verdict are independent of file
+    order, duplicated files, comments and formatting.
+
+    Attributes:
+        policies: the distinct policies, sorted by their canonical form.
+        hash: sha256 hex of the canonical form of the whole set.
+    """
+
+    policies: tuple[Policy, ...]
+    hash: str
+
+    def for_agent(self, role: str) -> tuple[Policy, ...]:
+        """Return the policies governing ``role`` (empty when none does)."""
+        return self._by_role.get(role, ())
+
+    @functools.cached_property
+    def _by_role(self) -> dict[str, tuple[Policy, ...]]:
+        # Built once per set so a lookup on the evaluation path is a single dict access.
+        grouped: dict[str, list[Policy]] = {}
+        for policy in self.policies:
+            grouped.setdefault(policy.agent, []).append(policy)
+        return {role: tuple(group) for role, group in grouped.items()}
+
+
+def load_policy_file(path: str | Path) -> PolicySet:
+    """Load and compile one policy file.
+
+    Raises:
+        PolicyError: the file is missing, unreadable, not UTF-8, or not a valid policy.
+    """
+    return _compose(_read_file(path))
+
+
+def load_policies(paths: Iterable[str | Path]) -> PolicySet:
+    """Load several policy files and compose them into one set.
+
+    The result does not depend on the order of ``paths`` or on a file being listed twice.
+    No paths gives an empty set, under which every intent is denied.
+
+    Raises:
+        PolicyError: any file is missing, unreadable or invalid.
+        TypeError: ``paths`` is a single path rather than an iterable of paths.
+    """
+    if isinstance(paths, str | Path):
+        # Iterating a str would try to load one file per character.
+        raise TypeError(f"load_policies takes an iterable of paths, got {paths!r}")
+    return _compose(policy for path in paths for policy in _read_file(path))
+
+
+def parse_policy_text(text: str, *, source: str = "<policy>") -> PolicySet:
+    """Compile policy YAML given as text; ``source`` names it in errors and ``Policy.source``.
+
+    Raises:
+        PolicyError: the text is not a valid policy.
+    """
+    return _compose(_Parser(text, source).policies())
+
+
+_FORMAT: Final = "govmesh.policy-set/1"
+_FIELDS: Final[tuple[str, ...]] = tuple(f for f in Policy.__struct_fields__ if f != "source")
+
+
+def _canonical(policy: Policy) -> str:
+    def number(value: float | None) -> float | None:
+        # int and float spellings of one limit must hash alike; + 0.0 folds -0.0 into 0.0.
+        return None if value is None else float(value) + 0.0
+
+    vendors = policy.allowed_vendors
+    return json.dumps(
+        {
+            "agent": policy.agent,
+            "allowed_vendors": None if vendors is None else sorted(set(vendors)),
+            "escalation": policy.escalation,
+            "reflection_loop_cap": policy.reflection_loop_cap,
+            "require_approval_if_over": number(policy.require_approval_if_over),
+            "spending_limit_usd": number(policy.spending_limit_usd),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,
+    )
+
+
+def _compose(policies: Iterable[Policy]) -> PolicySet:
+    chosen: dict[str, Policy] = {}
+    for policy in policies:
+        key = _canonical(policy)
+        kept = chosen.get(key)
+        # Among identical policies keep the smallest source, so the set does not depend on
+        # the order the files were given in.
+        if kept is None or policy.source < kept.source:
+            chosen[key] = policy
+    keys = sorted(chosen)
+    body = ",".join(keys)
+    canonical = f'{{"format":"{_FORMAT}","policies":[{body}]}}'
+    digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return PolicySet(tuple(chosen[key] for key in keys), digest)
+
+
+def _read_file(path: str | Path) -> list[Policy]:
+    name = os.fspath(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError as exc:
+        raise PolicyError("policy file not found", path=name, value=name) from exc
+    except IsADirectoryError as exc:
+        raise PolicyError("policy path is a directory, not a file", path=name, value=name) from exc
+    except OSError as exc:
+        raise PolicyError(
+            f"cannot read policy file: {exc.strerror or exc}", path=name, value=name
+        ) from exc
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        bad = data[exc.start : exc.start + 1]
+        raise PolicyError(
+            f"policy file is not UTF-8: byte {bad!r} at offset {exc.start}",
+            path=name,
+            line=data.count(b"\n", 0, exc.start) + 1,
+            value=bad,
+        ) from exc
+    return _Parser(text, name).policies()
+
+
+# Characters that word processors and chat tools put where YAML needs plain ASCII. YAML reads
+# them as ordinary text, so a pasted list silently becomes one long string; catch them first.
+_PASTED_BULLETS: Final[dict[str, str]] = {
+    "\u2013": "an en dash",
+    "\u2014": "an em dash",
+    "\u2022": "a bullet",
+    "\u2010": "a hyphen",
+    "\u2212": "a minus sign",
+}
+_CURLY_QUOTES: Final[dict[str, str]] = {
+    "\u201c": "a left double quotation mark",
+    "\u201d": "a right double quotation mark",
+    "\u2018": "a left single quotation mark",
+    "\u2019": "a right single quotation mark",
+}
+_NBSP: Final = "\u00a0"
+_VALUE_START: Final = re.compile(r"[ \t]*(?:-[ \t]+)?(?:[^\s:#][^:#]*:[ \t]+)?(.)")
+
+_INT: Final = "tag:yaml.org,2002:int"
+_FLOAT: Final = "tag:yaml.org,2002:float"
+_STR: Final = "tag:yaml.org,2002:str"
+_NULL: Final = "tag:yaml.org,2002:null"
+# Plain decimal only: YAML 1.1 would otherwise read 010000 as octal, 0x2710 as hex and 1:30 as
+# base 60, each a silently different limit.
+_DECIMAL_INT: Final = re.compile(r"[-+]?(?:0|[1-9][0-9_]*)")
+_DECIMAL: Final = re.compile(r"[-+]?(?:0|[1-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?")
+_SNIPPET: Final = 60
+
+
+class _Parser:
+    """Walks the YAML node tree of one text, keeping marks so every error names its line."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self._text = text
+        self._source = source
+
+    def policies(self) -> list[Policy]:
+        self._check_pasted_characters()
+        found: list[Policy] = []
+        for document in self._documents():
+            found.extend(self._document(document))
+        if not found:
+            self._fail("no policy found; expected a top-level 'policy:' mapping", line=1)
+        return found
+
+    def _check_pasted_characters(self) -> None:
+        for number, raw in enumerate(self._text.split("\n"), start=1):
+            line = raw.rstrip("\r")
+            body = line.lstrip(" \t")
+            if not body or body.startswith("#"):
+                continue
+            indent = line[: len(line) - len(body)]
+            if body[0] == _NBSP or _NBSP in indent:
+                self._fail(
+                    "indentation contains a non-breaking space (U+00A0); "
+                    f"YAML indents with plain spaces: {line!r}",
+                    line=number,
+                    value=line,
+                )
+            first = body[0]
+            if first in _PASTED_BULLETS and body[1:2] in ("", " ", "\t"):
+                self._fail(
+                    f"list item starts with {_PASTED_BULLETS[first]} "
+                    f"({first!r}, U+{ord(first):04X}); YAML lists use '-': {line!r}",
+                    line=number,
+                    value=line,
+                )
+            match = _VALUE_START.match(line)
+            if match and match.group(1) in _CURLY_QUOTES:
+                quote = match.group(1)
+                self._fail(
+                    f"value starts with {_CURLY_QUOTES[quote]} ({quote!r}, U+{ord(quote):04X}); "
+                    f"""YAML quotes values with '"' or "'": {line!r}""",
+                    line=number,
+                    value=line,
+                )
+
+    def _documents(self) -> Iterator[Node]:
+        try:
+            # compose (not load) keeps the line marks and never runs constructors.
+            for document in yaml.compose_all(self._text, Loader=yaml.SafeLoader):
+                if document is not None and document.tag != _NULL:
+                    yield document
+        except yaml.MarkedYAMLError as exc:
+            self._yaml_error(exc)
+        except yaml.reader.ReaderError as exc:
+            line = self._text.count("\n", 0, exc.position) + 1
+            char = chr(exc.character) if isinstance(exc.character, int) else exc.character
+            self._fail(
+                f"invalid YAML: character {char!r} is not allowed", line=line, value=char, cause=exc
+            )
+        except yaml.YAMLError as exc:
+            self._fail(f"invalid YAML: {exc}", line=None, value=None, cause=exc)
+
+    def _yaml_error(self, exc: yaml.MarkedYAMLError) -> NoReturn:
+        problem = exc.problem or exc.context or "malformed document"
+        found, opened = exc.problem_mark, exc.context_mark
+        line = 1 if found is None else found.line + 1
+        at_end = found is None or found.index >= len(self._text.rstrip())
+        context = exc.context or ""
+        if (
+            opened is not None
+            and opened.line + 1 != line
+            and (at_end or "flow" in context or "quoted" in context)
+        ):
+            # An unclosed bracket or quote is noticed lines later (or at the end of the file);
+            # the line that opened it is the one to fix.
+            where = "" if at_end else f" on line {line}"
+            line = opened.line + 1
+            message = f"{problem}{where}, {context} that starts on this line"
+        elif exc.context and exc.problem:
+            message = f"{problem} ({context})"
+        else:
+            message = problem
+        bad = self._line_text(line)
+        self._fail(f"invalid YAML: {message}: {bad!r}", line=line, value=bad, cause=exc)
+
+    def _document(self, node: Node) -> list[Policy]:
+        entries = self._mapping(node, "the top level")
+        for name, (key, _) in entries.items():
+            if name not in ("policy", "policies"):
+                self._fail(
+                    f"unknown top-level key {name!r}; expected 'policy' or 'policies'", key, name
+                )
+        if not entries:
+            self._fail("expected a top-level 'policy:' or 'policies:' key, got {}", node, {})
+        if len(entries) > 1:
+            self._fail("use either 'policy:' or 'policies:' at the top level, not both", node)
+        (name, (key, value)) = next(iter(entries.items()))
+        if name == "policy":
+            return [self._policy(value, key)]
+        if not isinstance(value, SequenceNode):
+            self._fail(f"'policies' must be a list of policies, got {self._show(value)}", value)
+        if not value.value:
+            self._fail("'policies' is an empty list", value, [])
+        return [self._list_item(item) for item in value.value]
+
+    def _list_item(self, node: Node) -> Policy:
+        # A list item may be the policy body itself or wrapped as `- policy: {...}`.
+        if isinstance(node, MappingNode) and len(node.value) == 1:
+            key, value = node.value[0]
+            if isinstance(key, ScalarNode) and key.value == "policy":
+                return self._policy(value, key)
+        return self._policy(node, node)
+
+    def _policy(self, node: Node, owner: Node) -> Policy:
+        entries = self._mapping(node, "a policy")
+        for name, (key, _) in entries.items():
+            if name not in _FIELDS:
+                hint = difflib.get_close_matches(name, _FIELDS, n=1)
+                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+                self._fail(
+                    f"unknown key {name!r} in policy{suggestion} "
+                    f"(allowed: {', '.join(sorted(_FIELDS))})",
+                    key,
+                    name,
+                )
+        if "agent" not in entries:
+            self._fail("policy has no 'agent' key naming the role it governs", owner)
+
+        def field(name: str) -> Node | None:
+            entry = entries.get(name)
+            return None if entry is None else entry[1]
+
+        def amount(name: str) -> float | None:
+            node = field(name)
+            return None if node is None else self._amount(name, node)
+
+        limit = amount("spending_limit_usd")
+        threshold = amount("require_approval_if_over")
+        if limit is not None and threshold is not None and threshold > limit:
+            node = entries["require_approval_if_over"][1]
+            self._fail(
+                f"require_approval_if_over ({self._scalar_text(node)}) is above "
+                f"spending_limit_usd ({self._scalar_text(entries['spending_limit_usd'][1])}); "
+                "such amounts are denied before approval could be asked",
+                node,
+                self._scalar_text(node),
+            )
+        vendors, cap, escalation = (
+            field("allowed_vendors"),
+            field("reflection_loop_cap"),
+            field("escalation"),
+        )
+        return Policy(
+            agent=self._string("agent", entries["agent"][1]),
+            spending_limit_usd=limit,
+            require_approval_if_over=threshold,
+            allowed_vendors=None if vendors is None else self._vendors(vendors),
+            reflection_loop_cap=None if cap is None else self._count("reflection_loop_cap", cap),
+            escalation="human_review"
+            if escalation is None
+            else self._string("escalation", escalation),
+            source=self._source,
+        )
+
+    def _mapping(self, node: Node, what: str) -> dict[str, tuple[Node, Node]]:
+        if not isinstance(node, MappingNode):
+            self._fail(f"{what} must be a mapping of keys to values, got {self._show(node)}", node)
+        entries: dict[str, tuple[Node, Node]] = {}
+        for key, value in node.value:
+            if not isinstance(key, ScalarNode) or key.tag != _STR:
+                self._fail(f"keys must be plain names, got {self._show(key)}", key)
+            if key.value in entries:
+                first = entries[key.value][0].start_mark.line + 1
+                self._fail(f"duplicate key {key.value!r} (first on line {first})", key, key.value)
+            entries[key.value] = (key, value)
+        return entries
+
+    def _string(self, name: str, node: Node) -> str:
+        if not isinstance(node, ScalarNode) or node.tag != _STR:
+            self._fail(f"{name} must be a string, got {self._show(node)}", node)
+        value: str = node.value
+        if not value.strip():
+            self._fail(f"{name} must not be empty, got {value!r}", node, value)
+        if value != value.strip():
+            self._fail(f"{name} must not start or end with whitespace: {value!r}", node, value)
+        return value
+
+    def _amount(self, name: str, node: Node) -> float:
+        text = self._number_text(name, node, _DECIMAL, "a number")
+        try:
+            value = float(text)
+        except ValueError:
+            self._fail(f"{name} must be a plain decimal number, got {text!r}", node, text)
+        if not math.isfinite(value):
+            self._fail(f"{name} is out of range: {text!r}", node, text)
+        if value < 0:
+            self._fail(f"{name} must not be negative, got {text!r}", node, text)
+        return value
+
+    def _count(self, name: str, node: Node) -> int:
+        text = self._number_text(name, node, _DECIMAL_INT, "a whole number")
+        try:
+            value = int(text)
+        except ValueError:
+            self._fail(f"{name} must be a plain decimal whole number, got {text!r}", node, text)
+        if value < 0:
+            self._fail(f"{name} must not be negative, got {text!r}", node, text)
+        return value
+
+    def _number_text(self, name: str, node: Node, pattern: re.Pattern[str], kind: str) -> str:
+        # Unquoted 1e4 or 1.5e3 are numbers to a reader even though YAML 1.1 resolves them as
+        # strings; quoted "10000" stays a string and is rejected.
+        numeric = isinstance(node, ScalarNode) and (
+            node.tag in (_INT, _FLOAT) or (node.tag == _STR and node.style is None)
+        )
+        if not numeric:
+            self._fail(f"{name} must be {kind}, got {self._show(node)}", node)
+        text: str = node.value
+        if not pattern.fullmatch(text):
+            self._fail(f"{name} must be {kind} in plain decimal, got {text!r}", node, text)
+        return text
+
+    def _vendors(self, node: Node) -> tuple[str, ...]:
+        if not isinstance(node, SequenceNode):
+            self._fail(f"allowed_vendors must be a list of names, got {self._show(node)}", node)
+        seen: dict[str, int] = {}
+        for item in node.value:
+            vendor = self._string("each vendor in allowed_vendors", item)
+            if vendor in seen:
+                self._fail(
+                    f"vendor {vendor!r} is listed twice (first on line {seen[vendor]})",
+                    item,
+                    vendor,
+                )
+            seen[vendor] = item.start_mark.line + 1
+        # Sorted, because the vendor list is a set: two policies that list the same vendors
+        # in another order are the same policy, with the same hash.
+        return tuple(sorted(seen))
+
+    def _show(self, node: Node) -> str:
+        if isinstance(node, ScalarNode):
+            if node.tag == _NULL:
+                return f"null ({node.value!r})" if node.value else "nothing (empty value)"
+            if node.tag == _STR:
+                return f"the string {node.value!r}"
+            return repr(node.value)
+        kind = "a list" if isinstance(node, SequenceNode) else "a mapping"
+        return f"{kind} {self._snippet(node)!r}"
+
+    def _scalar_text(self, node: Node) -> str:
+        return str(node.value) if isinstance(node, ScalarNode) else self._snippet(node)
+
+    def _snippet(self, node: Node) -> str:
+        text = self._text[node.start_mark.index : node.end_mark.index].strip()
+        text = " ".join(text.split())
+        return text if len(text) <= _SNIPPET else text[: _SNIPPET - 3] + "..."
+
+    def _line_text(self, line: int) -> str:
+        lines = self._text.split("\n")
+        return lines[line - 1].rstrip("\r") if 0 < line <= len(lines) else ""
+
+    def _fail(
+        self,
+        message: str,
+        node: Node | None = None,
+        value: object = None,
+        *,
+        line: int | None = None,
+        cause: BaseException | None = None,
+    ) -> NoReturn:
+        if node is not None:
+            line = node.start_mark.line + 1
+            if value is None:
+                value = node.value if isinstance(node, ScalarNode) else self._snippet(node)
+        raise PolicyError(message, path=self._source, line=line, value=value) from cause

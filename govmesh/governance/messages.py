@@ -1,0 +1,70 @@
+"""Message bodies of the governance path: intents, decisions, approvals."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = ["ApprovalAnswer", "ApprovalRequest", "Decision", "ToolIntent"]
+
+Outcome = Literal["allow", "deny", "escalate"]
+
+
+class ToolIntent(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """An agent asks to call ``tool`` with ``args`` at ``step`` of its workflow.
+
+    The agent and role come from the sender's verified token and the workflow from the
+    envelope, never from the body, so an agent cannot ask in another's name.
+    """
+
+    tool: str
+    args: dict[str, Any]
+    step: int
+    reflections: int = 0
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Governance's signed answer to one intent, bound to the intent's hash.
+
+    Attributes:
+        final: False for an escalation, which a final decision follows once answered.
+    """
+
+    intent_id: str
+    intent_hash: str
+    workflow: str
+    agent: str
+    outcome: Outcome
+    reasons: tuple[str, ...] = ()
+    obligations: tuple[str, ...] = ()
+    policy_hash: str
+    expires_at: float
+    final: bool = True
+    approval_id: str = ""
+    approved_by: str = ""
+
+
+class ApprovalRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """An escalated intent waiting for a human."""
+
+    approval_id: str
+    workflow: str
+    agent: str
+    tool: str
+    args: dict[str, Any]
+    intent_id: str
+    intent_hash: str
+    reasons: tuple[str, ...]
+    escalation: str
+    policy_hash: str
+    requested_at: float
+
+
+class ApprovalAnswer(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """An operator's signed answer to an approval request."""
+
+    approval_id: str
+    approved: bool
+    by: str
+    reason: str = ""

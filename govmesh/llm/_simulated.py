@@ -1,0 +1,82 @@
+"""A seeded simulated model for swarms, load tests and CI; always reported as simulated."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+
+import msgspec
+
+from govmesh.llm._provider import ModelRequest, ModelResponse
+
+__all__ = ["SimulatedModel", "SimulatedModelSettings"]
+
+
+class TokenSpread(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A normal distribution of token counts, clipped to at least 1."""
+
+    mean: float
+    sd: float = 0.0
+
+
+class SimulatedModelSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How the simulated model behaves; comes from the scenario file.
+
+    Attributes:
+        name: model name, as priced.
+        input_tokens: prompt tokens per call.
+        output_tokens: completion tokens per call.
+        error_probability: chance that an answer is unusable and must be retried.
+        latency_ms: simulated time per call.
+    """
+
+    name: str = "simulated-small"
+    input_tokens: TokenSpread = TokenSpread(mean=1200, sd=200)
+    output_tokens: TokenSpread = TokenSpread(mean=400, sd=80)
+    error_probability: float = 0.1
+    latency_ms: float = 0.0
+
+
+class SimulatedModel:
+    """Answers from a seeded random stream: the same (seed, request key) gives the same answer.
+
+    Args:
+        settings: behaviour from the scenario.
+        seed: the run's seed.
+    """
+
+    def __init__(self, settings: SimulatedModelSettings, *, seed: int) -> None:
+        if not 0.0 <= settings.error_probability <= 1.0:
+            raise ValueError(
+                f"error_probability must be within [0, 1], got {settings.error_probability!r}"
+            )
+        self._settings = settings
+        self._seed = seed
+
+    @property
+    def model(self) -> str:
+        """The simulated model's name."""
+        return self._settings.name
+
+    def _rng(self, key: str) -> random.Random:
+        digest = hashlib.sha256(f"{self._seed}:{key}".encode()).digest()
+        return random.Random(int.from_bytes(digest[:8], "big"))
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        """Answer one call with seeded token counts and error."""
+        rng = self._rng(request.key)
+        s = self._settings
+        input_tokens = max(1, round(rng.gauss(s.input_tokens.mean, s.input_tokens.sd)))
+        output_tokens = max(1, round(rng.gauss(s.output_tokens.mean, s.output_tokens.sd)))
+        output_tokens = min(output_tokens, request.max_tokens)
+        error = rng.random() < s.error_probability
+        if s.latency_ms > 0:
+            await asyncio.sleep(s.latency_ms / 1000)
+        return ModelResponse(
+            text="(unusable answer)" if error else f"(simulated answer to {request.key})",
+            model=s.name,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            error=error,
+        )

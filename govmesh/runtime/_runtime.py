@@ -1,0 +1,273 @@
+"""The Runtime: embedded nats-server, Redis-protocol server and Ray, or external ones."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+from govmesh.errors import ConfigError, RuntimeStartError
+from govmesh.runtime._nats import NatsServer
+from govmesh.runtime._process import Reaper, register_atexit, unregister_atexit
+from govmesh.runtime._redis import RedisServer
+
+__all__ = ["ENV_NATS_URL", "ENV_RAY_ADDRESS", "ENV_REDIS_URL", "Runtime"]
+
+log = logging.getLogger(__name__)
+
+ENV_NATS_URL: Final = "GOVMESH_NATS_URL"
+ENV_REDIS_URL: Final = "GOVMESH_REDIS_URL"
+ENV_RAY_ADDRESS: Final = "RAY_ADDRESS"
+_NATS_SCHEMES: Final = ("nats://", "tls://", "ws://", "wss://")
+_REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
+_T = TypeVar("_T")
+
+
+def _external_url(var: str, schemes: tuple[str, ...]) -> str | None:
+    """The URL in environment variable `var`, None when unset or empty."""
+    value = os.environ.get(var, "").strip()
+    if not value:
+        return None
+    # nats-py takes a comma-separated server list; each entry must be a URL.
+    for part in value.split(",") if var == ENV_NATS_URL else [value]:
+        if not part.strip().startswith(schemes):
+            raise ConfigError(
+                f"{var}={value!r}: expected a URL starting with {' or '.join(schemes)}"
+            )
+    return value
+
+
+@contextlib.contextmanager
+def _environ(updates: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them."""
+    saved = {name: os.environ.get(name) for name in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+class Runtime:
+    """The services a govmesh deployment needs: NATS, a Redis-protocol server and Ray.
+
+    Each service is external when configured (``GOVMESH_NATS_URL``, ``GOVMESH_REDIS_URL``,
+    ``RAY_ADDRESS``) and embedded otherwise: a nats-server with JetStream and a Valkey (or
+    redis-server) on free 127.0.0.1 ports, and a local Ray instance. A Ray that is already
+    initialised in this process is reused and left running.
+
+    Use ``async with Runtime() as rt:``. Entering blocks the event loop while the services
+    start (a few seconds with Ray): the servers are spawned from the calling thread on
+    purpose, because the kernel kills them when that thread exits, so enter a Runtime on a
+    long-lived thread (the main thread in the CLI and tests), never in ``asyncio.to_thread``.
+
+    Nothing it starts outlives it: leaving the block, Ctrl-C or task cancellation stop
+    everything (`close` does not await, so a cancellation cannot cut it short); if the process
+    is SIGKILLed, the servers get SIGKILL from the kernel and Ray's processes are killed by a
+    sentinel process (see `Reaper`).
+
+    Attributes:
+        embedded: which of ``"nats"``, ``"redis"`` and ``"ray"`` this Runtime started itself.
+        ray_address: the Ray cluster in use (GCS address or ``RAY_ADDRESS``); None without Ray.
+        ray_session_dir: session directory (logs) of the Ray instance this Runtime started.
+        nats_server: the embedded nats-server, None when NATS is external.
+        redis_server: the embedded Redis-protocol server, None when Redis is external.
+    """
+
+    def __init__(
+        self,
+        *,
+        workdir: Path | None = None,
+        start_ray: bool = True,
+        ray_num_cpus: int | None = None,
+    ) -> None:
+        """Configure, but do not start, a Runtime.
+
+        Args:
+            workdir: directory for embedded servers' config, data and logs; by default a
+                fresh temporary directory, removed on close.
+            start_ray: connect to or start Ray; False for processes that only use the bus
+                and the state store.
+            ray_num_cpus: CPUs for a local Ray instance; default all of this machine's.
+
+        Raises:
+            ConfigError: `ray_num_cpus` is less than 1.
+        """
+        if ray_num_cpus is not None and ray_num_cpus < 1:
+            raise ConfigError(f"ray_num_cpus must be at least 1, got {ray_num_cpus!r}")
+        self._workdir_option = workdir
+        self._start_ray = start_ray
+        self._ray_num_cpus = ray_num_cpus
+        self._stack = ExitStack()
+        self._entered = False
+        self._workdir: Path | None = None
+        self._nats_url: str | None = None
+        self._redis_url: str | None = None
+        self.embedded: dict[str, bool] = {"nats": False, "redis": False, "ray": False}
+        self.ray_address: str | None = None
+        self.ray_session_dir: Path | None = None
+        self.nats_server: NatsServer | None = None
+        self.redis_server: RedisServer | None = None
+
+    @property
+    def nats_url(self) -> str:
+        """URL of the NATS server(s) in use; valid once entered."""
+        return self._require(self._nats_url)
+
+    @property
+    def redis_url(self) -> str:
+        """URL of the Redis-protocol server in use; valid once entered."""
+        return self._require(self._redis_url)
+
+    @property
+    def workdir(self) -> Path:
+        """Directory of the embedded servers' config, data and logs; valid once entered."""
+        return self._require(self._workdir)
+
+    @staticmethod
+    def _require(value: _T | None) -> _T:
+        if value is None:
+            raise RuntimeStartError("Runtime is not started; use `async with Runtime() as rt:`")
+        return value
+
+    async def __aenter__(self) -> Runtime:
+        """Start or connect to every service.
+
+        Raises:
+            ConfigError: an external service URL in the environment is malformed.
+            RuntimeStartError: a service failed to start; whatever had started is stopped.
+        """
+        if self._entered:
+            raise RuntimeStartError("a Runtime can be entered only once")
+        self._entered = True
+        try:
+            self._start()
+        except BaseException:
+            self._stack.close()
+            raise
+        register_atexit(self, self._close_now)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop everything this Runtime started, newest first. Safe to call twice.
+
+        Blocks the event loop until done (about a second with Ray) and awaits nothing, so
+        cancelling the calling task cannot leave a service half-stopped.
+        """
+        self._close_now()
+
+    def _close_now(self) -> None:
+        unregister_atexit(self)
+        self._stack.close()
+
+    def _start(self) -> None:
+        # Read before starting anything so a malformed URL starts nothing.
+        nats_url = _external_url(ENV_NATS_URL, _NATS_SCHEMES)
+        redis_url = _external_url(ENV_REDIS_URL, _REDIS_SCHEMES)
+        workdir = self._make_workdir()
+
+        if nats_url is None:
+            nats = NatsServer(workdir=workdir / "nats")
+            self._stack.callback(nats.stop)
+            nats.start()
+            self.nats_server, self.embedded["nats"], nats_url = nats, True, nats.url
+        self._nats_url = nats_url
+
+        if redis_url is None:
+            redis = RedisServer(workdir=workdir / "redis")
+            self._stack.callback(redis.stop)
+            redis.start()
+            self.redis_server, self.embedded["redis"], redis_url = redis, True, redis.url
+        self._redis_url = redis_url
+
+        if self._start_ray:
+            self._start_or_join_ray(workdir)
+        log.info(
+            "runtime ready: nats %s, redis %s, ray %s (embedded: %s)",
+            self._nats_url,
+            self._redis_url,
+            self.ray_address,
+            ", ".join(name for name, own in self.embedded.items() if own) or "none",
+        )
+
+    def _make_workdir(self) -> Path:
+        if self._workdir_option is not None:
+            workdir = Path(self._workdir_option)
+            workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            workdir = Path(tempfile.mkdtemp(prefix="govmesh-"))
+            # Pushed first, so it runs last: after every server has stopped writing there.
+            self._stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        self._workdir = workdir
+        return workdir
+
+    def _start_or_join_ray(self, workdir: Path) -> None:
+        import ray  # deferred: a second of import time that bus-only commands do not need
+
+        if ray.is_initialized():
+            self.ray_address = ray.get_runtime_context().gcs_address
+            return
+        address = os.environ.get(ENV_RAY_ADDRESS, "").strip()
+        if address:
+            self._stack.callback(ray.shutdown)
+            ray.init(
+                address=address,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+                configure_logging=False,
+            )
+            self.ray_address = address
+            return
+        # Ray's raylet starts agents and workers that outlive a killed driver by about a
+        # minute; each inherits this environment, so the reaper can find exactly them.
+        reaper = Reaper(log_path=workdir / "ray-reaper.log")
+        self._stack.callback(reaper.close)
+        self._stack.callback(ray.shutdown)
+        with _environ(reaper.environ):
+            try:
+                ray.init(
+                    num_cpus=self._ray_num_cpus or os.cpu_count(),
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.ERROR,
+                    configure_logging=False,
+                )
+            except Exception as exc:
+                raise RuntimeStartError(f"local Ray instance failed to start: {exc}") from exc
+        self.embedded["ray"] = True
+        self.ray_address = ray.get_runtime_context().gcs_address
+        self.ray_session_dir = _ray_session_dir()
+        if self.ray_session_dir is not None:
+            reaper.watch(self.ray_session_dir)
+
+
+def _ray_session_dir() -> Path | None:
+    """The session directory of the Ray instance this process started, if Ray says."""
+    # Ray has no public accessor; this private one has been stable across 2.x releases.
+    try:
+        from ray._private import worker
+
+        node: Any = getattr(worker, "_global_node", None)
+        return Path(node.get_session_dir_path())
+    except Exception:
+        log.warning("cannot find Ray's session directory; its agents may outlive a crash")
+        return None

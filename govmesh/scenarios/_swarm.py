@@ -1,0 +1,224 @@
+"""The actors of one scenario run: platform actors and agents, each a Ray actor."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from typing import Any
+
+import ray
+
+from govmesh.agents import ProcurementAgent, RequesterAgent
+from govmesh.bus import Delivery
+from govmesh.config import Deployment
+from govmesh.forecasting import BudgetService
+from govmesh.governance._actor import GOVERNANCE_ROLE, OPERATOR_ROLE, GovernanceService
+from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest
+from govmesh.identity import Identity, Issuer
+from govmesh.llm import SimulatedModel
+from govmesh.scenarios._schema import Scenario
+from govmesh.service import Service, ServiceActor
+from govmesh.state import StateService
+from govmesh.tools import GatewayService
+
+__all__ = ["SimulatedApprover", "Swarm"]
+
+
+def seeded_rng(seed: int, key: str) -> random.Random:
+    """A random stream that depends only on (seed, key), the same in every process."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+class SimulatedApprover(Service):
+    """Stands in for a human operator: answers each approval request after a delay.
+
+    Labelled simulated in every report. Its answers are signed with an operator identity
+    exactly as `govmesh approvals approve` would sign a person's.
+    """
+
+    def __init__(
+        self,
+        deployment: Deployment,
+        identity: Identity,
+        *,
+        approve_probability: float,
+        delay_ms: float,
+        by: str,
+        seed: int,
+    ) -> None:
+        super().__init__(deployment, identity)
+        self._p = approve_probability
+        self._delay_s = delay_ms / 1000
+        self._by = by
+        self._seed = seed
+        self.answered = {"approved": 0, "rejected": 0}
+
+    async def on_start(self) -> None:
+        """Subscribe to approval requests."""
+        await self.bus.subscribe(
+            self.subjects.all("approval"),
+            self._on_approval,
+            accepts=ApprovalRequest | ApprovalAnswer,
+        )
+
+    async def _on_approval(self, d: Delivery) -> None:
+        match d.body:
+            case ApprovalRequest() as request:
+                await asyncio.sleep(self._delay_s)
+                approved = seeded_rng(self._seed, f"approve:{request.workflow}").random() < self._p
+                self.answered["approved" if approved else "rejected"] += 1
+                await self.bus.publish(
+                    self.subjects.approval(request.workflow),
+                    ApprovalAnswer(
+                        approval_id=request.approval_id,
+                        approved=approved,
+                        by=self._by,
+                        reason="simulated approver",
+                    ),
+                    workflow=request.workflow,
+                    causation=d.envelope.id,
+                    trace=d.envelope.trace,
+                )
+            case ApprovalAnswer():
+                return
+
+
+class Swarm:
+    """Starts and stops the services of one scenario, as Ray actors or in this process.
+
+    Args:
+        scenario: the scenario.
+        deployment: where the services are and whom to trust.
+        issuer: issues every member's token.
+        seed: the run's seed (simulated model, approver).
+        governance_actors: how many governance actors share the intents.
+        in_process: run the services in this event loop instead of Ray actors (tests of
+            pure message flow; the CLI always uses Ray).
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        deployment: Deployment,
+        issuer: Issuer,
+        *,
+        seed: int,
+        governance_actors: int = 1,
+        in_process: bool = False,
+    ) -> None:
+        self.scenario = scenario
+        self.deployment = deployment
+        self.issuer = issuer
+        self.seed = seed
+        self.in_process = in_process
+        self._specs = self._plan(governance_actors)
+        self._actors: dict[str, Any] = {}
+        self._local: dict[str, Service] = {}
+
+    @property
+    def requester_id(self) -> str:
+        """The requester agent's id."""
+        return self.scenario.agents.requester.id
+
+    def _plan(self, governance_actors: int) -> list[tuple[str, type[Service], dict[str, Any]]]:
+        s, dep, iss = self.scenario, self.deployment, self.issuer
+        model = SimulatedModel(s.model, seed=self.seed)
+        req, proc = s.agents.requester, s.agents.procurement
+
+        def ident(agent_id: str, role: str, **kw: Any) -> Identity:
+            return iss.identity(agent_id, role, **kw)
+
+        specs: list[tuple[str, type[Service], dict[str, Any]]] = [
+            (
+                f"governance-{i}",
+                GovernanceService,
+                {
+                    "identity": ident(f"governance-{i}", GOVERNANCE_ROLE),
+                    "policy_paths": s.policy_paths(),
+                },
+            )
+            for i in range(1, governance_actors + 1)
+        ]
+        specs += [
+            ("gateway-1", GatewayService, {"identity": ident("gateway-1", "gateway")}),
+            (
+                "budget-1",
+                BudgetService,
+                {"identity": ident("budget-1", "budget"), "prices": dict(s.prices)},
+            ),
+            ("state-1", StateService, {"identity": ident("state-1", "state")}),
+            (
+                proc.id,
+                ProcurementAgent,
+                {
+                    "identity": ident(
+                        proc.id,
+                        proc.role,
+                        capabilities=proc.capabilities,
+                        budget_usd=proc.budget_usd,
+                    ),
+                    "model": model,
+                    "max_reflections": s.max_reflections,
+                },
+            ),
+            (
+                req.id,
+                RequesterAgent,
+                {
+                    "identity": ident(
+                        req.id, req.role, capabilities=req.capabilities, budget_usd=req.budget_usd
+                    ),
+                    "model": model,
+                    "procurement": proc.id,
+                    "max_reflections": s.max_reflections,
+                },
+            ),
+        ]
+        for _, _, kwargs in specs:
+            kwargs["deployment"] = dep
+        return specs
+
+    def approver(self) -> SimulatedApprover:
+        """The simulated human operator, run by the coordinator's process."""
+        a = self.scenario.approvals
+        return SimulatedApprover(
+            self.deployment,
+            self.issuer.identity(f"operator-{a.by}", OPERATOR_ROLE),
+            approve_probability=a.approve_probability,
+            delay_ms=a.delay_ms,
+            by=a.by,
+            seed=self.seed,
+        )
+
+    async def start(self) -> None:
+        """Start every service and wait until each is subscribed."""
+        if self.in_process:
+            for name, service_type, kwargs in self._specs:
+                self._local[name] = service_type(**kwargs)
+            await asyncio.gather(*(svc.start() for svc in self._local.values()))
+            return
+        for name, service_type, kwargs in self._specs:
+            self._actors[name] = ServiceActor.options(name=None).remote(service_type, kwargs)  # type: ignore[attr-defined]
+        await asyncio.gather(*(actor.start.remote() for actor in self._actors.values()))
+
+    async def stats(self) -> dict[str, dict[str, Any]]:
+        """Each service's counters, by name."""
+        if self.in_process:
+            return {name: svc.stats() for name, svc in self._local.items()}
+        names = list(self._actors)
+        results = await asyncio.gather(*(self._actors[n].stats.remote() for n in names))
+        return dict(zip(names, results, strict=True))
+
+    async def close(self) -> None:
+        """Stop every service and its actor. Safe to call twice."""
+        local, self._local = self._local, {}
+        await asyncio.gather(*(svc.close() for svc in local.values()), return_exceptions=True)
+        actors, self._actors = self._actors, {}
+        if actors:
+            await asyncio.gather(
+                *(a.close.remote() for a in actors.values()), return_exceptions=True
+            )
+            for actor in actors.values():
+                ray.kill(actor)

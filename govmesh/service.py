@@ -1,0 +1,108 @@
+"""The base of every actor's logic, and the thin Ray wrapper that hosts it.
+
+Actor logic is plain async Python (a `Service`) so it can be tested without Ray;
+`ServiceActor` is the only ``@ray.remote`` class and merely hosts one service.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+import redis.asyncio as aioredis
+
+from govmesh.bus import Bus
+from govmesh.config import Deployment
+from govmesh.identity import Identity
+
+__all__ = ["Service", "ServiceActor"]
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """A bus member with a Redis connection; subclasses subscribe in `on_start`.
+
+    Args:
+        deployment: where the services are and whom to trust.
+        identity: this member's identity.
+    """
+
+    def __init__(self, deployment: Deployment, identity: Identity) -> None:
+        self.deployment = deployment
+        self.identity = identity
+        self._bus: Bus | None = None
+        self._redis: aioredis.Redis | None = None
+
+    @property
+    def bus(self) -> Bus:
+        """The bus connection; available after `start`."""
+        if self._bus is None:
+            raise RuntimeError(f"{self.identity.agent_id} is not started")
+        return self._bus
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The Redis connection; available after `start`."""
+        if self._redis is None:
+            raise RuntimeError(f"{self.identity.agent_id} is not started")
+        return self._redis
+
+    @property
+    def subjects(self) -> Any:
+        """The tenant's subject builder."""
+        return self.bus.subjects
+
+    def key(self, *parts: str) -> str:
+        """A Redis key under this tenant's prefix."""
+        return ":".join((self.deployment.key_prefix, *parts))
+
+    async def start(self) -> None:
+        """Connect to NATS and Redis, then subscribe (`on_start`)."""
+        # A blocking pool makes bursts wait for a connection instead of failing with
+        # "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.deployment.redis_url, max_connections=32, timeout=30
+        )
+        self._redis = aioredis.Redis(connection_pool=pool)
+        self._bus = await Bus.connect(self.deployment, self.identity)
+        await self.on_start()
+        await self._bus.flush()
+
+    async def on_start(self) -> None:
+        """Subscribe to what this service handles."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for tests and reports."""
+        rejected = dict(self._bus.rejected) if self._bus else {}
+        return {"agent": self.identity.agent_id, "rejected": rejected}
+
+    async def close(self) -> None:
+        """Close the bus (cancelling running handlers) and Redis. Safe to call twice."""
+        if self._bus is not None:
+            await self._bus.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class ServiceActor:
+    """Hosts one `Service` in a Ray actor process; talks to the others only over the bus."""
+
+    def __init__(self, service_type: type[Service], kwargs: dict[str, Any]) -> None:
+        self._service = service_type(**kwargs)
+
+    async def start(self) -> str:
+        """Start the hosted service; returns its agent id once it is subscribed."""
+        await self._service.start()
+        return self._service.identity.agent_id
+
+    async def stats(self) -> dict[str, Any]:
+        """The hosted service's counters."""
+        return self._service.stats()
+
+    async def close(self) -> None:
+        """Stop the hosted service."""
+        await self._service.close()

@@ -1,0 +1,70 @@
+"""A simulated ERP system: the enterprise tool of the procurement scenario.
+
+It keeps its own record of every purchase order it executed, in Redis, separate from
+anything governance or the gateway record, so tests can check what really happened.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from govmesh.tools._registry import ToolContext
+
+__all__ = ["ERP_CREATE_PO", "PurchaseOrder", "SimulatedErp"]
+
+ERP_CREATE_PO = "erp.create_purchase_order"
+
+
+class PurchaseOrder(msgspec.Struct, frozen=True, kw_only=True):
+    """One executed purchase order, as the ERP recorded it."""
+
+    po_id: str
+    workflow: str
+    agent: str
+    item: str
+    vendor: str
+    amount_usd: float
+    decision_id: str
+    approval_id: str = ""
+    approved_by: str = ""
+    created_at: float
+
+
+class SimulatedErp:
+    """Creates purchase orders and records them under ``<prefix>:erp:orders``."""
+
+    def __init__(self, redis: aioredis.Redis, *, prefix: str) -> None:
+        self._redis = redis
+        self._key = f"{prefix}:erp:orders"
+
+    async def create_purchase_order(self, args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+        """Execute one order; args need ``vendor``, ``amount_usd`` and ``item``."""
+        vendor, amount, item = args.get("vendor"), args.get("amount_usd"), args.get("item", "")
+        if not isinstance(vendor, str) or not vendor:
+            raise ValueError(f"vendor must be a non-empty string, got {vendor!r}")
+        if isinstance(amount, bool) or not isinstance(amount, int | float) or amount <= 0:
+            raise ValueError(f"amount_usd must be a positive number, got {amount!r}")
+        order = PurchaseOrder(
+            po_id=f"PO-{uuid.uuid4().hex[:12]}",
+            workflow=ctx.workflow,
+            agent=ctx.agent,
+            item=str(item),
+            vendor=vendor,
+            amount_usd=float(amount),
+            decision_id=ctx.decision_id,
+            approval_id=ctx.approval_id,
+            approved_by=ctx.approved_by,
+            created_at=time.time(),
+        )
+        await self._redis.rpush(self._key, msgspec.json.encode(order))
+        return {"po_id": order.po_id, "vendor": vendor, "amount_usd": order.amount_usd}
+
+    async def orders(self) -> list[PurchaseOrder]:
+        """Every order executed so far."""
+        raw = await self._redis.lrange(self._key, 0, -1)
+        return [msgspec.json.decode(r, type=PurchaseOrder) for r in raw]

@@ -1,0 +1,203 @@
+"""The signed bus against a real nats-server: verified messages reach handlers, nothing
+else does, and every refusal is reported."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import msgspec
+import pytest
+
+from govmesh.bus import Bus, Codec, Delivery, Sealed, SecurityEvent
+from govmesh.identity import Issuer
+
+from _deploy import deployment
+
+
+class Ping(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    n: int
+
+
+class Other(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    text: str
+
+
+class Harness:
+    """A sender, a receiver and a security monitor on one tenant."""
+
+    def __init__(self, nats_url: str, redis_url: str, tenant: str) -> None:
+        self.dep, self.issuer = deployment(nats_url, redis_url, tenant)
+        self.seen: list[Delivery] = []
+        self.events: list[SecurityEvent] = []
+        self.sentinel = asyncio.Event()
+
+    async def __aenter__(self) -> Harness:
+        self.alice = await Bus.connect(self.dep, self.issuer.identity("alice", "agent"))
+        self.bob = await Bus.connect(self.dep, self.issuer.identity("bob", "agent"))
+        self.monitor = await Bus.connect(self.dep, self.issuer.identity("monitor", "auditor"))
+        self.inbox = self.bob.subjects.msg("bob")
+
+        async def on_ping(d: Delivery) -> None:
+            self.seen.append(d)
+            if d.body.n == -1:
+                self.sentinel.set()
+
+        async def on_event(d: Delivery) -> None:
+            self.events.append(d.body)
+
+        await self.bob.subscribe(self.inbox, on_ping, accepts=Ping)
+        await self.monitor.subscribe(
+            self.monitor.subjects.security, on_event, accepts=SecurityEvent
+        )
+        await self.bob.flush()
+        await self.monitor.flush()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for bus in (self.alice, self.bob, self.monitor):
+            await bus.close()
+
+    def sealed(self, n: int, *, subject: str | None = None, now: float | None = None) -> bytes:
+        _, data = self.alice.codec.seal(
+            self.alice.identity, subject=subject or self.inbox, body=Ping(n=n), now=now
+        )
+        return data
+
+    async def raw(self, data: bytes, subject: str | None = None) -> None:
+        await self.alice.nc.publish(subject or self.inbox, data)
+
+    async def settle(self, refused: int) -> None:
+        """Send a valid sentinel after the others, wait for it and for the refusal reports."""
+        await self.alice.publish(self.inbox, Ping(n=-1))
+        await asyncio.wait_for(self.sentinel.wait(), 10)
+        deadline = time.monotonic() + 10
+        while len(self.events) < refused and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    def handled(self) -> list[int]:
+        return [d.body.n for d in self.seen]
+
+
+@pytest.fixture
+async def h(nats_server, redis_server, prefix):
+    async with Harness(nats_server.url, redis_server.url, prefix) as harness:
+        yield harness
+
+
+def _resign(codec: Codec, sealed: Sealed, envelope: bytes, key) -> bytes:
+    return codec.encode(Sealed(envelope, sealed.token, key.sign(envelope)))
+
+
+async def test_valid_message_reaches_handler_with_verified_sender(h: Harness) -> None:
+    await h.alice.publish(h.inbox, Ping(n=7), workflow="wf-1")
+    await h.settle(refused=0)
+    assert h.handled() == [7, -1]
+    first = h.seen[0]
+    assert first.claims.sub == "alice"
+    assert first.envelope.workflow == "wf-1"
+    assert first.envelope.kind == "Ping"
+    assert h.bob.rejected == {}
+
+
+async def test_bad_signature_is_never_seen_by_a_handler(h: Harness) -> None:
+    data = h.sealed(1)
+    sealed = h.bob.codec.open(data)
+    forged = bytearray(sealed.signature)
+    forged[0] ^= 0xFF
+    await h.raw(h.bob.codec.encode(Sealed(sealed.envelope, sealed.token, bytes(forged))))
+    await h.settle(refused=1)
+    assert h.handled() == [-1]
+    assert h.bob.rejected["bad_signature"] == 1
+    assert [(e.reason, e.subject, e.receiver) for e in h.events] == [
+        ("bad_signature", h.inbox, "bob")
+    ]
+
+
+async def test_tampered_payload_with_stolen_token_is_refused(h: Harness) -> None:
+    # An attacker holding alice's token but not her key signs a changed envelope itself.
+    sealed = h.bob.codec.open(h.sealed(2))
+    from govmesh.identity import SigningKey
+
+    tampered = sealed.envelope.replace(b"\x02", b"\x09", 1)
+    await h.raw(_resign(h.bob.codec, sealed, tampered, SigningKey()))
+    await h.settle(refused=1)
+    assert h.handled() == [-1]
+    assert h.bob.rejected["bad_signature"] == 1
+
+
+async def test_exact_replay_is_refused(h: Harness) -> None:
+    data = h.sealed(3)
+    await h.raw(data)
+    await h.raw(data)
+    await h.settle(refused=1)
+    assert h.handled() == [3, -1]
+    assert h.bob.rejected["replay"] == 1
+
+
+async def test_message_moved_to_another_subject_is_refused(h: Harness) -> None:
+    data = h.sealed(4, subject=h.bob.subjects.msg("carol"))
+    await h.raw(data)
+    await h.settle(refused=1)
+    assert h.handled() == [-1]
+    assert h.bob.rejected["wrong_subject"] == 1
+
+
+async def test_stale_and_future_messages_are_refused(h: Harness) -> None:
+    await h.raw(h.sealed(5, now=time.time() - 120))
+    await h.raw(h.sealed(6, now=time.time() + 120))
+    await h.settle(refused=2)
+    assert h.handled() == [-1]
+    assert h.bob.rejected["stale"] == 1
+    assert h.bob.rejected["future"] == 1
+
+
+async def test_token_from_unknown_issuer_is_refused(h: Harness) -> None:
+    rogue = Issuer(name=h.issuer.name, audience=h.issuer.audience)
+    mallory = rogue.identity("alice", "agent")
+    _, data = h.alice.codec.seal(mallory, subject=h.inbox, body=Ping(n=8))
+    await h.raw(data)
+    await h.settle(refused=1)
+    assert h.handled() == [-1]
+    assert h.bob.rejected["token_unknown_issuer"] == 1
+
+
+async def test_expired_token_is_refused(h: Harness) -> None:
+    from govmesh.identity import Identity, SigningKey
+
+    key = SigningKey()
+    token = h.issuer.issue(
+        sub="alice", role="agent", key=key.public, ttl_s=60, now=time.time() - 120
+    )
+    old = Identity(agent_id="alice", role="agent", key=key, token=token)
+    _, data = h.alice.codec.seal(old, subject=h.inbox, body=Ping(n=9))
+    await h.raw(data)
+    await h.settle(refused=1)
+    assert h.handled() == [-1]
+    assert h.bob.rejected["token_expired"] == 1
+
+
+async def test_garbage_and_unexpected_kinds_are_refused_and_receiver_keeps_running(
+    h: Harness,
+) -> None:
+    await h.raw(os.urandom(200))
+    await h.raw(b"")
+    await h.alice.publish(h.inbox, Other(text="not a ping"))
+    await h.settle(refused=3)
+    assert h.handled() == [-1]
+    assert h.bob.rejected["malformed"] == 2
+    assert h.bob.rejected["unexpected_kind"] == 1
+    assert {e.reason for e in h.events} == {"malformed", "unexpected_kind"}
+
+
+async def test_request_gets_a_verified_reply(h: Harness) -> None:
+    async def echo(d: Delivery) -> None:
+        await h.bob.respond(d, Ping(n=d.body.n * 2))
+
+    subject = h.bob.subjects.ctl("echo")
+    await h.bob.subscribe(subject, echo, accepts=Ping)
+    await h.bob.flush()
+    reply = await h.alice.request(subject, Ping(n=21), accepts=Ping, timeout=5)
+    assert reply.body.n == 42
+    assert reply.claims.sub == "bob"

@@ -1,0 +1,129 @@
+"""The gateway runs a tool only with a matching, fresh, unused governance decision."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from govmesh.bus import Bus, Delivery
+from govmesh.governance._actor import GovernanceService
+from govmesh.governance.messages import Decision, ToolIntent
+from govmesh.tools import ERP_CREATE_PO, GatewayService, SimulatedErp, ToolCall, ToolResult
+
+from _deploy import deployment
+
+POLICY = str(Path(__file__).parent.parent / "policies" / "procurement-agent-v2.yaml")
+ROLE = "Procurement-Agent-v2"
+
+
+class Setup:
+    def __init__(self, nats_url: str, redis_url: str, tenant: str) -> None:
+        self.dep, self.issuer = deployment(nats_url, redis_url, tenant)
+        self.decisions: asyncio.Queue[Delivery] = asyncio.Queue()
+
+    async def __aenter__(self) -> Setup:
+        self.governance = GovernanceService(
+            self.dep, self.issuer.identity("governance-1", "governance"), policy_paths=[POLICY]
+        )
+        self.gateway = GatewayService(self.dep, self.issuer.identity("gateway-1", "gateway"))
+        await self.governance.start()
+        await self.gateway.start()
+        self.agent = await Bus.connect(
+            self.dep,
+            self.issuer.identity("proc-1", ROLE, capabilities=(ERP_CREATE_PO,)),
+        )
+
+        async def on_decision(d: Delivery) -> None:
+            await self.decisions.put(d)
+
+        await self.agent.subscribe(
+            self.agent.subjects.all("decision"), on_decision, accepts=Decision
+        )
+        await self.agent.flush()
+        self.erp = SimulatedErp(self.gateway.redis, prefix=self.dep.key_prefix)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.agent.close()
+        await self.gateway.close()
+        await self.governance.close()
+
+    async def decide(self, workflow: str, args: dict, step: int = 1) -> Delivery:
+        await self.agent.publish(
+            self.agent.subjects.intent("proc-1"),
+            ToolIntent(tool=ERP_CREATE_PO, args=args, step=step),
+            workflow=workflow,
+        )
+        return await asyncio.wait_for(self.decisions.get(), 10)
+
+    async def call(self, workflow: str, args: dict, decision: bytes, step: int = 1) -> ToolResult:
+        reply = await self.agent.request(
+            self.agent.subjects.tool(ERP_CREATE_PO),
+            ToolCall(tool=ERP_CREATE_PO, args=args, step=step, decision=decision),
+            accepts=ToolResult,
+            workflow=workflow,
+            timeout=10,
+        )
+        return reply.body
+
+
+@pytest.fixture
+async def s(nats_server, redis_server, prefix):
+    async with Setup(nats_server.url, redis_server.url, prefix) as setup:
+        yield setup
+
+
+ARGS = {"item": "laptops", "vendor": "Vendor_A", "amount_usd": 1200.0}
+
+
+async def test_allowed_call_runs_once_and_a_reused_decision_runs_nothing(s: Setup) -> None:
+    d = await s.decide("wf-1", ARGS)
+    assert d.body.outcome == "allow"
+    first = await s.call("wf-1", ARGS, d.data)
+    assert first.ok, first.error
+    again = await s.call("wf-1", ARGS, d.data)
+    assert not again.ok
+    assert "decision_reused" in again.error
+    orders = await s.erp.orders()
+    assert [(o.workflow, o.vendor, o.amount_usd) for o in orders] == [("wf-1", "Vendor_A", 1200.0)]
+    assert s.gateway.bus.rejected["decision_reused"] == 1
+
+
+async def test_changed_arguments_are_refused(s: Setup) -> None:
+    d = await s.decide("wf-2", ARGS)
+    result = await s.call("wf-2", {**ARGS, "amount_usd": 9_999.0}, d.data)
+    assert not result.ok
+    assert "intent_mismatch" in result.error
+    result = await s.call("wf-2", ARGS, d.data, step=2)
+    assert "intent_mismatch" in result.error
+    assert await s.erp.orders() == []
+
+
+async def test_decision_for_another_workflow_is_refused(s: Setup) -> None:
+    d = await s.decide("wf-3", ARGS)
+    result = await s.call("wf-4", ARGS, d.data)
+    assert not result.ok
+    assert "wrong_subject" in result.error
+    assert await s.erp.orders() == []
+
+
+async def test_forged_decision_signed_by_the_agent_is_refused(s: Setup) -> None:
+    real = await s.decide("wf-5", {**ARGS, "vendor": "Vendor_C"})
+    assert real.body.outcome == "deny"
+    forged = Decision(**{**_fields(real.body), "outcome": "allow", "expires_at": time.time() + 60})
+    _, data = s.agent.codec.seal(
+        s.agent.identity, subject=s.agent.subjects.decision("wf-5"), body=forged
+    )
+    result = await s.call("wf-5", {**ARGS, "vendor": "Vendor_C"}, data)
+    assert not result.ok
+    assert "decision_not_from_governance" in result.error
+    denied = await s.call("wf-5", {**ARGS, "vendor": "Vendor_C"}, real.data)
+    assert "decision_not_allow" in denied.error
+    assert await s.erp.orders() == []
+
+
+def _fields(decision: Decision) -> dict:
+    return {f: getattr(decision, f) for f in decision.__struct_fields__}

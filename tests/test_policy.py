@@ -1,0 +1,477 @@
+"""Policy files: the seed loads as written, the hash is canonical, every mistake names its line."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from govmesh.errors import GovmeshError, PolicyError
+from govmesh.governance import (
+    Policy,
+    PolicySet,
+    load_policies,
+    load_policy_file,
+    parse_policy_text,
+)
+
+# Written as escapes so the source shows which look-alike character each test pastes.
+EN_DASH = "\u2013"
+EM_DASH = "\u2014"
+MINUS_SIGN = "\u2212"
+LEFT_QUOTE, RIGHT_QUOTE = "\u2018", "\u2019"
+
+SEED_FILE = Path(__file__).resolve().parents[1] / "policies" / "procurement-agent-v2.yaml"
+
+SEED = """\
+policy:
+  agent: Procurement-Agent-v2
+  spending_limit_usd: 10000
+  require_approval_if_over: 5000
+  allowed_vendors:
+    - Vendor_A
+    - Vendor_B
+  reflection_loop_cap: 25
+  escalation: human_review
+"""
+
+# The canonical form is a contract: state snapshots and audit records store this hash, so a
+# change here must be deliberate (and bump the canonical format version).
+SEED_HASH = "0bef41ba7c205e13bbee15ebdca3e0ac696fca68e1974525221cb35def1544e3"
+
+
+def seed_policy(source: str) -> Policy:
+    return Policy(
+        agent="Procurement-Agent-v2",
+        spending_limit_usd=10000.0,
+        require_approval_if_over=5000.0,
+        allowed_vendors=("Vendor_A", "Vendor_B"),
+        reflection_loop_cap=25,
+        escalation="human_review",
+        source=source,
+    )
+
+
+def test_seed_policy_file_loads_as_written_with_exact_values() -> None:
+    policies = load_policy_file(SEED_FILE)
+
+    assert policies.policies == (seed_policy(str(SEED_FILE)),)
+    assert type(policies.policies[0].spending_limit_usd) is float
+    assert type(policies.policies[0].reflection_loop_cap) is int
+    assert policies.hash == SEED_HASH
+
+
+def test_seed_text_and_seed_file_have_the_same_hash() -> None:
+    assert parse_policy_text(SEED).hash == load_policy_file(SEED_FILE).hash == SEED_HASH
+
+
+def test_for_agent_returns_the_policies_of_that_role_only() -> None:
+    policies = parse_policy_text(SEED, source="seed.yaml")
+
+    assert policies.for_agent("Procurement-Agent-v2") == (seed_policy("seed.yaml"),)
+    assert policies.for_agent("procurement-agent-v2") == ()
+    assert policies.for_agent("") == ()
+
+
+def test_vendor_set_is_a_frozenset_of_the_allowed_vendors() -> None:
+    (policy,) = parse_policy_text(SEED).policies
+
+    assert policy.vendor_set == frozenset({"Vendor_A", "Vendor_B"})
+    assert Policy(agent="x").vendor_set is None
+
+
+def test_omitted_keys_take_their_defaults() -> None:
+    (policy,) = parse_policy_text("policy:\n  agent: Auditor\n").policies
+
+    assert policy == Policy(agent="Auditor", source="<policy>")
+
+
+def test_an_empty_vendor_list_is_kept_and_distinct_from_no_list() -> None:
+    listed = parse_policy_text("policy:\n  agent: A\n  allowed_vendors: []\n")
+    unlisted = parse_policy_text("policy:\n  agent: A\n")
+
+    assert listed.policies[0].allowed_vendors == ()
+    assert listed.hash != unlisted.hash
+
+
+@pytest.mark.parametrize(
+    "spelling", ["10000", "10000.0", "10_000", "1e4", "1.0e+4", "+10000", "10000."]
+)
+def test_plain_decimal_spellings_of_a_limit_are_the_same_value(spelling: str) -> None:
+    policies = parse_policy_text(SEED.replace("10000", spelling))
+
+    assert policies.policies[0].spending_limit_usd == 10000.0
+    assert policies.hash == SEED_HASH
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("Procurement-Agent-v2", "Procurement-Agent-v3"),
+        ("10000", "10001"),
+        ("5000", "5000.5"),
+        ("Vendor_B", "Vendor_C"),
+        ("    - Vendor_B\n", ""),
+        ("25", "26"),
+        ("human_review", "cfo_review"),
+        ("  reflection_loop_cap: 25\n", ""),
+    ],
+)
+def test_hash_changes_when_a_value_changes(old: str, new: str) -> None:
+    assert parse_policy_text(SEED.replace(old, new)).hash != SEED_HASH
+
+
+SEED_VARIANTS = {
+    "comments_and_blank_lines": (
+        "# procurement\n\npolicy:   # the one policy\n"
+        "  agent: Procurement-Agent-v2  # role\n\n"
+        "  spending_limit_usd: 10000\n  require_approval_if_over: 5000\n"
+        "  allowed_vendors:\n    # vendors\n    - Vendor_A\n    - Vendor_B\n"
+        "  reflection_loop_cap: 25\n  escalation: human_review\n\n\n"
+    ),
+    "key_order": (
+        "policy:\n  escalation: human_review\n  reflection_loop_cap: 25\n"
+        "  allowed_vendors: [Vendor_A, Vendor_B]\n  require_approval_if_over: 5000\n"
+        "  spending_limit_usd: 10000\n  agent: Procurement-Agent-v2\n"
+    ),
+    "flow_style_and_quotes": (
+        "{policy: {agent: 'Procurement-Agent-v2', spending_limit_usd: 10000.0,"
+        ' require_approval_if_over: 5000, allowed_vendors: ["Vendor_B", "Vendor_A"],'
+        " reflection_loop_cap: 25}}"
+    ),
+    "wider_indentation_and_crlf": SEED.replace("  ", "      ").replace("\n", "\r\n"),
+    "policies_list": "policies:\n  - " + SEED.replace("\n", "\n    "),
+    "policies_list_of_bodies": (
+        "policies:\n  - agent: Procurement-Agent-v2\n    spending_limit_usd: 10000\n"
+        "    require_approval_if_over: 5000\n    allowed_vendors: [Vendor_A, Vendor_B]\n"
+        "    reflection_loop_cap: 25\n"
+    ),
+    "explicit_document_markers": "%YAML 1.1\n---\n" + SEED + "...\n",
+    "duplicated_document": SEED + "---\n" + SEED,
+}
+
+
+@pytest.mark.parametrize("text", SEED_VARIANTS.values(), ids=SEED_VARIANTS.keys())
+def test_hash_ignores_comments_whitespace_key_order_and_duplicates(text: str) -> None:
+    policies = parse_policy_text(text)
+
+    assert policies.hash == SEED_HASH
+    assert len(policies.policies) == 1
+
+
+def test_policy_files_compose_independent_of_order_and_duplicates(tmp_path: Path) -> None:
+    seed = tmp_path / "seed.yaml"
+    seed.write_text(SEED, encoding="utf-8")
+    auditor = tmp_path / "auditor.yaml"
+    auditor.write_text("policy:\n  agent: Auditor\n  reflection_loop_cap: 3\n", encoding="utf-8")
+    copy = tmp_path / "z-copy-of-seed.yaml"
+    copy.write_text("# same policy, other file\n" + SEED, encoding="utf-8")
+
+    forward = load_policies([seed, auditor])
+    backward = load_policies([auditor, copy, seed, auditor])
+
+    assert forward == backward
+    assert [p.agent for p in forward.policies] == ["Auditor", "Procurement-Agent-v2"]
+    assert forward.for_agent("Procurement-Agent-v2")[0].source == str(seed)
+    assert forward.hash != SEED_HASH
+
+
+def test_no_policy_files_give_an_empty_set() -> None:
+    empty = load_policies([])
+
+    assert empty.policies == ()
+    assert re.fullmatch(r"[0-9a-f]{64}", empty.hash)
+
+
+def test_load_policies_rejects_a_single_path_string() -> None:
+    with pytest.raises(TypeError, match="iterable of paths"):
+        load_policies(str(SEED_FILE))
+
+
+def test_bytes_order_mark_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + SEED.encode())
+
+    assert load_policy_file(path).hash == SEED_HASH
+
+
+def replace_line(number: int, new: str) -> str:
+    lines = SEED.splitlines()
+    lines[number - 1] = new
+    return "\n".join(lines) + "\n"
+
+
+# (text, expected 1-based line, a fragment the one-line message must contain)
+BAD_POLICIES: dict[str, tuple[str, int, str]] = {
+    "top_level_list": ("- policy: x\n", 1, "got a list '- policy: x'"),
+    "top_level_scalar": ("Procurement-Agent-v2\n", 1, "'Procurement-Agent-v2'"),
+    "unknown_top_level_key": (SEED.replace("policy:", "polcy:"), 1, "'polcy'"),
+    "extra_top_level_key": (SEED + "version: 2\n", 10, "'version'"),
+    "policy_and_policies": (SEED + "policies: []\n", 1, "not both"),
+    "empty_top_level_mapping": ("{}\n", 1, "got {}"),
+    "policy_not_a_mapping": ("policy: Procurement-Agent-v2\n", 1, "'Procurement-Agent-v2'"),
+    "policies_not_a_list": ("policies:\n  agent: A\n", 2, "got a mapping 'agent: A'"),
+    "policies_empty_list": ("policies: []\n", 1, "empty list"),
+    "unknown_key": (
+        replace_line(8, "  reflection_cap: 25"),
+        8,
+        "'reflection_cap' in policy; did you mean 'reflection_loop_cap'?",
+    ),
+    "source_is_not_a_policy_key": (replace_line(9, "  source: x.yaml"), 9, "'source'"),
+    "merge_key": ("policy:\n  agent: A\n  <<: {escalation: x}\n", 3, "'<<'"),
+    "non_string_key": ("policy:\n  agent: A\n  7: seven\n", 3, "'7'"),
+    "duplicate_key": (SEED + "  agent: Other-Agent\n", 10, "duplicate key 'agent'"),
+    "duplicate_top_level_key": (SEED + SEED, 10, "duplicate key 'policy' (first on line 1)"),
+    "string_limit": (replace_line(3, '  spending_limit_usd: "ten"'), 3, "'ten'"),
+    "quoted_number_limit": (replace_line(3, "  spending_limit_usd: '10000'"), 3, "'10000'"),
+    "bare_word_limit": (replace_line(3, "  spending_limit_usd: ten thousand"), 3, "'ten thousand'"),
+    "list_limit": (replace_line(3, "  spending_limit_usd: [10000]"), 3, "'[10000]'"),
+    "boolean_limit": (replace_line(3, "  spending_limit_usd: true"), 3, "'true'"),
+    "negative_limit": (replace_line(3, "  spending_limit_usd: -5"), 3, "'-5'"),
+    "negative_threshold": (replace_line(4, "  require_approval_if_over: -0.5"), 4, "'-0.5'"),
+    "octal_looking_limit": (replace_line(3, "  spending_limit_usd: 010000"), 3, "'010000'"),
+    "hex_limit": (replace_line(3, "  spending_limit_usd: 0x2710"), 3, "'0x2710'"),
+    "base_60_limit": (replace_line(3, "  spending_limit_usd: 2:46:40"), 3, "'2:46:40'"),
+    "infinite_limit": (replace_line(3, "  spending_limit_usd: .inf"), 3, "'.inf'"),
+    "not_a_number_limit": (replace_line(3, "  spending_limit_usd: .nan"), 3, "'.nan'"),
+    "overflowing_limit": (replace_line(3, "  spending_limit_usd: 1e999"), 3, "'1e999'"),
+    "malformed_underscores": (replace_line(3, "  spending_limit_usd: 1__0"), 3, "'1__0'"),
+    "approval_over_limit": (
+        replace_line(4, "  require_approval_if_over: 20000"),
+        4,
+        "require_approval_if_over (20000) is above spending_limit_usd (10000)",
+    ),
+    "fractional_cap": (replace_line(8, "  reflection_loop_cap: 2.5"), 8, "'2.5'"),
+    "yes_as_cap": (replace_line(8, "  reflection_loop_cap: yes"), 8, "'yes'"),
+    "negative_cap": (replace_line(8, "  reflection_loop_cap: -1"), 8, "'-1'"),
+    "empty_agent": (replace_line(2, '  agent: ""'), 2, "''"),
+    "blank_agent": (replace_line(2, "  agent: '   '"), 2, "'   '"),
+    "padded_agent": (replace_line(2, "  agent: ' Procurement '"), 2, "' Procurement '"),
+    "agent_without_value": (replace_line(2, "  agent:"), 2, "agent must be a string"),
+    "null_agent": (replace_line(2, "  agent: null"), 2, "null ('null')"),
+    "numeric_agent": (replace_line(2, "  agent: 42"), 2, "'42'"),
+    "missing_agent": (SEED.replace("  agent: Procurement-Agent-v2\n", ""), 1, "'agent'"),
+    "empty_escalation": (replace_line(9, "  escalation: ''"), 9, "''"),
+    "empty_vendor": (replace_line(6, '    - ""'), 6, "''"),
+    "numeric_vendor": (replace_line(7, "    - 42"), 7, "'42'"),
+    "nested_vendor": (replace_line(7, "    - [Vendor_B]"), 7, "'[Vendor_B]'"),
+    "duplicate_vendor": (replace_line(7, "    - Vendor_A"), 7, "'Vendor_A' is listed twice"),
+    "vendor_string_not_list": (
+        "policy:\n  agent: A\n  allowed_vendors: Vendor_A\n",
+        3,
+        "'Vendor_A'",
+    ),
+    "yaml_mapping_in_value": (replace_line(3, "  spending_limit_usd: 10000: 5"), 3, "10000: 5"),
+    "yaml_bad_indentation": (replace_line(4, "   require_approval_if_over: 5000"), 4, "5000"),
+    "yaml_tab_indentation": (replace_line(9, "\tescalation: human_review"), 9, "escalation"),
+    "yaml_unclosed_quote": (replace_line(2, '  agent: "Procurement'), 2, '"Procurement'),
+    "yaml_unclosed_flow_list": (replace_line(5, "  allowed_vendors: [Vendor_A"), 5, "[Vendor_A"),
+    "yaml_undefined_alias": (replace_line(9, "  escalation: *target"), 9, "'target'"),
+    "yaml_control_character": (replace_line(2, "  agent: Proc\x07"), 2, "'\\x07'"),
+    "empty_text": ("", 1, "no policy found"),
+    "only_comments": ("# nothing here yet\n", 1, "no policy found"),
+    "en_dash_bullet": (replace_line(6, f"    {EN_DASH} Vendor_A"), 6, f"'    {EN_DASH} Vendor_A'"),
+    "em_dash_bullet": (replace_line(7, f"    {EM_DASH} Vendor_B"), 7, "em dash"),
+    "bullet_character": (replace_line(6, "    • Vendor_A"), 6, "bullet ('•', U+2022)"),
+    "minus_sign_bullet": (replace_line(6, f"    {MINUS_SIGN} Vendor_A"), 6, "U+2212"),
+    "non_breaking_space_indent": (replace_line(6, "\u00a0\u00a0  - Vendor_A"), 6, "U+00A0"),
+    "curly_quotes": (replace_line(2, "  agent: “Procurement-Agent-v2”"), 2, "U+201C"),
+    "curly_quote_in_list": (
+        replace_line(6, f"    - {LEFT_QUOTE}Vendor_A{RIGHT_QUOTE}"),
+        6,
+        "U+2018",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "line", "fragment"), BAD_POLICIES.values(), ids=BAD_POLICIES)
+def test_invalid_policy_is_a_policy_error_naming_line_and_value(
+    text: str, line: int, fragment: str
+) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy_text(text, source="policies/bad.yaml")
+
+    error = caught.value
+    message = str(error)
+    assert error.line == line, message
+    assert error.path == "policies/bad.yaml"
+    assert message.startswith(f"policies/bad.yaml:{line}: "), message
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_en_dash_bullets_pasted_into_the_seed_give_line_6_in_one_line() -> None:
+    pasted = SEED.replace("    - Vendor_", f"    {EN_DASH} Vendor_")
+
+    with pytest.raises(PolicyError) as caught:
+        parse_policy_text(pasted, source="policies/x.yaml")
+
+    assert str(caught.value) == (
+        f"policies/x.yaml:6: list item starts with an en dash ('{EN_DASH}', U+2013); "
+        f"YAML lists use '-': '    {EN_DASH} Vendor_A'"
+    )
+    assert caught.value.line == 6
+    assert caught.value.value == f"    {EN_DASH} Vendor_A"
+
+
+def test_dashes_inside_values_and_comments_are_not_bullets() -> None:
+    escalation = f"human_review {EN_DASH} finance"
+    text = SEED.replace("human_review", escalation) + f"# {EN_DASH} a note\n  # {EN_DASH}\n"
+
+    assert parse_policy_text(text).policies[0].escalation == escalation
+
+
+def test_policy_error_is_a_value_error_and_a_govmesh_error() -> None:
+    with pytest.raises(ValueError):
+        parse_policy_text("policy: 1\n")
+    assert issubclass(PolicyError, GovmeshError)
+
+
+def test_missing_file_is_a_policy_error_naming_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+
+    with pytest.raises(PolicyError, match="policy file not found") as caught:
+        load_policy_file(missing)
+
+    assert caught.value.path == str(missing)
+    assert str(caught.value).startswith(f"{missing}: ")
+
+
+def test_missing_file_among_several_is_a_policy_error(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match=r"nope\.yaml"):
+        load_policies([SEED_FILE, tmp_path / "nope.yaml"])
+
+
+def test_directory_is_a_policy_error_naming_the_path(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="directory") as caught:
+        load_policy_file(tmp_path)
+
+    assert caught.value.path == str(tmp_path)
+
+
+def test_non_utf8_file_is_a_policy_error_with_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(SEED.replace("Vendor_B", "Vendör_B").encode("latin-1"))
+
+    with pytest.raises(PolicyError, match="not UTF-8") as caught:
+        load_policy_file(path)
+
+    assert caught.value.line == 7
+
+
+def test_file_errors_carry_the_file_path_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(replace_line(3, "  spending_limit_usd: ten"), encoding="utf-8")
+
+    with pytest.raises(PolicyError) as caught:
+        load_policy_file(path)
+
+    assert str(caught.value).startswith(f"{path}:3: spending_limit_usd must be a number")
+
+
+# --- properties -------------------------------------------------------------------------------
+
+AGENTS = ["Procurement-Agent-v2", "Auditor", "yes", "10000", "Agent with spaces"]
+VENDORS = ["Vendor_A", "Vendor_B", "Vendor_C", "null", "Vendör_Ω"]
+AMOUNTS = st.one_of(
+    st.sampled_from([0, 1, 4000, 5000, 10000]),
+    st.integers(min_value=0, max_value=10**9),
+    st.floats(min_value=0, max_value=1e12, allow_nan=False, allow_infinity=False),
+)
+
+
+@st.composite
+def policy_bodies(draw: st.DrawFn) -> dict[str, object]:
+    body: dict[str, object] = {"agent": draw(st.sampled_from(AGENTS))}
+    limit = draw(st.none() | AMOUNTS)
+    threshold = draw(st.none() | AMOUNTS)
+    if limit is not None and threshold is not None and threshold > limit:
+        limit, threshold = threshold, limit
+    optional = {
+        "spending_limit_usd": limit,
+        "require_approval_if_over": threshold,
+        "allowed_vendors": draw(st.none() | st.lists(st.sampled_from(VENDORS), unique=True)),
+        "reflection_loop_cap": draw(st.none() | st.integers(min_value=0, max_value=100)),
+        "escalation": draw(st.none() | st.sampled_from(["human_review", "cfo_review"])),
+    }
+    body.update({key: value for key, value in optional.items() if value is not None})
+    keys = draw(st.permutations(list(body)))
+    return {key: body[key] for key in keys}
+
+
+def expected_policy(body: dict[str, object]) -> Policy:
+    def number(key: str) -> float | None:
+        value = body.get(key)
+        assert value is None or isinstance(value, int | float)
+        return None if value is None else float(value)
+
+    vendors = body.get("allowed_vendors")
+    cap = body.get("reflection_loop_cap")
+    assert vendors is None or isinstance(vendors, list)
+    assert cap is None or isinstance(cap, int)
+    return Policy(
+        agent=str(body["agent"]),
+        spending_limit_usd=number("spending_limit_usd"),
+        require_approval_if_over=number("require_approval_if_over"),
+        allowed_vendors=None if vendors is None else tuple(sorted(vendors)),
+        reflection_loop_cap=cap,
+        escalation=str(body.get("escalation", "human_review")),
+        source="<policy>",
+    )
+
+
+def render(bodies: list[dict[str, object]], *, flow: bool | None = None) -> str:
+    return yaml.safe_dump(
+        {"policies": [{"policy": body} for body in bodies]},
+        sort_keys=False,
+        allow_unicode=True,
+        default_flow_style=flow,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(policy_bodies(), min_size=1, max_size=4))
+def test_rendered_policies_round_trip_exactly(bodies: list[dict[str, object]]) -> None:
+    loaded = parse_policy_text(render(bodies))
+
+    assert set(loaded.policies) == {expected_policy(body) for body in bodies}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(policy_bodies(), min_size=1, max_size=4), st.randoms(use_true_random=False))
+def test_hash_and_set_ignore_order_duplicates_and_style(
+    bodies: list[dict[str, object]], rng: random.Random
+) -> None:
+    shuffled = bodies + rng.sample(bodies, k=rng.randint(0, len(bodies)))
+    rng.shuffle(shuffled)
+    reordered = [dict(rng.sample(list(body.items()), k=len(body))) for body in shuffled]
+
+    original = parse_policy_text(render(bodies))
+    variant = parse_policy_text(render(reordered, flow=rng.choice([None, True, False])))
+
+    assert variant == original
+    assert isinstance(variant, PolicySet)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=200))
+def test_arbitrary_text_is_parsed_or_rejected_with_a_policy_error(text: str) -> None:
+    try:
+        parse_policy_text(text)
+    except PolicyError as error:
+        assert error.line is None or error.line >= 1
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(min_value=0, max_value=len(SEED)), st.text(max_size=8))
+def test_corrupted_seed_is_parsed_or_rejected_with_a_policy_error(at: int, junk: str) -> None:
+    try:
+        parse_policy_text(SEED[:at] + junk + SEED[at:])
+    except PolicyError as error:
+        assert error.line is not None
+        assert 1 <= error.line <= SEED.count("\n") + junk.count("\n") + 2

@@ -1,0 +1,63 @@
+"""The procurement scenario end to end: Ray actors, real nats-server and Redis-protocol
+server, the seed policy, the simulated ERP's own records as the proof."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import nats
+import redis.asyncio as aioredis
+
+from govmesh.bus import ensure_event_stream
+from govmesh.scenarios import load_scenario, run_workflows
+from govmesh.tools import SimulatedErp
+
+from _deploy import deployment
+
+ROOT = Path(__file__).parent.parent
+SCENARIO = ROOT / "scenarios" / "procurement.yaml"
+
+
+async def test_procurement_swarm_is_governed_end_to_end(
+    nats_server, redis_server, prefix, ray_session
+) -> None:
+    dep, issuer = deployment(nats_server.url, redis_server.url, prefix)
+    nc = await nats.connect(nats_server.url)
+    await ensure_event_stream(nc)
+    await nc.close()
+    scenario = load_scenario(SCENARIO)
+
+    report = await run_workflows(scenario, dep, issuer, workflows=50, seed=1, timeout_s=240)
+
+    w, d = report["workflows"], report["decisions"]
+    assert w["finished"] == w["total"] == 50
+    assert d["allow"] > 0 and d["deny"] > 0 and d["escalate"] > 0
+    assert d["allow"] + d["deny"] + d["escalate"] == 50
+    assert w["failed"] == 0
+    assert report["model_calls"]["counted_by_budget"] == report["model_calls"]["reported_by_agents"]
+    assert report["tokens"] > 0 and report["cost_usd"] > 0
+    assert report["security_rejections"] == {}
+
+    r = aioredis.Redis.from_url(redis_server.url)
+    try:
+        orders = await SimulatedErp(r, prefix=dep.key_prefix).orders()
+        approvals = {
+            k.decode(): msgspec.json.decode(v)
+            for k, v in (await r.hgetall(f"{dep.key_prefix}:approvals:done")).items()
+        }
+    finally:
+        await r.aclose()
+
+    assert len(orders) == w["executed"] > 0
+    assert len({o.workflow for o in orders}) == len(orders), "one order per workflow at most"
+    for order in orders:
+        assert order.amount_usd <= 10_000, order
+        assert order.vendor in {"Vendor_A", "Vendor_B"}, order
+        if order.amount_usd > 5_000:
+            record = approvals[order.approval_id]
+            assert record["approved"] is True
+            assert record["workflow"] == order.workflow
+            assert order.approved_by == record["by"] == scenario.approvals.by
+    assert any(o.amount_usd > 5_000 for o in orders), "the run exercised approved escalations"
+    assert any(not a["approved"] for a in approvals.values()), "some escalations were rejected"
