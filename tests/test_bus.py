@@ -201,3 +201,41 @@ async def test_request_gets_a_verified_reply(h: Harness) -> None:
     reply = await h.alice.request(subject, Ping(n=21), accepts=Ping, timeout=5)
     assert reply.body.n == 42
     assert reply.claims.sub == "bob"
+
+
+async def test_token_rotation_under_steady_traffic_loses_and_rejects_nothing(
+    nats_server, redis_server, prefix
+) -> None:
+    from govmesh.identity.authority import TokenAuthority
+
+    dep, issuer = deployment(nats_server.url, redis_server.url, prefix)
+    ttl = 2.0  # seconds, so that several rotations happen during the test
+    authority = TokenAuthority(dep, issuer, ttl_s=ttl)
+    await authority.start()
+    alice = await Bus.connect(dep, issuer.identity("alice", "agent", ttl_s=ttl))
+    bob = await Bus.connect(dep, issuer.identity("bob", "agent", ttl_s=ttl))
+    got: list[int] = []
+    done = asyncio.Event()
+    total = 400
+
+    async def on_ping(d: Delivery) -> None:
+        got.append(d.body.n)
+        if len(got) == total:
+            done.set()
+
+    try:
+        await bob.subscribe(bob.subjects.msg("bob"), on_ping, accepts=Ping)
+        await bob.flush()
+        first_token = alice.identity.token
+        for n in range(total):
+            await alice.publish(alice.subjects.msg("bob"), Ping(n=n))
+            await asyncio.sleep(0.012)  # about 5 s of steady traffic: two rotations or more
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        for member in (alice, bob, authority):
+            await member.close()
+    assert sorted(got) == list(range(total))
+    assert bob.rejected == {} and alice.rejected == {}
+    assert alice.rotations >= 2 and bob.rotations >= 2
+    assert alice.identity.token != first_token
+    assert authority.granted >= 4

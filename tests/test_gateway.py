@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from govmesh.bus import Bus, Delivery
+from govmesh.errors import BusError
 from govmesh.governance._actor import GovernanceService
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.tools import ERP_CREATE_PO, GatewayService, SimulatedErp, ToolCall, ToolResult
@@ -33,7 +34,7 @@ class Setup:
         await self.gateway.start()
         self.agent = await Bus.connect(
             self.dep,
-            self.issuer.identity("proc-1", ROLE, capabilities=(ERP_CREATE_PO,)),
+            self.issuer.identity("proc-1", ROLE, capabilities=(ERP_CREATE_PO,), budget_usd=50_000),
         )
 
         async def on_decision(d: Delivery) -> None:
@@ -127,3 +128,76 @@ async def test_forged_decision_signed_by_the_agent_is_refused(s: Setup) -> None:
 
 def _fields(decision: Decision) -> dict:
     return {f: getattr(decision, f) for f in decision.__struct_fields__}
+
+
+async def _security_events(s: Setup) -> asyncio.Queue:
+    from govmesh.bus import SecurityEvent
+
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def on_event(d: Delivery) -> None:
+        await events.put(d.body)
+
+    await s.agent.subscribe(s.agent.subjects.security, on_event, accepts=SecurityEvent)
+    await s.agent.flush()
+    return events
+
+
+async def test_intent_for_a_tool_the_token_lacks_is_dropped_and_reported(s: Setup) -> None:
+    events = await _security_events(s)
+    rogue = await Bus.connect(s.dep, s.issuer.identity("rogue-1", ROLE, budget_usd=50_000))
+    try:
+        await rogue.publish(
+            rogue.subjects.intent("rogue-1"),
+            ToolIntent(tool=ERP_CREATE_PO, args=ARGS, step=1),
+            workflow="wf-6",
+        )
+        event = await asyncio.wait_for(events.get(), 10)
+    finally:
+        await rogue.close()
+    assert (event.reason, event.claimed_sender, event.receiver) == (
+        "capability",
+        "rogue-1",
+        "governance-1",
+    )
+    # The governance actor decided nothing for it, and keeps serving others.
+    assert s.decisions.empty()
+    assert (await s.decide("wf-7", ARGS)).body.outcome == "allow"
+    assert s.governance.decided == {"allow": 1}
+
+
+async def test_intent_over_the_token_budget_authority_is_dropped(s: Setup) -> None:
+    events = await _security_events(s)
+    small = await Bus.connect(
+        s.dep,
+        s.issuer.identity("small-1", ROLE, capabilities=(ERP_CREATE_PO,), budget_usd=1_000),
+    )
+    try:
+        await small.publish(
+            small.subjects.intent("small-1"),
+            ToolIntent(tool=ERP_CREATE_PO, args=ARGS, step=1),
+            workflow="wf-8",
+        )
+        event = await asyncio.wait_for(events.get(), 10)
+    finally:
+        await small.close()
+    assert event.reason == "over_budget_authority"
+    assert s.governance.decided == {}
+
+
+async def test_tool_call_for_a_tool_the_token_lacks_is_dropped(s: Setup) -> None:
+    d = await s.decide("wf-9", ARGS)
+    rogue = await Bus.connect(s.dep, s.issuer.identity("proc-2", ROLE))
+    try:
+        with pytest.raises(BusError):
+            await rogue.request(
+                rogue.subjects.tool(ERP_CREATE_PO),
+                ToolCall(tool=ERP_CREATE_PO, args=ARGS, step=1, decision=d.data),
+                accepts=ToolResult,
+                workflow="wf-9",
+                timeout=1,
+            )
+    finally:
+        await rogue.close()
+    assert s.gateway.bus.rejected["capability"] == 1
+    assert await s.erp.orders() == []

@@ -103,6 +103,16 @@ class ProcurementAgent(AgentService):
         )
         step = 1
         args = {"item": req.item, "vendor": req.vendor, "amount_usd": req.amount_usd}
+        authority = self.bus.tokens.verify(self.identity.token).budget_usd
+        if req.amount_usd > authority:
+            # Governance would drop the intent as a security event; a well-behaved agent
+            # never asks beyond the authority its own token states.
+            return PurchaseOutcome(
+                result="denied",
+                reasons=(f"amount {req.amount_usd} is over this agent's authority {authority}",),
+                reflections=reflections,
+                model_calls=reflections + 1,
+            )
         started = time.perf_counter()
         sent = await self.bus.publish(
             self.subjects.intent(self.agent_id),

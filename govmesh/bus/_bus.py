@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -13,6 +14,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from govmesh.bus._codec import Codec
@@ -22,8 +24,9 @@ from govmesh.bus._verify import MessageVerifier
 from govmesh.config import Deployment
 from govmesh.errors import BusError, SecurityError
 from govmesh.identity import Claims, Identity, TokenVerifier
+from govmesh.identity.messages import TokenGrant, TokenRenewal
 
-__all__ = ["Bus", "Delivery", "Handler"]
+__all__ = ["Authorize", "Bus", "Delivery", "Handler"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,10 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+Authorize = Callable[[Claims, Any], None]
+"""Checks what a verified sender may ask for; raises `SecurityError` to drop the message."""
+
+_RENEW_RETRY_S = 2.0
 
 
 class Bus:
@@ -74,17 +81,52 @@ class Bus:
         self.subjects = subjects
         self.codec = codec or Codec()
         self.verifier = MessageVerifier(tokens=tokens, codec=self.codec)
+        self.tokens = tokens
         self.rejected: Counter[str] = Counter()
+        self.rotations = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
+    def _spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _rotate(self) -> None:
+        """Renew this member's token at each half-life; in-flight messages signed with the
+        old token stay valid until it expires, so rotation loses nothing."""
+        while not self._closed:
+            claims = self.tokens.verify(self.identity.token)
+            await asyncio.sleep(max(0.0, claims.iat + (claims.exp - claims.iat) / 2 - time.time()))
+            while not self._closed:
+                try:
+                    reply = await self.request(
+                        self.subjects.ctl("identity"),
+                        TokenRenewal(),
+                        accepts=TokenGrant,
+                        timeout=5.0,
+                    )
+                    fresh = self.tokens.verify(reply.body.token)
+                    if fresh.sub != claims.sub or fresh.key.raw != claims.key.raw:
+                        raise SecurityError("bad_grant", f"granted token is for {fresh.sub!r}")
+                except (BusError, SecurityError) as exc:
+                    log.warning("token renewal for %s failed: %s", claims.sub, exc)
+                    await asyncio.sleep(_RENEW_RETRY_S)
+                    continue
+                self.identity.token = reply.body.token
+                self.rotations += 1
+                break
+
     @classmethod
-    async def connect(cls, deployment: Deployment, identity: Identity, **options: Any) -> Bus:
+    async def connect(
+        cls, deployment: Deployment, identity: Identity, *, rotate: bool = True, **options: Any
+    ) -> Bus:
         """Connect ``identity`` to the deployment's NATS server.
 
         Args:
             deployment: where the server is and whom to trust.
             identity: this member's identity.
+            rotate: renew the token at each half-life from the token authority.
             **options: passed to ``nats.connect`` (e.g. ``tls=``).
         """
         options.setdefault("name", identity.agent_id)
@@ -95,7 +137,10 @@ class Bus:
         except Exception as exc:
             raise BusError(f"cannot connect to NATS at {deployment.nats_url!r}: {exc}") from exc
         tokens = TokenVerifier(issuers=list(deployment.issuers), audience=deployment.audience)
-        return cls(nc, identity=identity, tokens=tokens, subjects=Subjects(deployment.tenant))
+        bus = cls(nc, identity=identity, tokens=tokens, subjects=Subjects(deployment.tenant))
+        if rotate:
+            bus._spawn(bus._rotate(), name=f"rotate-{identity.agent_id}")
+        return bus
 
     async def publish(
         self,
@@ -159,13 +204,21 @@ class Bus:
             msg = await self.nc.request(subject, data, timeout=timeout)
         except NatsTimeoutError:
             raise BusError(f"no answer on {subject!r} within {timeout}s") from None
+        except NoRespondersError:
+            raise BusError(f"nobody serves {subject!r}") from None
         delivery = self._accept(msg, accepts)
         if delivery is None:
             raise SecurityError("bad_reply", f"the reply on {subject!r} failed verification")
         return delivery
 
     async def subscribe(
-        self, subject: str, handler: Handler, *, accepts: Any, queue: str = ""
+        self,
+        subject: str,
+        handler: Handler,
+        *,
+        accepts: Any,
+        queue: str = "",
+        authorize: Authorize | None = None,
     ) -> Subscription:
         """Run ``handler`` for every verified message on ``subject`` whose body is ``accepts``.
 
@@ -174,14 +227,15 @@ class Bus:
             handler: coroutine function taking a `Delivery`.
             accepts: the body type or tagged union this subscription accepts.
             queue: queue group; members of one group share the messages.
+            authorize: checks the sender's claims against what the body asks for (a
+                capability, a budget authority); a refusal drops the message before the
+                handler and is reported like any other.
         """
 
         async def on_message(msg: Msg) -> None:
-            delivery = self._accept(msg, accepts)
+            delivery = self._accept(msg, accepts, authorize)
             if delivery is not None:
-                task = asyncio.create_task(self._run(handler, delivery))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._run(handler, delivery), name=f"handle-{delivery.envelope.kind}")
 
         return await self.nc.subscribe(subject, queue=queue, cb=on_message)
 
@@ -195,10 +249,14 @@ class Bus:
         body = self.codec.body(verified.envelope, accepts)
         return Delivery(envelope=verified.envelope, body=body, claims=verified.claims, data=data)
 
-    def _accept(self, msg: Msg, accepts: Any) -> Delivery | None:
+    def _accept(
+        self, msg: Msg, accepts: Any, authorize: Authorize | None = None
+    ) -> Delivery | None:
         try:
             verified = self.verifier.verify(msg.subject, msg.data)
             body = self.codec.body(verified.envelope, accepts)
+            if authorize is not None:
+                authorize(verified.claims, body)
         except SecurityError as exc:
             self.report(exc, subject=msg.subject, data=msg.data)
             return None
@@ -224,11 +282,7 @@ class Bus:
             receiver=self.identity.agent_id,
             detail=str(exc)[:500],
         )
-        task = asyncio.get_running_loop().create_task(
-            self._report_quietly(event), name="security-event"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._report_quietly(event), name="security-event")
 
     async def _report_quietly(self, event: SecurityEvent) -> None:
         try:

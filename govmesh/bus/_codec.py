@@ -15,6 +15,10 @@ from govmesh.identity import Identity
 
 __all__ = ["Codec", "kind_of"]
 
+# msgspec raises DecodeError for bad structure but UnicodeDecodeError (a ValueError) for a
+# string field with invalid UTF-8; both are garbage from the wire.
+_BAD_INPUT = (msgspec.DecodeError, ValueError)
+
 
 def kind_of(body: msgspec.Struct) -> str:
     """Return the tag of a tagged body Struct; bodies must be declared with ``tag=True``."""
@@ -72,14 +76,14 @@ class Codec:
         """Decode the wire form; garbage raises `SecurityError` ``malformed``."""
         try:
             return self._sealed.decode(data)
-        except msgspec.DecodeError as exc:
+        except _BAD_INPUT as exc:
             raise SecurityError("malformed", f"not a sealed message: {exc}") from None
 
     def envelope(self, raw: bytes) -> Envelope:
         """Decode signed envelope bytes."""
         try:
             return self._envelope.decode(raw)
-        except msgspec.DecodeError as exc:
+        except _BAD_INPUT as exc:
             raise SecurityError("malformed", f"bad envelope: {exc}") from None
 
     def body(self, envelope: Envelope, accepts: Any) -> Any:
@@ -89,7 +93,7 @@ class Codec:
             decoder = self._bodies[accepts] = msgspec.msgpack.Decoder(accepts)
         try:
             body = decoder.decode(envelope.body)
-        except msgspec.DecodeError as exc:
+        except _BAD_INPUT as exc:
             raise SecurityError(
                 "unexpected_kind", f"{envelope.kind!r} is not accepted here: {exc}"
             ) from None

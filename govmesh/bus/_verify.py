@@ -14,7 +14,7 @@ __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_WINDOW_S", "MessageVerifier", "
 
 DEFAULT_WINDOW_S: Final = 30.0
 DEFAULT_FUTURE_S: Final = 5.0
-DEFAULT_MAX_MESSAGE_BYTES: Final = 1 << 20
+DEFAULT_MAX_MESSAGE_BYTES: Final = 512 * 1024
 
 
 class Verified(NamedTuple):

@@ -16,7 +16,7 @@ from govmesh.errors import SecurityError
 from govmesh.governance._evaluator import EvalContext, Intent, Verdict, evaluate, intent_hash
 from govmesh.governance._policy import PolicySet, load_policies
 from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest, Decision, ToolIntent
-from govmesh.identity import Identity
+from govmesh.identity import Claims, Identity
 from govmesh.service import Service
 
 __all__ = ["OPERATOR_ROLE", "GovernanceService"]
@@ -24,6 +24,23 @@ __all__ = ["OPERATOR_ROLE", "GovernanceService"]
 OPERATOR_ROLE = "operator"
 GOVERNANCE_ROLE = "governance"
 QUEUE = "governance"
+
+
+def authorize_intent(claims: Claims, intent: ToolIntent) -> None:
+    """Refuse an intent for a tool the sender's token does not name, or for an amount above
+    the token's budget authority, before it reaches the policy engine."""
+    if not claims.may(intent.tool):
+        raise SecurityError("capability", f"token of {claims.sub!r} does not grant {intent.tool!r}")
+    amount = intent.args.get("amount_usd")
+    if (
+        isinstance(amount, int | float)
+        and not isinstance(amount, bool)
+        and amount > claims.budget_usd
+    ):
+        raise SecurityError(
+            "over_budget_authority",
+            f"{claims.sub!r} asked for {amount!r} USD with authority {claims.budget_usd!r}",
+        )
 
 
 class GovernanceService(Service):
@@ -57,7 +74,11 @@ class GovernanceService(Service):
     async def on_start(self) -> None:
         """Subscribe to intents and approval answers as a queue group."""
         await self.bus.subscribe(
-            self.subjects.all("intent"), self._on_intent, accepts=ToolIntent, queue=QUEUE
+            self.subjects.all("intent"),
+            self._on_intent,
+            accepts=ToolIntent,
+            queue=QUEUE,
+            authorize=authorize_intent,
         )
         await self.bus.subscribe(
             self.subjects.all("approval"),
@@ -82,19 +103,9 @@ class GovernanceService(Service):
             step=body.step,
         )
         ihash = intent_hash(intent)
-        if not d.claims.may(body.tool):
-            verdict = Verdict(
-                outcome="deny",
-                reasons=(f"token of {d.claims.sub!r} lacks capability {body.tool!r}",),
-                obligations=(),
-                policy_hash=self.policies.hash,
-            )
-        else:
-            spent = float(await self.redis.hget(self.key("spend"), workflow) or 0.0)
-            ctx = EvalContext(
-                reflections=body.reflections, workflow_spend_usd=spent, now=time.time()
-            )
-            verdict = evaluate(self.policies, intent, ctx)
+        spent = float(await self.redis.hget(self.key("spend"), workflow) or 0.0)
+        ctx = EvalContext(reflections=body.reflections, workflow_spend_usd=spent, now=time.time())
+        verdict = evaluate(self.policies, intent, ctx)
         self.decided[verdict.outcome] += 1
         approval_id = ""
         if verdict.outcome == "allow":

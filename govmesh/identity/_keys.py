@@ -1,60 +1,64 @@
-"""Ed25519 signing keys for agents, operators and platform actors."""
+"""Ed25519 signing keys for agents, operators and platform actors.
+
+Per-message signing and verification use libsodium (PyNaCl), which verifies about twice as
+fast as OpenSSL's Ed25519 here; token signing, once per token, uses ``cryptography``.
+"""
 
 from __future__ import annotations
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+import os
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nacl.bindings import crypto_sign, crypto_sign_open, crypto_sign_seed_keypair
+from nacl.exceptions import BadSignatureError
 
 __all__ = ["SigningKey", "VerifyKey"]
+
+_SIGNATURE_BYTES = 64
 
 
 class VerifyKey:
     """An Ed25519 public key that checks signatures."""
 
-    __slots__ = ("_key", "raw")
+    __slots__ = ("raw",)
 
     def __init__(self, raw: bytes) -> None:
         if len(raw) != 32:
             raise ValueError(f"an Ed25519 public key is 32 bytes, got {len(raw)}")
         self.raw = raw
-        self._key = Ed25519PublicKey.from_public_bytes(raw)
 
     def verify(self, signature: bytes, data: bytes) -> bool:
         """Return whether ``signature`` is this key's signature over ``data``."""
+        if len(signature) != _SIGNATURE_BYTES:
+            return False
         try:
-            self._key.verify(signature, data)
-        except InvalidSignature:
+            crypto_sign_open(signature + data, self.raw)
+        except (BadSignatureError, ValueError):
             return False
         return True
 
 
 class SigningKey:
-    """An Ed25519 private key. Picklable as its 32 raw bytes so Ray can ship it to an actor."""
+    """An Ed25519 private key. Picklable as its 32-byte seed so Ray can ship it to an actor."""
 
-    __slots__ = ("_key", "public")
+    __slots__ = ("_secret", "public", "raw")
 
     def __init__(self, raw: bytes | None = None) -> None:
-        self._key = (
-            Ed25519PrivateKey.from_private_bytes(raw)
-            if raw is not None
-            else Ed25519PrivateKey.generate()
-        )
-        self.public = VerifyKey(self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
-
-    @property
-    def raw(self) -> bytes:
-        """The 32-byte private seed."""
-        return self._key.private_bytes_raw()
+        seed = os.urandom(32) if raw is None else raw
+        if len(seed) != 32:
+            raise ValueError(f"an Ed25519 seed is 32 bytes, got {len(seed)}")
+        public, self._secret = crypto_sign_seed_keypair(seed)
+        self.raw = seed
+        self.public = VerifyKey(public)
 
     @property
     def private_key(self) -> Ed25519PrivateKey:
-        """The underlying ``cryptography`` key, for JWT signing."""
-        return self._key
+        """The key as a ``cryptography`` object, for JWT signing."""
+        return Ed25519PrivateKey.from_private_bytes(self.raw)
 
     def sign(self, data: bytes) -> bytes:
         """Sign ``data``; returns the 64-byte signature."""
-        return self._key.sign(data)
+        return crypto_sign(data, self._secret)[:_SIGNATURE_BYTES]
 
     def __reduce__(self) -> tuple[type[SigningKey], tuple[bytes]]:
         return (SigningKey, (self.raw,))

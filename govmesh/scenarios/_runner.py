@@ -16,6 +16,7 @@ from govmesh.config import Deployment
 from govmesh.errors import BusError
 from govmesh.forecasting import BudgetQuery, BudgetReport
 from govmesh.identity import Issuer
+from govmesh.identity.authority import TokenAuthority
 from govmesh.observability import summarize
 from govmesh.scenarios._schema import Scenario, load_scenario
 from govmesh.scenarios._swarm import Swarm, seeded_rng
@@ -76,6 +77,7 @@ async def run_workflows(
     started = time.perf_counter()
     run_id = uuid.uuid4().hex[:8]
     swarm = Swarm(scenario, deployment, issuer, seed=seed, in_process=in_process)
+    authority = TokenAuthority(deployment, issuer)
     approver = swarm.approver()
     coordinator = await Bus.connect(
         deployment, issuer.identity(f"coordinator-{run_id}", COORDINATOR_ROLE)
@@ -89,6 +91,7 @@ async def run_workflows(
             future.set_result(d.body)
 
     try:
+        await authority.start()
         await swarm.start()
         await approver.start()
         await coordinator.subscribe(
@@ -133,6 +136,7 @@ async def run_workflows(
         await coordinator.close()
         await approver.close()
         await swarm.close()
+        await authority.close()
     return _report(
         scenario,
         seed=seed,

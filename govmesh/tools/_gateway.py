@@ -12,7 +12,7 @@ from govmesh.errors import SecurityError
 from govmesh.governance._actor import GOVERNANCE_ROLE
 from govmesh.governance._evaluator import Intent, intent_hash
 from govmesh.governance.messages import Decision
-from govmesh.identity import Identity
+from govmesh.identity import Claims, Identity
 from govmesh.service import Service
 from govmesh.tools._erp import ERP_CREATE_PO, SimulatedErp
 from govmesh.tools._registry import Tool, ToolContext
@@ -21,6 +21,11 @@ from govmesh.tools.messages import ToolCall, ToolResult
 __all__ = ["GatewayService"]
 
 QUEUE = "gateway"
+
+
+def _authorize_call(claims: Claims, call: ToolCall) -> None:
+    if not claims.may(call.tool):
+        raise SecurityError("capability", f"token of {claims.sub!r} does not grant {call.tool!r}")
 
 
 class GatewayService(Service):
@@ -40,7 +45,11 @@ class GatewayService(Service):
         erp = SimulatedErp(self.redis, prefix=self.deployment.key_prefix)
         self.tools[ERP_CREATE_PO] = erp.create_purchase_order
         await self.bus.subscribe(
-            self.subjects.all("tool"), self._on_call, accepts=ToolCall, queue=QUEUE
+            self.subjects.all("tool"),
+            self._on_call,
+            accepts=ToolCall,
+            queue=QUEUE,
+            authorize=_authorize_call,
         )
 
     def stats(self) -> dict[str, Any]:

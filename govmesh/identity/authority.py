@@ -1,0 +1,96 @@
+"""The token authority: renews members' Agent-ID tokens over the bus.
+
+Kept out of ``govmesh.identity``'s front because it is a bus member and the bus itself
+depends on identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from govmesh.bus import Bus, Delivery
+from govmesh.config import Deployment
+from govmesh.errors import SecurityError
+from govmesh.identity._tokens import DEFAULT_TOKEN_TTL_S, Issuer
+from govmesh.identity.messages import TokenGrant, TokenRenewal
+
+__all__ = ["ISSUER_ROLE", "TokenAuthority"]
+
+ISSUER_ROLE = "issuer"
+QUEUE = "identity"
+
+
+class TokenAuthority:
+    """Answers `TokenRenewal` requests with a fresh token carrying the same claims.
+
+    A renewal is itself a verified message, so only the holder of a valid token and its
+    key can renew it; a revoked member is refused and reported.
+
+    Args:
+        deployment: where the bus is and whom to trust.
+        issuer: signs the new tokens.
+        ttl_s: lifetime of the tokens it grants.
+    """
+
+    def __init__(
+        self, deployment: Deployment, issuer: Issuer, *, ttl_s: float = DEFAULT_TOKEN_TTL_S
+    ) -> None:
+        self.deployment = deployment
+        self.issuer = issuer
+        self.ttl_s = ttl_s
+        self.revoked: set[str] = set()
+        self.granted = 0
+        self._bus: Bus | None = None
+        self._self_renewal: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Join the bus and serve renewals."""
+        identity = self.issuer.identity(
+            f"{ISSUER_ROLE}-{self.deployment.tenant}", ISSUER_ROLE, ttl_s=self.ttl_s
+        )
+        self._bus = await Bus.connect(self.deployment, identity, rotate=False)
+        self._self_renewal = asyncio.create_task(self._renew_own_token(), name="authority-renew")
+        await self._bus.subscribe(
+            self._bus.subjects.ctl("identity"), self._on_renewal, accepts=TokenRenewal, queue=QUEUE
+        )
+        await self._bus.flush()
+
+    async def _renew_own_token(self) -> None:
+        """The authority holds the issuer, so it re-issues its own token at half-life."""
+        assert self._bus is not None
+        identity = self._bus.identity
+        while True:
+            await asyncio.sleep(self.ttl_s / 2)
+            identity.token = self.issuer.issue(
+                sub=identity.agent_id, role=ISSUER_ROLE, key=identity.key.public, ttl_s=self.ttl_s
+            )
+
+    async def _on_renewal(self, d: Delivery) -> None:
+        assert self._bus is not None
+        c = d.claims
+        if c.sub in self.revoked:
+            self._bus.report(
+                SecurityError("revoked", f"{c.sub!r} asked to renew a revoked identity"),
+                subject=d.envelope.subject,
+                data=d.data,
+            )
+            return
+        token = self.issuer.issue(
+            sub=c.sub,
+            role=c.role,
+            key=c.key,
+            capabilities=c.capabilities,
+            budget_usd=c.budget_usd,
+            ttl_s=self.ttl_s,
+        )
+        self.granted += 1
+        await self._bus.respond(d, TokenGrant(token=token))
+
+    async def close(self) -> None:
+        """Stop renewing and leave the bus. Safe to call twice."""
+        if self._self_renewal is not None:
+            self._self_renewal.cancel()
+            await asyncio.gather(self._self_renewal, return_exceptions=True)
+            self._self_renewal = None
+        if self._bus is not None:
+            await self._bus.close()
