@@ -65,7 +65,8 @@ def up() -> None:
     from govmesh.runtime import Runtime
 
     async def serve() -> None:
-        async with Runtime() as rt:
+        # Plain NATS: clients of another process get no certificates from this one yet.
+        async with Runtime(secure=False) as rt:
             out.print(f"GOVMESH_NATS_URL={rt.nats_url}")
             out.print(f"GOVMESH_REDIS_URL={rt.redis_url}")
             if rt.ray_address:
@@ -169,6 +170,66 @@ def _summary(report: dict[str, Any]) -> Table:
         f"{t['start_s']:.1f} / {t['workflows_s']:.1f} / {t['total_s']:.1f} s",
     )
     return table
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks; each measures its baseline in the same run and reports p50/p99."""
+
+
+@bench.command("auth")
+@click.option(
+    "--agents",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Requester/responder pairs calling at once.",
+)
+@click.option(
+    "--messages",
+    default=2000,
+    show_default=True,
+    type=click.IntRange(10),
+    help="Timed request/reply exchanges per pair.",
+)
+@click.option("--warmup", default=100, show_default=True, type=click.IntRange(0))
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the report as JSON here.",
+)
+def bench_auth(agents: int, messages: int, warmup: int, json_path: Path | None) -> None:
+    """Request/reply over plain NATS, mutual TLS, and full mTLS-A, in one run."""
+    from govmesh.bench._auth import SETUPS, run_auth_bench
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("auth", total=len(SETUPS) * agents * messages)
+
+        def tick(setup: str, n: int) -> None:
+            if setup:
+                progress.update(task, description=f"auth: {setup}")
+            progress.advance(task, n)
+
+        report = _run(run_auth_bench(agents=agents, messages=messages, warmup=warmup, tick=tick))
+    table = Table(title=f"govmesh bench auth: {agents} pairs x {messages} exchanges")
+    for column in ("setup", "p50 ms", "p99 ms", "msgs/s"):
+        table.add_column(column, justify="right" if column != "setup" else "left")
+    for name in SETUPS:
+        r = report[name]
+        table.add_row(name, f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['msgs_per_s']:,.0f}")
+    o = report["overhead_ms"]
+    table.add_row("mtls_a - plain", f"{o['p50']:+.3f}", f"{o['p99']:+.3f}", "")
+    out.print(table)
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"report written to {json_path}")
 
 
 @cli.group()

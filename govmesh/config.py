@@ -18,6 +18,7 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
         redis_url: the Redis-protocol server URL.
         audience: the token audience every member accepts.
         issuers: raw Ed25519 public keys of the trusted token issuers.
+        tls: the NATS server requires mutual TLS; members connect with a client certificate.
     """
 
     tenant: str
@@ -25,6 +26,7 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str
     audience: str
     issuers: tuple[bytes, ...]
+    tls: bool = False
 
     @property
     def key_prefix(self) -> str:

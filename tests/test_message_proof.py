@@ -41,11 +41,13 @@ def reason(data: bytes, subject: str = SUBJECT, v: MessageVerifier | None = None
     return info.value.reason
 
 
-GOOD = sealed(Ping(n=42, note="a note long enough to matter"))
+def good() -> bytes:
+    """A fresh valid message (built per test: a module-level one would go stale)."""
+    return sealed(Ping(n=42, note="a note long enough to matter"))
 
 
 def test_a_good_message_verifies_with_its_claims() -> None:
-    verified = verifier().verify(SUBJECT, GOOD)
+    verified = verifier().verify(SUBJECT, good())
     assert verified.envelope.sender == "alice"
     assert verified.claims.capabilities == ("erp.read",)
     assert CODEC.body(verified.envelope, Ping) == Ping(n=42, note="a note long enough to matter")
@@ -54,7 +56,8 @@ def test_a_good_message_verifies_with_its_claims() -> None:
 @settings(max_examples=1500, deadline=None)
 @given(st.data())
 def test_no_mutation_of_a_signed_message_verifies(data: st.DataObject) -> None:
-    raw = bytearray(GOOD)
+    original = good()
+    raw = bytearray(original)
     kind = data.draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
     i = data.draw(st.integers(0, len(raw) - 1))
     if kind == "flip":
@@ -65,7 +68,7 @@ def test_no_mutation_of_a_signed_message_verifies(data: st.DataObject) -> None:
         del raw[i]
     else:
         del raw[i:]
-    assert bytes(raw) != GOOD
+    assert bytes(raw) != original
     with pytest.raises(SecurityError):
         verifier().verify(SUBJECT, bytes(raw))
 
@@ -78,10 +81,10 @@ def test_random_bytes_are_refused_without_crashing(data: bytes) -> None:
 
 
 def test_exact_replay_and_replay_onto_another_subject_are_refused() -> None:
-    v = verifier()
-    v.verify(SUBJECT, GOOD)
-    assert reason(GOOD, v=v) == "replay"
-    assert reason(GOOD, subject="gm.acme.msg.carol") == "wrong_subject"
+    v, message = verifier(), good()
+    v.verify(SUBJECT, message)
+    assert reason(message, v=v) == "replay"
+    assert reason(message, subject="gm.acme.msg.carol") == "wrong_subject"
 
 
 def test_stale_and_future_timestamps_are_refused() -> None:
@@ -121,7 +124,7 @@ def test_a_sender_claiming_another_name_is_refused() -> None:
 
 
 def test_missing_parts_are_refused() -> None:
-    whole = CODEC.open(GOOD)
+    whole = CODEC.open(good())
     assert reason(CODEC.encode(Sealed(whole.envelope, "", whole.signature))) == "token_malformed"
     assert reason(CODEC.encode(Sealed(whole.envelope, whole.token, b""))) == "bad_signature"
     # A validly signed envelope that lacks fields.

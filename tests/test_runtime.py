@@ -22,7 +22,9 @@ import nats
 import pytest
 import redis
 
+from govmesh.bus import Subjects
 from govmesh.errors import ConfigError, RuntimeStartError
+from govmesh.identity import ssl_context
 from govmesh.runtime import NatsServer, RedisServer, Runtime, _process
 
 from _procs import MARK_VAR, leftovers, process_names, processes_with_marker, wait_until_gone
@@ -240,7 +242,10 @@ async def test_embedded_runtime_serves_and_cleans_up_on_close(prefix: str):
         assert rt.embedded == {"nats": True, "redis": True, "ray": False}
         assert rt.nats_server is not None and rt.redis_server is not None
         pids = [rt.nats_server.pid, rt.redis_server.pid]
-        nc = await nats.connect(rt.nats_url)
+        assert rt.transport is not None
+        cert = rt.transport.admit(f"coordinator-{prefix}", "coordinator", tenant=prefix)
+        inbox = Subjects(prefix).inbox_prefix(cert.member_id)
+        nc = await nats.connect(rt.nats_url, tls=ssl_context(cert), inbox_prefix=inbox)
         await nc.jetstream().account_info()
         await nc.close()
         with redis.Redis.from_url(rt.redis_url) as client:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
@@ -23,7 +24,7 @@ from govmesh.bus._subjects import Subjects
 from govmesh.bus._verify import MessageVerifier
 from govmesh.config import Deployment
 from govmesh.errors import BusError, SecurityError
-from govmesh.identity import Claims, Identity, TokenVerifier
+from govmesh.identity import Claims, ClientCert, Identity, TokenVerifier, ssl_context
 from govmesh.identity.messages import TokenGrant, TokenRenewal
 
 __all__ = ["Authorize", "Bus", "Delivery", "Handler"]
@@ -54,6 +55,7 @@ Authorize = Callable[[Claims, Any], None]
 """Checks what a verified sender may ask for; raises `SecurityError` to drop the message."""
 
 _RENEW_RETRY_S = 2.0
+_QUOTED = re.compile(r'"([^"]+)"')
 
 
 class Bus:
@@ -119,7 +121,13 @@ class Bus:
 
     @classmethod
     async def connect(
-        cls, deployment: Deployment, identity: Identity, *, rotate: bool = True, **options: Any
+        cls,
+        deployment: Deployment,
+        identity: Identity,
+        *,
+        rotate: bool = True,
+        client_cert: ClientCert | None = None,
+        **options: Any,
     ) -> Bus:
         """Connect ``identity`` to the deployment's NATS server.
 
@@ -127,8 +135,32 @@ class Bus:
             deployment: where the server is and whom to trust.
             identity: this member's identity.
             rotate: renew the token at each half-life from the token authority.
+            client_cert: join over mutual TLS with this certificate (default: the
+                identity's own), replies under the member's own inbox prefix (the only
+                inboxes its permissions let it read).
             **options: passed to ``nats.connect`` (e.g. ``tls=``).
         """
+        client_cert = client_cert or identity.cert
+        if client_cert is not None:
+            options.setdefault("tls", ssl_context(client_cert))
+            inbox = Subjects(deployment.tenant).inbox_prefix(client_cert.member_id)
+            options.setdefault("inbox_prefix", inbox)
+        joined: list[Bus] = []
+
+        async def on_error(exc: Exception) -> None:
+            # The server refuses a forbidden publish or subscribe with -ERR and keeps the
+            # connection open; nats-py only hands it to this callback.
+            text = str(exc)
+            if joined and "permissions violation" in text.lower():
+                found = _QUOTED.search(text)
+                joined[0].report(
+                    SecurityError("permission_violation", text),
+                    subject=found.group(1) if found else "",
+                )
+            else:
+                log.warning("NATS error for %s: %s", identity.agent_id, text)
+
+        options.setdefault("error_cb", on_error)
         options.setdefault("name", identity.agent_id)
         options.setdefault("max_reconnect_attempts", -1)
         options.setdefault("reconnect_time_wait", 0.2)
@@ -138,6 +170,7 @@ class Bus:
             raise BusError(f"cannot connect to NATS at {deployment.nats_url!r}: {exc}") from exc
         tokens = TokenVerifier(issuers=list(deployment.issuers), audience=deployment.audience)
         bus = cls(nc, identity=identity, tokens=tokens, subjects=Subjects(deployment.tenant))
+        joined.append(bus)
         if rotate:
             bus._spawn(bus._rotate(), name=f"rotate-{identity.agent_id}")
         return bus
@@ -310,7 +343,13 @@ class Bus:
             )
 
     async def flush(self, timeout: int = 5) -> None:
-        """Wait until the server has everything published so far."""
+        """Wait until the server has everything sent so far, subscriptions included.
+
+        Twice, because nats-py writes its PING straight to the socket while a SUB may still
+        sit in its pending buffer, so one PONG does not prove the SUB arrived; the second
+        PING goes out after the buffer holding the SUB has been written.
+        """
+        await self.nc.flush(timeout=timeout)
         await self.nc.flush(timeout=timeout)
 
     async def close(self) -> None:

@@ -11,6 +11,11 @@ Scheme (``<t>`` is the tenant)::
     gm.<t>.approval.<workflow> approval requests and answers
     gm.<t>.ctl.<service>       queries to platform actors
     gm.<t>.security            security events
+
+Outside the tenant's tree (not captured by the event stream)::
+
+    _INBOX.<t>.<member>.>      reply inboxes of one member (its nats-py ``inbox_prefix``)
+    $JS.API.>                  the JetStream API
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["ROOT", "Subjects", "validate_token"]
+__all__ = ["INBOX_ROOT", "JETSTREAM_API", "ROOT", "Subjects", "validate_token"]
 
 ROOT: Final = "gm"
+INBOX_ROOT: Final = "_INBOX"
+JETSTREAM_API: Final = "$JS.API.>"
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-:]+$")
 _TOOL = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 
@@ -100,3 +107,20 @@ class Subjects:
     def everything(self) -> str:
         """Every subject of this tenant."""
         return f"{self.prefix}.>"
+
+    def inbox_prefix(self, member: str) -> str:
+        """The reply-inbox prefix of ``member``, for nats-py ``connect(inbox_prefix=...)``.
+
+        nats-py puts every reply subject of a member's requests under it, so server
+        permissions can let each member subscribe to its own replies and nobody else's.
+        """
+        return f"{INBOX_ROOT}.{self.tenant}.{validate_token(member, what='member id')}"
+
+    def inboxes(self, member: str) -> str:
+        """Wildcard for every reply inbox of ``member``."""
+        return f"{self.inbox_prefix(member)}.>"
+
+    @property
+    def jetstream_api(self) -> str:
+        """Wildcard for the JetStream API (creating and inspecting streams)."""
+        return JETSTREAM_API

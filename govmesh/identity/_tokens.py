@@ -12,6 +12,7 @@ import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from govmesh.errors import SecurityError
+from govmesh.identity._ca import ClientCert
 from govmesh.identity._keys import SigningKey, VerifyKey
 
 __all__ = [
@@ -54,27 +55,46 @@ class Claims(msgspec.Struct, frozen=True, kw_only=True):
         """Return whether the token grants ``capability`` (a tool name, or ``*``)."""
         return capability in self.capabilities or "*" in self.capabilities
 
+    def require(self, capability: str) -> None:
+        """Raise `SecurityError` ``capability`` unless the token grants ``capability``."""
+        if not self.may(capability):
+            raise SecurityError(
+                "capability", f"token of {self.sub!r} does not grant {capability!r}"
+            )
+
 
 class Identity:
-    """What one agent or platform actor holds: its id, role, private key and current token."""
+    """What one agent or platform actor holds: its id, role, private key, current token and,
+    on a mutual-TLS bus, its client certificate."""
 
-    __slots__ = ("agent_id", "key", "role", "token")
+    __slots__ = ("agent_id", "cert", "key", "role", "token")
 
-    def __init__(self, *, agent_id: str, role: str, key: SigningKey, token: str) -> None:
+    def __init__(
+        self,
+        *,
+        agent_id: str,
+        role: str,
+        key: SigningKey,
+        token: str,
+        cert: ClientCert | None = None,
+    ) -> None:
         self.agent_id = agent_id
         self.role = role
         self.key = key
         self.token = token
+        self.cert = cert
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_make_identity, (self.agent_id, self.role, self.key.raw, self.token))
+        return (_make_identity, (self.agent_id, self.role, self.key.raw, self.token, self.cert))
 
     def __repr__(self) -> str:
         return f"Identity(agent_id={self.agent_id!r}, role={self.role!r})"
 
 
-def _make_identity(agent_id: str, role: str, raw: bytes, token: str) -> Identity:
-    return Identity(agent_id=agent_id, role=role, key=SigningKey(raw), token=token)
+def _make_identity(
+    agent_id: str, role: str, raw: bytes, token: str, cert: ClientCert | None
+) -> Identity:
+    return Identity(agent_id=agent_id, role=role, key=SigningKey(raw), token=token, cert=cert)
 
 
 class Issuer:

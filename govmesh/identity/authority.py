@@ -38,6 +38,9 @@ class TokenAuthority:
         self.deployment = deployment
         self.issuer = issuer
         self.ttl_s = ttl_s
+        self.identity = issuer.identity(
+            f"{ISSUER_ROLE}-{deployment.tenant}", ISSUER_ROLE, ttl_s=ttl_s
+        )
         self.revoked: set[str] = set()
         self.granted = 0
         self._bus: Bus | None = None
@@ -45,10 +48,7 @@ class TokenAuthority:
 
     async def start(self) -> None:
         """Join the bus and serve renewals."""
-        identity = self.issuer.identity(
-            f"{ISSUER_ROLE}-{self.deployment.tenant}", ISSUER_ROLE, ttl_s=self.ttl_s
-        )
-        self._bus = await Bus.connect(self.deployment, identity, rotate=False)
+        self._bus = await Bus.connect(self.deployment, self.identity, rotate=False)
         self._self_renewal = asyncio.create_task(self._renew_own_token(), name="authority-renew")
         await self._bus.subscribe(
             self._bus.subjects.ctl("identity"), self._on_renewal, accepts=TokenRenewal, queue=QUEUE

@@ -1,14 +1,29 @@
 """Embedded nats-server, Redis-protocol server and Ray, or connections to external ones."""
 
-from govmesh.runtime._nats import NatsServer
+from govmesh.runtime._nats import NatsServer, ServerTLS
 from govmesh.runtime._redis import RedisServer
 from govmesh.runtime._runtime import ENV_NATS_URL, ENV_RAY_ADDRESS, ENV_REDIS_URL, Runtime
+from govmesh.runtime._transport import (
+    ENV_NATS_CA,
+    ENV_NATS_CA_KEY,
+    ENV_NATS_CERT,
+    ENV_NATS_KEY,
+    Member,
+    Transport,
+)
 
 __all__ = [
+    "ENV_NATS_CA",
+    "ENV_NATS_CA_KEY",
+    "ENV_NATS_CERT",
+    "ENV_NATS_KEY",
     "ENV_NATS_URL",
     "ENV_RAY_ADDRESS",
     "ENV_REDIS_URL",
+    "Member",
     "NatsServer",
     "RedisServer",
     "Runtime",
+    "ServerTLS",
+    "Transport",
 ]

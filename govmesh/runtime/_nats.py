@@ -1,20 +1,63 @@
-"""An embedded nats-server with JetStream, listening on 127.0.0.1 only."""
+"""An embedded nats-server with JetStream, listening on 127.0.0.1 only.
+
+With `ServerTLS` it requires mutual TLS and maps each client certificate's subject DN to a
+user (``verify_and_map``); the users and their permissions live in ``authorization.conf``
+next to the main configuration, which `NatsServer.authorize` rewrites and hot-reloads.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import sysconfig
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-from govmesh.errors import RuntimeStartError
-from govmesh.runtime._process import EmbeddedServer
+import msgspec
 
-__all__ = ["NatsServer", "find_nats_server", "render_nats_config"]
+from govmesh.errors import ConfigError, RuntimeStartError
+from govmesh.identity._permissions import DENY_ALL, Permissions
+from govmesh.runtime._process import EmbeddedServer, log_tail, read_log
+
+__all__ = [
+    "AUTHORIZATION_FILE",
+    "NatsServer",
+    "ServerTLS",
+    "find_nats_server",
+    "render_authorization",
+    "render_nats_config",
+]
 
 _READY_LINE: Final = "Server is ready"
+_RELOADED_LINE: Final = "Reloaded server configuration"
+_RELOAD_FAILED_LINE: Final = "Failed to reload server configuration"
+_RELOAD_POLL_S: Final = 0.005
+AUTHORIZATION_FILE: Final = "authorization.conf"
+# With verify_and_map and an empty user list nats-server requires no authentication at all,
+# so every certificate from the CA would get full access. This user keeps the list non-empty;
+# its name is not a DN, so no certificate maps to it, and it may do nothing anyway.
+_NO_MEMBER_USER: Final = "govmesh:no-member"
+
+
+class ServerTLS(msgspec.Struct, frozen=True, kw_only=True):
+    """The files of a mutual-TLS nats-server; clients must present a cert from `ca_file`.
+
+    Attributes:
+        cert_file: the server certificate (PEM).
+        key_file: its private key (PEM).
+        ca_file: the CA that client certificates must chain to (PEM).
+        timeout_s: TLS handshake timeout.
+    """
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    timeout_s: float = 2.0
 
 
 def find_nats_server() -> Path:
@@ -45,18 +88,21 @@ def render_nats_config(
     port: int,
     log_file: Path,
     store_dir: Path | None,
+    tls: ServerTLS | None = None,
     extra_config: str = "",
 ) -> str:
     """Render a nats-server configuration file.
 
-    The one place that writes nats-server configuration, so transport security
-    (``tls { ... verify_and_map: true }``) and ``authorization`` blocks can be added here or
-    passed in `extra_config`, which is appended at the top level.
+    The one place that writes nats-server configuration (with `render_authorization`).
 
     Args:
         port: TCP port to listen on, on 127.0.0.1 only.
         log_file: where the server writes its log.
         store_dir: JetStream storage directory; None disables JetStream.
+        tls: require mutual TLS, map certificate subjects to users and include their
+            permissions from `AUTHORIZATION_FILE` in the configuration's directory
+            (nats-server resolves an include relative to the including file, even an
+            absolute path).
         extra_config: more top-level configuration, appended verbatim.
     """
     lines = [
@@ -67,9 +113,56 @@ def render_nats_config(
     ]
     if store_dir is not None:
         lines += ["jetstream {", f"  store_dir: {_quote(store_dir)}", "}"]
+    if tls is not None:
+        lines += [
+            "tls {",
+            f"  cert_file: {_quote(tls.cert_file)}",
+            f"  key_file: {_quote(tls.key_file)}",
+            f"  ca_file: {_quote(tls.ca_file)}",
+            "  verify_and_map: true",
+            f"  timeout: {tls.timeout_s:g}",
+            "}",
+            f"include {json.dumps(AUTHORIZATION_FILE)}",
+        ]
     if extra_config:
         lines.append(extra_config)
     return "\n".join(lines) + "\n"
+
+
+def render_authorization(users: Mapping[str, Permissions]) -> str:
+    """Render an ``authorization { users = [...] }`` block: one user per certificate DN.
+
+    Also what an operator includes in an external nats-server's configuration.
+
+    Args:
+        users: permissions by user name (the DN that ``verify_and_map`` derives).
+
+    Raises:
+        ConfigError: a rule set allows nothing yet does not deny everything, which
+            nats-server would read as "allow all".
+    """
+    entries: list[dict[str, object]] = [
+        {
+            "user": _NO_MEMBER_USER,
+            "permissions": {"publish": {"deny": [DENY_ALL]}, "subscribe": {"deny": [DENY_ALL]}},
+        }
+    ]
+    for user, perms in users.items():
+        rendered: dict[str, object] = {}
+        for direction in ("publish", "subscribe"):
+            rules = perms[direction]
+            if not rules["allow"] and DENY_ALL not in rules["deny"]:
+                raise ConfigError(
+                    f"{direction} permissions of {user!r} allow nothing but do not deny "
+                    f"{DENY_ALL!r}; nats-server would allow everything: {rules!r}"
+                )
+            rendered[direction] = {key: value for key, value in rules.items() if value}
+        if perms["allow_responses"]:
+            rendered["allow_responses"] = True
+        entries.append({"user": user, "permissions": rendered})
+    # JSON is valid nats-server configuration; its quoted strings keep "$JS..." literal.
+    body = json.dumps({"users": entries}, indent=2)
+    return f"# Generated by govmesh; rewritten on every admission.\nauthorization {body}\n"
 
 
 class NatsServer(EmbeddedServer):
@@ -85,17 +178,28 @@ class NatsServer(EmbeddedServer):
 
     name = "nats-server"
 
-    def __init__(self, *, workdir: Path, jetstream: bool = True, extra_config: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        jetstream: bool = True,
+        tls: ServerTLS | None = None,
+        extra_config: str = "",
+    ) -> None:
         """Prepare, but do not start, a server.
 
         Args:
             workdir: directory owned by this server; created if missing.
             jetstream: enable JetStream with file storage in ``workdir/jetstream``.
+            tls: require mutual TLS with ``verify_and_map``; clients connect only with a
+                certificate whose subject DN is a user given to `authorize`.
             extra_config: top-level nats-server configuration appended to the generated file.
         """
         super().__init__(workdir=workdir)
         self.jetstream = jetstream
+        self.tls = tls
         self.extra_config = extra_config
+        self._users: dict[str, Permissions] = {}
 
     @property
     def url(self) -> str:
@@ -107,13 +211,84 @@ class NatsServer(EmbeddedServer):
         """The generated configuration file."""
         return self.workdir / "nats-server.conf"
 
+    @property
+    def authorization_path(self) -> Path:
+        """The generated users file, included by the configuration when `tls` is set."""
+        return self.workdir / AUTHORIZATION_FILE
+
+    def authorize(self, users: Mapping[str, Permissions], *, timeout: float = 10.0) -> None:
+        """Make `users` the complete user list and, if running, apply it without a restart.
+
+        Connections of users still listed stay up; nats-server re-applies permissions to
+        them and closes those whose user is gone.
+
+        Raises:
+            ConfigError: the server has no `tls` (users map from certificates), or a user's
+                permissions are unsafe (see `render_authorization`).
+            RuntimeStartError: the server refused the new configuration or did not apply it
+                within `timeout` seconds.
+        """
+        if self.tls is None:
+            raise ConfigError(
+                f"nats-server in {str(self.workdir)!r} has no tls; its users map from certificates"
+            )
+        text = render_authorization(users)
+        self._users = dict(users)
+        self._write_authorization(text)
+        if self.running:
+            self.reload(timeout=timeout)
+
+    def _write_authorization(self, text: str) -> None:
+        # Written whole, then renamed: a reload must never read a half-written file.
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        partial = self.authorization_path.with_suffix(".partial")
+        partial.write_text(text)
+        os.replace(partial, self.authorization_path)
+
+    def reload(self, *, timeout: float = 10.0) -> None:
+        """Re-read the configuration files (SIGHUP) and wait until the server applied them.
+
+        Confirmation is the server's own log line, written after the new options are in
+        force; a line about a failed reload, or the process exiting, raises at once.
+
+        Raises:
+            RuntimeStartError: not running, the reload failed, or no confirmation came within
+                `timeout` seconds.
+        """
+        pid = self.pid
+        if pid is None or not self.running:
+            raise RuntimeStartError(f"{self.name} in {str(self.workdir)!r} is not running")
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        os.kill(pid, signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while True:
+            text = read_log(self.log_path, offset=offset)
+            if _RELOADED_LINE in text:
+                return
+            if _RELOAD_FAILED_LINE in text:
+                what = "refused the new configuration"
+            elif not self.running:
+                what = "exited"
+            elif time.monotonic() > deadline:
+                what = f"did not confirm a reload within {timeout:g} s"
+            else:
+                time.sleep(_RELOAD_POLL_S)
+                continue
+            tail = log_tail(self.log_path, offset=offset) or "(log is empty)"
+            raise RuntimeStartError(
+                f"{self.name} (pid {pid}) {what}; last lines of {str(self.log_path)!r}:\n{tail}"
+            )
+
     def _argv(self) -> list[str]:
         store_dir = self.workdir / "jetstream" if self.jetstream else None
+        if self.tls is not None:
+            self._write_authorization(render_authorization(self._users))
         self.config_path.write_text(
             render_nats_config(
                 port=self.port,
                 log_file=self.log_path,
                 store_dir=store_dir,
+                tls=self.tls,
                 extra_config=self.extra_config,
             )
         )

@@ -17,6 +17,7 @@ from govmesh.errors import ConfigError, RuntimeStartError
 from govmesh.runtime._nats import NatsServer
 from govmesh.runtime._process import Reaper, register_atexit, unregister_atexit
 from govmesh.runtime._redis import RedisServer
+from govmesh.runtime._transport import ENV_NATS_CA, Transport
 
 __all__ = ["ENV_NATS_URL", "ENV_RAY_ADDRESS", "ENV_REDIS_URL", "Runtime"]
 
@@ -67,6 +68,11 @@ class Runtime:
     redis-server) on free 127.0.0.1 ports, and a local Ray instance. A Ray that is already
     initialised in this process is reused and left running.
 
+    With ``secure=True`` (the default) the embedded nats-server requires mutual TLS and maps
+    each client certificate to a user with its role's permissions; members join through
+    `transport` (``rt.transport.admit(...)``). With external NATS, `transport` comes from the
+    operator's files (``GOVMESH_NATS_CA`` and friends, see `Transport`), or is None.
+
     Use ``async with Runtime() as rt:``. Entering blocks the event loop while the services
     start (a few seconds with Ray): the servers are spawned from the calling thread on
     purpose, because the kernel kills them when that thread exits, so enter a Runtime on a
@@ -82,6 +88,8 @@ class Runtime:
         ray_address: the Ray cluster in use (GCS address or ``RAY_ADDRESS``); None without Ray.
         ray_session_dir: session directory (logs) of the Ray instance this Runtime started.
         nats_server: the embedded nats-server, None when NATS is external.
+        transport: the deployment CA and member registry; None when not secure, or with
+            external NATS and no ``GOVMESH_NATS_CA``.
         redis_server: the embedded Redis-protocol server, None when Redis is external.
     """
 
@@ -91,6 +99,7 @@ class Runtime:
         workdir: Path | None = None,
         start_ray: bool = True,
         ray_num_cpus: int | None = None,
+        secure: bool = True,
     ) -> None:
         """Configure, but do not start, a Runtime.
 
@@ -100,6 +109,8 @@ class Runtime:
             start_ray: connect to or start Ray; False for processes that only use the bus
                 and the state store.
             ray_num_cpus: CPUs for a local Ray instance; default all of this machine's.
+            secure: run the embedded nats-server with mutual TLS and per-role permissions;
+                False serves plain NATS to anyone on 127.0.0.1.
 
         Raises:
             ConfigError: `ray_num_cpus` is less than 1.
@@ -108,6 +119,7 @@ class Runtime:
             raise ConfigError(f"ray_num_cpus must be at least 1, got {ray_num_cpus!r}")
         self._workdir_option = workdir
         self._start_ray = start_ray
+        self._secure = secure
         self._ray_num_cpus = ray_num_cpus
         self._stack = ExitStack()
         self._entered = False
@@ -118,6 +130,7 @@ class Runtime:
         self.ray_address: str | None = None
         self.ray_session_dir: Path | None = None
         self.nats_server: NatsServer | None = None
+        self.transport: Transport | None = None
         self.redis_server: RedisServer | None = None
 
     @property
@@ -183,10 +196,22 @@ class Runtime:
         # Read before starting anything so a malformed URL starts nothing.
         nats_url = _external_url(ENV_NATS_URL, _NATS_SCHEMES)
         redis_url = _external_url(ENV_REDIS_URL, _REDIS_SCHEMES)
+        if nats_url is not None and self._secure:
+            self.transport = Transport.from_environment()
+            if self.transport is None:
+                log.warning(
+                    "external NATS at %s without %s: no client certificates; its transport "
+                    "security is up to its operator",
+                    nats_url,
+                    ENV_NATS_CA,
+                )
         workdir = self._make_workdir()
 
         if nats_url is None:
-            nats = NatsServer(workdir=workdir / "nats")
+            if self._secure:
+                self.transport, nats = Transport.embedded(workdir / "nats")
+            else:
+                nats = NatsServer(workdir=workdir / "nats")
             self._stack.callback(nats.stop)
             nats.start()
             self.nats_server, self.embedded["nats"], nats_url = nats, True, nats.url

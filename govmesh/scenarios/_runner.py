@@ -18,6 +18,7 @@ from govmesh.forecasting import BudgetQuery, BudgetReport
 from govmesh.identity import Issuer
 from govmesh.identity.authority import TokenAuthority
 from govmesh.observability import summarize
+from govmesh.runtime import Transport
 from govmesh.scenarios._schema import Scenario, load_scenario
 from govmesh.scenarios._swarm import Swarm, seeded_rng
 
@@ -59,6 +60,7 @@ async def run_workflows(
     concurrency: int = 64,
     timeout_s: float = 600.0,
     in_process: bool = False,
+    transport: Transport | None = None,
     on_done: Callable[[str, PurchaseOutcome], None] | None = None,
 ) -> dict[str, Any]:
     """Start the swarm, run ``workflows`` workflows through it, and return the report.
@@ -72,6 +74,7 @@ async def run_workflows(
         concurrency: workflows in flight at once.
         timeout_s: give up on workflows not finished by then (they count as unfinished).
         in_process: run services in this process instead of Ray actors.
+        transport: mutual TLS; every member is admitted and gets its certificate.
         on_done: called as each workflow finishes (progress bars).
     """
     started = time.perf_counter()
@@ -79,9 +82,14 @@ async def run_workflows(
     swarm = Swarm(scenario, deployment, issuer, seed=seed, in_process=in_process)
     authority = TokenAuthority(deployment, issuer)
     approver = swarm.approver()
-    coordinator = await Bus.connect(
-        deployment, issuer.identity(f"coordinator-{run_id}", COORDINATOR_ROLE)
-    )
+    me = issuer.identity(f"coordinator-{run_id}", COORDINATOR_ROLE)
+    if transport is not None:
+        transport.enrol(
+            [*swarm.identities(), approver.identity, authority.identity, me],
+            tenant=deployment.tenant,
+        )
+    coordinator = await Bus.connect(deployment, me)
+    await ensure_event_stream(coordinator.nc)
     outcomes: dict[str, WorkflowDone] = {}
     waiting: dict[str, asyncio.Future[WorkflowDone]] = {}
 
@@ -254,14 +262,8 @@ async def run_scenario(
             redis_url=runtime.redis_url,
             audience=issuer.audience,
             issuers=(issuer.public_key,),
+            tls=runtime.transport is not None,
         )
-        import nats
-
-        nc = await nats.connect(runtime.nats_url)
-        try:
-            await ensure_event_stream(nc)
-        finally:
-            await nc.close()
         phase("starting agent and platform actors")
         report = await run_workflows(
             scenario,
@@ -270,8 +272,9 @@ async def run_scenario(
             workflows=workflows,
             seed=seed,
             concurrency=concurrency,
+            transport=runtime.transport,
             on_done=on_done,
         )
-        report["runtime"] = {"embedded": runtime.embedded}
+        report["runtime"] = {"embedded": runtime.embedded, "mutual_tls": deployment.tls}
         phase("stopping")
         return report

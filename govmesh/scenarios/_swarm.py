@@ -180,6 +180,10 @@ class Swarm:
             kwargs["deployment"] = dep
         return specs
 
+    def identities(self) -> list[Identity]:
+        """The identities of every service of the swarm."""
+        return [kwargs["identity"] for _, _, kwargs in self._specs]
+
     def approver(self) -> SimulatedApprover:
         """The simulated human operator, run by the coordinator's process."""
         a = self.scenario.approvals

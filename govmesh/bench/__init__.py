@@ -1,0 +1,1 @@
+"""Benchmarks behind ``govmesh bench``; each measures its baseline in the same run."""

@@ -1,0 +1,152 @@
+"""NATS publish/subscribe permissions per role: least privilege, enforced by nats-server.
+
+A pure function of (member, role, subject scheme). What each role may do:
+
+============  ==========================================  ===================================
+role          publish                                     subscribe
+============  ==========================================  ===================================
+agent         intent/usage/state.<own id>, msg.*, tool.>,  msg.<own id>, decision.*
+              ctl.*
+governance    decision.*, approval.*                      intent.*, approval.*
+gateway       (replies only: allow_responses)             tool.>
+budget        (replies only)                              usage.*, ctl.budget
+state         (replies only)                              state.*, ctl.state
+issuer        (replies only)                              ctl.identity
+operator      approval.*                                  approval.*
+coordinator   msg.*, ctl.*, $JS.API.>                     msg.<own id>
+unknown       security only                               nothing
+============  ==========================================  ===================================
+
+Every known role also publishes on ``security`` and on ``ctl.identity`` (token renewal) and
+subscribes to its own reply inboxes (`Subjects.inboxes`). Agent roles are named by scenarios
+("Requester", "Procurement-Agent-v2"), so the caller says ``agent=True`` for them (the generic
+role ``agent`` needs no flag); any other role that is not a platform role gets the minimal
+set, so a typo never grants more.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final, TypedDict
+
+from govmesh.errors import ConfigError
+
+if TYPE_CHECKING:
+    # Only the type: identity must not import the bus package at runtime (the bus imports
+    # identity).
+    from govmesh.bus._subjects import Subjects
+
+__all__ = [
+    "AGENT_ROLE",
+    "BUDGET_ROLE",
+    "COORDINATOR_ROLE",
+    "GATEWAY_ROLE",
+    "GOVERNANCE_ROLE",
+    "ISSUER_ROLE",
+    "OPERATOR_ROLE",
+    "PLATFORM_ROLES",
+    "STATE_ROLE",
+    "Permissions",
+    "SubjectRules",
+    "permissions_for",
+]
+
+AGENT_ROLE: Final = "agent"
+GOVERNANCE_ROLE: Final = "governance"
+GATEWAY_ROLE: Final = "gateway"
+BUDGET_ROLE: Final = "budget"
+STATE_ROLE: Final = "state"
+ISSUER_ROLE: Final = "issuer"
+OPERATOR_ROLE: Final = "operator"
+COORDINATOR_ROLE: Final = "coordinator"
+PLATFORM_ROLES: Final = frozenset(
+    {
+        GOVERNANCE_ROLE,
+        GATEWAY_ROLE,
+        BUDGET_ROLE,
+        STATE_ROLE,
+        ISSUER_ROLE,
+        OPERATOR_ROLE,
+        COORDINATOR_ROLE,
+    }
+)
+TOKEN_SERVICE: Final = "identity"
+"""The ``ctl`` service that renews Agent-ID tokens; every member asks it."""
+DENY_ALL: Final = ">"
+
+
+class SubjectRules(TypedDict):
+    """Subjects allowed and denied for one direction; deny wins on overlap."""
+
+    allow: list[str]
+    deny: list[str]
+
+
+class Permissions(TypedDict):
+    """One NATS user's permissions, as nats-server's ``permissions`` block names them."""
+
+    publish: SubjectRules
+    subscribe: SubjectRules
+    allow_responses: bool
+
+
+def _rules(allow: list[str]) -> SubjectRules:
+    # An empty allow list would leave nats-server's default (allow all) in force.
+    return {"allow": allow, "deny": [] if allow else [DENY_ALL]}
+
+
+def permissions_for(
+    member_id: str, role: str, subjects: Subjects, *, agent: bool = False
+) -> Permissions:
+    """The NATS permissions of `member_id` in `role` on the tenant of `subjects`.
+
+    Args:
+        member_id: the member (an agent id or a platform actor id).
+        role: its role: a platform role, ``agent``, or a scenario's agent role with `agent`.
+        subjects: the tenant's subject scheme.
+        agent: `role` is an agent role.
+
+    Raises:
+        ConfigError: `agent` is set for a platform role name.
+        ValueError: `member_id` is not a valid subject token.
+    """
+    s = subjects
+    if agent and role in PLATFORM_ROLES:
+        raise ConfigError(f"role {role!r} is a platform role; an agent role needs another name")
+    agent = agent or role == AGENT_ROLE
+    base_pub = [s.security, s.ctl(TOKEN_SERVICE)]
+    inbox = s.inboxes(member_id)
+    pub: list[str]
+    sub: list[str]
+    responds = False
+    if agent:
+        pub = [s.intent(member_id), s.usage(member_id), s.state(member_id)]
+        pub += [s.all("msg"), s.all("tool"), s.all("ctl")]
+        sub = [s.msg(member_id), s.all("decision"), inbox]
+        # Agents answer requests sent to their inbox; the server allows one reply to the
+        # reply subject of a message actually received, nothing else.
+        responds = True
+    elif role == GOVERNANCE_ROLE:
+        pub = [s.all("decision"), s.all("approval")]
+        sub = [s.all("intent"), s.all("approval"), inbox]
+    elif role in (GATEWAY_ROLE, BUDGET_ROLE, STATE_ROLE, ISSUER_ROLE):
+        pub, responds = [], True
+        served = {
+            GATEWAY_ROLE: [s.all("tool")],
+            BUDGET_ROLE: [s.all("usage"), s.ctl("budget")],
+            STATE_ROLE: [s.all("state"), s.ctl("state")],
+            ISSUER_ROLE: [s.ctl(TOKEN_SERVICE)],
+        }
+        sub = [*served[role], inbox]
+    elif role == OPERATOR_ROLE:
+        pub = [s.all("approval")]
+        sub = [s.all("approval"), inbox]
+    elif role == COORDINATOR_ROLE:
+        pub = [s.all("msg"), s.all("ctl"), s.jetstream_api]
+        sub = [s.msg(member_id), inbox]
+    else:
+        return {"publish": _rules([s.security]), "subscribe": _rules([]), "allow_responses": False}
+    return {
+        "publish": _rules([*pub, *base_pub]),
+        "subscribe": _rules(sub),
+        "allow_responses": responds,
+    }

@@ -1,0 +1,293 @@
+"""Transport security of one deployment: its CA, nats-server's TLS files, the admitted members.
+
+Members are known only once a scenario decides them, after the server is up, so `admit`
+adds a user to the running embedded nats-server (rewrite ``authorization.conf``, SIGHUP,
+wait for the server's confirmation) without a restart. Admitting an admitted member again
+only issues a fresh certificate, without a reload: that is how certificates are renewed.
+
+External NATS (``GOVMESH_NATS_URL``) is configured by its operator through files:
+
+==========================  =====================================================
+``GOVMESH_NATS_CA``         CA certificate (PEM) the server and members trust
+``GOVMESH_NATS_CA_KEY``     its private key (PEM), only where members are admitted
+``GOVMESH_NATS_CERT``       this process's own client certificate (PEM), optional
+``GOVMESH_NATS_KEY``        that certificate's private key (PEM)
+==========================  =====================================================
+
+The operator's server needs ``tls { ... verify_and_map: true }`` and the users that
+`Transport.authorization` renders; govmesh does not reload a server it did not start.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final
+
+import msgspec
+
+from govmesh.bus._subjects import Subjects
+from govmesh.errors import ConfigError
+from govmesh.identity._ca import DEFAULT_CLIENT_TTL, ClientCert, DeploymentCA, member_dn
+from govmesh.identity._permissions import PLATFORM_ROLES, Permissions, permissions_for
+from govmesh.identity._tokens import Identity
+from govmesh.runtime._nats import NatsServer, ServerTLS, render_authorization
+
+__all__ = [
+    "ENV_NATS_CA",
+    "ENV_NATS_CA_KEY",
+    "ENV_NATS_CERT",
+    "ENV_NATS_KEY",
+    "Member",
+    "Transport",
+]
+
+log = logging.getLogger(__name__)
+
+ENV_NATS_CA: Final = "GOVMESH_NATS_CA"
+ENV_NATS_CA_KEY: Final = "GOVMESH_NATS_CA_KEY"
+ENV_NATS_CERT: Final = "GOVMESH_NATS_CERT"
+ENV_NATS_KEY: Final = "GOVMESH_NATS_KEY"
+_TLS_DIR: Final = "tls"
+
+
+class Member(msgspec.Struct, frozen=True, kw_only=True):
+    """One admitted bus member; its role, tenant and kind fix its NATS permissions.
+
+    Attributes:
+        member_id: the member id (certificate CN).
+        role: its role (certificate OU).
+        tenant: the tenant whose subjects it uses.
+        agent: `role` is a scenario's agent role rather than a platform role.
+    """
+
+    member_id: str
+    role: str
+    tenant: str
+    agent: bool = False
+
+    def permissions(self) -> Permissions:
+        """The member's NATS permissions (see `permissions_for`)."""
+        return permissions_for(self.member_id, self.role, Subjects(self.tenant), agent=self.agent)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    # Created 0600 from the start: a key must never be readable, not even for a moment
+    # (fchmod too, in case the file already existed with a wider mode).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _read_env_file(var: str) -> bytes | None:
+    value = os.environ.get(var, "").strip()
+    if not value:
+        return None
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{var}={value!r}: cannot read it: {exc.strerror}") from exc
+
+
+class Transport:
+    """Mutual TLS for one deployment: the CA, the member registry and (embedded) the server.
+
+    Use `embedded` for a nats-server this process starts, `from_environment` for an external
+    one. `admit` blocks for the reload (milliseconds); call it when members join, never per
+    message.
+
+    Args:
+        ca: the deployment CA; `admit` needs its private key.
+        server: the embedded nats-server whose users `admit` maintains; None for external.
+        own_cert: this process's own certificate, issued by an operator (external NATS).
+
+    Attributes:
+        ca: the deployment CA.
+        server: the embedded nats-server, or None.
+        own_cert: the operator-issued certificate of this process, or None.
+    """
+
+    def __init__(
+        self,
+        ca: DeploymentCA,
+        *,
+        server: NatsServer | None = None,
+        own_cert: ClientCert | None = None,
+    ) -> None:
+        self.ca = ca
+        self.server = server
+        self.own_cert = own_cert
+        self._members: dict[str, Member] = {}
+        self._users: dict[str, Permissions] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def embedded(cls, workdir: Path, *, jetstream: bool = True) -> tuple[Transport, NatsServer]:
+        """A new CA and a mutual-TLS nats-server in `workdir`, not started yet.
+
+        The server's certificate and key go to ``workdir/tls`` (key 0600); the CA key stays
+        in memory and is gone with this process.
+
+        Returns:
+            The transport and the server whose users it maintains.
+        """
+        ca = DeploymentCA.create(f"govmesh-{uuid.uuid4().hex[:12]}")
+        tls_dir = Path(workdir) / _TLS_DIR
+        tls_dir.mkdir(parents=True, exist_ok=True)
+        cert_pem, key_pem = ca.server_cert()
+        files = ServerTLS(
+            cert_file=tls_dir / "server.pem",
+            key_file=tls_dir / "server-key.pem",
+            ca_file=tls_dir / "ca.pem",
+        )
+        files.ca_file.write_bytes(ca.ca_pem)
+        files.cert_file.write_bytes(cert_pem)
+        _write_private(files.key_file, key_pem)
+        server = NatsServer(workdir=workdir, jetstream=jetstream, tls=files)
+        return cls(ca, server=server), server
+
+    @classmethod
+    def from_environment(cls) -> Transport | None:
+        """The operator's files for external NATS (see the module docs); None without a CA.
+
+        Raises:
+            ConfigError: a named file cannot be read or parsed, or only one of the
+                certificate and its key is given.
+        """
+        ca_pem = _read_env_file(ENV_NATS_CA)
+        if ca_pem is None:
+            return None
+        ca = DeploymentCA.load(ca_pem, _read_env_file(ENV_NATS_CA_KEY))
+        cert_pem, key_pem = _read_env_file(ENV_NATS_CERT), _read_env_file(ENV_NATS_KEY)
+        if (cert_pem is None) != (key_pem is None):
+            raise ConfigError(f"set both {ENV_NATS_CERT} and {ENV_NATS_KEY}, or neither")
+        own = None
+        if cert_pem is not None and key_pem is not None:
+            own = ClientCert.from_pem(cert_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem)
+        return cls(ca, own_cert=own)
+
+    @property
+    def members(self) -> Mapping[str, Member]:
+        """Admitted members by id (read-only view)."""
+        return MappingProxyType(self._members)
+
+    def admit(
+        self,
+        member_id: str,
+        role: str,
+        *,
+        tenant: str,
+        agent: bool = False,
+        ttl: dt.timedelta = DEFAULT_CLIENT_TTL,
+    ) -> ClientCert:
+        """Let `member_id` join the bus in `role` and return its certificate.
+
+        Args:
+            member_id: the member id; becomes the certificate's CN.
+            role: its role; becomes the OU and fixes its permissions.
+            tenant: the tenant whose subjects it uses.
+            agent: `role` is a scenario's agent role (see `permissions_for`).
+            ttl: certificate validity; renew by admitting again before `renew_before`.
+
+        Raises:
+            ConfigError: no CA key, an invalid id or role, or `member_id` already admitted
+                with another role, tenant or kind.
+            RuntimeStartError: the embedded server did not apply the new user.
+        """
+        member = Member(member_id=member_id, role=role, tenant=tenant, agent=agent)
+        return self.admit_many([member], ttl=ttl)[member_id]
+
+    def admit_many(
+        self, members: Iterable[Member], *, ttl: dt.timedelta = DEFAULT_CLIENT_TTL
+    ) -> dict[str, ClientCert]:
+        """Admit several members with a single reload; certificates by member id.
+
+        Raises:
+            ConfigError, RuntimeStartError: as `admit`; then nobody new is admitted.
+        """
+        requested = list(members)
+        if not self.ca.can_issue:
+            raise ConfigError(
+                f"cannot admit {[m.member_id for m in requested]!r}: the CA {self.ca.name!r} "
+                f"has no private key; set {ENV_NATS_CA_KEY} or have the operator issue "
+                "certificates"
+            )
+        if ttl <= dt.timedelta(0):
+            raise ConfigError(f"certificate ttl must be positive, got {ttl!r}")
+        with self._lock:
+            joining: dict[str, Member] = {}
+            users = dict(self._users)
+            for member in requested:
+                known = self._members.get(member.member_id) or joining.get(member.member_id)
+                if known is not None and known != member:
+                    raise ConfigError(
+                        f"member {member.member_id!r} is already admitted as {known!r}, "
+                        f"not {member!r}"
+                    )
+                if known is None:
+                    users[member_dn(member.member_id, member.role)] = _permissions(member)
+                    joining[member.member_id] = member
+            if joining and self.server is not None:
+                self.server.authorize(users)
+            elif joining:
+                log.info(
+                    "admitted %s; the external nats-server needs their users (see "
+                    "Transport.authorization)",
+                    ", ".join(joining),
+                )
+            self._members.update(joining)
+            self._users = users
+        return {m.member_id: self._issue(m, ttl) for m in requested}
+
+    def enrol(self, identities: Iterable[Identity], *, tenant: str) -> None:
+        """Admit every identity with one reload and attach its certificate to it.
+
+        Roles outside the platform's own (`PLATFORM_ROLES`) are agent roles.
+        """
+        people = list(identities)
+        certs = self.admit_many(
+            Member(
+                member_id=i.agent_id,
+                role=i.role,
+                tenant=tenant,
+                agent=i.role not in PLATFORM_ROLES,
+            )
+            for i in people
+        )
+        for identity in people:
+            identity.cert = certs[identity.agent_id]
+
+    def _issue(self, member: Member, ttl: dt.timedelta) -> ClientCert:
+        cert_pem, key_pem = self.ca.client_cert(member.member_id, member.role, ttl=ttl)
+        return ClientCert(
+            member_id=member.member_id,
+            role=member.role,
+            cert_pem=cert_pem,
+            key_pem=key_pem,
+            ca_pem=self.ca.ca_pem,
+        )
+
+    def authorization(self) -> str:
+        """The ``authorization`` block for the admitted members, for an external server."""
+        with self._lock:
+            return render_authorization(self._users)
+
+    def __repr__(self) -> str:
+        where = "embedded" if self.server is not None else "external"
+        return f"Transport({where}, ca={self.ca.name!r}, members={len(self._members)})"
+
+
+def _permissions(member: Member) -> Permissions:
+    try:
+        return member.permissions()
+    except ConfigError:
+        raise
+    except ValueError as exc:  # an id or tenant that is not a subject token
+        raise ConfigError(f"cannot admit {member!r}: {exc}") from exc
