@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from govmesh.runtime import NatsServer, RedisServer
+from govmesh.runtime import NatsServer, RedisServer, Transport
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +38,12 @@ def ray_session() -> Iterator[None]:
 def prefix() -> str:
     """A short unique prefix for this test's subjects, streams and keys."""
     return "t" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="session")
+def secure_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Transport, NatsServer]]:
+    """A nats-server with mutual TLS, verify_and_map and per-member permissions, shared by
+    the session; tests admit their members through the transport."""
+    transport, server = Transport.embedded(tmp_path_factory.mktemp("mtls"))
+    with server:
+        yield transport, server

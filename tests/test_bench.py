@@ -41,8 +41,9 @@ def test_bench_auth_measures_three_setups_and_writes_json(tmp_path: Path) -> Non
     report = json.loads(out.read_text())
     for setup in ("plain", "mtls", "mtls_a"):
         r = report[setup]
-        assert r["exchanges"] == 60
+        assert r["exchanges"] == 2 * 60
         assert 0 < r["p50_ms"] <= r["p99_ms"]
+        assert 0 < r["loaded_p50_ms"] <= r["loaded_p99_ms"]
         assert r["msgs_per_s"] > 0
     assert report["overhead_ms"]["p50"] == report["mtls_a"]["p50_ms"] - report["plain"]["p50_ms"]
     assert "mtls_a - plain" in proc.stdout

@@ -1,5 +1,5 @@
-"""The signed bus against a real nats-server: verified messages reach handlers, nothing
-else does, and every refusal is reported."""
+"""The signed bus against a real nats-server with mutual TLS and per-member permissions:
+verified messages reach handlers, nothing else does, and every refusal is reported."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ class Other(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 class Harness:
     """A sender, a receiver and a security monitor on one tenant."""
 
-    def __init__(self, nats_url: str, redis_url: str, tenant: str) -> None:
-        self.dep, self.issuer = deployment(nats_url, redis_url, tenant)
+    def __init__(self, nats_url: str, redis_url: str, tenant: str, transport) -> None:
+        self.dep, self.issuer = deployment(nats_url, redis_url, tenant, transport)
         self.seen: list[Delivery] = []
         self.events: list[SecurityEvent] = []
         self.sentinel = asyncio.Event()
@@ -81,8 +81,9 @@ class Harness:
 
 
 @pytest.fixture
-async def h(nats_server, redis_server, prefix):
-    async with Harness(nats_server.url, redis_server.url, prefix) as harness:
+async def h(secure_nats, redis_server, prefix):
+    transport, server = secure_nats
+    async with Harness(server.url, redis_server.url, prefix, transport) as harness:
         yield harness
 
 
@@ -192,23 +193,91 @@ async def test_garbage_and_unexpected_kinds_are_refused_and_receiver_keeps_runni
 
 
 async def test_request_gets_a_verified_reply(h: Harness) -> None:
-    async def echo(d: Delivery) -> None:
-        await h.bob.respond(d, Ping(n=d.body.n * 2))
+    service = await Bus.connect(h.dep, h.issuer.identity("state-1", "state"))
 
-    subject = h.bob.subjects.ctl("echo")
-    await h.bob.subscribe(subject, echo, accepts=Ping)
-    await h.bob.flush()
-    reply = await h.alice.request(subject, Ping(n=21), accepts=Ping, timeout=5)
+    async def echo(d: Delivery) -> None:
+        await service.respond(d, Ping(n=d.body.n * 2))
+
+    try:
+        subject = service.subjects.ctl("state")
+        await service.subscribe(subject, echo, accepts=Ping, concurrent=False)
+        await service.flush()
+        reply = await h.alice.request(subject, Ping(n=21), accepts=Ping, timeout=5)
+    finally:
+        await service.close()
     assert reply.body.n == 42
-    assert reply.claims.sub == "bob"
+    assert reply.claims.sub == "state-1"
+
+
+async def test_not_yet_valid_token_is_refused(h: Harness) -> None:
+    from govmesh.identity import Identity, SigningKey
+
+    key = SigningKey()
+    later = time.time() + 120
+    token = h.issuer.issue(sub="alice", role="agent", key=key.public, now=later)
+    early = Identity(agent_id="alice", role="agent", key=key, token=token)
+    _, data = h.alice.codec.seal(early, subject=h.inbox, body=Ping(n=10))
+    await h.raw(data)
+    await h.settle(refused=1)
+    assert h.handled() == [-1]
+    assert h.bob.rejected["token_not_yet_valid"] == 1
+
+
+async def test_oversized_and_incomplete_messages_are_refused(h: Harness) -> None:
+    big = h.sealed(11)
+    big_body = h.alice.codec.seal(
+        h.alice.identity, subject=h.inbox, body=Other(text="x" * (600 * 1024))
+    )[1]
+    whole = h.bob.codec.open(big)
+    await h.raw(big_body)
+    await h.raw(h.bob.codec.encode(Sealed(whole.envelope, "", whole.signature)))
+    await h.raw(h.bob.codec.encode([whole.envelope, whole.token]))
+    await h.settle(refused=3)
+    assert h.handled() == [-1]
+    assert h.bob.rejected["oversized"] == 1
+    assert h.bob.rejected["token_malformed"] == 1
+    assert h.bob.rejected["malformed"] == 1
+
+
+async def test_a_capability_the_token_lacks_is_refused_before_the_handler(h: Harness) -> None:
+    seen: list[int] = []
+
+    async def handler(d: Delivery) -> None:
+        seen.append(d.body.n)
+
+    def needs_audit(claims, body: Ping) -> None:
+        claims.require("audit.read")
+
+    guarded = await Bus.connect(h.dep, h.issuer.identity("carol", "agent"))
+    try:
+        await guarded.subscribe(
+            guarded.subjects.msg("carol"), handler, accepts=Ping, authorize=needs_audit
+        )
+        await guarded.flush()
+        trusted = await Bus.connect(
+            h.dep, h.issuer.identity("dave", "agent", capabilities=("audit.read",))
+        )
+        try:
+            await h.alice.publish(guarded.subjects.msg("carol"), Ping(n=1))
+            await trusted.publish(guarded.subjects.msg("carol"), Ping(n=2))
+            deadline = time.monotonic() + 10
+            while not seen and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            await trusted.close()
+    finally:
+        await guarded.close()
+    assert seen == [2]
+    assert guarded.rejected == {"capability": 1}
 
 
 async def test_token_rotation_under_steady_traffic_loses_and_rejects_nothing(
-    nats_server, redis_server, prefix
+    secure_nats, redis_server, prefix
 ) -> None:
     from govmesh.identity.authority import TokenAuthority
 
-    dep, issuer = deployment(nats_server.url, redis_server.url, prefix)
+    transport, server = secure_nats
+    dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
     ttl = 2.0  # seconds, so that several rotations happen during the test
     authority = TokenAuthority(dep, issuer, ttl_s=ttl)
     await authority.start()

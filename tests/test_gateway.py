@@ -21,9 +21,10 @@ ROLE = "Procurement-Agent-v2"
 
 
 class Setup:
-    def __init__(self, nats_url: str, redis_url: str, tenant: str) -> None:
-        self.dep, self.issuer = deployment(nats_url, redis_url, tenant)
+    def __init__(self, nats_url: str, redis_url: str, tenant: str, transport) -> None:
+        self.dep, self.issuer = deployment(nats_url, redis_url, tenant, transport)
         self.decisions: asyncio.Queue[Delivery] = asyncio.Queue()
+        self.extra: list[Bus] = []
 
     async def __aenter__(self) -> Setup:
         self.governance = GovernanceService(
@@ -48,6 +49,8 @@ class Setup:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for bus in self.extra:
+            await bus.close()
         await self.agent.close()
         await self.gateway.close()
         await self.governance.close()
@@ -72,8 +75,9 @@ class Setup:
 
 
 @pytest.fixture
-async def s(nats_server, redis_server, prefix):
-    async with Setup(nats_server.url, redis_server.url, prefix) as setup:
+async def s(secure_nats, redis_server, prefix):
+    transport, server = secure_nats
+    async with Setup(server.url, redis_server.url, prefix, transport) as setup:
         yield setup
 
 
@@ -138,8 +142,10 @@ async def _security_events(s: Setup) -> asyncio.Queue:
     async def on_event(d: Delivery) -> None:
         await events.put(d.body)
 
-    await s.agent.subscribe(s.agent.subjects.security, on_event, accepts=SecurityEvent)
-    await s.agent.flush()
+    monitor = await Bus.connect(s.dep, s.issuer.identity("monitor-1", "auditor"))
+    s.extra.append(monitor)
+    await monitor.subscribe(monitor.subjects.security, on_event, accepts=SecurityEvent)
+    await monitor.flush()
     return events
 
 

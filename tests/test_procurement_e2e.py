@@ -6,10 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgspec
-import nats
 import redis.asyncio as aioredis
 
-from govmesh.bus import ensure_event_stream
 from govmesh.scenarios import load_scenario, run_workflows
 from govmesh.tools import SimulatedErp
 
@@ -20,15 +18,15 @@ SCENARIO = ROOT / "scenarios" / "procurement.yaml"
 
 
 async def test_procurement_swarm_is_governed_end_to_end(
-    nats_server, redis_server, prefix, ray_session
+    secure_nats, redis_server, prefix, ray_session
 ) -> None:
-    dep, issuer = deployment(nats_server.url, redis_server.url, prefix)
-    nc = await nats.connect(nats_server.url)
-    await ensure_event_stream(nc)
-    await nc.close()
+    transport, server = secure_nats
+    dep, issuer = deployment(server.url, redis_server.url, prefix)
     scenario = load_scenario(SCENARIO)
 
-    report = await run_workflows(scenario, dep, issuer, workflows=50, seed=1, timeout_s=240)
+    report = await run_workflows(
+        scenario, dep, issuer, workflows=50, seed=1, timeout_s=240, transport=transport
+    )
 
     w, d = report["workflows"], report["decisions"]
     assert w["finished"] == w["total"] == 50

@@ -431,7 +431,7 @@ def test_admitting_a_member_again_with_another_role_is_refused(transport: Transp
 
     with pytest.raises(ConfigError, match=re.escape("'governance'")):
         transport.admit(alice_id, "governance", tenant=prefix)
-    assert transport.members[alice_id].role == "agent"
+    assert transport.members[(prefix, alice_id)].role == "agent"
 
 
 def test_admit_rejects_ids_that_are_not_subject_tokens(transport: Transport, prefix: str):
@@ -439,7 +439,7 @@ def test_admit_rejects_ids_that_are_not_subject_tokens(transport: Transport, pre
         transport.admit("bad.id", "agent", tenant=prefix)
     with pytest.raises(ConfigError, match=re.escape("'a,b'")):
         transport.admit(f"ok-{prefix}", "a,b", tenant=prefix)
-    assert f"ok-{prefix}" not in transport.members
+    assert (prefix, f"ok-{prefix}") not in transport.members
 
 
 def test_a_reload_the_server_refuses_raises_with_its_log(tmp_path: Path):
@@ -497,7 +497,7 @@ def test_external_transport_with_the_ca_key_admits_and_renders_users(
     cert = transport.admit("worker-2", "agent", tenant="acme")
 
     assert cert.ca_pem == ca.ca_pem
-    assert '"user": "CN=worker-2,OU=agent,O=govmesh"' in transport.authorization()
+    assert '"user": "CN=worker-2,OU=agent,O=acme"' in transport.authorization()
 
 
 def test_external_transport_names_an_unreadable_file(monkeypatch: pytest.MonkeyPatch):
@@ -512,6 +512,7 @@ def test_external_transport_names_an_unreadable_file(monkeypatch: pytest.MonkeyP
 
 def test_member_dn_is_what_verify_and_map_matches():
     assert member_dn("proc-1", "Requester") == "CN=proc-1,OU=Requester,O=govmesh"
+    assert member_dn("proc-1", "Requester", "acme") == "CN=proc-1,OU=Requester,O=acme"
 
 
 def test_member_dn_refuses_characters_a_dn_would_escape():
@@ -628,6 +629,16 @@ def test_only_the_coordinator_may_use_the_jetstream_api():
     for role in PLATFORM_ROLES:
         perms = permissions_for("m", role, S)
         assert may(perms, "publish", "$JS.API.STREAM.CREATE.X") is (role == "coordinator")
+        assert may(perms, "publish", "$JS.API.STREAM.DELETE.X") is (role == "coordinator")
+
+
+def test_the_auditor_reads_everything_and_may_only_replay_the_stream():
+    perms = permissions_for("audit-1", "auditor", S)
+    assert may(perms, "subscribe", S.intent("anyone"))
+    assert may(perms, "subscribe", S.security)
+    assert may(perms, "publish", "$JS.API.CONSUMER.CREATE.GOVMESH_EVENTS")
+    for denied in (S.intent("audit-1"), S.msg("a"), S.decision("w"), S.tool("erp.x")):
+        assert not may(perms, "publish", denied)
 
 
 def test_every_known_role_reports_security_events_and_reads_its_own_replies():

@@ -252,6 +252,7 @@ class Bus:
         accepts: Any,
         queue: str = "",
         authorize: Authorize | None = None,
+        concurrent: bool = True,
     ) -> Subscription:
         """Run ``handler`` for every verified message on ``subject`` whose body is ``accepts``.
 
@@ -263,12 +264,19 @@ class Bus:
             authorize: checks the sender's claims against what the body asks for (a
                 capability, a budget authority); a refusal drops the message before the
                 handler and is reported like any other.
+            concurrent: run each message's handler in its own task (many workflows at
+                once); False runs handlers one after another on the subscription's own
+                task, which saves a task per message for quick request/reply services.
         """
 
         async def on_message(msg: Msg) -> None:
             delivery = self._accept(msg, accepts, authorize)
-            if delivery is not None:
+            if delivery is None:
+                return
+            if concurrent:
                 self._spawn(self._run(handler, delivery), name=f"handle-{delivery.envelope.kind}")
+            else:
+                await self._run(handler, delivery)
 
         return await self.nc.subscribe(subject, queue=queue, cb=on_message)
 

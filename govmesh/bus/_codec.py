@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from typing import Any
 
 import msgspec
@@ -56,13 +55,16 @@ class Codec:
         now: float | None = None,
     ) -> tuple[Envelope, bytes]:
         """Build, sign and encode a message; returns the envelope and the wire bytes."""
+        nonce = os.urandom(16)
         envelope = Envelope(
-            id=uuid.uuid4().hex,
+            # The id is the nonce in hex: both must be unique per message, and one random
+            # draw serves both.
+            id=nonce.hex(),
             kind=kind_of(body),
             sender=identity.agent_id,
             subject=subject,
             ts=time.time() if now is None else now,
-            nonce=os.urandom(16),
+            nonce=nonce,
             workflow=workflow,
             causation=causation,
             trace=trace,

@@ -27,7 +27,8 @@ __all__ = ["INBOX_ROOT", "JETSTREAM_API", "ROOT", "Subjects", "validate_token"]
 
 ROOT: Final = "gm"
 INBOX_ROOT: Final = "_INBOX"
-JETSTREAM_API: Final = "$JS.API.>"
+JETSTREAM_ROOT: Final = "$JS.API"
+JETSTREAM_API: Final = f"{JETSTREAM_ROOT}.>"
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-:]+$")
 _TOOL = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 
@@ -119,6 +120,12 @@ class Subjects:
     def inboxes(self, member: str) -> str:
         """Wildcard for every reply inbox of ``member``."""
         return f"{self.inbox_prefix(member)}.>"
+
+    @property
+    def jetstream_read(self) -> tuple[str, ...]:
+        """The JetStream API subjects needed to replay a stream: consumers and stream info,
+        not creating, changing or deleting streams."""
+        return (f"{JETSTREAM_ROOT}.CONSUMER.>", f"{JETSTREAM_ROOT}.STREAM.INFO.*")
 
     @property
     def jetstream_api(self) -> str:

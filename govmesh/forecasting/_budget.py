@@ -38,7 +38,11 @@ class BudgetService(Service):
             self.subjects.all("usage"), self._on_usage, accepts=Usage, queue=QUEUE
         )
         await self.bus.subscribe(
-            self.subjects.ctl("budget"), self._on_query, accepts=BudgetQuery, queue=QUEUE
+            self.subjects.ctl("budget"),
+            self._on_query,
+            accepts=BudgetQuery,
+            queue=QUEUE,
+            concurrent=False,
         )
 
     async def _on_usage(self, d: Delivery) -> None:

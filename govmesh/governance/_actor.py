@@ -29,8 +29,7 @@ QUEUE = "governance"
 def authorize_intent(claims: Claims, intent: ToolIntent) -> None:
     """Refuse an intent for a tool the sender's token does not name, or for an amount above
     the token's budget authority, before it reaches the policy engine."""
-    if not claims.may(intent.tool):
-        raise SecurityError("capability", f"token of {claims.sub!r} does not grant {intent.tool!r}")
+    claims.require(intent.tool)
     amount = intent.args.get("amount_usd")
     if (
         isinstance(amount, int | float)

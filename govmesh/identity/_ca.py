@@ -65,24 +65,26 @@ def _dn_value(value: str, *, what: str) -> str:
     return value
 
 
-def _member_name(member_id: str, role: str) -> x509.Name:
+def _member_name(member_id: str, role: str, tenant: str) -> x509.Name:
     # Stored most significant first (O, OU, CN); RFC 4514 prints it reversed, CN first.
+    # O is the tenant, so one server can hold the same member id for several tenants.
     return x509.Name(
         [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, CERT_ORGANIZATION),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, _dn_value(tenant, what="tenant")),
             x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, _dn_value(role, what="role")),
             x509.NameAttribute(NameOID.COMMON_NAME, _dn_value(member_id, what="member id")),
         ]
     )
 
 
-def member_dn(member_id: str, role: str) -> str:
-    """The user name nats-server's ``verify_and_map`` derives from a member's certificate.
+def member_dn(member_id: str, role: str, tenant: str = CERT_ORGANIZATION) -> str:
+    """The user name nats-server's ``verify_and_map`` derives from a member's certificate:
+    ``CN=<member_id>,OU=<role>,O=<tenant>``.
 
     Raises:
-        ConfigError: `member_id` or `role` contains a character a DN would have to escape.
+        ConfigError: a value contains a character a DN would have to escape.
     """
-    return _member_name(member_id, role).rfc4514_string()
+    return _member_name(member_id, role, tenant).rfc4514_string()
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -344,14 +346,16 @@ class DeploymentCA:
         member_id: str,
         role: str,
         *,
+        tenant: str = CERT_ORGANIZATION,
         ttl: dt.timedelta = DEFAULT_CLIENT_TTL,
         not_before: dt.datetime | None = None,
     ) -> tuple[bytes, bytes]:
-        """A member's client certificate, subject ``CN=<member_id>,OU=<role>,O=govmesh``.
+        """A member's client certificate, subject ``CN=<member_id>,OU=<role>,O=<tenant>``.
 
         Args:
             member_id: the member; becomes the CN.
             role: the member's role; becomes the OU.
+            tenant: the member's tenant; becomes the O.
             ttl: validity; short, and renewed at `renew_before`.
             not_before: start of validity (UTC); default now, backdated a minute for skew.
 
@@ -363,7 +367,7 @@ class DeploymentCA:
                 or this CA has no private key.
         """
         return self._issue(
-            _member_name(member_id, role),
+            _member_name(member_id, role, tenant),
             ttl=ttl,
             usage=ExtendedKeyUsageOID.CLIENT_AUTH,
             not_before=not_before,

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AGENT_ROLE",
+    "AUDITOR_ROLE",
     "BUDGET_ROLE",
     "COORDINATOR_ROLE",
     "GATEWAY_ROLE",
@@ -58,6 +59,7 @@ STATE_ROLE: Final = "state"
 ISSUER_ROLE: Final = "issuer"
 OPERATOR_ROLE: Final = "operator"
 COORDINATOR_ROLE: Final = "coordinator"
+AUDITOR_ROLE: Final = "auditor"
 PLATFORM_ROLES: Final = frozenset(
     {
         GOVERNANCE_ROLE,
@@ -67,6 +69,7 @@ PLATFORM_ROLES: Final = frozenset(
         ISSUER_ROLE,
         OPERATOR_ROLE,
         COORDINATOR_ROLE,
+        AUDITOR_ROLE,
     }
 )
 TOKEN_SERVICE: Final = "identity"
@@ -140,6 +143,10 @@ def permissions_for(
     elif role == OPERATOR_ROLE:
         pub = [s.all("approval")]
         sub = [s.all("approval"), inbox]
+    elif role == AUDITOR_ROLE:
+        # Reads every event of the tenant (audit index, `govmesh watch`), changes nothing.
+        pub = list(s.jetstream_read)
+        sub = [s.everything, inbox]
     elif role == COORDINATOR_ROLE:
         pub = [s.all("msg"), s.all("ctl"), s.jetstream_api]
         sub = [s.msg(member_id), inbox]

@@ -124,7 +124,7 @@ class Transport:
         self.ca = ca
         self.server = server
         self.own_cert = own_cert
-        self._members: dict[str, Member] = {}
+        self._members: dict[tuple[str, str], Member] = {}
         self._users: dict[str, Permissions] = {}
         self._lock = threading.Lock()
 
@@ -174,8 +174,8 @@ class Transport:
         return cls(ca, own_cert=own)
 
     @property
-    def members(self) -> Mapping[str, Member]:
-        """Admitted members by id (read-only view)."""
+    def members(self) -> Mapping[tuple[str, str], Member]:
+        """Admitted members by (tenant, member id) (read-only view)."""
         return MappingProxyType(self._members)
 
     def admit(
@@ -222,25 +222,27 @@ class Transport:
         if ttl <= dt.timedelta(0):
             raise ConfigError(f"certificate ttl must be positive, got {ttl!r}")
         with self._lock:
-            joining: dict[str, Member] = {}
+            joining: dict[tuple[str, str], Member] = {}
             users = dict(self._users)
             for member in requested:
-                known = self._members.get(member.member_id) or joining.get(member.member_id)
+                key = (member.tenant, member.member_id)
+                known = self._members.get(key) or joining.get(key)
                 if known is not None and known != member:
                     raise ConfigError(
                         f"member {member.member_id!r} is already admitted as {known!r}, "
                         f"not {member!r}"
                     )
                 if known is None:
-                    users[member_dn(member.member_id, member.role)] = _permissions(member)
-                    joining[member.member_id] = member
+                    dn = member_dn(member.member_id, member.role, member.tenant)
+                    users[dn] = _permissions(member)
+                    joining[key] = member
             if joining and self.server is not None:
                 self.server.authorize(users)
             elif joining:
                 log.info(
                     "admitted %s; the external nats-server needs their users (see "
                     "Transport.authorization)",
-                    ", ".join(joining),
+                    ", ".join(f"{t}/{m}" for t, m in joining),
                 )
             self._members.update(joining)
             self._users = users
@@ -265,7 +267,9 @@ class Transport:
             identity.cert = certs[identity.agent_id]
 
     def _issue(self, member: Member, ttl: dt.timedelta) -> ClientCert:
-        cert_pem, key_pem = self.ca.client_cert(member.member_id, member.role, ttl=ttl)
+        cert_pem, key_pem = self.ca.client_cert(
+            member.member_id, member.role, tenant=member.tenant, ttl=ttl
+        )
         return ClientCert(
             member_id=member.member_id,
             role=member.role,

@@ -28,7 +28,11 @@ class StateService(Service):
             self.subjects.all("state"), self._on_snapshot, accepts=Snapshot, queue=QUEUE
         )
         await self.bus.subscribe(
-            self.subjects.ctl("state"), self._on_query, accepts=SnapshotQuery, queue=QUEUE
+            self.subjects.ctl("state"),
+            self._on_query,
+            accepts=SnapshotQuery,
+            queue=QUEUE,
+            concurrent=False,
         )
 
     def _versions_key(self, workflow: str, agent: str) -> str:
