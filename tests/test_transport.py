@@ -520,12 +520,20 @@ def test_member_dn_refuses_characters_a_dn_would_escape():
         member_dn("x=y", "agent")
 
 
-def test_renew_before_is_half_way_through_validity():
+def test_renew_before_is_half_way_through_the_lifetime_from_issue():
     ca = DeploymentCA.create("test")
-    start = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
-    cert_pem, _ = ca.client_cert("a", "agent", ttl=dt.timedelta(hours=24), not_before=start)
+    before = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    cert_pem, _ = ca.client_cert("a", "agent", ttl=dt.timedelta(hours=24))
+    after = dt.datetime.now(dt.UTC)
+    half = dt.timedelta(hours=12)
+    # Certificate times have whole-second precision.
+    assert before + half - dt.timedelta(seconds=1) <= renew_before(cert_pem) <= after + half
 
-    assert renew_before(cert_pem) == start + dt.timedelta(hours=12)
+
+def test_a_short_lived_certificate_is_not_due_for_renewal_when_issued():
+    ca = DeploymentCA.create("test")
+    cert_pem, _ = ca.client_cert("a", "agent", ttl=dt.timedelta(seconds=8))
+    assert renew_before(cert_pem) > dt.datetime.now(dt.UTC)
 
 
 def test_client_cert_pickles_and_its_repr_hides_the_key():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
@@ -24,7 +25,14 @@ from govmesh.bus._subjects import Subjects
 from govmesh.bus._verify import MessageVerifier
 from govmesh.config import Deployment
 from govmesh.errors import BusError, SecurityError
-from govmesh.identity import Claims, ClientCert, Identity, TokenVerifier, ssl_context
+from govmesh.identity import (
+    Claims,
+    ClientCert,
+    Identity,
+    TokenVerifier,
+    load_client_cert,
+    ssl_context,
+)
 from govmesh.identity.messages import TokenGrant, TokenRenewal
 
 __all__ = ["Authorize", "Bus", "Delivery", "Handler"]
@@ -86,6 +94,8 @@ class Bus:
         self.tokens = tokens
         self.rejected: Counter[str] = Counter()
         self.rotations = 0
+        self.cert_renewals = 0
+        self._tls: ssl.SSLContext | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -95,29 +105,46 @@ class Bus:
         task.add_done_callback(self._tasks.discard)
 
     async def _rotate(self) -> None:
-        """Renew this member's token at each half-life; in-flight messages signed with the
-        old token stay valid until it expires, so rotation loses nothing."""
+        """Renew this member's token at each half-life, and its client certificate once past
+        the certificate's half-life. Messages signed with the old token stay valid until it
+        expires and the live connection keeps its TLS session, so rotation loses nothing;
+        the renewed certificate is presented from the next reconnect on."""
         while not self._closed:
             claims = self.tokens.verify(self.identity.token)
-            await asyncio.sleep(max(0.0, claims.iat + (claims.exp - claims.iat) / 2 - time.time()))
+            wake = claims.iat + (claims.exp - claims.iat) / 2
+            cert = self.identity.cert
+            if cert is not None:
+                wake = min(wake, cert.renew_before().timestamp())
+            await asyncio.sleep(max(0.0, wake - time.time()))
+            cert = self.identity.cert
+            due = cert is not None and time.time() >= cert.renew_before().timestamp()
             while not self._closed:
                 try:
                     reply = await self.request(
                         self.subjects.ctl("identity"),
-                        TokenRenewal(),
+                        TokenRenewal(cert_pem=cert.cert_pem if cert and due else b""),
                         accepts=TokenGrant,
                         timeout=5.0,
                     )
-                    fresh = self.tokens.verify(reply.body.token)
+                    grant: TokenGrant = reply.body
+                    fresh = self.tokens.verify(grant.token)
                     if fresh.sub != claims.sub or fresh.key.raw != claims.key.raw:
                         raise SecurityError("bad_grant", f"granted token is for {fresh.sub!r}")
                 except (BusError, SecurityError) as exc:
                     log.warning("token renewal for %s failed: %s", claims.sub, exc)
                     await asyncio.sleep(_RENEW_RETRY_S)
                     continue
-                self.identity.token = reply.body.token
+                self.identity.token = grant.token
                 self.rotations += 1
+                if grant.cert_pem and cert is not None:
+                    self._use_cert(msgspec.structs.replace(cert, cert_pem=grant.cert_pem))
                 break
+
+    def _use_cert(self, cert: ClientCert) -> None:
+        self.identity.cert = cert
+        if self._tls is not None:
+            load_client_cert(self._tls, cert)
+        self.cert_renewals += 1
 
     @classmethod
     async def connect(
@@ -142,6 +169,7 @@ class Bus:
         """
         client_cert = client_cert or identity.cert
         if client_cert is not None:
+            identity.cert = client_cert
             options.setdefault("tls", ssl_context(client_cert))
             inbox = Subjects(deployment.tenant).inbox_prefix(client_cert.member_id)
             options.setdefault("inbox_prefix", inbox)
@@ -170,6 +198,7 @@ class Bus:
             raise BusError(f"cannot connect to NATS at {deployment.nats_url!r}: {exc}") from exc
         tokens = TokenVerifier(issuers=list(deployment.issuers), audience=deployment.audience)
         bus = cls(nc, identity=identity, tokens=tokens, subjects=Subjects(deployment.tenant))
+        bus._tls = options.get("tls")
         joined.append(bus)
         if rotate:
             bus._spawn(bus._rotate(), name=f"rotate-{identity.agent_id}")

@@ -22,6 +22,7 @@ from typing import Final
 
 import msgspec
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -35,6 +36,7 @@ __all__ = [
     "DEFAULT_SERVER_TTL",
     "ClientCert",
     "DeploymentCA",
+    "load_client_cert",
     "member_dn",
     "renew_before",
     "ssl_context",
@@ -118,7 +120,10 @@ def renew_before(cert_pem: bytes, *, fraction: float = RENEW_AT_FRACTION) -> dt.
         raise ConfigError(f"fraction must be in (0, 1], got {fraction!r}")
     cert = _load_cert(cert_pem, what="cert_pem")
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return start + (end - start) * fraction
+    # Certificates are back-dated for clock skew; the lifetime runs from the moment of
+    # issue, or a short-lived certificate would look due for renewal the moment it is made.
+    issued = min(start + _BACKDATE, end)
+    return issued + (end - issued) * fraction
 
 
 class ClientCert(msgspec.Struct, frozen=True, kw_only=True):
@@ -190,6 +195,16 @@ def ssl_context(client: ClientCert) -> ssl.SSLContext:
         ctx.load_verify_locations(cadata=client.ca_pem.decode())
     except (ssl.SSLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"CA of {client.member_id!r} does not load: {exc}") from exc
+    load_client_cert(ctx, client)
+    return ctx
+
+
+def load_client_cert(ctx: ssl.SSLContext, client: ClientCert) -> None:
+    """Make ``ctx`` present ``client``'s certificate from its next handshake on.
+
+    Loading into the context a live connection holds is how a renewed certificate takes
+    effect: every reconnect handshakes again with the context's current chain.
+    """
     fd, path = tempfile.mkstemp(prefix="govmesh-cert-", suffix=".pem")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -200,7 +215,6 @@ def ssl_context(client: ClientCert) -> ssl.SSLContext:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    return ctx
 
 
 class DeploymentCA:
@@ -373,6 +387,34 @@ class DeploymentCA:
             not_before=not_before,
         )
 
+    def renew_client_cert(
+        self, cert_pem: bytes, *, member_id: str, ttl: dt.timedelta = DEFAULT_CLIENT_TTL
+    ) -> bytes:
+        """A fresh certificate for the same member, role, tenant and key as ``cert_pem``.
+
+        The member keeps its private key; only the validity moves. ``member_id`` (the
+        verified token subject of the asker) must be the certificate's CN, so nobody can
+        renew another member's certificate.
+
+        Raises:
+            ConfigError: the certificate is not one this CA issued, or names another member.
+        """
+        old = _load_cert(cert_pem, what="certificate to renew")
+        try:
+            old.verify_directly_issued_by(self._cert)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise ConfigError(f"certificate was not issued by {self.name!r}: {exc}") from None
+        names = old.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if not names or names[0].value != member_id:
+            raise ConfigError(f"certificate names {names!r}, not {member_id!r}")
+        key = old.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise ConfigError(f"certificate key is {type(key).__name__}, not EC")
+        cert, _ = self._issue(
+            old.subject, ttl=ttl, usage=ExtendedKeyUsageOID.CLIENT_AUTH, public_key=key
+        )
+        return cert
+
     def _issue(
         self,
         subject: x509.Name,
@@ -381,26 +423,32 @@ class DeploymentCA:
         usage: x509.ObjectIdentifier,
         san: x509.SubjectAlternativeName | None = None,
         not_before: dt.datetime | None = None,
+        public_key: ec.EllipticCurvePublicKey | None = None,
     ) -> tuple[bytes, bytes]:
         ca_key = self._require_key()
         if ttl <= dt.timedelta(0):
             raise ConfigError(f"certificate ttl must be positive, got {ttl!r}")
+        # Backdated for clock skew, but the lifetime counts from now, so a short-lived
+        # certificate is never born expired.
         start = not_before if not_before is not None else _now() - _BACKDATE
-        key = ec.generate_private_key(ec.SECP256R1())
+        end = (not_before if not_before is not None else _now()) + ttl
+        key: ec.EllipticCurvePrivateKey | None = None
+        if public_key is None:
+            key = ec.generate_private_key(ec.SECP256R1())
+            public_key = key.public_key()
+        subject_key = public_key
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(self._cert.subject)
-            .public_key(key.public_key())
+            .public_key(subject_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
-            .not_valid_after(start + ttl)
+            .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(cert_sign=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                 critical=False,
@@ -408,7 +456,7 @@ class DeploymentCA:
         )
         if san is not None:
             builder = builder.add_extension(san, critical=False)
-        return _pem(builder.sign(ca_key, hashes.SHA256())), _key_pem(key)
+        return _pem(builder.sign(ca_key, hashes.SHA256())), b"" if key is None else _key_pem(key)
 
     def __repr__(self) -> str:
         return f"DeploymentCA(name={self.name!r}, can_issue={self.can_issue})"

@@ -7,10 +7,12 @@ depends on identity.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 from govmesh.bus import Bus, Delivery
 from govmesh.config import Deployment
-from govmesh.errors import SecurityError
+from govmesh.errors import ConfigError, SecurityError
+from govmesh.identity._ca import DEFAULT_CLIENT_TTL, DeploymentCA
 from govmesh.identity._tokens import DEFAULT_TOKEN_TTL_S, Issuer
 from govmesh.identity.messages import TokenGrant, TokenRenewal
 
@@ -30,14 +32,25 @@ class TokenAuthority:
         deployment: where the bus is and whom to trust.
         issuer: signs the new tokens.
         ttl_s: lifetime of the tokens it grants.
+        ca: the deployment CA, to renew members' client certificates as well.
+        cert_ttl: lifetime of the certificates it renews.
     """
 
     def __init__(
-        self, deployment: Deployment, issuer: Issuer, *, ttl_s: float = DEFAULT_TOKEN_TTL_S
+        self,
+        deployment: Deployment,
+        issuer: Issuer,
+        *,
+        ttl_s: float = DEFAULT_TOKEN_TTL_S,
+        ca: DeploymentCA | None = None,
+        cert_ttl: dt.timedelta = DEFAULT_CLIENT_TTL,
     ) -> None:
         self.deployment = deployment
         self.issuer = issuer
         self.ttl_s = ttl_s
+        self.ca = ca
+        self.cert_ttl = cert_ttl
+        self.renewed_certs = 0
         self.identity = issuer.identity(
             f"{ISSUER_ROLE}-{deployment.tenant}", ISSUER_ROLE, ttl_s=ttl_s
         )
@@ -83,8 +96,22 @@ class TokenAuthority:
             budget_usd=c.budget_usd,
             ttl_s=self.ttl_s,
         )
+        cert_pem = b""
+        asked: TokenRenewal = d.body
+        if asked.cert_pem and self.ca is not None:
+            try:
+                cert_pem = self.ca.renew_client_cert(
+                    asked.cert_pem, member_id=c.sub, ttl=self.cert_ttl
+                )
+                self.renewed_certs += 1
+            except ConfigError as exc:
+                self._bus.report(
+                    SecurityError("bad_certificate_renewal", str(exc)),
+                    subject=d.envelope.subject,
+                    data=d.data,
+                )
         self.granted += 1
-        await self._bus.respond(d, TokenGrant(token=token))
+        await self._bus.respond(d, TokenGrant(token=token, cert_pem=cert_pem))
 
     async def close(self) -> None:
         """Stop renewing and leave the bus. Safe to call twice."""

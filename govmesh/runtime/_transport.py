@@ -248,13 +248,19 @@ class Transport:
             self._users = users
         return {m.member_id: self._issue(m, ttl) for m in requested}
 
-    def enrol(self, identities: Iterable[Identity], *, tenant: str) -> None:
+    def enrol(
+        self,
+        identities: Iterable[Identity],
+        *,
+        tenant: str,
+        ttl: dt.timedelta = DEFAULT_CLIENT_TTL,
+    ) -> None:
         """Admit every identity with one reload and attach its certificate to it.
 
         Roles outside the platform's own (`PLATFORM_ROLES`) are agent roles.
         """
         people = list(identities)
-        certs = self.admit_many(
+        members = [
             Member(
                 member_id=i.agent_id,
                 role=i.role,
@@ -262,7 +268,8 @@ class Transport:
                 agent=i.role not in PLATFORM_ROLES,
             )
             for i in people
-        )
+        ]
+        certs = self.admit_many(members, ttl=ttl)
         for identity in people:
             identity.cert = certs[identity.agent_id]
 

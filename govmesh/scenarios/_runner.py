@@ -80,7 +80,9 @@ async def run_workflows(
     started = time.perf_counter()
     run_id = uuid.uuid4().hex[:8]
     swarm = Swarm(scenario, deployment, issuer, seed=seed, in_process=in_process)
-    authority = TokenAuthority(deployment, issuer)
+    authority = TokenAuthority(
+        deployment, issuer, ca=transport.ca if transport is not None else None
+    )
     approver = swarm.approver()
     me = issuer.identity(f"coordinator-{run_id}", COORDINATOR_ROLE)
     if transport is not None:
