@@ -25,13 +25,22 @@ console = Console(stderr=True)
 out = Console()
 
 
+def _claim_sigterm() -> None:
+    """Make SIGTERM cancel the running main task, so every context manager cleans up.
+
+    Called again once Ray is up: ``ray.init`` installs its own SIGTERM handler, which dumps
+    a stack trace and exits without stopping what govmesh started in order.
+    """
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro``; Ctrl-C and SIGTERM cancel it so every context manager cleans up."""
 
     async def guarded() -> T:
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        _claim_sigterm()
         return await coro
 
     try:
@@ -77,6 +86,7 @@ def up() -> None:
     async def serve() -> None:
         # Plain NATS: clients of another process get no certificates from this one yet.
         async with Runtime(secure=False) as rt:
+            _claim_sigterm()
             out.print(f"GOVMESH_NATS_URL={rt.nats_url}")
             out.print(f"GOVMESH_REDIS_URL={rt.redis_url}")
             if rt.ray_address:
@@ -127,6 +137,7 @@ def run(
             progress.update(task, advance=1, tally=text, description="workflows")
 
         def on_phase(text: str) -> None:
+            _claim_sigterm()  # phases after the first run with Ray up
             progress.update(task, description=text)
 
         report = _run(

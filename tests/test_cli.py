@@ -13,6 +13,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from _procs import processes_using, processes_with_marker, wait_until_gone
 
 ROOT = Path(__file__).parent.parent
@@ -80,10 +82,11 @@ def test_run_reports_all_outcomes_and_leaves_nothing_running(tmp_path: Path) -> 
     assert wait_until_gone(mark, directory=session, timeout=60) == []
 
 
-def test_ctrl_c_mid_run_stops_every_service_it_started() -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_interrupt_mid_run_stops_every_service_it_started(signum: int) -> None:
     mark = uuid.uuid4().hex
     proc = _start(
-        ["run", "scenarios/procurement.yaml", "--workflows", "100000", "--seed", "2"], mark
+        ["run", "scenarios/procurement.yaml", "--workflows", "20000", "--seed", "2"], mark
     )
     try:
         session = _ray_session(mark, proc)
@@ -94,7 +97,7 @@ def test_ctrl_c_mid_run_stops_every_service_it_started() -> None:
             time.sleep(0.2)
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         time.sleep(2)  # let workflows flow, so the interrupt lands mid-run
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
