@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from collections import Counter
@@ -12,7 +14,7 @@ import msgspec
 
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
-from govmesh.errors import SecurityError
+from govmesh.errors import PolicyError, SecurityError
 from govmesh.governance._evaluator import EvalContext, Intent, Verdict, evaluate, intent_hash
 from govmesh.governance._policy import PolicySet, load_policies
 from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest, Decision, ToolIntent
@@ -24,6 +26,8 @@ __all__ = ["OPERATOR_ROLE", "GovernanceService"]
 OPERATOR_ROLE = "operator"
 GOVERNANCE_ROLE = "governance"
 QUEUE = "governance"
+
+log = logging.getLogger(__name__)
 
 
 def authorize_intent(claims: Claims, intent: ToolIntent) -> None:
@@ -51,8 +55,9 @@ class GovernanceService(Service):
     Args:
         deployment: where the services are and whom to trust.
         identity: this actor's identity (role ``governance``).
-        policy_paths: the policy files in force.
+        policy_paths: the policy files in force; re-read when they change.
         decision_ttl_s: how long an allow decision may be presented to the gateway.
+        reload_interval_s: how often to look at the policy files for changes.
     """
 
     def __init__(
@@ -62,9 +67,16 @@ class GovernanceService(Service):
         *,
         policy_paths: list[str],
         decision_ttl_s: float = 60.0,
+        reload_interval_s: float = 1.0,
     ) -> None:
         super().__init__(deployment, identity)
-        self.policies: PolicySet = load_policies([Path(p) for p in policy_paths])
+        self._paths = [Path(p) for p in policy_paths]
+        self._stamp = self._file_stamp()
+        self.policies: PolicySet = load_policies(self._paths)
+        self._reload_interval_s = reload_interval_s
+        self._watch: asyncio.Task[None] | None = None
+        self.reloads = 0
+        self.reload_errors = 0
         self._decision_ttl_s = decision_ttl_s
         self._codec = msgspec.msgpack.Encoder()
         self._request_decoder = msgspec.msgpack.Decoder(ApprovalRequest)
@@ -85,10 +97,65 @@ class GovernanceService(Service):
             accepts=ApprovalRequest | ApprovalAnswer,
             queue=QUEUE,
         )
+        self._watch = asyncio.create_task(self._watch_policies(), name="policy-reload")
+
+    def _file_stamp(self) -> tuple[tuple[str, int, int], ...]:
+        stamps = []
+        for path in self._paths:
+            try:
+                st = path.stat()
+                stamps.append((str(path), st.st_mtime_ns, st.st_size))
+            except OSError:
+                stamps.append((str(path), -1, -1))
+        return tuple(stamps)
+
+    async def _watch_policies(self) -> None:
+        while True:
+            await asyncio.sleep(self._reload_interval_s)
+            self.reload_if_changed()
+
+    def reload_if_changed(self) -> bool:
+        """Load the policy files again if they changed; returns whether a new policy set is
+        now in force.
+
+        A file that no longer loads leaves the policy set in force untouched (a half-saved
+        or mistyped edit must never open or close the gate by accident); the error is
+        logged with its file and line and counted in `reload_errors`.
+        """
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            fresh = load_policies(self._paths)
+        except PolicyError as exc:
+            self.reload_errors += 1
+            log.error("policy reload refused, %s stays in force: %s", self.policies.hash, exc)
+            return False
+        if fresh.hash == self.policies.hash:
+            return False
+        log.info("policy %s replaces %s", fresh.hash, self.policies.hash)
+        self.policies = fresh
+        self.reloads += 1
+        return True
 
     def stats(self) -> dict[str, Any]:
         """Counters, plus decisions by outcome and the policy hash in force."""
-        return {**super().stats(), "decided": dict(self.decided), "policy": self.policies.hash}
+        return {
+            **super().stats(),
+            "decided": dict(self.decided),
+            "policy": self.policies.hash,
+            "reloads": self.reloads,
+            "reload_errors": self.reload_errors,
+        }
+
+    async def close(self) -> None:
+        """Stop watching the policy files, then leave. Safe to call twice."""
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
+        await super().close()
 
     async def _on_intent(self, d: Delivery) -> None:
         body: ToolIntent = d.body
