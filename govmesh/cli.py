@@ -13,7 +13,14 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from govmesh.errors import GovmeshError
@@ -23,6 +30,26 @@ __all__ = ["main"]
 T = TypeVar("T")
 console = Console(stderr=True)
 out = Console()
+
+
+json_option = click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the report as JSON here.",
+)
+
+
+def _progress(*extra: ProgressColumn) -> Progress:
+    """The progress bar every long command shows, on stderr."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra,
+        TimeElapsedColumn(),
+        console=console,
+    )
 
 
 def _claim_sigterm() -> None:
@@ -108,26 +135,14 @@ def up() -> None:
     type=click.IntRange(1),
     help="Workflows in flight at once.",
 )
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the full report as JSON here.",
-)
+@json_option
 def run(
     scenario: Path, workflows: int, seed: int, concurrency: int, json_path: Path | None
 ) -> None:
     """Run SCENARIO with a swarm of agent actors and print a summary."""
     from govmesh.scenarios import run_scenario
 
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[tally]}"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with _progress(TextColumn("{task.fields[tally]}")) as progress:
         task = progress.add_task("starting", total=workflows, tally="")
         tally: dict[str, int] = {}
 
@@ -170,6 +185,7 @@ def _summary(report: dict[str, Any]) -> Table:
         f"failed {w['failed']}",
     )
     table.add_row("decisions", f"allow {d['allow']}, deny {d['deny']}, escalate {d['escalate']}")
+    table.add_row("decisions replayed", f"{d['replayed']}, {d['replay_differences']} differences")
     table.add_row(
         "approvals (simulated approver)",
         f"approved {report['approvals']['approved']}, rejected {report['approvals']['rejected']}",
@@ -214,23 +230,12 @@ def bench() -> None:
     help="Timed request/reply exchanges per pair.",
 )
 @click.option("--warmup", default=100, show_default=True, type=click.IntRange(0))
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the report as JSON here.",
-)
+@json_option
 def bench_auth(agents: int, messages: int, warmup: int, json_path: Path | None) -> None:
     """Request/reply over plain NATS, mutual TLS, and full mTLS-A, in one run."""
     from govmesh.bench._auth import SETUPS, run_auth_bench
 
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with _progress() as progress:
         task = progress.add_task("auth", total=len(SETUPS) * 2 * agents * messages)
 
         def tick(setup: str, n: int) -> None:
@@ -257,6 +262,138 @@ def bench_auth(agents: int, messages: int, warmup: int, json_path: Path | None) 
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"report written to {json_path}")
+
+
+@bench.command("governance")
+@click.option(
+    "--decisions",
+    default=100_000,
+    show_default=True,
+    type=click.IntRange(100),
+    help="Timed in-process decisions per engine (seed policy, 100 policies, cedarpy).",
+)
+@click.option(
+    "--intents",
+    default=2000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Intents over the signed bus in each phase (latency, then throughput).",
+)
+@json_option
+def bench_governance(decisions: int, intents: int, json_path: Path | None) -> None:
+    """Decision latency in process and over the bus, throughput, and cedarpy, in one run."""
+    from govmesh.bench._governance import run_governance_bench
+
+    with _progress() as progress:
+        timed = decisions // 100 * 100
+        task = progress.add_task("governance", total=3 * timed + 2 * intents)
+
+        def tick(phase: str, n: int) -> None:
+            if phase:
+                progress.update(task, description=phase)
+            progress.advance(task, n)
+
+        report = _run(run_governance_bench(decisions=decisions, intents=intents, tick=tick))
+    table = Table(title=f"govmesh bench governance: {timed:,} decisions, {intents:,} intents")
+    for column in ("measure", "p50", "p99", "target", "met"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    targets, met = report["targets"], report["met"]
+
+    def row(measure: str, p50: str, p99: str = "", target: str = "", key: str = "") -> None:
+        table.add_row(measure, p50, p99, target, ("yes" if met[key] else "no") if key else "")
+
+    seed, rules, cedar = (
+        report["in_process_us"],
+        report["in_process_100_rules_us"],
+        report["cedar_in_process_us"],
+    )
+    row(
+        "seed policy, us",
+        f"{seed['p50']:.2f}",
+        f"{seed['p99']:.2f}",
+        f"p50 <= {targets['in_process_p50_us']:g}",
+        "in_process_p50_us",
+    )
+    row("100 policies, us", f"{rules['p50']:.2f}", f"{rules['p99']:.2f}")
+    row("cedarpy (pre-parsed), us", f"{cedar['p50']:.2f}", f"{cedar['p99']:.2f}")
+    row(
+        "speedup vs cedarpy",
+        f"{report['speedup_vs_cedar']:.1f}x",
+        target=f"> {targets['speedup_vs_cedar']:g}x",
+        key="speedup_vs_cedar",
+    )
+    row("cedarpy disagreements", f"{report['cedar_disagreements']} / {report['cedar_compared']}")
+    bus, loaded = report["bus_ms"], report["bus_loaded_ms"]
+    row(
+        "bus intent to decision, ms",
+        f"{bus['p50']:.3f}",
+        f"{bus['p99']:.3f}",
+        f"p99 <= {targets['bus_p99_ms']:g}",
+        "bus_p99_ms",
+    )
+    row(f"bus, {report['window']} in flight, ms", f"{loaded['p50']:.3f}", f"{loaded['p99']:.3f}")
+    row(
+        f"decisions/s, {report['governance_actors']} actors",
+        f"{report['decisions_per_s']:,.0f}",
+        target=f">= {targets['decisions_per_s']:,.0f}",
+        key="decisions_per_s",
+    )
+    out.print(table)
+    console.print(f"[dim]{report['process_layout']}; event loop {report['event_loop']}[/]")
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"report written to {json_path}")
+
+
+@cli.group()
+def audit() -> None:
+    """Check what was decided."""
+
+
+@audit.command("replay")
+@click.option(
+    "--redis-url",
+    envvar="GOVMESH_REDIS_URL",
+    required=True,
+    help="The deployment's Redis (default: $GOVMESH_REDIS_URL).",
+)
+@click.option("--tenant", required=True, help="The tenant whose decisions to replay.")
+@json_option
+def audit_replay(redis_url: str, tenant: str, json_path: Path | None) -> None:
+    """Decide every recorded policy decision again, under the policy version and inputs it
+    was decided with, and report any difference. Exits 1 if there is one."""
+    import msgspec
+    import redis.asyncio as aioredis
+
+    from govmesh.bus import Subjects
+    from govmesh.config import key_prefix
+    from govmesh.governance._replay import replay
+
+    prefix = key_prefix(Subjects(tenant).tenant)  # Subjects validates the name
+
+    async def go() -> Any:
+        r = aioredis.Redis.from_url(redis_url)
+        try:
+            return await replay(r, prefix=prefix)
+        finally:
+            await r.aclose()
+
+    report = _run(go())
+    table = Table(title=f"govmesh audit replay: {tenant}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("decisions replayed", f"{report.decisions:,}")
+    table.add_row("same outcome and reasons", f"{report.matched:,}")
+    table.add_row("policy versions", str(report.policy_versions))
+    table.add_row("differences", str(len(report.mismatches)))
+    out.print(table)
+    for m in report.mismatches:
+        console.print(f"[red]difference[/] {m}")
+    if json_path is not None:
+        json_path.write_text(msgspec.json.encode(report).decode() + "\n")
+        console.print(f"report written to {json_path}")
+    if report.matched != report.decisions:
+        sys.exit(1)
 
 
 @cli.group()

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["Deployment"]
+__all__ = ["Deployment", "key_prefix"]
+
+
+def key_prefix(tenant: str) -> str:
+    """The Redis key prefix of ``tenant``; every key govmesh writes starts with it."""
+    return f"gm:{tenant}"
 
 
 class Deployment(msgspec.Struct, frozen=True, kw_only=True):
@@ -31,4 +36,4 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def key_prefix(self) -> str:
         """The Redis key prefix for this tenant."""
-        return f"gm:{self.tenant}"
+        return key_prefix(self.tenant)

@@ -35,12 +35,7 @@ def deployment(
         if transport is not None
         else Issuer(name=name, audience=audience)
     )
-    dep = Deployment(
-        tenant=tenant,
-        nats_url=nats_url,
-        redis_url=redis_url,
-        audience=issuer.audience,
-        issuers=(issuer.public_key,),
-        tls=transport is not None,
+    dep = issuer.deployment(
+        tenant=tenant, nats_url=nats_url, redis_url=redis_url, tls=transport is not None
     )
     return dep, issuer

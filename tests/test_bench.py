@@ -47,3 +47,48 @@ def test_bench_auth_measures_three_setups_and_writes_json(tmp_path: Path) -> Non
         assert r["msgs_per_s"] > 0
     assert report["overhead_ms"]["p50"] == report["mtls_a"]["p50_ms"] - report["plain"]["p50_ms"]
     assert "mtls_a - plain" in proc.stdout
+
+
+def test_bench_governance_decides_in_process_against_cedar_and_over_the_bus(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "governance.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "govmesh.cli",
+            "bench",
+            "governance",
+            "--decisions",
+            "500",
+            "--intents",
+            "40",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["decisions"] == 500
+    for key in ("in_process_us", "in_process_100_rules_us", "cedar_in_process_us", "bus_ms"):
+        assert 0 < report[key]["p50"] <= report[key]["p99"], key
+    assert 0 < report["bus_loaded_ms"]["p50"] <= report["bus_loaded_ms"]["p99"]
+    assert set(report["in_process_outcomes"]["seed"]) == {"allow", "deny", "escalate"}
+    assert set(report["in_process_outcomes"]["100_rules"]) == {"allow", "deny", "escalate"}
+    assert report["cedar_compared"] > 0
+    assert report["cedar_disagreements"] == 0
+    assert report["cedar_preparsed"] is True
+    expected = report["cedar_in_process_us"]["p50"] / report["in_process_us"]["p50"]
+    assert report["speedup_vs_cedar"] == expected
+    assert report["bus_intents"] == 2 * 40
+    assert sum(report["bus_outcomes"].values()) == 2 * 40 + report["bus_warmup"]
+    assert report["bus_outcomes"].get("deny", 0) == 0
+    assert len(report["decisions_per_actor"]) == report["governance_actors"] == 2
+    assert report["decisions_per_s"] > 0
+    assert set(report["met"]) == set(report["targets"])
+    assert "speedup vs cedarpy" in proc.stdout

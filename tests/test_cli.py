@@ -74,6 +74,8 @@ def test_run_reports_all_outcomes_and_leaves_nothing_running(tmp_path: Path) -> 
     assert report["workflows"]["finished"] == report["workflows"]["total"] == 50
     for outcome in ("allow", "deny", "escalate"):
         assert report["decisions"][outcome] > 0, report["decisions"]
+    assert report["decisions"]["replayed"] == 50
+    assert report["decisions"]["replay_differences"] == 0
     assert report["governance_latency_ms"]["p99"] >= report["governance_latency_ms"]["p50"] > 0
     assert report["tokens"] > 0 and report["cost_usd"] > 0
     assert report["model"]["simulated"] is True

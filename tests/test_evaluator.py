@@ -19,12 +19,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from govmesh.governance import (
+    DEFAULT_APPROVAL_EXPIRY_S,
     OBLIGATION_AWAIT_APPROVAL,
     OBLIGATION_RECORD_SPEND,
     EvalContext,
     Intent,
     Policy,
     PolicySet,
+    RateLimit,
     Verdict,
     evaluate,
     intent_hash,
@@ -36,14 +38,19 @@ from govmesh.governance import (
 ROLE = "Procurement-Agent-v2"
 SEED_FILE = Path(__file__).resolve().parents[1] / "policies" / "procurement-agent-v2.yaml"
 SEED = load_policy_file(SEED_FILE)
+STRICT_FILE = SEED_FILE.with_name("procurement-strict.yaml")
+SEED_AND_STRICT = load_policies([SEED_FILE, STRICT_FILE])
+CREATE_PO = "erp.create_purchase_order"
 RANK = {"allow": 0, "escalate": 1, "deny": 2}
 
 
-def purchase(role: str = ROLE, step: int = 1, **args: Any) -> Intent:
+def purchase(
+    role: str = ROLE, step: int = 1, tool: str = "create_purchase_order", **args: Any
+) -> Intent:
     return Intent(
         agent="agent-7",
         role=role,
-        tool="create_purchase_order",
+        tool=tool,
         args=args,
         workflow="wf-1",
         step=step,
@@ -311,6 +318,248 @@ def test_identical_reasons_from_several_policies_appear_once() -> None:
     assert verdict.reasons == ("vendor 'Vendor_C' is not in allowed_vendors",)
 
 
+# --- tools, daily limit, rate limit, approval expiry -----------------------------------------
+
+
+def test_seed_policy_does_not_restrict_its_procurement_tool() -> None:
+    verdict = evaluate(
+        SEED, purchase(tool=CREATE_PO, vendor="Vendor_A", amount_usd=3000), EvalContext()
+    )
+
+    assert verdict.outcome == "allow"
+
+
+def test_seed_escalation_carries_the_default_approval_terms() -> None:
+    verdict = evaluate(SEED, purchase(vendor="Vendor_A", amount_usd=7000), EvalContext())
+
+    assert verdict.approval_expiry_s == DEFAULT_APPROVAL_EXPIRY_S
+    assert verdict.on_expiry == "deny"
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "ctx", "outcome", "reasons"),
+    [
+        (CREATE_PO, {"vendor": "Vendor_A", "amount_usd": 3000}, EvalContext(), "allow", None),
+        (
+            CREATE_PO,
+            {"vendor": "Vendor_A", "amount_usd": 7000},
+            EvalContext(),
+            "escalate",
+            ("amount 7000 is over require_approval_if_over 5000",),
+        ),
+        (
+            CREATE_PO,
+            {"vendor": "Vendor_A", "amount_usd": 12000},
+            EvalContext(),
+            "deny",
+            ("amount 12000 exceeds spending_limit_usd 10000",),
+        ),
+        (
+            "erp.delete_vendor",
+            {"vendor": "Vendor_A"},
+            EvalContext(),
+            "deny",
+            ("tool 'erp.delete_vendor' is not in allowed_tools",),
+        ),
+        (
+            CREATE_PO,
+            {"vendor": "Vendor_A", "amount_usd": 3000},
+            EvalContext(day_spend_usd=47000.0),
+            "allow",
+            None,
+        ),
+        (
+            CREATE_PO,
+            {"vendor": "Vendor_A", "amount_usd": 3000},
+            EvalContext(day_spend_usd=47000.5),
+            "deny",
+            ("amount 3000 plus spend today 47000.5 (total 50000.5) exceeds daily_limit_usd 50000",),
+        ),
+        (
+            CREATE_PO,
+            {"vendor": "Vendor_A", "amount_usd": 7000},
+            EvalContext(day_spend_usd=45000.0),
+            "deny",
+            ("amount 7000 plus spend today 45000 (total 52000) exceeds daily_limit_usd 50000",),
+        ),
+        (CREATE_PO, {"vendor": "Vendor_A"}, EvalContext(recent_calls=119), "allow", None),
+        (
+            CREATE_PO,
+            {"vendor": "Vendor_A"},
+            EvalContext(recent_calls=120),
+            "deny",
+            ("120 calls in the last 60 s reach rate_limit of 120 per 60 s",),
+        ),
+        (
+            "erp.delete_vendor",
+            {"vendor": "Vendor_C", "amount_usd": 7000},
+            EvalContext(recent_calls=500),
+            "deny",
+            (
+                "tool 'erp.delete_vendor' is not in allowed_tools",
+                "500 calls in the last 60 s reach rate_limit of 120 per 60 s",
+                "vendor 'Vendor_C' is not in allowed_vendors",
+            ),
+        ),
+    ],
+    ids=[
+        "3000_allow",
+        "7000_escalate",
+        "12000_deny",
+        "other_tool_deny",
+        "day_limit_reached_exactly_allow",
+        "day_limit_passed_deny",
+        "day_limit_beats_escalation",
+        "119_recent_calls_allow",
+        "120_recent_calls_deny",
+        "every_reason_at_once",
+    ],
+)
+def test_strict_example_composes_with_the_seed_deny_over_escalate_over_allow(
+    tool: str,
+    args: dict[str, Any],
+    ctx: EvalContext,
+    outcome: str,
+    reasons: tuple[str, ...] | None,
+) -> None:
+    verdict = evaluate(SEED_AND_STRICT, purchase(tool=tool, **args), ctx)
+
+    assert verdict.outcome == outcome
+    if reasons is not None:
+        assert set(verdict.reasons) == set(reasons)
+        assert len(verdict.reasons) == len(reasons)
+    assert verdict.policy_hash == SEED_AND_STRICT.hash
+
+
+def test_strict_example_shortens_the_approval_of_seed_escalations() -> None:
+    intent = purchase(tool=CREATE_PO, vendor="Vendor_A", amount_usd=7000)
+
+    verdict = evaluate(SEED_AND_STRICT, intent, EvalContext())
+
+    assert verdict.escalation == "human_review"
+    assert verdict.approval_expiry_s == 3600.0
+    assert verdict.on_expiry == "deny"
+    assert verdict.obligations == (OBLIGATION_AWAIT_APPROVAL, OBLIGATION_RECORD_SPEND)
+
+
+def test_allow_and_deny_carry_no_approval_expiry() -> None:
+    for amount in (3000, 12000):
+        verdict = evaluate(
+            SEED_AND_STRICT,
+            purchase(tool=CREATE_PO, vendor="Vendor_A", amount_usd=amount),
+            EvalContext(),
+        )
+
+        assert verdict.approval_expiry_s is None
+        assert verdict.on_expiry == "deny"
+
+
+def test_strict_example_tells_the_caller_the_rate_window() -> None:
+    assert SEED_AND_STRICT.rate_window_s(ROLE) == 60.0
+    assert SEED.rate_window_s(ROLE) is None
+
+
+def test_split_purchases_hit_the_daily_limit_across_workflows() -> None:
+    outcomes = []
+    day_spend = 0.0
+    for workflow in range(15):
+        verdict = evaluate(
+            SEED_AND_STRICT,
+            purchase(tool=CREATE_PO, step=workflow, vendor="Vendor_B", amount_usd=4000),
+            EvalContext(day_spend_usd=day_spend),
+        )
+        outcomes.append(verdict.outcome)
+        if verdict.outcome == "allow":
+            day_spend += 4000
+
+    assert outcomes == ["allow"] * 12 + ["deny"] * 3
+    assert "exceeds daily_limit_usd 50000" in verdict.reasons[0]
+
+
+DENYLIST = """\
+policy:
+  agent: Procurement-Agent-v2
+  denied_tools: [erp.delete_vendor, mail.send]
+"""
+
+
+def test_denied_tools_deny_whatever_else_allows() -> None:
+    policies = parse_policy_text(SEED_FILE.read_text() + "---\n" + DENYLIST)
+
+    denied = evaluate(policies, purchase(tool="mail.send", vendor="Vendor_A"), EvalContext())
+    allowed = evaluate(policies, purchase(tool=CREATE_PO, vendor="Vendor_A"), EvalContext())
+
+    assert denied.outcome == "deny"
+    assert denied.reasons == ("tool 'mail.send' is in denied_tools",)
+    assert allowed.outcome == "allow"
+
+
+def test_a_role_whose_policies_all_list_tools_is_denied_any_other_tool() -> None:
+    verdict = evaluate(
+        SEED_AND_STRICT, purchase(tool="shell.exec", vendor="Vendor_A"), EvalContext()
+    )
+
+    assert verdict.outcome == "deny"
+    assert verdict.reasons == ("tool 'shell.exec' is not in allowed_tools",)
+
+
+def test_rate_limit_of_zero_calls_denies_every_call() -> None:
+    policies = parse_policy_text(
+        "policy: {agent: Auditor, rate_limit: {calls: 0, per_seconds: 1}}\n"
+    )
+    intent = purchase(role="Auditor")
+
+    assert evaluate(policies, intent, EvalContext()).outcome == "deny"
+
+
+def test_on_expiry_allow_needs_every_policy_of_the_role() -> None:
+    lenient = "policy: {agent: Procurement-Agent-v2, on_expiry: allow, approval_expiry_s: 60}\n"
+    intent = purchase(vendor="Vendor_A", amount_usd=7000)
+
+    alone = evaluate(
+        parse_policy_text(SEED_FILE.read_text() + "---\n" + lenient), intent, EvalContext()
+    )
+    seed_lenient = parse_policy_text(
+        SEED_FILE.read_text().replace("human_review", "human_review\n  on_expiry: allow")
+        + "---\n"
+        + lenient
+    )
+    both = evaluate(seed_lenient, intent, EvalContext())
+
+    assert (alone.outcome, alone.approval_expiry_s, alone.on_expiry) == ("escalate", 60.0, "deny")
+    assert (both.outcome, both.approval_expiry_s, both.on_expiry) == ("escalate", 60.0, "allow")
+
+
+@pytest.mark.parametrize(
+    "ctx",
+    [
+        EvalContext(day_spend_usd=math.nan),
+        EvalContext(day_spend_usd=-1.0),
+        EvalContext(day_spend_usd=math.inf),
+        EvalContext(recent_calls=-1),
+        EvalContext(recent_calls=True),
+        EvalContext(recent_calls=1.5),  # type: ignore[arg-type]
+    ],
+    ids=repr,
+)
+def test_invalid_new_context_figures_fail_closed_and_say_why(ctx: EvalContext) -> None:
+    verdict = evaluate(SEED, purchase(vendor="Vendor_A", amount_usd=1), ctx)
+
+    assert verdict.outcome == "deny"
+    assert verdict.reasons[0].startswith(("day_spend_usd must", "recent_calls must"))
+
+
+def test_integer_day_spend_is_accepted() -> None:
+    ctx = EvalContext(day_spend_usd=48000)
+
+    verdict = evaluate(
+        SEED_AND_STRICT, purchase(tool=CREATE_PO, vendor="Vendor_A", amount_usd=4000), ctx
+    )
+
+    assert verdict.outcome == "deny"
+    assert "daily_limit_usd" in verdict.reasons[0]
+
+
 # --- intent hash ------------------------------------------------------------------------------
 
 
@@ -402,6 +651,12 @@ AMOUNTS = (
 )
 INVALID_AMOUNTS = st.sampled_from(["100", True, None, -1, -0.5, math.nan, math.inf, [1]])
 MISSING = object()
+TOOLS = [CREATE_PO, "erp.get_quote", "mail.send"]
+# Listed by no policy the strategies draw: the "unknown tool" of the default-deny law.
+UNLISTED_TOOL = "shell.exec"
+SPENDS = st.sampled_from([0.0, 4000.0, 8000.0, 10000.0]) | st.floats(
+    min_value=0, max_value=20000, allow_nan=False
+)
 
 
 @st.composite
@@ -411,6 +666,19 @@ def policies(draw: st.DrawFn) -> Policy:
     if limit is not None and threshold is not None and threshold > limit:
         limit, threshold = threshold, limit
     vendors = draw(st.none() | st.lists(st.sampled_from(VENDORS), unique=True, max_size=3))
+    tools = draw(st.permutations(TOOLS))
+    split = draw(st.integers(min_value=0, max_value=len(tools)))
+    allowed_tools = tuple(sorted(tools[:split])) if draw(st.booleans()) else None
+    denied_tools = tuple(sorted(tools[split:])) if draw(st.booleans()) else None
+    daily = draw(st.none() | LIMITS)
+    rate = draw(
+        st.none()
+        | st.builds(
+            RateLimit,
+            calls=st.integers(min_value=0, max_value=6),
+            per_seconds=st.sampled_from([1.0, 60.0, 0.5, 3600.0]),
+        )
+    )
     return Policy(
         agent=draw(st.sampled_from(AGENTS)),
         spending_limit_usd=None if limit is None else float(limit),
@@ -418,6 +686,12 @@ def policies(draw: st.DrawFn) -> Policy:
         allowed_vendors=None if vendors is None else tuple(vendors),
         reflection_loop_cap=draw(st.none() | st.integers(min_value=0, max_value=30)),
         escalation=draw(st.sampled_from(["human_review", "cfo_review", "legal_review"])),
+        allowed_tools=allowed_tools,
+        denied_tools=denied_tools,
+        daily_limit_usd=None if daily is None else float(daily),
+        rate_limit=rate,
+        approval_expiry_s=draw(st.sampled_from([DEFAULT_APPROVAL_EXPIRY_S, 60.0, 3600.0, 0.5])),
+        on_expiry=draw(st.sampled_from(["deny", "allow"])),
     )
 
 
@@ -438,7 +712,7 @@ def intents(draw: st.DrawFn, *, roles: Sequence[str] = (*AGENTS, "Unknown-Role")
     return Intent(
         agent=draw(st.sampled_from(["agent-1", "agent-2"])),
         role=draw(st.sampled_from(roles)),
-        tool=draw(st.sampled_from(["create_purchase_order", "send_email"])),
+        tool=draw(st.sampled_from([*TOOLS, UNLISTED_TOOL])),
         args=args,
         workflow=draw(st.sampled_from(["wf-1", "wf-2"])),
         step=draw(st.integers(min_value=0, max_value=50)),
@@ -448,17 +722,17 @@ def intents(draw: st.DrawFn, *, roles: Sequence[str] = (*AGENTS, "Unknown-Role")
 CONTEXTS = st.builds(
     EvalContext,
     reflections=st.integers(min_value=0, max_value=35) | st.just(-1),
-    workflow_spend_usd=(
-        st.sampled_from([0.0, 4000.0, 8000.0, 10000.0])
-        | st.floats(min_value=0, max_value=20000, allow_nan=False)
-        | st.sampled_from([math.nan, -1.0])
-    ),
+    workflow_spend_usd=SPENDS | st.sampled_from([math.nan, -1.0]),
     now=st.floats(min_value=0, max_value=2e9),
+    day_spend_usd=SPENDS | st.sampled_from([math.nan, -1.0, math.inf]),
+    recent_calls=st.integers(min_value=0, max_value=8) | st.just(-1),
 )
 VALID_CONTEXTS = st.builds(
     EvalContext,
     reflections=st.integers(min_value=0, max_value=35),
     workflow_spend_usd=st.floats(min_value=0, max_value=20000, allow_nan=False),
+    day_spend_usd=SPENDS,
+    recent_calls=st.integers(min_value=0, max_value=8),
 )
 
 
@@ -472,6 +746,15 @@ def to_yaml(items: Sequence[Policy]) -> str:
                 body[key] = getattr(policy, key)
         if policy.allowed_vendors is not None:
             body["allowed_vendors"] = list(policy.allowed_vendors)
+        for key in ("allowed_tools", "denied_tools"):
+            if getattr(policy, key) is not None:
+                body[key] = list(getattr(policy, key))
+        if policy.daily_limit_usd is not None:
+            body["daily_limit_usd"] = policy.daily_limit_usd
+        if policy.rate_limit is not None:
+            body["rate_limit"] = msgspec.structs.asdict(policy.rate_limit)
+        body["approval_expiry_s"] = policy.approval_expiry_s
+        body["on_expiry"] = policy.on_expiry
         documents.append(yaml.safe_dump({"policy": body}, sort_keys=False))
     return "---\n".join(documents)
 
@@ -480,13 +763,22 @@ def compile_set(items: Sequence[Policy]) -> PolicySet:
     return parse_policy_text(to_yaml(items))
 
 
-def reference(
-    items: Sequence[Policy], intent: Intent, ctx: EvalContext
-) -> tuple[str, set[str | None], tuple[str, ...]]:
-    """The semantics written out plainly, one policy at a time: (outcome, targets, obligations)."""
+class Expected(msgspec.Struct, frozen=True):
+    outcome: str
+    targets: set[str | None]
+    obligations: tuple[str, ...]
+    approval_expiry_s: float | None
+    on_expiry: str
+
+
+DENY = Expected("deny", {None}, (), None, "deny")
+
+
+def reference(items: Sequence[Policy], intent: Intent, ctx: EvalContext) -> Expected:
+    """The semantics written out plainly, one policy at a time."""
     mine = [policy for policy in items if policy.agent == intent.role]
     if not mine:
-        return "deny", {None}, ()
+        return DENY
 
     has_amount = "amount_usd" in intent.args
     amount: Any = intent.args.get("amount_usd")
@@ -498,9 +790,17 @@ def reference(
         else True
     )
     vendor_ok = vendor is None or isinstance(vendor, str)
-    context_ok = math.isfinite(spend) and spend >= 0 and ctx.reflections >= 0
+    day_spend = ctx.day_spend_usd
+    context_ok = (
+        math.isfinite(spend)
+        and spend >= 0
+        and math.isfinite(day_spend)
+        and day_spend >= 0
+        and ctx.reflections >= 0
+        and ctx.recent_calls >= 0
+    )
     if not (amount_ok and vendor_ok and context_ok):
-        return "deny", {None}, ()
+        return DENY
 
     decisions: list[tuple[str, str | None]] = []
     for policy in mine:
@@ -511,7 +811,20 @@ def reference(
         bad_vendor = policy.allowed_vendors is not None and vendor not in policy.allowed_vendors
         over_limit = has_amount and limit is not None and amount + spend > limit
         needs_approval = has_amount and threshold is not None and amount > threshold
-        if over_cap or bad_vendor or over_limit:
+        tool_denied = policy.denied_tools is not None and intent.tool in policy.denied_tools
+        tool_unlisted = policy.allowed_tools is not None and intent.tool not in policy.allowed_tools
+        over_rate = policy.rate_limit is not None and ctx.recent_calls >= policy.rate_limit.calls
+        daily = policy.daily_limit_usd
+        over_day = has_amount and daily is not None and amount + day_spend > daily
+        if (
+            over_cap
+            or bad_vendor
+            or over_limit
+            or tool_denied
+            or tool_unlisted
+            or over_rate
+            or over_day
+        ):
             decisions.append(("deny", None))
         elif needs_approval:
             decisions.append(("escalate", policy.escalation))
@@ -520,11 +833,16 @@ def reference(
 
     outcomes = {outcome for outcome, _ in decisions}
     if "deny" in outcomes:
-        return "deny", {None}, ()
+        return DENY
     if "escalate" in outcomes:
-        targets = {target for outcome, target in decisions if outcome == "escalate"}
-        return "escalate", targets, (OBLIGATION_AWAIT_APPROVAL, OBLIGATION_RECORD_SPEND)
-    return "allow", {None}, (OBLIGATION_RECORD_SPEND,) if has_amount else ()
+        return Expected(
+            "escalate",
+            {target for outcome, target in decisions if outcome == "escalate"},
+            (OBLIGATION_AWAIT_APPROVAL, OBLIGATION_RECORD_SPEND),
+            min(policy.approval_expiry_s for policy in mine),
+            "allow" if all(policy.on_expiry == "allow" for policy in mine) else "deny",
+        )
+    return Expected("allow", {None}, (OBLIGATION_RECORD_SPEND,) if has_amount else (), None, "deny")
 
 
 @settings(max_examples=2000, deadline=None)
@@ -535,11 +853,13 @@ def test_evaluator_agrees_with_the_reference_on_random_intents(
     compiled = compile_set(items)
     for intent, ctx in cases:
         verdict = evaluate(compiled, intent, ctx)
-        outcome, targets, obligations = reference(items, intent, ctx)
+        expected = reference(items, intent, ctx)
 
-        assert verdict.outcome == outcome, (intent, ctx, verdict)
-        assert verdict.escalation in targets
-        assert verdict.obligations == obligations
+        assert verdict.outcome == expected.outcome, (intent, ctx, verdict)
+        assert verdict.escalation in expected.targets
+        assert verdict.obligations == expected.obligations
+        assert verdict.approval_expiry_s == expected.approval_expiry_s
+        assert verdict.on_expiry == expected.on_expiry
         assert verdict.policy_hash == compiled.hash
         assert verdict.reasons
         assert len(set(verdict.reasons)) == len(verdict.reasons)
@@ -592,20 +912,61 @@ def test_raising_the_amount_never_relaxes_a_verdict(
 
 
 @settings(max_examples=300, deadline=None)
-@given(POLICY_LISTS, intents(roles=AGENTS), VALID_CONTEXTS, st.floats(0, 20000), st.integers(0, 9))
-def test_more_spend_or_reflections_never_relaxes_a_verdict(
-    items: list[Policy], intent: Intent, ctx: EvalContext, more_spend: float, more_loops: int
+@given(
+    POLICY_LISTS,
+    intents(roles=AGENTS),
+    VALID_CONTEXTS,
+    st.tuples(st.floats(0, 20000), st.integers(0, 9), st.floats(0, 60000), st.integers(0, 9)),
+)
+def test_more_spend_reflections_day_spend_or_calls_never_relaxes_a_verdict(
+    items: list[Policy],
+    intent: Intent,
+    ctx: EvalContext,
+    more: tuple[float, int, float, int],
 ) -> None:
+    more_spend, more_loops, more_day_spend, more_calls = more
     compiled = compile_set(items)
     later = EvalContext(
         reflections=ctx.reflections + more_loops,
         workflow_spend_usd=ctx.workflow_spend_usd + more_spend,
+        now=ctx.now + 1,
+        day_spend_usd=ctx.day_spend_usd + more_day_spend,
+        recent_calls=ctx.recent_calls + more_calls,
     )
 
     before = evaluate(compiled, intent, ctx).outcome
     after = evaluate(compiled, intent, later).outcome
 
     assert RANK[before] <= RANK[after]
+
+
+@settings(max_examples=500, deadline=None)
+@given(POLICY_LISTS, intents(roles=AGENTS), CONTEXTS)
+def test_a_tool_no_policy_of_a_tool_restricted_role_lists_is_denied(
+    items: list[Policy], intent: Intent, ctx: EvalContext
+) -> None:
+    mine = [policy for policy in items if policy.agent == intent.role]
+    unknown = msgspec.structs.replace(intent, tool=UNLISTED_TOOL)
+
+    verdict = evaluate(compile_set(items), unknown, ctx)
+
+    if any(policy.allowed_tools is not None for policy in mine):
+        assert verdict.outcome == "deny"
+        assert verdict.obligations == ()
+
+
+@settings(max_examples=300, deadline=None)
+@given(POLICY_LISTS, intents(roles=AGENTS), CONTEXTS, st.sampled_from(TOOLS))
+def test_a_denied_tool_is_denied_whatever_else_the_intent_says(
+    items: list[Policy], intent: Intent, ctx: EvalContext, tool: str
+) -> None:
+    if not any(
+        policy.agent == intent.role and tool in (policy.denied_tools or ()) for policy in items
+    ):
+        return
+    verdict = evaluate(compile_set(items), msgspec.structs.replace(intent, tool=tool), ctx)
+
+    assert verdict.outcome == "deny"
 
 
 @settings(max_examples=300, deadline=None)

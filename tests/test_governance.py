@@ -24,6 +24,17 @@ ARGS = {"item": "monitors", "vendor": "Vendor_A", "amount_usd": 3000.0}
 
 @pytest.fixture
 async def running(tmp_path, secure_nats, redis_server, prefix):
+    async for parts in _running(tmp_path, secure_nats, redis_server, prefix):
+        yield parts[:3]
+
+
+@pytest.fixture
+async def running_with_redis(tmp_path, secure_nats, redis_server, prefix):
+    async for parts in _running(tmp_path, secure_nats, redis_server, prefix):
+        yield parts
+
+
+async def _running(tmp_path, secure_nats, redis_server, prefix):
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
     policy = tmp_path / "policy.yaml"
@@ -54,7 +65,7 @@ async def running(tmp_path, secure_nats, redis_server, prefix):
         )
         return await asyncio.wait_for(decisions.get(), 10)
 
-    yield policy, governance, decide
+    yield policy, governance, decide, governance.redis, dep.key_prefix
     await agent.close()
     await governance.close()
 
@@ -91,3 +102,116 @@ async def test_a_broken_edit_keeps_the_policy_in_force(running) -> None:
     assert governance.reloads == 0
     assert decision.outcome == "allow"
     assert decision.policy_hash == before
+
+
+async def test_every_recorded_decision_replays_the_same_across_policy_versions(
+    running_with_redis,
+) -> None:
+    from govmesh.governance._replay import replay
+
+    policy, governance, decide, redis, key_prefix = running_with_redis
+    outcomes = [(await decide(f"wf-a{i}")).outcome for i in range(3)]
+    policy.write_text(
+        SEED.replace("require_approval_if_over: 5000", "require_approval_if_over: 1000")
+    )
+    await _wait_for(lambda: governance.reloads == 1)
+    outcomes += [(await decide(f"wf-b{i}")).outcome for i in range(3)]
+    assert outcomes == ["allow"] * 3 + ["escalate"] * 3
+
+    report = await replay(redis, prefix=key_prefix, batch=2)  # several batches
+
+    assert (report.decisions, report.matched, report.policy_versions) == (6, 6, 2)
+    assert report.mismatches == []
+
+
+async def test_replay_reports_a_record_that_does_not_decide_the_same(running_with_redis) -> None:
+    import msgspec
+
+    from govmesh.governance._replay import DecisionRecord, decisions_key, replay
+
+    _, _, decide, redis, key_prefix = running_with_redis
+    await decide("wf-c1")
+    ((_, fields),) = await redis.xrange(decisions_key(key_prefix))
+    genuine = msgspec.msgpack.decode(fields[b"record"], type=DecisionRecord)
+    forged = msgspec.structs.replace(genuine, intent_id="forged", outcome="escalate")
+    unknown = msgspec.structs.replace(genuine, intent_id="orphan", policy_hash="0" * 64)
+    for record in (forged, unknown):
+        await redis.xadd(decisions_key(key_prefix), {"record": msgspec.msgpack.encode(record)})
+
+    report = await replay(redis, prefix=key_prefix)
+
+    assert (report.decisions, report.matched) == (3, 1)
+    assert {m["intent_id"]: m["difference"].split(":")[0] for m in report.mismatches} == {
+        "forged": "now allow",
+        "orphan": "policy version not recorded",
+    }
+
+
+LIMITS = """\
+policy:
+  agent: Procurement-Agent-v2
+  spending_limit_usd: 10000
+  allowed_vendors: [Vendor_A, Vendor_B]
+  daily_limit_usd: 5000
+  rate_limit: {calls: 3, per_seconds: 60}
+"""
+
+
+async def test_rate_and_daily_limits_are_enforced_from_recorded_calls_and_spend(
+    running,
+) -> None:
+    policy, governance, decide = running
+    policy.write_text(LIMITS)
+    await _wait_for(lambda: governance.reloads == 1)
+
+    first = await decide("wf-d1")  # 3000 of the day's 5000
+    second = await decide("wf-d2")  # another 3000: over the day, though a new workflow
+    third = await decide("wf-d3")  # still over the day
+    fourth = await decide("wf-d4")  # the fourth call inside the 60 s window
+
+    assert first.outcome == "allow"
+    assert second.outcome == "deny" and any("daily" in r for r in second.reasons)
+    assert third.outcome == "deny"
+    assert fourth.outcome == "deny" and any("rate" in r for r in fourth.reasons)
+
+
+async def test_audit_replay_command_exits_1_only_when_a_decision_differs(
+    running_with_redis, redis_server, prefix, tmp_path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    import msgspec
+
+    from govmesh.governance._replay import DecisionRecord, decisions_key
+
+    _, _, decide, redis, key_prefix = running_with_redis
+    await decide("wf-e1")
+    await decide("wf-e2")
+    command = [
+        sys.executable,
+        "-m",
+        "govmesh.cli",
+        "audit",
+        "replay",
+        "--tenant",
+        prefix,
+        "--redis-url",
+        redis_server.url,
+        "--json",
+        str(tmp_path / "replay.json"),
+    ]
+
+    clean = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert clean.returncode == 0, clean.stderr
+    report = json.loads((tmp_path / "replay.json").read_text())
+    assert (report["decisions"], report["matched"], report["mismatches"]) == (2, 2, [])
+
+    (_, fields), *_ = await redis.xrange(decisions_key(key_prefix))
+    genuine = msgspec.msgpack.decode(fields[b"record"], type=DecisionRecord)
+    changed = msgspec.structs.replace(genuine, intent_id="edited", reasons=("edited",))
+    await redis.xadd(decisions_key(key_prefix), {"record": msgspec.msgpack.encode(changed)})
+    dirty = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert dirty.returncode == 1
+    assert "edited" in dirty.stderr

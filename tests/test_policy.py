@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 
 from govmesh.errors import GovmeshError, PolicyError
 from govmesh.governance import (
+    DEFAULT_APPROVAL_EXPIRY_S,
     Policy,
     PolicySet,
+    RateLimit,
     load_policies,
     load_policy_file,
     parse_policy_text,
@@ -27,6 +29,7 @@ MINUS_SIGN = "\u2212"
 LEFT_QUOTE, RIGHT_QUOTE = "\u2018", "\u2019"
 
 SEED_FILE = Path(__file__).resolve().parents[1] / "policies" / "procurement-agent-v2.yaml"
+STRICT_FILE = SEED_FILE.with_name("procurement-strict.yaml")
 
 SEED = """\
 policy:
@@ -64,6 +67,17 @@ def test_seed_policy_file_loads_as_written_with_exact_values() -> None:
     assert type(policies.policies[0].spending_limit_usd) is float
     assert type(policies.policies[0].reflection_loop_cap) is int
     assert policies.hash == SEED_HASH
+
+
+def test_seed_policy_has_no_tool_restriction_and_default_approval_terms() -> None:
+    (policy,) = load_policy_file(SEED_FILE).policies
+
+    assert policy.allowed_tools is None
+    assert policy.denied_tools is None
+    assert policy.daily_limit_usd is None
+    assert policy.rate_limit is None
+    assert policy.approval_expiry_s == DEFAULT_APPROVAL_EXPIRY_S == 86400.0
+    assert policy.on_expiry == "deny"
 
 
 def test_seed_text_and_seed_file_have_the_same_hash() -> None:
@@ -124,6 +138,120 @@ def test_plain_decimal_spellings_of_a_limit_are_the_same_value(spelling: str) ->
 )
 def test_hash_changes_when_a_value_changes(old: str, new: str) -> None:
     assert parse_policy_text(SEED.replace(old, new)).hash != SEED_HASH
+
+
+STRICT = """\
+policy:
+  agent: Procurement-Agent-v2
+  allowed_tools: [erp.create_purchase_order, erp.get_quote]
+  denied_tools: [erp.delete_vendor]
+  daily_limit_usd: 50000
+  rate_limit: {calls: 120, per_seconds: 60}
+  approval_expiry_s: 3600
+  on_expiry: deny
+"""
+
+
+def test_new_keys_load_with_exact_values() -> None:
+    (policy,) = parse_policy_text(STRICT, source="strict.yaml").policies
+
+    assert policy == Policy(
+        agent="Procurement-Agent-v2",
+        allowed_tools=("erp.create_purchase_order", "erp.get_quote"),
+        denied_tools=("erp.delete_vendor",),
+        daily_limit_usd=50000.0,
+        rate_limit=RateLimit(calls=120, per_seconds=60.0),
+        approval_expiry_s=3600.0,
+        source="strict.yaml",
+    )
+    assert type(policy.daily_limit_usd) is float
+    assert type(policy.rate_limit and policy.rate_limit.per_seconds) is float
+    assert policy.allowed_tool_set == frozenset({"erp.create_purchase_order", "erp.get_quote"})
+    assert policy.denied_tool_set == frozenset({"erp.delete_vendor"})
+
+
+def test_example_strict_policy_file_loads_for_the_procurement_role() -> None:
+    (policy,) = load_policy_file(STRICT_FILE).policies
+
+    assert policy == Policy(
+        agent="Procurement-Agent-v2",
+        allowed_tools=("erp.create_purchase_order",),
+        daily_limit_usd=50000.0,
+        rate_limit=RateLimit(calls=120, per_seconds=60.0),
+        approval_expiry_s=3600.0,
+        on_expiry="deny",
+        source=str(STRICT_FILE),
+    )
+
+
+def test_example_strict_policy_composes_with_the_seed() -> None:
+    both = load_policies([STRICT_FILE, SEED_FILE])
+
+    assert {p.source for p in both.for_agent("Procurement-Agent-v2")} == {
+        str(STRICT_FILE),
+        str(SEED_FILE),
+    }
+    assert both == load_policies([SEED_FILE, STRICT_FILE, SEED_FILE])
+    assert both.hash not in (SEED_HASH, load_policy_file(STRICT_FILE).hash)
+
+
+def test_spelling_out_the_default_approval_terms_keeps_the_seed_hash() -> None:
+    text = SEED + "  approval_expiry_s: 86400\n  on_expiry: deny\n"
+
+    assert parse_policy_text(text).hash == SEED_HASH
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("[erp.create_purchase_order, erp.get_quote]", "[erp.create_purchase_order]"),
+        ("[erp.delete_vendor]", "[]"),
+        ("  denied_tools: [erp.delete_vendor]\n", ""),
+        ("50000", "50001"),
+        ("calls: 120", "calls: 121"),
+        ("per_seconds: 60", "per_seconds: 61"),
+        ("3600", "3601"),
+        ("on_expiry: deny", "on_expiry: allow"),
+    ],
+)
+def test_hash_changes_when_a_new_key_changes(old: str, new: str) -> None:
+    assert parse_policy_text(STRICT.replace(old, new)).hash != parse_policy_text(STRICT).hash
+
+
+def test_empty_tool_lists_are_kept_and_distinct_from_no_list() -> None:
+    base = "policy:\n  agent: A\n"
+    (allowed_none,) = parse_policy_text(base + "  allowed_tools: []\n").policies
+    hashes = {
+        parse_policy_text(base + extra).hash
+        for extra in ("", "  allowed_tools: []\n", "  denied_tools: []\n")
+    }
+
+    assert allowed_none.allowed_tools == ()
+    assert len(hashes) == 3
+
+
+def test_rate_window_is_the_longest_window_of_the_role() -> None:
+    policies = parse_policy_text(
+        STRICT
+        + "---\npolicy: {agent: Procurement-Agent-v2, rate_limit: {calls: 5, per_seconds: 1.5}}\n"
+        + "---\npolicy: {agent: Auditor}\n"
+    )
+
+    assert policies.rate_window_s("Procurement-Agent-v2") == 60.0
+    assert policies.rate_window_s("Auditor") is None
+    assert policies.rate_window_s("Nobody") is None
+
+
+def test_approval_terms_take_the_strictest_of_the_role() -> None:
+    lenient = (
+        "---\npolicy: {agent: Procurement-Agent-v2, approval_expiry_s: 60, on_expiry: allow}\n"
+    )
+    policies = parse_policy_text(SEED + lenient)
+    only_lenient = parse_policy_text(lenient)
+
+    assert policies.approval_terms("Procurement-Agent-v2") == (60.0, "deny")
+    assert only_lenient.approval_terms("Procurement-Agent-v2") == (60.0, "allow")
+    assert policies.approval_terms("Nobody") == (DEFAULT_APPROVAL_EXPIRY_S, "deny")
 
 
 SEED_VARIANTS = {
@@ -200,10 +328,14 @@ def test_bytes_order_mark_is_ignored(tmp_path: Path) -> None:
     assert load_policy_file(path).hash == SEED_HASH
 
 
-def replace_line(number: int, new: str) -> str:
-    lines = SEED.splitlines()
+def replace_line(number: int, new: str, *, text: str = SEED) -> str:
+    lines = text.splitlines()
     lines[number - 1] = new
     return "\n".join(lines) + "\n"
+
+
+def strict_line(number: int, new: str) -> str:
+    return replace_line(number, new, text=STRICT)
 
 
 # (text, expected 1-based line, a fragment the one-line message must contain)
@@ -286,6 +418,106 @@ BAD_POLICIES: dict[str, tuple[str, int, str]] = {
         6,
         "U+2018",
     ),
+    # --- tools, daily limit, rate limit, approval expiry ---
+    "tools_typo": (
+        strict_line(3, "  allowed_tool: [erp.create_purchase_order]"),
+        3,
+        "'allowed_tool' in policy; did you mean 'allowed_tools'?",
+    ),
+    "tools_string_not_list": (
+        strict_line(3, "  allowed_tools: erp.create_purchase_order"),
+        3,
+        "allowed_tools must be a list of names, got the string 'erp.create_purchase_order'",
+    ),
+    "numeric_tool": (strict_line(4, "  denied_tools: [42]"), 4, "denied_tools must be a string"),
+    "empty_tool": (strict_line(4, "  denied_tools: ['']"), 4, "''"),
+    "nested_tool": (strict_line(4, "  denied_tools: [[erp.x]]"), 4, "'[erp.x]'"),
+    "duplicate_tool": (
+        strict_line(4, "  denied_tools: [erp.x, erp.x]"),
+        4,
+        "tool 'erp.x' is listed twice (first on line 4)",
+    ),
+    "tool_allowed_and_denied": (
+        strict_line(4, "  denied_tools:\n    - erp.x\n    - erp.get_quote"),
+        6,
+        "tool 'erp.get_quote' is in both allowed_tools (line 3) and denied_tools",
+    ),
+    "en_dash_tool_bullet": (
+        strict_line(3, f"  allowed_tools:\n    {EN_DASH} erp.create_purchase_order"),
+        4,
+        f"en dash ('{EN_DASH}', U+2013); YAML lists use '-': "
+        f"'    {EN_DASH} erp.create_purchase_order'",
+    ),
+    "bullet_tool": (strict_line(4, "  denied_tools:\n    • erp.x"), 5, "'    • erp.x'"),
+    "negative_daily_limit": (strict_line(5, "  daily_limit_usd: -50000"), 5, "'-50000'"),
+    "quoted_daily_limit": (strict_line(5, "  daily_limit_usd: '50000'"), 5, "'50000'"),
+    "infinite_daily_limit": (strict_line(5, "  daily_limit_usd: .inf"), 5, "'.inf'"),
+    "daily_limit_typo": (
+        strict_line(5, "  daily_limit: 50000"),
+        5,
+        "did you mean 'daily_limit_usd'?",
+    ),
+    "rate_limit_scalar": (strict_line(6, "  rate_limit: 120"), 6, "rate_limit must be a mapping"),
+    "rate_limit_list": (strict_line(6, "  rate_limit: [120, 60]"), 6, "'[120, 60]'"),
+    "rate_limit_unknown_key": (
+        strict_line(6, "  rate_limit: {calls: 120, per_second: 60}"),
+        6,
+        "unknown key 'per_second' in rate_limit; did you mean 'per_seconds'?",
+    ),
+    "rate_limit_without_calls": (
+        strict_line(6, "  rate_limit: {per_seconds: 60}"),
+        6,
+        "rate_limit has no 'calls'",
+    ),
+    "rate_limit_without_window": (
+        strict_line(6, "  rate_limit:\n    calls: 120"),
+        7,
+        "rate_limit has no 'per_seconds'",
+    ),
+    "negative_rate_calls": (
+        strict_line(6, "  rate_limit:\n    calls: -1\n    per_seconds: 60"),
+        7,
+        "rate_limit.calls must not be negative, got '-1'",
+    ),
+    "fractional_rate_calls": (
+        strict_line(6, "  rate_limit: {calls: 1.5, per_seconds: 60}"),
+        6,
+        "'1.5'",
+    ),
+    "zero_rate_window": (
+        strict_line(6, "  rate_limit:\n    calls: 120\n    per_seconds: 0"),
+        8,
+        "rate_limit.per_seconds must be greater than zero, got '0'",
+    ),
+    "negative_rate_window": (
+        strict_line(6, "  rate_limit: {calls: 120, per_seconds: -60}"),
+        6,
+        "'-60'",
+    ),
+    "word_rate_window": (
+        strict_line(6, "  rate_limit: {calls: 120, per_seconds: a minute}"),
+        6,
+        "'a minute'",
+    ),
+    "duplicate_rate_key": (
+        strict_line(6, "  rate_limit:\n    calls: 1\n    calls: 2\n    per_seconds: 60"),
+        8,
+        "duplicate key 'calls' (first on line 7)",
+    ),
+    "zero_expiry": (
+        strict_line(7, "  approval_expiry_s: 0"),
+        7,
+        "approval_expiry_s must be greater than zero, got '0'",
+    ),
+    "negative_expiry": (strict_line(7, "  approval_expiry_s: -3600"), 7, "'-3600'"),
+    "string_expiry": (strict_line(7, "  approval_expiry_s: 1h"), 7, "'1h'"),
+    "unknown_on_expiry": (
+        strict_line(8, "  on_expiry: escalate"),
+        8,
+        "on_expiry must be 'deny' or 'allow', got 'escalate'",
+    ),
+    "boolean_on_expiry": (strict_line(8, "  on_expiry: no"), 8, "on_expiry must be a string"),
+    "capitalised_on_expiry": (strict_line(8, "  on_expiry: Deny"), 8, "'Deny'"),
 }
 
 
@@ -378,6 +610,12 @@ def test_file_errors_carry_the_file_path_and_line(tmp_path: Path) -> None:
 
 AGENTS = ["Procurement-Agent-v2", "Auditor", "yes", "10000", "Agent with spaces"]
 VENDORS = ["Vendor_A", "Vendor_B", "Vendor_C", "null", "Vendör_Ω"]
+TOOLS = ["erp.create_purchase_order", "erp.get_quote", "mail.send", "true", "Tool with spaces"]
+POSITIVE = st.one_of(
+    st.sampled_from([1, 60, 3600, 86400]),
+    st.integers(min_value=1, max_value=10**7),
+    st.floats(min_value=0.001, max_value=1e7, allow_nan=False, allow_infinity=False),
+)
 AMOUNTS = st.one_of(
     st.sampled_from([0, 1, 4000, 5000, 10000]),
     st.integers(min_value=0, max_value=10**9),
@@ -392,13 +630,27 @@ def policy_bodies(draw: st.DrawFn) -> dict[str, object]:
     threshold = draw(st.none() | AMOUNTS)
     if limit is not None and threshold is not None and threshold > limit:
         limit, threshold = threshold, limit
-    optional = {
+    optional: dict[str, object] = {
         "spending_limit_usd": limit,
         "require_approval_if_over": threshold,
         "allowed_vendors": draw(st.none() | st.lists(st.sampled_from(VENDORS), unique=True)),
         "reflection_loop_cap": draw(st.none() | st.integers(min_value=0, max_value=100)),
         "escalation": draw(st.none() | st.sampled_from(["human_review", "cfo_review"])),
+        "daily_limit_usd": draw(st.none() | AMOUNTS),
+        "approval_expiry_s": draw(st.none() | POSITIVE),
+        "on_expiry": draw(st.none() | st.sampled_from(["deny", "allow"])),
     }
+    tools = draw(st.lists(st.sampled_from(TOOLS), unique=True))
+    split = draw(st.integers(min_value=0, max_value=len(tools)))
+    if draw(st.booleans()):
+        optional["allowed_tools"] = tools[:split]
+    if draw(st.booleans()):
+        optional["denied_tools"] = tools[split:]
+    if draw(st.booleans()):
+        optional["rate_limit"] = {
+            "calls": draw(st.integers(min_value=0, max_value=10**6)),
+            "per_seconds": draw(POSITIVE),
+        }
     body.update({key: value for key, value in optional.items() if value is not None})
     keys = draw(st.permutations(list(body)))
     return {key: body[key] for key in keys}
@@ -410,17 +662,31 @@ def expected_policy(body: dict[str, object]) -> Policy:
         assert value is None or isinstance(value, int | float)
         return None if value is None else float(value)
 
-    vendors = body.get("allowed_vendors")
+    def names(key: str) -> tuple[str, ...] | None:
+        value = body.get(key)
+        assert value is None or isinstance(value, list)
+        return None if value is None else tuple(sorted(value))
+
     cap = body.get("reflection_loop_cap")
-    assert vendors is None or isinstance(vendors, list)
+    rate = body.get("rate_limit")
+    expiry = number("approval_expiry_s")
     assert cap is None or isinstance(cap, int)
+    assert rate is None or isinstance(rate, dict)
     return Policy(
         agent=str(body["agent"]),
         spending_limit_usd=number("spending_limit_usd"),
         require_approval_if_over=number("require_approval_if_over"),
-        allowed_vendors=None if vendors is None else tuple(sorted(vendors)),
+        allowed_vendors=names("allowed_vendors"),
         reflection_loop_cap=cap,
         escalation=str(body.get("escalation", "human_review")),
+        allowed_tools=names("allowed_tools"),
+        denied_tools=names("denied_tools"),
+        daily_limit_usd=number("daily_limit_usd"),
+        rate_limit=None
+        if rate is None
+        else RateLimit(calls=rate["calls"], per_seconds=float(rate["per_seconds"])),
+        approval_expiry_s=DEFAULT_APPROVAL_EXPIRY_S if expiry is None else expiry,
+        on_expiry="allow" if body.get("on_expiry") == "allow" else "deny",
         source="<policy>",
     )
 

@@ -32,6 +32,7 @@ async def test_procurement_swarm_is_governed_end_to_end(
     assert w["finished"] == w["total"] == 50
     assert d["allow"] > 0 and d["deny"] > 0 and d["escalate"] > 0
     assert d["allow"] + d["deny"] + d["escalate"] == 50
+    assert (d["replayed"], d["replay_differences"]) == (50, 0)
     assert w["failed"] == 0
     assert report["model_calls"]["counted_by_budget"] == report["model_calls"]["reported_by_agents"]
     assert report["tokens"] > 0 and report["cost_usd"] > 0

@@ -176,13 +176,8 @@ async def _setup(name: str, stack: AsyncExitStack, workdir: Path, agents: int) -
             )
 
         return await _raw_pairs(stack, agents, tls)
-    deployment = Deployment(
-        tenant=subjects.tenant,
-        nats_url=server.url,
-        redis_url="",
-        audience=issuer.audience,
-        issuers=(issuer.public_key,),
-        tls=True,
+    deployment = issuer.deployment(
+        tenant=subjects.tenant, nats_url=server.url, redis_url="", tls=True
     )
     return await _signed_pairs(stack, agents, deployment, identities)
 

@@ -15,21 +15,27 @@ from govmesh.governance._evaluator import (
     intent_hash,
 )
 from govmesh.governance._policy import (
+    DEFAULT_APPROVAL_EXPIRY_S,
+    OnExpiry,
     Policy,
     PolicySet,
+    RateLimit,
     load_policies,
     load_policy_file,
     parse_policy_text,
 )
 
 __all__ = [
+    "DEFAULT_APPROVAL_EXPIRY_S",
     "OBLIGATION_AWAIT_APPROVAL",
     "OBLIGATION_RECORD_SPEND",
     "EvalContext",
     "Intent",
+    "OnExpiry",
     "Outcome",
     "Policy",
     "PolicySet",
+    "RateLimit",
     "Verdict",
     "evaluate",
     "intent_hash",

@@ -16,7 +16,15 @@ from govmesh.bus import Delivery
 from govmesh.config import Deployment
 from govmesh.errors import PolicyError, SecurityError
 from govmesh.governance._evaluator import EvalContext, Intent, Verdict, evaluate, intent_hash
-from govmesh.governance._policy import PolicySet, load_policies
+from govmesh.governance._policy import PolicySet
+from govmesh.governance._replay import (
+    DecisionRecord,
+    PolicySource,
+    decisions_key,
+    policy_key,
+    policy_set_of,
+    policy_sources,
+)
 from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest, Decision, ToolIntent
 from govmesh.identity import Claims, Identity
 from govmesh.service import Service
@@ -46,6 +54,10 @@ def authorize_intent(claims: Claims, intent: ToolIntent) -> None:
         )
 
 
+def _utc_day(now: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(now))
+
+
 class GovernanceService(Service):
     """Answers every tool intent with a signed allow, deny or escalate decision.
 
@@ -72,7 +84,8 @@ class GovernanceService(Service):
         super().__init__(deployment, identity)
         self._paths = [Path(p) for p in policy_paths]
         self._stamp = self._file_stamp()
-        self.policies: PolicySet = load_policies(self._paths)
+        self._sources, self.policies = self._load()
+        self._recorded_versions: set[str] = set()
         self._reload_interval_s = reload_interval_s
         self._watch: asyncio.Task[None] | None = None
         self.reloads = 0
@@ -98,6 +111,41 @@ class GovernanceService(Service):
             queue=QUEUE,
         )
         self._watch = asyncio.create_task(self._watch_policies(), name="policy-reload")
+
+    def _load(self) -> tuple[list[PolicySource], PolicySet]:
+        # Compiled from the very texts that are recorded, so a replay sees what was decided.
+        try:
+            sources = policy_sources(str(p) for p in self._paths)
+        except OSError as exc:
+            raise PolicyError(
+                f"cannot read policy file: {exc.strerror}", path=exc.filename
+            ) from None
+        return sources, policy_set_of(sources)
+
+    async def _record(
+        self,
+        d: Delivery,
+        intent: Intent,
+        ctx: EvalContext,
+        v: Verdict,
+        sources: list[PolicySource],
+    ) -> None:
+        prefix = self.deployment.key_prefix
+        if v.policy_hash not in self._recorded_versions:
+            await self.redis.set(
+                policy_key(prefix, v.policy_hash), msgspec.json.encode(sources), nx=True
+            )
+            self._recorded_versions.add(v.policy_hash)
+        record = DecisionRecord(
+            intent_id=d.envelope.id,
+            intent=intent,
+            context=ctx,
+            policy_hash=v.policy_hash,
+            outcome=v.outcome,
+            reasons=v.reasons,
+            decided_by=self.identity.agent_id,
+        )
+        await self.redis.xadd(decisions_key(prefix), {"record": self._codec.encode(record)})
 
     def _file_stamp(self) -> tuple[tuple[str, int, int], ...]:
         stamps = []
@@ -127,7 +175,7 @@ class GovernanceService(Service):
             return False
         self._stamp = stamp
         try:
-            fresh = load_policies(self._paths)
+            sources, fresh = self._load()
         except PolicyError as exc:
             self.reload_errors += 1
             log.error("policy reload refused, %s stays in force: %s", self.policies.hash, exc)
@@ -135,7 +183,7 @@ class GovernanceService(Service):
         if fresh.hash == self.policies.hash:
             return False
         log.info("policy %s replaces %s", fresh.hash, self.policies.hash)
-        self.policies = fresh
+        self._sources, self.policies = sources, fresh
         self.reloads += 1
         return True
 
@@ -169,13 +217,15 @@ class GovernanceService(Service):
             step=body.step,
         )
         ihash = intent_hash(intent)
-        spent = float(await self.redis.hget(self.key("spend"), workflow) or 0.0)
-        ctx = EvalContext(reflections=body.reflections, workflow_spend_usd=spent, now=time.time())
-        verdict = evaluate(self.policies, intent, ctx)
+        now = time.time()
+        ctx = await self._context(intent, body.reflections, now, call_id=d.envelope.id)
+        sources, policies = self._sources, self.policies  # one version, even across a reload
+        verdict = evaluate(policies, intent, ctx)
+        await self._record(d, intent, ctx, verdict, sources)
         self.decided[verdict.outcome] += 1
         approval_id = ""
         if verdict.outcome == "allow":
-            await self._commit_spend(workflow, body.args)
+            await self._commit_spend(workflow, intent.agent, body.args, now)
         elif verdict.outcome == "escalate":
             approval_id = await self._escalate(d, intent, ihash, verdict)
         decision = Decision(
@@ -199,10 +249,42 @@ class GovernanceService(Service):
             trace=d.envelope.trace,
         )
 
-    async def _commit_spend(self, workflow: str, args: dict[str, Any]) -> None:
+    async def _context(
+        self, intent: Intent, reflections: int, now: float, *, call_id: str
+    ) -> EvalContext:
+        """The figures the policy needs, read in one round trip: committed spend of the
+        workflow and of the agent's current UTC day, and the agent's calls in the rate
+        window (this call is counted for the next ones, not for itself)."""
+        window = self.policies.rate_window_s(intent.role)
+        calls_key = self.key("calls", intent.agent)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hget(self.key("spend"), intent.workflow)
+            pipe.hget(self.key("day-spend", _utc_day(now)), intent.agent)
+            if window is not None:
+                pipe.zremrangebyscore(calls_key, "-inf", now - window)
+                pipe.zcard(calls_key)
+                pipe.zadd(calls_key, {call_id: now})
+                pipe.expire(calls_key, int(window) + 1)
+            results = await pipe.execute()
+        return EvalContext(
+            reflections=reflections,
+            workflow_spend_usd=float(results[0] or 0.0),
+            day_spend_usd=float(results[1] or 0.0),
+            recent_calls=int(results[3]) if window is not None else 0,
+            now=now,
+        )
+
+    async def _commit_spend(
+        self, workflow: str, agent: str, args: dict[str, Any], now: float
+    ) -> None:
         amount = args.get("amount_usd")
         if isinstance(amount, int | float) and not isinstance(amount, bool):
-            await self.redis.hincrbyfloat(self.key("spend"), workflow, float(amount))
+            day_key = self.key("day-spend", _utc_day(now))
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hincrbyfloat(self.key("spend"), workflow, float(amount))
+                pipe.hincrbyfloat(day_key, agent, float(amount))
+                pipe.expire(day_key, 2 * 86_400)
+                await pipe.execute()
 
     async def _escalate(self, d: Delivery, intent: Intent, ihash: str, verdict: Verdict) -> str:
         approval_id = uuid.uuid4().hex
@@ -272,7 +354,7 @@ class GovernanceService(Service):
             self.key("approvals", "done"), answer.approval_id, msgspec.json.encode(record)
         )
         if answer.approved:
-            await self._commit_spend(request.workflow, request.args)
+            await self._commit_spend(request.workflow, request.agent, request.args, time.time())
         decision = Decision(
             intent_id=request.intent_id,
             intent_hash=request.intent_hash,

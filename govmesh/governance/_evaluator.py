@@ -12,7 +12,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from govmesh.governance._policy import PolicySet
+from govmesh.governance._policy import OnExpiry, PolicySet
 
 __all__ = [
     "OBLIGATION_AWAIT_APPROVAL",
@@ -28,7 +28,8 @@ __all__ = [
 Outcome = Literal["allow", "deny", "escalate"]
 
 OBLIGATION_RECORD_SPEND: Final = "record_spend"
-"""The enforcement point must add the intent's amount to the workflow's committed spend."""
+"""The enforcement point must add the intent's amount to the workflow's committed spend and to
+the agent's spend for the UTC day (the figures behind ``EvalContext``)."""
 OBLIGATION_AWAIT_APPROVAL: Final = "await_approval"
 """The intent may run only after the escalation target approves it."""
 
@@ -60,11 +61,18 @@ class EvalContext(msgspec.Struct, frozen=True, kw_only=True):
         reflections: reflection iterations the agent has used on this workflow so far.
         workflow_spend_usd: spend already committed (allowed or approved) on this workflow.
         now: unix time of the decision; an input so replays are exact.
+        day_spend_usd: spend already committed by the requesting agent since 00:00 UTC of the
+            day that contains ``now``; checked against ``daily_limit_usd``.
+        recent_calls: tool calls the requesting agent made in the last
+            ``PolicySet.rate_window_s(role)`` seconds, not counting this one; checked against
+            ``rate_limit``.
     """
 
     reflections: int = 0
     workflow_spend_usd: float = 0.0
     now: float = 0.0
+    day_spend_usd: float = 0.0
+    recent_calls: int = 0
 
 
 class Verdict(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,6 +85,9 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
             ``("record_spend",)``.
         policy_hash: hash of the policy set that decided.
         escalation: who must approve, when the outcome is ``"escalate"``.
+        approval_expiry_s: when the outcome is ``"escalate"``, seconds the approval may stay
+            unanswered; otherwise ``None``. See ``PolicySet.approval_terms``.
+        on_expiry: what an unanswered escalation becomes once its approval expires.
     """
 
     outcome: Outcome
@@ -84,11 +95,14 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     obligations: tuple[str, ...]
     policy_hash: str
     escalation: str | None = None
+    approval_expiry_s: float | None = None
+    on_expiry: OnExpiry = "deny"
 
 
 _AMOUNT: Final = "amount_usd"
 _VENDOR: Final = "vendor"
 _ABSENT: Final = object()
+_INF: Final = math.inf
 _SHOW_LIMIT: Final = 80
 _ALLOW_OBLIGATIONS: Final = (OBLIGATION_RECORD_SPEND,)
 _ESCALATE_OBLIGATIONS: Final = (OBLIGATION_AWAIT_APPROVAL, OBLIGATION_RECORD_SPEND)
@@ -97,12 +111,20 @@ _ESCALATE_OBLIGATIONS: Final = (OBLIGATION_AWAIT_APPROVAL, OBLIGATION_RECORD_SPE
 def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
     """Decide an intent under every policy for its role; default deny.
 
-    Each policy denies when the reflection count is over its cap, when it lists vendors and the
-    intent names none of them, or when the amount plus the workflow's committed spend is over its
-    limit; otherwise it escalates when the amount is over its approval threshold, and otherwise
-    allows. Policies compose as deny over escalate over allow, so adding a policy for a role that
-    already has one can only make its decisions stricter. Invalid inputs (a non-numeric or
-    negative amount, a non-string vendor, a negative or non-finite context figure) deny.
+    Each policy denies when the tool is in its ``denied_tools``, when it lists
+    ``allowed_tools`` and the tool is not among them, when the agent's recent calls have reached
+    its rate limit, when the reflection count is over its cap, when it lists vendors and the
+    intent names none of them, when the amount plus the workflow's committed spend is over its
+    limit, or when the amount plus the agent's spend today is over its daily limit; otherwise it
+    escalates when the amount is over its approval threshold, and otherwise allows. Policies
+    compose as deny over escalate over allow, so adding a policy for a role that already has one
+    can only make its decisions stricter. Invalid inputs (a non-numeric or negative amount, a
+    non-string vendor, a negative or non-finite context figure) deny.
+
+    A role with no policy is denied every tool. A tool is unknown to a role when some policy
+    for the role lists ``allowed_tools`` without it, and is then denied; a role none of whose
+    policies lists ``allowed_tools`` is restricted to the tools its identity token names,
+    which the governance actor checks before the evaluator runs.
 
     Args:
         policies: the compiled policy set in force.
@@ -131,28 +153,52 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
     vendor = intent.args.get(_VENDOR)
     if vendor is not None and not isinstance(vendor, str):
         problems.append(f"vendor must be a string, got {_show(vendor)}")
-    spent = _non_negative(ctx.workflow_spend_usd)
-    if spent is None:
-        problems.append(
-            f"workflow_spend_usd must be a non-negative number, got {ctx.workflow_spend_usd!r}"
-        )
-        spent = 0.0
-    if isinstance(ctx.reflections, bool) or not isinstance(ctx.reflections, int):
-        problems.append(f"reflections must be a whole number, got {ctx.reflections!r}")
-    elif ctx.reflections < 0:
-        problems.append(f"reflections must not be negative, got {ctx.reflections!r}")
+    spent, day_spent = ctx.workflow_spend_usd, ctx.day_spend_usd
+    reflections, recent_calls = ctx.reflections, ctx.recent_calls
+    # The context is almost always plain floats and ints; check that inline and keep the
+    # function calls that explain a bad figure off the hot path.
+    if not (
+        type(spent) is float
+        and 0.0 <= spent < _INF
+        and type(day_spent) is float
+        and 0.0 <= day_spent < _INF
+    ):
+        spent = _context_amount("workflow_spend_usd", spent, problems)
+        day_spent = _context_amount("day_spend_usd", day_spent, problems)
+    if not (
+        type(reflections) is int
+        and reflections >= 0
+        and type(recent_calls) is int
+        and recent_calls >= 0
+    ):
+        _check_count("reflections", reflections, problems)
+        _check_count("recent_calls", recent_calls, problems)
     if problems:
         return Verdict(
             outcome="deny", reasons=tuple(problems), obligations=(), policy_hash=policies.hash
         )
 
+    tool = intent.tool
     denials: list[str] = []
     escalations: list[str] = []
     escalation: str | None = None
     for policy in rules:
+        denied_tools = policy.denied_tool_set
+        if denied_tools is not None and tool in denied_tools:
+            denials.append(f"tool {_show(tool)} is in denied_tools")
+        allowed_tools = policy.allowed_tool_set
+        if allowed_tools is not None and tool not in allowed_tools:
+            denials.append(f"tool {_show(tool)} is not in allowed_tools")
+        rate = policy.rate_limit
+        if rate is not None and recent_calls >= rate.calls:
+            window = _usd(rate.per_seconds)
+            denials.append(
+                f"{recent_calls} calls in the last {window} s reach "
+                f"rate_limit of {rate.calls} per {window} s"
+            )
         cap = policy.reflection_loop_cap
-        if cap is not None and ctx.reflections > cap:
-            denials.append(f"reflections {ctx.reflections} exceed reflection_loop_cap {cap}")
+        if cap is not None and reflections > cap:
+            denials.append(f"reflections {reflections} exceed reflection_loop_cap {cap}")
         vendors = policy.vendor_set
         if vendors is not None:
             if vendor is None:
@@ -170,6 +216,12 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
                 )
             else:
                 denials.append(f"amount {_usd(amount)} exceeds spending_limit_usd {_usd(limit)}")
+        daily = policy.daily_limit_usd
+        if daily is not None and amount + day_spent > daily:
+            denials.append(
+                f"amount {_usd(amount)} plus spend today {_usd(day_spent)} "
+                f"(total {_usd(amount + day_spent)}) exceeds daily_limit_usd {_usd(daily)}"
+            )
         threshold = policy.require_approval_if_over
         if threshold is not None and amount > threshold:
             escalations.append(
@@ -187,12 +239,15 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
             policy_hash=policies.hash,
         )
     if escalations:
+        expiry, on_expiry = policies.approval_terms(intent.role)
         return Verdict(
             outcome="escalate",
             reasons=tuple(dict.fromkeys(escalations)),
             obligations=_ESCALATE_OBLIGATIONS,
             policy_hash=policies.hash,
             escalation=escalation,
+            approval_expiry_s=expiry,
+            on_expiry=on_expiry,
         )
     count = len(rules)
     return Verdict(
@@ -232,14 +287,34 @@ def intent_hash(intent: Intent) -> str:
 
 
 def _non_negative(raw: object) -> float | None:
-    # bool is an int subclass, but True is not an amount of money.
-    if isinstance(raw, bool) or not isinstance(raw, int | float):
-        return None
-    try:
+    if isinstance(raw, float):
         value = float(raw)
-    except OverflowError:
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        # bool is an int subclass, but True is not an amount of money.
+        try:
+            value = float(raw)
+        except OverflowError:
+            return None
+    else:
         return None
-    return value if math.isfinite(value) and value >= 0 else None
+    # NaN fails both comparisons.
+    return value if 0.0 <= value < _INF else None
+
+
+def _context_amount(name: str, raw: object, problems: list[str]) -> float:
+    value = _non_negative(raw)
+    if value is None:
+        problems.append(f"{name} must be a non-negative number, got {raw!r}")
+        return 0.0
+    return value
+
+
+def _check_count(name: str, raw: object, problems: list[str]) -> None:
+    # bool is an int subclass, but True is not a count.
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        problems.append(f"{name} must be a whole number, got {raw!r}")
+    elif raw < 0:
+        problems.append(f"{name} must not be negative, got {raw!r}")
 
 
 def _usd(value: float) -> str:

@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Final, NoReturn
+from typing import Final, Literal, NoReturn
 
 import msgspec
 import yaml
@@ -25,7 +25,36 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from govmesh.errors import PolicyError
 
-__all__ = ["Policy", "PolicySet", "load_policies", "load_policy_file", "parse_policy_text"]
+__all__ = [
+    "DEFAULT_APPROVAL_EXPIRY_S",
+    "OnExpiry",
+    "Policy",
+    "PolicySet",
+    "RateLimit",
+    "compose_policies",
+    "load_policies",
+    "load_policy_file",
+    "parse_policy_text",
+]
+
+
+OnExpiry = Literal["deny", "allow"]
+"""What happens to an escalated intent nobody answers before its approval expires."""
+
+DEFAULT_APPROVAL_EXPIRY_S: Final = 86400.0
+"""How long an escalated intent waits for approval when its policy does not say: one day."""
+
+
+class RateLimit(msgspec.Struct, frozen=True, kw_only=True):
+    """At most ``calls`` tool calls by one agent in any ``per_seconds`` window.
+
+    Attributes:
+        calls: calls allowed in the window; the next one is denied.
+        per_seconds: the window length in seconds (positive).
+    """
+
+    calls: int
+    per_seconds: float
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True, dict=True):
@@ -39,6 +68,13 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, dict=True):
             restriction.
         reflection_loop_cap: most reflection iterations allowed per workflow, or ``None``.
         escalation: where escalated intents go, e.g. ``"human_review"``.
+        allowed_tools: the only tools the role may call under this policy (sorted), or ``None``
+            for no tool restriction from this policy.
+        denied_tools: tools the role may never call (sorted), or ``None``.
+        daily_limit_usd: cap on one agent's spend per UTC day, or ``None`` for no cap.
+        rate_limit: most calls by one agent per time window, or ``None``.
+        approval_expiry_s: seconds an escalated intent waits for an answer.
+        on_expiry: the outcome of an escalated intent left unanswered past its expiry.
         source: the file the policy came from; not part of the policy's identity or hash.
     """
 
@@ -48,12 +84,28 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, dict=True):
     allowed_vendors: tuple[str, ...] | None = None
     reflection_loop_cap: int | None = None
     escalation: str = "human_review"
+    allowed_tools: tuple[str, ...] | None = None
+    denied_tools: tuple[str, ...] | None = None
+    daily_limit_usd: float | None = None
+    rate_limit: RateLimit | None = None
+    approval_expiry_s: float = DEFAULT_APPROVAL_EXPIRY_S
+    on_expiry: OnExpiry = "deny"
     source: str = ""
 
     @functools.cached_property
     def vendor_set(self) -> frozenset[str] | None:
         """``allowed_vendors`` as a frozenset, built once, for constant-time membership."""
         return None if self.allowed_vendors is None else frozenset(self.allowed_vendors)
+
+    @functools.cached_property
+    def allowed_tool_set(self) -> frozenset[str] | None:
+        """``allowed_tools`` as a frozenset, built once, for constant-time membership."""
+        return None if self.allowed_tools is None else frozenset(self.allowed_tools)
+
+    @functools.cached_property
+    def denied_tool_set(self) -> frozenset[str] | None:
+        """``denied_tools`` as a frozenset, built once, for constant-time membership."""
+        return None if self.denied_tools is None else frozenset(self.denied_tools)
 
 
 class PolicySet(msgspec.Struct, frozen=True, dict=True):
@@ -75,6 +127,26 @@ class PolicySet(msgspec.Struct, frozen=True, dict=True):
         """Return the policies governing ``role`` (empty when none does)."""
         return self._by_role.get(role, ())
 
+    def rate_window_s(self, role: str) -> float | None:
+        """Return the window over which the caller must count ``EvalContext.recent_calls``.
+
+        It is the longest ``rate_limit.per_seconds`` among the policies governing ``role``, or
+        ``None`` when none of them has a rate limit. Counting over the longest window can only
+        overcount for a policy with a shorter one, so the result errs towards denying.
+        """
+        return self._rate_windows.get(role)
+
+    def approval_terms(self, role: str) -> tuple[float, OnExpiry]:
+        """Return how long an escalation for ``role`` waits, and what it becomes when it lapses.
+
+        Every policy governing the role has a say, and the strictest wins: the shortest
+        ``approval_expiry_s``, and ``"allow"`` on expiry only when every one of them says
+        ``on_expiry: allow``. A stricter policy file added for a role thus shortens its
+        approvals too, and adding a policy never relaxes them. A role without policies gets
+        the defaults.
+        """
+        return self._approval_terms.get(role, (DEFAULT_APPROVAL_EXPIRY_S, "deny"))
+
     @functools.cached_property
     def _by_role(self) -> dict[str, tuple[Policy, ...]]:
         # Built once per set so a lookup on the evaluation path is a single dict access.
@@ -82,6 +154,24 @@ class PolicySet(msgspec.Struct, frozen=True, dict=True):
         for policy in self.policies:
             grouped.setdefault(policy.agent, []).append(policy)
         return {role: tuple(group) for role, group in grouped.items()}
+
+    @functools.cached_property
+    def _approval_terms(self) -> dict[str, tuple[float, OnExpiry]]:
+        terms: dict[str, tuple[float, OnExpiry]] = {}
+        for role, group in self._by_role.items():
+            expiry = min(float(policy.approval_expiry_s) for policy in group)
+            lenient = all(policy.on_expiry == "allow" for policy in group)
+            terms[role] = (expiry, "allow" if lenient else "deny")
+        return terms
+
+    @functools.cached_property
+    def _rate_windows(self) -> dict[str, float]:
+        windows: dict[str, float] = {}
+        for policy in self.policies:
+            if policy.rate_limit is not None:
+                seconds = policy.rate_limit.per_seconds
+                windows[policy.agent] = max(seconds, windows.get(policy.agent, seconds))
+        return windows
 
 
 def load_policy_file(path: str | Path) -> PolicySet:
@@ -118,6 +208,12 @@ def parse_policy_text(text: str, *, source: str = "<policy>") -> PolicySet:
     return _compose(_Parser(text, source).policies())
 
 
+def compose_policies(policies: Iterable[Policy]) -> PolicySet:
+    """Compose already compiled policies (e.g. from several `parse_policy_text` results)
+    into one set, exactly as `load_policies` composes files."""
+    return _compose(policies)
+
+
 _FORMAT: Final = "govmesh.policy-set/1"
 _FIELDS: Final[tuple[str, ...]] = tuple(f for f in Policy.__struct_fields__ if f != "source")
 
@@ -127,16 +223,37 @@ def _canonical(policy: Policy) -> str:
         # int and float spellings of one limit must hash alike; + 0.0 folds -0.0 into 0.0.
         return None if value is None else float(value) + 0.0
 
-    vendors = policy.allowed_vendors
+    def names(values: tuple[str, ...] | None) -> list[str] | None:
+        return None if values is None else sorted(set(values))
+
+    form: dict[str, object] = {
+        "agent": policy.agent,
+        "allowed_vendors": names(policy.allowed_vendors),
+        "escalation": policy.escalation,
+        "reflection_loop_cap": policy.reflection_loop_cap,
+        "require_approval_if_over": number(policy.require_approval_if_over),
+        "spending_limit_usd": number(policy.spending_limit_usd),
+    }
+    # Keys added after the first format appear only when they differ from their default, so
+    # every policy written before they existed keeps its hash (snapshots and audit records
+    # store it), and spelling out a default changes nothing.
+    if policy.allowed_tools is not None:
+        form["allowed_tools"] = names(policy.allowed_tools)
+    if policy.denied_tools is not None:
+        form["denied_tools"] = names(policy.denied_tools)
+    if policy.daily_limit_usd is not None:
+        form["daily_limit_usd"] = number(policy.daily_limit_usd)
+    if policy.rate_limit is not None:
+        form["rate_limit"] = {
+            "calls": policy.rate_limit.calls,
+            "per_seconds": number(policy.rate_limit.per_seconds),
+        }
+    if float(policy.approval_expiry_s) != DEFAULT_APPROVAL_EXPIRY_S:
+        form["approval_expiry_s"] = number(policy.approval_expiry_s)
+    if policy.on_expiry != "deny":
+        form["on_expiry"] = policy.on_expiry
     return json.dumps(
-        {
-            "agent": policy.agent,
-            "allowed_vendors": None if vendors is None else sorted(set(vendors)),
-            "escalation": policy.escalation,
-            "reflection_loop_cap": policy.reflection_loop_cap,
-            "require_approval_if_over": number(policy.require_approval_if_over),
-            "spending_limit_usd": number(policy.spending_limit_usd),
-        },
+        form,
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -369,15 +486,35 @@ class _Parser:
             field("reflection_loop_cap"),
             field("escalation"),
         )
+        allowed, denied = field("allowed_tools"), field("denied_tools")
+        allowed_tools = None if allowed is None else self._names("allowed_tools", "tool", allowed)
+        denied_tools = None if denied is None else self._names("denied_tools", "tool", denied)
+        if allowed is not None and denied is not None:
+            self._check_disjoint_tools(allowed, denied)
+        rate, expiry, on_expiry = (
+            field("rate_limit"),
+            field("approval_expiry_s"),
+            field("on_expiry"),
+        )
         return Policy(
             agent=self._string("agent", entries["agent"][1]),
             spending_limit_usd=limit,
             require_approval_if_over=threshold,
-            allowed_vendors=None if vendors is None else self._vendors(vendors),
+            allowed_vendors=None
+            if vendors is None
+            else self._names("allowed_vendors", "vendor", vendors),
             reflection_loop_cap=None if cap is None else self._count("reflection_loop_cap", cap),
             escalation="human_review"
             if escalation is None
             else self._string("escalation", escalation),
+            allowed_tools=allowed_tools,
+            denied_tools=denied_tools,
+            daily_limit_usd=amount("daily_limit_usd"),
+            rate_limit=None if rate is None else self._rate_limit(rate),
+            approval_expiry_s=DEFAULT_APPROVAL_EXPIRY_S
+            if expiry is None
+            else self._positive("approval_expiry_s", expiry),
+            on_expiry="deny" if on_expiry is None else self._on_expiry(on_expiry),
             source=self._source,
         )
 
@@ -439,22 +576,74 @@ class _Parser:
             self._fail(f"{name} must be {kind} in plain decimal, got {text!r}", node, text)
         return text
 
-    def _vendors(self, node: Node) -> tuple[str, ...]:
+    def _names(self, name: str, noun: str, node: Node) -> tuple[str, ...]:
         if not isinstance(node, SequenceNode):
-            self._fail(f"allowed_vendors must be a list of names, got {self._show(node)}", node)
+            self._fail(f"{name} must be a list of names, got {self._show(node)}", node)
         seen: dict[str, int] = {}
         for item in node.value:
-            vendor = self._string("each vendor in allowed_vendors", item)
-            if vendor in seen:
+            value = self._string(f"each {noun} in {name}", item)
+            if value in seen:
                 self._fail(
-                    f"vendor {vendor!r} is listed twice (first on line {seen[vendor]})",
-                    item,
-                    vendor,
+                    f"{noun} {value!r} is listed twice (first on line {seen[value]})", item, value
                 )
-            seen[vendor] = item.start_mark.line + 1
-        # Sorted, because the vendor list is a set: two policies that list the same vendors
-        # in another order are the same policy, with the same hash.
+            seen[value] = item.start_mark.line + 1
+        # Sorted, because the list is a set: two policies that list the same names in another
+        # order are the same policy, with the same hash.
         return tuple(sorted(seen))
+
+    def _check_disjoint_tools(self, allowed: Node, denied: Node) -> None:
+        # Both lists are known to be sequences of plain strings by now.
+        listed = {item.value: item for item in allowed.value}
+        for item in denied.value:
+            if item.value in listed:
+                first = listed[item.value].start_mark.line + 1
+                self._fail(
+                    f"tool {item.value!r} is in both allowed_tools (line {first}) and "
+                    "denied_tools; list it in one of them",
+                    item,
+                    item.value,
+                )
+
+    def _rate_limit(self, node: Node) -> RateLimit:
+        entries = self._mapping(node, "rate_limit")
+        known = ("calls", "per_seconds")
+        for name, (key, _) in entries.items():
+            if name not in known:
+                hint = difflib.get_close_matches(name, known, n=1)
+                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+                self._fail(
+                    f"unknown key {name!r} in rate_limit{suggestion} (allowed: calls, per_seconds)",
+                    key,
+                    name,
+                )
+        for name in known:
+            if name not in entries:
+                self._fail(
+                    f"rate_limit has no {name!r}; write it as "
+                    "'rate_limit: {calls: N, per_seconds: S}'",
+                    node,
+                )
+        return RateLimit(
+            calls=self._count("rate_limit.calls", entries["calls"][1]),
+            per_seconds=self._positive("rate_limit.per_seconds", entries["per_seconds"][1]),
+        )
+
+    def _positive(self, name: str, node: Node) -> float:
+        value = self._amount(name, node)
+        if value == 0:
+            # A zero window counts no calls and a zero expiry lapses before anyone can answer;
+            # either is a typo, not a policy.
+            text = self._scalar_text(node)
+            self._fail(f"{name} must be greater than zero, got {text!r}", node, text)
+        return value
+
+    def _on_expiry(self, node: Node) -> OnExpiry:
+        value = self._string("on_expiry", node)
+        if value == "deny":
+            return "deny"
+        if value == "allow":
+            return "allow"
+        self._fail(f"on_expiry must be 'deny' or 'allow', got {value!r}", node, value)
 
     def _show(self, node: Node) -> str:
         if isinstance(node, ScalarNode):

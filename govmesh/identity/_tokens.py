@@ -11,6 +11,7 @@ import jwt
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from govmesh.config import Deployment
 from govmesh.errors import SecurityError
 from govmesh.identity._ca import ClientCert
 from govmesh.identity._keys import SigningKey, VerifyKey
@@ -115,6 +116,19 @@ class Issuer:
     def public_key(self) -> bytes:
         """The issuer's raw public key, which every verifier trusts."""
         return self.key.public.raw
+
+    def deployment(
+        self, *, tenant: str, nats_url: str, redis_url: str, tls: bool = False
+    ) -> Deployment:
+        """A deployment of ``tenant`` whose members trust this issuer (and only it)."""
+        return Deployment(
+            tenant=tenant,
+            nats_url=nats_url,
+            redis_url=redis_url,
+            audience=self.audience,
+            issuers=(self.public_key,),
+            tls=tls,
+        )
 
     def issue(
         self,

@@ -10,11 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from govmesh.agents import PurchaseOutcome, WorkflowDone, WorkflowStart
 from govmesh.bus import Bus, Delivery, ensure_event_stream
 from govmesh.config import Deployment
 from govmesh.errors import BusError
 from govmesh.forecasting import BudgetQuery, BudgetReport
+from govmesh.governance._replay import ReplayReport, replay
 from govmesh.identity import Issuer
 from govmesh.identity.authority import TokenAuthority
 from govmesh.observability import summarize
@@ -139,6 +142,7 @@ async def run_workflows(
         finished_at = time.perf_counter()
         expected_calls = sum(done.model_calls for done in outcomes.values())
         budget = await _settled_budget(coordinator, tuple(outcomes), expected_calls)
+        replayed = await _replay(deployment)
         stats = await swarm.stats()
         stats["approver"] = {"answered": approver.answered, "rejected": dict(approver.bus.rejected)}
         stats["coordinator"] = {"rejected": dict(coordinator.rejected)}
@@ -155,12 +159,22 @@ async def run_workflows(
         budget=budget,
         expected_calls=expected_calls,
         stats=stats,
+        replayed=replayed,
         timings={
             "start_s": ready - started,
             "workflows_s": finished_at - ready,
             "total_s": time.perf_counter() - started,
         },
     )
+
+
+async def _replay(deployment: Deployment) -> ReplayReport:
+    """Decide every recorded decision of the tenant again (there must be no difference)."""
+    r = aioredis.Redis.from_url(deployment.redis_url)
+    try:
+        return await replay(r, prefix=deployment.key_prefix)
+    finally:
+        await r.aclose()
 
 
 def _traceparent() -> str:
@@ -201,6 +215,7 @@ def _report(
     budget: BudgetReport,
     expected_calls: int,
     stats: dict[str, Any],
+    replayed: ReplayReport,
     timings: dict[str, float],
 ) -> dict[str, Any]:
     results = Counter(done.outcome.result for done in outcomes.values())
@@ -224,7 +239,11 @@ def _report(
             "rejected": results["rejected"],
             "failed": results["failed"],
         },
-        "decisions": {k: first[k] for k in ("allow", "deny", "escalate")},
+        "decisions": {
+            **{k: first[k] for k in ("allow", "deny", "escalate")},
+            "replayed": replayed.decisions,
+            "replay_differences": len(replayed.mismatches),
+        },
         "approvals": {
             "approved": sum(1 for d in outcomes.values() if d.outcome.approved_by),
             "rejected": results["rejected"],
@@ -258,12 +277,10 @@ async def run_scenario(
     phase("starting nats-server, Redis-protocol server and Ray")
     async with Runtime() as runtime:
         issuer = new_issuer(scenario.tenant)
-        deployment = Deployment(
+        deployment = issuer.deployment(
             tenant=scenario.tenant,
             nats_url=runtime.nats_url,
             redis_url=runtime.redis_url,
-            audience=issuer.audience,
-            issuers=(issuer.public_key,),
             tls=runtime.transport is not None,
         )
         phase("starting agent and platform actors")

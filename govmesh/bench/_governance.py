@@ -1,0 +1,461 @@
+"""``govmesh bench governance``: how fast the policy decision point decides, in one run.
+
+Four measurements, each with its baseline in the same process and run:
+
+- in-process ``evaluate()`` on the seed policy and on a generated 100-policy set
+  (``in_process_us``, ``in_process_100_rules_us``);
+- cedarpy deciding an equivalent Cedar policy set, parsed once, on the same intents
+  (``cedar_in_process_us``, ``speedup_vs_cedar``), after checking that both engines reach the
+  same outcome on every benchmark intent (``cedar_disagreements``);
+- intent-to-decision latency over the signed, mutual-TLS bus with one intent in flight
+  (``bus_ms``);
+- throughput with two governance actors sharing intents as a queue group and a window of
+  intents in flight (``decisions_per_s``).
+
+In-process figures are per decision: each sample times a batch of calls over a mix of allow,
+deny and escalate intents and divides, so the clock's own cost and resolution drop out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import random
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any, Final
+
+from govmesh.bus import Bus, Delivery, Subjects
+from govmesh.errors import ConfigError
+from govmesh.governance._actor import GovernanceService
+from govmesh.governance._evaluator import EvalContext, Intent, evaluate
+from govmesh.governance._policy import PolicySet, load_policies, parse_policy_text
+from govmesh.governance.messages import Decision, ToolIntent
+from govmesh.identity import Issuer
+from govmesh.observability import summarize
+
+__all__ = ["CEDAR_POLICY", "SEED_POLICY", "run_governance_bench"]
+
+SEED_POLICY: Final = Path(__file__).resolve().parents[2] / "policies" / "procurement-agent-v2.yaml"
+ROLE: Final = "Procurement-Agent-v2"
+TOOL: Final = "erp.create_purchase_order"
+
+CEDAR_POLICY: Final = """\
+// policy0: allow, the seed policy's allow branch.
+permit (
+  principal in Role::"Procurement-Agent-v2",
+  action == Action::"erp.create_purchase_order",
+  resource
+) when {
+  ["Vendor_A", "Vendor_B"].contains(context.vendor) &&
+  context.amount_usd <= 5000 && context.reflections <= 25
+};
+// policy1: escalate, over require_approval_if_over but within spending_limit_usd.
+permit (
+  principal in Role::"Procurement-Agent-v2",
+  action == Action::"erp.create_purchase_order",
+  resource
+) when {
+  ["Vendor_A", "Vendor_B"].contains(context.vendor) &&
+  context.amount_usd > 5000 && context.amount_usd <= 10000 && context.reflections <= 25
+};
+// policy2: deny, an unlisted vendor, over the spending limit or the reflection cap.
+forbid (principal, action, resource) unless {
+  ["Vendor_A", "Vendor_B"].contains(context.vendor) &&
+  context.amount_usd <= 10000 && context.reflections <= 25
+};
+"""
+"""The seed policy in Cedar. Cedar has no escalate outcome: an allow determined by
+``policy1`` reads as escalate, so one call gives all three outcomes."""
+
+_CEDAR_ESCALATE: Final = "policy1"
+_CEDAR_NOTE: Final = (
+    "policies and entities are parsed once (cedarpy.PolicySet.from_str, "
+    "Entities.from_json_str) and reused; each call still converts the request and its context "
+    "from Python to Cedar, as evaluate() takes its intent as Python objects. Escalation is "
+    "the allow decided by policy1."
+)
+_PROCESS_LAYOUT: Final = (
+    "one Python process on one event loop: nats-server (mutual TLS) and the Redis-protocol "
+    "server are child processes; both governance actors and the agent share the process, so "
+    "signing, verifying and deciding compete for one core"
+)
+_IN_PROCESS_METHOD: Final = (
+    "each sample times a batch of {batch} evaluate() calls over a mix of allow, deny and "
+    "escalate intents with perf_counter_ns and divides by the batch size"
+)
+
+_BATCH: Final = 100
+_MIX: Final = 200
+_RULES: Final = 100
+_WINDOW: Final = 64
+_ACTORS: Final = 2
+_BUS_WARMUP: Final = 50
+_BUS_TIMEOUT_S: Final = 10.0
+_TARGETS: Final = {
+    "in_process_p50_us": 5.0,
+    "bus_p99_ms": 1.0,
+    "decisions_per_s": 5000.0,
+    "speedup_vs_cedar": 1.0,
+}
+
+Progress = Callable[[str, int], None]
+
+
+def _seed_mix(rng: random.Random) -> list[tuple[Intent, EvalContext]]:
+    """Intents for the seed policy: every boundary once, then random ones in every region."""
+    boundaries = [
+        (ROLE, "Vendor_A", 0, 0),
+        (ROLE, "Vendor_B", 5000, 25),
+        (ROLE, "Vendor_A", 5001, 0),
+        (ROLE, "Vendor_B", 10000, 0),
+        (ROLE, "Vendor_A", 10001, 0),
+        (ROLE, "Vendor_A", 100, 26),
+        (ROLE, "Vendor_C", 100, 0),
+        ("Other-Agent", "Vendor_A", 100, 0),
+    ]
+    cases = list(boundaries)
+    while len(cases) < _MIX:
+        cases.append(
+            (
+                ROLE if rng.random() < 0.95 else "Other-Agent",
+                rng.choice(("Vendor_A", "Vendor_A", "Vendor_B", "Vendor_C")),
+                rng.choice((rng.randint(1, 5000), rng.randint(5001, 10000), rng.randint(1, 15000))),
+                rng.choice((0, 0, 3, 26)),
+            )
+        )
+    return [
+        (
+            Intent(
+                agent="proc-1" if role == ROLE else "other-1",
+                role=role,
+                tool=TOOL,
+                args={"item": "laptops", "vendor": vendor, "amount_usd": amount},
+                workflow=f"wf-{n}",
+                step=1,
+            ),
+            EvalContext(reflections=reflections),
+        )
+        for n, (role, vendor, amount, reflections) in enumerate(cases)
+    ]
+
+
+def _rules_text(rules: int) -> str:
+    """A policy set of ``rules`` roles, each with its own limits, vendors and cap."""
+    lines = ["policies:"]
+    for i in range(rules):
+        limit = 1000 * (i + 1)
+        lines += [
+            f"  - agent: Bench-Role-{i:03d}",
+            f"    spending_limit_usd: {limit}",
+            f"    require_approval_if_over: {limit // 2}",
+            f"    allowed_vendors: [{', '.join(f'Vendor_{i}_{k}' for k in range(5))}]",
+            f"    reflection_loop_cap: {10 + i % 20}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _rules_mix(rng: random.Random, rules: int) -> list[tuple[Intent, EvalContext]]:
+    mix = []
+    for n in range(_MIX):
+        i = n % rules
+        limit = 1000 * (i + 1)
+        vendor = f"Vendor_{i}_{rng.randrange(5)}" if rng.random() < 0.9 else f"Vendor_{i}_9"
+        mix.append(
+            (
+                Intent(
+                    agent=f"bench-{i}",
+                    role=f"Bench-Role-{i:03d}",
+                    tool=TOOL,
+                    args={"vendor": vendor, "amount_usd": rng.randint(1, limit + limit // 4)},
+                    workflow=f"wf-{n}",
+                    step=1,
+                ),
+                EvalContext(reflections=rng.choice((0, 5, 40))),
+            )
+        )
+    rng.shuffle(mix)
+    return mix
+
+
+def _time_batches(
+    decide: Callable[[Any], object],
+    cases: Sequence[Any],
+    *,
+    decisions: int,
+    tick: Progress,
+) -> dict[str, float]:
+    """Per-decision microseconds of ``decide`` over ``cases``, cycled in batches."""
+    batches = [
+        [cases[(start + k) % len(cases)] for k in range(_BATCH)]
+        for start in range(0, len(cases), _BATCH)
+    ]
+    for case in cases:
+        decide(case)
+    gc.collect()
+    samples: list[float] = []
+    clock = time.perf_counter_ns
+    for s in range(max(1, decisions // _BATCH)):
+        batch = batches[s % len(batches)]
+        started = clock()
+        for case in batch:
+            decide(case)
+        samples.append((clock() - started) / _BATCH / 1000)
+        tick("", _BATCH)
+    return summarize(samples)
+
+
+def _cedar_engine() -> tuple[Callable[[dict[str, Any]], str], str]:
+    """The Cedar decision function for the seed policy, and cedarpy's version."""
+    try:
+        import cedarpy
+    except ImportError as exc:
+        raise ConfigError(
+            "govmesh bench governance compares against cedarpy, which is not installed; "
+            "install it with: pip install 'govmesh[bench]'"
+        ) from exc
+    from importlib.metadata import version
+
+    policies = cedarpy.PolicySet.from_str(CEDAR_POLICY)
+    entities = cedarpy.Entities.from_json_str(
+        json.dumps(
+            [
+                {
+                    "uid": {"type": "Agent", "id": "proc-1"},
+                    "attrs": {},
+                    "parents": [{"type": "Role", "id": ROLE}],
+                },
+                {"uid": {"type": "Role", "id": ROLE}, "attrs": {}, "parents": []},
+                {
+                    "uid": {"type": "Agent", "id": "other-1"},
+                    "attrs": {},
+                    "parents": [{"type": "Role", "id": "Other-Agent"}],
+                },
+                {"uid": {"type": "Role", "id": "Other-Agent"}, "attrs": {}, "parents": []},
+            ]
+        )
+    )
+    is_authorized = cedarpy.is_authorized
+
+    def decide(request: dict[str, Any]) -> str:
+        result = is_authorized(request, policies, entities)
+        if not result.allowed:
+            return "deny"
+        return "escalate" if _CEDAR_ESCALATE in result.diagnostics.reasons else "allow"
+
+    return decide, version("cedarpy")
+
+
+def _cedar_request(intent: Intent, ctx: EvalContext) -> dict[str, Any]:
+    return {
+        "principal": {"type": "Agent", "id": intent.agent},
+        "action": {"type": "Action", "id": intent.tool},
+        "resource": {"type": "Tool", "id": intent.tool},
+        "context": {
+            "vendor": intent.args["vendor"],
+            "amount_usd": intent.args["amount_usd"],
+            "reflections": ctx.reflections,
+        },
+    }
+
+
+def _in_process(decisions: int, tick: Progress) -> dict[str, Any]:
+    rng = random.Random(7)
+    seed = load_policies([SEED_POLICY])
+    rules = parse_policy_text(_rules_text(_RULES), source="<bench: 100 rules>")
+    seed_mix, rules_mix = _seed_mix(rng), _rules_mix(rng, _RULES)
+    cedar, cedar_version = _cedar_engine()
+    requests = [_cedar_request(intent, ctx) for intent, ctx in seed_mix]
+
+    ours = [evaluate(seed, intent, ctx).outcome for intent, ctx in seed_mix]
+    theirs = [cedar(request) for request in requests]
+    disagreements = sum(a != b for a, b in zip(ours, theirs, strict=True))
+
+    def on(policies: PolicySet) -> Callable[[Any], object]:
+        def decide(case: tuple[Intent, EvalContext]) -> object:
+            return evaluate(policies, case[0], case[1])
+
+        return decide
+
+    tick("in-process: seed policy", 0)
+    seed_us = _time_batches(on(seed), seed_mix, decisions=decisions, tick=tick)
+    tick(f"in-process: {_RULES} policies", 0)
+    rules_us = _time_batches(on(rules), rules_mix, decisions=decisions, tick=tick)
+    tick("in-process: cedarpy", 0)
+    cedar_us = _time_batches(cedar, requests, decisions=decisions, tick=tick)
+    return {
+        "in_process_us": seed_us,
+        "in_process_100_rules_us": rules_us,
+        "in_process_method": _IN_PROCESS_METHOD.format(batch=_BATCH),
+        "in_process_outcomes": {
+            "seed": dict(Counter(ours)),
+            "100_rules": dict(
+                Counter(evaluate(rules, intent, ctx).outcome for intent, ctx in rules_mix)
+            ),
+        },
+        "cedar_in_process_us": cedar_us,
+        "speedup_vs_cedar": cedar_us["p50"] / seed_us["p50"],
+        "cedar_version": cedar_version,
+        "cedar_preparsed": True,
+        "cedar_note": _CEDAR_NOTE,
+        "cedar_policy": CEDAR_POLICY,
+        "cedar_compared": len(ours),
+        "cedar_disagreements": disagreements,
+    }
+
+
+class _Decisions:
+    """Matches decisions to the intents they answer, by the intent's envelope id."""
+
+    def __init__(self) -> None:
+        self.outcomes: Counter[str] = Counter()
+        self._waiting: dict[str, asyncio.Future[float]] = {}
+        self._early: dict[str, float] = {}
+
+    async def on_decision(self, d: Delivery) -> None:
+        received = time.perf_counter()
+        body: Decision = d.body
+        self.outcomes[body.outcome] += 1
+        waiter = self._waiting.pop(body.intent_id, None)
+        if waiter is None:
+            # Published, but the publisher has not started waiting yet.
+            self._early[body.intent_id] = received
+        elif not waiter.done():
+            waiter.set_result(received)
+
+    async def received(self, intent_id: str) -> float:
+        """When the decision on ``intent_id`` arrived (``perf_counter`` seconds)."""
+        early = self._early.pop(intent_id, None)
+        if early is not None:
+            return early
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting[intent_id] = waiter
+        try:
+            return await asyncio.wait_for(waiter, _BUS_TIMEOUT_S)
+        finally:
+            self._waiting.pop(intent_id, None)
+
+
+def _bus_args(n: int) -> dict[str, Any]:
+    # Every 50th intent escalates (a Redis write and an approval request); the rest allow.
+    amount = 7500 if n % 50 == 49 else 100 + (n * 37) % 4900
+    return {"item": "laptops", "vendor": "Vendor_A", "amount_usd": amount}
+
+
+async def _on_bus(intents: int, tick: Progress) -> dict[str, Any]:
+    from govmesh.runtime import RedisServer, Transport
+
+    subjects = Subjects("bench")
+    issuer = Issuer(name="bench", audience="govmesh:bench")
+    with tempfile.TemporaryDirectory(prefix="govmesh-bench-") as tmp:
+        async with AsyncExitStack() as stack:
+            transport, nats_server = Transport.embedded(Path(tmp) / "nats", jetstream=False)
+            stack.enter_context(nats_server)
+            redis_server = stack.enter_context(RedisServer(workdir=Path(tmp) / "redis"))
+            actors = [issuer.identity(f"governance-{i}", "governance") for i in range(_ACTORS)]
+            agent_id = issuer.identity("proc-1", ROLE, capabilities=(TOOL,), budget_usd=50_000)
+            transport.enrol([*actors, agent_id], tenant=subjects.tenant)
+            deployment = issuer.deployment(
+                tenant=subjects.tenant,
+                nats_url=nats_server.url,
+                redis_url=redis_server.url,
+                tls=True,
+            )
+            services = []
+            for identity in actors:
+                service = GovernanceService(deployment, identity, policy_paths=[str(SEED_POLICY)])
+                stack.push_async_callback(service.close)
+                await service.start()
+                services.append(service)
+            agent = await Bus.connect(deployment, agent_id, rotate=False)
+            stack.push_async_callback(agent.close)
+            decisions = _Decisions()
+            await agent.subscribe(
+                subjects.all("decision"), decisions.on_decision, accepts=Decision, concurrent=False
+            )
+            await agent.flush()
+            intent_subject = subjects.intent(agent_id.agent_id)
+            run = uuid.uuid4().hex[:8]
+
+            async def decide(n: int) -> float:
+                started = time.perf_counter()
+                envelope = await agent.publish(
+                    intent_subject,
+                    ToolIntent(tool=TOOL, args=_bus_args(n), step=1),
+                    workflow=f"wf-{run}-{n}",
+                )
+                return (await decisions.received(envelope.id) - started) * 1000
+
+            for n in range(_BUS_WARMUP):
+                await decide(-1 - n)
+            tick("bus: one intent in flight", 0)
+            quiet: list[float] = []
+            for n in range(intents):
+                quiet.append(await decide(n))
+                tick("", 1)
+
+            tick(f"bus: {_WINDOW} in flight, {_ACTORS} actors", 0)
+            loaded: list[float] = []
+            queued = iter(range(intents, 2 * intents))
+
+            async def worker() -> None:
+                for n in queued:
+                    loaded.append(await decide(n))
+                    tick("", 1)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(_WINDOW)))
+            elapsed = time.perf_counter() - started
+            shares = [sum(s.decided.values()) for s in services]
+    busy = summarize(loaded)
+    return {
+        "bus_ms": summarize(quiet),
+        "bus_loaded_ms": {"p50": busy["p50"], "p99": busy["p99"]},
+        "decisions_per_s": len(loaded) / elapsed,
+        "bus_intents": len(quiet) + len(loaded),
+        "bus_warmup": _BUS_WARMUP,
+        "bus_outcomes": dict(decisions.outcomes),
+        "decisions_per_actor": shares,
+    }
+
+
+async def run_governance_bench(
+    *,
+    decisions: int = 100_000,
+    intents: int = 2000,
+    tick: Progress | None = None,
+) -> dict[str, Any]:
+    """Measure governance in process, against cedarpy, and over the bus; return the report.
+
+    Args:
+        decisions: timed decisions per in-process engine (seed, 100 policies, cedarpy),
+            rounded down to whole batches of 100 (at least one).
+        intents: intents over the bus in each phase (latency, then throughput).
+        tick: progress callback ``(phase name or "", completed decisions or intents)``.
+    """
+    progress = tick or (lambda _s, _n: None)
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    report: dict[str, Any] = {
+        "decisions": max(1, decisions // _BATCH) * _BATCH,
+        "intents": intents,
+        "window": _WINDOW,
+        "governance_actors": _ACTORS,
+        "event_loop": loop,
+        "process_layout": _PROCESS_LAYOUT,
+    }
+    report.update(_in_process(decisions, progress))
+    report.update(await _on_bus(intents, progress))
+    report["targets"] = _TARGETS
+    report["met"] = {
+        "in_process_p50_us": report["in_process_us"]["p50"] <= _TARGETS["in_process_p50_us"],
+        "bus_p99_ms": report["bus_ms"]["p99"] <= _TARGETS["bus_p99_ms"],
+        "decisions_per_s": report["decisions_per_s"] >= _TARGETS["decisions_per_s"],
+        "speedup_vs_cedar": report["speedup_vs_cedar"] > _TARGETS["speedup_vs_cedar"],
+    }
+    return report

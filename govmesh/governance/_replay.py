@@ -1,0 +1,132 @@
+"""Decision records and replay: every policy decision can be decided again, from its
+recorded inputs under its recorded policy version, and must come out the same."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, cast
+
+import msgspec
+import redis.asyncio as aioredis
+
+from govmesh.governance._evaluator import EvalContext, Intent, evaluate
+from govmesh.governance._policy import PolicySet, compose_policies, parse_policy_text
+
+__all__ = ["DecisionRecord", "PolicySource", "ReplayReport", "policy_sources", "replay"]
+
+
+class PolicySource(msgspec.Struct, frozen=True, kw_only=True):
+    """One policy file's text as it was loaded."""
+
+    source: str
+    text: str
+
+
+class DecisionRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a decision depended on, and what it was."""
+
+    intent_id: str
+    intent: Intent
+    context: EvalContext
+    policy_hash: str
+    outcome: str
+    reasons: tuple[str, ...]
+    decided_by: str
+
+
+class ReplayReport(msgspec.Struct, kw_only=True):
+    """How many recorded decisions were decided again, and every one that came out
+    differently (there must be none)."""
+
+    decisions: int = 0
+    matched: int = 0
+    policy_versions: int = 0
+    mismatches: list[dict[str, Any]] = msgspec.field(default_factory=list)
+
+
+def policy_sources(paths: Iterable[str]) -> list[PolicySource]:
+    """The texts of the policy files at ``paths``, to record with their policy hash."""
+    sources = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            sources.append(PolicySource(source=str(path), text=f.read()))
+    return sources
+
+
+def policy_set_of(sources: list[PolicySource]) -> PolicySet:
+    """The policy set that ``sources`` compile to."""
+    return compose_policies(
+        p for s in sources for p in parse_policy_text(s.text, source=s.source).policies
+    )
+
+
+def decisions_key(prefix: str) -> str:
+    """The Redis stream of decision records of a tenant."""
+    return f"{prefix}:decisions"
+
+
+def policy_key(prefix: str, policy_hash: str) -> str:
+    """Where the policy texts of one policy version are kept."""
+    return f"{prefix}:policy:{policy_hash}"
+
+
+async def replay(
+    redis: aioredis.Redis, *, prefix: str, batch: int = 1000, limit_mismatches: int = 50
+) -> ReplayReport:
+    """Decide every recorded decision of the tenant at ``prefix`` again and compare.
+
+    Args:
+        redis: the deployment's Redis.
+        prefix: the tenant's key prefix (``gm:<tenant>``).
+        batch: records read per round trip.
+        limit_mismatches: how many differing decisions to list in full.
+    """
+    report = ReplayReport()
+    sets: dict[str, PolicySet | None] = {}
+    decoder = msgspec.msgpack.Decoder(DecisionRecord)
+    cursor = "-"
+    while True:
+        rows = await redis.xrange(decisions_key(prefix), min=cursor, max="+", count=batch)
+        if not rows:
+            break
+        for entry_id, fields in cast(list[tuple[Any, dict[bytes, bytes]]], rows):
+            # Exclusive start for the next batch (a "(" range needs Redis 6.2 or Valkey).
+            cursor = "(" + (entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))
+            record = decoder.decode(bytes(fields[b"record"]))
+            report.decisions += 1
+            policy_set = await _policy_set(redis, prefix, record.policy_hash, sets)
+            if policy_set is None:
+                _mismatch(report, limit_mismatches, record, "policy version not recorded")
+                continue
+            again = evaluate(policy_set, record.intent, record.context)
+            if again.outcome == record.outcome and again.reasons == record.reasons:
+                report.matched += 1
+            else:
+                why = f"now {again.outcome}: {'; '.join(again.reasons)}"
+                _mismatch(report, limit_mismatches, record, why)
+    report.policy_versions = len(sets)
+    return report
+
+
+async def _policy_set(
+    redis: aioredis.Redis, prefix: str, policy_hash: str, cache: dict[str, PolicySet | None]
+) -> PolicySet | None:
+    if policy_hash not in cache:
+        raw = await redis.get(policy_key(prefix, policy_hash))
+        found = policy_set_of(msgspec.json.decode(raw, type=list[PolicySource])) if raw else None
+        # Texts that no longer compile to the recorded version cannot vouch for it.
+        cache[policy_hash] = found if found is not None and found.hash == policy_hash else None
+    return cache[policy_hash]
+
+
+def _mismatch(report: ReplayReport, limit: int, record: DecisionRecord, why: str) -> None:
+    if len(report.mismatches) < limit:
+        report.mismatches.append(
+            {
+                "intent_id": record.intent_id,
+                "workflow": record.intent.workflow,
+                "recorded": record.outcome,
+                "policy_hash": record.policy_hash,
+                "difference": why,
+            }
+        )
