@@ -4,6 +4,7 @@ decision records the policy hash that was in force."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -215,3 +216,86 @@ async def test_audit_replay_command_exits_1_only_when_a_decision_differs(
     dirty = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert dirty.returncode == 1
     assert "edited" in dirty.stderr
+
+
+async def test_concurrent_split_purchases_cannot_pass_the_limit_together(
+    tmp_path, secure_nats, redis_server, prefix
+) -> None:
+    rounds = 5
+    async with _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, SEED) as (
+        agent,
+        decisions,
+        actors,
+    ):
+        for r in range(rounds):
+            # Three 4,000 purchases at once in one workflow against the 10,000 limit.
+            for step in (1, 2, 3):
+                await _intent(agent, f"wf-split-{r}", 4000.0, step=step)
+        got = [await asyncio.wait_for(decisions.get(), 10) for _ in range(3 * rounds)]
+        allowed = sum(a.decided["allow"] for a in actors)
+    by_workflow: dict[str, list[str]] = {}
+    for decision in got:
+        by_workflow.setdefault(decision.workflow, []).append(decision.outcome)
+    assert len(by_workflow) == rounds
+    for outcomes in by_workflow.values():
+        assert sorted(outcomes) == ["allow", "allow", "deny"], by_workflow
+    assert allowed == 2 * rounds
+
+
+async def test_concurrent_purchases_across_workflows_cannot_pass_the_daily_limit(
+    tmp_path, secure_nats, redis_server, prefix
+) -> None:
+    limits = LIMITS.replace("daily_limit_usd: 5000", "daily_limit_usd: 10000")
+    async with _two_governance_actors(
+        tmp_path, secure_nats, redis_server, prefix, limits.replace("calls: 3", "calls: 100")
+    ) as (agent, decisions, _):
+        for n in range(8):  # 8 x 3,000 at once, each in its own workflow, 10,000 a day
+            await _intent(agent, f"wf-day-{n}", 3000.0)
+        got = [await asyncio.wait_for(decisions.get(), 10) for _ in range(8)]
+    assert sorted(d.outcome for d in got) == ["allow"] * 3 + ["deny"] * 5
+    assert all(any("daily" in r for r in d.reasons) for d in got if d.outcome == "deny")
+
+
+async def _intent(agent: Bus, workflow: str, amount: float, *, step: int = 1) -> None:
+    await agent.publish(
+        agent.subjects.intent("proc-1"),
+        ToolIntent(
+            tool=ERP_CREATE_PO,
+            step=step,
+            args={"item": "desks", "vendor": "Vendor_A", "amount_usd": amount},
+        ),
+        workflow=workflow,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, policy_text):
+    """Two governance actors in one queue group and an agent that sees every decision."""
+    transport, server = secure_nats
+    dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text)
+    actors = [
+        GovernanceService(
+            dep, issuer.identity(f"governance-{i}", "governance"), policy_paths=[str(policy)]
+        )
+        for i in (1, 2)
+    ]
+    for actor in actors:
+        await actor.start()
+    agent = await Bus.connect(
+        dep, issuer.identity("proc-1", ROLE, capabilities=(ERP_CREATE_PO,), budget_usd=50_000)
+    )
+    decisions: asyncio.Queue[Decision] = asyncio.Queue()
+
+    async def on_decision(d: Delivery) -> None:
+        await decisions.put(d.body)
+
+    try:
+        await agent.subscribe(agent.subjects.all("decision"), on_decision, accepts=Decision)
+        await agent.flush()
+        yield agent, decisions, actors
+    finally:
+        await agent.close()
+        for actor in actors:
+            await actor.close()

@@ -54,6 +54,32 @@ def authorize_intent(claims: Claims, intent: ToolIntent) -> None:
         )
 
 
+_MAX_DECIDE_ATTEMPTS = 20
+
+# Compare-and-commit: the spend figures a decision was made on must still hold. Only the
+# figures some policy of the role limits are compared (ARGV[7], ARGV[8]), so decisions
+# that no limit ties together never make each other decide again.
+_COMMIT_IF_UNCHANGED = """
+local wf = redis.call('HGET', KEYS[1], ARGV[1]) or '0'
+local day = redis.call('HGET', KEYS[2], ARGV[2]) or '0'
+if (ARGV[7] == '1' and tonumber(wf) ~= tonumber(ARGV[3]))
+    or (ARGV[8] == '1' and tonumber(day) ~= tonumber(ARGV[4])) then
+  return 0
+end
+redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[5])
+redis.call('HINCRBYFLOAT', KEYS[2], ARGV[2], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+return 1
+"""
+
+
+def _amount(args: dict[str, Any]) -> float | None:
+    amount = args.get("amount_usd")
+    if isinstance(amount, int | float) and not isinstance(amount, bool):
+        return float(amount)
+    return None
+
+
 def _utc_day(now: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(now))
 
@@ -110,6 +136,7 @@ class GovernanceService(Service):
             accepts=ApprovalRequest | ApprovalAnswer,
             queue=QUEUE,
         )
+        self._commit_script = self.redis.register_script(_COMMIT_IF_UNCHANGED)
         self._watch = asyncio.create_task(self._watch_policies(), name="policy-reload")
 
     def _load(self) -> tuple[list[PolicySource], PolicySet]:
@@ -218,15 +245,28 @@ class GovernanceService(Service):
         )
         ihash = intent_hash(intent)
         now = time.time()
-        ctx = await self._context(intent, body.reflections, now, call_id=d.envelope.id)
-        sources, policies = self._sources, self.policies  # one version, even across a reload
-        verdict = evaluate(policies, intent, ctx)
+        amount = _amount(body.args)
+        for _ in range(_MAX_DECIDE_ATTEMPTS):
+            ctx = await self._context(intent, body.reflections, now, call_id=d.envelope.id)
+            sources, policies = self._sources, self.policies  # one version, even across a reload
+            verdict = evaluate(policies, intent, ctx)
+            if verdict.outcome != "allow" or amount is None:
+                break
+            if await self._commit_if_unchanged(intent, ctx, amount, policies):
+                break
+            # Another decision committed spend for this workflow or agent since the figures
+            # were read; deciding again on the new figures is what keeps the limit exact.
+        else:
+            verdict = Verdict(
+                outcome="deny",
+                reasons=(f"spend changed under {_MAX_DECIDE_ATTEMPTS} decisions in a row",),
+                obligations=(),
+                policy_hash=policies.hash,
+            )
         await self._record(d, intent, ctx, verdict, sources)
         self.decided[verdict.outcome] += 1
         approval_id = ""
-        if verdict.outcome == "allow":
-            await self._commit_spend(workflow, intent.agent, body.args, now)
-        elif verdict.outcome == "escalate":
+        if verdict.outcome == "escalate":
             approval_id = await self._escalate(d, intent, ihash, verdict)
         decision = Decision(
             intent_id=d.envelope.id,
@@ -262,23 +302,52 @@ class GovernanceService(Service):
             pipe.hget(self.key("day-spend", _utc_day(now)), intent.agent)
             if window is not None:
                 pipe.zremrangebyscore(calls_key, "-inf", now - window)
+                pipe.zscore(calls_key, call_id)
                 pipe.zcard(calls_key)
                 pipe.zadd(calls_key, {call_id: now})
                 pipe.expire(calls_key, int(window) + 1)
             results = await pipe.execute()
+        recent = 0
+        if window is not None:
+            # On a second read for the same call its own entry is already there.
+            recent = int(results[4]) - (0 if results[3] is None else 1)
         return EvalContext(
             reflections=reflections,
             workflow_spend_usd=float(results[0] or 0.0),
             day_spend_usd=float(results[1] or 0.0),
-            recent_calls=int(results[3]) if window is not None else 0,
+            recent_calls=recent,
             now=now,
         )
+
+    async def _commit_if_unchanged(
+        self, intent: Intent, ctx: EvalContext, amount: float, policies: PolicySet
+    ) -> bool:
+        """Commit ``amount`` to the workflow's and the day's spend only if the figures the
+        role's policies limit are still what the decision saw; atomic in Redis, so
+        concurrent decisions cannot pass a limit together."""
+        governing = policies.for_agent(intent.role)
+        per_workflow = any(p.spending_limit_usd is not None for p in governing)
+        per_day = any(p.daily_limit_usd is not None for p in governing)
+        committed = await self._commit_script(
+            keys=[self.key("spend"), self.key("day-spend", _utc_day(ctx.now))],
+            args=[
+                intent.workflow,
+                intent.agent,
+                repr(ctx.workflow_spend_usd),
+                repr(ctx.day_spend_usd),
+                repr(amount),
+                2 * 86_400,
+                "1" if per_workflow else "0",
+                "1" if per_day else "0",
+            ],
+        )
+        return bool(committed)
 
     async def _commit_spend(
         self, workflow: str, agent: str, args: dict[str, Any], now: float
     ) -> None:
-        amount = args.get("amount_usd")
-        if isinstance(amount, int | float) and not isinstance(amount, bool):
+        amount = _amount(args)
+        if amount is not None:
             day_key = self.key("day-spend", _utc_day(now))
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hincrbyfloat(self.key("spend"), workflow, float(amount))
