@@ -226,6 +226,7 @@ async def test_concurrent_split_purchases_cannot_pass_the_limit_together(
         agent,
         decisions,
         actors,
+        _,
     ):
         for r in range(rounds):
             # Three 4,000 purchases at once in one workflow against the 10,000 limit.
@@ -248,7 +249,7 @@ async def test_concurrent_purchases_across_workflows_cannot_pass_the_daily_limit
     limits = LIMITS.replace("daily_limit_usd: 5000", "daily_limit_usd: 10000")
     async with _two_governance_actors(
         tmp_path, secure_nats, redis_server, prefix, limits.replace("calls: 3", "calls: 100")
-    ) as (agent, decisions, _):
+    ) as (agent, decisions, _, _):
         for n in range(8):  # 8 x 3,000 at once, each in its own workflow, 10,000 a day
             await _intent(agent, f"wf-day-{n}", 3000.0)
         got = [await asyncio.wait_for(decisions.get(), 10) for _ in range(8)]
@@ -291,11 +292,40 @@ async def _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, po
     async def on_decision(d: Delivery) -> None:
         await decisions.put(d.body)
 
+    operator = await Bus.connect(dep, issuer.identity("operator-1", "operator"))
     try:
         await agent.subscribe(agent.subjects.all("decision"), on_decision, accepts=Decision)
         await agent.flush()
-        yield agent, decisions, actors
+        yield agent, decisions, actors, operator
     finally:
+        await operator.close()
         await agent.close()
         for actor in actors:
             await actor.close()
+
+
+async def test_an_approval_cannot_spend_what_the_workflow_no_longer_has(
+    tmp_path, secure_nats, redis_server, prefix
+) -> None:
+    from govmesh.governance.messages import ApprovalAnswer
+
+    async with _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, SEED) as (
+        agent,
+        decisions,
+        _,
+        operator,
+    ):
+        await _intent(agent, "wf-appr", 7000.0, step=1)  # over 5,000: escalates
+        escalated = await asyncio.wait_for(decisions.get(), 10)
+        await _intent(agent, "wf-appr", 4000.0, step=2)  # allowed: 4,000 of 10,000 spent
+        allowed = await asyncio.wait_for(decisions.get(), 10)
+        await operator.publish(
+            operator.subjects.approval("wf-appr"),
+            ApprovalAnswer(approval_id=escalated.approval_id, approved=True, by="dana"),
+            workflow="wf-appr",
+        )
+        final = await asyncio.wait_for(decisions.get(), 10)
+    assert (escalated.outcome, allowed.outcome) == ("escalate", "allow")
+    assert final.approval_id == escalated.approval_id
+    assert final.outcome == "deny"
+    assert any("spending_limit" in r or "limit" in r for r in final.reasons), final.reasons

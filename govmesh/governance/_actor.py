@@ -267,7 +267,7 @@ class GovernanceService(Service):
         self.decided[verdict.outcome] += 1
         approval_id = ""
         if verdict.outcome == "escalate":
-            approval_id = await self._escalate(d, intent, ihash, verdict)
+            approval_id = await self._escalate(d, intent, ihash, verdict, body.reflections)
         decision = Decision(
             intent_id=d.envelope.id,
             intent_hash=ihash,
@@ -343,19 +343,37 @@ class GovernanceService(Service):
         )
         return bool(committed)
 
-    async def _commit_spend(
-        self, workflow: str, agent: str, args: dict[str, Any], now: float
-    ) -> None:
-        amount = _amount(args)
-        if amount is not None:
-            day_key = self.key("day-spend", _utc_day(now))
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hincrbyfloat(self.key("spend"), workflow, float(amount))
-                pipe.hincrbyfloat(day_key, agent, float(amount))
-                pipe.expire(day_key, 2 * 86_400)
-                await pipe.execute()
+    async def _within_limits(self, request: ApprovalRequest) -> tuple[bool, tuple[str, ...]]:
+        """Decide an approved escalation again on today's figures and commit its spend.
 
-    async def _escalate(self, d: Delivery, intent: Intent, ihash: str, verdict: Verdict) -> str:
+        A human's approval lifts the escalation, not the limits: spend committed while the
+        request waited may leave no room for it, and then the approval becomes a deny.
+        """
+        intent = Intent(
+            agent=request.agent,
+            role=request.role,
+            tool=request.tool,
+            args=request.args,
+            workflow=request.workflow,
+            step=request.step,
+        )
+        amount = _amount(request.args)
+        for _ in range(_MAX_DECIDE_ATTEMPTS):
+            # The call was counted for the rate limit when it was first decided.
+            ctx = await self._context(
+                intent, request.reflections, time.time(), call_id=request.intent_id
+            )
+            policies = self.policies
+            verdict = evaluate(policies, intent, ctx)
+            if verdict.outcome == "deny":
+                return False, ("no longer within policy: " + "; ".join(verdict.reasons),)
+            if amount is None or await self._commit_if_unchanged(intent, ctx, amount, policies):
+                return True, ()
+        return False, (f"spend changed under {_MAX_DECIDE_ATTEMPTS} decisions in a row",)
+
+    async def _escalate(
+        self, d: Delivery, intent: Intent, ihash: str, verdict: Verdict, reflections: int
+    ) -> str:
         approval_id = uuid.uuid4().hex
         request = ApprovalRequest(
             approval_id=approval_id,
@@ -369,6 +387,9 @@ class GovernanceService(Service):
             escalation=verdict.escalation or "human_review",
             policy_hash=verdict.policy_hash,
             requested_at=time.time(),
+            role=intent.role,
+            step=intent.step,
+            reflections=reflections,
         )
         # Stored before it is announced, so an answer can never arrive for an unknown request.
         await self.redis.hset(
@@ -422,17 +443,17 @@ class GovernanceService(Service):
         await self.redis.hset(
             self.key("approvals", "done"), answer.approval_id, msgspec.json.encode(record)
         )
-        if answer.approved:
-            await self._commit_spend(request.workflow, request.agent, request.args, time.time())
+        allowed, why = (await self._within_limits(request)) if answer.approved else (False, ())
         decision = Decision(
             intent_id=request.intent_id,
             intent_hash=request.intent_hash,
             workflow=request.workflow,
             agent=request.agent,
-            outcome="allow" if answer.approved else "deny",
+            outcome="allow" if allowed else "deny",
             reasons=(
                 *request.reasons,
                 f"{'approved' if answer.approved else 'rejected'} by {answer.by}",
+                *why,
             ),
             policy_hash=request.policy_hash,
             expires_at=time.time() + self._decision_ttl_s,

@@ -46,7 +46,12 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 class ApprovalRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """An escalated intent waiting for a human."""
+    """An escalated intent waiting for a human.
+
+    Attributes:
+        role, step, reflections: what governance needs to decide the intent again when
+            it is approved, since spend may have moved while it waited.
+    """
 
     approval_id: str
     workflow: str
@@ -59,6 +64,9 @@ class ApprovalRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     escalation: str
     policy_hash: str
     requested_at: float
+    role: str = ""
+    step: int = 0
+    reflections: int = 0
 
 
 class ApprovalAnswer(msgspec.Struct, frozen=True, kw_only=True, tag=True):
