@@ -363,22 +363,14 @@ def audit_replay(redis_url: str, tenant: str, json_path: Path | None) -> None:
     """Decide every recorded policy decision again, under the policy version and inputs it
     was decided with, and report any difference. Exits 1 if there is one."""
     import msgspec
-    import redis.asyncio as aioredis
 
     from govmesh.bus import Subjects
     from govmesh.config import key_prefix
-    from govmesh.governance._replay import replay
+    from govmesh.governance._replay import replay_url
 
     prefix = key_prefix(Subjects(tenant).tenant)  # Subjects validates the name
 
-    async def go() -> Any:
-        r = aioredis.Redis.from_url(redis_url)
-        try:
-            return await replay(r, prefix=prefix)
-        finally:
-            await r.aclose()
-
-    report = _run(go())
+    report = _run(replay_url(redis_url, prefix=prefix))
     table = Table(title=f"govmesh audit replay: {tenant}")
     table.add_column("measure")
     table.add_column("value", justify="right")

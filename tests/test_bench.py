@@ -14,31 +14,22 @@ from pathlib import Path
 ROOT = Path(__file__).parent.parent
 
 
-def test_bench_auth_measures_three_setups_and_writes_json(tmp_path: Path) -> None:
-    out = tmp_path / "auth.json"
+def _bench(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """Run ``govmesh bench ARGS --json OUT`` as a user would; returns the run and report."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "govmesh.cli",
-            "bench",
-            "auth",
-            "--agents",
-            "2",
-            "--messages",
-            "30",
-            "--warmup",
-            "5",
-            "--json",
-            str(out),
-        ],
+        [sys.executable, "-m", "govmesh.cli", "bench", *args, "--json", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+def test_bench_auth_measures_three_setups_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "auth.json"
+    proc, report = _bench(out, "auth", "--agents", "2", "--messages", "30", "--warmup", "5")
     for setup in ("plain", "mtls", "mtls_a"):
         r = report[setup]
         assert r["exchanges"] == 2 * 60
@@ -53,27 +44,7 @@ def test_bench_governance_decides_in_process_against_cedar_and_over_the_bus(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "governance.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "govmesh.cli",
-            "bench",
-            "governance",
-            "--decisions",
-            "500",
-            "--intents",
-            "40",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    proc, report = _bench(out, "governance", "--decisions", "500", "--intents", "40")
     assert report["decisions"] == 500
     for key in ("in_process_us", "in_process_100_rules_us", "cedar_in_process_us", "bus_ms"):
         assert 0 < report[key]["p50"] <= report[key]["p99"], key

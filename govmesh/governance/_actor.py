@@ -245,24 +245,9 @@ class GovernanceService(Service):
         )
         ihash = intent_hash(intent)
         now = time.time()
-        amount = _amount(body.args)
-        for _ in range(_MAX_DECIDE_ATTEMPTS):
-            ctx = await self._context(intent, body.reflections, now, call_id=d.envelope.id)
-            sources, policies = self._sources, self.policies  # one version, even across a reload
-            verdict = evaluate(policies, intent, ctx)
-            if verdict.outcome != "allow" or amount is None:
-                break
-            if await self._commit_if_unchanged(intent, ctx, amount, policies):
-                break
-            # Another decision committed spend for this workflow or agent since the figures
-            # were read; deciding again on the new figures is what keeps the limit exact.
-        else:
-            verdict = Verdict(
-                outcome="deny",
-                reasons=(f"spend changed under {_MAX_DECIDE_ATTEMPTS} decisions in a row",),
-                obligations=(),
-                policy_hash=policies.hash,
-            )
+        verdict, ctx, sources = await self._decide(
+            intent, body.reflections, now, call_id=d.envelope.id, commit=("allow",)
+        )
         await self._record(d, intent, ctx, verdict, sources)
         self.decided[verdict.outcome] += 1
         approval_id = ""
@@ -357,19 +342,48 @@ class GovernanceService(Service):
             workflow=request.workflow,
             step=request.step,
         )
-        amount = _amount(request.args)
+        # The call was counted for the rate limit when it was first decided.
+        verdict, _, _ = await self._decide(
+            intent,
+            request.reflections,
+            time.time(),
+            call_id=request.intent_id,
+            commit=("allow", "escalate"),
+        )
+        if verdict.outcome == "deny":
+            return False, ("no longer within policy: " + "; ".join(verdict.reasons),)
+        return True, ()
+
+    async def _decide(
+        self,
+        intent: Intent,
+        reflections: int,
+        now: float,
+        *,
+        call_id: str,
+        commit: tuple[str, ...],
+    ) -> tuple[Verdict, EvalContext, list[PolicySource]]:
+        """Evaluate on fresh figures and, for an outcome in ``commit``, commit the amount.
+
+        If another decision committed spend since the figures were read, decide again on
+        the new ones: that is what keeps a limit exact under concurrency.
+        """
+        amount = _amount(intent.args)
         for _ in range(_MAX_DECIDE_ATTEMPTS):
-            # The call was counted for the rate limit when it was first decided.
-            ctx = await self._context(
-                intent, request.reflections, time.time(), call_id=request.intent_id
-            )
-            policies = self.policies
+            ctx = await self._context(intent, reflections, now, call_id=call_id)
+            sources, policies = self._sources, self.policies  # one version, even across a reload
             verdict = evaluate(policies, intent, ctx)
-            if verdict.outcome == "deny":
-                return False, ("no longer within policy: " + "; ".join(verdict.reasons),)
-            if amount is None or await self._commit_if_unchanged(intent, ctx, amount, policies):
-                return True, ()
-        return False, (f"spend changed under {_MAX_DECIDE_ATTEMPTS} decisions in a row",)
+            if verdict.outcome not in commit or amount is None:
+                return verdict, ctx, sources
+            if await self._commit_if_unchanged(intent, ctx, amount, policies):
+                return verdict, ctx, sources
+        denied = Verdict(
+            outcome="deny",
+            reasons=(f"spend changed under {_MAX_DECIDE_ATTEMPTS} decisions in a row",),
+            obligations=(),
+            policy_hash=policies.hash,
+        )
+        return denied, ctx, sources
 
     async def _escalate(
         self, d: Delivery, intent: Intent, ihash: str, verdict: Verdict, reflections: int

@@ -12,7 +12,14 @@ import redis.asyncio as aioredis
 from govmesh.governance._evaluator import EvalContext, Intent, evaluate
 from govmesh.governance._policy import PolicySet, compose_policies, parse_policy_text
 
-__all__ = ["DecisionRecord", "PolicySource", "ReplayReport", "policy_sources", "replay"]
+__all__ = [
+    "DecisionRecord",
+    "PolicySource",
+    "ReplayReport",
+    "policy_sources",
+    "replay",
+    "replay_url",
+]
 
 
 class PolicySource(msgspec.Struct, frozen=True, kw_only=True):
@@ -106,6 +113,15 @@ async def replay(
                 _mismatch(report, limit_mismatches, record, why)
     report.policy_versions = len(sets)
     return report
+
+
+async def replay_url(redis_url: str, *, prefix: str) -> ReplayReport:
+    """`replay` against the Redis at ``redis_url``, with a connection of its own."""
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        return await replay(r, prefix=prefix)
+    finally:
+        await r.aclose()
 
 
 async def _policy_set(

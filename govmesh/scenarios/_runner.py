@@ -10,14 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from govmesh.agents import PurchaseOutcome, WorkflowDone, WorkflowStart
 from govmesh.bus import Bus, Delivery, ensure_event_stream
 from govmesh.config import Deployment
 from govmesh.errors import BusError
 from govmesh.forecasting import BudgetQuery, BudgetReport
-from govmesh.governance._replay import ReplayReport, replay
+from govmesh.governance._replay import ReplayReport, replay_url
 from govmesh.identity import Issuer
 from govmesh.identity.authority import TokenAuthority
 from govmesh.observability import summarize
@@ -142,7 +140,8 @@ async def run_workflows(
         finished_at = time.perf_counter()
         expected_calls = sum(done.model_calls for done in outcomes.values())
         budget = await _settled_budget(coordinator, tuple(outcomes), expected_calls)
-        replayed = await _replay(deployment)
+        # Every recorded decision of the tenant, decided again (there must be no difference).
+        replayed = await replay_url(deployment.redis_url, prefix=deployment.key_prefix)
         stats = await swarm.stats()
         stats["approver"] = {"answered": approver.answered, "rejected": dict(approver.bus.rejected)}
         stats["coordinator"] = {"rejected": dict(coordinator.rejected)}
@@ -166,15 +165,6 @@ async def run_workflows(
             "total_s": time.perf_counter() - started,
         },
     )
-
-
-async def _replay(deployment: Deployment) -> ReplayReport:
-    """Decide every recorded decision of the tenant again (there must be no difference)."""
-    r = aioredis.Redis.from_url(deployment.redis_url)
-    try:
-        return await replay(r, prefix=deployment.key_prefix)
-    finally:
-        await r.aclose()
 
 
 def _traceparent() -> str:
