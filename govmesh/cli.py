@@ -135,12 +135,33 @@ def up() -> None:
     type=click.IntRange(1),
     help="Workflows in flight at once.",
 )
+@click.option(
+    "--manual-approvals",
+    is_flag=True,
+    help="No simulated approver: escalations wait for `govmesh approvals` from another "
+    "terminal, or for their policy's expiry.",
+)
 @json_option
 def run(
-    scenario: Path, workflows: int, seed: int, concurrency: int, json_path: Path | None
+    scenario: Path,
+    workflows: int,
+    seed: int,
+    concurrency: int,
+    manual_approvals: bool,
+    json_path: Path | None,
 ) -> None:
-    """Run SCENARIO with a swarm of agent actors and print a summary."""
+    """Run SCENARIO with a swarm of agent actors and print a summary.
+
+    While it runs, `govmesh approvals list|approve|deny` works against it from another
+    terminal (the deployment is advertised under $GOVMESH_HOME, default ~/.govmesh).
+    """
     from govmesh.scenarios import run_scenario
+
+    if manual_approvals:
+        console.print(
+            "escalations wait for an operator: [bold]govmesh approvals list[/], then "
+            "[bold]govmesh approvals approve ID --by NAME[/] (or deny)"
+        )
 
     with _progress(TextColumn("{task.fields[tally]}")) as progress:
         task = progress.add_task("starting", total=workflows, tally="")
@@ -161,6 +182,7 @@ def run(
                 workflows=workflows,
                 seed=seed,
                 concurrency=concurrency,
+                simulated_approver=not manual_approvals,
                 on_done=on_done,
                 on_phase=on_phase,
             )
@@ -186,9 +208,11 @@ def _summary(report: dict[str, Any]) -> Table:
     )
     table.add_row("decisions", f"allow {d['allow']}, deny {d['deny']}, escalate {d['escalate']}")
     table.add_row("decisions replayed", f"{d['replayed']}, {d['replay_differences']} differences")
+    approver = report["approver"]
     table.add_row(
-        "approvals (simulated approver)",
-        f"approved {report['approvals']['approved']}, rejected {report['approvals']['rejected']}",
+        f"approvals ({'simulated: ' if approver['simulated'] else ''}{approver['name']})",
+        f"approved {report['approvals']['approved']}, rejected or expired "
+        f"{report['approvals']['rejected']}",
     )
     table.add_row(
         "tokens (simulated model)",
@@ -386,6 +410,145 @@ def audit_replay(redis_url: str, tenant: str, json_path: Path | None) -> None:
         console.print(f"report written to {json_path}")
     if report.matched != report.decisions:
         sys.exit(1)
+
+
+@cli.group()
+def approvals() -> None:
+    """List and answer escalated tool calls of a running deployment."""
+
+
+tenant_option = click.option(
+    "--tenant",
+    envvar="GOVMESH_TENANT",
+    help="The deployment's tenant; needed only when several run here.",
+)
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@approvals.command("list")
+@tenant_option
+@json_option
+def approvals_list(tenant: str | None, json_path: Path | None) -> None:
+    """List the pending approvals, oldest first."""
+    import time
+
+    import msgspec
+
+    from govmesh.governance._operator import OperatorDesk
+    from govmesh.runtime import join
+
+    async def pending() -> list[Any]:
+        async with OperatorDesk(join(tenant)) as desk:
+            return await desk.pending()
+
+    requests = _run(pending())
+    now = time.time()
+    table = Table(title=f"pending approvals: {len(requests)}")
+    for column in ("id", "workflow", "asks", "why", "waiting", "lapses"):
+        table.add_column(column, no_wrap=column == "id")
+    for r in requests:
+        amount = r.args.get("amount_usd")
+        asks = " ".join(
+            part
+            for part in (
+                f"{r.agent}: {r.tool}",
+                f"${amount:,.2f}" if isinstance(amount, int | float) else "",
+                str(r.args.get("vendor", "")),
+            )
+            if part
+        )
+        table.add_row(
+            r.approval_id[:12],
+            r.workflow,
+            asks,
+            "; ".join(r.reasons),
+            _age(now - r.requested_at),
+            f"in {_age(r.expires_at - now)}, then {r.on_expiry}" if r.expires_at else "never",
+        )
+    out.print(table)
+    if json_path is not None:
+        json_path.write_text(msgspec.json.encode(requests).decode() + "\n")
+        console.print(f"list written to {json_path}")
+
+
+def _answer(
+    approval_id: str,
+    *,
+    approved: bool,
+    by: str,
+    reason: str,
+    tenant: str | None,
+    json_path: Path | None,
+) -> None:
+    import msgspec
+
+    from govmesh.governance._operator import ApprovalNotPending, OperatorDesk
+    from govmesh.runtime import join
+
+    async def answer() -> Any:
+        async with OperatorDesk(join(tenant)) as desk:
+            try:
+                return await desk.answer(approval_id, approved=approved, by=by, reason=reason)
+            except ApprovalNotPending as exc:
+                return exc
+
+    got = _run(answer())
+    if isinstance(got, ApprovalNotPending):
+        console.print(f"[yellow]{got}[/]")
+        sys.exit(1)
+    request, result = got
+    colour = "green" if result.outcome == "allow" else "red"
+    out.print(
+        f"approval {request.approval_id} ({request.workflow}, {request.tool}): "
+        f"[{colour}]{result.outcome}[/]; " + "; ".join(result.reasons)
+    )
+    if json_path is not None:
+        json_path.write_text(msgspec.json.encode(result).decode() + "\n")
+        console.print(f"result written to {json_path}")
+
+
+def _answer_command(approved: bool) -> Any:
+    verb = "approve" if approved else "deny"
+    recheck = (
+        "Governance decides the intent again on the current figures, so an approval still "
+        "ends in deny if the limits have been used up meanwhile. "
+    )
+    doc = (
+        f"{verb.capitalize()} the pending approval APPROVAL_ID (or a unique prefix of it) and "
+        f"print what governance decided. {recheck if approved else ''}Exits 1 if it is not "
+        "pending."
+    )
+
+    @approvals.command(verb, help=doc)
+    @click.argument("approval_id")
+    @click.option("--by", required=True, help="Who answers (recorded and shown to the workflow).")
+    @click.option("--reason", default="", help="Why; recorded with the answer.")
+    @tenant_option
+    @json_option
+    def command(
+        approval_id: str, by: str, reason: str, tenant: str | None, json_path: Path | None
+    ) -> None:
+        _answer(
+            approval_id,
+            approved=approved,
+            by=by,
+            reason=reason,
+            tenant=tenant,
+            json_path=json_path,
+        )
+
+    return command
+
+
+_answer_command(True)
+_answer_command(False)
 
 
 @cli.group()

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -21,13 +22,15 @@ ROOT = Path(__file__).parent.parent
 GOVMESH = [sys.executable, "-m", "govmesh.cli"]
 
 
-def _env(mark: str) -> dict[str, str]:
+def _env(mark: str, home: Path | None = None) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("GOVMESH_", "RAY_")) and k != "PYTEST_CURRENT_TEST"
     }
     env["GOVMESH_TEST_MARK"] = mark
+    # Runs advertise themselves here; a user's own deployment must never see a test's.
+    env["GOVMESH_HOME"] = str(home or tempfile.mkdtemp(prefix="govmesh-home-"))
     return env
 
 
@@ -47,11 +50,11 @@ def _ray_session(mark: str, proc: subprocess.Popen[str], timeout: float = 120.0)
     raise AssertionError(f"no Ray session appeared for the run (exit code {proc.poll()})")
 
 
-def _start(args: list[str], mark: str) -> subprocess.Popen[str]:
+def _start(args: list[str], mark: str, home: Path | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*GOVMESH, *args],
         cwd=ROOT,
-        env=_env(mark),
+        env=_env(mark, home),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -136,3 +139,90 @@ def _cmdline(pid: int) -> str:
         )
     except OSError:
         return ""
+
+
+ESCALATING = """
+name: approvals
+tenant: approvals-cli
+policies: [{policy}]
+model:
+  name: simulated-small
+  input_tokens: {{mean: 1000, sd: 100}}
+  output_tokens: {{mean: 300, sd: 50}}
+  error_probability: 0.0
+  latency_ms: 1
+prices:
+  simulated-small: {{input_per_1k: 0.003, output_per_1k: 0.015}}
+agents:
+  requester: {{id: requester-1, role: Requester}}
+  procurement:
+    id: procurement-1
+    role: Procurement-Agent-v2
+    capabilities: [erp.create_purchase_order]
+    budget_usd: 25000
+purchases:
+  items: [laptops]
+  vendors: {{Vendor_A: 1.0}}
+  amount_usd: {{min: 5500, max: 9500}}
+"""
+
+
+def _govmesh(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*GOVMESH, *args],
+        cwd=ROOT,
+        env=_env(uuid.uuid4().hex, home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_an_approval_from_the_cli_resumes_the_paused_workflow(tmp_path: Path) -> None:
+    home, mark, out = tmp_path / "home", uuid.uuid4().hex, tmp_path / "out.json"
+    scenario = tmp_path / "escalating.yaml"
+    scenario.write_text(ESCALATING.format(policy=ROOT / "policies" / "procurement-agent-v2.yaml"))
+    run = ["run", str(scenario), "-n", "2", "--manual-approvals", "--json", str(out)]
+    proc = _start(run, mark, home)
+    try:
+        listed = tmp_path / "pending.json"
+        deadline = time.monotonic() + 120
+        pending: list[dict[str, object]] = []
+        while len(pending) < 2:
+            assert time.monotonic() < deadline, "the escalations never became pending"
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            if _govmesh(["approvals", "list", "--json", str(listed)], home).returncode == 0:
+                pending = json.loads(listed.read_text())
+            time.sleep(0.5)
+        first, second = (str(p["approval_id"]) for p in pending)
+        assert len({p["workflow"] for p in pending}) == 2
+
+        approved = _govmesh(["approvals", "approve", first[:8], "--by", "alice"], home)
+        assert approved.returncode == 0, approved.stderr
+        assert "allow" in approved.stdout and "approved by alice" in approved.stdout
+        again = _govmesh(["approvals", "deny", first, "--by", "carol"], home)
+        assert again.returncode == 1 and "already settled" in again.stderr, again
+        denied = _govmesh(["approvals", "deny", second, "--by", "bob", "--reason", "no"], home)
+        assert denied.returncode == 0, denied.stderr
+        assert "deny" in denied.stdout and "rejected by bob" in denied.stdout
+
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["workflows"] | {"total": 2} == {
+        "total": 2,
+        "finished": 2,
+        "executed": 1,
+        "denied": 0,
+        "rejected": 1,
+        "failed": 0,
+    }
+    assert report["decisions"]["escalate"] == 2
+    assert report["approvals"] == {"approved": 1, "rejected": 1}
+    assert report["approver"]["simulated"] is False
+    assert not (home / "approvals-cli").exists(), "the run stopped advertising itself"
+    gone = _govmesh(["approvals", "list"], home)
+    assert gone.returncode == 2 and "no govmesh deployment is running" in gone.stderr

@@ -610,7 +610,7 @@ def test_agent_subscribes_only_to_its_inbox_decisions_and_its_reply_inboxes():
 @pytest.mark.parametrize(
     ("role", "subscribes", "publishes", "responds"),
     [
-        ("governance", ["intent.a", "approval.w"], ["decision.w", "approval.w"], False),
+        ("governance", ["intent.a", "approval.w"], ["decision.w", "approval.w"], True),
         ("gateway", ["tool.erp.create_po"], [], True),
         ("budget", ["usage.a", "ctl.budget"], [], True),
         ("state", ["state.a", "ctl.state"], [], True),

@@ -21,13 +21,17 @@ from govmesh.tools import ERP_CREATE_PO, ToolCall, ToolResult
 
 __all__ = ["ProcurementAgent"]
 
+_SETTLE_GRACE_S = 60.0
+"""Beyond an approval's expiry: governance's sweep, or another actor's takeover, settles it."""
+
 
 class ProcurementAgent(AgentService):
     """Turns purchase requests into governed purchase orders.
 
     Args:
         decision_timeout_s: how long to wait for governance's first answer.
-        approval_timeout_s: how long to wait for a human's answer to an escalation.
+        approval_timeout_s: how long to wait for a human's answer to an escalation whose
+            approval never lapses; one that lapses is waited for until it does.
         max_reflections: the agent's own stop for a model that keeps failing.
     """
 
@@ -70,6 +74,13 @@ class ProcurementAgent(AgentService):
                 decision: Decision = d.body
                 if decision.intent_id == intent_id and (decision.final or not final):
                     return d
+
+    def _approval_wait_s(self, escalated: Decision) -> float:
+        """Wait for a human until the approval lapses (then governance settles it with the
+        policy's default, a sweep later), or `approval_timeout_s` for one that never does."""
+        if not escalated.approval_expires_at:
+            return self._approval_timeout_s
+        return max(0.0, escalated.approval_expires_at - time.time()) + _SETTLE_GRACE_S
 
     async def _on_request(self, d: Delivery) -> None:
         workflow = d.envelope.workflow
@@ -125,15 +136,21 @@ class ProcurementAgent(AgentService):
         )
         governance_ms = (time.perf_counter() - started) * 1000
         first_decision: Decision = first.body
+        paused = not first_decision.final
         await self.snapshot(
             workflow,
-            {**goal, "phase": "decided", "decision": first_decision.outcome},
+            {
+                **goal,
+                "phase": "awaiting_approval" if paused else "decided",
+                "decision": first_decision.outcome,
+                "approval_id": first_decision.approval_id,
+            },
             policy_hash=first_decision.policy_hash,
         )
         final = first
-        if not first_decision.final:
+        if paused:
             final = await self._next_decision(
-                workflow, sent.id, final=True, timeout=self._approval_timeout_s
+                workflow, sent.id, final=True, timeout=self._approval_wait_s(first_decision)
             )
         decision: Decision = final.body
         outcome = PurchaseOutcome(

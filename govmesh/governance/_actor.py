@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from redis.exceptions import RedisError
 
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
 from govmesh.errors import PolicyError, SecurityError
+from govmesh.governance._approvals import Answer, ApprovalRecord, ApprovalStore, expiry_answer
 from govmesh.governance._evaluator import EvalContext, Intent, Verdict, evaluate, intent_hash
 from govmesh.governance._policy import PolicySet
 from govmesh.governance._replay import (
@@ -25,7 +27,13 @@ from govmesh.governance._replay import (
     policy_set_of,
     policy_sources,
 )
-from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest, Decision, ToolIntent
+from govmesh.governance.messages import (
+    ApprovalAnswer,
+    ApprovalRequest,
+    ApprovalResult,
+    Decision,
+    ToolIntent,
+)
 from govmesh.identity import Claims, Identity
 from govmesh.service import Service
 
@@ -96,6 +104,7 @@ class GovernanceService(Service):
         policy_paths: the policy files in force; re-read when they change.
         decision_ttl_s: how long an allow decision may be presented to the gateway.
         reload_interval_s: how often to look at the policy files for changes.
+        sweep_interval_s: how often to settle lapsed approvals.
     """
 
     def __init__(
@@ -106,6 +115,7 @@ class GovernanceService(Service):
         policy_paths: list[str],
         decision_ttl_s: float = 60.0,
         reload_interval_s: float = 1.0,
+        sweep_interval_s: float = 1.0,
     ) -> None:
         super().__init__(deployment, identity)
         self._paths = [Path(p) for p in policy_paths]
@@ -114,11 +124,13 @@ class GovernanceService(Service):
         self._recorded_versions: set[str] = set()
         self._reload_interval_s = reload_interval_s
         self._watch: asyncio.Task[None] | None = None
+        self._sweep: asyncio.Task[None] | None = None
+        self._sweep_interval_s = sweep_interval_s
+        self._approvals: ApprovalStore | None = None
         self.reloads = 0
         self.reload_errors = 0
         self._decision_ttl_s = decision_ttl_s
         self._codec = msgspec.msgpack.Encoder()
-        self._request_decoder = msgspec.msgpack.Decoder(ApprovalRequest)
         self.decided: Counter[str] = Counter()
 
     async def on_start(self) -> None:
@@ -138,6 +150,7 @@ class GovernanceService(Service):
         )
         self._commit_script = self.redis.register_script(_COMMIT_IF_UNCHANGED)
         self._watch = asyncio.create_task(self._watch_policies(), name="policy-reload")
+        self._sweep = asyncio.create_task(self._sweep_approvals(), name="approval-sweep")
 
     def _load(self) -> tuple[list[PolicySource], PolicySet]:
         # Compiled from the very texts that are recorded, so a replay sees what was decided.
@@ -225,11 +238,13 @@ class GovernanceService(Service):
         }
 
     async def close(self) -> None:
-        """Stop watching the policy files, then leave. Safe to call twice."""
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
-            self._watch = None
+        """Stop watching the policy files and sweeping approvals, then leave. Safe to call
+        twice; an approval being settled is finished by another actor's sweep."""
+        tasks = [t for t in (self._watch, self._sweep) if t is not None]
+        self._watch = self._sweep = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await super().close()
 
     async def _on_intent(self, d: Delivery) -> None:
@@ -250,9 +265,9 @@ class GovernanceService(Service):
         )
         await self._record(d, intent, ctx, verdict, sources)
         self.decided[verdict.outcome] += 1
-        approval_id = ""
+        request = None
         if verdict.outcome == "escalate":
-            approval_id = await self._escalate(d, intent, ihash, verdict, body.reflections)
+            request = await self._escalate(d, intent, ihash, verdict, body.reflections)
         decision = Decision(
             intent_id=d.envelope.id,
             intent_hash=ihash,
@@ -264,7 +279,8 @@ class GovernanceService(Service):
             policy_hash=verdict.policy_hash,
             expires_at=time.time() + self._decision_ttl_s,
             final=verdict.outcome != "escalate",
-            approval_id=approval_id,
+            approval_id=request.approval_id if request else "",
+            approval_expires_at=request.expires_at if request else 0.0,
         )
         await self.bus.publish(
             self.subjects.decision(workflow),
@@ -387,10 +403,10 @@ class GovernanceService(Service):
 
     async def _escalate(
         self, d: Delivery, intent: Intent, ihash: str, verdict: Verdict, reflections: int
-    ) -> str:
-        approval_id = uuid.uuid4().hex
+    ) -> ApprovalRequest:
+        now = time.time()
         request = ApprovalRequest(
-            approval_id=approval_id,
+            approval_id=uuid.uuid4().hex,
             workflow=intent.workflow,
             agent=intent.agent,
             tool=intent.tool,
@@ -400,15 +416,15 @@ class GovernanceService(Service):
             reasons=verdict.reasons,
             escalation=verdict.escalation or "human_review",
             policy_hash=verdict.policy_hash,
-            requested_at=time.time(),
+            requested_at=now,
             role=intent.role,
             step=intent.step,
             reflections=reflections,
+            expires_at=now + verdict.approval_expiry_s if verdict.approval_expiry_s else 0.0,
+            on_expiry=verdict.on_expiry,
+            trace=d.envelope.trace,
         )
-        # Stored before it is announced, so an answer can never arrive for an unknown request.
-        await self.redis.hset(
-            self.key("approvals", "pending"), approval_id, self._codec.encode(request)
-        )
+        await self.approvals.add(request)
         await self.bus.publish(
             self.subjects.approval(intent.workflow),
             request,
@@ -416,7 +432,14 @@ class GovernanceService(Service):
             causation=d.envelope.id,
             trace=d.envelope.trace,
         )
-        return approval_id
+        return request
+
+    @property
+    def approvals(self) -> ApprovalStore:
+        """The tenant's durable approvals; available after `start`."""
+        if self._approvals is None:
+            self._approvals = ApprovalStore(self.redis, self.deployment.key_prefix)
+        return self._approvals
 
     async def _on_approval(self, d: Delivery) -> None:
         match d.body:
@@ -436,28 +459,47 @@ class GovernanceService(Service):
                 data=d.data,
             )
             return
-        pending_key = self.key("approvals", "pending")
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(pending_key, answer.approval_id)
-            pipe.hdel(pending_key, answer.approval_id)
-            raw, removed = await pipe.execute()
-        if not removed:
-            return  # already answered (by another governance actor or a duplicate answer)
-        request = self._request_decoder.decode(raw)
-        record = {
-            "approval_id": answer.approval_id,
-            "approved": answer.approved,
-            "by": answer.by,
-            "operator": d.claims.sub,
-            "reason": answer.reason,
-            "workflow": request.workflow,
-            "intent_hash": request.intent_hash,
-            "answered_at": time.time(),
-        }
-        await self.redis.hset(
-            self.key("approvals", "done"), answer.approval_id, msgspec.json.encode(record)
+        record = await self._settle(
+            answer.approval_id,
+            Answer(
+                approved=answer.approved,
+                by=answer.by,
+                operator=d.claims.sub,
+                reason=answer.reason,
+                causation=d.envelope.id,
+            ),
         )
-        allowed, why = (await self._within_limits(request)) if answer.approved else (False, ())
+        if d.reply:
+            await self.bus.respond(
+                d,
+                ApprovalResult(approval_id=answer.approval_id, found=False)
+                if record is None
+                else ApprovalResult(
+                    approval_id=answer.approval_id,
+                    found=True,
+                    outcome=record.outcome,
+                    reasons=record.reasons,
+                    by=record.answer.by,
+                ),
+            )
+
+    async def _settle(self, approval_id: str, answer: Answer | None) -> ApprovalRecord | None:
+        """Claim, decide, publish and finish one approval; None if it was not ours to settle.
+
+        ``answer=None`` takes over a claim abandoned by an actor that died, or settles a
+        lapsed approval with its policy's default.
+        """
+        claimed = await self.approvals.claim(approval_id, answer)
+        if claimed is None and answer is None:
+            request = await self.approvals.get(approval_id)
+            if request is None or not request.expires_at or request.expires_at > time.time():
+                return None
+            claimed = await self.approvals.claim(approval_id, expiry_answer(request))
+        if claimed is None:
+            return None
+        request, taken = claimed
+        allowed, why = (await self._within_limits(request)) if taken.approved else (False, ())
+        verb = "expired" if taken.expired else "approved" if taken.approved else "rejected"
         decision = Decision(
             intent_id=request.intent_id,
             intent_hash=request.intent_hash,
@@ -466,19 +508,46 @@ class GovernanceService(Service):
             outcome="allow" if allowed else "deny",
             reasons=(
                 *request.reasons,
-                f"{'approved' if answer.approved else 'rejected'} by {answer.by}",
+                taken.reason if taken.expired else f"{verb} by {taken.by}",
                 *why,
             ),
             policy_hash=request.policy_hash,
             expires_at=time.time() + self._decision_ttl_s,
-            approval_id=answer.approval_id,
-            approved_by=answer.by if answer.approved else "",
+            approval_id=request.approval_id,
+            approved_by=taken.by if taken.approved and not taken.expired else "",
         )
-        self.decided["approved" if answer.approved else "rejected"] += 1
+        self.decided[verb] += 1
         await self.bus.publish(
             self.subjects.decision(request.workflow),
             decision,
             workflow=request.workflow,
-            causation=d.envelope.id,
-            trace=d.envelope.trace,
+            causation=taken.causation or request.intent_id,
+            trace=request.trace,
         )
+        record = ApprovalRecord(
+            approval_id=request.approval_id,
+            workflow=request.workflow,
+            agent=request.agent,
+            tool=request.tool,
+            args=request.args,
+            intent_hash=request.intent_hash,
+            requested_at=request.requested_at,
+            answer=taken,
+            outcome=decision.outcome,
+            reasons=decision.reasons,
+            settled_at=time.time(),
+        )
+        await self.approvals.finish(record)
+        return record
+
+    async def _sweep_approvals(self) -> None:
+        """Settle lapsed approvals with their policy's default, and take over abandoned
+        claims; every governance actor sweeps, and the claim lets only one settle each."""
+        while True:
+            await asyncio.sleep(self._sweep_interval_s)
+            try:
+                for approval_id in await self.approvals.due():
+                    await self._settle(approval_id, None)
+            except (RedisError, OSError) as exc:
+                # Redis restarting: the approvals wait there, the next sweep settles them.
+                log.warning("approval sweep postponed: %s", exc)

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import msgspec
 
-__all__ = ["ApprovalAnswer", "ApprovalRequest", "Decision", "ToolIntent"]
+__all__ = ["ApprovalAnswer", "ApprovalRequest", "ApprovalResult", "Decision", "ToolIntent"]
 
 Outcome = Literal["allow", "deny", "escalate"]
 
@@ -29,6 +29,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
     Attributes:
         final: False for an escalation, which a final decision follows once answered.
+        approval_expires_at: for an escalation, when its approval lapses and the policy's
+            default (``on_expiry``) decides instead; the agent waits until then.
     """
 
     intent_id: str
@@ -43,6 +45,7 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     final: bool = True
     approval_id: str = ""
     approved_by: str = ""
+    approval_expires_at: float = 0.0
 
 
 class ApprovalRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -51,6 +54,10 @@ class ApprovalRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     Attributes:
         role, step, reflections: what governance needs to decide the intent again when
             it is approved, since spend may have moved while it waited.
+        expires_at: when the request lapses unanswered (0: never).
+        on_expiry: what it becomes then, by the policy in force when it was escalated.
+        trace: the workflow's trace context, so the decision that ends the wait, perhaps
+            days later, continues the same trace.
     """
 
     approval_id: str
@@ -67,6 +74,9 @@ class ApprovalRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     role: str = ""
     step: int = 0
     reflections: int = 0
+    expires_at: float = 0.0
+    on_expiry: Literal["allow", "deny"] = "deny"
+    trace: str = ""
 
 
 class ApprovalAnswer(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -76,3 +86,22 @@ class ApprovalAnswer(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     approved: bool
     by: str
     reason: str = ""
+
+
+class ApprovalResult(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Governance's reply to an operator who answered an approval request.
+
+    Attributes:
+        found: the request was pending; False when it is unknown or already settled
+            (answered by someone else, or expired), and then nothing changed.
+        outcome: the final decision now sent to the workflow; an approval can still end in
+            ``deny`` when the limits no longer leave room for it.
+        reasons: the final decision's reasons.
+        by: whose answer settled it (another operator's, if theirs was first).
+    """
+
+    approval_id: str
+    found: bool
+    outcome: Outcome | None = None
+    reasons: tuple[str, ...] = ()
+    by: str = ""

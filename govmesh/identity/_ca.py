@@ -387,6 +387,28 @@ class DeploymentCA:
             not_before=not_before,
         )
 
+    def member_cert(
+        self,
+        member_id: str,
+        role: str,
+        *,
+        tenant: str = CERT_ORGANIZATION,
+        ttl: dt.timedelta = DEFAULT_CLIENT_TTL,
+    ) -> ClientCert:
+        """`client_cert` with its key and this CA, ready to connect with.
+
+        Raises:
+            ConfigError: as `client_cert`.
+        """
+        cert_pem, key_pem = self.client_cert(member_id, role, tenant=tenant, ttl=ttl)
+        return ClientCert(
+            member_id=member_id,
+            role=role,
+            cert_pem=cert_pem,
+            key_pem=key_pem,
+            ca_pem=self.ca_pem,
+        )
+
     def renew_client_cert(
         self, cert_pem: bytes, *, member_id: str, ttl: dt.timedelta = DEFAULT_CLIENT_TTL
     ) -> bytes:

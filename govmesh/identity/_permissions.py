@@ -7,7 +7,7 @@ role          publish                                     subscribe
 ============  ==========================================  ===================================
 agent         intent/usage/state.<own id>, msg.*, tool.>,  msg.<own id>, decision.*
               ctl.*
-governance    decision.*, approval.*                      intent.*, approval.*
+governance    decision.*, approval.*, replies             intent.*, approval.*
 gateway       (replies only: allow_responses)             tool.>
 budget        (replies only)                              usage.*, ctl.budget
 state         (replies only)                              state.*, ctl.state
@@ -131,6 +131,8 @@ def permissions_for(
     elif role == GOVERNANCE_ROLE:
         pub = [s.all("decision"), s.all("approval")]
         sub = [s.all("intent"), s.all("approval"), inbox]
+        # Tells an operator's `govmesh approvals approve` what its answer decided.
+        responds = True
     elif role in (GATEWAY_ROLE, BUDGET_ROLE, STATE_ROLE, ISSUER_ROLE):
         pub, responds = [], True
         served = {

@@ -1,5 +1,6 @@
 """Embedded nats-server, Redis-protocol server and Ray, or connections to external ones."""
 
+from govmesh.runtime._home import ENV_HOME, OPERATOR_MEMBER, JoinedDeployment, advertise, join
 from govmesh.runtime._nats import NatsServer, ServerTLS
 from govmesh.runtime._redis import RedisServer
 from govmesh.runtime._runtime import ENV_NATS_URL, ENV_RAY_ADDRESS, ENV_REDIS_URL, Runtime
@@ -13,6 +14,7 @@ from govmesh.runtime._transport import (
 )
 
 __all__ = [
+    "ENV_HOME",
     "ENV_NATS_CA",
     "ENV_NATS_CA_KEY",
     "ENV_NATS_CERT",
@@ -20,10 +22,14 @@ __all__ = [
     "ENV_NATS_URL",
     "ENV_RAY_ADDRESS",
     "ENV_REDIS_URL",
+    "OPERATOR_MEMBER",
+    "JoinedDeployment",
     "Member",
     "NatsServer",
     "RedisServer",
     "Runtime",
     "ServerTLS",
     "Transport",
+    "advertise",
+    "join",
 ]

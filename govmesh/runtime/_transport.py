@@ -37,6 +37,7 @@ from govmesh.errors import ConfigError
 from govmesh.identity._ca import DEFAULT_CLIENT_TTL, ClientCert, DeploymentCA, member_dn
 from govmesh.identity._permissions import PLATFORM_ROLES, Permissions, permissions_for
 from govmesh.identity._tokens import Identity
+from govmesh.runtime._home import write_private
 from govmesh.runtime._nats import NatsServer, ServerTLS, render_authorization
 
 __all__ = [
@@ -75,15 +76,6 @@ class Member(msgspec.Struct, frozen=True, kw_only=True):
     def permissions(self) -> Permissions:
         """The member's NATS permissions (see `permissions_for`)."""
         return permissions_for(self.member_id, self.role, Subjects(self.tenant), agent=self.agent)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    # Created 0600 from the start: a key must never be readable, not even for a moment
-    # (fchmod too, in case the file already existed with a wider mode).
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def _read_env_file(var: str) -> bytes | None:
@@ -149,7 +141,7 @@ class Transport:
         )
         files.ca_file.write_bytes(ca.ca_pem)
         files.cert_file.write_bytes(cert_pem)
-        _write_private(files.key_file, key_pem)
+        write_private(files.key_file, key_pem)
         server = NatsServer(workdir=workdir, jetstream=jetstream, tls=files)
         return cls(ca, server=server), server
 
@@ -246,7 +238,10 @@ class Transport:
                 )
             self._members.update(joining)
             self._users = users
-        return {m.member_id: self._issue(m, ttl) for m in requested}
+        return {
+            m.member_id: self.ca.member_cert(m.member_id, m.role, tenant=m.tenant, ttl=ttl)
+            for m in requested
+        }
 
     def enrol(
         self,
@@ -272,18 +267,6 @@ class Transport:
         certs = self.admit_many(members, ttl=ttl)
         for identity in people:
             identity.cert = certs[identity.agent_id]
-
-    def _issue(self, member: Member, ttl: dt.timedelta) -> ClientCert:
-        cert_pem, key_pem = self.ca.client_cert(
-            member.member_id, member.role, tenant=member.tenant, ttl=ttl
-        )
-        return ClientCert(
-            member_id=member.member_id,
-            role=member.role,
-            cert_pem=cert_pem,
-            key_pem=key_pem,
-            ca_pem=self.ca.ca_pem,
-        )
 
     def authorization(self) -> str:
         """The ``authorization`` block for the admitted members, for an external server."""

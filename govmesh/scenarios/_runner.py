@@ -17,9 +17,10 @@ from govmesh.errors import BusError
 from govmesh.forecasting import BudgetQuery, BudgetReport
 from govmesh.governance._replay import ReplayReport, replay_url
 from govmesh.identity import Issuer
+from govmesh.identity._permissions import OPERATOR_ROLE
 from govmesh.identity.authority import TokenAuthority
 from govmesh.observability import summarize
-from govmesh.runtime import Transport
+from govmesh.runtime import OPERATOR_MEMBER, Transport
 from govmesh.scenarios._schema import Scenario, load_scenario
 from govmesh.scenarios._swarm import Swarm, seeded_rng
 
@@ -59,9 +60,10 @@ async def run_workflows(
     workflows: int,
     seed: int,
     concurrency: int = 64,
-    timeout_s: float = 600.0,
+    timeout_s: float | None = 600.0,
     in_process: bool = False,
     transport: Transport | None = None,
+    simulated_approver: bool = True,
     on_done: Callable[[str, PurchaseOutcome], None] | None = None,
 ) -> dict[str, Any]:
     """Start the swarm, run ``workflows`` workflows through it, and return the report.
@@ -73,9 +75,13 @@ async def run_workflows(
         workflows: how many workflows.
         seed: the run's seed.
         concurrency: workflows in flight at once.
-        timeout_s: give up on workflows not finished by then (they count as unfinished).
+        timeout_s: give up on workflows not finished by then (they count as unfinished);
+            None waits for every one.
         in_process: run services in this process instead of Ray actors.
-        transport: mutual TLS; every member is admitted and gets its certificate.
+        transport: mutual TLS; every member is admitted and gets its certificate, and the
+            operator member (`OPERATOR_MEMBER`) is admitted for ``govmesh approvals``.
+        simulated_approver: answer escalations with the scenario's simulated approver;
+            False leaves them to operators (``govmesh approvals``) or to their expiry.
         on_done: called as each workflow finishes (progress bars).
     """
     started = time.perf_counter()
@@ -84,11 +90,17 @@ async def run_workflows(
     authority = TokenAuthority(
         deployment, issuer, ca=transport.ca if transport is not None else None
     )
-    approver = swarm.approver()
+    approver = swarm.approver() if simulated_approver else None
     me = issuer.identity(f"coordinator-{run_id}", COORDINATOR_ROLE)
     if transport is not None:
+        transport.admit(OPERATOR_MEMBER, OPERATOR_ROLE, tenant=deployment.tenant)
         transport.enrol(
-            [*swarm.identities(), approver.identity, authority.identity, me],
+            [
+                *swarm.identities(),
+                *([approver.identity] if approver else []),
+                authority.identity,
+                me,
+            ],
             tenant=deployment.tenant,
         )
     coordinator = await Bus.connect(deployment, me)
@@ -104,7 +116,8 @@ async def run_workflows(
     try:
         await authority.start()
         await swarm.start()
-        await approver.start()
+        if approver is not None:
+            await approver.start()
         await coordinator.subscribe(
             coordinator.subjects.msg(coordinator.identity.agent_id),
             on_message,
@@ -143,11 +156,16 @@ async def run_workflows(
         # Every recorded decision of the tenant, decided again (there must be no difference).
         replayed = await replay_url(deployment.redis_url, prefix=deployment.key_prefix)
         stats = await swarm.stats()
-        stats["approver"] = {"answered": approver.answered, "rejected": dict(approver.bus.rejected)}
+        if approver is not None:
+            stats["approver"] = {
+                "answered": approver.answered,
+                "rejected": dict(approver.bus.rejected),
+            }
         stats["coordinator"] = {"rejected": dict(coordinator.rejected)}
     finally:
         await coordinator.close()
-        await approver.close()
+        if approver is not None:
+            await approver.close()
         await swarm.close()
         await authority.close()
     return _report(
@@ -159,6 +177,7 @@ async def run_workflows(
         expected_calls=expected_calls,
         stats=stats,
         replayed=replayed,
+        simulated_approver=approver is not None,
         timings={
             "start_s": ready - started,
             "workflows_s": finished_at - ready,
@@ -206,6 +225,7 @@ def _report(
     expected_calls: int,
     stats: dict[str, Any],
     replayed: ReplayReport,
+    simulated_approver: bool,
     timings: dict[str, float],
 ) -> dict[str, Any]:
     results = Counter(done.outcome.result for done in outcomes.values())
@@ -220,7 +240,11 @@ def _report(
         "scenario": scenario.name,
         "seed": seed,
         "model": {"name": scenario.model.name, "simulated": True},
-        "approver": {"name": scenario.approvals.by, "simulated": True},
+        "approver": (
+            {"name": scenario.approvals.by, "simulated": True}
+            if simulated_approver
+            else {"name": "operators", "simulated": False}
+        ),
         "workflows": {
             "total": total,
             "finished": len(outcomes),
@@ -256,11 +280,18 @@ async def run_scenario(
     workflows: int,
     seed: int,
     concurrency: int = 64,
+    simulated_approver: bool = True,
     on_done: Callable[[str, PurchaseOutcome], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Load a scenario, bring up the runtime (embedded or external services), run, report."""
-    from govmesh.runtime import Runtime
+    """Load a scenario, bring up the runtime (embedded or external services), run, report.
+
+    While it runs, the deployment is advertised under ``$GOVMESH_HOME`` (see
+    `govmesh.runtime.advertise`) so ``govmesh approvals`` can answer its escalations from
+    another terminal. With ``simulated_approver=False`` only operators (or the approvals'
+    expiry) answer them, and the run waits for every workflow.
+    """
+    from govmesh.runtime import Runtime, advertise
 
     scenario = load_scenario(path)
     phase = on_phase or (lambda _: None)
@@ -273,17 +304,26 @@ async def run_scenario(
             redis_url=runtime.redis_url,
             tls=runtime.transport is not None,
         )
-        phase("starting agent and platform actors")
-        report = await run_workflows(
-            scenario,
+        transport = runtime.transport
+        with advertise(
             deployment,
             issuer,
-            workflows=workflows,
-            seed=seed,
-            concurrency=concurrency,
-            transport=runtime.transport,
-            on_done=on_done,
-        )
+            ca=transport.ca if transport is not None else None,
+            what=f"govmesh run {path}",
+        ):
+            phase("starting agent and platform actors")
+            report = await run_workflows(
+                scenario,
+                deployment,
+                issuer,
+                workflows=workflows,
+                seed=seed,
+                concurrency=concurrency,
+                timeout_s=600.0 if simulated_approver else None,
+                transport=transport,
+                simulated_approver=simulated_approver,
+                on_done=on_done,
+            )
         report["runtime"] = {"embedded": runtime.embedded, "mutual_tls": deployment.tls}
         phase("stopping")
         return report
