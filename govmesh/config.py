@@ -2,14 +2,51 @@
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 
-__all__ = ["Deployment", "key_prefix"]
+__all__ = ["Clock", "Deployment", "key_prefix"]
 
 
 def key_prefix(tenant: str) -> str:
     """The Redis key prefix of ``tenant``; every key govmesh writes starts with it."""
     return f"gm:{tenant}"
+
+
+class Clock(msgspec.Struct, frozen=True, kw_only=True):
+    """The deployment's clock for workflow time: timers and waits are due by it.
+
+    Real time by default. A simulated clock runs `speed` times faster than real time from
+    `origin` (a Unix time) on, the same in every process because it is computed from the
+    wall clock, and across restarts too: a scenario can sleep seven simulated days in
+    seconds. Security checks (token expiry, message timestamps) always use real time.
+
+    Attributes:
+        origin: the Unix time at which the simulated clock equals real time.
+        speed: simulated seconds per real second; 1 is real time.
+    """
+
+    origin: float = 0.0
+    speed: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.speed > 0:
+            raise ValueError(f"clock speed must be positive, got {self.speed!r}")
+
+    @property
+    def simulated(self) -> bool:
+        """Whether this clock runs faster than real time."""
+        return self.speed != 1.0
+
+    def now(self) -> float:
+        """The current time on this clock (Unix seconds)."""
+        real = time.time()
+        return real if self.speed == 1.0 else self.origin + (real - self.origin) * self.speed
+
+    def real_seconds(self, seconds: float) -> float:
+        """How many real seconds `seconds` on this clock take."""
+        return seconds / self.speed
 
 
 class Deployment(msgspec.Struct, frozen=True, kw_only=True):
@@ -24,6 +61,7 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
         audience: the token audience every member accepts.
         issuers: raw Ed25519 public keys of the trusted token issuers.
         tls: the NATS server requires mutual TLS; members connect with a client certificate.
+        clock: workflow time (real by default; simulated in scenarios that say so).
     """
 
     tenant: str
@@ -32,6 +70,7 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     audience: str
     issuers: tuple[bytes, ...]
     tls: bool = False
+    clock: Clock = Clock()
 
     @property
     def key_prefix(self) -> str:

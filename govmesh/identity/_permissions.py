@@ -10,7 +10,7 @@ agent         intent/usage/state.<own id>, msg.*, tool.>,  msg.<own id>, decisio
 governance    decision.*, approval.*, replies             intent.*, approval.*
 gateway       (replies only: allow_responses)             tool.>
 budget        (replies only)                              usage.*, ctl.budget
-state         (replies only)                              state.*, ctl.state
+state         msg.* (timers fired), replies               state.*, ctl.state
 issuer        (replies only)                              ctl.identity
 operator      approval.*                                  approval.*
 coordinator   msg.*, ctl.*, $JS.API.>                     msg.<own id>
@@ -134,7 +134,7 @@ def permissions_for(
         # Tells an operator's `govmesh approvals approve` what its answer decided.
         responds = True
     elif role in (GATEWAY_ROLE, BUDGET_ROLE, STATE_ROLE, ISSUER_ROLE):
-        pub, responds = [], True
+        pub, responds = ([s.all("msg")] if role == STATE_ROLE else []), True
         served = {
             GATEWAY_ROLE: [s.all("tool")],
             BUDGET_ROLE: [s.all("usage"), s.ctl("budget")],
