@@ -329,3 +329,83 @@ async def test_an_approval_cannot_spend_what_the_workflow_no_longer_has(
     assert final.approval_id == escalated.approval_id
     assert final.outcome == "deny"
     assert any("spending_limit" in r or "limit" in r for r in final.reasons), final.reasons
+
+
+async def test_every_outcome_is_decided_in_two_round_trips_and_recorded_inside_the_second(
+    tmp_path, secure_nats, redis_server, prefix
+) -> None:
+    import redis.asyncio as aioredis
+
+    from govmesh.governance._replay import decisions_key
+
+    async with _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, SEED) as (
+        agent,
+        decisions,
+        actors,
+        _,
+    ):
+        await _intent(agent, "wf-warm", 100.0)  # loads the scripts into the server
+        await asyncio.wait_for(decisions.get(), 10)
+        watcher = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            async with watcher.monitor() as monitor:
+                amounts = {"wf-rt-allow": 4000.0, "wf-rt-deny": 12000.0, "wf-rt-escalate": 7000.0}
+                for workflow, amount in amounts.items():
+                    await _intent(agent, workflow, amount)
+                got = [await asyncio.wait_for(decisions.get(), 10) for _ in amounts]
+                # Every command of these decisions ran before its decision was published.
+                await watcher.get(f"{prefix}:sentinel")
+                seen = []
+                while not (seen and seen[-1]["command"] == f"GET {prefix}:sentinel"):
+                    seen.append(await asyncio.wait_for(monitor.next_command(), 10))
+            records = await watcher.xlen(decisions_key(actors[0].deployment.key_prefix))
+        finally:
+            await watcher.aclose()
+    assert sorted(d.outcome for d in got) == ["allow", "deny", "escalate"]
+    sent = [c["command"].split() for c in seen if c["client_type"] != "lua"]
+    for workflow in amounts:
+        # One round trip reads the figures, one writes the decision: both carry the workflow.
+        assert [c[0] for c in sent if workflow in c] == ["EVALSHA", "EVALSHA"], workflow
+    assert not {"MULTI", "XADD", "HSET", "SET"} & {c[0] for c in sent}, sent
+    in_scripts = [c["command"].split()[0] for c in seen if c["client_type"] == "lua"]
+    assert in_scripts.count("XADD") == 3
+    assert in_scripts.count("HINCRBYFLOAT") == 2  # the allowed amount, per workflow and day
+    assert in_scripts.count("HSET") == 1  # the escalation's pending approval request
+    assert records == 1 + 3  # the warm-up's and these three, each once
+
+
+async def test_a_decision_on_changed_figures_is_recorded_once_as_decided_again(
+    running_with_redis,
+) -> None:
+    import msgspec
+
+    from govmesh.governance._replay import DecisionRecord, decisions_key, replay
+
+    policy, governance, decide, redis, key_prefix = running_with_redis
+    policy.write_text(LIMITS)  # also counts calls: the second read must not count its own
+    await _wait_for(lambda: governance.reloads == 1)
+    read = governance._context
+    reads = 0
+
+    async def raced(*args, **kwargs):
+        nonlocal reads
+        ctx = await read(*args, **kwargs)
+        reads += 1
+        if reads == 1:
+            # Another decision commits 8,000 to the workflow after its figures were read.
+            await redis.hincrbyfloat(f"{key_prefix}:spend", "wf-race", 8000.0)
+        return ctx
+
+    governance._context = raced
+    decision = await decide("wf-race")  # 3,000: allowed on the first figures, not the second
+
+    rows = await redis.xrange(decisions_key(key_prefix))
+    records = [msgspec.msgpack.decode(f[b"record"], type=DecisionRecord) for _, f in rows]
+    assert reads == 2
+    assert decision.outcome == "deny"
+    assert [(r.outcome, r.context.workflow_spend_usd) for r in records] == [("deny", 8000.0)]
+    assert records[0].context.recent_calls == 0
+    assert records[0].intent_id == decision.intent_id
+    assert float(await redis.hget(f"{key_prefix}:spend", "wf-race")) == 8000.0
+    report = await replay(redis, prefix=key_prefix)
+    assert (report.decisions, report.matched) == (1, 1)

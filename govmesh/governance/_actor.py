@@ -8,7 +8,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from redis.exceptions import RedisError
@@ -64,21 +64,63 @@ def authorize_intent(claims: Claims, intent: ToolIntent) -> None:
 
 _MAX_DECIDE_ATTEMPTS = 20
 
-# Compare-and-commit: the spend figures a decision was made on must still hold. Only the
-# figures some policy of the role limits are compared (ARGV[7], ARGV[8]), so decisions
-# that no limit ties together never make each other decide again.
-_COMMIT_IF_UNCHANGED = """
-local wf = redis.call('HGET', KEYS[1], ARGV[1]) or '0'
-local day = redis.call('HGET', KEYS[2], ARGV[2]) or '0'
-if (ARGV[7] == '1' and tonumber(wf) ~= tonumber(ARGV[3]))
-    or (ARGV[8] == '1' and tonumber(day) ~= tonumber(ARGV[4])) then
-  return 0
+# The figures a decision needs, read in one atomic step: the workflow's committed spend, the
+# agent's spend of the UTC day and, with a rate window (ARGV[3] is its start, else ''), the
+# agent's calls in it. This call is counted for the next ones, not for itself; on a second
+# read for the same call its own entry is already there. A script rather than a MULTI
+# pipeline: one command and one reply cost redis-py a quarter to a third less CPU to send and
+# parse than MULTI, the reads and EXEC (measured on the bench's two-core machine).
+_READ_FIGURES: Final = """
+local wf = redis.call('HGET', KEYS[1], ARGV[1])
+local day = redis.call('HGET', KEYS[2], ARGV[2])
+local recent = 0
+if ARGV[3] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[3])
+  local own = redis.call('ZSCORE', KEYS[3], ARGV[5])
+  recent = redis.call('ZCARD', KEYS[3]) - (own and 1 or 0)
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+  redis.call('EXPIRE', KEYS[3], ARGV[6])
 end
-redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[5])
-redis.call('HINCRBYFLOAT', KEYS[2], ARGV[2], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[6])
+return {wf, day, recent}
+"""
+
+# Everything a decision writes, in one atomic step. With an amount (ARGV[3]) it is a
+# compare-and-commit: the spend figures the decision was made on must still hold, or nothing
+# is written and the script returns 0 so that governance decides again. Only the figures
+# some policy of the role limits are compared (ARGV[4], ARGV[5]; '' for one no policy
+# limits), so decisions that no limit ties together never make each other decide again.
+# Then, each only if given: the policy texts of a version not stored yet (before the record
+# that refers to them), the decision record, an escalation's pending approval request
+# (with its expiry, ARGV[11], in the sweep's sorted set; see `ApprovalStore`).
+_WRITE_DECISION: Final = """
+if ARGV[3] ~= '' then
+  local wf = redis.call('HGET', KEYS[1], ARGV[1]) or '0'
+  local day = redis.call('HGET', KEYS[2], ARGV[2]) or '0'
+  if (ARGV[4] ~= '' and tonumber(wf) ~= tonumber(ARGV[4]))
+      or (ARGV[5] ~= '' and tonumber(day) ~= tonumber(ARGV[5])) then
+    return 0
+  end
+  redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1], ARGV[3])
+  redis.call('HINCRBYFLOAT', KEYS[2], ARGV[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+end
+if ARGV[7] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[7], 'NX')
+end
+if ARGV[8] ~= '' then
+  redis.call('XADD', KEYS[4], '*', 'record', ARGV[8])
+end
+if ARGV[9] ~= '' then
+  redis.call('HSET', KEYS[5], ARGV[9], ARGV[10])
+  if ARGV[11] ~= '' then
+    redis.call('ZADD', KEYS[6], ARGV[11], ARGV[9])
+  end
+end
 return 1
 """
+
+# A day's spend expires a day after its UTC day ends, when no decision can read it any more.
+_DAY_SPEND_TTL_S: Final = 2 * 86_400
 
 
 def _amount(args: dict[str, Any]) -> float | None:
@@ -148,7 +190,8 @@ class GovernanceService(Service):
             accepts=ApprovalRequest | ApprovalAnswer,
             queue=QUEUE,
         )
-        self._commit_script = self.redis.register_script(_COMMIT_IF_UNCHANGED)
+        self._read_script = self.redis.register_script(_READ_FIGURES)
+        self._write_script = self.redis.register_script(_WRITE_DECISION)
         self._watch = asyncio.create_task(self._watch_policies(), name="policy-reload")
         self._sweep = asyncio.create_task(self._sweep_approvals(), name="approval-sweep")
 
@@ -161,31 +204,6 @@ class GovernanceService(Service):
                 f"cannot read policy file: {exc.strerror}", path=exc.filename
             ) from None
         return sources, policy_set_of(sources)
-
-    async def _record(
-        self,
-        d: Delivery,
-        intent: Intent,
-        ctx: EvalContext,
-        v: Verdict,
-        sources: list[PolicySource],
-    ) -> None:
-        prefix = self.deployment.key_prefix
-        if v.policy_hash not in self._recorded_versions:
-            await self.redis.set(
-                policy_key(prefix, v.policy_hash), msgspec.json.encode(sources), nx=True
-            )
-            self._recorded_versions.add(v.policy_hash)
-        record = DecisionRecord(
-            intent_id=d.envelope.id,
-            intent=intent,
-            context=ctx,
-            policy_hash=v.policy_hash,
-            outcome=v.outcome,
-            reasons=v.reasons,
-            decided_by=self.identity.agent_id,
-        )
-        await self.redis.xadd(decisions_key(prefix), {"record": self._codec.encode(record)})
 
     def _file_stamp(self) -> tuple[tuple[str, int, int], ...]:
         stamps = []
@@ -259,15 +277,26 @@ class GovernanceService(Service):
             step=body.step,
         )
         ihash = intent_hash(intent)
-        now = time.time()
-        verdict, ctx, sources = await self._decide(
-            intent, body.reflections, now, call_id=d.envelope.id, commit=("allow",)
+        verdict, request = await self._decide(
+            intent,
+            body.reflections,
+            time.time(),
+            call_id=d.envelope.id,
+            commit=("allow",),
+            record=True,
+            trace=d.envelope.trace,
         )
-        await self._record(d, intent, ctx, verdict, sources)
         self.decided[verdict.outcome] += 1
-        request = None
-        if verdict.outcome == "escalate":
-            request = await self._escalate(d, intent, ihash, verdict, body.reflections)
+        if request is not None:
+            # Stored with the record, before it is announced, so an answer can never arrive
+            # for an unknown request.
+            await self.bus.publish(
+                self.subjects.approval(workflow),
+                request,
+                workflow=workflow,
+                causation=d.envelope.id,
+                trace=d.envelope.trace,
+            )
         decision = Decision(
             intent_id=d.envelope.id,
             intent_hash=ihash,
@@ -279,8 +308,8 @@ class GovernanceService(Service):
             policy_hash=verdict.policy_hash,
             expires_at=time.time() + self._decision_ttl_s,
             final=verdict.outcome != "escalate",
-            approval_id=request.approval_id if request else "",
-            approval_expires_at=request.expires_at if request else 0.0,
+            approval_id="" if request is None else request.approval_id,
+            approval_expires_at=0.0 if request is None else request.expires_at,
         )
         await self.bus.publish(
             self.subjects.decision(workflow),
@@ -293,56 +322,98 @@ class GovernanceService(Service):
     async def _context(
         self, intent: Intent, reflections: int, now: float, *, call_id: str
     ) -> EvalContext:
-        """The figures the policy needs, read in one round trip: committed spend of the
-        workflow and of the agent's current UTC day, and the agent's calls in the rate
-        window (this call is counted for the next ones, not for itself)."""
+        """The figures the policy needs, read in one round trip (see `_READ_FIGURES`)."""
         window = self.policies.rate_window_s(intent.role)
-        calls_key = self.key("calls", intent.agent)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(self.key("spend"), intent.workflow)
-            pipe.hget(self.key("day-spend", _utc_day(now)), intent.agent)
-            if window is not None:
-                pipe.zremrangebyscore(calls_key, "-inf", now - window)
-                pipe.zscore(calls_key, call_id)
-                pipe.zcard(calls_key)
-                pipe.zadd(calls_key, {call_id: now})
-                pipe.expire(calls_key, int(window) + 1)
-            results = await pipe.execute()
-        recent = 0
-        if window is not None:
-            # On a second read for the same call its own entry is already there.
-            recent = int(results[4]) - (0 if results[3] is None else 1)
-        return EvalContext(
-            reflections=reflections,
-            workflow_spend_usd=float(results[0] or 0.0),
-            day_spend_usd=float(results[1] or 0.0),
-            recent_calls=recent,
-            now=now,
-        )
-
-    async def _commit_if_unchanged(
-        self, intent: Intent, ctx: EvalContext, amount: float, policies: PolicySet
-    ) -> bool:
-        """Commit ``amount`` to the workflow's and the day's spend only if the figures the
-        role's policies limit are still what the decision saw; atomic in Redis, so
-        concurrent decisions cannot pass a limit together."""
-        governing = policies.for_agent(intent.role)
-        per_workflow = any(p.spending_limit_usd is not None for p in governing)
-        per_day = any(p.daily_limit_usd is not None for p in governing)
-        committed = await self._commit_script(
-            keys=[self.key("spend"), self.key("day-spend", _utc_day(ctx.now))],
+        workflow_spend, day_spend, recent = await self._read_script(
+            keys=[
+                self.key("spend"),
+                self.key("day-spend", _utc_day(now)),
+                self.key("calls", intent.agent),
+            ],
             args=[
                 intent.workflow,
                 intent.agent,
-                repr(ctx.workflow_spend_usd),
-                repr(ctx.day_spend_usd),
-                repr(amount),
-                2 * 86_400,
-                "1" if per_workflow else "0",
-                "1" if per_day else "0",
+                b"" if window is None else repr(now - window),
+                repr(now),
+                call_id,
+                0 if window is None else int(window) + 1,
             ],
         )
-        return bool(committed)
+        return EvalContext(
+            reflections=reflections,
+            workflow_spend_usd=float(workflow_spend or 0.0),
+            day_spend_usd=float(day_spend or 0.0),
+            recent_calls=int(recent),
+            now=now,
+        )
+
+    async def _write(
+        self,
+        intent: Intent,
+        ctx: EvalContext,
+        *,
+        policies: PolicySet,
+        spend: float | None,
+        record: DecisionRecord | None,
+        sources: list[PolicySource],
+        request: ApprovalRequest | None,
+    ) -> bool:
+        """Write what a decision writes, in one round trip (see `_WRITE_DECISION`).
+
+        Args:
+            intent: the intent decided.
+            ctx: the figures it was decided on.
+            policies: the policy set that decided; says which figures must still hold.
+            spend: the amount to commit, or None to commit nothing.
+            record: the decision record to append, if any.
+            sources: the texts of the record's policy version, stored with its first record.
+            request: an escalation's approval request, to store as pending.
+
+        Returns:
+            False, having written nothing, if ``spend`` was to be committed and a spend figure
+            the role's policies limit is no longer what the decision saw; else True.
+        """
+        if spend is None and record is None:
+            return True
+        prefix = self.deployment.key_prefix
+        commit: list[str | bytes] = [b"", b"", b""]
+        if spend is not None:
+            governing = policies.for_agent(intent.role)
+            per_workflow = any(p.spending_limit_usd is not None for p in governing)
+            per_day = any(p.daily_limit_usd is not None for p in governing)
+            commit = [
+                repr(spend),
+                repr(ctx.workflow_spend_usd) if per_workflow else b"",
+                repr(ctx.day_spend_usd) if per_day else b"",
+            ]
+        policy_hash = policies.hash if record is None else record.policy_hash
+        texts = b""
+        if record is not None and policy_hash not in self._recorded_versions:
+            texts = msgspec.json.encode(sources)
+        written = await self._write_script(
+            keys=[
+                self.key("spend"),
+                self.key("day-spend", _utc_day(ctx.now)),
+                policy_key(prefix, policy_hash),
+                decisions_key(prefix),
+                self.key("approvals", "pending"),
+                self.key("approvals", "expiry"),
+            ],
+            args=[
+                intent.workflow,
+                intent.agent,
+                *commit,
+                _DAY_SPEND_TTL_S,
+                texts,
+                b"" if record is None else self._codec.encode(record),
+                b"" if request is None else request.approval_id,
+                b"" if request is None else self._codec.encode(request),
+                repr(request.expires_at) if request is not None and request.expires_at else b"",
+            ],
+        )
+        if written and texts:
+            self._recorded_versions.add(policy_hash)
+        return bool(written)
 
     async def _within_limits(self, request: ApprovalRequest) -> tuple[bool, tuple[str, ...]]:
         """Decide an approved escalation again on today's figures and commit its spend.
@@ -358,13 +429,14 @@ class GovernanceService(Service):
             workflow=request.workflow,
             step=request.step,
         )
-        # The call was counted for the rate limit when it was first decided.
-        verdict, _, _ = await self._decide(
+        # The call was counted for the rate limit when it was first decided, and recorded.
+        verdict, _ = await self._decide(
             intent,
             request.reflections,
             time.time(),
             call_id=request.intent_id,
             commit=("allow", "escalate"),
+            record=False,
         )
         if verdict.outcome == "deny":
             return False, ("no longer within policy: " + "; ".join(verdict.reasons),)
@@ -378,41 +450,95 @@ class GovernanceService(Service):
         *,
         call_id: str,
         commit: tuple[str, ...],
-    ) -> tuple[Verdict, EvalContext, list[PolicySource]]:
-        """Evaluate on fresh figures and, for an outcome in ``commit``, commit the amount.
+        record: bool,
+        trace: str = "",
+    ) -> tuple[Verdict, ApprovalRequest | None]:
+        """Evaluate on fresh figures and write the decision in one atomic step: for an
+        outcome in ``commit`` the amount is committed, and with ``record`` the decision
+        record is appended (and an escalation's approval request stored).
 
-        If another decision committed spend since the figures were read, decide again on
-        the new ones: that is what keeps a limit exact under concurrency.
+        If another decision committed spend since the figures were read, nothing is written
+        and governance decides again on the new ones: that is what keeps a limit exact under
+        concurrency, and what makes the one record written that of the attempt that stands,
+        with the figures it was decided on.
+
+        Args:
+            intent: the intent to decide.
+            reflections: the agent's reflection count, part of the figures.
+            now: the decision time.
+            call_id: the intent's id; counts the call for the rate limit and names the record.
+            commit: the outcomes whose amount is committed to the spend.
+            record: record the decision (the first decision on an intent).
+            trace: the workflow's trace context, kept with an approval request.
+
+        Returns:
+            The verdict, and for a recorded escalation the approval request now pending, to
+            announce.
         """
         amount = _amount(intent.args)
         for _ in range(_MAX_DECIDE_ATTEMPTS):
             ctx = await self._context(intent, reflections, now, call_id=call_id)
             sources, policies = self._sources, self.policies  # one version, even across a reload
             verdict = evaluate(policies, intent, ctx)
-            if verdict.outcome not in commit or amount is None:
-                return verdict, ctx, sources
-            if await self._commit_if_unchanged(intent, ctx, amount, policies):
-                return verdict, ctx, sources
+            request = (
+                self._approval_request(intent, verdict, reflections, call_id, trace)
+                if record and verdict.outcome == "escalate"
+                else None
+            )
+            if await self._write(
+                intent,
+                ctx,
+                policies=policies,
+                spend=amount if verdict.outcome in commit else None,
+                record=self._record(call_id, intent, ctx, verdict) if record else None,
+                sources=sources,
+                request=request,
+            ):
+                return verdict, request
         denied = Verdict(
             outcome="deny",
             reasons=(f"spend changed under {_MAX_DECIDE_ATTEMPTS} decisions in a row",),
             obligations=(),
             policy_hash=policies.hash,
         )
-        return denied, ctx, sources
+        await self._write(
+            intent,
+            ctx,
+            policies=policies,
+            spend=None,
+            record=self._record(call_id, intent, ctx, denied) if record else None,
+            sources=sources,
+            request=None,
+        )
+        return denied, None
 
-    async def _escalate(
-        self, d: Delivery, intent: Intent, ihash: str, verdict: Verdict, reflections: int
+    def _record(
+        self, intent_id: str, intent: Intent, ctx: EvalContext, verdict: Verdict
+    ) -> DecisionRecord:
+        """The record of ``verdict`` on ``intent``, decided on ``ctx``, for replay."""
+        return DecisionRecord(
+            intent_id=intent_id,
+            intent=intent,
+            context=ctx,
+            policy_hash=verdict.policy_hash,
+            outcome=verdict.outcome,
+            reasons=verdict.reasons,
+            decided_by=self.identity.agent_id,
+        )
+
+    def _approval_request(
+        self, intent: Intent, verdict: Verdict, reflections: int, intent_id: str, trace: str
     ) -> ApprovalRequest:
+        """The approval request an escalation of ``intent`` puts to its escalation target."""
         now = time.time()
-        request = ApprovalRequest(
+        return ApprovalRequest(
             approval_id=uuid.uuid4().hex,
             workflow=intent.workflow,
             agent=intent.agent,
             tool=intent.tool,
             args=intent.args,
-            intent_id=d.envelope.id,
-            intent_hash=ihash,
+            intent_id=intent_id,
+            intent_hash=intent_hash(intent),
             reasons=verdict.reasons,
             escalation=verdict.escalation or "human_review",
             policy_hash=verdict.policy_hash,
@@ -422,17 +548,8 @@ class GovernanceService(Service):
             reflections=reflections,
             expires_at=now + verdict.approval_expiry_s if verdict.approval_expiry_s else 0.0,
             on_expiry=verdict.on_expiry,
-            trace=d.envelope.trace,
+            trace=trace,
         )
-        await self.approvals.add(request)
-        await self.bus.publish(
-            self.subjects.approval(intent.workflow),
-            request,
-            workflow=intent.workflow,
-            causation=d.envelope.id,
-            trace=d.envelope.trace,
-        )
-        return request
 
     @property
     def approvals(self) -> ApprovalStore:

@@ -1,6 +1,7 @@
 """Durable approvals: escalated intents waiting for a human, kept in Redis.
 
-An escalation lives in a tenant's Redis keys until it is settled, so any governance actor
+An escalation lives in a tenant's Redis keys until it is settled (governance stores it
+with the decision's record, in one atomic write, before announcing it), so any governance actor
 (a restarted one too) can settle it, and ``govmesh approvals`` can list it from another
 process:
 
@@ -110,15 +111,6 @@ class ApprovalStore:
         self._answer = msgspec.json.Decoder(Answer)
         self._record = msgspec.json.Decoder(ApprovalRecord)
         self._claim = redis.register_script(_CLAIM)
-
-    async def add(self, request: ApprovalRequest) -> None:
-        """Store a new pending request (before it is announced, so no answer can arrive for
-        an unknown one)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._keys["pending"], request.approval_id, msgspec.msgpack.encode(request))
-            if request.expires_at:
-                pipe.zadd(self._keys["expiry"], {request.approval_id: request.expires_at})
-            await pipe.execute()
 
     async def pending(self) -> list[ApprovalRequest]:
         """Every pending request, oldest first (those being settled included)."""
