@@ -84,17 +84,19 @@ async def s(secure_nats, redis_server, prefix):
 ARGS = {"item": "laptops", "vendor": "Vendor_A", "amount_usd": 1200.0}
 
 
-async def test_allowed_call_runs_once_and_a_reused_decision_runs_nothing(s: Setup) -> None:
+async def test_allowed_call_runs_once_and_a_repeated_call_gets_its_answer_back(s: Setup) -> None:
     d = await s.decide("wf-1", ARGS)
     assert d.body.outcome == "allow"
     first = await s.call("wf-1", ARGS, d.data)
     assert first.ok, first.error
+    assert not first.replayed
     again = await s.call("wf-1", ARGS, d.data)
-    assert not again.ok
-    assert "decision_reused" in again.error
+    assert again.ok and again.replayed
+    assert again.result == first.result
     orders = await s.erp.orders()
     assert [(o.workflow, o.vendor, o.amount_usd) for o in orders] == [("wf-1", "Vendor_A", 1200.0)]
-    assert s.gateway.bus.rejected["decision_reused"] == 1
+    assert s.gateway.ran == {ERP_CREATE_PO: 1}
+    assert s.gateway.bus.rejected["decision_reused"] == 0
 
 
 async def test_changed_arguments_are_refused(s: Setup) -> None:

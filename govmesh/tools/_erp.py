@@ -2,13 +2,18 @@
 
 It keeps its own record of every purchase order it executed, in Redis, separate from
 anything governance or the gateway record, so tests can check what really happened.
+
+Like a real ERP's API with idempotency keys, it executes one order per key: an order and its
+key are recorded together in one script, and a repeated key returns the order already
+executed. That makes `ERP_CREATE_PO` an idempotent tool, which the gateway may re-run after a
+crash.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import redis.asyncio as aioredis
@@ -18,6 +23,15 @@ from govmesh.tools._registry import ToolContext
 __all__ = ["ERP_CREATE_PO", "PurchaseOrder", "SimulatedErp"]
 
 ERP_CREATE_PO = "erp.create_purchase_order"
+
+# KEYS: by-key, orders. ARGV: idempotency key, order (JSON). Returns the key's order.
+_CREATE_ONCE: Final = """
+local existing = redis.call('HGET', KEYS[1], ARGV[1])
+if existing then return existing end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return ARGV[2]
+"""
 
 
 class PurchaseOrder(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,14 +50,21 @@ class PurchaseOrder(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class SimulatedErp:
-    """Creates purchase orders and records them under ``<prefix>:erp:orders``."""
+    """Creates purchase orders and records them under ``<prefix>:erp:orders``, each with its
+    idempotency key under ``<prefix>:erp:by-key`` (key -> order)."""
 
     def __init__(self, redis: aioredis.Redis, *, prefix: str) -> None:
         self._redis = redis
         self._key = f"{prefix}:erp:orders"
+        self._by_key = f"{prefix}:erp:by-key"
+        self._create_once = redis.register_script(_CREATE_ONCE)
 
     async def create_purchase_order(self, args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
-        """Execute one order; args need ``vendor``, ``amount_usd`` and ``item``."""
+        """Execute one order; args need ``vendor``, ``amount_usd`` and ``item``.
+
+        With ``ctx.idempotency_key``, an order already executed under that key is returned
+        instead of a new one.
+        """
         vendor, amount, item = args.get("vendor"), args.get("amount_usd"), args.get("item", "")
         if not isinstance(vendor, str) or not vendor:
             raise ValueError(f"vendor must be a non-empty string, got {vendor!r}")
@@ -61,8 +82,15 @@ class SimulatedErp:
             approved_by=ctx.approved_by,
             created_at=time.time(),
         )
-        await self._redis.rpush(self._key, msgspec.json.encode(order))
-        return {"po_id": order.po_id, "vendor": vendor, "amount_usd": order.amount_usd}
+        encoded = msgspec.json.encode(order)
+        if ctx.idempotency_key:
+            stored = await self._create_once(
+                keys=[self._by_key, self._key], args=[ctx.idempotency_key, encoded]
+            )
+            order = msgspec.json.decode(stored, type=PurchaseOrder)
+        else:
+            await self._redis.rpush(self._key, encoded)
+        return {"po_id": order.po_id, "vendor": order.vendor, "amount_usd": order.amount_usd}
 
     async def orders(self) -> list[PurchaseOrder]:
         """Every order executed so far."""

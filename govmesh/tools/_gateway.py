@@ -1,26 +1,37 @@
-"""The tool gateway: the policy enforcement point. No tool runs without a valid decision."""
+"""The tool gateway: the policy enforcement point. No tool runs without a valid decision, and
+no step's tool call takes effect twice."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
 import time
 from collections import Counter
 from typing import Any
 
+import msgspec
+from redis.exceptions import RedisError
+
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
-from govmesh.errors import SecurityError
+from govmesh.errors import ConfigError, SecurityError
 from govmesh.governance._actor import GOVERNANCE_ROLE
 from govmesh.governance._evaluator import Intent, intent_hash
 from govmesh.governance.messages import Decision
 from govmesh.identity import Claims, Identity
 from govmesh.service import Service
 from govmesh.tools._erp import ERP_CREATE_PO, SimulatedErp
-from govmesh.tools._registry import Tool, ToolContext
+from govmesh.tools._ledger import LEASE_S, Entry, Ledger
+from govmesh.tools._registry import RegisteredTool, ToolContext, ToolRegistry
 from govmesh.tools.messages import ToolCall, ToolResult
 
-__all__ = ["GatewayService"]
+__all__ = ["STEP_IN_PROGRESS", "GatewayService"]
+
+log = logging.getLogger(__name__)
 
 QUEUE = "gateway"
+STEP_IN_PROGRESS = "step in progress"
 
 
 def _authorize_call(claims: Claims, call: ToolCall) -> None:
@@ -28,21 +39,80 @@ def _authorize_call(claims: Claims, call: ToolCall) -> None:
 
 
 class GatewayService(Service):
-    """Runs a tool call only when it carries a governance decision that is signed, unexpired,
-    ``allow``, unused, for this workflow and agent, and bound to the hash of exactly this call.
+    """Runs a tool call only when it carries a governance decision that is signed, ``allow``,
+    for this workflow and agent, and bound to the hash of exactly this call; and runs each
+    step's call to effect at most once.
 
-    Agents hold no tool credentials: tools live here. Every refusal is a security event.
+    Agents hold no tool credentials: tools live here, in `tools`. Every refusal is a security
+    event.
+
+    Each call goes through the idempotency ledger (`Ledger`, whose module documents the
+    states and every crash window) before anything runs. The first call for a (workflow,
+    step, intent hash) claims the step atomically, which also uses its decision, so several
+    gateways in the queue group never both run it; the tool gets the step's idempotency key
+    in `ToolContext.idempotency_key`, and the answer is recorded before the reply. The one
+    window the ledger cannot close by itself is a crash after the tool took effect and before
+    its answer was recorded: the ledger cannot tell it from a crash before the tool ran, so
+    only a tool that dedupes on the key may run again. A retried call for the same step (the
+    agent crashed, the reply was lost, a gateway crashed) then:
+
+    - gets the recorded answer, marked ``replayed``, when the step is done;
+    - gets ``"step in progress"`` while another attempt holds the step's lease;
+    - re-runs an idempotent tool with the same key when the gateway that held the lease
+      stopped renewing it before recording an answer;
+    - gets ``"in doubt: ..."`` in that case for a tool that is not idempotent, which is never
+      run again; the first gateway to find it reports an ``in_doubt`` security event and
+      counts it in `in_doubt`, so a person resolves it.
+
+    The decision a retry presents must still be genuine, ``allow`` and bound to the same
+    intent; it may be the one already used, since the ledger entry is the proof that it
+    authorised this step. It must be unexpired only when the tool is to run: an expired
+    decision still gets a recorded answer back, so an agent that comes back after the
+    decision's lifetime learns what its step did.
+
+    A tool raising ``ValueError`` or ``TypeError`` has refused bad arguments: that answer is
+    recorded like a result. Any other exception leaves the step running until its lease
+    lapses, and it is then resolved as after a crash.
+
+    Args:
+        deployment: where the services are and whom to trust.
+        identity: this gateway's identity.
+        lease_s: how long a claim on a step lasts without renewal; the gateway renews it
+            every third of that while the tool runs, so a step is re-run (or put in doubt)
+            only once its gateway has been silent this long.
+
+    Raises:
+        ConfigError: ``lease_s`` is not a positive number of seconds.
     """
 
-    def __init__(self, deployment: Deployment, identity: Identity) -> None:
+    def __init__(
+        self, deployment: Deployment, identity: Identity, *, lease_s: float = LEASE_S
+    ) -> None:
+        if isinstance(lease_s, bool) or not isinstance(lease_s, int | float):
+            raise ConfigError(f"lease_s must be a number of seconds, got {lease_s!r}")
+        if not 0 < lease_s < math.inf:
+            raise ConfigError(f"lease_s must be positive and finite, got {lease_s!r}")
         super().__init__(deployment, identity)
-        self.tools: dict[str, Tool] = {}
+        self.lease_s = float(lease_s)
+        self.tools = ToolRegistry()
         self.ran: Counter[str] = Counter()
+        self.replayed: Counter[str] = Counter()
+        self.in_progress: Counter[str] = Counter()
+        self.in_doubt: Counter[str] = Counter()
+        self._ledger: Ledger | None = None
+
+    @property
+    def ledger(self) -> Ledger:
+        """The idempotency ledger; available after `start`."""
+        if self._ledger is None:
+            raise RuntimeError(f"{self.identity.agent_id} is not started")
+        return self._ledger
 
     async def on_start(self) -> None:
         """Register the tools and subscribe to tool calls."""
+        self._ledger = Ledger(self.redis, tenant=self.deployment.tenant)
         erp = SimulatedErp(self.redis, prefix=self.deployment.key_prefix)
-        self.tools[ERP_CREATE_PO] = erp.create_purchase_order
+        self.tools.register(ERP_CREATE_PO, erp.create_purchase_order, idempotent=True)
         await self.bus.subscribe(
             self.subjects.all("tool"),
             self._on_call,
@@ -52,38 +122,139 @@ class GatewayService(Service):
         )
 
     def stats(self) -> dict[str, Any]:
-        """Counters, plus tool runs."""
-        return {**super().stats(), "ran": dict(self.ran)}
+        """Counters, plus tool runs, replayed answers, calls refused as in progress, and steps
+        put in doubt, each by tool."""
+        return {
+            **super().stats(),
+            "ran": dict(self.ran),
+            "replayed": dict(self.replayed),
+            "in_progress": dict(self.in_progress),
+            "in_doubt": dict(self.in_doubt),
+        }
 
     async def _on_call(self, d: Delivery) -> None:
         call: ToolCall = d.body
         try:
-            decision_id, decision = await self._authorise(d, call)
+            decision_id, decision, digest = self._verify(d, call)
         except SecurityError as exc:
-            self.bus.report(exc, subject=d.envelope.subject, data=d.data)
-            await self.bus.respond(d, ToolResult(ok=False, error=f"refused: {exc}"))
+            await self._refuse(d, exc)
             return
         tool = self.tools.get(call.tool)
         if tool is None:
             await self.bus.respond(d, ToolResult(ok=False, error=f"no tool {call.tool!r}"))
             return
-        ctx = ToolContext(
-            workflow=d.envelope.workflow,
-            agent=d.claims.sub,
+        workflow, now = d.envelope.workflow, time.time()
+        entry = Entry(
+            state="running",
+            workflow=workflow,
             step=call.step,
+            intent_hash=digest,
+            tool=call.tool,
+            idempotency_key=self.ledger.idempotency_key(workflow, call.step, digest),
             decision_id=decision_id,
-            approval_id=decision.approval_id,
-            approved_by=decision.approved_by,
+            gateway=self.identity.agent_id,
+            call=d.envelope.id,
+            started_at=now,
+            lease_until=now + self.lease_s,
+        )
+        found = await self.ledger.begin(
+            entry, idempotent=tool.idempotent, may_run=decision.expires_at > now
+        )
+        match found:
+            case ToolResult():
+                self.replayed[call.tool] += 1
+                answer = msgspec.structs.replace(found, replayed=True)
+            case "new" | "resumed":
+                ctx = ToolContext(
+                    workflow=workflow,
+                    agent=d.claims.sub,
+                    step=call.step,
+                    decision_id=decision_id,
+                    approval_id=decision.approval_id,
+                    approved_by=decision.approved_by,
+                    idempotency_key=entry.idempotency_key,
+                )
+                answer = await self._run(tool, call, ctx, entry)
+            case "running":
+                self.in_progress[call.tool] += 1
+                answer = ToolResult(ok=False, error=STEP_IN_PROGRESS)
+            case "doubted" | "in_doubt":
+                answer = await self._doubt(d, entry, first=found == "doubted")
+            case "expired":
+                expired = f"expired at {decision.expires_at}"
+                await self._refuse(d, SecurityError("decision_expired", expired))
+                return
+            case "reused":
+                used = f"decision {decision_id} already used"
+                await self._refuse(d, SecurityError("decision_reused", used))
+                return
+        await self.bus.respond(d, answer)
+
+    async def _refuse(self, d: Delivery, exc: SecurityError) -> None:
+        self.bus.report(exc, subject=d.envelope.subject, data=d.data)
+        await self.bus.respond(d, ToolResult(ok=False, error=f"refused: {exc}"))
+
+    async def _run(
+        self, tool: RegisteredTool, call: ToolCall, ctx: ToolContext, entry: Entry
+    ) -> ToolResult:
+        key = self.ledger.key(entry.workflow, entry.step, entry.intent_hash)
+        keeper = asyncio.get_running_loop().create_task(
+            self._keep_lease(key, entry.call), name=f"lease-{entry.call}"
         )
         try:
-            result = await tool(call.args, ctx)
+            result = ToolResult(ok=True, result=await tool.run(call.args, ctx))
         except (ValueError, TypeError) as exc:
-            await self.bus.respond(d, ToolResult(ok=False, error=f"{call.tool}: {exc}"))
-            return
-        self.ran[call.tool] += 1
-        await self.bus.respond(d, ToolResult(ok=True, result=result))
+            result = ToolResult(ok=False, error=f"{call.tool}: {exc}")
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+        if result.ok:
+            self.ran[call.tool] += 1
+        recorded = await self.ledger.finish(key, result, now=time.time())
+        if recorded is None:
+            log.warning("the ledger entry %s was removed while %s ran", key, call.tool)
+            return result
+        # Another attempt may have recorded first (after this one lost its lease); every
+        # caller gets the same answer.
+        return recorded
 
-    async def _authorise(self, d: Delivery, call: ToolCall) -> tuple[str, Decision]:
+    async def _keep_lease(self, key: str, call: str) -> None:
+        """Renew the lease on ``key`` until cancelled (when the tool returns)."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                until = time.time() + self.lease_s
+                held = await self.ledger.renew(key, call=call, lease_until=until)
+            except RedisError as exc:
+                log.warning("could not renew the lease on %s: %s", key, exc)
+                continue
+            if not held:
+                log.warning("lost the lease on %s to another attempt", key)
+                return
+
+    async def _doubt(self, d: Delivery, entry: Entry, *, first: bool) -> ToolResult:
+        key = self.ledger.key(entry.workflow, entry.step, entry.intent_hash)
+        found = await self.ledger.entry(key)
+        started = f"{found.gateway} at {found.started_at:.3f}" if found else "a gateway"
+        error = (
+            f"in doubt: {entry.tool} at step {entry.step} of {entry.workflow!r} was started by "
+            f"{started} and never recorded an answer; it is not idempotent, so it is not run "
+            f"again until a person checks idempotency key {entry.idempotency_key!r} and "
+            f"resolves ledger entry {key!r}"
+        )
+        if first:
+            self.in_doubt[entry.tool] += 1
+            self.bus.report(
+                SecurityError("in_doubt", error.removeprefix("in doubt: ")),
+                subject=d.envelope.subject,
+                data=d.data,
+            )
+        return ToolResult(ok=False, error=error)
+
+    def _verify(self, d: Delivery, call: ToolCall) -> tuple[str, Decision, str]:
+        """The decision's id, the decision and the intent hash, once the decision is shown to
+        be governance's ``allow`` for exactly this call. Expiry and one use are the ledger's
+        to check, since a retry may present a decision already used, or expired since."""
         workflow = d.envelope.workflow
         if d.envelope.subject != self.subjects.tool(call.tool):
             raise SecurityError("wrong_tool_subject", f"{call.tool!r} on {d.envelope.subject!r}")
@@ -101,8 +272,6 @@ class GatewayService(Service):
             )
         if decision.outcome != "allow":
             raise SecurityError("decision_not_allow", f"outcome {decision.outcome!r}")
-        if decision.expires_at <= time.time():
-            raise SecurityError("decision_expired", f"expired at {decision.expires_at}")
         intent = Intent(
             agent=d.claims.sub,
             role=d.claims.role,
@@ -111,13 +280,7 @@ class GatewayService(Service):
             workflow=workflow,
             step=call.step,
         )
-        if intent_hash(intent) != decision.intent_hash:
+        digest = intent_hash(intent)
+        if digest != decision.intent_hash:
             raise SecurityError("intent_mismatch", "the call differs from the decided intent")
-        # Claimed atomically so a decision can authorise one execution only, even with
-        # several gateways in the queue group.
-        fresh = await self.redis.set(
-            self.key("decision-used", proof.envelope.id), d.envelope.id, nx=True, ex=86_400
-        )
-        if not fresh:
-            raise SecurityError("decision_reused", f"decision {proof.envelope.id} already used")
-        return proof.envelope.id, decision
+        return proof.envelope.id, decision, digest

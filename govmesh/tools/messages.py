@@ -23,8 +23,14 @@ class ToolCall(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 class ToolResult(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """The gateway's answer: the tool's normalised result, or why nothing ran."""
+    """The gateway's answer: the tool's normalised result, or why nothing ran.
+
+    Attributes:
+        replayed: the step had already run; this is the result recorded then, and nothing
+            ran now.
+    """
 
     ok: bool
     result: dict[str, Any] = {}
     error: str = ""
+    replayed: bool = False
