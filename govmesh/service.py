@@ -6,6 +6,7 @@ Actor logic is plain async Python (a `Service`) so it can be tested without Ray;
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -16,9 +17,20 @@ from govmesh.bus import Bus
 from govmesh.config import Deployment
 from govmesh.identity import Identity
 
-__all__ = ["Service", "ServiceActor"]
+__all__ = ["Service", "ServiceActor", "being_cancelled"]
 
 log = logging.getLogger(__name__)
+
+
+def being_cancelled() -> bool:
+    """Whether the running task has been asked to stop.
+
+    Background loops that survive Redis or NATS errors check it in their error handler:
+    a client library may turn a cancellation that lands mid-command into its own error, and
+    a loop that swallows that would never stop.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Service:

@@ -35,7 +35,7 @@ from govmesh.governance.messages import (
     ToolIntent,
 )
 from govmesh.identity import Claims, Identity
-from govmesh.service import Service
+from govmesh.service import Service, being_cancelled
 
 __all__ = ["OPERATOR_ROLE", "GovernanceService"]
 
@@ -666,5 +666,7 @@ class GovernanceService(Service):
                 for approval_id in await self.approvals.due():
                     await self._settle(approval_id, None)
             except (RedisError, OSError) as exc:
+                if being_cancelled():
+                    raise
                 # Redis restarting: the approvals wait there, the next sweep settles them.
                 log.warning("approval sweep postponed: %s", exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import random
 from typing import Any
 
@@ -23,6 +24,8 @@ from govmesh.state import StateService
 from govmesh.tools import GatewayService
 
 __all__ = ["SimulatedApprover", "Swarm"]
+
+log = logging.getLogger(__name__)
 
 
 def seeded_rng(seed: int, key: str) -> random.Random:
@@ -215,14 +218,28 @@ class Swarm:
         results = await asyncio.gather(*(self._actors[n].stats.remote() for n in names))
         return dict(zip(names, results, strict=True))
 
-    async def close(self) -> None:
-        """Stop every service and its actor. Safe to call twice."""
+    async def close(self, *, grace_s: float = 10.0) -> None:
+        """Stop every service and its actor. Safe to call twice.
+
+        Each service gets `grace_s` to close (leave the bus, finish its writes); an actor
+        still closing then is killed anyway, so an interrupt always ends the run.
+        """
         local, self._local = self._local, {}
         await asyncio.gather(*(svc.close() for svc in local.values()), return_exceptions=True)
         actors, self._actors = self._actors, {}
-        if actors:
-            await asyncio.gather(
-                *(a.close.remote() for a in actors.values()), return_exceptions=True
+        if not actors:
+            return
+        closing = {
+            asyncio.ensure_future(actor.close.remote()): name for name, actor in actors.items()
+        }
+        _, late = await asyncio.wait(closing, timeout=grace_s)
+        if late:
+            log.warning(
+                "killing actors that did not close within %.0f s: %s",
+                grace_s,
+                ", ".join(sorted(closing[f] for f in late)),
             )
-            for actor in actors.values():
-                ray.kill(actor)
+            for future in late:
+                future.cancel()
+        for actor in actors.values():
+            ray.kill(actor)

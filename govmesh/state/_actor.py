@@ -14,7 +14,7 @@ from govmesh.bus import Delivery
 from govmesh.config import Deployment
 from govmesh.errors import BusError
 from govmesh.identity import Identity
-from govmesh.service import Service
+from govmesh.service import Service, being_cancelled
 from govmesh.state._timers import Timer, TimerStore
 from govmesh.state.messages import (
     Snapshot,
@@ -127,6 +127,8 @@ class StateService(Service):
                     await self.timers.fired(timer)
                     self.timers_fired += 1
             except (RedisError, OSError, BusError) as exc:
+                if being_cancelled():
+                    raise
                 # Redis or NATS restarting: the timers wait in Redis; the next tick fires them.
                 log.warning("timers postponed: %s", exc)
             await asyncio.sleep(self._tick_s)

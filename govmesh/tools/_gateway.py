@@ -20,7 +20,7 @@ from govmesh.governance._actor import GOVERNANCE_ROLE
 from govmesh.governance._evaluator import Intent, intent_hash
 from govmesh.governance.messages import Decision
 from govmesh.identity import Claims, Identity
-from govmesh.service import Service
+from govmesh.service import Service, being_cancelled
 from govmesh.tools._erp import ERP_CREATE_PO, SimulatedErp
 from govmesh.tools._ledger import LEASE_S, Entry, Ledger
 from govmesh.tools._registry import RegisteredTool, ToolContext, ToolRegistry
@@ -226,6 +226,8 @@ class GatewayService(Service):
                 until = time.time() + self.lease_s
                 held = await self.ledger.renew(key, call=call, lease_until=until)
             except RedisError as exc:
+                if being_cancelled():
+                    raise
                 log.warning("could not renew the lease on %s: %s", key, exc)
                 continue
             if not held:
