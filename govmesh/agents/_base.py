@@ -9,6 +9,7 @@ from govmesh.forecasting.messages import Usage
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider, ModelRequest, ModelResponse
 from govmesh.service import Service
+from govmesh.state._tiers import encode_goal
 from govmesh.state.messages import Snapshot
 
 __all__ = ["AgentService"]
@@ -78,13 +79,34 @@ class AgentService(Service):
             reflections += 1
             prompt = f"{prompt}\n(previous answer was unusable; reflect and retry)"
 
-    async def snapshot(self, workflow: str, goal: dict[str, Any], *, policy_hash: str = "") -> int:
-        """Send the next version of this workflow's goal state to the state actor."""
+    async def snapshot(
+        self,
+        workflow: str,
+        goal: dict[str, Any],
+        *,
+        policy_hash: str = "",
+        tool: bytes = b"",
+        reflections: tuple[str, ...] = (),
+    ) -> int:
+        """Send the next version of this workflow's state to the state actor.
+
+        Raises:
+            StateError: the goal state is not JSON or is over the 10 KB limit; checked
+                here so the agent, not the state actor, fails with the clear message.
+        """
+        encode_goal(goal, f"{workflow}/{self.agent_id}")
         version = self._versions.get(workflow, 0) + 1
         self._versions[workflow] = version
         await self.bus.publish(
             self.subjects.state(self.agent_id),
-            Snapshot(workflow=workflow, version=version, goal=goal, policy_hash=policy_hash),
+            Snapshot(
+                workflow=workflow,
+                version=version,
+                goal=goal,
+                policy_hash=policy_hash,
+                tool=tool,
+                reflections=reflections,
+            ),
             workflow=workflow,
         )
         return version

@@ -20,7 +20,7 @@ from govmesh.identity import Identity, Issuer
 from govmesh.llm import SimulatedModel
 from govmesh.scenarios._schema import Scenario
 from govmesh.service import Service, ServiceActor
-from govmesh.state import StateService
+from govmesh.state import Keyring, StateService
 from govmesh.tools import GatewayService
 
 __all__ = ["SimulatedApprover", "Swarm"]
@@ -151,7 +151,15 @@ class Swarm:
                 BudgetService,
                 {"identity": ident("budget-1", "budget"), "prices": dict(s.prices)},
             ),
-            ("state-1", StateService, {"identity": ident("state-1", "state")}),
+            (
+                "state-1",
+                StateService,
+                # One keyring per run, shared by every state actor (and by a restarted one).
+                {
+                    "identity": ident("state-1", "state"),
+                    "keyring": Keyring.from_env() or Keyring.generate(f"run-{self.seed}"),
+                },
+            ),
             (
                 proc.id,
                 ProcurementAgent,

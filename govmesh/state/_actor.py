@@ -7,14 +7,22 @@ import asyncio
 import logging
 from typing import Any, cast
 
-import msgspec
 from redis.exceptions import RedisError
 
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
-from govmesh.errors import BusError
+from govmesh.errors import BusError, ConfigError, StateError
 from govmesh.identity import Identity
 from govmesh.service import Service, being_cancelled
+from govmesh.state._tiers import (
+    ENV_STATE_KEYS,
+    Keyring,
+    SnapshotState,
+    decode_sealed,
+    encode_sealed,
+    seal,
+    unseal,
+)
 from govmesh.state._timers import Timer, TimerStore
 from govmesh.state.messages import (
     Snapshot,
@@ -38,21 +46,48 @@ class StateService(Service):
 
     A sorted set scored by version makes latest and by-version lookup O(log N).
 
+    Snapshots are stored sealed (`seal`): the tool tier encrypted with the keyring's current
+    key, and only the newest `retain` versions of each (workflow, agent) are kept.
+
     Args:
         deployment: where the services are and whom to trust.
         identity: this actor's identity (role ``state``).
+        keyring: the snapshot keys; every state actor of a deployment needs the same ones.
+            Default: ``GOVMESH_STATE_KEYS``, else a fresh key (snapshots then die with it).
+        retain: versions kept per (workflow, agent).
         tick_s: how often (real seconds) to look for due timers.
     """
 
-    def __init__(self, deployment: Deployment, identity: Identity, *, tick_s: float = 0.05):
+    def __init__(
+        self,
+        deployment: Deployment,
+        identity: Identity,
+        *,
+        keyring: Keyring | None = None,
+        retain: int = 100,
+        tick_s: float = 0.05,
+    ) -> None:
         super().__init__(deployment, identity)
+        if retain < 1:
+            raise ConfigError(f"retain must be at least 1, got {retain!r}")
+        if keyring is None:
+            keyring = Keyring.from_env()
+        if keyring is None:
+            log.warning(
+                "%s: no %s; tool snapshots are encrypted with a key that dies with this actor",
+                identity.agent_id,
+                ENV_STATE_KEYS,
+            )
+            keyring = Keyring.generate()
+        self.keyring = keyring
+        self._retain = retain
         self._tick_s = tick_s
+        self.refused = 0
         self._ticker: asyncio.Task[None] | None = None
         self.timers_fired = 0
 
     async def on_start(self) -> None:
         """Subscribe to snapshots, timers and snapshot queries; start firing timers."""
-        self._decoder = msgspec.msgpack.Decoder(Snapshot)
         self.timers = TimerStore(self.redis, self.deployment.key_prefix)
         await self.bus.subscribe(
             self.subjects.all("state"),
@@ -71,8 +106,12 @@ class StateService(Service):
         self._ticker = asyncio.create_task(self._fire_due(), name="timers")
 
     def stats(self) -> dict[str, Any]:
-        """Counters, plus timers fired."""
-        return {**super().stats(), "timers_fired": self.timers_fired}
+        """Counters, plus timers fired and snapshots refused."""
+        return {
+            **super().stats(),
+            "timers_fired": self.timers_fired,
+            "snapshots_refused": self.refused,
+        }
 
     async def close(self) -> None:
         """Stop firing timers, then leave. Safe to call twice; a timer being fired is fired
@@ -90,10 +129,7 @@ class StateService(Service):
         agent, workflow = d.claims.sub, d.envelope.workflow
         match d.body:
             case Snapshot() as snap:
-                data = self.bus.codec.encode(snap)
-                await self.redis.zadd(
-                    self._versions_key(snap.workflow, agent), {data: snap.version}
-                )
+                await self._store(agent, snap)
             case TimerSet() as t:
                 await self.timers.set(
                     Timer(
@@ -108,6 +144,33 @@ class StateService(Service):
                 )
             case TimerCancel() as t:
                 await self.timers.cancel(workflow, agent, t.name, seq=d.envelope.ts)
+
+    async def _store(self, agent: str, snap: Snapshot) -> None:
+        try:
+            sealed = seal(
+                SnapshotState(
+                    tenant=self.deployment.tenant,
+                    workflow=snap.workflow,
+                    agent=agent,
+                    version=snap.version,
+                    goal=snap.goal,
+                    tool=snap.tool or None,
+                    reflections=snap.reflections,
+                    policy_hash=snap.policy_hash,
+                ),
+                self.keyring,
+            )
+        except StateError as exc:
+            self.refused += 1
+            log.error("snapshot refused: %s", exc)
+            return
+        key = self._versions_key(snap.workflow, agent)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            # A version sent again (an agent retrying after a crash) replaces the first.
+            pipe.zremrangebyscore(key, snap.version, snap.version)
+            pipe.zadd(key, {encode_sealed(sealed): snap.version})
+            pipe.zremrangebyrank(key, 0, -self._retain - 1)
+            await pipe.execute()
 
     async def _fire_due(self) -> None:
         clock = self.deployment.clock
@@ -140,9 +203,32 @@ class StateService(Service):
             raw = await self.redis.zrangebyscore(key, q.version, q.version, start=0, num=1)
         else:
             raw = await self.redis.zrange(key, -1, -1)
-        reply = (
-            SnapshotReply(found=True, snapshot=self._decoder.decode(cast(bytes, raw[0])))
-            if raw
-            else SnapshotReply(found=False)
-        )
+        reply = SnapshotReply(found=False)
+        if raw:
+            try:
+                reply = SnapshotReply(found=True, snapshot=self._open(q, cast(bytes, raw[0])))
+            except StateError as exc:
+                log.error("snapshot of %s/%s cannot be opened: %s", q.workflow, q.agent, exc)
+                reply = SnapshotReply(found=False, error=str(exc))
         await self.bus.respond(d, reply)
+
+    def _open(self, q: SnapshotQuery, data: bytes) -> Snapshot:
+        state = unseal(decode_sealed(data), self.keyring)
+        # The encrypted tier is bound to its place; the others are checked here, so a
+        # record copied under another workflow's key is refused too.
+        found = (state.tenant, state.workflow, state.agent)
+        if found != (self.deployment.tenant, q.workflow, q.agent) or (
+            q.version and state.version != q.version
+        ):
+            raise StateError(
+                f"the snapshot stored for {q.workflow}/{q.agent} belongs to "
+                f"{'/'.join(found)} v{state.version}"
+            )
+        return Snapshot(
+            workflow=state.workflow,
+            version=state.version,
+            goal=state.goal,
+            policy_hash=state.policy_hash,
+            tool=state.tool or b"",
+            reflections=state.reflections,
+        )

@@ -54,6 +54,7 @@ __all__ = [
     "SealedTool",
     "SnapshotState",
     "decode_sealed",
+    "encode_goal",
     "encode_sealed",
     "seal",
     "unseal",
@@ -337,7 +338,7 @@ def seal(state: SnapshotState, keyring: Keyring) -> SealedSnapshot:
     if isinstance(state.version, bool) or not isinstance(state.version, int) or state.version < 1:
         raise StateError(f"snapshot of {where} has version {state.version!r}; versions start at 1")
     _check_policy_hash(state.policy_hash, where)
-    goal = _encode_goal(state.goal, where)
+    goal = encode_goal(state.goal, where)
     tool = None
     if state.tool is not None:
         ad = (state.tenant, state.workflow, state.agent, state.version)
@@ -445,7 +446,18 @@ def _check_policy_hash(value: object, where: str) -> None:
         )
 
 
-def _encode_goal(goal: object, where: str) -> bytes:
+def encode_goal(goal: object, where: str) -> bytes:
+    """The goal state as canonical JSON, checked: a dict of JSON values, at most
+    `GOAL_LIMIT_BYTES` encoded. Agents call it before sending a snapshot, so a goal the
+    state actor would refuse fails in the agent, with the same message.
+
+    Args:
+        goal: the goal state.
+        where: ``workflow/agent``, for the error message.
+
+    Raises:
+        StateError: naming `where`, and the size and limit or the path of a non-JSON value.
+    """
     if not isinstance(goal, dict):
         raise StateError(f"goal state of {where} must be a dict, not {type(goal).__name__}")
     failure = ""

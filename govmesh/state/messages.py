@@ -17,12 +17,24 @@ __all__ = [
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """One version of an agent's state for one workflow."""
+    """One version of an agent's state for one workflow, in its four tiers.
+
+    The state actor stores it sealed (see `govmesh.state.seal`): the goal as canonical JSON
+    of at most 10 KB, the tool snapshot encrypted, the reflection log compressed.
+
+    Attributes:
+        goal: tier 1, the goal state (JSON values).
+        tool: tier 2, the tool snapshot (opaque bytes; empty for none).
+        reflections: tier 3, the reflection log.
+        policy_hash: tier 4, the hash of the policy set in force.
+    """
 
     workflow: str
     version: int
     goal: dict[str, Any]
     policy_hash: str = ""
+    tool: bytes = b""
+    reflections: tuple[str, ...] = ()
 
 
 class SnapshotQuery(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -34,10 +46,16 @@ class SnapshotQuery(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 class SnapshotReply(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """The snapshot asked for, if any."""
+    """The snapshot asked for, if any.
+
+    Attributes:
+        error: why a stored snapshot could not be opened (tampered, or its key is gone);
+            then `found` is False and nothing of it is returned.
+    """
 
     found: bool
     snapshot: Snapshot | None = None
+    error: str = ""
 
 
 class TimerSet(msgspec.Struct, frozen=True, kw_only=True, tag=True):
