@@ -369,6 +369,59 @@ def bench_governance(decisions: int, intents: int, json_path: Path | None) -> No
         console.print(f"report written to {json_path}")
 
 
+@bench.command("state")
+@click.option(
+    "--snapshots",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(10),
+    help="Timed snapshot writes, then as many rehydrations.",
+)
+@json_option
+def bench_state(snapshots: int, json_path: Path | None) -> None:
+    """Snapshot write and rehydration through the state actor, beside raw Redis."""
+    from govmesh.bench._state import run_state_bench
+
+    with _progress() as progress:
+        task = progress.add_task("state", total=3 * snapshots)
+
+        def tick(phase: str, n: int) -> None:
+            if phase:
+                progress.update(task, description=phase)
+            progress.advance(task, n)
+
+        report = _run(run_state_bench(snapshots=snapshots, tick=tick))
+    sizes = report["sizes_bytes"]
+    table = Table(
+        title=f"govmesh bench state: {snapshots:,} snapshots of {sizes['sealed'] / 1024:,.0f} KB "
+        f"sealed (goal {sizes['goal'] / 1024:.1f} KB, tool {sizes['tool'] / 1024:.0f} KB, "
+        f"log {sizes['reflections'] / 1024:.0f} KB)"
+    )
+    for column in ("measure", "p50 ms", "p99 ms", "target", "met"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    rows = (
+        ("snapshot over the bus (acknowledged)", "snapshot_ms", ""),
+        ("rehydrate over the bus", "rehydrate_ms", "rehydrate_p99_ms"),
+        ("raw Redis SET of the sealed bytes", "redis_set_ms", ""),
+        ("raw Redis GET of the sealed bytes", "redis_get_ms", ""),
+        ("seal in process", "seal_ms", ""),
+        ("unseal in process", "unseal_ms", ""),
+    )
+    for label, key, target in rows:
+        r = report[key]
+        table.add_row(
+            label,
+            f"{r['p50']:.3f}",
+            f"{r['p99']:.3f}",
+            f"p99 <= {report['targets'][target]:g}" if target else "",
+            ("yes" if report["met"][target] else "no") if target else "",
+        )
+    out.print(table)
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"report written to {json_path}")
+
+
 @cli.group()
 def audit() -> None:
     """Check what was decided."""

@@ -63,3 +63,17 @@ def test_bench_governance_decides_in_process_against_cedar_and_over_the_bus(
     assert report["decisions_per_s"] > 0
     assert set(report["met"]) == set(report["targets"])
     assert "speedup vs cedarpy" in proc.stdout
+
+
+def test_bench_state_writes_and_rehydrates_over_the_bus_beside_raw_redis(tmp_path: Path) -> None:
+    out = tmp_path / "state.json"
+    proc, report = _bench(out, "state", "--snapshots", "20")
+    assert report["snapshots"] == 20
+    for key in ("snapshot_ms", "rehydrate_ms", "redis_set_ms", "redis_get_ms", "seal_ms"):
+        assert 0 < report[key]["p50"] <= report[key]["p99"], key
+    sizes = report["sizes_bytes"]
+    assert 9 * 1024 < sizes["goal"] <= 10 * 1024
+    assert sizes["tool"] == 50 * 1024 and sizes["reflections"] >= 195 * 1024
+    assert sizes["reflections_compressed"] < sizes["reflections"]
+    assert report["met"]["rehydrate_p99_ms"] == (report["rehydrate_ms"]["p99"] <= 10.0)
+    assert "rehydrate over the bus" in proc.stdout

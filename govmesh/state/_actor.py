@@ -28,6 +28,7 @@ from govmesh.state.messages import (
     Snapshot,
     SnapshotQuery,
     SnapshotReply,
+    SnapshotStored,
     TimerCancel,
     TimerFired,
     TimerSet,
@@ -129,7 +130,17 @@ class StateService(Service):
         agent, workflow = d.claims.sub, d.envelope.workflow
         match d.body:
             case Snapshot() as snap:
-                await self._store(agent, snap)
+                error = await self._store(agent, snap)
+                if d.reply:
+                    await self.bus.respond(
+                        d,
+                        SnapshotStored(
+                            workflow=snap.workflow,
+                            version=snap.version,
+                            stored=not error,
+                            error=error,
+                        ),
+                    )
             case TimerSet() as t:
                 await self.timers.set(
                     Timer(
@@ -145,7 +156,8 @@ class StateService(Service):
             case TimerCancel() as t:
                 await self.timers.cancel(workflow, agent, t.name, seq=d.envelope.ts)
 
-    async def _store(self, agent: str, snap: Snapshot) -> None:
+    async def _store(self, agent: str, snap: Snapshot) -> str:
+        """Seal and store one snapshot; returns why it was refused, or ""."""
         try:
             sealed = seal(
                 SnapshotState(
@@ -163,7 +175,7 @@ class StateService(Service):
         except StateError as exc:
             self.refused += 1
             log.error("snapshot refused: %s", exc)
-            return
+            return str(exc)
         key = self._versions_key(snap.workflow, agent)
         async with self.redis.pipeline(transaction=True) as pipe:
             # A version sent again (an agent retrying after a crash) replaces the first.
@@ -171,6 +183,7 @@ class StateService(Service):
             pipe.zadd(key, {encode_sealed(sealed): snap.version})
             pipe.zremrangebyrank(key, 0, -self._retain - 1)
             await pipe.execute()
+        return ""
 
     async def _fire_due(self) -> None:
         clock = self.deployment.clock

@@ -10,6 +10,7 @@ __all__ = [
     "Snapshot",
     "SnapshotQuery",
     "SnapshotReply",
+    "SnapshotStored",
     "TimerCancel",
     "TimerFired",
     "TimerSet",
@@ -35,6 +36,16 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     policy_hash: str = ""
     tool: bytes = b""
     reflections: tuple[str, ...] = ()
+
+
+class SnapshotStored(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """The state actor's answer to a snapshot sent as a request: it is durable in Redis
+    (``stored``), or refused with the reason (``error``)."""
+
+    workflow: str
+    version: int
+    stored: bool
+    error: str = ""
 
 
 class SnapshotQuery(msgspec.Struct, frozen=True, kw_only=True, tag=True):
