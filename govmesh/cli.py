@@ -453,6 +453,7 @@ def audit_replay(redis_url: str, tenant: str, json_path: Path | None) -> None:
     table.add_column("value", justify="right")
     table.add_row("decisions replayed", f"{report.decisions:,}")
     table.add_row("same outcome and reasons", f"{report.matched:,}")
+    table.add_row("of which denied under contention", f"{report.contended:,}")
     table.add_row("policy versions", str(report.policy_versions))
     table.add_row("differences", str(len(report.mismatches)))
     out.print(table)

@@ -148,6 +148,44 @@ async def test_replay_reports_a_record_that_does_not_decide_the_same(running_wit
     }
 
 
+async def test_a_decision_given_up_under_contention_is_a_recorded_deny_that_replays(
+    running_with_redis,
+) -> None:
+    import msgspec
+
+    from govmesh.governance._replay import (
+        CONTENDED_REASON,
+        DecisionRecord,
+        decisions_key,
+        replay,
+    )
+
+    _, governance, decide, redis, key_prefix = running_with_redis
+
+    async def spend_always_moved(*args, spend=None, **kwargs):
+        # Every compare-and-commit finds the figures changed, as under endless contention.
+        return False if spend is not None else await real_write(*args, spend=spend, **kwargs)
+
+    real_write = governance._write
+    governance._write = spend_always_moved
+    try:
+        decision = await decide("wf-contended")
+    finally:
+        governance._write = real_write
+
+    assert decision.outcome == "deny" and decision.reasons == (CONTENDED_REASON,)
+    ((_, fields),) = await redis.xrange(decisions_key(key_prefix))
+    record = msgspec.msgpack.decode(fields[b"record"], type=DecisionRecord)
+    assert record.contended and record.outcome == "deny"
+    allowed = msgspec.structs.replace(record, intent_id="claims-contention", outcome="allow")
+    await redis.xadd(decisions_key(key_prefix), {"record": msgspec.msgpack.encode(allowed)})
+
+    report = await replay(redis, prefix=key_prefix)
+
+    assert (report.decisions, report.matched, report.contended) == (2, 1, 1)
+    assert [m["intent_id"] for m in report.mismatches] == ["claims-contention"]
+
+
 LIMITS = """\
 policy:
   agent: Procurement-Agent-v2

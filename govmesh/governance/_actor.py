@@ -20,6 +20,7 @@ from govmesh.governance._approvals import Answer, ApprovalRecord, ApprovalStore,
 from govmesh.governance._evaluator import EvalContext, Intent, Verdict, evaluate, intent_hash
 from govmesh.governance._policy import PolicySet
 from govmesh.governance._replay import (
+    CONTENDED_REASON,
     DecisionRecord,
     PolicySource,
     decisions_key,
@@ -497,16 +498,17 @@ class GovernanceService(Service):
                 return verdict, request
         denied = Verdict(
             outcome="deny",
-            reasons=(f"spend changed under {_MAX_DECIDE_ATTEMPTS} decisions in a row",),
+            reasons=(CONTENDED_REASON,),
             obligations=(),
             policy_hash=policies.hash,
         )
+        contended = self._record(call_id, intent, ctx, denied)
         await self._write(
             intent,
             ctx,
             policies=policies,
             spend=None,
-            record=self._record(call_id, intent, ctx, denied) if record else None,
+            record=msgspec.structs.replace(contended, contended=True) if record else None,
             sources=sources,
             request=None,
         )

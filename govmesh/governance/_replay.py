@@ -4,7 +4,7 @@ recorded inputs under its recorded policy version, and must come out the same.""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -13,6 +13,7 @@ from govmesh.governance._evaluator import EvalContext, Intent, evaluate
 from govmesh.governance._policy import PolicySet, compose_policies, parse_policy_text
 
 __all__ = [
+    "CONTENDED_REASON",
     "DecisionRecord",
     "PolicySource",
     "ReplayReport",
@@ -29,8 +30,17 @@ class PolicySource(msgspec.Struct, frozen=True, kw_only=True):
     text: str
 
 
+CONTENDED_REASON: Final = "spend changed under every attempt to decide; denied to stay safe"
+
+
 class DecisionRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """Everything a decision depended on, and what it was."""
+    """Everything a decision depended on, and what it was.
+
+    Attributes:
+        contended: governance denied without a policy verdict, because the spend figures
+            kept changing under it (`CONTENDED_REASON`); replay checks that the record says
+            exactly that, and counts it apart.
+    """
 
     intent_id: str
     intent: Intent
@@ -39,6 +49,7 @@ class DecisionRecord(msgspec.Struct, frozen=True, kw_only=True):
     outcome: str
     reasons: tuple[str, ...]
     decided_by: str
+    contended: bool = False
 
 
 class ReplayReport(msgspec.Struct, kw_only=True):
@@ -47,6 +58,7 @@ class ReplayReport(msgspec.Struct, kw_only=True):
 
     decisions: int = 0
     matched: int = 0
+    contended: int = 0
     policy_versions: int = 0
     mismatches: list[dict[str, Any]] = msgspec.field(default_factory=list)
 
@@ -101,6 +113,14 @@ async def replay(
             cursor = "(" + (entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))
             record = decoder.decode(bytes(fields[b"record"]))
             report.decisions += 1
+            if record.contended:
+                # Not a policy verdict: the safe default when figures kept changing.
+                if record.outcome == "deny" and record.reasons == (CONTENDED_REASON,):
+                    report.matched += 1
+                    report.contended += 1
+                else:
+                    _mismatch(report, limit_mismatches, record, "contended but not a plain deny")
+                continue
             policy_set = await _policy_set(redis, prefix, record.policy_hash, sets)
             if policy_set is None:
                 _mismatch(report, limit_mismatches, record, "policy version not recorded")
