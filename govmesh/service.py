@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import ray
@@ -99,17 +100,40 @@ class Service:
             self._redis = None
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class ServiceActor:
-    """Hosts one `Service` in a Ray actor process; talks to the others only over the bus."""
+    """Hosts one `Service` in a Ray actor process; talks to the others only over the bus.
+
+    Ray restarts an actor whose process dies, by constructing it again; the restarted
+    actor rejoins the bus on the next `ensure_started` (the swarm's supervisor calls it),
+    and what it must remember comes back from Redis and the state actor, never from the
+    dead process.
+    """
 
     def __init__(self, service_type: type[Service], kwargs: dict[str, Any]) -> None:
         self._service = service_type(**kwargs)
+        self._started: asyncio.Task[None] | None = None
 
     async def start(self) -> str:
         """Start the hosted service; returns its agent id once it is subscribed."""
-        await self._service.start()
+        await self.ensure_started()
         return self._service.identity.agent_id
+
+    async def ensure_started(self) -> bool:
+        """Start the hosted service unless it is started; returns whether this call did.
+
+        Concurrent calls share one start.
+        """
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._service.start())
+            await self._started
+            return True
+        await self._started
+        return False
+
+    async def pid(self) -> int:
+        """The actor's process id (tests kill it to check recovery)."""
+        return os.getpid()
 
     async def stats(self) -> dict[str, Any]:
         """The hosted service's counters."""

@@ -7,10 +7,10 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from test_approvals import ROOT
 
 from govmesh.agents import ProcurementAgent
 from govmesh.bus import Bus
@@ -21,6 +21,8 @@ from govmesh.state import Keyring, StateService
 from govmesh.state.messages import Snapshot, SnapshotQuery, SnapshotReply
 
 from _deploy import deployment
+
+ROOT = Path(__file__).parent.parent
 
 POLICY_HASH = "ab" * 32
 TOOL = b'{"erp_session": "s-42", "draft_po": "PO-draft-9"}'

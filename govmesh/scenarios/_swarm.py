@@ -19,7 +19,7 @@ from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest
 from govmesh.identity import Identity, Issuer
 from govmesh.llm import SimulatedModel
 from govmesh.scenarios._schema import Scenario
-from govmesh.service import Service, ServiceActor
+from govmesh.service import Service, ServiceActor, being_cancelled
 from govmesh.state import Keyring, StateService
 from govmesh.tools import GatewayService
 
@@ -119,6 +119,8 @@ class Swarm:
         self._specs = self._plan(governance_actors)
         self._actors: dict[str, Any] = {}
         self._local: dict[str, Service] = {}
+        self._supervisor: asyncio.Task[None] | None = None
+        self.restarts: dict[str, int] = {}
 
     @property
     def requester_id(self) -> str:
@@ -217,6 +219,29 @@ class Swarm:
         for name, service_type, kwargs in self._specs:
             self._actors[name] = ServiceActor.options(name=None).remote(service_type, kwargs)  # type: ignore[attr-defined]
         await asyncio.gather(*(actor.start.remote() for actor in self._actors.values()))
+        self._supervisor = asyncio.create_task(self._supervise(), name="swarm-supervisor")
+
+    async def _supervise(self, interval_s: float = 0.5) -> None:
+        """Bring restarted actors back onto the bus: Ray restarts a dead actor's process,
+        and its first `ensure_started` starts the service again."""
+        while True:
+            await asyncio.sleep(interval_s)
+            names = list(self._actors)
+            started = await asyncio.gather(
+                *(self._actors[n].ensure_started.remote() for n in names), return_exceptions=True
+            )
+            for name, result in zip(names, started, strict=True):
+                if result is True:
+                    self.restarts[name] = self.restarts.get(name, 0) + 1
+                    log.warning("%s restarted and rejoined the bus", name)
+                elif isinstance(result, Exception) and not being_cancelled():
+                    log.warning("%s is not reachable yet: %s", name, result)
+
+    async def pids(self) -> dict[str, int]:
+        """Each actor's process id, by name."""
+        names = list(self._actors)
+        found = await asyncio.gather(*(self._actors[n].pid.remote() for n in names))
+        return dict(zip(names, found, strict=True))
 
     async def stats(self) -> dict[str, dict[str, Any]]:
         """Each service's counters, by name."""
@@ -232,6 +257,10 @@ class Swarm:
         Each service gets `grace_s` to close (leave the bus, finish its writes); an actor
         still closing then is killed anyway, so an interrupt always ends the run.
         """
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor.cancel()
+            await asyncio.gather(supervisor, return_exceptions=True)
         local, self._local = self._local, {}
         await asyncio.gather(*(svc.close() for svc in local.values()), return_exceptions=True)
         actors, self._actors = self._actors, {}
