@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import sys
@@ -50,6 +49,27 @@ def _progress(*extra: ProgressColumn) -> Progress:
         TimeElapsedColumn(),
         console=console,
     )
+
+
+def _write_json(json_path: Path | None, data: Any, *, what: str = "report") -> None:
+    """Write ``data`` (plain values or msgspec structs) as JSON to ``json_path``, if given."""
+    if json_path is None:
+        return
+    import msgspec
+
+    json_path.write_bytes(msgspec.json.format(msgspec.json.encode(data), indent=2) + b"\n")
+    console.print(f"{what} written to {json_path}")
+
+
+def _phase_ticker(progress: Progress, task: Any) -> Any:
+    """A benchmark's progress callback: ``(phase name or "", completed units)``."""
+
+    def tick(phase: str, n: int) -> None:
+        if phase:
+            progress.update(task, description=phase)
+        progress.advance(task, n)
+
+    return tick
 
 
 def _claim_sigterm() -> None:
@@ -188,9 +208,7 @@ def run(
             )
         )
     out.print(_summary(report))
-    if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        console.print(f"report written to {json_path}")
+    _write_json(json_path, report)
     if report["workflows"]["finished"] != report["workflows"]["total"]:
         sys.exit(1)
 
@@ -283,9 +301,7 @@ def bench_auth(agents: int, messages: int, warmup: int, json_path: Path | None) 
     o = report["overhead_ms"]
     table.add_row("mtls_a - plain", f"{o['p50']:+.3f}", f"{o['p99']:+.3f}", "", "")
     out.print(table)
-    if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-        console.print(f"report written to {json_path}")
+    _write_json(json_path, report)
 
 
 @bench.command("governance")
@@ -311,11 +327,7 @@ def bench_governance(decisions: int, intents: int, json_path: Path | None) -> No
     with _progress() as progress:
         timed = decisions // 100 * 100
         task = progress.add_task("governance", total=3 * timed + 2 * intents)
-
-        def tick(phase: str, n: int) -> None:
-            if phase:
-                progress.update(task, description=phase)
-            progress.advance(task, n)
+        tick = _phase_ticker(progress, task)
 
         report = _run(run_governance_bench(decisions=decisions, intents=intents, tick=tick))
     table = Table(title=f"govmesh bench governance: {timed:,} decisions, {intents:,} intents")
@@ -364,9 +376,7 @@ def bench_governance(decisions: int, intents: int, json_path: Path | None) -> No
     )
     out.print(table)
     console.print(f"[dim]{report['process_layout']}; event loop {report['event_loop']}[/]")
-    if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-        console.print(f"report written to {json_path}")
+    _write_json(json_path, report)
 
 
 @bench.command("state")
@@ -384,11 +394,7 @@ def bench_state(snapshots: int, json_path: Path | None) -> None:
 
     with _progress() as progress:
         task = progress.add_task("state", total=3 * snapshots)
-
-        def tick(phase: str, n: int) -> None:
-            if phase:
-                progress.update(task, description=phase)
-            progress.advance(task, n)
+        tick = _phase_ticker(progress, task)
 
         report = _run(run_state_bench(snapshots=snapshots, tick=tick))
     sizes = report["sizes_bytes"]
@@ -417,9 +423,7 @@ def bench_state(snapshots: int, json_path: Path | None) -> None:
             ("yes" if report["met"][target] else "no") if target else "",
         )
     out.print(table)
-    if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-        console.print(f"report written to {json_path}")
+    _write_json(json_path, report)
 
 
 @cli.group()
@@ -439,7 +443,6 @@ def audit() -> None:
 def audit_replay(redis_url: str, tenant: str, json_path: Path | None) -> None:
     """Decide every recorded policy decision again, under the policy version and inputs it
     was decided with, and report any difference. Exits 1 if there is one."""
-    import msgspec
 
     from govmesh.bus import Subjects
     from govmesh.config import key_prefix
@@ -459,9 +462,7 @@ def audit_replay(redis_url: str, tenant: str, json_path: Path | None) -> None:
     out.print(table)
     for m in report.mismatches:
         console.print(f"[red]difference[/] {m}")
-    if json_path is not None:
-        json_path.write_text(msgspec.json.encode(report).decode() + "\n")
-        console.print(f"report written to {json_path}")
+    _write_json(json_path, report)
     if report.matched != report.decisions:
         sys.exit(1)
 
@@ -492,8 +493,6 @@ def _age(seconds: float) -> str:
 def approvals_list(tenant: str | None, json_path: Path | None) -> None:
     """List the pending approvals, oldest first."""
     import time
-
-    import msgspec
 
     from govmesh.governance._operator import OperatorDesk
     from govmesh.runtime import join
@@ -527,9 +526,7 @@ def approvals_list(tenant: str | None, json_path: Path | None) -> None:
             f"in {_age(r.expires_at - now)}, then {r.on_expiry}" if r.expires_at else "never",
         )
     out.print(table)
-    if json_path is not None:
-        json_path.write_text(msgspec.json.encode(requests).decode() + "\n")
-        console.print(f"list written to {json_path}")
+    _write_json(json_path, requests, what="list")
 
 
 def _answer(
@@ -541,7 +538,6 @@ def _answer(
     tenant: str | None,
     json_path: Path | None,
 ) -> None:
-    import msgspec
 
     from govmesh.governance._operator import ApprovalNotPending, OperatorDesk
     from govmesh.runtime import join
@@ -563,9 +559,7 @@ def _answer(
         f"approval {request.approval_id} ({request.workflow}, {request.tool}): "
         f"[{colour}]{result.outcome}[/]; " + "; ".join(result.reasons)
     )
-    if json_path is not None:
-        json_path.write_text(msgspec.json.encode(result).decode() + "\n")
-        console.print(f"result written to {json_path}")
+    _write_json(json_path, result, what="result")
 
 
 def _answer_command(approved: bool) -> Any:
