@@ -248,6 +248,8 @@ async def test_an_approval_nobody_answers_takes_the_policy_default(
         assert await desk.pending() == []
         with pytest.raises(ApprovalNotPending, match="already settled: expired"):
             await desk.answer(outcome.approval_id, approved=True, by="late")
+        with pytest.raises(ApprovalNotPending, match="already settled: expired"):
+            await desk.answer(outcome.approval_id[:8], approved=True, by="late")
     assert record is not None and record.answer.expired and record.outcome == default
 
 
@@ -277,5 +279,7 @@ async def test_an_unknown_approval_changes_nothing(stack) -> None:
     async with s.desk() as desk:
         with pytest.raises(ApprovalNotPending, match="no pending approval"):
             await desk.answer("feedface", approved=True, by="alice")
+        with pytest.raises(ApprovalNotPending, match="lowercase hex"):
+            await desk.answer("*", approved=True, by="alice")
         store: ApprovalStore = desk.store
         assert await store.pending() == []

@@ -80,15 +80,18 @@ class OperatorDesk:
         Raises:
             ApprovalNotPending: none or several match, or it is already settled.
         """
-        settled = await self.store.done(approval_id)
-        if settled is not None:
-            raise _settled(settled)
+        try:
+            settled = await self.store.done_matching(approval_id)
+        except ValueError as exc:
+            raise ApprovalNotPending(str(exc)) from None
         matches = [r for r in await self.store.pending() if r.approval_id.startswith(approval_id)]
+        ids = [r.approval_id for r in matches] + [r.approval_id for r in settled]
+        if len(ids) > 1:
+            raise ApprovalNotPending(f"{approval_id!r} matches several approvals: {', '.join(ids)}")
+        if settled:
+            raise _settled(settled[0])
         if not matches:
             raise ApprovalNotPending(f"no pending approval {approval_id!r}")
-        if len(matches) > 1:
-            ids = ", ".join(r.approval_id for r in matches)
-            raise ApprovalNotPending(f"{approval_id!r} matches several approvals: {ids}")
         return matches[0]
 
     async def answer(
