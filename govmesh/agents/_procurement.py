@@ -4,22 +4,28 @@ the gateway."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Coroutine
+from typing import Any, cast
 
 import msgspec
 
 from govmesh.agents._base import AgentService
-from govmesh.agents.messages import PurchaseOutcome, PurchaseRequest
+from govmesh.agents.messages import InFlight, PurchaseOutcome, PurchaseRequest
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
 from govmesh.errors import BusError
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider
+from govmesh.state.messages import SnapshotQuery, SnapshotReply
 from govmesh.tools import ERP_CREATE_PO, ToolCall, ToolResult
 
 __all__ = ["ProcurementAgent"]
+
+log = logging.getLogger(__name__)
 
 _SETTLE_GRACE_S = 60.0
 """Beyond an approval's expiry: governance's sweep, or another actor's takeover, settles it."""
@@ -51,6 +57,8 @@ class ProcurementAgent(AgentService):
         self._approval_timeout_s = approval_timeout_s
         self._max_reflections = max_reflections
         self._decisions: defaultdict[str, asyncio.Queue[Delivery]] = defaultdict(asyncio.Queue)
+        self._resuming: set[asyncio.Task[None]] = set()
+        self.resumed: Counter[str] = Counter()
 
     async def on_start(self) -> None:
         """Subscribe to purchase requests and to decisions."""
@@ -58,6 +66,7 @@ class ProcurementAgent(AgentService):
             self.subjects.msg(self.agent_id), self._on_request, accepts=PurchaseRequest
         )
         await self.bus.subscribe(self.subjects.all("decision"), self._on_decision, accepts=Decision)
+        self._spawn(self._resume_in_flight())
 
     async def _on_decision(self, d: Delivery) -> None:
         decision: Decision = d.body
@@ -83,22 +92,100 @@ class ProcurementAgent(AgentService):
         return max(0.0, escalated.approval_expires_at - time.time()) + _SETTLE_GRACE_S
 
     async def _on_request(self, d: Delivery) -> None:
-        workflow = d.envelope.workflow
+        job = InFlight(
+            request=d.body,
+            requester=d.envelope.sender,
+            causation=d.envelope.id,
+            trace=d.envelope.trace,
+        )
+        # Recorded before any work, removed only once the outcome is sent: a workflow this
+        # process dies in the middle of is found again by the next one (`_resume_in_flight`).
+        await self.redis.hset(self._in_flight_key, d.envelope.workflow, msgspec.msgpack.encode(job))
+        await self._serve(d.envelope.workflow, job)
+
+    async def _serve(self, workflow: str, job: InFlight) -> None:
         self._decisions[workflow]
         try:
-            outcome = await self._purchase(workflow, d.body, trace=d.envelope.trace)
+            outcome = await self._purchase(workflow, job.request, trace=job.trace)
         except (TimeoutError, BusError) as exc:
             outcome = PurchaseOutcome(result="failed", reasons=(f"{type(exc).__name__}: {exc}",))
         finally:
             self._decisions.pop(workflow, None)
             self.forget(workflow)
+        await self._finish(workflow, job, outcome)
+
+    async def _finish(self, workflow: str, job: InFlight, outcome: PurchaseOutcome) -> None:
         await self.bus.publish(
-            self.subjects.msg(d.envelope.sender),
+            self.subjects.msg(job.requester),
             outcome,
             workflow=workflow,
-            causation=d.envelope.id,
-            trace=d.envelope.trace,
+            causation=job.causation,
+            trace=job.trace,
         )
+        await self.redis.hdel(self._in_flight_key, workflow)
+
+    @property
+    def _in_flight_key(self) -> str:
+        return self.key("in-flight", self.agent_id)
+
+    async def _resume_in_flight(self) -> None:
+        """Take up the workflows a previous process of this agent left unfinished.
+
+        One that had not asked governance yet (its last snapshot says ``planning``) starts
+        over: nothing it did had an effect. One that had is reported failed, saying where
+        it stopped, so its requester is never left waiting; resuming those from their
+        snapshots needs governance to answer a repeated intent with its first decision.
+        """
+        raw = cast(dict[bytes, bytes], await self.redis.hgetall(self._in_flight_key))
+        decoder = msgspec.msgpack.Decoder(InFlight)
+        for key, value in raw.items():
+            workflow, job = key.decode(), decoder.decode(value)
+            latest = await self._latest_snapshot(workflow)
+            phase = latest.snapshot.goal.get("phase") if latest.snapshot else None
+            if latest.snapshot is not None:
+                # Versions go on from the last one stored, so "latest" stays the newest.
+                self._versions[workflow] = latest.snapshot.version
+            self.resumed[str(phase)] += 1
+            if phase in (None, "planning"):
+                self._spawn(self._serve(workflow, job))
+            else:
+                await self._finish(
+                    workflow,
+                    job,
+                    PurchaseOutcome(
+                        result="failed",
+                        reasons=(f"agent restarted in phase {phase!r}; not resumed",),
+                    ),
+                )
+
+    async def _latest_snapshot(self, workflow: str) -> SnapshotReply:
+        """The state actor's latest snapshot of `workflow`, asking until it answers (it may
+        be restarting too)."""
+        while True:
+            try:
+                reply = await self.bus.request(
+                    self.subjects.ctl("state"),
+                    SnapshotQuery(workflow=workflow, agent=self.agent_id),
+                    accepts=SnapshotReply,
+                )
+            except BusError as exc:
+                log.warning("state actor not answering yet (%s); asking again", exc)
+                await asyncio.sleep(1.0)
+                continue
+            answer: SnapshotReply = reply.body
+            return answer
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._resuming.add(task)
+        task.add_done_callback(self._resuming.discard)
+
+    async def close(self) -> None:
+        """Stop resumed workflows (they stay in flight for the next start), then leave."""
+        for task in list(self._resuming):
+            task.cancel()
+        await asyncio.gather(*self._resuming, return_exceptions=True)
+        await super().close()
 
     async def _purchase(
         self, workflow: str, req: PurchaseRequest, *, trace: str

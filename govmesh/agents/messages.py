@@ -6,7 +6,7 @@ from typing import Literal
 
 import msgspec
 
-__all__ = ["PurchaseOutcome", "PurchaseRequest", "WorkflowDone", "WorkflowStart"]
+__all__ = ["InFlight", "PurchaseOutcome", "PurchaseRequest", "WorkflowDone", "WorkflowStart"]
 
 Result = Literal["executed", "denied", "rejected", "failed"]
 
@@ -25,6 +25,23 @@ class PurchaseRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     item: str
     vendor: str
     amount_usd: float
+
+
+class InFlight(msgspec.Struct, frozen=True, kw_only=True):
+    """A request an agent has taken on and not answered yet, kept in Redis so a restarted
+    agent finds it again.
+
+    Attributes:
+        request: the request.
+        requester: who asked, and gets the outcome.
+        causation: the request's message id, which the outcome answers.
+        trace: the workflow's trace context.
+    """
+
+    request: PurchaseRequest
+    requester: str
+    causation: str
+    trace: str = ""
 
 
 class PurchaseOutcome(msgspec.Struct, frozen=True, kw_only=True, tag=True):
