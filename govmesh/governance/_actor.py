@@ -397,8 +397,8 @@ class GovernanceService(Service):
                 self.key("day-spend", _utc_day(ctx.now)),
                 policy_key(prefix, policy_hash),
                 decisions_key(prefix),
-                self.key("approvals", "pending"),
-                self.key("approvals", "expiry"),
+                self.approvals.key("pending"),
+                self.approvals.key("expiry"),
             ],
             args=[
                 intent.workflow,

@@ -112,6 +112,11 @@ class ApprovalStore:
         self._record = msgspec.json.Decoder(ApprovalRecord)
         self._claim = redis.register_script(_CLAIM)
 
+    def key(self, name: str) -> str:
+        """The Redis key `name` (see the module docs), for writers that store a request
+        together with other data in one script."""
+        return self._keys[name]
+
     async def pending(self) -> list[ApprovalRequest]:
         """Every pending request, oldest first (those being settled included)."""
         raw = cast(list[bytes], await self.redis.hvals(self._keys["pending"]))

@@ -34,26 +34,26 @@ __all__ = ["FIRING_LEASE_S", "Timer", "TimerStore"]
 FIRING_LEASE_S: Final = 10.0
 """A timer taken longer ago than this (real seconds) was lost with its actor; fire again."""
 
-# KEYS: due, firing. ARGV: now (clock), real now, limit. Takes up to `limit` due timers.
-_TAKE: Final = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('ZADD', KEYS[2], ARGV[2], id)
-end
-return ids
-"""
-
-# KEYS: due, firing. ARGV: stale_before (real). Makes lost firings due at once.
-_REVIVE: Final = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-for _, id in ipairs(ids) do
+# KEYS: due, firing, def. ARGV: now (clock), real now, limit, stale_before (real).
+# Makes lost firings due again, then takes up to `limit` due timers and returns their
+# definitions; an id without a definition (cancelled meanwhile) is dropped.
+_TAKE_DUE: Final = """
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])) do
   redis.call('ZREM', KEYS[2], id)
   redis.call('ZADD', KEYS[1], 0, id)
 end
-return #ids
+local taken = {}
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local timer = redis.call('HGET', KEYS[3], id)
+  if timer then
+    redis.call('ZADD', KEYS[2], ARGV[2], id)
+    taken[#taken + 1] = timer
+  end
+end
+return taken
 """
-
 
 # KEYS: def, due, firing, seq. ARGV: id, timer ('' to cancel), due_at, seq.
 _APPLY: Final = """
@@ -121,8 +121,7 @@ class TimerStore:
         self._seq = f"{prefix}:timers:seq"
         self._apply = redis.register_script(_APPLY)
         self._decoder = msgspec.msgpack.Decoder(Timer)
-        self._take = redis.register_script(_TAKE)
-        self._revive = redis.register_script(_REVIVE)
+        self._take_due = redis.register_script(_TAKE_DUE)
         self._fired = redis.register_script(_FIRED)
 
     async def set(self, timer: Timer, *, seq: float) -> bool:
@@ -145,16 +144,16 @@ class TimerStore:
         return [self._def, self._due, self._firing, self._seq]
 
     async def take_due(self, now: float, *, limit: int = 100) -> list[Timer]:
-        """Take the timers due by `now` (deployment clock) for firing."""
-        await self._revive(keys=[self._due, self._firing], args=[time.time() - self._lease_s])
-        ids = cast(
+        """Take the timers due by `now` (deployment clock) for firing, in one round trip."""
+        real = time.time()
+        taken = cast(
             list[bytes],
-            await self._take(keys=[self._due, self._firing], args=[now, time.time(), limit]),
+            await self._take_due(
+                keys=[self._due, self._firing, self._def],
+                args=[now, real, limit, real - self._lease_s],
+            ),
         )
-        if not ids:
-            return []
-        raw = cast(list[bytes | None], await self.redis.hmget(self._def, ids))
-        return [self._decoder.decode(r) for r in raw if r is not None]
+        return [self._decoder.decode(t) for t in taken]
 
     async def fired(self, timer: Timer) -> None:
         """Forget a timer whose `TimerFired` has been published (unless it was set again)."""
