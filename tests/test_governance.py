@@ -32,6 +32,13 @@ async def running(tmp_path, secure_nats, redis_server, prefix):
 @pytest.fixture
 async def running_with_redis(tmp_path, secure_nats, redis_server, prefix):
     async for parts in _running(tmp_path, secure_nats, redis_server, prefix):
+        yield parts[:5]
+
+
+@pytest.fixture
+async def governed(tmp_path, secure_nats, redis_server, prefix):
+    """As `running_with_redis`, and the queue every decision arrives on."""
+    async for parts in _running(tmp_path, secure_nats, redis_server, prefix):
         yield parts
 
 
@@ -58,15 +65,15 @@ async def _running(tmp_path, secure_nats, redis_server, prefix):
     await agent.subscribe(agent.subjects.all("decision"), on_decision, accepts=Decision)
     await agent.flush()
 
-    async def decide(workflow: str) -> Decision:
+    async def decide(workflow: str, amount: float = ARGS["amount_usd"]) -> Decision:
         await agent.publish(
             agent.subjects.intent("proc-1"),
-            ToolIntent(tool=ERP_CREATE_PO, args=ARGS, step=1),
+            ToolIntent(tool=ERP_CREATE_PO, args={**ARGS, "amount_usd": amount}, step=1),
             workflow=workflow,
         )
         return await asyncio.wait_for(decisions.get(), 10)
 
-    yield policy, governance, decide, governance.redis, dep.key_prefix
+    yield policy, governance, decide, governance.redis, dep.key_prefix, decisions
     await agent.close()
     await governance.close()
 
@@ -447,3 +454,81 @@ async def test_a_decision_on_changed_figures_is_recorded_once_as_decided_again(
     assert float(await redis.hget(f"{key_prefix}:spend", "wf-race")) == 8000.0
     report = await replay(redis, prefix=key_prefix)
     assert (report.decisions, report.matched) == (1, 1)
+
+
+async def test_an_intent_asked_again_gets_its_first_decision_and_commits_nothing_more(
+    running_with_redis,
+) -> None:
+    from govmesh.governance._replay import decisions_key
+
+    policy, governance, decide, redis, key_prefix = running_with_redis
+    first = await decide("wf-again")
+    # The policy changes before the agent (resuming after a crash, say) asks again.
+    policy.write_text(SEED.replace("    - Vendor_A\n", ""))
+    await _wait_for(lambda: governance.reloads == 1)
+    again = await decide("wf-again")
+
+    assert first.outcome == again.outcome == "allow"
+    assert again.intent_hash == first.intent_hash and again.intent_id != first.intent_id
+    assert again.policy_hash == first.policy_hash != governance.policies.hash
+    assert again.expires_at > first.expires_at  # signed afresh for the gateway
+    assert float(await redis.hget(governance.key("spend"), "wf-again")) == ARGS["amount_usd"]
+    assert await redis.xlen(decisions_key(key_prefix)) == 1
+    assert governance.decided == {"allow": 1, "repeated": 1}
+    # Another step of the same workflow is a new intent, decided under the policy now.
+    assert (await decide("wf-other")).outcome == "deny"
+
+
+async def test_an_escalated_intent_asked_again_gets_the_approvals_settlement(governed) -> None:
+    from govmesh.governance._approvals import Answer
+
+    _, governance, decide, redis, _, decisions = governed
+    escalated = await decide("wf-esc", 7_000.0)
+    assert escalated.outcome == "escalate" and not escalated.final
+
+    pending = await decide("wf-esc", 7_000.0)
+    assert (pending.outcome, pending.final) == ("escalate", False)
+    assert pending.approval_id == escalated.approval_id
+    assert await redis.hget(governance.key("spend"), "wf-esc") is None
+
+    settled = await governance._settle(escalated.approval_id, Answer(approved=True, by="alice"))
+    assert settled is not None and settled.outcome == "allow"
+    announced = await asyncio.wait_for(decisions.get(), 10)
+    assert announced.intent_id == escalated.intent_id and announced.outcome == "allow"
+    final = await decide("wf-esc", 7_000.0)
+    assert (final.outcome, final.final, final.approved_by) == ("allow", True, "alice")
+    assert final.approval_id == escalated.approval_id
+    assert float(await redis.hget(governance.key("spend"), "wf-esc")) == 7_000.0
+
+
+async def test_a_pending_approval_is_decided_again_when_the_policy_changes(governed) -> None:
+    policy, governance, decide, _, _, decisions = governed
+    asked = {
+        wf: await decide(wf, amount)
+        for wf, amount in (("wf-lift", 7_000.0), ("wf-veto", 9_000.0), ("wf-keep", 8_200.0))
+    }
+    assert {d.outcome for d in asked.values()} == {"escalate"}
+
+    # Approval above 8,000 now, and a cap of 8,500: the first is allowed outright, the
+    # second denied outright, the third still waits for a person.
+    policy.write_text(
+        SEED.replace("require_approval_if_over: 5000", "require_approval_if_over: 8000").replace(
+            "spending_limit_usd: 10000", "spending_limit_usd: 8500"
+        )
+    )
+    final = {}
+    while len(final) < 2:
+        d = await asyncio.wait_for(decisions.get(), 10)
+        final[d.workflow] = d
+    assert final["wf-lift"].outcome == "allow" and final["wf-veto"].outcome == "deny"
+    assert "approved by policy" in final["wf-lift"].reasons
+    assert "rejected by policy" in final["wf-veto"].reasons
+    assert any(
+        r.startswith(f"policy changed to {governance.policies.hash[:12]}")
+        for r in final["wf-veto"].reasons
+    )
+    assert [r.approval_id for r in await governance.approvals.pending()] == [
+        asked["wf-keep"].approval_id
+    ]
+    lifted = await governance.approvals.done(asked["wf-lift"].approval_id)
+    assert lifted is not None and lifted.answer.by == "policy" and lifted.outcome == "allow"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
+
+from nats.errors import Error as NatsError
+from redis.exceptions import RedisError
 
 from govmesh.config import Deployment
+from govmesh.errors import BusError
 from govmesh.forecasting.messages import Usage
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider, ModelRequest, ModelResponse
@@ -12,7 +16,15 @@ from govmesh.service import Service
 from govmesh.state._tiers import encode_goal
 from govmesh.state.messages import Snapshot
 
-__all__ = ["AgentService"]
+__all__ = ["TRANSIENT", "AgentService"]
+
+TRANSIENT: Final = (BusError, NatsError, RedisError, ConnectionError)
+"""What a restarting nats-server or Redis-protocol server, or a restarting actor that does
+not answer yet, looks like to an agent: worth trying again."""
+
+_KEEP_OUTCOME_S: Final = 8 * 86_400
+"""How long an agent keeps a workflow's outcome to answer a repeated request with: longer
+than a workflow (up to 7 days) may take to ask again."""
 
 
 class AgentService(Service):
@@ -110,6 +122,30 @@ class AgentService(Service):
             workflow=workflow,
         )
         return version
+
+    @property
+    def in_flight_key(self) -> str:
+        """The Redis hash of this agent's workflows in flight (workflow -> what to resume)."""
+        return self.key("in-flight", self.agent_id)
+
+    def _outcome_key(self, workflow: str) -> str:
+        return self.key("outcome", self.agent_id, workflow)
+
+    async def outcome_of(self, workflow: str) -> bytes | None:
+        """The outcome this agent already sent for `workflow`, if any (see `settle`)."""
+        found: bytes | None = await self.redis.get(self._outcome_key(workflow))  # type: ignore[assignment]
+        return found
+
+    async def settle(self, workflow: str, outcome: bytes) -> None:
+        """Keep `workflow`'s outcome and take it off the in-flight hash, in one transaction.
+
+        Done before the outcome is sent: if the message is lost, the requester asks again
+        and gets the kept outcome, and the work is never done twice.
+        """
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.set(self._outcome_key(workflow), outcome, ex=_KEEP_OUTCOME_S)
+            tx.hdel(self.in_flight_key, workflow)
+            await tx.execute()
 
     def forget(self, workflow: str) -> None:
         """Drop in-memory bookkeeping of a finished workflow."""

@@ -1,5 +1,17 @@
 """The procurement agent: plans a purchase, asks governance, and places the order through
-the gateway."""
+the gateway.
+
+Every step is safe to take again, and that is how a workflow survives a crash anywhere in
+it, or a message lost while nats-server restarts:
+
+- a request is recorded in the agent's in-flight hash before any work, and the outcome is
+  kept (`AgentService.settle`) before it is sent, so a request asked again is answered from
+  what was kept, or resumed from the workflow's latest snapshot;
+- governance answers an intent asked again with its first decision (or the settlement of
+  its approval), committing no spend twice;
+- the gateway's ledger runs a tool once per (workflow, step, intent hash), and answers a
+  retried call with the recorded result.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +19,44 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Coroutine
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import msgspec
 
-from govmesh.agents._base import AgentService
+from govmesh.agents._base import TRANSIENT, AgentService
 from govmesh.agents.messages import InFlight, PurchaseOutcome, PurchaseRequest
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
-from govmesh.errors import BusError
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider
 from govmesh.state.messages import SnapshotQuery, SnapshotReply
-from govmesh.tools import ERP_CREATE_PO, ToolCall, ToolResult
+from govmesh.tools import ERP_CREATE_PO, STEP_IN_PROGRESS, ToolCall, ToolResult
 
 __all__ = ["ProcurementAgent"]
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 _SETTLE_GRACE_S = 60.0
 """Beyond an approval's expiry: governance's sweep, or another actor's takeover, settles it."""
+
+_FRESH_S = 5.0
+"""A decision closer than this to its expiry is asked for again before a tool call."""
 
 
 class ProcurementAgent(AgentService):
     """Turns purchase requests into governed purchase orders.
 
     Args:
-        decision_timeout_s: how long to wait for governance's first answer.
+        retry_s: how long to wait for an answer (governance's decision, the gateway's
+            result) before asking again.
+        recheck_s: while an approval is pending, how often to ask governance again, in case
+            its final decision was lost.
+        give_up_s: how long a workflow may take to get a decision and run its tool before it
+            is reported failed; the wait for a person's answer is not counted.
         approval_timeout_s: how long to wait for a human's answer to an escalation whose
             approval never lapses; one that lapses is waited for until it does.
         max_reflections: the agent's own stop for a model that keeps failing.
@@ -48,41 +69,179 @@ class ProcurementAgent(AgentService):
         *,
         model: ModelProvider,
         max_tokens: int = 1024,
-        decision_timeout_s: float = 30.0,
+        retry_s: float = 5.0,
+        recheck_s: float = 10.0,
+        give_up_s: float = 600.0,
         approval_timeout_s: float = 300.0,
         max_reflections: int = 40,
     ) -> None:
         super().__init__(deployment, identity, model=model, max_tokens=max_tokens)
-        self._decision_timeout_s = decision_timeout_s
+        self._retry_s = retry_s
+        self._recheck_s = recheck_s
+        self._give_up_s = give_up_s
         self._approval_timeout_s = approval_timeout_s
         self._max_reflections = max_reflections
         self._decisions: defaultdict[str, asyncio.Queue[Delivery]] = defaultdict(asyncio.Queue)
-        self._resuming: set[asyncio.Task[None]] = set()
+        self._active: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.resumed: Counter[str] = Counter()
+        self.answered_again = 0
 
     async def on_start(self) -> None:
-        """Subscribe to purchase requests and to decisions."""
+        """Subscribe to purchase requests and to decisions, then take up the workflows a
+        previous process of this agent left unfinished."""
         await self.bus.subscribe(
             self.subjects.msg(self.agent_id), self._on_request, accepts=PurchaseRequest
         )
         await self.bus.subscribe(self.subjects.all("decision"), self._on_decision, accepts=Decision)
         self._spawn(self._resume_in_flight())
 
+    def stats(self) -> dict[str, Any]:
+        """Counters, plus workflows resumed by the phase they were in, and requests answered
+        again from a kept outcome."""
+        return {
+            **super().stats(),
+            "resumed": dict(self.resumed),
+            "answered_again": self.answered_again,
+        }
+
     async def _on_decision(self, d: Delivery) -> None:
         decision: Decision = d.body
         if decision.agent == self.agent_id and decision.workflow in self._decisions:
             self._decisions[decision.workflow].put_nowait(d)
 
-    async def _next_decision(
-        self, workflow: str, intent_id: str, *, final: bool, timeout: float
-    ) -> Delivery:
-        queue = self._decisions[workflow]
-        async with asyncio.timeout(timeout):
+    async def _on_request(self, d: Delivery) -> None:
+        workflow = d.envelope.workflow
+        if workflow in self._active:
+            return  # asked again while this process works on it
+        self._active.add(workflow)
+        job = InFlight(
+            request=d.body,
+            requester=d.envelope.sender,
+            causation=d.envelope.id,
+            trace=d.envelope.trace,
+        )
+        try:
+            kept = await self.outcome_of(workflow)
+            if kept is not None:
+                self.answered_again += 1
+                await self._send(workflow, job, msgspec.msgpack.decode(kept, type=PurchaseOutcome))
+                self._active.discard(workflow)
+                return
+            # Recorded before any work, removed only once the outcome is kept: a workflow
+            # this process dies in the middle of is found again by the next one.
+            new = await self.redis.hsetnx(self.in_flight_key, workflow, msgspec.msgpack.encode(job))
+        except BaseException:
+            self._active.discard(workflow)
+            raise
+        await self._serve(workflow, job, resume=not new)
+
+    async def _resume_in_flight(self) -> None:
+        """Take up every workflow in this agent's in-flight hash, each from its latest
+        snapshot (see `_purchase`)."""
+        raw: dict[bytes, bytes] = await self._again(
+            lambda: self.redis.hgetall(self.in_flight_key),  # type: ignore[arg-type,return-value]
+            until=time.monotonic() + self._give_up_s,
+        )
+        decoder = msgspec.msgpack.Decoder(InFlight)
+        for key, value in raw.items():
+            workflow = key.decode()
+            if workflow in self._active:
+                continue
+            self._active.add(workflow)
+            self._spawn(self._serve(workflow, decoder.decode(value), resume=True))
+
+    async def _serve(self, workflow: str, job: InFlight, *, resume: bool) -> None:
+        """Work on one workflow, from its latest snapshot with ``resume``, and answer."""
+        self._decisions[workflow]
+        try:
+            goal: dict[str, Any] | None = None
+            if resume:
+                latest = await self._latest_snapshot(workflow)
+                if latest.snapshot is not None:
+                    # Versions go on from the last one stored, so "latest" stays the newest.
+                    self._versions[workflow] = latest.snapshot.version
+                    goal = latest.snapshot.goal
+                self.resumed[str(goal.get("phase") if goal else None)] += 1
+            until = time.monotonic() + self._give_up_s
             while True:
-                d = await queue.get()
-                decision: Decision = d.body
-                if decision.intent_id == intent_id and (decision.final or not final):
-                    return d
+                try:
+                    outcome = await self._purchase(
+                        workflow, job.request, trace=job.trace, resume=goal
+                    )
+                    break
+                except (TimeoutError, *TRANSIENT) as exc:
+                    if isinstance(exc, TimeoutError) or time.monotonic() >= until:
+                        outcome = PurchaseOutcome(
+                            result="failed", reasons=(f"{type(exc).__name__}: {exc}",)
+                        )
+                        break
+                    # A server restarting under the step: take it up again from the latest
+                    # snapshot; what was done already is answered from what was recorded.
+                    log.info("%s interrupted (%s); resuming from its snapshot", workflow, exc)
+                    await asyncio.sleep(0.5)
+                    latest = await self._latest_snapshot(workflow)
+                    goal = latest.snapshot.goal if latest.snapshot is not None else None
+            await self._again(
+                lambda: self.settle(workflow, msgspec.msgpack.encode(outcome)),
+                until=time.monotonic() + self._give_up_s,
+            )
+            await self._send(workflow, job, outcome)
+        finally:
+            self._active.discard(workflow)
+            self._decisions.pop(workflow, None)
+            self.forget(workflow)
+
+    async def _send(self, workflow: str, job: InFlight, outcome: PurchaseOutcome) -> None:
+        try:
+            await self.bus.publish(
+                self.subjects.msg(job.requester),
+                outcome,
+                workflow=workflow,
+                causation=job.causation,
+                trace=job.trace,
+            )
+        except TRANSIENT as exc:
+            # Kept already: the requester asks again and is answered from what was kept.
+            log.warning("outcome of %s not sent (%s); kept for the next request", workflow, exc)
+
+    async def _latest_snapshot(self, workflow: str) -> SnapshotReply:
+        """The state actor's latest snapshot of `workflow`, asking until it answers (it may
+        be restarting too)."""
+        reply = await self._again(
+            lambda: self.bus.request(
+                self.subjects.ctl("state"),
+                SnapshotQuery(workflow=workflow, agent=self.agent_id),
+                accepts=SnapshotReply,
+                timeout=self._retry_s,
+            ),
+            until=time.monotonic() + self._give_up_s,
+        )
+        answer: SnapshotReply = reply.body
+        return answer
+
+    async def _again(self, attempt: Callable[[], Awaitable[_T]], *, until: float) -> _T:
+        """``attempt()``, tried again after transient failures until ``until`` (monotonic)."""
+        while True:
+            try:
+                return await attempt()
+            except TRANSIENT as exc:
+                if time.monotonic() >= until:
+                    raise
+                log.info("%s: %s; trying again", self.agent_id, exc)
+                await asyncio.sleep(0.5)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop resumed workflows (they stay in flight for the next start), then leave."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await super().close()
 
     def _approval_wait_s(self, escalated: Decision) -> float:
         """Wait for a human until the approval lapses (then governance settles it with the
@@ -91,116 +250,151 @@ class ProcurementAgent(AgentService):
             return self._approval_timeout_s
         return max(0.0, escalated.approval_expires_at - time.time()) + _SETTLE_GRACE_S
 
-    async def _on_request(self, d: Delivery) -> None:
-        job = InFlight(
-            request=d.body,
-            requester=d.envelope.sender,
-            causation=d.envelope.id,
-            trace=d.envelope.trace,
-        )
-        # Recorded before any work, removed only once the outcome is sent: a workflow this
-        # process dies in the middle of is found again by the next one (`_resume_in_flight`).
-        await self.redis.hset(self._in_flight_key, d.envelope.workflow, msgspec.msgpack.encode(job))
-        await self._serve(d.envelope.workflow, job)
+    async def _ask(
+        self,
+        workflow: str,
+        intent: ToolIntent,
+        sent: set[str],
+        *,
+        trace: str,
+        final: bool,
+        wait_s: float,
+        every_s: float,
+        approval_id: str = "",
+        ask_first: bool = True,
+    ) -> Delivery:
+        """Send ``intent`` and wait for governance's answer, sending it again every
+        ``every_s`` until one comes, for at most ``wait_s``.
 
-    async def _serve(self, workflow: str, job: InFlight) -> None:
-        self._decisions[workflow]
-        try:
-            outcome = await self._purchase(workflow, job.request, trace=job.trace)
-        except (TimeoutError, BusError) as exc:
-            outcome = PurchaseOutcome(result="failed", reasons=(f"{type(exc).__name__}: {exc}",))
-        finally:
-            self._decisions.pop(workflow, None)
-            self.forget(workflow)
-        await self._finish(workflow, job, outcome)
+        An answer to any intent in ``sent`` (the ids of every time it was sent) will do, and
+        for a pending approval its settlement (``approval_id``): governance answers the same
+        intent asked again with its first decision, or the approval's settlement.
 
-    async def _finish(self, workflow: str, job: InFlight, outcome: PurchaseOutcome) -> None:
-        await self.bus.publish(
-            self.subjects.msg(job.requester),
-            outcome,
-            workflow=workflow,
-            causation=job.causation,
-            trace=job.trace,
-        )
-        await self.redis.hdel(self._in_flight_key, workflow)
-
-    @property
-    def _in_flight_key(self) -> str:
-        return self.key("in-flight", self.agent_id)
-
-    async def _resume_in_flight(self) -> None:
-        """Take up the workflows a previous process of this agent left unfinished.
-
-        One that had not asked governance yet (its last snapshot says ``planning``) starts
-        over: nothing it did had an effect. One that had is reported failed, saying where
-        it stopped, so its requester is never left waiting; resuming those from their
-        snapshots needs governance to answer a repeated intent with its first decision.
+        Raises:
+            TimeoutError: no answer within ``wait_s``.
         """
-        raw = cast(dict[bytes, bytes], await self.redis.hgetall(self._in_flight_key))
-        decoder = msgspec.msgpack.Decoder(InFlight)
-        for key, value in raw.items():
-            workflow, job = key.decode(), decoder.decode(value)
-            latest = await self._latest_snapshot(workflow)
-            phase = latest.snapshot.goal.get("phase") if latest.snapshot else None
-            if latest.snapshot is not None:
-                # Versions go on from the last one stored, so "latest" stays the newest.
-                self._versions[workflow] = latest.snapshot.version
-            self.resumed[str(phase)] += 1
-            if phase in (None, "planning"):
-                self._spawn(self._serve(workflow, job))
-            else:
-                await self._finish(
-                    workflow,
-                    job,
-                    PurchaseOutcome(
-                        result="failed",
-                        reasons=(f"agent restarted in phase {phase!r}; not resumed",),
-                    ),
-                )
-
-    async def _latest_snapshot(self, workflow: str) -> SnapshotReply:
-        """The state actor's latest snapshot of `workflow`, asking until it answers (it may
-        be restarting too)."""
+        deadline = time.monotonic() + wait_s
         while True:
+            if ask_first:
+                try:
+                    envelope = await self.bus.publish(
+                        self.subjects.intent(self.agent_id), intent, workflow=workflow, trace=trace
+                    )
+                    sent.add(envelope.id)
+                except TRANSIENT as exc:
+                    log.info("intent of %s not sent (%s); sending again", workflow, exc)
+            ask_first = True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no decision on {workflow} step {intent.step} in {wait_s}s")
+            try:
+                return await self._next_decision(
+                    workflow,
+                    sent,
+                    approval_id,
+                    final=final,
+                    timeout=min(every_s, remaining),
+                )
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+
+    async def _next_decision(
+        self, workflow: str, sent: set[str], approval_id: str, *, final: bool, timeout: float
+    ) -> Delivery:
+        queue = self._decisions[workflow]
+        async with asyncio.timeout(timeout):
+            while True:
+                d = await queue.get()
+                decision: Decision = d.body
+                ours = decision.intent_id in sent or (
+                    approval_id and decision.approval_id == approval_id
+                )
+                if ours and (decision.final or not final):
+                    return d
+
+    async def _run_tool(
+        self,
+        workflow: str,
+        intent: ToolIntent,
+        decided: Delivery,
+        sent: set[str],
+        *,
+        trace: str,
+        until: float,
+    ) -> ToolResult:
+        """Call the tool through the gateway with ``decided`` (an allow), trying again
+        until it answers; a decision about to expire is asked for again first."""
+        expired = False
+        while True:
+            decision: Decision = decided.body
+            if expired or decision.expires_at - time.time() < _FRESH_S:
+                expired = False
+                decided = await self._ask(
+                    workflow,
+                    intent,
+                    sent,
+                    trace=trace,
+                    final=True,
+                    wait_s=max(0.0, until - time.monotonic()),
+                    every_s=self._retry_s,
+                )
+                continue
             try:
                 reply = await self.bus.request(
-                    self.subjects.ctl("state"),
-                    SnapshotQuery(workflow=workflow, agent=self.agent_id),
-                    accepts=SnapshotReply,
+                    self.subjects.tool(intent.tool),
+                    ToolCall(
+                        tool=intent.tool, args=intent.args, step=intent.step, decision=decided.data
+                    ),
+                    accepts=ToolResult,
+                    workflow=workflow,
+                    causation=decided.envelope.id,
+                    trace=trace,
+                    timeout=self._retry_s * 2,
                 )
-            except BusError as exc:
-                log.warning("state actor not answering yet (%s); asking again", exc)
-                await asyncio.sleep(1.0)
+            except TRANSIENT as exc:
+                if time.monotonic() >= until:
+                    raise
+                log.info("tool call of %s not answered (%s); calling again", workflow, exc)
+                await asyncio.sleep(0.5)
                 continue
-            answer: SnapshotReply = reply.body
-            return answer
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._resuming.add(task)
-        task.add_done_callback(self._resuming.discard)
-
-    async def close(self) -> None:
-        """Stop resumed workflows (they stay in flight for the next start), then leave."""
-        for task in list(self._resuming):
-            task.cancel()
-        await asyncio.gather(*self._resuming, return_exceptions=True)
-        await super().close()
+            result: ToolResult = reply.body
+            if not result.ok and result.error == STEP_IN_PROGRESS and time.monotonic() < until:
+                await asyncio.sleep(0.5)  # another call of this step is running; ask again
+                continue
+            if not result.ok and "decision_expired" in result.error:
+                expired = True
+                continue
+            return result
 
     async def _purchase(
-        self, workflow: str, req: PurchaseRequest, *, trace: str
+        self,
+        workflow: str,
+        req: PurchaseRequest,
+        *,
+        trace: str,
+        resume: dict[str, Any] | None = None,
     ) -> PurchaseOutcome:
+        """Plan, ask governance, wait for an approval if escalated, place the order.
+
+        ``resume`` is the goal state of the workflow's latest snapshot: past planning, the
+        plan's reflection count is taken from it instead of planning again; the rest is
+        asked again, and governance and the gateway answer with what they decided and did.
+        """
+        until = time.monotonic() + self._give_up_s
         goal = {"item": req.item, "vendor": req.vendor, "amount_usd": req.amount_usd}
-        await self.snapshot(workflow, {**goal, "phase": "planning"})
-        _, reflections = await self.think_until_usable(
-            workflow,
-            f"Plan a purchase of {req.item} from {req.vendor} for ${req.amount_usd:,.2f}.",
-            key=f"{self.agent_id}:plan",
-            max_reflections=self._max_reflections,
-            trace=trace,
-        )
-        step = 1
-        args = {"item": req.item, "vendor": req.vendor, "amount_usd": req.amount_usd}
+        if resume is not None and resume.get("phase") not in (None, "planning"):
+            reflections = int(resume.get("reflections", 0))
+        else:
+            await self.snapshot(workflow, {**goal, "phase": "planning"})
+            _, reflections = await self.think_until_usable(
+                workflow,
+                f"Plan a purchase of {req.item} from {req.vendor} for ${req.amount_usd:,.2f}.",
+                key=f"{self.agent_id}:plan",
+                max_reflections=self._max_reflections,
+                trace=trace,
+            )
+        goal["reflections"] = reflections
         authority = self.bus.tokens.verify(self.identity.token).budget_usd
         if req.amount_usd > authority:
             # Governance would drop the intent as a security event; a well-behaved agent
@@ -211,15 +405,22 @@ class ProcurementAgent(AgentService):
                 reflections=reflections,
                 model_calls=reflections + 1,
             )
-        started = time.perf_counter()
-        sent = await self.bus.publish(
-            self.subjects.intent(self.agent_id),
-            ToolIntent(tool=ERP_CREATE_PO, args=args, step=step, reflections=reflections),
-            workflow=workflow,
-            trace=trace,
+        intent = ToolIntent(
+            tool=ERP_CREATE_PO,
+            args={"item": req.item, "vendor": req.vendor, "amount_usd": req.amount_usd},
+            step=1,
+            reflections=reflections,
         )
-        first = await self._next_decision(
-            workflow, sent.id, final=False, timeout=self._decision_timeout_s
+        sent: set[str] = set()
+        started = time.perf_counter()
+        first = await self._ask(
+            workflow,
+            intent,
+            sent,
+            trace=trace,
+            final=False,
+            wait_s=max(0.0, until - time.monotonic()),
+            every_s=self._retry_s,
         )
         governance_ms = (time.perf_counter() - started) * 1000
         first_decision: Decision = first.body
@@ -236,9 +437,18 @@ class ProcurementAgent(AgentService):
         )
         final = first
         if paused:
-            final = await self._next_decision(
-                workflow, sent.id, final=True, timeout=self._approval_wait_s(first_decision)
+            final = await self._ask(
+                workflow,
+                intent,
+                sent,
+                trace=trace,
+                final=True,
+                wait_s=self._approval_wait_s(first_decision),
+                every_s=self._recheck_s,
+                approval_id=first_decision.approval_id,
+                ask_first=False,
             )
+            until = time.monotonic() + self._give_up_s
         decision: Decision = final.body
         outcome = PurchaseOutcome(
             result="denied",
@@ -254,15 +464,7 @@ class ProcurementAgent(AgentService):
             return msgspec.structs.replace(
                 outcome, result="rejected" if decision.approval_id else "denied"
             )
-        reply = await self.bus.request(
-            self.subjects.tool(ERP_CREATE_PO),
-            ToolCall(tool=ERP_CREATE_PO, args=args, step=step, decision=final.data),
-            accepts=ToolResult,
-            workflow=workflow,
-            causation=final.envelope.id,
-            trace=trace,
-        )
-        tool_result: ToolResult = reply.body
+        tool_result = await self._run_tool(workflow, intent, final, sent, trace=trace, until=until)
         await self.snapshot(
             workflow,
             {**goal, "phase": "done", "ok": tool_result.ok, "order": tool_result.result},

@@ -33,6 +33,7 @@ from govmesh.governance.messages import (
     ApprovalRequest,
     ApprovalResult,
     Decision,
+    Outcome,
     ToolIntent,
 )
 from govmesh.identity import Claims, Identity
@@ -71,7 +72,12 @@ _MAX_DECIDE_ATTEMPTS = 20
 # read for the same call its own entry is already there. A script rather than a MULTI
 # pipeline: one command and one reply cost redis-py a quarter to a third less CPU to send and
 # parse than MULTI, the reads and EXEC (measured on the bench's two-core machine).
+#
+# An intent governance has decided before (KEYS[4] holds its `FirstDecision`) is not decided
+# again: the script returns just that first decision, counting nothing.
 _READ_FIGURES: Final = """
+local first = redis.call('GET', KEYS[4])
+if first then return {first} end
 local wf = redis.call('HGET', KEYS[1], ARGV[1])
 local day = redis.call('HGET', KEYS[2], ARGV[2])
 local recent = 0
@@ -92,8 +98,16 @@ return {wf, day, recent}
 # limits), so decisions that no limit ties together never make each other decide again.
 # Then, each only if given: the policy texts of a version not stored yet (before the record
 # that refers to them), the decision record, an escalation's pending approval request
-# (with its expiry, ARGV[11], in the sweep's sorted set; see `ApprovalStore`).
+# (with its expiry, ARGV[11], in the sweep's sorted set; see `ApprovalStore`), and the
+# intent's `FirstDecision` (ARGV[12], kept ARGV[13] seconds, or for good with '').
+# With a first decision to keep, an intent some other actor decided in the meantime (a
+# retried intent racing its original) writes nothing: the script returns that actor's first
+# decision, so the spend of one intent is committed once.
 _WRITE_DECISION: Final = """
+if ARGV[12] ~= '' then
+  local first = redis.call('GET', KEYS[7])
+  if first then return first end
+end
 if ARGV[3] ~= '' then
   local wf = redis.call('HGET', KEYS[1], ARGV[1]) or '0'
   local day = redis.call('HGET', KEYS[2], ARGV[2]) or '0'
@@ -117,11 +131,55 @@ if ARGV[9] ~= '' then
     redis.call('ZADD', KEYS[6], ARGV[11], ARGV[9])
   end
 end
+if ARGV[12] ~= '' then
+  if ARGV[13] ~= '' then
+    redis.call('SET', KEYS[7], ARGV[12], 'EX', ARGV[13])
+  else
+    redis.call('SET', KEYS[7], ARGV[12])
+  end
+end
 return 1
 """
 
+# How long governance remembers its first decision on an intent: longer than the longest
+# workflow waits (7 days) between a step and its retry. One escalated with an approval that
+# never lapses is remembered for as long as the approval stays pending, and beyond.
+_FIRST_DECISION_TTL_S: Final = 8 * 86_400
+
+
+class FirstDecision(msgspec.Struct, frozen=True, kw_only=True):
+    """Governance's first decision on an intent (workflow, step, intent hash), kept so that
+    the same intent asked again (an agent resuming after a crash, or retrying after a lost
+    reply) gets the same answer, and its spend is never committed twice.
+
+    Attributes:
+        intent_id: the intent message that was decided.
+        approval_id: an escalation's approval; its settlement is the decision that stands.
+    """
+
+    intent_id: str
+    outcome: Outcome
+    reasons: tuple[str, ...]
+    obligations: tuple[str, ...]
+    policy_hash: str
+    approval_id: str = ""
+    approval_expires_at: float = 0.0
+
+
 # A day's spend expires a day after its UTC day ends, when no decision can read it any more.
 _DAY_SPEND_TTL_S: Final = 2 * 86_400
+
+
+def _first(call_id: str, verdict: Verdict, request: ApprovalRequest | None) -> FirstDecision:
+    return FirstDecision(
+        intent_id=call_id,
+        outcome=verdict.outcome,
+        reasons=verdict.reasons,
+        obligations=verdict.obligations,
+        policy_hash=verdict.policy_hash,
+        approval_id="" if request is None else request.approval_id,
+        approval_expires_at=0.0 if request is None else request.expires_at,
+    )
 
 
 def _amount(args: dict[str, Any]) -> float | None:
@@ -174,6 +232,7 @@ class GovernanceService(Service):
         self.reload_errors = 0
         self._decision_ttl_s = decision_ttl_s
         self._codec = msgspec.msgpack.Encoder()
+        self._first_decision = msgspec.msgpack.Decoder(FirstDecision)
         self.decided: Counter[str] = Counter()
 
     async def on_start(self) -> None:
@@ -194,6 +253,7 @@ class GovernanceService(Service):
         self._read_script = self.redis.register_script(_READ_FIGURES)
         self._write_script = self.redis.register_script(_WRITE_DECISION)
         self._watch = asyncio.create_task(self._watch_policies(), name="policy-reload")
+        await self.redecide_pending()
         self._sweep = asyncio.create_task(self._sweep_approvals(), name="approval-sweep")
 
     def _load(self) -> tuple[list[PolicySource], PolicySet]:
@@ -219,7 +279,53 @@ class GovernanceService(Service):
     async def _watch_policies(self) -> None:
         while True:
             await asyncio.sleep(self._reload_interval_s)
-            self.reload_if_changed()
+            if self.reload_if_changed():
+                try:
+                    await self.redecide_pending()
+                except (RedisError, OSError) as exc:
+                    if being_cancelled():
+                        raise
+                    log.warning("pending approvals not re-decided yet: %s", exc)
+
+    async def redecide_pending(self) -> int:
+        """Decide again, under the policy set in force, every pending approval that was
+        escalated under another one; returns how many that settled.
+
+        A workflow may sleep for days on an approval while its policy changes. What the new
+        policy allows or denies outright no longer waits for a person: it is settled as
+        approved or rejected ``by policy`` (an approval still goes through `_within_limits`),
+        and the sleeping workflow gets that final decision. What the new policy escalates
+        too stays pending. Decisions already final stand: an allow's spend is committed.
+        """
+        settled = 0
+        policies = self.policies
+        for request in await self.approvals.pending():
+            if request.policy_hash == policies.hash:
+                continue
+            intent = Intent(
+                agent=request.agent,
+                role=request.role,
+                tool=request.tool,
+                args=request.args,
+                workflow=request.workflow,
+                step=request.step,
+            )
+            figures = await self._context(
+                intent, request.reflections, time.time(), call_id=request.intent_id, first_key=""
+            )
+            assert isinstance(figures, EvalContext)  # no first decision without a first_key
+            verdict = evaluate(policies, intent, figures)
+            if verdict.outcome == "escalate":
+                continue
+            answer = Answer(
+                approved=verdict.outcome == "allow",
+                by="policy",
+                operator=self.identity.agent_id,
+                reason=f"policy changed to {policies.hash[:12]}: " + "; ".join(verdict.reasons),
+            )
+            if await self._settle(request.approval_id, answer) is not None:
+                settled += 1
+        return settled
 
     def reload_if_changed(self) -> bool:
         """Load the policy files again if they changed; returns whether a new policy set is
@@ -278,40 +384,38 @@ class GovernanceService(Service):
             step=body.step,
         )
         ihash = intent_hash(intent)
-        verdict, request = await self._decide(
+        decided = await self._decide(
             intent,
             body.reflections,
             time.time(),
             call_id=d.envelope.id,
             commit=("allow",),
-            record=True,
+            first_key=self.key("intent", ihash),
             trace=d.envelope.trace,
         )
-        self.decided[verdict.outcome] += 1
-        if request is not None:
-            # Stored with the record, before it is announced, so an answer can never arrive
-            # for an unknown request.
-            await self.bus.publish(
-                self.subjects.approval(workflow),
-                request,
+        if isinstance(decided, FirstDecision):
+            decision = await self._answer_again(decided, d, ihash)
+        else:
+            verdict, request = decided
+            self.decided[verdict.outcome] += 1
+            if request is not None:
+                # Stored with the record, before it is announced, so an answer can never
+                # arrive for an unknown request.
+                await self._announce(request, causation=d.envelope.id)
+            decision = Decision(
+                intent_id=d.envelope.id,
+                intent_hash=ihash,
                 workflow=workflow,
-                causation=d.envelope.id,
-                trace=d.envelope.trace,
+                agent=intent.agent,
+                outcome=verdict.outcome,
+                reasons=verdict.reasons,
+                obligations=verdict.obligations,
+                policy_hash=verdict.policy_hash,
+                expires_at=time.time() + self._decision_ttl_s,
+                final=verdict.outcome != "escalate",
+                approval_id="" if request is None else request.approval_id,
+                approval_expires_at=0.0 if request is None else request.expires_at,
             )
-        decision = Decision(
-            intent_id=d.envelope.id,
-            intent_hash=ihash,
-            workflow=workflow,
-            agent=intent.agent,
-            outcome=verdict.outcome,
-            reasons=verdict.reasons,
-            obligations=verdict.obligations,
-            policy_hash=verdict.policy_hash,
-            expires_at=time.time() + self._decision_ttl_s,
-            final=verdict.outcome != "escalate",
-            approval_id="" if request is None else request.approval_id,
-            approval_expires_at=0.0 if request is None else request.expires_at,
-        )
         await self.bus.publish(
             self.subjects.decision(workflow),
             decision,
@@ -320,16 +424,67 @@ class GovernanceService(Service):
             trace=d.envelope.trace,
         )
 
+    async def _announce(self, request: ApprovalRequest, *, causation: str) -> None:
+        await self.bus.publish(
+            self.subjects.approval(request.workflow),
+            request,
+            workflow=request.workflow,
+            causation=causation,
+            trace=request.trace,
+        )
+
+    async def _answer_again(self, first: FirstDecision, d: Delivery, ihash: str) -> Decision:
+        """The decision that stands on an intent decided before, signed afresh for the
+        intent asked now: nothing is committed or recorded again.
+
+        An escalation answers with its approval's settlement once it is settled; while it is
+        pending, with the escalation again, and the approval request is announced again (the
+        first announcement may be what was lost).
+        """
+        self.decided["repeated"] += 1
+        decision = Decision(
+            intent_id=d.envelope.id,
+            intent_hash=ihash,
+            workflow=d.envelope.workflow,
+            agent=d.claims.sub,
+            outcome=first.outcome,
+            reasons=first.reasons,
+            obligations=first.obligations,
+            policy_hash=first.policy_hash,
+            expires_at=time.time() + self._decision_ttl_s,
+            final=first.outcome != "escalate",
+            approval_id=first.approval_id,
+            approval_expires_at=first.approval_expires_at,
+        )
+        if not first.approval_id:
+            return decision
+        settled = await self.approvals.done(first.approval_id)
+        if settled is not None:
+            answer = settled.answer
+            return msgspec.structs.replace(
+                decision,
+                outcome=settled.outcome,
+                reasons=settled.reasons,
+                final=True,
+                approved_by=answer.by if answer.approved and not answer.expired else "",
+            )
+        pending = await self.approvals.get(first.approval_id)
+        if pending is not None:
+            await self._announce(pending, causation=d.envelope.id)
+        return decision
+
     async def _context(
-        self, intent: Intent, reflections: int, now: float, *, call_id: str
-    ) -> EvalContext:
-        """The figures the policy needs, read in one round trip (see `_READ_FIGURES`)."""
+        self, intent: Intent, reflections: int, now: float, *, call_id: str, first_key: str
+    ) -> EvalContext | FirstDecision:
+        """The figures the policy needs, read in one round trip (see `_READ_FIGURES`); or,
+        for an intent decided before (under ``first_key``), that first decision."""
         window = self.policies.rate_window_s(intent.role)
-        workflow_spend, day_spend, recent = await self._read_script(
+        figures = await self._read_script(
             keys=[
                 self.key("spend"),
                 self.key("day-spend", _utc_day(now)),
                 self.key("calls", intent.agent),
+                first_key or self.key("intent", ""),
             ],
             args=[
                 intent.workflow,
@@ -340,6 +495,9 @@ class GovernanceService(Service):
                 0 if window is None else int(window) + 1,
             ],
         )
+        if len(figures) == 1:
+            return self._first_decision.decode(figures[0])
+        workflow_spend, day_spend, recent = figures
         return EvalContext(
             reflections=reflections,
             workflow_spend_usd=float(workflow_spend or 0.0),
@@ -358,7 +516,9 @@ class GovernanceService(Service):
         record: DecisionRecord | None,
         sources: list[PolicySource],
         request: ApprovalRequest | None,
-    ) -> bool:
+        first: FirstDecision | None = None,
+        first_key: str = "",
+    ) -> bool | FirstDecision:
         """Write what a decision writes, in one round trip (see `_WRITE_DECISION`).
 
         Args:
@@ -369,10 +529,12 @@ class GovernanceService(Service):
             record: the decision record to append, if any.
             sources: the texts of the record's policy version, stored with its first record.
             request: an escalation's approval request, to store as pending.
+            first: the intent's first decision, to keep under ``first_key``.
 
         Returns:
             False, having written nothing, if ``spend`` was to be committed and a spend figure
-            the role's policies limit is no longer what the decision saw; else True.
+            the role's policies limit is no longer what the decision saw; the first decision,
+            having written nothing, if another actor decided the intent meanwhile; else True.
         """
         if spend is None and record is None:
             return True
@@ -391,6 +553,15 @@ class GovernanceService(Service):
         texts = b""
         if record is not None and policy_hash not in self._recorded_versions:
             texts = msgspec.json.encode(sources)
+        kept, ttl = b"", b""
+        if first is not None:
+            kept = self._codec.encode(first)
+            if first.approval_id and not first.approval_expires_at:
+                ttl = b""  # kept while its approval may be answered, however late
+            else:
+                ttl = repr(
+                    int(max(0.0, first.approval_expires_at - ctx.now)) + _FIRST_DECISION_TTL_S
+                ).encode()
         written = await self._write_script(
             keys=[
                 self.key("spend"),
@@ -399,6 +570,7 @@ class GovernanceService(Service):
                 decisions_key(prefix),
                 self.approvals.key("pending"),
                 self.approvals.key("expiry"),
+                first_key or self.key("intent", ""),
             ],
             args=[
                 intent.workflow,
@@ -410,8 +582,12 @@ class GovernanceService(Service):
                 b"" if request is None else request.approval_id,
                 b"" if request is None else self._codec.encode(request),
                 repr(request.expires_at) if request is not None and request.expires_at else b"",
+                kept,
+                ttl,
             ],
         )
+        if isinstance(written, bytes):
+            return self._first_decision.decode(written)
         if written and texts:
             self._recorded_versions.add(policy_hash)
         return bool(written)
@@ -431,14 +607,15 @@ class GovernanceService(Service):
             step=request.step,
         )
         # The call was counted for the rate limit when it was first decided, and recorded.
-        verdict, _ = await self._decide(
+        decided = await self._decide(
             intent,
             request.reflections,
             time.time(),
             call_id=request.intent_id,
             commit=("allow", "escalate"),
-            record=False,
         )
+        assert not isinstance(decided, FirstDecision)  # only with a first_key
+        verdict, _ = decided
         if verdict.outcome == "deny":
             return False, ("no longer within policy: " + "; ".join(verdict.reasons),)
         return True, ()
@@ -451,12 +628,13 @@ class GovernanceService(Service):
         *,
         call_id: str,
         commit: tuple[str, ...],
-        record: bool,
+        first_key: str = "",
         trace: str = "",
-    ) -> tuple[Verdict, ApprovalRequest | None]:
+    ) -> tuple[Verdict, ApprovalRequest | None] | FirstDecision:
         """Evaluate on fresh figures and write the decision in one atomic step: for an
-        outcome in ``commit`` the amount is committed, and with ``record`` the decision
-        record is appended (and an escalation's approval request stored).
+        outcome in ``commit`` the amount is committed, and with ``first_key`` the decision
+        is recorded and kept there as the intent's first decision (and an escalation's
+        approval request stored).
 
         If another decision committed spend since the figures were read, nothing is written
         and governance decides again on the new ones: that is what keeps a limit exact under
@@ -469,16 +647,24 @@ class GovernanceService(Service):
             now: the decision time.
             call_id: the intent's id; counts the call for the rate limit and names the record.
             commit: the outcomes whose amount is committed to the spend.
-            record: record the decision (the first decision on an intent).
+            first_key: record the decision, as the intent's first decision, under this key;
+                empty to decide again without recording (an approved escalation).
             trace: the workflow's trace context, kept with an approval request.
 
         Returns:
             The verdict, and for a recorded escalation the approval request now pending, to
-            announce.
+            announce; or, for an intent decided before, its first decision, and nothing was
+            committed or recorded.
         """
         amount = _amount(intent.args)
+        record = bool(first_key)
         for _ in range(_MAX_DECIDE_ATTEMPTS):
-            ctx = await self._context(intent, reflections, now, call_id=call_id)
+            figures = await self._context(
+                intent, reflections, now, call_id=call_id, first_key=first_key
+            )
+            if isinstance(figures, FirstDecision):
+                return figures
+            ctx = figures
             sources, policies = self._sources, self.policies  # one version, even across a reload
             verdict = evaluate(policies, intent, ctx)
             request = (
@@ -486,7 +672,7 @@ class GovernanceService(Service):
                 if record and verdict.outcome == "escalate"
                 else None
             )
-            if await self._write(
+            written = await self._write(
                 intent,
                 ctx,
                 policies=policies,
@@ -494,7 +680,12 @@ class GovernanceService(Service):
                 record=self._record(call_id, intent, ctx, verdict) if record else None,
                 sources=sources,
                 request=request,
-            ):
+                first=_first(call_id, verdict, request) if record else None,
+                first_key=first_key,
+            )
+            if isinstance(written, FirstDecision):
+                return written
+            if written:
                 return verdict, request
         denied = Verdict(
             outcome="deny",
@@ -503,7 +694,7 @@ class GovernanceService(Service):
             policy_hash=policies.hash,
         )
         contended = self._record(call_id, intent, ctx, denied)
-        await self._write(
+        written = await self._write(
             intent,
             ctx,
             policies=policies,
@@ -511,7 +702,11 @@ class GovernanceService(Service):
             record=msgspec.structs.replace(contended, contended=True) if record else None,
             sources=sources,
             request=None,
+            first=_first(call_id, denied, None) if record else None,
+            first_key=first_key,
         )
+        if isinstance(written, FirstDecision):
+            return written
         return denied, None
 
     def _record(
@@ -628,6 +823,7 @@ class GovernanceService(Service):
             reasons=(
                 *request.reasons,
                 taken.reason if taken.expired else f"{verb} by {taken.by}",
+                *((taken.reason,) if taken.by == "policy" and not taken.expired else ()),
                 *why,
             ),
             policy_hash=request.policy_hash,
