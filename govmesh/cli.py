@@ -145,7 +145,7 @@ def up() -> None:
 
 
 @cli.command()
-@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path), required=False)
 @click.option("--workflows", "-n", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--seed", "-s", default=1, show_default=True, type=int)
 @click.option(
@@ -161,22 +161,51 @@ def up() -> None:
     help="No simulated approver: escalations wait for `govmesh approvals` from another "
     "terminal, or for their policy's expiry.",
 )
+@click.option(
+    "--resume",
+    "resume",
+    metavar="RUN_ID",
+    help="Finish a run that was stopped: its scenario, seed and counts are its own, its "
+    "embedded servers start again on its data, and its unfinished workflows go on.",
+)
 @json_option
 def run(
-    scenario: Path,
+    scenario: Path | None,
     workflows: int,
     seed: int,
     concurrency: int,
     manual_approvals: bool,
+    resume: str | None,
     json_path: Path | None,
 ) -> None:
     """Run SCENARIO with a swarm of agent actors and print a summary.
 
     While it runs, `govmesh approvals list|approve|deny` works against it from another
     terminal (the deployment is advertised under $GOVMESH_HOME, default ~/.govmesh).
+    A run that is stopped before its workflows finish keeps its data under
+    $GOVMESH_HOME/runs/RUN_ID; `govmesh run --resume RUN_ID` finishes it.
     """
     from govmesh.scenarios import run_scenario
+    from govmesh.scenarios._runner import run_dir
+    from govmesh.scenarios._runs import load_manifest, new_run_id
 
+    if scenario is None and resume is None:
+        raise click.UsageError("give a SCENARIO file, or --resume RUN_ID")
+    if scenario is not None and resume is not None:
+        raise click.UsageError("--resume takes the scenario of the run; give no SCENARIO")
+    run_id = resume or new_run_id()
+    if resume is not None:
+        try:
+            manifest = load_manifest(run_dir(resume))
+        except GovmeshError as exc:
+            raise click.ClickException(str(exc)) from None
+        workflows, manual_approvals = manifest.workflows, manifest.manual_approvals
+        console.print(f"resuming run [bold]{run_id}[/] of {manifest.scenario}")
+    else:
+        console.print(
+            f"run [bold]{run_id}[/]; if it is stopped, [bold]govmesh run --resume {run_id}[/] "
+            "finishes it"
+        )
     if manual_approvals:
         console.print(
             "escalations wait for an operator: [bold]govmesh approvals list[/], then "
@@ -205,11 +234,108 @@ def run(
                 simulated_approver=not manual_approvals,
                 on_done=on_done,
                 on_phase=on_phase,
+                run_id=run_id,
+                resume=resume is not None,
             )
         )
     out.print(_summary(report))
+    if "resume" in report:
+        console.print(f"unfinished workflows remain: [bold]{report['resume']}[/]")
     _write_json(json_path, report)
     if report["workflows"]["finished"] != report["workflows"]["total"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--workflows", "-n", default=50, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--kills",
+    "-k",
+    default=5,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Strikes: SIGKILLs of actor processes and restarts of the servers.",
+)
+@click.option("--seed", "-s", default=1, show_default=True, type=int)
+@click.option(
+    "--concurrency",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Workflows in flight at once.",
+)
+@json_option
+def chaos(
+    scenario: Path,
+    workflows: int,
+    kills: int,
+    seed: int,
+    concurrency: int,
+    json_path: Path | None,
+) -> None:
+    """Run SCENARIO while killing its actors and restarting its servers; check that
+    every workflow finished, no effect happened twice and no approval was lost.
+
+    The strikes SIGKILL agent actor processes, the state actor, a governance actor and
+    the gateway, and restart the Redis-protocol server and nats-server, spread over the
+    run. Exits 1 if a workflow did not finish or an effect or approval went wrong.
+    """
+    from govmesh.scenarios._chaos import run_chaos
+
+    with _progress(TextColumn("{task.fields[tally]}")) as progress:
+        task = progress.add_task("starting", total=workflows, tally="")
+
+        def on_done(_: str, outcome: Any) -> None:
+            progress.update(task, advance=1, description="workflows")
+
+        def on_phase(text: str) -> None:
+            _claim_sigterm()
+            progress.update(task, description=text)
+
+        report = _run(
+            run_chaos(
+                scenario,
+                workflows=workflows,
+                kills=kills,
+                seed=seed,
+                concurrency=concurrency,
+                on_done=on_done,
+                on_phase=on_phase,
+            )
+        )
+    table = Table(title=f"govmesh chaos: {report['scenario']} (seed {seed})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("workflows finished", f"{report['finished']} / {report['total']}")
+    table.add_row("duplicate effects (ERP's own orders)", str(report["duplicate_effects"]))
+    table.add_row("lost approvals", str(report["lost_approvals"]))
+    table.add_row("strikes", str(report["kills"]))
+    for strike in report["strikes"]:
+        table.add_row(
+            f"  at {strike['at_s']:.1f} s",
+            f"{strike['how']} {strike['target']} (pid {strike['pid']})",
+        )
+    restarts = report["actor_restarts"]
+    table.add_row(
+        "actors back on the bus",
+        ", ".join(f"{k} {v}" for k, v in sorted(restarts.items())) or "none",
+    )
+    w = report["run"]["workflows"]
+    table.add_row(
+        "outcomes",
+        f"executed {w['executed']}, denied {w['denied']}, rejected {w['rejected']}, "
+        f"failed {w['failed']}",
+    )
+    t = report["run"]["timings_s"]
+    table.add_row("time (workflows / total)", f"{t['workflows_s']:.1f} / {t['total_s']:.1f} s")
+    out.print(table)
+    _write_json(json_path, report)
+    if (
+        report["finished"] != report["total"]
+        or report["duplicate_effects"]
+        or report["lost_approvals"]
+    ):
         sys.exit(1)
 
 

@@ -425,12 +425,15 @@ class ProcurementAgent(AgentService):
         governance_ms = (time.perf_counter() - started) * 1000
         first_decision: Decision = first.body
         paused = not first_decision.final
+        # Resumed past its first decision, governance now answers with the decision that
+        # stands (an approval's settlement); the first one is the snapshot's.
+        first_outcome = str((resume or {}).get("decision") or first_decision.outcome)
         await self.snapshot(
             workflow,
             {
                 **goal,
                 "phase": "awaiting_approval" if paused else "decided",
-                "decision": first_decision.outcome,
+                "decision": first_outcome,
                 "approval_id": first_decision.approval_id,
             },
             policy_hash=first_decision.policy_hash,
@@ -452,7 +455,7 @@ class ProcurementAgent(AgentService):
         decision: Decision = final.body
         outcome = PurchaseOutcome(
             result="denied",
-            first_decision=first_decision.outcome,
+            first_decision=first_outcome,
             reasons=decision.reasons,
             approval_id=decision.approval_id,
             approved_by=decision.approved_by,

@@ -6,7 +6,14 @@ from typing import Literal
 
 import msgspec
 
-__all__ = ["InFlight", "PurchaseOutcome", "PurchaseRequest", "WorkflowDone", "WorkflowStart"]
+__all__ = [
+    "InFlight",
+    "PurchaseOutcome",
+    "PurchaseRequest",
+    "Started",
+    "WorkflowDone",
+    "WorkflowStart",
+]
 
 Result = Literal["executed", "denied", "rejected", "failed"]
 
@@ -42,6 +49,22 @@ class InFlight(msgspec.Struct, frozen=True, kw_only=True):
     requester: str
     causation: str
     trace: str = ""
+
+
+class Started(msgspec.Struct, frozen=True, kw_only=True):
+    """A workflow the requester started and has not told the end of yet, kept in Redis.
+
+    Attributes:
+        coordinator: who started it, and is told how it ended.
+        causation: the start's message id.
+        trace: the workflow's trace context.
+        calls: the requester's model calls for it.
+    """
+
+    coordinator: str
+    causation: str
+    trace: str = ""
+    calls: int = 0
 
 
 class PurchaseOutcome(msgspec.Struct, frozen=True, kw_only=True, tag=True):

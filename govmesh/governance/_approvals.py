@@ -132,6 +132,12 @@ class ApprovalStore:
         raw = cast(bytes | None, await self.redis.hget(self._keys["done"], approval_id))
         return None if raw is None else self._record.decode(raw)
 
+    async def settled(self) -> list[ApprovalRecord]:
+        """Every settled approval kept."""
+        return [
+            self._record.decode(raw) async for _, raw in self.redis.hscan_iter(self._keys["done"])
+        ]
+
     async def done_matching(self, id_prefix: str) -> list[ApprovalRecord]:
         """Settled approvals whose id starts with `id_prefix` (hex digits only)."""
         if not id_prefix or not all(c in "0123456789abcdef" for c in id_prefix):

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from govmesh.agents import PurchaseOutcome, WorkflowDone, WorkflowStart
+from govmesh.agents._base import TRANSIENT
 from govmesh.bus import Bus, Delivery, ensure_event_stream
-from govmesh.config import Deployment
-from govmesh.errors import BusError
+from govmesh.config import Deployment, key_prefix
+from govmesh.errors import BusError, ConfigError
 from govmesh.forecasting import BudgetQuery, BudgetReport
 from govmesh.governance._replay import ReplayReport, replay_url
 from govmesh.identity import Issuer
@@ -21,12 +26,40 @@ from govmesh.identity._permissions import OPERATOR_ROLE
 from govmesh.identity.authority import TokenAuthority
 from govmesh.observability import summarize
 from govmesh.runtime import OPERATOR_MEMBER, Transport
+from govmesh.runtime._home import home_dir, write_private
+from govmesh.scenarios._runs import (
+    RunManifest,
+    RunRecords,
+    load_manifest,
+    new_run_id,
+    save_manifest,
+)
 from govmesh.scenarios._schema import Scenario, load_scenario
 from govmesh.scenarios._swarm import Swarm, seeded_rng
+from govmesh.state import Keyring
 
-__all__ = ["draw_workflows", "new_issuer", "run_scenario", "run_workflows"]
+if TYPE_CHECKING:
+    from govmesh.runtime import Runtime
+
+if TYPE_CHECKING:
+    from govmesh.runtime import Runtime
+
+__all__ = [
+    "Deployed",
+    "deploy",
+    "draw_workflows",
+    "finish_run",
+    "new_issuer",
+    "run_dir",
+    "run_scenario",
+    "run_workflows",
+]
 
 COORDINATOR_ROLE = "coordinator"
+
+_MAX_RESEND_S = 120.0
+
+log = logging.getLogger(__name__)
 
 
 def new_issuer(tenant: str) -> Issuer:
@@ -65,8 +98,20 @@ async def run_workflows(
     transport: Transport | None = None,
     simulated_approver: bool = True,
     on_done: Callable[[str, PurchaseOutcome], None] | None = None,
+    run_id: str | None = None,
+    resend_s: float = 20.0,
+    governance_actors: int = 1,
+    keyring: Keyring | None = None,
+    during: Callable[[Swarm, Callable[[], int]], Coroutine[Any, Any, Any]] | None = None,
 ) -> dict[str, Any]:
     """Start the swarm, run ``workflows`` workflows through it, and return the report.
+
+    Each workflow's end is recorded in Redis under the run's id as it arrives, and a
+    workflow not heard of within ``resend_s`` (doubling up to two minutes) is started
+    again: every agent answers a start or request it has seen with what it did, or goes on
+    with it, so a start sent again never makes a second workflow. Given the ``run_id`` of
+    an earlier run of the same scenario, seed and count, the workflows it finished are
+    taken from Redis and the rest started again: that is how a stopped run resumes.
 
     Args:
         scenario: the scenario.
@@ -82,11 +127,26 @@ async def run_workflows(
             operator member (`OPERATOR_MEMBER`) is admitted for ``govmesh approvals``.
         simulated_approver: answer escalations with the scenario's simulated approver;
             False leaves them to operators (``govmesh approvals``) or to their expiry.
-        on_done: called as each workflow finishes (progress bars).
+        on_done: called as each workflow finishes (progress bars), and at the start for
+            each one an earlier run of ``run_id`` finished.
+        run_id: the run's id (a new one if None); workflows are ``<run_id>-<index>``.
+        resend_s: how long to wait for a workflow's end before starting it again.
+        governance_actors: governance actors sharing the intents.
+        keyring: the state actor's snapshot keys (see `Swarm`).
+        during: run beside the workflows with the swarm and a count of the workflows
+            finished so far, and cancelled once they all are (``govmesh chaos``).
     """
     started = time.perf_counter()
-    run_id = uuid.uuid4().hex[:8]
-    swarm = Swarm(scenario, deployment, issuer, seed=seed, in_process=in_process)
+    run_id = run_id or new_run_id()
+    swarm = Swarm(
+        scenario,
+        deployment,
+        issuer,
+        seed=seed,
+        in_process=in_process,
+        governance_actors=governance_actors,
+        keyring=keyring,
+    )
     authority = TokenAuthority(
         deployment, issuer, ca=transport.ca if transport is not None else None
     )
@@ -105,14 +165,20 @@ async def run_workflows(
         )
     coordinator = await Bus.connect(deployment, me)
     await ensure_event_stream(coordinator.nc)
-    outcomes: dict[str, WorkflowDone] = {}
+    records = RunRecords(deployment.redis_url, deployment.key_prefix, run_id)
+    outcomes: dict[str, WorkflowDone] = await records.finished()
     waiting: dict[str, asyncio.Future[WorkflowDone]] = {}
+    background: set[asyncio.Task[None]] = set()
 
     async def on_message(d: Delivery) -> None:
         future = waiting.get(d.envelope.workflow)
         if future is not None and not future.done():
             future.set_result(d.body)
+            task = asyncio.create_task(records.finish(d.envelope.workflow, d.body))
+            background.add(task)
+            task.add_done_callback(background.discard)
 
+    chaos: asyncio.Task[Any] | None = None
     try:
         await authority.start()
         await swarm.start()
@@ -126,18 +192,32 @@ async def run_workflows(
         await coordinator.flush()
         ready = time.perf_counter()
         gate = asyncio.Semaphore(concurrency)
+        if on_done is not None:
+            for workflow, done in sorted(outcomes.items()):
+                on_done(workflow, done.outcome)
 
         async def one(i: int, start: WorkflowStart) -> None:
             workflow = f"{run_id}-{i:05d}"
+            if workflow in outcomes:
+                return
+            trace = _traceparent()
             async with gate:
                 future = waiting[workflow] = asyncio.get_running_loop().create_future()
-                await coordinator.publish(
-                    coordinator.subjects.msg(swarm.requester_id),
-                    start,
-                    workflow=workflow,
-                    trace=_traceparent(),
-                )
-                done = await future
+                wait = resend_s
+                while not future.done():
+                    try:
+                        await coordinator.publish(
+                            coordinator.subjects.msg(swarm.requester_id),
+                            start,
+                            workflow=workflow,
+                            trace=trace,
+                        )
+                    except TRANSIENT as exc:
+                        log.info("start of %s not sent (%s); sending again", workflow, exc)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(future), wait)
+                    wait = min(wait * 2, _MAX_RESEND_S)
+                done = future.result()
             outcomes[workflow] = done
             if on_done is not None:
                 on_done(workflow, done.outcome)
@@ -146,10 +226,15 @@ async def run_workflows(
             asyncio.create_task(one(i, s))
             for i, s in enumerate(draw_workflows(scenario, workflows, seed=seed))
         ]
+        if during is not None:
+            chaos = asyncio.create_task(during(swarm, lambda: len(outcomes)))
         _, pending = await asyncio.wait(tasks, timeout=timeout_s)
         for task in pending:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if chaos is not None:
+            chaos.cancel()
+            await asyncio.gather(chaos, return_exceptions=True)
         finished_at = time.perf_counter()
         expected_calls = sum(done.model_calls for done in outcomes.values())
         budget = await _settled_budget(coordinator, tuple(outcomes), expected_calls)
@@ -162,13 +247,18 @@ async def run_workflows(
                 "rejected": dict(approver.bus.rejected),
             }
         stats["coordinator"] = {"rejected": dict(coordinator.rejected)}
+        await asyncio.gather(*background, return_exceptions=True)
     finally:
+        if chaos is not None and not chaos.done():
+            chaos.cancel()
+            await asyncio.gather(chaos, return_exceptions=True)
+        await records.close()
         await coordinator.close()
         if approver is not None:
             await approver.close()
         await swarm.close()
         await authority.close()
-    return _report(
+    report = _report(
         scenario,
         seed=seed,
         total=workflows,
@@ -184,6 +274,9 @@ async def run_workflows(
             "total_s": time.perf_counter() - started,
         },
     )
+    report["run_id"] = run_id
+    report["actor_restarts"] = dict(swarm.restarts)
+    return report
 
 
 def _traceparent() -> str:
@@ -274,15 +367,110 @@ def _report(
     }
 
 
+def run_dir(run_id: str) -> Path:
+    """Where a run keeps its embedded servers' data (Redis append-only file, JetStream) and
+    its generated snapshot keys: ``$GOVMESH_HOME/runs/<run_id>``. Removed when every
+    workflow of the run has finished; kept after an interruption, for ``--resume``."""
+    return home_dir() / "runs" / run_id
+
+
+@dataclass
+class Deployed:
+    """A scenario's deployment brought up by `deploy`."""
+
+    runtime: Runtime
+    deployment: Deployment
+    issuer: Issuer
+    keyring: Keyring
+    records: RunRecords
+    manifest: RunManifest
+
+
+@contextlib.asynccontextmanager
+async def deploy(
+    manifest: RunManifest, *, resume: bool, what: str, phase: Callable[[str], None]
+) -> AsyncIterator[Deployed]:
+    """Bring up the runtime of a run (embedded or external services) with its data in
+    `run_dir`, advertised under ``$GOVMESH_HOME`` so ``govmesh approvals`` can answer its
+    escalations from another terminal. The manifest is kept in the run's directory; with
+    ``resume`` it is read back from there (the one given then only names the run).
+
+    Raises:
+        ConfigError: ``resume`` of a run that has no directory here.
+    """
+    from govmesh.runtime import Runtime, advertise
+
+    workdir = run_dir(manifest.run_id)
+    if resume:
+        manifest = load_manifest(workdir)
+    else:
+        workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        save_manifest(workdir, manifest)
+    tenant = load_scenario(manifest.scenario).tenant
+    phase("starting nats-server, Redis-protocol server and Ray")
+    async with Runtime(workdir=workdir) as runtime:
+        records = RunRecords(runtime.redis_url, key_prefix(tenant), manifest.run_id)
+        try:
+            issuer = new_issuer(tenant)
+            deployment = issuer.deployment(
+                tenant=tenant,
+                nats_url=runtime.nats_url,
+                redis_url=runtime.redis_url,
+                tls=runtime.transport is not None,
+            )
+            transport = runtime.transport
+            with advertise(
+                deployment,
+                issuer,
+                ca=transport.ca if transport is not None else None,
+                what=what,
+            ):
+                yield Deployed(
+                    runtime=runtime,
+                    deployment=deployment,
+                    issuer=issuer,
+                    keyring=_run_keyring(workdir),
+                    records=records,
+                    manifest=manifest,
+                )
+        finally:
+            await records.close()
+
+
+def _run_keyring(workdir: Path) -> Keyring:
+    """``$GOVMESH_STATE_KEYS``, else the run's own generated keys, kept in its directory
+    (0600) so a resumed run reads the snapshots it sealed."""
+    configured = Keyring.from_env()
+    if configured is not None:
+        return configured
+    path = workdir / "state-keys"
+    if path.exists():
+        return Keyring.from_file(path)
+    keyring = Keyring.generate(f"run-{workdir.name}")
+    write_private(path, keyring.key_file_text().encode())
+    return keyring
+
+
+def finish_run(report: dict[str, Any]) -> None:
+    """Remove the run's directory once every workflow finished; else say how to resume."""
+    run_id = report["run_id"]
+    if report["workflows"]["finished"] == report["workflows"]["total"]:
+        shutil.rmtree(run_dir(run_id), ignore_errors=True)
+    else:
+        report["resume"] = f"govmesh run --resume {run_id}"
+
+
 async def run_scenario(
-    path: str | Path,
+    path: str | Path | None,
     *,
-    workflows: int,
-    seed: int,
+    workflows: int = 20,
+    seed: int = 1,
     concurrency: int = 64,
     simulated_approver: bool = True,
     on_done: Callable[[str, PurchaseOutcome], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    run_id: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Load a scenario, bring up the runtime (embedded or external services), run, report.
 
@@ -290,40 +478,44 @@ async def run_scenario(
     `govmesh.runtime.advertise`) so ``govmesh approvals`` can answer its escalations from
     another terminal. With ``simulated_approver=False`` only operators (or the approvals'
     expiry) answer them, and the run waits for every workflow.
-    """
-    from govmesh.runtime import Runtime, advertise
 
-    scenario = load_scenario(path)
+    With ``resume``, ``run_id`` names a run that was stopped before its workflows finished:
+    its scenario, seed, count and approver setting are read back from its records, its
+    embedded servers start again on its data, and what was unfinished is finished (see
+    `run_workflows`); ``path`` and the counts given are not used.
+    """
     phase = on_phase or (lambda _: None)
-    phase("starting nats-server, Redis-protocol server and Ray")
-    async with Runtime() as runtime:
-        issuer = new_issuer(scenario.tenant)
-        deployment = issuer.deployment(
-            tenant=scenario.tenant,
-            nats_url=runtime.nats_url,
-            redis_url=runtime.redis_url,
-            tls=runtime.transport is not None,
+    if path is None and not resume:
+        raise ConfigError("a scenario file is needed, unless resuming a run")
+    asked = RunManifest(
+        run_id=run_id or new_run_id(),
+        scenario=str(Path(path).resolve()) if path is not None else "",
+        seed=seed,
+        workflows=workflows,
+        concurrency=concurrency,
+        manual_approvals=not simulated_approver,
+        started_at=time.time(),
+    )
+    if not resume:
+        load_scenario(asked.scenario)  # a bad scenario fails before anything starts
+    async with deploy(asked, resume=resume, what=f"govmesh run {path}", phase=phase) as up:
+        m = up.manifest
+        phase("starting agent and platform actors")
+        report = await run_workflows(
+            load_scenario(m.scenario),
+            up.deployment,
+            up.issuer,
+            workflows=m.workflows,
+            seed=m.seed,
+            concurrency=m.concurrency,
+            timeout_s=None if m.manual_approvals else 600.0,
+            transport=up.runtime.transport,
+            simulated_approver=not m.manual_approvals,
+            on_done=on_done,
+            run_id=m.run_id,
+            keyring=up.keyring,
         )
-        transport = runtime.transport
-        with advertise(
-            deployment,
-            issuer,
-            ca=transport.ca if transport is not None else None,
-            what=f"govmesh run {path}",
-        ):
-            phase("starting agent and platform actors")
-            report = await run_workflows(
-                scenario,
-                deployment,
-                issuer,
-                workflows=workflows,
-                seed=seed,
-                concurrency=concurrency,
-                timeout_s=600.0 if simulated_approver else None,
-                transport=transport,
-                simulated_approver=simulated_approver,
-                on_done=on_done,
-            )
-        report["runtime"] = {"embedded": runtime.embedded, "mutual_tls": deployment.tls}
+        report["runtime"] = {"embedded": up.runtime.embedded, "mutual_tls": up.deployment.tls}
         phase("stopping")
-        return report
+    finish_run(report)
+    return report

@@ -99,6 +99,8 @@ class Swarm:
         governance_actors: how many governance actors share the intents.
         in_process: run the services in this event loop instead of Ray actors (tests of
             pure message flow; the CLI always uses Ray).
+        keyring: the state actor's snapshot keys; by default ``$GOVMESH_STATE_KEYS``, else
+            a fresh key for this run (its snapshots are unreadable to a later one).
     """
 
     def __init__(
@@ -110,12 +112,14 @@ class Swarm:
         seed: int,
         governance_actors: int = 1,
         in_process: bool = False,
+        keyring: Keyring | None = None,
     ) -> None:
         self.scenario = scenario
         self.deployment = deployment
         self.issuer = issuer
         self.seed = seed
         self.in_process = in_process
+        self.keyring = keyring or Keyring.from_env() or Keyring.generate(f"run-{seed}")
         self._specs = self._plan(governance_actors)
         self._actors: dict[str, Any] = {}
         self._local: dict[str, Service] = {}
@@ -159,7 +163,7 @@ class Swarm:
                 # One keyring per run, shared by every state actor (and by a restarted one).
                 {
                     "identity": ident("state-1", "state"),
-                    "keyring": Keyring.from_env() or Keyring.generate(f"run-{self.seed}"),
+                    "keyring": self.keyring,
                 },
             ),
             (

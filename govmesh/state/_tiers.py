@@ -277,6 +277,13 @@ class Keyring:
         fresh = AESGCM.generate_key(bit_length=256) if key is None else key
         return Keyring({**self._keys, key_id: fresh}, current=key_id)
 
+    def key_file_text(self) -> str:
+        """The keyring in key-file form (`from_file` reads it back), current key last.
+        It holds key material: write it only to a file only its owner can read."""
+        order = [k for k in self._keys if k != self._current] + [self._current]
+        lines = [f"{k}: {base64.b64encode(self._keys[k]).decode()}" for k in order]
+        return "\n".join(["# govmesh snapshot keys; the last one is current", *lines, ""])
+
     def _encrypt(self, plaintext: bytes, ad: tuple[str, str, str, int]) -> SealedTool:
         key_id = self._current
         nonce = os.urandom(_NONCE_BYTES)

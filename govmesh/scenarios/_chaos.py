@@ -1,0 +1,292 @@
+"""``govmesh chaos``: a scenario run while its parts are killed and restarted.
+
+A `ChaosMonkey` runs beside the workflows (`run_workflows(during=...)`). It SIGKILLs agent
+actor processes, the state actor, a governance actor and the gateway, and restarts the
+Redis-protocol server and nats-server, spread over the run: the i-th of K strikes comes once
+i/(K+1) of the workflows have finished, so every strike lands on a busy deployment and the
+next waits until the swarm made progress after it. The first strikes take each kind once,
+the rest are drawn at random; all of it is seeded.
+
+What the run must show afterwards is counted from what the parts themselves recorded, never
+from the ledger that is under test: `duplicate_effects` from the ERP's own orders, and
+`lost_approvals` from governance's approvals against the end each workflow reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from govmesh.agents import PurchaseOutcome, WorkflowDone
+from govmesh.governance._approvals import ApprovalStore
+from govmesh.scenarios._runner import deploy, finish_run, run_workflows
+from govmesh.scenarios._runs import RunManifest, new_run_id
+from govmesh.scenarios._schema import load_scenario
+from govmesh.scenarios._swarm import Swarm, seeded_rng
+from govmesh.tools import SimulatedErp
+
+if TYPE_CHECKING:
+    from govmesh.runtime import NatsServer, RedisServer
+
+__all__ = ["ChaosMonkey", "Strike", "effects_and_approvals", "run_chaos"]
+
+log = logging.getLogger(__name__)
+
+_MIN_GAP_S = 1.0
+_RECOVERY_WAIT_S = 30.0
+
+AGENT_KINDS = ("requester", "procurement")
+"""Swarm members that are agents, by the kind a strike names."""
+
+
+class Strike(msgspec.Struct, frozen=True, kw_only=True):
+    """One kill or restart.
+
+    Attributes:
+        at_s: seconds since the monkey started.
+        kind: ``requester``, ``procurement``, ``state``, ``governance``, ``gateway``,
+            ``redis`` or ``nats``.
+        target: the actor's name, or the server's.
+        how: ``SIGKILL`` (an actor's process) or ``restart`` (a server).
+        pid: the process killed or restarted.
+        finished_before: workflows finished when it struck.
+    """
+
+    at_s: float
+    kind: str
+    target: str
+    how: str
+    pid: int
+    finished_before: int
+
+
+class ChaosMonkey:
+    """Kills and restarts parts of a running deployment (see the module docs).
+
+    Args:
+        kills: how many strikes.
+        total: the run's workflow count, to spread the strikes over.
+        seed: the run's seed.
+        redis_server: the embedded Redis-protocol server to restart; None skips it.
+        nats_server: the embedded nats-server to restart; None skips it.
+    """
+
+    def __init__(
+        self,
+        *,
+        kills: int,
+        total: int,
+        seed: int,
+        redis_server: RedisServer | None,
+        nats_server: NatsServer | None,
+    ) -> None:
+        self.kills = kills
+        self.total = total
+        self.seed = seed
+        self._servers = {"redis": redis_server, "nats": nats_server}
+        self.strikes: list[Strike] = []
+        self._started = 0.0
+
+    def _plan(self, names: list[str]) -> list[tuple[str, str]]:
+        """(kind, target) for each strike: every kind once first, then drawn at random."""
+        rng = seeded_rng(self.seed, "chaos")
+        targets: dict[str, list[str]] = {
+            kind: [n for n in names if n.startswith(kind)]
+            for kind in (*AGENT_KINDS, "state", "governance", "gateway")
+        }
+        targets.update({k: [k] for k, server in self._servers.items() if server is not None})
+        kinds = [k for k, found in targets.items() if found]
+        first = kinds[:]
+        rng.shuffle(first)
+        order = (first + [rng.choice(kinds) for _ in range(self.kills)])[: self.kills]
+        return [(kind, rng.choice(targets[kind])) for kind in order]
+
+    async def __call__(self, swarm: Swarm, finished: Callable[[], int]) -> None:
+        """Strike `kills` times over the run (`run_workflows` cancels it at the end)."""
+        self._started = time.monotonic()
+        names = list(await swarm.pids())
+        for i, (kind, target) in enumerate(self._plan(names), start=1):
+            due = self.total * i / (self.kills + 1)
+            while finished() < due:
+                await asyncio.sleep(0.05)
+            await self._strike(swarm, kind, target, finished())
+            await self._recovered(swarm, kind, target)
+
+    async def _recovered(self, swarm: Swarm, kind: str, target: str) -> None:
+        """Wait (at most `_RECOVERY_WAIT_S`) until a killed actor is back on the bus, and
+        at least `_MIN_GAP_S`: the next strike should hit a whole deployment."""
+        await asyncio.sleep(_MIN_GAP_S)
+        if kind in self._servers:
+            return
+        before = sum(s.target == target for s in self.strikes)
+        deadline = time.monotonic() + _RECOVERY_WAIT_S
+        while swarm.restarts.get(target, 0) < before and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    async def _strike(self, swarm: Swarm, kind: str, target: str, done: int) -> None:
+        at = time.monotonic() - self._started
+        server = self._servers.get(kind)
+        if server is not None:
+            pid = server.pid or 0
+            # On this thread on purpose: the servers die with the thread that spawned them.
+            server.restart()
+            how = "restart"
+        else:
+            pid = await self._pid(swarm, target)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                log.warning("%s (pid %d) was already gone", target, pid)
+            how = "SIGKILL"
+        self.strikes.append(
+            Strike(
+                at_s=round(at, 3), kind=kind, target=target, how=how, pid=pid, finished_before=done
+            )
+        )
+        log.warning("chaos: %s %s (pid %d) after %d workflows", how, target, pid, done)
+
+    @staticmethod
+    async def _pid(swarm: Swarm, name: str) -> int:
+        """The actor's process id, waiting while it is still restarting from a strike."""
+        while True:
+            try:
+                return (await asyncio.wait_for(swarm.pids(), 30.0))[name]
+            except Exception as exc:  # a timeout, or a Ray actor error while it restarts
+                log.info("pid of %s not known yet (%s)", name, exc)
+                await asyncio.sleep(0.5)
+
+
+async def effects_and_approvals(
+    redis_url: str, prefix: str, outcomes: dict[str, WorkflowDone]
+) -> dict[str, Any]:
+    """Count what a run did twice or lost, from the parts' own records.
+
+    - ``duplicate_effects``: purchase orders the ERP holds beyond one per workflow.
+    - ``lost_approvals``: approvals of the run's workflows that are still pending, or whose
+      settlement is not the end their workflow reported (an approval allowed, a workflow
+      not executed; one rejected or expired, a workflow not rejected), or that a workflow
+      reported and governance does not know.
+    """
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        orders = await SimulatedErp(redis, prefix=prefix).orders()
+        store = ApprovalStore(redis, prefix)
+        pending = [r for r in await store.pending() if r.workflow in outcomes]
+        settled = {r.approval_id: r for r in await store.settled() if r.workflow in outcomes}
+    finally:
+        await redis.aclose()
+    per_workflow = Counter(o.workflow for o in orders if o.workflow in outcomes)
+    lost: list[dict[str, str]] = [
+        {"approval_id": r.approval_id, "workflow": r.workflow, "why": "still pending"}
+        for r in pending
+    ]
+    for record in settled.values():
+        result = outcomes[record.workflow].outcome.result
+        expected = "executed" if record.outcome == "allow" else "rejected"
+        if result != expected:
+            lost.append(
+                {
+                    "approval_id": record.approval_id,
+                    "workflow": record.workflow,
+                    "why": f"settled {record.outcome}, workflow {result}",
+                }
+            )
+    for workflow, done in outcomes.items():
+        approval = done.outcome.approval_id
+        if (
+            approval
+            and approval not in settled
+            and approval not in {r.approval_id for r in pending}
+        ):
+            lost.append({"approval_id": approval, "workflow": workflow, "why": "unknown"})
+    return {
+        "orders": sum(per_workflow.values()),
+        "duplicate_effects": sum(n - 1 for n in per_workflow.values()),
+        "lost_approvals": len(lost),
+        "lost": lost,
+        "approvals_settled": len(settled),
+    }
+
+
+async def run_chaos(
+    path: str | Path,
+    *,
+    workflows: int,
+    kills: int,
+    seed: int = 1,
+    concurrency: int = 64,
+    governance_actors: int = 2,
+    resend_s: float = 5.0,
+    timeout_s: float = 900.0,
+    on_done: Callable[[str, PurchaseOutcome], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run a scenario on its own embedded (or external) services while a `ChaosMonkey`
+    strikes ``kills`` times, then count what was finished, done twice or lost.
+
+    Returns:
+        ``total``, ``finished``, ``duplicate_effects``, ``lost_approvals``, ``kills`` (strikes
+        made), ``strikes`` (each), ``actor_restarts``, and the run's whole report (``run``).
+    """
+    phase = on_phase or (lambda _: None)
+    scenario = load_scenario(path)
+    manifest = RunManifest(
+        run_id=new_run_id(),
+        scenario=str(Path(path).resolve()),
+        seed=seed,
+        workflows=workflows,
+        concurrency=concurrency,
+        started_at=time.time(),
+    )
+    async with deploy(manifest, resume=False, what=f"govmesh chaos {path}", phase=phase) as up:
+        monkey = ChaosMonkey(
+            kills=kills,
+            total=workflows,
+            seed=seed,
+            redis_server=up.runtime.redis_server,
+            nats_server=up.runtime.nats_server,
+        )
+        phase("starting agent and platform actors")
+        report = await run_workflows(
+            scenario,
+            up.deployment,
+            up.issuer,
+            workflows=workflows,
+            seed=seed,
+            concurrency=concurrency,
+            timeout_s=timeout_s,
+            transport=up.runtime.transport,
+            on_done=on_done,
+            run_id=manifest.run_id,
+            resend_s=resend_s,
+            governance_actors=governance_actors,
+            keyring=up.keyring,
+            during=monkey,
+        )
+        phase("counting effects and approvals")
+        counted = await effects_and_approvals(
+            up.deployment.redis_url, up.deployment.key_prefix, await up.records.finished()
+        )
+        phase("stopping")
+    finish_run(report)
+    return {
+        "scenario": scenario.name,
+        "seed": seed,
+        "total": workflows,
+        "finished": report["workflows"]["finished"],
+        **counted,
+        "kills": len(monkey.strikes),
+        "strikes": [msgspec.to_builtins(s) for s in monkey.strikes],
+        "actor_restarts": report.get("actor_restarts", {}),
+        "run": report,
+    }

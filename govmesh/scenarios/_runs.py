@@ -1,0 +1,112 @@
+"""What a scenario run records, so a stopped run can be resumed.
+
+- ``<run dir>/run.json``: the run's `RunManifest`: scenario, seed, workflow count.
+- ``<tenant prefix>:run:<run_id>:done`` in Redis: hash, workflow -> its `WorkflowDone`
+  (msgpack), as each ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import cast
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from govmesh.agents import WorkflowDone
+from govmesh.errors import ConfigError
+
+__all__ = ["RunManifest", "RunRecords", "load_manifest", "new_run_id", "save_manifest"]
+
+log = logging.getLogger(__name__)
+
+_MANIFEST = "run.json"
+
+
+def new_run_id() -> str:
+    """A fresh run id: 8 hex digits."""
+    return uuid.uuid4().hex[:8]
+
+
+class RunManifest(msgspec.Struct, frozen=True, kw_only=True):
+    """What a run was asked to do, enough to do the rest of it again.
+
+    Attributes:
+        scenario: the scenario file's absolute path.
+        manual_approvals: escalations were left to operators.
+    """
+
+    run_id: str
+    scenario: str
+    seed: int
+    workflows: int
+    concurrency: int
+    manual_approvals: bool = False
+    started_at: float = 0.0
+
+
+def save_manifest(directory: Path, manifest: RunManifest) -> None:
+    """Keep what the run is asked to do in its directory."""
+    (directory / _MANIFEST).write_bytes(msgspec.json.encode(manifest))
+
+
+def load_manifest(directory: Path) -> RunManifest:
+    """What the run of this directory was asked to do.
+
+    Raises:
+        ConfigError: there is no run there, or its manifest is unreadable.
+    """
+    path = directory / _MANIFEST
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=RunManifest)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no run {directory.name!r} under {directory.parent}: runs that finished leave "
+            "nothing to resume, and GOVMESH_HOME must be the one the run used"
+        ) from None
+    except (OSError, msgspec.DecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+
+
+class RunRecords:
+    """One run's records in Redis.
+
+    Args:
+        redis_url: the deployment's Redis.
+        prefix: the tenant's key prefix.
+        run_id: the run.
+    """
+
+    def __init__(self, redis_url: str, prefix: str, run_id: str) -> None:
+        self.run_id = run_id
+        self._redis = aioredis.Redis.from_url(redis_url)
+        self._done = f"{prefix}:run:{run_id}:done"
+
+    async def finished(self) -> dict[str, WorkflowDone]:
+        """The workflows of the run that ended, by id."""
+        raw = cast(dict[bytes, bytes], await self._redis.hgetall(self._done))
+        decoder = msgspec.msgpack.Decoder(WorkflowDone)
+        return {k.decode(): decoder.decode(v) for k, v in raw.items()}
+
+    async def finish(self, workflow: str, done: WorkflowDone) -> None:
+        """Record a workflow's end, trying for a while if Redis is restarting; a record
+        that cannot be written only means a resumed run asks its requester again."""
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                await self._redis.hset(self._done, workflow, msgspec.msgpack.encode(done))
+                return
+            except (RedisError, ConnectionError) as exc:
+                if time.monotonic() > deadline:
+                    log.warning("end of %s not recorded: %s", workflow, exc)
+                    return
+                await asyncio.sleep(0.5)
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self._redis.aclose()
