@@ -363,6 +363,14 @@ def _summary(report: dict[str, Any]) -> Table:
         f"{report['tokens']:,} in {report['model_calls']['counted_by_budget']} calls",
     )
     table.add_row("cost", f"${report['cost_usd']:,.4f}")
+    vendor = report["vendor_reply"]
+    if vendor["wait_hours"]:
+        clock = "simulated clock" if report["clock"]["simulated"] else "real clock"
+        table.add_row(
+            f"vendor quote wait ({clock})",
+            f"{vendor['wait_hours']:g} h each; timers fired {vendor['timers']['fired']}, "
+            f"missed {vendor['timers']['missed']}",
+        )
     table.add_row("governance latency p50 / p99", f"{lat['p50']:.2f} / {lat['p99']:.2f} ms")
     rejections = report["security_rejections"]
     table.add_row(

@@ -119,12 +119,23 @@ class ServiceActor:
         await self.ensure_started()
         return self._service.identity.agent_id
 
-    async def ensure_started(self) -> bool:
+    async def is_started(self) -> bool:
+        """Whether the hosted service was started in this process (False after a restart)."""
+        return self._started is not None
+
+    async def ensure_started(self, identity: Identity | None = None) -> bool:
         """Start the hosted service unless it is started; returns whether this call did.
+
+        Args:
+            identity: a fresh identity to start with instead of the one the actor was
+                built with, whose token and certificate may have expired by the time Ray
+                restarts the actor; ignored once started.
 
         Concurrent calls share one start.
         """
         if self._started is None:
+            if identity is not None:
+                self._service.identity = identity
             self._started = asyncio.ensure_future(self._service.start())
             await self._started
             return True

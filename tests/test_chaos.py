@@ -25,7 +25,8 @@ async def test_a_run_struck_by_every_kind_of_failure_finishes_every_workflow_onc
     ray_session, tmp_path, monkeypatch
 ) -> None:
     monkeypatch.setenv("GOVMESH_HOME", str(tmp_path / "home"))
-    report = await run_chaos(SCENARIO, workflows=30, kills=len(KINDS), seed=5)
+    # Six at a time: the run lasts five vendor waits, long enough for every strike.
+    report = await run_chaos(SCENARIO, workflows=30, kills=len(KINDS), seed=5, concurrency=6)
 
     assert report["finished"] == report["total"] == 30
     assert report["duplicate_effects"] == 0, report

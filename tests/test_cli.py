@@ -88,10 +88,12 @@ def test_run_reports_all_outcomes_and_leaves_nothing_running(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
-def test_interrupt_mid_run_stops_every_service_it_started(signum: int) -> None:
+def test_interrupt_mid_run_stops_every_service_it_started(signum: int, tmp_path: Path) -> None:
     mark = uuid.uuid4().hex
     proc = _start(
-        ["run", "scenarios/procurement.yaml", "--workflows", "20000", "--seed", "2"], mark
+        ["run", "scenarios/procurement.yaml", "--workflows", "20000", "--seed", "2"],
+        mark,
+        tmp_path / "home",
     )
     try:
         session = _ray_session(mark, proc)
@@ -110,6 +112,8 @@ def test_interrupt_mid_run_stops_every_service_it_started(signum: int) -> None:
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted" in err
     assert wait_until_gone(mark, directory=session, timeout=60) == []
+    [kept] = (tmp_path / "home" / "runs").iterdir()  # for `govmesh run --resume`
+    assert (kept / "run.json").exists()
 
 
 def test_bad_scenario_gives_a_one_line_error_not_a_traceback(tmp_path: Path) -> None:
@@ -226,3 +230,63 @@ def test_an_approval_from_the_cli_resumes_the_paused_workflow(tmp_path: Path) ->
     assert not (home / "approvals-cli").exists(), "the run stopped advertising itself"
     gone = _govmesh(["approvals", "list"], home)
     assert gone.returncode == 2 and "no govmesh deployment is running" in gone.stderr
+
+
+def test_a_stopped_run_resumes_and_finishes_only_what_was_unfinished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    from govmesh.errors import ConfigError
+    from govmesh.runtime import join
+
+    home, mark, out = tmp_path / "home", uuid.uuid4().hex, tmp_path / "out.json"
+    monkeypatch.setenv("GOVMESH_HOME", str(home))
+    args = ["run", "scenarios/procurement.yaml", "-n", "24", "--concurrency", "8", "--seed", "3"]
+    proc = _start(args, mark, home)
+    try:
+        deadline = time.monotonic() + 120
+        finished = 0
+        while finished < 8:  # the first eight have finished, sixteen have not
+            assert time.monotonic() < deadline, "the run never got going"
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            try:
+                joined = join("acme")
+            except ConfigError:
+                time.sleep(0.2)
+                continue
+            [run_id] = [p.name for p in (home / "runs").iterdir()]
+            client = redis.Redis.from_url(joined.deployment.redis_url)
+            try:
+                finished = client.hlen(f"{joined.deployment.key_prefix}:run:{run_id}:done")
+            except redis.RedisError:
+                pass
+            finally:
+                client.close()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert (home / "runs" / run_id / "run.json").exists(), "the stopped run kept its data"
+
+    resumed = _govmesh(["run", "--resume", run_id, "--json", str(out)], home)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming run {run_id}" in resumed.stdout + resumed.stderr
+    report = json.loads(out.read_text())
+    assert report["run_id"] == run_id and report["seed"] == 3
+    assert report["workflows"]["finished"] == report["workflows"]["total"] == 24
+    # Every workflow's intent was decided once, across both processes.
+    assert (report["decisions"]["replayed"], report["decisions"]["replay_differences"]) == (24, 0)
+    assert not (home / "runs" / run_id).exists(), "a finished run leaves nothing behind"
+
+
+def test_resuming_an_unknown_run_says_so(tmp_path: Path) -> None:
+    result = _govmesh(["run", "--resume", "deadbeef"], tmp_path / "home")
+    assert result.returncode != 0
+    assert "no run 'deadbeef'" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+    both = _govmesh(["run", "scenarios/procurement.yaml", "--resume", "deadbeef"], tmp_path)
+    assert both.returncode == 2 and "give no SCENARIO" in both.stderr

@@ -31,7 +31,7 @@ from govmesh.config import Deployment
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider
-from govmesh.state.messages import SnapshotQuery, SnapshotReply
+from govmesh.state.messages import SnapshotQuery, SnapshotReply, TimerFired, TimerSet
 from govmesh.tools import ERP_CREATE_PO, STEP_IN_PROGRESS, ToolCall, ToolResult
 
 __all__ = ["ProcurementAgent"]
@@ -46,6 +46,12 @@ _SETTLE_GRACE_S = 60.0
 _FRESH_S = 5.0
 """A decision closer than this to its expiry is asked for again before a tool call."""
 
+_TIMER_GRACE_S = 5.0
+"""Real seconds past a timer's due time after which the agent stops waiting for it to fire:
+it fired while this agent was away (its message was lost with the old process)."""
+
+VENDOR_REPLY = "vendor-reply"
+
 
 class ProcurementAgent(AgentService):
     """Turns purchase requests into governed purchase orders.
@@ -59,6 +65,9 @@ class ProcurementAgent(AgentService):
             is reported failed; the wait for a person's answer is not counted.
         approval_timeout_s: how long to wait for a human's answer to an escalation whose
             approval never lapses; one that lapses is waited for until it does.
+        vendor_wait_s: how long each workflow waits for the vendor's quote before it asks
+            governance, on the deployment's clock (a durable timer kept by the state actor);
+            0 for no wait.
         max_reflections: the agent's own stop for a model that keeps failing.
     """
 
@@ -73,6 +82,7 @@ class ProcurementAgent(AgentService):
         recheck_s: float = 10.0,
         give_up_s: float = 600.0,
         approval_timeout_s: float = 300.0,
+        vendor_wait_s: float = 0.0,
         max_reflections: int = 40,
     ) -> None:
         super().__init__(deployment, identity, model=model, max_tokens=max_tokens)
@@ -80,6 +90,9 @@ class ProcurementAgent(AgentService):
         self._recheck_s = recheck_s
         self._give_up_s = give_up_s
         self._approval_timeout_s = approval_timeout_s
+        self._vendor_wait_s = vendor_wait_s
+        self._timers: dict[tuple[str, str], asyncio.Future[TimerFired]] = {}
+        self.timers = {"fired": 0, "missed": 0}
         self._max_reflections = max_reflections
         self._decisions: defaultdict[str, asyncio.Queue[Delivery]] = defaultdict(asyncio.Queue)
         self._active: set[str] = set()
@@ -91,7 +104,9 @@ class ProcurementAgent(AgentService):
         """Subscribe to purchase requests and to decisions, then take up the workflows a
         previous process of this agent left unfinished."""
         await self.bus.subscribe(
-            self.subjects.msg(self.agent_id), self._on_request, accepts=PurchaseRequest
+            self.subjects.msg(self.agent_id),
+            self._on_message,
+            accepts=PurchaseRequest | TimerFired,
         )
         await self.bus.subscribe(self.subjects.all("decision"), self._on_decision, accepts=Decision)
         self._spawn(self._resume_in_flight())
@@ -103,7 +118,18 @@ class ProcurementAgent(AgentService):
             **super().stats(),
             "resumed": dict(self.resumed),
             "answered_again": self.answered_again,
+            "timers": dict(self.timers),
         }
+
+    async def _on_message(self, d: Delivery) -> None:
+        match d.body:
+            case PurchaseRequest():
+                await self._on_request(d)
+            case TimerFired() as fired:
+                # At least once: only the first firing of a wait counts.
+                waiting = self._timers.get((d.envelope.workflow, fired.name))
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(fired)
 
     async def _on_decision(self, d: Delivery) -> None:
         decision: Decision = d.body
@@ -242,6 +268,33 @@ class ProcurementAgent(AgentService):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await super().close()
+
+    async def _wait_timer(self, workflow: str, name: str, due_at: float) -> None:
+        """Set the durable timer ``name`` for ``due_at`` (deployment clock) and wait until
+        it fires. Setting it again (a resumed workflow) moves nothing, and a timer that
+        fired while this agent was away is noticed from its due time."""
+        clock = self.deployment.clock
+        key = (workflow, name)
+        fired = self._timers[key] = asyncio.get_running_loop().create_future()
+        try:
+            await self.bus.publish(
+                self.subjects.state(self.agent_id),
+                TimerSet(name=name, due_at=due_at),
+                workflow=workflow,
+            )
+            while True:
+                wait = clock.real_seconds(max(0.0, due_at - clock.now())) + _TIMER_GRACE_S
+                try:
+                    await asyncio.wait_for(asyncio.shield(fired), wait)
+                    self.timers["fired"] += 1
+                    return
+                except TimeoutError:
+                    if clock.now() >= due_at:
+                        log.warning("%s: timer %r fired unseen; going on", workflow, name)
+                        self.timers["missed"] += 1
+                        return
+        finally:
+            self._timers.pop(key, None)
 
     def _approval_wait_s(self, escalated: Decision) -> float:
         """Wait for a human until the approval lapses (then governance settles it with the
@@ -405,6 +458,14 @@ class ProcurementAgent(AgentService):
                 reflections=reflections,
                 model_calls=reflections + 1,
             )
+        phase = (resume or {}).get("phase")
+        if self._vendor_wait_s and phase in (None, "planning", "waiting_for_vendor"):
+            # The vendor's quote takes days: a durable timer wakes the workflow, through
+            # restarts of this agent, the state actor or the whole deployment.
+            clock = self.deployment.clock
+            due = float((resume or {}).get("reply_due") or clock.now() + self._vendor_wait_s)
+            await self.snapshot(workflow, {**goal, "phase": "waiting_for_vendor", "reply_due": due})
+            await self._wait_timer(workflow, VENDOR_REPLY, due)
         intent = ToolIntent(
             tool=ERP_CREATE_PO,
             args={"item": req.item, "vendor": req.vendor, "amount_usd": req.amount_usd},

@@ -3,8 +3,8 @@
 A `ChaosMonkey` runs beside the workflows (`run_workflows(during=...)`). It SIGKILLs agent
 actor processes, the state actor, a governance actor and the gateway, and restarts the
 Redis-protocol server and nats-server, spread over the run: the i-th of K strikes comes once
-i/(K+1) of the workflows have finished, so every strike lands on a busy deployment and the
-next waits until the swarm made progress after it. The first strikes take each kind once,
+0.8 (i - 1) / K of the workflows have finished (the first at the start), so every strike
+lands on a busy deployment, and each waits until the actor struck before it is back. The first strikes take each kind once,
 the rest are drawn at random; all of it is seeded.
 
 What the run must show afterwards is counted from what the parts themselves recorded, never
@@ -42,6 +42,8 @@ __all__ = ["ChaosMonkey", "Strike", "effects_and_approvals", "run_chaos"]
 
 log = logging.getLogger(__name__)
 
+_SPREAD = 0.8
+"""Strikes are spread over the first 80% of the workflows, so the last lands in a busy run."""
 _MIN_GAP_S = 1.0
 _RECOVERY_WAIT_S = 30.0
 
@@ -116,7 +118,7 @@ class ChaosMonkey:
         self._started = time.monotonic()
         names = list(await swarm.pids())
         for i, (kind, target) in enumerate(self._plan(names), start=1):
-            due = self.total * i / (self.kills + 1)
+            due = self.total * _SPREAD * (i - 1) / self.kills
             while finished() < due:
                 await asyncio.sleep(0.05)
             await self._strike(swarm, kind, target, finished())
@@ -271,6 +273,7 @@ async def run_chaos(
             resend_s=resend_s,
             governance_actors=governance_actors,
             keyring=up.keyring,
+            clock_origin=up.manifest.started_at or None,
             during=monkey,
         )
         phase("counting effects and approvals")

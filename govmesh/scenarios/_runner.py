@@ -103,6 +103,7 @@ async def run_workflows(
     governance_actors: int = 1,
     keyring: Keyring | None = None,
     during: Callable[[Swarm, Callable[[], int]], Coroutine[Any, Any, Any]] | None = None,
+    clock_origin: float | None = None,
 ) -> dict[str, Any]:
     """Start the swarm, run ``workflows`` workflows through it, and return the report.
 
@@ -135,6 +136,9 @@ async def run_workflows(
         keyring: the state actor's snapshot keys (see `Swarm`).
         during: run beside the workflows with the swarm and a count of the workflows
             finished so far, and cancelled once they all are (``govmesh chaos``).
+        clock_origin: for a scenario with a simulated clock, when the run's clock started
+            (the same when it resumes); now if None. A deployment whose clock is already
+            simulated keeps it.
     """
     started = time.perf_counter()
     run_id = run_id or new_run_id()
@@ -146,7 +150,10 @@ async def run_workflows(
         in_process=in_process,
         governance_actors=governance_actors,
         keyring=keyring,
+        clock_origin=clock_origin,
+        transport=transport,
     )
+    deployment = swarm.deployment
     authority = TokenAuthority(
         deployment, issuer, ca=transport.ca if transport is not None else None
     )
@@ -283,6 +290,13 @@ def _traceparent() -> str:
     return f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
 
 
+def _timer_counts(stats: dict[str, Any]) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for service in stats.values():
+        counts.update(service.get("timers", {}))
+    return {"fired": counts["fired"], "missed": counts["missed"]}
+
+
 async def _settled_budget(
     bus: Bus, workflows: tuple[str, ...], expected_calls: int, *, wait_s: float = 10.0
 ) -> BudgetReport:
@@ -333,6 +347,11 @@ def _report(
         "scenario": scenario.name,
         "seed": seed,
         "model": {"name": scenario.model.name, "simulated": True},
+        "clock": {"speed": scenario.clock.speed, "simulated": scenario.clock.speed != 1.0},
+        "vendor_reply": {
+            "wait_hours": scenario.vendor_reply.wait_hours,
+            "timers": _timer_counts(stats),
+        },
         "approver": (
             {"name": scenario.approvals.by, "simulated": True}
             if simulated_approver
@@ -514,6 +533,7 @@ async def run_scenario(
             on_done=on_done,
             run_id=m.run_id,
             keyring=up.keyring,
+            clock_origin=up.manifest.started_at or None,
         )
         report["runtime"] = {"embedded": up.runtime.embedded, "mutual_tls": up.deployment.tls}
         phase("stopping")

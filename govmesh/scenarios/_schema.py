@@ -53,6 +53,20 @@ class Approvals(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     by: str = "sim-approver"
 
 
+class VendorReply(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How long each workflow waits for the vendor's quote before it asks governance, in
+    hours on the scenario's clock (a durable timer; 0: no wait)."""
+
+    wait_hours: float = 0.0
+
+
+class ClockSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The scenario's workflow clock: ``speed`` simulated seconds per real second (1: real
+    time). Timers and waits run on it; security checks always use real time."""
+
+    speed: float = 1.0
+
+
 class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A whole scenario file; paths in it are relative to the file."""
 
@@ -65,6 +79,8 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     agents: Agents
     purchases: Purchases
     approvals: Approvals = Approvals()
+    vendor_reply: VendorReply = VendorReply()
+    clock: ClockSpec = ClockSpec()
     max_reflections: int = 40
     source: str = ""
 
@@ -115,6 +131,12 @@ def _check(s: Scenario, path: Path) -> None:
             f"{path}: approvals.approve_probability must be in [0, 1], "
             f"got {s.approvals.approve_probability!r}"
         )
+    if not s.vendor_reply.wait_hours >= 0:
+        raise ScenarioError(
+            f"{path}: vendor_reply.wait_hours must be 0 or more, got {s.vendor_reply.wait_hours!r}"
+        )
+    if not s.clock.speed > 0:
+        raise ScenarioError(f"{path}: clock.speed must be positive, got {s.clock.speed!r}")
     for policy in s.policy_paths():
         if not Path(policy).is_file():
             raise ScenarioError(f"{path}: policy file not found: {policy!r}")

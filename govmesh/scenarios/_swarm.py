@@ -6,18 +6,21 @@ import asyncio
 import hashlib
 import logging
 import random
+import time
 from typing import Any
 
+import msgspec
 import ray
 
 from govmesh.agents import ProcurementAgent, RequesterAgent
 from govmesh.bus import Delivery
-from govmesh.config import Deployment
+from govmesh.config import Clock, Deployment
 from govmesh.forecasting import BudgetService
 from govmesh.governance._actor import GOVERNANCE_ROLE, OPERATOR_ROLE, GovernanceService
 from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest
 from govmesh.identity import Identity, Issuer
 from govmesh.llm import SimulatedModel
+from govmesh.runtime import Transport
 from govmesh.scenarios._schema import Scenario
 from govmesh.service import Service, ServiceActor, being_cancelled
 from govmesh.state import Keyring, StateService
@@ -101,6 +104,11 @@ class Swarm:
             pure message flow; the CLI always uses Ray).
         keyring: the state actor's snapshot keys; by default ``$GOVMESH_STATE_KEYS``, else
             a fresh key for this run (its snapshots are unreadable to a later one).
+        transport: the mutual-TLS member registry, to give a restarted actor a new client
+            certificate with its new token.
+        clock_origin: for a scenario with a simulated clock, when the run's clock started
+            (the same when a run resumes); now if None. A deployment whose clock is
+            already simulated keeps it.
     """
 
     def __init__(
@@ -113,13 +121,21 @@ class Swarm:
         governance_actors: int = 1,
         in_process: bool = False,
         keyring: Keyring | None = None,
+        clock_origin: float | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.scenario = scenario
+        if scenario.clock.speed != 1.0 and not deployment.clock.simulated:
+            origin = clock_origin or time.time()
+            clock = Clock(origin=origin, speed=scenario.clock.speed)
+            deployment = msgspec.structs.replace(deployment, clock=clock)
         self.deployment = deployment
         self.issuer = issuer
         self.seed = seed
         self.in_process = in_process
         self.keyring = keyring or Keyring.from_env() or Keyring.generate(f"run-{seed}")
+        self.transport = transport
+        self._members: dict[str, tuple[str, str, dict[str, Any]]] = {}
         self._specs = self._plan(governance_actors)
         self._actors: dict[str, Any] = {}
         self._local: dict[str, Service] = {}
@@ -137,6 +153,7 @@ class Swarm:
         req, proc = s.agents.requester, s.agents.procurement
 
         def ident(agent_id: str, role: str, **kw: Any) -> Identity:
+            self._members[agent_id] = (agent_id, role, kw)
             return iss.identity(agent_id, role, **kw)
 
         specs: list[tuple[str, type[Service], dict[str, Any]]] = [
@@ -178,6 +195,7 @@ class Swarm:
                     ),
                     "model": model,
                     "max_reflections": s.max_reflections,
+                    "vendor_wait_s": s.vendor_reply.wait_hours * 3600,
                 },
             ),
             (
@@ -227,19 +245,34 @@ class Swarm:
 
     async def _supervise(self, interval_s: float = 0.5) -> None:
         """Bring restarted actors back onto the bus: Ray restarts a dead actor's process,
-        and its first `ensure_started` starts the service again."""
+        and the supervisor starts its service again, with a fresh identity (the one it was
+        built with may have expired since)."""
         while True:
             await asyncio.sleep(interval_s)
             names = list(self._actors)
             started = await asyncio.gather(
-                *(self._actors[n].ensure_started.remote() for n in names), return_exceptions=True
+                *(self._actors[n].is_started.remote() for n in names), return_exceptions=True
             )
             for name, result in zip(names, started, strict=True):
-                if result is True:
+                if result is False:
+                    try:
+                        await self._actors[name].ensure_started.remote(self._renewed(name))
+                    except Exception as exc:  # a Ray actor error: it died again meanwhile
+                        log.warning("%s did not start again yet: %s", name, exc)
+                        continue
                     self.restarts[name] = self.restarts.get(name, 0) + 1
                     log.warning("%s restarted and rejoined the bus", name)
                 elif isinstance(result, Exception) and not being_cancelled():
                     log.warning("%s is not reachable yet: %s", name, result)
+
+    def _renewed(self, name: str) -> Identity:
+        """A new identity for the actor `name`: a new key and token, and, on a mutual-TLS
+        bus, a new client certificate."""
+        agent_id, role, options = self._members[name]
+        identity = self.issuer.identity(agent_id, role, **options)
+        if self.transport is not None:
+            self.transport.enrol([identity], tenant=self.deployment.tenant)
+        return identity
 
     async def pids(self) -> dict[str, int]:
         """Each actor's process id, by name."""
