@@ -348,8 +348,23 @@ def _summary(report: dict[str, Any]) -> Table:
     table.add_row(
         "outcomes",
         f"executed {w['executed']}, denied {w['denied']}, rejected {w['rejected']}, "
-        f"failed {w['failed']}",
+        f"failed {w['failed']}, halted {w['halted']}",
     )
+    b = report["budget"]
+    if b["caps"] is not None:
+        i = b["interrupts"]
+        caps = b["caps"]
+        table.add_row(
+            "model-spend caps (workflow / agent / tenant)",
+            " / ".join(
+                "none" if caps[k] is None else f"${caps[k]:g}"
+                for k in ("workflow_usd", "agent_daily_usd", "tenant_daily_usd")
+            ),
+        )
+        table.add_row(
+            "budget interrupts",
+            f"{i['asked']} asked, {i['released']} released, {i['halted']} halted",
+        )
     table.add_row("decisions", f"allow {d['allow']}, deny {d['deny']}, escalate {d['escalate']}")
     table.add_row("decisions replayed", f"{d['replayed']}, {d['replay_differences']} differences")
     approver = report["approver"]

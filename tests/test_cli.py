@@ -223,6 +223,7 @@ def test_an_approval_from_the_cli_resumes_the_paused_workflow(tmp_path: Path) ->
         "denied": 0,
         "rejected": 1,
         "failed": 0,
+        "halted": 0,
     }
     assert report["decisions"]["escalate"] == 2
     assert report["approvals"] == {"approved": 1, "rejected": 1}

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Mapping
 from typing import Any, Final
 
 from nats.errors import Error as NatsError
 from redis.exceptions import RedisError
 
+from govmesh.bus import Delivery
 from govmesh.config import Deployment
-from govmesh.errors import BusError
-from govmesh.forecasting.messages import Usage
+from govmesh.errors import BudgetError, BusError, ConfigError
+from govmesh.forecasting._prices import Price, PriceTable
+from govmesh.forecasting._reservations import BudgetCaps, Granted, ReservationBook
+from govmesh.forecasting.messages import BudgetInterrupt, InterruptAck, Usage
+from govmesh.governance.messages import Decision
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider, ModelRequest, ModelResponse
 from govmesh.service import Service
@@ -35,6 +42,12 @@ class AgentService(Service):
         identity: the agent's identity; its token names its role and capabilities.
         model: the model provider it thinks with.
         max_tokens: completion cap per model call.
+        prices: the price table; the model's price prices each call's reservation.
+        budget: the model-spend caps each call is reserved against (needs ``prices``);
+            None reserves nothing.
+
+    Raises:
+        ConfigError: ``budget`` without ``prices``, or the model has no price.
     """
 
     def __init__(
@@ -44,11 +57,55 @@ class AgentService(Service):
         *,
         model: ModelProvider,
         max_tokens: int = 1024,
+        prices: Mapping[str, Price] | None = None,
+        budget: BudgetCaps | None = None,
     ) -> None:
         super().__init__(deployment, identity)
         self.model = model
         self.max_tokens = max_tokens
         self._versions: dict[str, int] = {}
+        if budget is not None and prices is None:
+            raise ConfigError(f"{identity.agent_id}: model-spend caps need a price table")
+        # Checked here, at start-up: a model with no price is never free.
+        self.price = None if prices is None else PriceTable(dict(prices)).price(model.model)
+        self.budget = budget
+        self._book: ReservationBook | None = None
+        self.interrupts = {"asked": 0, "released": 0, "halted": 0}
+        self._interrupted: dict[str, tuple[dict[str, Decision], asyncio.Event]] = {}
+        self._watching = False
+
+    async def watch_decisions(self) -> None:
+        """Subscribe (once) to the tenant's decisions; each goes to `on_decision`, and a
+        final one on an interrupt this agent waits for goes to that wait. One subscription
+        per agent: a second would see every decision twice, which the bus reports as a
+        replay."""
+        if self._watching:
+            return
+        self._watching = True
+        await self.bus.subscribe(self.subjects.all("decision"), self._route, accepts=Decision)
+
+    async def _route(self, d: Delivery) -> None:
+        decision: Decision = d.body
+        waiting = self._interrupted.get(decision.workflow)
+        if waiting is not None and decision.approval_id and decision.final:
+            seen, arrived = waiting
+            seen[decision.approval_id] = decision
+            arrived.set()
+        await self.on_decision(d)
+
+    async def on_decision(self, d: Delivery) -> None:
+        """A decision of the tenant, for agents that `watch_decisions`."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, plus budget interrupts asked, released and halted."""
+        return {**super().stats(), "interrupts": dict(self.interrupts)}
+
+    @property
+    def book(self) -> ReservationBook | None:
+        """The tenant's model-spend reservations, if this agent has caps; after `start`."""
+        if self.budget is not None and self._book is None:
+            self._book = ReservationBook(self.redis, self.deployment.key_prefix, self.budget)
+        return self._book
 
     @property
     def agent_id(self) -> str:
@@ -58,10 +115,31 @@ class AgentService(Service):
     async def think(
         self, workflow: str, prompt: str, *, key: str, trace: str = ""
     ) -> ModelResponse:
-        """Make one model call and report its usage to the budget actor."""
-        response = await self.model.complete(
-            ModelRequest(prompt=prompt, max_tokens=self.max_tokens, key=f"{workflow}:{key}")
+        """Make one model call and report its usage to the budget actor.
+
+        With caps, the call's maximum cost is reserved first and settled with its actual
+        cost after (see `govmesh.forecasting.ReservationBook`).
+
+        Raises:
+            BudgetError: the reservation was refused; the call did not run.
+        """
+        request = ModelRequest(prompt=prompt, max_tokens=self.max_tokens, key=f"{workflow}:{key}")
+        granted: Granted | None = None
+        book = self.book
+        if book is not None and self.price is not None:
+            most = self.price.cost(self.model.max_input_tokens(request), request.max_tokens)
+            answer = await book.reserve(workflow, self.agent_id, most)
+            if not isinstance(answer, Granted):
+                raise BudgetError(answer)
+            granted = answer
+        response = await self.model.complete(request)
+        cost = (
+            self.price.cost(response.input_tokens, response.output_tokens)
+            if self.price is not None
+            else 0.0
         )
+        if book is not None and granted is not None:
+            await book.settle(granted, cost)
         await self.bus.publish(
             self.subjects.usage(self.agent_id),
             Usage(
@@ -69,6 +147,7 @@ class AgentService(Service):
                 input_tokens=response.input_tokens,
                 output_tokens=response.output_tokens,
                 error=response.error,
+                reservation="" if granted is None else granted.reservation_id,
             ),
             workflow=workflow,
             trace=trace,
@@ -82,14 +161,71 @@ class AgentService(Service):
 
         Returns the last answer and the number of reflections used; stops after
         ``max_reflections`` so a looping model cannot spin forever (policy caps it lower).
+        At the workflow's soft threshold it asks a person (`interrupt`) and goes on if they
+        agree.
+
+        Raises:
+            BudgetError: a call's reservation was refused (the cap, or a person said no);
+                its ``calls`` says how many calls ran.
         """
         reflections = 0
         while True:
-            response = await self.think(workflow, prompt, key=f"{key}:{reflections}", trace=trace)
+            try:
+                response = await self.think(
+                    workflow, prompt, key=f"{key}:{reflections}", trace=trace
+                )
+            except BudgetError as exc:
+                if exc.refusal.kind == "soft" and await self.interrupt(workflow, exc, trace=trace):
+                    continue  # a person let the workflow spend on, up to its cap
+                exc.calls = reflections  # the calls that ran; the refused one did not
+                raise
             if not response.error or reflections >= max_reflections:
                 return response, reflections
             reflections += 1
             prompt = f"{prompt}\n(previous answer was unusable; reflect and retry)"
+
+    async def interrupt(self, workflow: str, refused: BudgetError, *, trace: str = "") -> bool:
+        """Pause ``workflow`` at its soft threshold and ask a person, through the budget
+        actor, whether it may spend on; returns their answer (False also when the interrupt
+        lapses unanswered). The answer comes as governance's final decision on the
+        interrupt's approval, like an escalation's."""
+        self.interrupts["asked"] += 1
+        await self.watch_decisions()
+        refusal = refused.refusal
+        seen: dict[str, Decision] = {}
+        arrived = asyncio.Event()
+        # Listening before asking: the answer may come before the acknowledgement does.
+        self._interrupted[workflow] = (seen, arrived)
+        try:
+            reply = await self.bus.request(
+                self.subjects.ctl("budget"),
+                BudgetInterrupt(
+                    reason=refusal.reason(),
+                    settled_usd=refusal.settled_usd,
+                    cap_usd=refusal.cap_usd,
+                ),
+                accepts=InterruptAck,
+                workflow=workflow,
+                trace=trace,
+            )
+            ack: InterruptAck = reply.body
+            if ack.settled:
+                allowed = ack.outcome == "allow"
+            else:
+                deadline = (
+                    None
+                    if not ack.expires_at
+                    else time.monotonic() + ack.expires_at - time.time() + 60.0
+                )
+                while ack.approval_id not in seen:
+                    arrived.clear()
+                    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    await asyncio.wait_for(arrived.wait(), timeout)
+                allowed = seen[ack.approval_id].outcome == "allow"
+        finally:
+            self._interrupted.pop(workflow, None)
+        self.interrupts["released" if allowed else "halted"] += 1
+        return allowed
 
     async def snapshot(
         self,

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -28,6 +28,8 @@ from govmesh.agents._base import TRANSIENT, AgentService
 from govmesh.agents.messages import InFlight, PurchaseOutcome, PurchaseRequest
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
+from govmesh.errors import BudgetError
+from govmesh.forecasting import BudgetCaps, Price
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider
@@ -69,6 +71,7 @@ class ProcurementAgent(AgentService):
             governance, on the deployment's clock (a durable timer kept by the state actor);
             0 for no wait.
         max_reflections: the agent's own stop for a model that keeps failing.
+        prices, budget: model-spend caps (see `AgentService`).
     """
 
     def __init__(
@@ -84,8 +87,12 @@ class ProcurementAgent(AgentService):
         approval_timeout_s: float = 300.0,
         vendor_wait_s: float = 0.0,
         max_reflections: int = 40,
+        prices: Mapping[str, Price] | None = None,
+        budget: BudgetCaps | None = None,
     ) -> None:
-        super().__init__(deployment, identity, model=model, max_tokens=max_tokens)
+        super().__init__(
+            deployment, identity, model=model, max_tokens=max_tokens, prices=prices, budget=budget
+        )
         self._retry_s = retry_s
         self._recheck_s = recheck_s
         self._give_up_s = give_up_s
@@ -108,7 +115,7 @@ class ProcurementAgent(AgentService):
             self._on_message,
             accepts=PurchaseRequest | TimerFired,
         )
-        await self.bus.subscribe(self.subjects.all("decision"), self._on_decision, accepts=Decision)
+        await self.watch_decisions()
         self._spawn(self._resume_in_flight())
 
     def stats(self) -> dict[str, Any]:
@@ -131,7 +138,8 @@ class ProcurementAgent(AgentService):
                 if waiting is not None and not waiting.done():
                     waiting.set_result(fired)
 
-    async def _on_decision(self, d: Delivery) -> None:
+    async def on_decision(self, d: Delivery) -> None:
+        """Hand a decision on one of this agent's workflows to the step waiting for it."""
         decision: Decision = d.body
         if decision.agent == self.agent_id and decision.workflow in self._decisions:
             self._decisions[decision.workflow].put_nowait(d)
@@ -440,13 +448,25 @@ class ProcurementAgent(AgentService):
             reflections = int(resume.get("reflections", 0))
         else:
             await self.snapshot(workflow, {**goal, "phase": "planning"})
-            _, reflections = await self.think_until_usable(
-                workflow,
-                f"Plan a purchase of {req.item} from {req.vendor} for ${req.amount_usd:,.2f}.",
-                key=f"{self.agent_id}:plan",
-                max_reflections=self._max_reflections,
-                trace=trace,
-            )
+            try:
+                _, reflections = await self.think_until_usable(
+                    workflow,
+                    f"Plan a purchase of {req.item} from {req.vendor} for ${req.amount_usd:,.2f}.",
+                    key=f"{self.agent_id}:plan",
+                    max_reflections=self._max_reflections,
+                    trace=trace,
+                )
+            except BudgetError as exc:
+                # Halted with its state saved: the snapshot says where and why.
+                await self.snapshot(
+                    workflow, {**goal, "phase": "halted", "reason": str(exc), "calls": exc.calls}
+                )
+                return PurchaseOutcome(
+                    result="halted",
+                    reasons=(str(exc),),
+                    reflections=exc.calls,
+                    model_calls=exc.calls,
+                )
         goal["reflections"] = reflections
         authority = self.bus.tokens.verify(self.identity.token).budget_usd
         if req.amount_usd > authority:

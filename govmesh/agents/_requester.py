@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import msgspec
 
@@ -16,6 +17,8 @@ from govmesh.agents.messages import (
 )
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
+from govmesh.errors import BudgetError
+from govmesh.forecasting import BudgetCaps, Price
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider
 
@@ -35,6 +38,7 @@ class RequesterAgent(AgentService):
     Args:
         procurement: the agent id of the procurement agent it asks.
         max_reflections: the agent's own stop for a model that keeps failing.
+        prices, budget: model-spend caps (see `AgentService`).
     """
 
     def __init__(
@@ -46,8 +50,12 @@ class RequesterAgent(AgentService):
         procurement: str,
         max_tokens: int = 1024,
         max_reflections: int = 40,
+        prices: Mapping[str, Price] | None = None,
+        budget: BudgetCaps | None = None,
     ) -> None:
-        super().__init__(deployment, identity, model=model, max_tokens=max_tokens)
+        super().__init__(
+            deployment, identity, model=model, max_tokens=max_tokens, prices=prices, budget=budget
+        )
         self._procurement = procurement
         self._max_reflections = max_reflections
         self._drafting: set[str] = set()
@@ -83,13 +91,17 @@ class RequesterAgent(AgentService):
             self._drafting.add(workflow)
             try:
                 await self.snapshot(workflow, {"phase": "drafting", "item": start.item})
-                _, reflections = await self.think_until_usable(
-                    workflow,
-                    f"Draft a purchase request for {start.item} from {start.vendor}.",
-                    key=f"{self.agent_id}:draft",
-                    max_reflections=self._max_reflections,
-                    trace=d.envelope.trace,
-                )
+                try:
+                    _, reflections = await self.think_until_usable(
+                        workflow,
+                        f"Draft a purchase request for {start.item} from {start.vendor}.",
+                        key=f"{self.agent_id}:draft",
+                        max_reflections=self._max_reflections,
+                        trace=d.envelope.trace,
+                    )
+                except BudgetError as exc:
+                    await self._halt(d, start, exc)
+                    return
                 started = msgspec.structs.replace(self._started_of(d), calls=reflections + 1)
                 await self.redis.hset(self.in_flight_key, workflow, msgspec.msgpack.encode(started))
             finally:
@@ -103,6 +115,22 @@ class RequesterAgent(AgentService):
             causation=d.envelope.id,
             trace=d.envelope.trace,
         )
+
+    async def _halt(self, d: Delivery, start: WorkflowStart, exc: BudgetError) -> None:
+        """End a workflow whose draft was refused its model spend, with its state saved."""
+        workflow = d.envelope.workflow
+        await self.snapshot(
+            workflow,
+            {"phase": "halted", "item": start.item, "reason": str(exc), "calls": exc.calls},
+        )
+        done = msgspec.msgpack.encode(
+            WorkflowDone(
+                outcome=PurchaseOutcome(result="halted", reasons=(str(exc),)),
+                model_calls=exc.calls,
+            )
+        )
+        await self.settle(workflow, done)
+        await self._tell(workflow, self._started_of(d), done)
 
     @staticmethod
     def _started_of(d: Delivery) -> Started:

@@ -15,7 +15,7 @@ __all__ = [
     "WorkflowStart",
 ]
 
-Result = Literal["executed", "denied", "rejected", "failed"]
+Result = Literal["executed", "denied", "rejected", "failed", "halted"]
 
 
 class WorkflowStart(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -72,7 +72,9 @@ class PurchaseOutcome(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
     Attributes:
         result: ``executed`` (an order was placed), ``denied`` (by policy), ``rejected``
-            (an approver said no), ``failed`` (an error; see ``reasons``).
+            (an approver said no), ``failed`` (an error; see ``reasons``), ``halted`` (its
+            model spend reached a cap, or a person stopped it at the soft threshold; its
+            state is saved).
         first_decision: governance's first answer: allow, deny or escalate.
         governance_ms: intent-to-first-decision latency seen by the agent.
     """

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["BudgetQuery", "BudgetReport", "Usage"]
+__all__ = [
+    "BudgetInterrupt",
+    "BudgetQuery",
+    "BudgetReport",
+    "InterruptAck",
+    "Usage",
+    "WorkflowBurn",
+]
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -14,12 +21,59 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     input_tokens: int
     output_tokens: int
     error: bool = False
+    reservation: str = ""
+
+
+class BudgetInterrupt(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """An agent's workflow reached its soft threshold: the agent asks the budget actor to
+    put the interrupt to a person (the workflow is the envelope's)."""
+
+    reason: str
+    settled_usd: float
+    cap_usd: float
+
+
+class InterruptAck(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """The budget actor's answer to `BudgetInterrupt`: the approval the workflow waits on.
+
+    Attributes:
+        expires_at: when the approval lapses and the workflow halts (0: never).
+        settled: the workflow's interrupt was answered already (asked again after a
+            restart); ``outcome`` is that answer.
+    """
+
+    approval_id: str
+    expires_at: float = 0.0
+    settled: bool = False
+    outcome: str = ""
 
 
 class BudgetQuery(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """Ask the budget actor for totals of ``workflows``; none means the whole tenant."""
+    """Ask the budget actor for totals of ``workflows``; none means the whole tenant.
+
+    Attributes:
+        detail: also each workflow's burn (`BudgetReport.burn`).
+    """
 
     workflows: tuple[str, ...] = ()
+    detail: bool = False
+
+
+class WorkflowBurn(msgspec.Struct, frozen=True, kw_only=True):
+    """One workflow's model use so far.
+
+    Attributes:
+        reflections: unusable answers, each reflected on and retried.
+        tokens_per_min: tokens over the time from its first call to its last (at least a
+            second).
+    """
+
+    workflow: str
+    calls: int
+    reflections: int
+    tokens: int
+    cost_usd: float
+    tokens_per_min: float
 
 
 class BudgetReport(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -29,6 +83,7 @@ class BudgetReport(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    burn: tuple[WorkflowBurn, ...] = ()
 
     @property
     def tokens(self) -> int:

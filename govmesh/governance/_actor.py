@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
 from govmesh.errors import PolicyError, SecurityError
+from govmesh.forecasting._reservations import INTERRUPT_TOOL, BudgetCaps, ReservationBook
 from govmesh.governance._approvals import Answer, ApprovalRecord, ApprovalStore, expiry_answer
 from govmesh.governance._evaluator import EvalContext, Intent, Verdict, evaluate, intent_hash
 from govmesh.governance._policy import PolicySet
@@ -300,7 +301,7 @@ class GovernanceService(Service):
         settled = 0
         policies = self.policies
         for request in await self.approvals.pending():
-            if request.policy_hash == policies.hash:
+            if request.policy_hash == policies.hash or request.tool == INTERRUPT_TOOL:
                 continue
             intent = Intent(
                 agent=request.agent,
@@ -812,7 +813,18 @@ class GovernanceService(Service):
         if claimed is None:
             return None
         request, taken = claimed
-        allowed, why = (await self._within_limits(request)) if taken.approved else (False, ())
+        why: tuple[str, ...] = ()
+        if request.tool == INTERRUPT_TOOL:
+            # A budget interrupt: approving it lets the workflow spend on, up to its cap.
+            allowed = taken.approved
+            if allowed:
+                await ReservationBook(self.redis, self.deployment.key_prefix, BudgetCaps()).release(
+                    request.workflow
+                )
+        elif taken.approved:
+            allowed, why = await self._within_limits(request)
+        else:
+            allowed = False
         verb = "expired" if taken.expired else "approved" if taken.approved else "rejected"
         decision = Decision(
             intent_id=request.intent_id,

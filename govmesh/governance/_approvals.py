@@ -132,6 +132,15 @@ class ApprovalStore:
         raw = cast(bytes | None, await self.redis.hget(self._keys["done"], approval_id))
         return None if raw is None else self._record.decode(raw)
 
+    async def add(self, request: ApprovalRequest) -> None:
+        """Store a pending request (with its expiry) that no decision record goes with: a
+        budget interrupt. Governance stores an escalation's inside its decision's write."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._keys["pending"], request.approval_id, msgspec.msgpack.encode(request))
+            if request.expires_at:
+                pipe.zadd(self._keys["expiry"], {request.approval_id: request.expires_at})
+            await pipe.execute()
+
     async def settled(self) -> list[ApprovalRecord]:
         """Every settled approval kept."""
         return [

@@ -9,7 +9,7 @@ agent         intent/usage/state.<own id>, msg.*, tool.>,  msg.<own id>, decisio
               ctl.*
 governance    decision.*, approval.*, replies             intent.*, approval.*
 gateway       (replies only: allow_responses)             tool.>
-budget        (replies only)                              usage.*, ctl.budget
+budget        approval.* (budget interrupts)              usage.*, ctl.budget
 state         msg.* (timers fired), replies               state.*, ctl.state
 issuer        (replies only)                              ctl.identity
 operator      approval.*                                  approval.*
@@ -134,7 +134,9 @@ def permissions_for(
         # Tells an operator's `govmesh approvals approve` what its answer decided.
         responds = True
     elif role in (GATEWAY_ROLE, BUDGET_ROLE, STATE_ROLE, ISSUER_ROLE):
-        pub, responds = ([s.all("msg")] if role == STATE_ROLE else []), True
+        # The state actor fires timers to agents; the budget actor puts interrupts to people.
+        published = {STATE_ROLE: [s.all("msg")], BUDGET_ROLE: [s.all("approval")]}
+        pub, responds = published.get(role, []), True
         served = {
             GATEWAY_ROLE: [s.all("tool")],
             BUDGET_ROLE: [s.all("usage"), s.ctl("budget")],

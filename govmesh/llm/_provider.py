@@ -46,6 +46,11 @@ class ModelProvider(Protocol):
         """The model name, as priced in the price table."""
         ...
 
+    def max_input_tokens(self, request: ModelRequest) -> int:
+        """An upper bound of the prompt tokens ``request`` will be charged, known before the
+        call, so its maximum cost can be reserved."""
+        ...
+
     async def complete(self, request: ModelRequest) -> ModelResponse:
         """Answer one call."""
         ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import random
 
 import msgspec
@@ -59,6 +60,12 @@ class SimulatedModel:
         """The simulated model's name."""
         return self._settings.name
 
+    def max_input_tokens(self, request: ModelRequest) -> int:
+        """Four standard deviations above the mean: the simulated prompt is clipped there,
+        as a real prompt is bounded by its length."""
+        spread = self._settings.input_tokens
+        return max(1, math.ceil(spread.mean + 4 * spread.sd))
+
     def _rng(self, key: str) -> random.Random:
         digest = hashlib.sha256(f"{self._seed}:{key}".encode()).digest()
         return random.Random(int.from_bytes(digest[:8], "big"))
@@ -68,6 +75,7 @@ class SimulatedModel:
         rng = self._rng(request.key)
         s = self._settings
         input_tokens = max(1, round(rng.gauss(s.input_tokens.mean, s.input_tokens.sd)))
+        input_tokens = min(input_tokens, self.max_input_tokens(request))
         output_tokens = max(1, round(rng.gauss(s.output_tokens.mean, s.output_tokens.sd)))
         output_tokens = min(output_tokens, request.max_tokens)
         error = rng.random() < s.error_probability

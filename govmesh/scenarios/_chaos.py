@@ -4,8 +4,8 @@ A `ChaosMonkey` runs beside the workflows (`run_workflows(during=...)`). It SIGK
 actor processes, the state actor, a governance actor and the gateway, and restarts the
 Redis-protocol server and nats-server, spread over the run: the i-th of K strikes comes once
 0.8 (i - 1) / K of the workflows have finished (the first at the start), so every strike
-lands on a busy deployment, and each waits until the actor struck before it is back. The first strikes take each kind once,
-the rest are drawn at random; all of it is seeded.
+lands on a busy deployment, and each waits until the actor struck before it is back. The
+first strikes take each kind once, the rest are drawn at random; all of it is seeded.
 
 What the run must show afterwards is counted from what the parts themselves recorded, never
 from the ledger that is under test: `duplicate_effects` from the ERP's own orders, and

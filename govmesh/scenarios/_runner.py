@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from govmesh.agents import PurchaseOutcome, WorkflowDone, WorkflowStart
 from govmesh.agents._base import TRANSIENT
 from govmesh.bus import Bus, Delivery, ensure_event_stream
@@ -290,6 +292,20 @@ def _traceparent() -> str:
     return f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
 
 
+def _budget_section(scenario: Scenario, stats: dict[str, Any]) -> dict[str, Any]:
+    """The caps in force and what they did: interrupts put to people, released, halted."""
+    interrupts: Counter[str] = Counter()
+    lapsed = 0
+    for service in stats.values():
+        interrupts.update(service.get("interrupts", {}))
+        lapsed += int(service.get("lapsed", 0))
+    return {
+        "caps": None if scenario.budget is None else msgspec.to_builtins(scenario.budget),
+        "interrupts": {k: interrupts[k] for k in ("asked", "released", "halted")},
+        "lapsed_reservations": lapsed,
+    }
+
+
 def _timer_counts(stats: dict[str, Any]) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for service in stats.values():
@@ -364,7 +380,14 @@ def _report(
             "denied": results["denied"],
             "rejected": results["rejected"],
             "failed": results["failed"],
+            "halted": results["halted"],
         },
+        # Why workflows failed, so a run with failures can be looked into (at most 20).
+        "failures": [
+            {"workflow": workflow, "reasons": list(done.outcome.reasons)}
+            for workflow, done in sorted(outcomes.items())
+            if done.outcome.result == "failed"
+        ][:20],
         "decisions": {
             **{k: first[k] for k in ("allow", "deny", "escalate")},
             "replayed": replayed.decisions,
@@ -379,6 +402,7 @@ def _report(
         "input_tokens": budget.input_tokens,
         "output_tokens": budget.output_tokens,
         "cost_usd": round(budget.cost_usd, 6),
+        "budget": _budget_section(scenario, stats),
         "governance_latency_ms": summarize(latencies),
         "security_rejections": dict(rejected),
         "timings_s": timings,

@@ -8,7 +8,7 @@ import msgspec
 import yaml
 
 from govmesh.errors import ScenarioError
-from govmesh.forecasting import Price
+from govmesh.forecasting import BudgetCaps, Price
 from govmesh.llm import SimulatedModelSettings
 
 __all__ = ["AgentSpec", "Scenario", "load_scenario"]
@@ -81,6 +81,7 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     approvals: Approvals = Approvals()
     vendor_reply: VendorReply = VendorReply()
     clock: ClockSpec = ClockSpec()
+    budget: BudgetCaps | None = None
     max_reflections: int = 40
     source: str = ""
 

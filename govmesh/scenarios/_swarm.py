@@ -172,7 +172,11 @@ class Swarm:
             (
                 "budget-1",
                 BudgetService,
-                {"identity": ident("budget-1", "budget"), "prices": dict(s.prices)},
+                {
+                    "identity": ident("budget-1", "budget"),
+                    "prices": dict(s.prices),
+                    "caps": s.budget,
+                },
             ),
             (
                 "state-1",
@@ -196,6 +200,8 @@ class Swarm:
                     "model": model,
                     "max_reflections": s.max_reflections,
                     "vendor_wait_s": s.vendor_reply.wait_hours * 3600,
+                    "prices": dict(s.prices),
+                    "budget": s.budget,
                 },
             ),
             (
@@ -208,6 +214,8 @@ class Swarm:
                     "model": model,
                     "procurement": proc.id,
                     "max_reflections": s.max_reflections,
+                    "prices": dict(s.prices),
+                    "budget": s.budget,
                 },
             ),
         ]

@@ -1,0 +1,197 @@
+"""Model-spend reservations on a real Redis-protocol server: caps that no interleaving of
+concurrent calls can pass, a soft threshold that stops a workflow for a person, and
+reservations that lapse settled high, never low."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import redis.asyncio as aioredis
+
+from govmesh.forecasting._reservations import (
+    BudgetCaps,
+    Granted,
+    Refused,
+    ReservationBook,
+    micro_usd,
+)
+
+
+@pytest.fixture
+async def redis(redis_server):
+    # As in the services: a burst waits for one of 32 connections.
+    pool = aioredis.BlockingConnectionPool.from_url(redis_server.url, max_connections=32)
+    client = aioredis.Redis(connection_pool=pool)
+    yield client
+    await client.aclose()
+
+
+async def test_a_thousand_concurrent_reservations_never_pass_the_cap(redis, prefix) -> None:
+    book = ReservationBook(redis, prefix, BudgetCaps(workflow_usd=1.0, soft_threshold=None))
+    max_cost = 0.005
+    rng = random.Random(7)
+    actuals = [round(rng.uniform(0.001, max_cost), 6) for _ in range(1000)]
+
+    async def call(actual: float) -> int | None:
+        granted = await book.reserve("wf-1", "agent-1", max_cost)
+        if isinstance(granted, Refused):
+            assert granted.kind == "hard" and granted.scope == "workflow"
+            return None
+        await asyncio.sleep(rng.random() / 1000)  # the model call; others interleave
+        assert await book.settle(granted, actual)
+        return micro_usd(actual)
+
+    results = await asyncio.gather(*(call(a) for a in actuals))
+
+    granted = [r for r in results if r is not None]
+    refused = results.count(None)
+    settled, reserved = await book.spent("wf-1")
+    assert settled <= 1.0 and reserved == 0
+    assert micro_usd(settled) == sum(granted)  # every granted call settled, exactly once
+    assert len(granted) + refused == 1000
+    # At least a cap's worth of maximum-cost calls got through, and the rest were refused.
+    assert len(granted) >= 1.0 / max_cost and refused > 0
+
+
+async def test_the_soft_threshold_stops_the_workflow_until_released(redis, prefix) -> None:
+    book = ReservationBook(redis, prefix, BudgetCaps(workflow_usd=1.0, soft_threshold=0.8))
+    first = await book.reserve("wf-soft", "agent-1", 0.5)
+    assert isinstance(first, Granted)
+    await book.settle(first, 0.5)
+
+    stopped = await book.reserve("wf-soft", "agent-1", 0.35)
+    assert isinstance(stopped, Refused) and stopped.kind == "soft"
+    assert (stopped.settled_usd, stopped.reserved_usd, stopped.cap_usd) == (0.5, 0.0, 1.0)
+    assert "soft threshold" in stopped.reason()
+
+    await book.release("wf-soft")
+    allowed = await book.reserve("wf-soft", "agent-1", 0.35)
+    assert isinstance(allowed, Granted)
+    await book.settle(allowed, 0.35)
+    halted = await book.reserve("wf-soft", "agent-1", 0.2)
+    assert isinstance(halted, Refused) and halted.kind == "hard"
+    assert await book.spent("wf-soft") == (0.85, 0.0)
+
+
+async def test_an_agents_daily_cap_holds_across_its_workflows(redis, prefix) -> None:
+    book = ReservationBook(redis, prefix, BudgetCaps(agent_daily_usd=0.3, soft_threshold=None))
+    for workflow in ("wf-a", "wf-b"):
+        granted = await book.reserve(workflow, "agent-1", 0.1)
+        assert isinstance(granted, Granted)
+        await book.settle(granted, 0.1)
+    refused = await book.reserve("wf-c", "agent-1", 0.15)
+    assert isinstance(refused, Refused) and refused.scope == "agent"
+    assert isinstance(await book.reserve("wf-c", "agent-2", 0.15), Granted)
+
+
+async def test_a_lapsed_reservation_is_settled_at_its_full_amount_once(redis, prefix) -> None:
+    book = ReservationBook(
+        redis, prefix, BudgetCaps(workflow_usd=1.0, soft_threshold=None, reservation_ttl_s=1.0)
+    )
+    granted = await book.reserve("wf-lapse", "agent-1", 0.25, now=1_000.0)
+    assert isinstance(granted, Granted)
+
+    assert await book.settle_lapsed(now=1_002.0) == 1  # the agent died mid-call
+    assert await book.spent("wf-lapse") == (0.25, 0.0)
+    assert not await book.settle(granted, 0.1)  # its late settlement changes nothing
+    assert await book.spent("wf-lapse") == (0.25, 0.0)
+
+
+async def _runaway(secure_nats, redis_server, prefix, *, approve: float, workflows: int = 3):
+    """The runaway scenario on Ray actors; returns the report and the spend of each
+    workflow, read from the reservation keys."""
+    from pathlib import Path
+
+    import msgspec
+
+    from govmesh.scenarios import load_scenario, run_workflows
+    from govmesh.state import Keyring
+
+    from _deploy import deployment
+
+    transport, server = secure_nats
+    dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
+    scenario = load_scenario(Path(__file__).parent.parent / "scenarios" / "runaway.yaml")
+    # Every answer unusable: each workflow loops until the budget stops it.
+    scenario = msgspec.structs.replace(
+        scenario,
+        model=msgspec.structs.replace(scenario.model, error_probability=1.0),
+        approvals=msgspec.structs.replace(scenario.approvals, approve_probability=approve),
+    )
+    keyring = Keyring.generate("runaway")
+    report = await run_workflows(
+        scenario,
+        dep,
+        issuer,
+        workflows=workflows,
+        seed=3,
+        timeout_s=240,
+        transport=transport,
+        keyring=keyring,
+    )
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        book = ReservationBook(client, dep.key_prefix, scenario.budget)
+        spent = {
+            f"{report['run_id']}-{i:05d}": await book.spent(f"{report['run_id']}-{i:05d}")
+            for i in range(workflows)
+        }
+    finally:
+        await client.aclose()
+    return report, spent, scenario.budget, dep, issuer, keyring
+
+
+async def test_a_looping_model_is_put_to_a_person_then_halted_at_the_cap(
+    secure_nats, redis_server, prefix, ray_session
+) -> None:
+    from govmesh.bus import Bus
+    from govmesh.state import StateService
+    from govmesh.state.messages import SnapshotQuery, SnapshotReply
+
+    report, spent, caps, dep, issuer, keyring = await _runaway(
+        secure_nats, redis_server, prefix, approve=1.0
+    )
+    w, interrupts = report["workflows"], report["budget"]["interrupts"]
+    assert w["finished"] == w["halted"] == w["total"] == 3, w
+    # Each workflow reached its soft threshold once, was let go on, and kept under its cap.
+    assert interrupts["asked"] == interrupts["released"] == 3, interrupts
+    for settled, reserved in spent.values():
+        assert (
+            reserved == 0 and caps.soft_threshold * caps.workflow_usd < settled <= caps.workflow_usd
+        )
+    assert report["cost_usd"] <= 3 * caps.workflow_usd
+    # A halted workflow's state is saved, saying why (read through a state actor of the
+    # run's keys: the run's own actors are gone).
+    state = StateService(dep, issuer.identity("state-9", "state"), keyring=keyring)
+    await state.start()
+    bus = await Bus.connect(dep, issuer.identity("inspector-1", "coordinator"))
+    try:
+        phases = []
+        for workflow in spent:
+            for agent in ("requester-1", "procurement-1"):
+                reply = await bus.request(
+                    bus.subjects.ctl("state"),
+                    SnapshotQuery(workflow=workflow, agent=agent),
+                    accepts=SnapshotReply,
+                )
+                answer: SnapshotReply = reply.body
+                if answer.snapshot is not None and answer.snapshot.goal["phase"] == "halted":
+                    phases.append(answer.snapshot.goal["reason"])
+    finally:
+        await bus.close()
+        await state.close()
+    assert len(phases) == w["halted"]
+    assert all("would pass its cap" in reason for reason in phases), phases
+
+
+async def test_a_person_who_says_no_halts_the_workflow_at_the_soft_threshold(
+    secure_nats, redis_server, prefix, ray_session
+) -> None:
+    report, spent, caps, *_ = await _runaway(secure_nats, redis_server, prefix, approve=0.0)
+    w, interrupts = report["workflows"], report["budget"]["interrupts"]
+    assert w["halted"] == w["total"] == 3, w
+    assert interrupts["asked"] == interrupts["halted"] == 3, interrupts
+    for settled, reserved in spent.values():
+        assert reserved == 0 and settled <= caps.soft_threshold * caps.workflow_usd
