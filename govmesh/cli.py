@@ -212,7 +212,11 @@ def run(
             "[bold]govmesh approvals approve ID --by NAME[/] (or deny)"
         )
 
-    with _progress(TextColumn("{task.fields[tally]}")) as progress:
+    from rich.live import Live
+
+    progress = _progress(TextColumn("{task.fields[tally]}"))
+    view = _BurnView(progress)
+    with Live(view, console=console, refresh_per_second=4, transient=False):
         task = progress.add_task("starting", total=workflows, tally="")
         tally: dict[str, int] = {}
 
@@ -224,6 +228,8 @@ def run(
         def on_phase(text: str) -> None:
             _claim_sigterm()  # phases after the first run with Ray up
             progress.update(task, description=text)
+            if text == "stopping":
+                view.burns = []
 
         report = _run(
             run_scenario(
@@ -236,6 +242,7 @@ def run(
                 on_phase=on_phase,
                 run_id=run_id,
                 resume=resume is not None,
+                on_burn=view.update,
             )
         )
     out.print(_summary(report))
@@ -339,6 +346,44 @@ def chaos(
         sys.exit(1)
 
 
+class _BurnView:
+    """The run's live view: the progress bar and, below it, the model use so far of the
+    costliest workflows in flight."""
+
+    _ROWS = 8
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.burns: list[Any] = []
+        self.in_flight = 0
+
+    def update(self, burns: list[Any]) -> None:
+        self.burns, self.in_flight = burns[: self._ROWS], len(burns)
+
+    def __rich__(self) -> Any:
+        from rich.console import Group
+
+        if not self.burns:
+            return self.progress
+        table = Table(
+            title=f"burn of the costliest workflows in flight ({self.in_flight} in flight)",
+            title_justify="left",
+            box=None,
+        )
+        for column in ("workflow", "calls", "reflections", "tokens", "tokens/min", "cost"):
+            table.add_column(column, justify="left" if column == "workflow" else "right")
+        for b in self.burns:
+            table.add_row(
+                b.workflow,
+                str(b.calls),
+                str(b.reflections),
+                f"{b.tokens:,}",
+                f"{b.tokens_per_min:,.0f}",
+                f"${b.cost_usd:,.4f}",
+            )
+        return Group(self.progress, table)
+
+
 def _summary(report: dict[str, Any]) -> Table:
     w, d, lat = report["workflows"], report["decisions"], report["governance_latency_ms"]
     table = Table(title=f"govmesh run: {report['scenario']} (seed {report['seed']})")
@@ -378,6 +423,22 @@ def _summary(report: dict[str, Any]) -> Table:
         f"{report['tokens']:,} in {report['model_calls']['counted_by_budget']} calls",
     )
     table.add_row("cost", f"${report['cost_usd']:,.4f}")
+    f = report["forecast"]
+    if not f["available"]:
+        table.add_row("cost forecast (ATFM)", f["why"])
+    else:
+        actual = f.get("actual")
+        versus = (
+            f"; actual ${actual['actual_usd']:,.4f}, error {actual['total_error']:+.1%}, "
+            f"{actual['p90_coverage']:.0%} of workflows under their P90"
+            if actual and actual["total_error"] is not None
+            else ""
+        )
+        table.add_row(
+            f"cost forecast (ATFM, from {f['recorded_workflows']} recorded workflows)",
+            f"${f['expected_cost_usd']:,.4f} (P5-P95 ${f['p5_cost_usd']:,.4f}-"
+            f"${f['p95_cost_usd']:,.4f}){versus}",
+        )
     vendor = report["vendor_reply"]
     if vendor["wait_hours"]:
         clock = "simulated clock" if report["clock"]["simulated"] else "real clock"
@@ -525,6 +586,71 @@ def bench_governance(decisions: int, intents: int, json_path: Path | None) -> No
     )
     out.print(table)
     console.print(f"[dim]{report['process_layout']}; event loop {report['event_loop']}[/]")
+    _write_json(json_path, report)
+
+
+@bench.command("forecast")
+@click.argument(
+    "scenario",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="scenarios/procurement.yaml",
+    required=False,
+)
+@click.option("--calibration-runs", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--held-out-runs", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--workflows", default=100, show_default=True, type=click.IntRange(2))
+@json_option
+def bench_forecast(
+    scenario: Path,
+    calibration_runs: int,
+    held_out_runs: int,
+    workflows: int,
+    json_path: Path | None,
+) -> None:
+    """Cost-forecast accuracy: calibrate on some seeded swarm runs of SCENARIO (default
+    scenarios/procurement.yaml), forecast held-out ones before they run, compare."""
+    from govmesh.bench._forecast import run_forecast_bench
+
+    with _progress() as progress:
+        task = progress.add_task("starting", total=calibration_runs + held_out_runs)
+
+        def tick(phase: str, done: int) -> None:
+            _claim_sigterm()
+            progress.update(task, description=phase, completed=done)
+
+        report = _run(
+            run_forecast_bench(
+                scenario,
+                calibration=calibration_runs,
+                held_out=held_out_runs,
+                workflows=workflows,
+                tick=tick,
+            )
+        )
+    table = Table(
+        title=f"govmesh bench forecast: {report['scenario']} (simulated model), "
+        f"{report['calibration_workflows']} workflows recorded, {report['runs']} held-out "
+        f"runs of {workflows}"
+    )
+    for column in ("measure", "value", "target", "met"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    low, high = report["targets"]["p90_coverage"]
+    table.add_row(
+        "held-out runs within 8% of the forecast",
+        f"{report['within_8pct_share']:.0%}",
+        f">= {report['targets']['within_8pct_share']:.0%}",
+        "yes" if report["met"]["within_8pct_share"] else "no",
+    )
+    table.add_row(
+        "workflows under their P90 bound",
+        f"{report['p90_coverage']:.1%}",
+        f"{low:.0%} - {high:.0%}",
+        "yes" if report["met"]["p90_coverage"] else "no",
+    )
+    table.add_row("median absolute total error", f"{report['median_abs_error']:.2%}", "", "")
+    table.add_row("largest absolute total error", f"{report['max_abs_error']:.2%}", "", "")
+    table.add_row("actual total within P5-P95", f"{report['within_p5_p95_share']:.0%}", "", "")
+    out.print(table)
     _write_json(json_path, report)
 
 

@@ -99,7 +99,9 @@ async def test_a_lapsed_reservation_is_settled_at_its_full_amount_once(redis, pr
     assert await book.spent("wf-lapse") == (0.25, 0.0)
 
 
-async def _runaway(secure_nats, redis_server, prefix, *, approve: float, workflows: int = 3):
+async def _runaway(
+    secure_nats, redis_server, prefix, *, approve: float, workflows: int = 3, on_burn=None
+):
     """The runaway scenario on Ray actors; returns the report and the spend of each
     workflow, read from the reservation keys."""
     from pathlib import Path
@@ -117,7 +119,7 @@ async def _runaway(secure_nats, redis_server, prefix, *, approve: float, workflo
     # Every answer unusable: each workflow loops until the budget stops it.
     scenario = msgspec.structs.replace(
         scenario,
-        model=msgspec.structs.replace(scenario.model, error_probability=1.0),
+        model=msgspec.structs.replace(scenario.model, error_probability=1.0, latency_ms=80),
         approvals=msgspec.structs.replace(scenario.approvals, approve_probability=approve),
     )
     keyring = Keyring.generate("runaway")
@@ -130,6 +132,7 @@ async def _runaway(secure_nats, redis_server, prefix, *, approve: float, workflo
         timeout_s=240,
         transport=transport,
         keyring=keyring,
+        on_burn=on_burn,
     )
     client = aioredis.Redis.from_url(redis_server.url)
     try:
@@ -150,8 +153,9 @@ async def test_a_looping_model_is_put_to_a_person_then_halted_at_the_cap(
     from govmesh.state import StateService
     from govmesh.state.messages import SnapshotQuery, SnapshotReply
 
+    seen: list[list] = []
     report, spent, caps, dep, issuer, keyring = await _runaway(
-        secure_nats, redis_server, prefix, approve=1.0
+        secure_nats, redis_server, prefix, approve=1.0, on_burn=seen.append
     )
     w, interrupts = report["workflows"], report["budget"]["interrupts"]
     assert w["finished"] == w["halted"] == w["total"] == 3, w
@@ -162,6 +166,14 @@ async def test_a_looping_model_is_put_to_a_person_then_halted_at_the_cap(
             reserved == 0 and caps.soft_threshold * caps.workflow_usd < settled <= caps.workflow_usd
         )
     assert report["cost_usd"] <= 3 * caps.workflow_usd
+    # The live view saw the burn of workflows in flight grow, costliest first.
+    views = [view for view in seen if view]
+    assert views, "no burn was reported while the workflows ran"
+    assert all(v == sorted(v, key=lambda b: -b.cost_usd) for v in views)
+    assert {b.workflow for v in views for b in v} <= set(spent)
+    assert max(b.calls for v in views for b in v) > 1 and all(
+        b.tokens_per_min > 0 for v in views for b in v if b.calls
+    )
     # A halted workflow's state is saved, saying why (read through a state actor of the
     # run's keys: the run's own actors are gone).
     state = StateService(dep, issuer.identity("state-9", "state"), keyring=keyring)

@@ -92,6 +92,16 @@ def test_stale_and_future_timestamps_are_refused() -> None:
     assert reason(sealed(now=time.time() + 6)) == "future"
 
 
+def test_a_message_carried_inside_another_is_checked_for_its_signer_not_its_age() -> None:
+    old = sealed(now=time.time() - 120)
+    assert reason(old) == "stale"
+    # A decision inside a retried tool call: its expiry and one use are checked elsewhere.
+    assert verifier().verify(SUBJECT, old, replay=False).envelope.sender == "alice"
+    assert reason(sealed(now=time.time() + 6)) == "future"
+    with pytest.raises(SecurityError):
+        verifier().verify(SUBJECT, old[:-1] + bytes([old[-1] ^ 1]), replay=False)
+
+
 def test_token_time_and_issuer_checks() -> None:
     key = SigningKey()
 

@@ -63,8 +63,10 @@ class MessageVerifier:
             subject: the subject the message actually arrived on.
             data: the wire bytes.
             now: the current time (an input, for tests).
-            replay: whether to check and record the nonce; off when re-checking a message
-                that is carried inside another one (a decision inside a tool call).
+            replay: whether to check and record the nonce, and the message's age; off when
+                re-checking a message carried inside another one (a decision inside a tool
+                call), whose own expiry and one use (the gateway's ledger) stand in for
+                both, so a step retried after a long stall still gets its recorded answer.
         """
         now = time.time() if now is None else now
         if len(data) > self._max_bytes:
@@ -83,7 +85,7 @@ class MessageVerifier:
                 "wrong_subject", f"signed for {envelope.subject!r}, arrived on {subject!r}"
             )
         age = now - envelope.ts
-        if age > self._window_s:
+        if replay and age > self._window_s:
             raise SecurityError("stale", f"{age:.1f}s old")
         if -age > self._future_s:
             raise SecurityError("future", f"{-age:.1f}s in the future")

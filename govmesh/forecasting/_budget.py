@@ -8,9 +8,8 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any, Final, cast
+from typing import Any, cast
 
-import msgspec
 from redis.exceptions import RedisError
 
 from govmesh.bus import Delivery
@@ -22,6 +21,7 @@ from govmesh.forecasting.messages import (
     BudgetQuery,
     BudgetReport,
     InterruptAck,
+    RoleUsage,
     Usage,
     WorkflowBurn,
 )
@@ -35,7 +35,34 @@ __all__ = ["BudgetService"]
 log = logging.getLogger(__name__)
 
 QUEUE = "budget"
-_FIELDS: Final = ("calls", "input_tokens", "output_tokens", "cost_usd", "errors", "first", "last")
+
+
+def _burn(workflow: str, row: dict[str, str]) -> WorkflowBurn:
+    """A workflow's burn from its spend hash (see `BudgetService._on_usage`)."""
+    calls, tokens = int(row.get("calls", 0)), int(row.get("input_tokens", 0))
+    tokens += int(row.get("output_tokens", 0))
+    minutes = max(float(row.get("last", 0)) - float(row.get("first", 0)), 1.0) / 60
+    roles = sorted({k.split("|", 1)[0] for k in row if "|" in k})
+    return WorkflowBurn(
+        workflow=workflow,
+        calls=calls,
+        reflections=int(row.get("errors", 0)),
+        tokens=tokens,
+        cost_usd=float(row.get("cost_usd", 0.0)),
+        tokens_per_min=tokens / minutes if calls else 0.0,
+        roles=tuple(
+            RoleUsage(
+                role=role,
+                model=row.get(f"{role}|model", ""),
+                calls=int(row.get(f"{role}|calls", 0)),
+                errors=int(row.get(f"{role}|errors", 0)),
+                input_tokens=int(row.get(f"{role}|input_tokens", 0)),
+                output_tokens=int(row.get(f"{role}|output_tokens", 0)),
+                cost_usd=float(row.get(f"{role}|cost_usd", 0.0)),
+            )
+            for role in roles
+        ),
+    )
 
 
 class BudgetService(Service):
@@ -111,13 +138,22 @@ class BudgetService(Service):
         usage: Usage = d.body
         cost = self.prices.price(usage.model).cost(usage.input_tokens, usage.output_tokens)
         now = repr(time.time())
+        role = d.claims.role
+        workflow_key = self.key("spend", "wf", d.envelope.workflow)
         async with self.redis.pipeline(transaction=True) as pipe:
-            for key in (self.key("spend", "tenant"), self.key("spend", "wf", d.envelope.workflow)):
-                pipe.hincrby(key, "calls", 1)
-                pipe.hincrby(key, "input_tokens", usage.input_tokens)
-                pipe.hincrby(key, "output_tokens", usage.output_tokens)
-                pipe.hincrbyfloat(key, "cost_usd", cost)
-                pipe.hincrby(key, "errors", int(usage.error))
+            for key, part in (
+                (self.key("spend", "tenant"), ""),
+                (workflow_key, ""),
+                # Per role too: the usage history that forecasts are calibrated on.
+                (workflow_key, f"{role}|"),
+            ):
+                pipe.hincrby(key, f"{part}calls", 1)
+                pipe.hincrby(key, f"{part}input_tokens", usage.input_tokens)
+                pipe.hincrby(key, f"{part}output_tokens", usage.output_tokens)
+                pipe.hincrbyfloat(key, f"{part}cost_usd", cost)
+                pipe.hincrby(key, f"{part}errors", int(usage.error))
+            pipe.hset(workflow_key, f"{role}|model", usage.model)
+            for key in (self.key("spend", "tenant"), workflow_key):
                 pipe.hsetnx(key, "first", now)
                 pipe.hset(key, "last", now)
             await pipe.execute()
@@ -137,31 +173,25 @@ class BudgetService(Service):
         )
         async with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:
-                pipe.hmget(key, list(_FIELDS))
-            rows = cast(list[list[bytes | None]], await pipe.execute())
-        report = BudgetReport()
+                pipe.hgetall(key)
+            rows = cast(list[dict[bytes, bytes]], await pipe.execute())
+        calls = inp = out = 0
+        cost = 0.0
         burns = []
-        for workflow, row in zip(query.workflows or ("",), rows, strict=False):
-            calls, inp, out, usd, errors, first, last = (0 if v is None else v for v in row)
-            report = BudgetReport(
-                calls=report.calls + int(calls),
-                input_tokens=report.input_tokens + int(inp),
-                output_tokens=report.output_tokens + int(out),
-                cost_usd=report.cost_usd + float(usd),
+        for workflow, raw in zip(query.workflows or ("",), rows, strict=False):
+            row = {k.decode(): v.decode() for k, v in raw.items()}
+            burn = _burn(workflow, row)
+            calls, inp, cost = (
+                calls + burn.calls,
+                inp + int(row.get("input_tokens", 0)),
+                cost + burn.cost_usd,
             )
+            out += int(row.get("output_tokens", 0))
             if query.detail and workflow:
-                minutes = max(float(last) - float(first), 1.0) / 60
-                burns.append(
-                    WorkflowBurn(
-                        workflow=workflow,
-                        calls=int(calls),
-                        reflections=int(errors),
-                        tokens=int(inp) + int(out),
-                        cost_usd=float(usd),
-                        tokens_per_min=(int(inp) + int(out)) / minutes if calls else 0.0,
-                    )
-                )
-        return msgspec.structs.replace(report, burn=tuple(burns))
+                burns.append(burn)
+        return BudgetReport(
+            calls=calls, input_tokens=inp, output_tokens=out, cost_usd=cost, burn=tuple(burns)
+        )
 
     async def _interrupt(self, d: Delivery, interrupt: BudgetInterrupt) -> InterruptAck:
         """Put a workflow at its soft threshold to a person as a pending approval, once per

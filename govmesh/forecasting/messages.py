@@ -9,6 +9,7 @@ __all__ = [
     "BudgetQuery",
     "BudgetReport",
     "InterruptAck",
+    "RoleUsage",
     "Usage",
     "WorkflowBurn",
 ]
@@ -59,6 +60,22 @@ class BudgetQuery(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     detail: bool = False
 
 
+class RoleUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """One agent role's model use in one workflow.
+
+    Attributes:
+        errors: calls whose answer was unusable (each reflected on and retried).
+    """
+
+    role: str
+    model: str
+    calls: int
+    errors: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+
+
 class WorkflowBurn(msgspec.Struct, frozen=True, kw_only=True):
     """One workflow's model use so far.
 
@@ -74,6 +91,7 @@ class WorkflowBurn(msgspec.Struct, frozen=True, kw_only=True):
     tokens: int
     cost_usd: float
     tokens_per_min: float
+    roles: tuple[RoleUsage, ...] = ()
 
 
 class BudgetReport(msgspec.Struct, frozen=True, kw_only=True, tag=True):

@@ -21,7 +21,18 @@ from govmesh.agents._base import TRANSIENT
 from govmesh.bus import Bus, Delivery, ensure_event_stream
 from govmesh.config import Deployment, key_prefix
 from govmesh.errors import BusError, ConfigError
-from govmesh.forecasting import BudgetQuery, BudgetReport
+from govmesh.forecasting import (
+    FORECAST_METHOD,
+    BudgetQuery,
+    BudgetReport,
+    Forecast,
+    UsageHistory,
+    WorkflowBurn,
+    WorkflowUsage,
+    calibrate,
+    check_forecast,
+    forecast,
+)
 from govmesh.governance._replay import ReplayReport, replay_url
 from govmesh.identity import Issuer
 from govmesh.identity._permissions import OPERATOR_ROLE
@@ -60,6 +71,8 @@ __all__ = [
 COORDINATOR_ROLE = "coordinator"
 
 _MAX_RESEND_S = 120.0
+_BURN_VIEW_MAX = 500
+"""Workflows in flight whose burn the live view asks for at once."""
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +119,8 @@ async def run_workflows(
     keyring: Keyring | None = None,
     during: Callable[[Swarm, Callable[[], int]], Coroutine[Any, Any, Any]] | None = None,
     clock_origin: float | None = None,
+    history: UsageHistory | None = None,
+    on_burn: Callable[[list[WorkflowBurn]], None] | None = None,
 ) -> dict[str, Any]:
     """Start the swarm, run ``workflows`` workflows through it, and return the report.
 
@@ -141,9 +156,15 @@ async def run_workflows(
         clock_origin: for a scenario with a simulated clock, when the run's clock started
             (the same when it resumes); now if None. A deployment whose clock is already
             simulated keeps it.
+        history: recorded usage of earlier runs: the run's cost is forecast from it first
+            and compared with what it cost after (``forecast`` in the report), and the run's
+            own usage is added to it once every workflow finished. None does neither.
+        on_burn: called about once a second with the model use so far of the workflows
+            in flight, costliest first (a live view).
     """
     started = time.perf_counter()
     run_id = run_id or new_run_id()
+    prior = _prior_forecast(history, scenario.name, workflows, seed=seed)
     swarm = Swarm(
         scenario,
         deployment,
@@ -188,6 +209,7 @@ async def run_workflows(
             task.add_done_callback(background.discard)
 
     chaos: asyncio.Task[Any] | None = None
+    watch: asyncio.Task[Any] | None = None
     try:
         await authority.start()
         await swarm.start()
@@ -237,16 +259,23 @@ async def run_workflows(
         ]
         if during is not None:
             chaos = asyncio.create_task(during(swarm, lambda: len(outcomes)))
+        if on_burn is not None:
+            watch = asyncio.create_task(_watch_burn(coordinator, waiting, on_burn))
         _, pending = await asyncio.wait(tasks, timeout=timeout_s)
         for task in pending:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if chaos is not None:
-            chaos.cancel()
-            await asyncio.gather(chaos, return_exceptions=True)
+        for side in (chaos, watch):
+            if side is not None:
+                side.cancel()
+                await asyncio.gather(side, return_exceptions=True)
         finished_at = time.perf_counter()
         expected_calls = sum(done.model_calls for done in outcomes.values())
         budget = await _settled_budget(coordinator, tuple(outcomes), expected_calls)
+        burns = await _burns(coordinator, tuple(outcomes))
+        forecast_report = _forecast_vs_actual(prior, burns, workflows)
+        if history is not None and len(outcomes) == workflows and burns:
+            history.append(_usage_records(scenario, run_id, seed, burns))
         # Every recorded decision of the tenant, decided again (there must be no difference).
         replayed = await replay_url(deployment.redis_url, prefix=deployment.key_prefix)
         stats = await swarm.stats()
@@ -258,9 +287,10 @@ async def run_workflows(
         stats["coordinator"] = {"rejected": dict(coordinator.rejected)}
         await asyncio.gather(*background, return_exceptions=True)
     finally:
-        if chaos is not None and not chaos.done():
-            chaos.cancel()
-            await asyncio.gather(chaos, return_exceptions=True)
+        for side in (chaos, watch):
+            if side is not None and not side.done():
+                side.cancel()
+                await asyncio.gather(side, return_exceptions=True)
         await records.close()
         await coordinator.close()
         if approver is not None:
@@ -284,6 +314,7 @@ async def run_workflows(
         },
     )
     report["run_id"] = run_id
+    report["forecast"] = forecast_report
     report["actor_restarts"] = dict(swarm.restarts)
     return report
 
@@ -311,6 +342,94 @@ def _timer_counts(stats: dict[str, Any]) -> dict[str, int]:
     for service in stats.values():
         counts.update(service.get("timers", {}))
     return {"fired": counts["fired"], "missed": counts["missed"]}
+
+
+def _prior_forecast(
+    history: UsageHistory | None, scenario: str, workflows: int, *, seed: int
+) -> Forecast | None:
+    """The run's cost forecast from earlier runs' recorded usage, made before it starts."""
+    if history is None:
+        return None
+    records = history.read(scenario)
+    if not records:
+        return None
+    return forecast(calibrate(records), scenario, workflows, seed=seed)
+
+
+async def _watch_burn(
+    bus: Bus,
+    waiting: dict[str, asyncio.Future[WorkflowDone]],
+    on_burn: Callable[[list[WorkflowBurn]], None],
+    *,
+    interval_s: float = 1.0,
+) -> None:
+    """Every ``interval_s``, the burn of the workflows in flight, costliest first."""
+    while True:
+        await asyncio.sleep(interval_s)
+        in_flight = tuple(w for w, f in list(waiting.items()) if not f.done())[:_BURN_VIEW_MAX]
+        burns = await _burns(bus, in_flight, timeout=interval_s)
+        on_burn(sorted(burns, key=lambda b: b.cost_usd, reverse=True))
+
+
+async def _burns(
+    bus: Bus, workflows: tuple[str, ...], *, timeout: float = 10.0
+) -> list[WorkflowBurn]:
+    """Each workflow's model use, by role, from the budget actor."""
+    if not workflows:
+        return []
+    try:
+        reply = await bus.request(
+            bus.subjects.ctl("budget"),
+            BudgetQuery(workflows=workflows, detail=True),
+            accepts=BudgetReport,
+            timeout=timeout,
+        )
+    except BusError:
+        return []
+    report: BudgetReport = reply.body
+    return list(report.burn)
+
+
+def _usage_records(
+    scenario: Scenario, run_id: str, seed: int, burns: list[WorkflowBurn]
+) -> list[WorkflowUsage]:
+    return [
+        WorkflowUsage(
+            scenario=scenario.name,
+            run_id=run_id,
+            seed=seed,
+            workflow=burn.workflow,
+            role=role.role,
+            model=role.model,
+            calls=role.calls,
+            errors=role.errors,
+            input_tokens=role.input_tokens,
+            output_tokens=role.output_tokens,
+            cost_usd=role.cost_usd,
+        )
+        for burn in burns
+        for role in burn.roles
+    ]
+
+
+def _forecast_vs_actual(
+    prior: Forecast | None, burns: list[WorkflowBurn], workflows: int
+) -> dict[str, Any]:
+    if prior is None:
+        return {"available": False, "why": "no recorded usage of this scenario yet"}
+    section: dict[str, Any] = {
+        "available": True,
+        "method": FORECAST_METHOD,
+        "recorded_workflows": prior.recorded_workflows,
+        "expected_cost_usd": prior.expected_cost_usd,
+        "p5_cost_usd": prior.p5_cost_usd,
+        "p95_cost_usd": prior.p95_cost_usd,
+        "per_workflow_p90_usd": prior.per_workflow_p90_usd,
+    }
+    if len(burns) != workflows:
+        return {**section, "actual": None, "why": "not every workflow finished"}
+    check = check_forecast(prior, [b.cost_usd for b in burns])
+    return {**section, "actual": msgspec.to_builtins(check)}
 
 
 async def _settled_budget(
@@ -514,6 +633,7 @@ async def run_scenario(
     on_phase: Callable[[str], None] | None = None,
     run_id: str | None = None,
     resume: bool = False,
+    on_burn: Callable[[list[WorkflowBurn]], None] | None = None,
 ) -> dict[str, Any]:
     """Load a scenario, bring up the runtime (embedded or external services), run, report.
 
@@ -558,6 +678,8 @@ async def run_scenario(
             run_id=m.run_id,
             keyring=up.keyring,
             clock_origin=up.manifest.started_at or None,
+            history=UsageHistory(),
+            on_burn=on_burn,
         )
         report["runtime"] = {"embedded": up.runtime.embedded, "mutual_tls": up.deployment.tls}
         phase("stopping")
