@@ -127,30 +127,27 @@ class AgentService(Service):
         granted: Granted | None = None
         book = self.book
         if book is not None and self.price is not None:
-            most = self.price.cost(self.model.max_input_tokens(request), request.max_tokens)
+            most = self.price.max_cost(self.model.max_input_tokens(request), request.max_tokens)
             answer = await book.reserve(workflow, self.agent_id, most)
             if not isinstance(answer, Granted):
                 raise BudgetError(answer)
             granted = answer
         response = await self.model.complete(request)
-        cost = (
-            self.price.cost(response.input_tokens, response.output_tokens)
-            if self.price is not None
-            else 0.0
+        usage = Usage(
+            model=response.model,
+            input_tokens=response.input_tokens,
+            output_tokens=response.output_tokens,
+            error=response.error,
+            reservation="" if granted is None else granted.reservation_id,
+            cache_read_tokens=response.cache_read_tokens,
+            cache_write_tokens=response.cache_write_tokens,
+            reasoning_tokens=response.reasoning_tokens,
         )
+        cost = usage.cost(self.price) if self.price is not None else 0.0
         if book is not None and granted is not None:
             await book.settle(granted, cost)
         await self.bus.publish(
-            self.subjects.usage(self.agent_id),
-            Usage(
-                model=response.model,
-                input_tokens=response.input_tokens,
-                output_tokens=response.output_tokens,
-                error=response.error,
-                reservation="" if granted is None else granted.reservation_id,
-            ),
-            workflow=workflow,
-            trace=trace,
+            self.subjects.usage(self.agent_id), usage, workflow=workflow, trace=trace
         )
         return response
 

@@ -136,7 +136,7 @@ class BudgetService(Service):
 
     async def _on_usage(self, d: Delivery) -> None:
         usage: Usage = d.body
-        cost = self.prices.price(usage.model).cost(usage.input_tokens, usage.output_tokens)
+        cost = usage.cost(self.prices.price(usage.model))
         now = repr(time.time())
         role = d.claims.role
         workflow_key = self.key("spend", "wf", d.envelope.workflow)

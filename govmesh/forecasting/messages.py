@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from govmesh.forecasting._prices import Price
+
 __all__ = [
     "BudgetInterrupt",
     "BudgetQuery",
@@ -23,6 +25,19 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     output_tokens: int
     error: bool = False
     reservation: str = ""
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    def cost(self, price: Price) -> float:
+        """What this usage costs at ``price``."""
+        return price.cost(
+            self.input_tokens,
+            self.output_tokens,
+            cache_read_tokens=self.cache_read_tokens,
+            cache_write_tokens=self.cache_write_tokens,
+            reasoning_tokens=self.reasoning_tokens,
+        )
 
 
 class BudgetInterrupt(msgspec.Struct, frozen=True, kw_only=True, tag=True):

@@ -28,6 +28,8 @@ class ModelResponse(msgspec.Struct, frozen=True, kw_only=True):
     Attributes:
         error: the answer was unusable (malformed output, refusal), so the agent reflects
             and retries.
+        cache_read_tokens, cache_write_tokens, reasoning_tokens: further token kinds some
+            providers report and price apart (see `govmesh.forecasting.Price`).
     """
 
     text: str
@@ -35,6 +37,9 @@ class ModelResponse(msgspec.Struct, frozen=True, kw_only=True):
     input_tokens: int
     output_tokens: int
     error: bool = False
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 @runtime_checkable

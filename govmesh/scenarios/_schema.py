@@ -7,8 +7,9 @@ from pathlib import Path
 import msgspec
 import yaml
 
-from govmesh.errors import ScenarioError
+from govmesh.errors import ConfigError, ScenarioError
 from govmesh.forecasting import BudgetCaps, Price
+from govmesh.forecasting._prices import load_price_file
 from govmesh.llm import SimulatedModelSettings
 
 __all__ = ["AgentSpec", "Scenario", "load_scenario"]
@@ -106,6 +107,13 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ScenarioError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ScenarioError(f"{path}: a scenario is a mapping, got {type(data).__name__}")
+    prices = data.get("prices")
+    if isinstance(prices, str):
+        # A price table file, named relative to the scenario.
+        try:
+            data = {**data, "prices": msgspec.to_builtins(load_price_file(path.parent / prices))}
+        except ConfigError as exc:
+            raise ScenarioError(f"{path}: prices: {exc}") from None
     try:
         scenario = msgspec.convert({**data, "source": str(path)}, Scenario)
     except msgspec.ValidationError as exc:
