@@ -3,10 +3,33 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import msgspec
+import yaml
 
-__all__ = ["Clock", "Deployment", "key_prefix"]
+from govmesh.errors import GovmeshError
+
+__all__ = ["Clock", "Deployment", "key_prefix", "read_yaml_mapping"]
+
+
+def read_yaml_mapping(path: Path, *, what: str, error: type[GovmeshError]) -> dict[str, Any]:
+    """The YAML mapping in ``path`` (a scenario, a price table).
+
+    Raises:
+        error: the file cannot be read, is not YAML, or is not a non-empty mapping; the
+            message names the file and says it is a ``what``.
+    """
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or not data:
+        raise error(f"{path}: a {what} is a non-empty mapping, got {type(data).__name__}")
+    return data
 
 
 def key_prefix(tenant: str) -> str:

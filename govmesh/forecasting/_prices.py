@@ -19,8 +19,8 @@ import math
 from pathlib import Path
 
 import msgspec
-import yaml
 
+from govmesh.config import read_yaml_mapping
 from govmesh.errors import ConfigError
 
 __all__ = ["Price", "PriceTable", "load_price_file"]
@@ -110,14 +110,7 @@ def load_price_file(path: str | Path) -> dict[str, Price]:
             message names the file and the model and field at fault.
     """
     where = Path(path)
-    try:
-        data = yaml.safe_load(where.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read price table: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict) or not data:
-        raise ConfigError(f"{where}: a price table is a mapping of model names to prices")
+    data = read_yaml_mapping(where, what="price table", error=ConfigError)
     try:
         return msgspec.convert(data, dict[str, Price])
     except msgspec.ValidationError as exc:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgspec
-import yaml
 
+from govmesh.config import read_yaml_mapping
 from govmesh.errors import ConfigError, ScenarioError
 from govmesh.forecasting import BudgetCaps, Price
 from govmesh.forecasting._prices import load_price_file
@@ -99,14 +99,7 @@ def load_scenario(path: str | Path) -> Scenario:
         ScenarioError: naming the file and the field path of anything wrong.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ScenarioError(f"{path}: cannot read scenario: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ScenarioError(f"{path}: a scenario is a mapping, got {type(data).__name__}")
+    data = read_yaml_mapping(path, what="scenario", error=ScenarioError)
     prices = data.get("prices")
     if isinstance(prices, str):
         # A price table file, named relative to the scenario.
