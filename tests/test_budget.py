@@ -207,3 +207,57 @@ async def test_a_person_who_says_no_halts_the_workflow_at_the_soft_threshold(
     assert interrupts["asked"] == interrupts["halted"] == 3, interrupts
     for settled, reserved in spent.values():
         assert reserved == 0 and settled <= caps.soft_threshold * caps.workflow_usd
+
+
+async def test_the_budget_actor_keeps_burn_per_workflow_agent_and_tenant(
+    secure_nats, redis_server, prefix
+) -> None:
+    from govmesh.bus import Bus
+    from govmesh.forecasting import BudgetQuery, BudgetReport, BudgetService, Price, Usage
+
+    from _deploy import deployment
+
+    transport, server = secure_nats
+    dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
+    price = Price(input_per_1k=1.0, output_per_1k=2.0)
+    budget = BudgetService(dep, issuer.identity("budget-1", "budget"), prices={"m": price})
+    await budget.start()
+    agents = {
+        name: await Bus.connect(dep, issuer.identity(name, role, capabilities=()))
+        for name, role in (("a-1", "agent"), ("a-2", "agent"))
+    }
+    asker = await Bus.connect(dep, issuer.identity("asker-1", "coordinator"))
+    try:
+        calls = [("a-1", "wf-1", False), ("a-1", "wf-1", True), ("a-2", "wf-1", False)]
+        calls += [("a-2", "wf-2", True)]
+        for agent, workflow, error in calls:
+            bus = agents[agent]
+            await bus.publish(
+                bus.subjects.usage(agent),
+                Usage(model="m", input_tokens=1000, output_tokens=500, error=error),
+                workflow=workflow,
+            )
+        want = BudgetQuery(workflows=("wf-1", "wf-2"), agents=("a-1", "a-2"), detail=True)
+        for _ in range(200):  # usage events are asynchronous
+            reply = await asker.request(asker.subjects.ctl("budget"), want, accepts=BudgetReport)
+            report: BudgetReport = reply.body
+            if report.calls == 4:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        for bus in (*agents.values(), asker):
+            await bus.close()
+        await budget.close()
+
+    per_call = price.cost(1000, 500)
+    assert report.calls == 4 and report.cost_usd == pytest.approx(4 * per_call)
+    rows = {(b.scope, b.workflow or b.agent): b for b in report.burn}
+    assert rows["workflow", "wf-1"].calls == 3 and rows["workflow", "wf-1"].reflections == 1
+    assert rows["workflow", "wf-2"].reflections == 1
+    assert rows["agent", "a-1"].cost_usd == pytest.approx(2 * per_call)
+    assert rows["agent", "a-2"].calls == 2
+    tenant = rows["tenant", ""]
+    assert (tenant.calls, tenant.tokens) == (4, 4 * 1500)  # the test's own tenant
+    assert all(b.tokens_per_min > 0 for b in report.burn)
+    roles = {r.role: r for r in rows["workflow", "wf-1"].roles}
+    assert roles["agent"].calls == 3 and roles["agent"].errors == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from typing import Any, cast
@@ -20,6 +21,7 @@ from govmesh.forecasting.messages import (
     BudgetInterrupt,
     BudgetQuery,
     BudgetReport,
+    BurnScope,
     InterruptAck,
     RoleUsage,
     Usage,
@@ -37,15 +39,20 @@ log = logging.getLogger(__name__)
 QUEUE = "budget"
 
 
-def _burn(workflow: str, row: dict[str, str]) -> WorkflowBurn:
-    """A workflow's burn from its spend hash (see `BudgetService._on_usage`)."""
+def _burn(name: str, row: dict[str, str], *, scope: BurnScope = "workflow") -> WorkflowBurn:
+    """The burn of a workflow, an agent or the tenant from its spend hash (see
+    `BudgetService._on_usage`)."""
     calls, tokens = int(row.get("calls", 0)), int(row.get("input_tokens", 0))
     tokens += int(row.get("output_tokens", 0))
     minutes = max(float(row.get("last", 0)) - float(row.get("first", 0)), 1.0) / 60
     roles = sorted({k.split("|", 1)[0] for k in row if "|" in k})
     return WorkflowBurn(
-        workflow=workflow,
+        workflow=name if scope == "workflow" else "",
+        scope=scope,
+        agent=name if scope == "agent" else "",
         calls=calls,
+        input_tokens=int(row.get("input_tokens", 0)),
+        output_tokens=int(row.get("output_tokens", 0)),
         reflections=int(row.get("errors", 0)),
         tokens=tokens,
         cost_usd=float(row.get("cost_usd", 0.0)),
@@ -140,9 +147,11 @@ class BudgetService(Service):
         now = repr(time.time())
         role = d.claims.role
         workflow_key = self.key("spend", "wf", d.envelope.workflow)
+        agent_key = self.key("spend", "agent", d.claims.sub)
         async with self.redis.pipeline(transaction=True) as pipe:
             for key, part in (
                 (self.key("spend", "tenant"), ""),
+                (agent_key, ""),
                 (workflow_key, ""),
                 # Per role too: the usage history that forecasts are calibrated on.
                 (workflow_key, f"{role}|"),
@@ -153,7 +162,7 @@ class BudgetService(Service):
                 pipe.hincrbyfloat(key, f"{part}cost_usd", cost)
                 pipe.hincrby(key, f"{part}errors", int(usage.error))
             pipe.hset(workflow_key, f"{role}|model", usage.model)
-            for key in (self.key("spend", "tenant"), workflow_key):
+            for key in (self.key("spend", "tenant"), agent_key, workflow_key):
                 pipe.hsetnx(key, "first", now)
                 pipe.hset(key, "last", now)
             await pipe.execute()
@@ -166,31 +175,31 @@ class BudgetService(Service):
                 await self.bus.respond(d, await self._interrupt(d, interrupt))
 
     async def _report(self, query: BudgetQuery) -> BudgetReport:
-        keys = (
-            [self.key("spend", "wf", w) for w in query.workflows]
-            if query.workflows
-            else [self.key("spend", "tenant")]
-        )
+        """Totals of the workflows asked for (of the tenant if none), and with ``detail``
+        the burn of each of them, of each agent asked for, and of the tenant."""
+        scoped: list[tuple[BurnScope, str, str]] = [
+            ("workflow", w, self.key("spend", "wf", w)) for w in query.workflows
+        ] or [("tenant", "", self.key("spend", "tenant"))]
+        extra: list[tuple[BurnScope, str, str]] = [
+            ("agent", a, self.key("spend", "agent", a)) for a in query.agents
+        ]
+        if query.detail and query.workflows:
+            extra.append(("tenant", "", self.key("spend", "tenant")))
         async with self.redis.pipeline(transaction=False) as pipe:
-            for key in keys:
+            for _, _, key in (*scoped, *extra):
                 pipe.hgetall(key)
             rows = cast(list[dict[bytes, bytes]], await pipe.execute())
-        calls = inp = out = 0
-        cost = 0.0
-        burns = []
-        for workflow, raw in zip(query.workflows or ("",), rows, strict=False):
-            row = {k.decode(): v.decode() for k, v in raw.items()}
-            burn = _burn(workflow, row)
-            calls, inp, cost = (
-                calls + burn.calls,
-                inp + int(row.get("input_tokens", 0)),
-                cost + burn.cost_usd,
-            )
-            out += int(row.get("output_tokens", 0))
-            if query.detail and workflow:
-                burns.append(burn)
+        burns = [
+            _burn(name, {k.decode(): v.decode() for k, v in raw.items()}, scope=scope)
+            for (scope, name, _), raw in zip((*scoped, *extra), rows, strict=True)
+        ]
+        totals = burns[: len(scoped)]
         return BudgetReport(
-            calls=calls, input_tokens=inp, output_tokens=out, cost_usd=cost, burn=tuple(burns)
+            calls=sum(b.calls for b in totals),
+            input_tokens=sum(b.input_tokens for b in totals),
+            output_tokens=sum(b.output_tokens for b in totals),
+            cost_usd=math.fsum(b.cost_usd for b in totals),
+            burn=tuple(burns) if query.detail else tuple(b for b in burns[len(scoped) :]),
         )
 
     async def _interrupt(self, d: Delivery, interrupt: BudgetInterrupt) -> InterruptAck:

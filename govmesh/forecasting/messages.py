@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 from govmesh.forecasting._prices import Price
@@ -68,11 +70,16 @@ class BudgetQuery(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """Ask the budget actor for totals of ``workflows``; none means the whole tenant.
 
     Attributes:
-        detail: also each workflow's burn (`BudgetReport.burn`).
+        agents: also the burn of these agents (`BudgetReport.burn`, scope ``agent``).
+        detail: also the burn of each workflow and of the tenant.
     """
 
     workflows: tuple[str, ...] = ()
+    agents: tuple[str, ...] = ()
     detail: bool = False
+
+
+BurnScope = Literal["workflow", "agent", "tenant"]
 
 
 class RoleUsage(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,9 +99,11 @@ class RoleUsage(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class WorkflowBurn(msgspec.Struct, frozen=True, kw_only=True):
-    """One workflow's model use so far.
+    """The model use so far of one workflow, one agent, or the tenant (``scope``).
 
     Attributes:
+        workflow: the workflow, for scope ``workflow``.
+        agent: the agent, for scope ``agent``.
         reflections: unusable answers, each reflected on and retried.
         tokens_per_min: tokens over the time from its first call to its last (at least a
             second).
@@ -107,6 +116,10 @@ class WorkflowBurn(msgspec.Struct, frozen=True, kw_only=True):
     cost_usd: float
     tokens_per_min: float
     roles: tuple[RoleUsage, ...] = ()
+    scope: BurnScope = "workflow"
+    agent: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
 
 
 class BudgetReport(msgspec.Struct, frozen=True, kw_only=True, tag=True):

@@ -387,7 +387,7 @@ async def _burns(
     except BusError:
         return []
     report: BudgetReport = reply.body
-    return list(report.burn)
+    return [b for b in report.burn if b.scope == "workflow"]
 
 
 def _usage_records(
