@@ -596,7 +596,7 @@ def bench_governance(decisions: int, intents: int, json_path: Path | None) -> No
     default="scenarios/procurement.yaml",
     required=False,
 )
-@click.option("--calibration-runs", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--calibration-runs", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--held-out-runs", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--workflows", default=100, show_default=True, type=click.IntRange(2))
 @json_option

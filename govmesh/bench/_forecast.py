@@ -42,7 +42,7 @@ Progress = Callable[[str, int], None]
 async def run_forecast_bench(
     scenario_path: str | Path,
     *,
-    calibration: int = 5,
+    calibration: int = 10,
     held_out: int = 20,
     workflows: int = 100,
     tick: Progress | None = None,

@@ -9,7 +9,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import nats
@@ -38,6 +38,9 @@ from govmesh.identity.messages import TokenGrant, TokenRenewal
 __all__ = ["Authorize", "Bus", "Delivery", "Handler"]
 
 log = logging.getLogger(__name__)
+
+_CLOSE_FLUSH_S: Final = 2
+"""How long closing waits for what was published to reach the server."""
 
 
 class Delivery(msgspec.Struct, frozen=True, kw_only=True):
@@ -399,11 +402,14 @@ class Bus:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if not self.nc.is_closed:
+            # Not nc.drain(): it swallows its own cancellation and then flushes with a 10 s
+            # timeout, so a close bounded by asyncio.wait_for could still take 10 s. Handlers
+            # are cancelled already; what is left is to send what was published.
             try:
-                await asyncio.wait_for(self.nc.drain(), 2)
+                await self.nc.flush(timeout=_CLOSE_FLUSH_S)
             except Exception as exc:
-                log.debug("drain failed, closing: %s", exc)
-                await self.nc.close()
+                log.debug("flush before close failed: %s", exc)
+            await self.nc.close()
 
     async def __aenter__(self) -> Bus:
         return self

@@ -63,9 +63,11 @@ P95_METHOD: Final = (
 )
 FORECAST_METHOD: Final = (
     "expected: per role, ATFM with parameters fitted to the recorded workflows, times the "
-    "workflows forecast. P5/P95 of the total: resample that many whole recorded workflows "
-    "(all roles together) with replacement, sum, repeat `draws` times (normal "
-    "approximation with the recorded mean and spread when workflows x draws exceeds "
+    "workflows forecast. P5/P95 of the total: each draw first resamples the recorded "
+    "workflows (so the bounds also carry the uncertainty of a calibration fitted on a "
+    "finite record), then sums that many whole workflows (all roles together) drawn from "
+    "the resample; `draws` draws (normal approximation with the recorded mean and spread, "
+    "and the mean's standard error, when (workflows + recorded) x draws exceeds "
     f"{_MAX_PICKS:,}). Per-workflow P90: the 90th percentile of the recorded per-workflow "
     "costs summed over roles."
 )
@@ -470,16 +472,21 @@ def forecast(
     per_workflow = fit.workflow_costs()
     expected_one = math.fsum(r.params.expected_cost_usd for r in fit.roles)
     method: Literal["bootstrap", "normal"]
-    if workflows * draws <= _MAX_PICKS:
+    if (workflows + len(per_workflow)) * draws <= _MAX_PICKS:
         method = "bootstrap"
         rng = random.Random(seed)
-        totals = sorted(math.fsum(rng.choices(per_workflow, k=workflows)) for _ in range(draws))
+        recorded = len(per_workflow)
+        totals = sorted(
+            math.fsum(rng.choices(rng.choices(per_workflow, k=recorded), k=workflows))
+            for _ in range(draws)
+        )
         p5, p95 = _quantile(totals, 0.05), _quantile(totals, 0.95)
     else:
         method = "normal"
         # The resampled total's own mean and spread: the recorded ones, times workflows.
         mean = statistics.fmean(per_workflow) * workflows
-        spread = statistics.pstdev(per_workflow) * math.sqrt(workflows)
+        sd = statistics.pstdev(per_workflow)
+        spread = sd * math.sqrt(workflows + workflows**2 / len(per_workflow))
         z = statistics.NormalDist().inv_cdf(0.95)
         p5, p95 = max(0.0, mean - z * spread), mean + z * spread
     return Forecast(
