@@ -701,6 +701,71 @@ def bench_state(snapshots: int, json_path: Path | None) -> None:
     _write_json(json_path, report)
 
 
+@bench.command("audit")
+@click.option(
+    "--events",
+    default=1_000_000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Events ingested into the audit index.",
+)
+@click.option(
+    "--workflows",
+    default=10_000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Workflows the events are spread over.",
+)
+@click.option("--samples", default=1000, show_default=True, type=click.IntRange(1))
+@json_option
+def bench_audit(events: int, workflows: int, samples: int, json_path: Path | None) -> None:
+    """Audit index: ingest rate, one workflow's show and verify, beside a raw LRANGE."""
+    from govmesh.bench._audit import run_audit_bench
+
+    with _progress() as progress:
+        task = progress.add_task("audit", total=events + samples + 1)
+        tick = _phase_ticker(progress, task)
+
+        report = _run(
+            run_audit_bench(events=events, workflows=workflows, samples=samples, tick=tick)
+        )
+    table = Table(
+        title=f"govmesh bench audit: {events:,} events across {workflows:,} workflows "
+        f"({report['events_per_workflow']:,.0f} each)"
+    )
+    for column in ("measure", "p50", "p99", "target", "met"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    targets, met = report["targets"], report["met"]
+    table.add_row(
+        "ingest, events/s",
+        f"{report['ingest_events_per_s']:,.0f}",
+        "",
+        f">= {targets['ingest_events_per_s']:,.0f}",
+        "yes" if met["ingest_events_per_s"] else "no",
+    )
+    for label, key, target in (
+        ("show one workflow, ms", "show_ms", "show_p99_ms"),
+        ("raw LRANGE of its records, ms", "lrange_ms", ""),
+        ("verify one workflow, ms", "verify_ms", ""),
+    ):
+        r = report[key]
+        table.add_row(
+            label,
+            f"{r['p50']:.3f}",
+            f"{r['p99']:.3f}",
+            f"p99 <= {targets[target]:g}" if target else "",
+            ("yes" if met[target] else "no") if target else "",
+        )
+    table.add_row("checkpoint of every head, ms", f"{report['checkpoint_ms']:.1f}")
+    table.add_row("verify every chain, s", f"{report['verify_all_s']:.1f}")
+    out.print(table)
+    console.print(
+        f"[dim]show is {report['show_vs_lrange']:.1f}x a raw LRANGE at p50; Redis holds "
+        f"{report['redis_used_memory_mb']:,.0f} MB[/]"
+    )
+    _write_json(json_path, report)
+
+
 @cli.group()
 def audit() -> None:
     """Check what was decided."""

@@ -256,15 +256,34 @@ async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
         for i in range(5, 8):
             await bus.publish(bus.subjects.msg("bob"), Note(n=i), workflow="wf-js")
         await bus.flush()
-        consumer = AuditConsumer(nc, index, tenant=prefix, batch=10)
+        key = SigningKey()
+        consumer = AuditConsumer(
+            nc, index, tenant=prefix, batch=10, checkpoint_key=key, checkpoint_every_s=0.05
+        )
         await consumer.start()
         await stored(8)
+        deadline = time.monotonic() + 10
+        while not consumer.checkpoints and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert consumer.checkpoints >= 1
         records = await index.records("wf-js")
         assert [rec.seq for rec in records] == list(range(1, 9))
         assert {rec.sender for rec in records} == {"alice"}
-        assert (await index.verify("wf-js")).ok
+        report = await index.verify("wf-js", trusted=[key.public])
+        assert report.ok and report.checkpoint_ts > 0
     finally:
         await consumer.close()
         await bus.close()
         await nc.close()
         await r.aclose()
+
+
+async def test_bench_audit_fills_the_index_and_reports_against_its_baseline() -> None:
+    from govmesh.bench._audit import run_audit_bench
+
+    report = await run_audit_bench(events=400, workflows=20, samples=10)
+    assert report["events_per_workflow"] == 20
+    assert report["ingest_events_per_s"] > 0
+    for key in ("show_ms", "lrange_ms", "verify_ms"):
+        assert 0 < report[key]["p50"] <= report[key]["p99"]
+    assert set(report["met"]) == set(report["targets"])

@@ -660,6 +660,10 @@ class AuditConsumer:
         tenant: whose events.
         durable: the consumer's durable name (default ``audit-<tenant>``).
         batch: messages fetched and stored at once.
+        checkpoint_key: sign a checkpoint of the chain heads with this key every
+            ``checkpoint_every_s`` seconds in which something was stored (None: never).
+        checkpoint_every_s: seconds between checkpoints.
+        signer: who signs the checkpoints, recorded in them.
     """
 
     def __init__(
@@ -670,6 +674,9 @@ class AuditConsumer:
         tenant: str,
         durable: str = "",
         batch: int = 500,
+        checkpoint_key: SigningKey | None = None,
+        checkpoint_every_s: float = 60.0,
+        signer: str = "",
     ) -> None:
         self.nc = nc
         self.index = index
@@ -678,6 +685,10 @@ class AuditConsumer:
         self.batch = batch
         self.stored = 0
         self.duplicates = 0
+        self.checkpoints = 0
+        self._checkpoint_key = checkpoint_key
+        self._checkpoint_every_s = checkpoint_every_s
+        self._signer = signer or self.durable
         self._task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
 
@@ -700,7 +711,17 @@ class AuditConsumer:
 
     async def _loop(self) -> None:
         assert self._sub is not None
+        due = time.monotonic() + self._checkpoint_every_s
+        unsigned = 0
         while True:
+            if self._checkpoint_key is not None and unsigned and time.monotonic() >= due:
+                try:
+                    await self.index.checkpoint(self._checkpoint_key, signer=self._signer)
+                    self.checkpoints += 1
+                    unsigned = 0
+                except (aioredis.RedisError, OSError) as exc:
+                    log.warning("audit checkpoint failed, will retry: %s", exc)
+                due = time.monotonic() + self._checkpoint_every_s
             try:
                 msgs = await self._sub.fetch(self.batch, timeout=1.0)
             except NatsTimeoutError:
@@ -716,6 +737,7 @@ class AuditConsumer:
             for m in msgs:
                 await m.ack()
             self.stored += report.stored
+            unsigned += report.stored
             self.duplicates += report.duplicates
 
     async def close(self) -> None:
