@@ -235,7 +235,7 @@ async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
     nc = await nats.connect(nats_server.url)
     index, r = await _index(redis_server, prefix)
     bus = await Bus.connect(dep, issuer.identity("alice", "agent"), rotate=False)
-    consumer = AuditConsumer(nc, index, tenant=prefix, batch=10)
+    consumer = AuditConsumer(nc, index, tenant=prefix, batch=10, ack_wait_s=1.0)
 
     async def stored(n: int) -> None:
         deadline = time.monotonic() + 10
@@ -259,7 +259,7 @@ async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
         key = SigningKey()
         consumer = AuditConsumer(
             nc, index, tenant=prefix, batch=10, checkpoint_key=key, checkpoint_every_s=0.05
-        )
+        )  # resumes the durable consumer the first one made
         await consumer.start()
         await stored(8)
         deadline = time.monotonic() + 10

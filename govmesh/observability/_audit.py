@@ -664,6 +664,8 @@ class AuditConsumer:
             ``checkpoint_every_s`` seconds in which something was stored (None: never).
         checkpoint_every_s: seconds between checkpoints.
         signer: who signs the checkpoints, recorded in them.
+        ack_wait_s: seconds before the server redelivers a message not acknowledged; a
+            fetch still pending when the consumer closes can hold messages that long.
     """
 
     def __init__(
@@ -677,6 +679,7 @@ class AuditConsumer:
         checkpoint_key: SigningKey | None = None,
         checkpoint_every_s: float = 60.0,
         signer: str = "",
+        ack_wait_s: float = 30.0,
     ) -> None:
         self.nc = nc
         self.index = index
@@ -689,6 +692,7 @@ class AuditConsumer:
         self._checkpoint_key = checkpoint_key
         self._checkpoint_every_s = checkpoint_every_s
         self._signer = signer or self.durable
+        self._ack_wait_s = ack_wait_s
         self._task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
 
@@ -703,7 +707,7 @@ class AuditConsumer:
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.ALL,
                 ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=30,
+                ack_wait=self._ack_wait_s,
                 max_ack_pending=self.batch * 4,
             ),
         )
