@@ -29,7 +29,8 @@ or a redelivered event) is read again and retried. A batch costs two round trips
 workflows it touches, which is what makes ingest fast.
 
 The script and the indexes assume one Redis (or a Redis-protocol server) per deployment, not
-a Redis Cluster: a batch touches keys of many workflows.
+a Redis Cluster: a batch touches keys of many workflows, and the script derives the
+per-workflow key names from the prefix itself (declaring each one cost more than the rest).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ _MAX_ATTEMPTS: Final = 20
 _MAX_SUMMARY_FIELDS: Final = 6
 _MAX_TEXT: Final = 120
 _VERIFY_CHUNK: Final = 200
+# Workflows per append script: small enough that hashing the next part overlaps storing this
+# one, large enough that a batch is a few round trips.
+_SCRIPT_GROUPS: Final = 250
 
 # The fields worth a glance for each kind of body; other kinds show their first scalar fields.
 _SUMMARY_FIELDS: Final[dict[str, tuple[str, ...]]] = {
@@ -98,39 +102,39 @@ _SUMMARY_FIELDS: Final[dict[str, tuple[str, ...]]] = {
 # Free reasoning text is not copied into the index, only its hash.
 _THOUGHT_FIELDS: Final = ("reflections", "reasoning", "thought", "thoughts", "rationale")
 
+# ARGV[1] is the key prefix, ARGV[2] the msgpack plan: per workflow [workflow, expected head,
+# new head, score, events], events flat, six per event: id, seq, record, index entry, sender,
+# kind. One packed argument instead of a dozen per event: packing arguments was most of the
+# client's time.
 _APPEND: Final = """
+local prefix = ARGV[1]
 local heads, workflows = KEYS[1], KEYS[2]
-local a, k = 2, 3
 local conflicts = {}
-for g = 1, tonumber(ARGV[1]) do
-  local wf, expected, new_head, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
-  a = a + 4
-  local chain, ids = KEYS[k], KEYS[k + 1]
-  k = k + 2
+for g, group in ipairs(cmsgpack.unpack(ARGV[2])) do
+  local wf, expected, new_head, score, ev = group[1], group[2], group[3], group[4], group[5]
+  local chain = prefix .. ':audit:chain:' .. wf
+  local ids = prefix .. ':audit:ids:' .. wf
   local ok = (redis.call('HGET', heads, wf) or '') == expected
   if ok then
-    for i = 0, n - 1 do
-      if redis.call('HEXISTS', ids, ARGV[a + i * 5]) == 1 then
+    for i = 1, #ev, 6 do
+      if redis.call('HEXISTS', ids, ev[i]) == 1 then
         ok = false
         break
       end
     end
   end
   if ok then
-    for i = 0, n - 1 do
-      local b = a + i * 5
-      redis.call('RPUSH', chain, ARGV[b + 2])
-      redis.call('HSET', ids, ARGV[b], ARGV[b + 1])
-      redis.call('RPUSH', KEYS[k + 2 * i], ARGV[b + 3])
-      redis.call('RPUSH', KEYS[k + 2 * i + 1], ARGV[b + 3])
+    for i = 1, #ev, 6 do
+      redis.call('RPUSH', chain, ev[i + 2])
+      redis.call('HSET', ids, ev[i], ev[i + 1])
+      redis.call('RPUSH', prefix .. ':audit:agent:' .. ev[i + 4], ev[i + 3])
+      redis.call('RPUSH', prefix .. ':audit:kind:' .. ev[i + 5], ev[i + 3])
     end
     redis.call('HSET', heads, wf, new_head)
-    redis.call('ZADD', workflows, ARGV[a + (n - 1) * 5 + 4], wf)
+    redis.call('ZADD', workflows, score, wf)
   else
     conflicts[#conflicts + 1] = g
   end
-  a = a + n * 5
-  k = k + 2 * n
 end
 return conflicts
 """
@@ -301,6 +305,19 @@ def summarize_body(kind: str, body: bytes) -> dict[str, Scalar]:
     return out
 
 
+def _lua_bytes(data: bytes) -> msgspec.Raw:
+    """``data`` as a msgpack str: the scripts' msgpack decoder knows no bin type, and a Lua
+    string holds any bytes."""
+    n = len(data)
+    if n < 256:
+        header = b"\xd9" + n.to_bytes(1, "big")
+    elif n < 65536:
+        header = b"\xda" + n.to_bytes(2, "big")
+    else:
+        header = b"\xdb" + n.to_bytes(4, "big")
+    return msgspec.Raw(header + data)
+
+
 def _head(seq: int, digest: str) -> str:
     return f"{seq}:{digest}"
 
@@ -316,6 +333,34 @@ def _parse_head(raw: bytes | str | None) -> tuple[int, str]:
 class _Pending(msgspec.Struct):
     envelope: Envelope
     summary: dict[str, Scalar]
+
+
+def _plan(workflow: str, raw_head: bytes | None, items: list[_Pending]) -> tuple[Any, ...]:
+    """One workflow's part of the append script's plan: its records, chained from the head
+    read (``raw_head``), as ``(workflow, expected head, new head, score, events)``."""
+    seq, prev = _parse_head(raw_head)
+    events: list[Any] = []
+    for p in items:
+        env = p.envelope
+        seq += 1
+        record = AuditRecord(
+            workflow=workflow,
+            seq=seq,
+            id=env.id,
+            kind=env.kind,
+            sender=env.sender,
+            subject=env.subject,
+            ts=env.ts,
+            causation=env.causation,
+            trace=env.trace,
+            summary=p.summary,
+            prev=prev,
+        )
+        prev = _hash(record)
+        stored = _encoder.encode(msgspec.structs.replace(record, hash=prev))
+        events += (env.id, seq, _lua_bytes(stored), f"{seq}:{workflow}", env.sender, env.kind)
+    expected = raw_head.decode() if raw_head else ""
+    return (workflow, expected, _head(seq, prev), items[-1].envelope.ts, events)
 
 
 class AuditIndex:
@@ -388,7 +433,7 @@ class AuditIndex:
             if not pending:
                 return report
             workflows = list(pending)
-            heads = await self.redis.hmget(self._heads, workflows)
+            heads = cast(list[bytes | None], await self.redis.hmget(self._heads, workflows))
             if check_ids:
                 # A retry: some events may be stored already (redelivery, a second writer).
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -399,8 +444,8 @@ class AuditIndex:
                     fresh = [p for p, f in zip(pending[wf], found, strict=True) if f is None]
                     report.duplicates += len(pending[wf]) - len(fresh)
                     pending[wf] = fresh
-            keys: list[str] = [self._heads, self._workflows]
-            args: list[Any] = [0]
+            sent: list[tuple[list[str], asyncio.Task[Any]]] = []
+            plan: list[Any] = []
             groups: list[str] = []
             for wf, raw_head in zip(workflows, heads, strict=True):
                 items = pending[wf]
@@ -408,45 +453,33 @@ class AuditIndex:
                     del pending[wf]
                     continue
                 groups.append(wf)
-                seq, prev = _parse_head(raw_head)
-                expected = raw_head.decode() if isinstance(raw_head, bytes) else ""
-                keys += (self.chain_key(wf), self._ids_key(wf))
-                events: list[Any] = []
-                for p in items:
-                    env = p.envelope
-                    seq += 1
-                    record = AuditRecord(
-                        workflow=wf,
-                        seq=seq,
-                        id=env.id,
-                        kind=env.kind,
-                        sender=env.sender,
-                        subject=env.subject,
-                        ts=env.ts,
-                        causation=env.causation,
-                        trace=env.trace,
-                        summary=p.summary,
-                        prev=prev,
-                    )
-                    prev = _hash(record)
-                    stored = msgspec.structs.replace(record, hash=prev)
-                    entry = f"{seq}:{wf}"
-                    events += (env.id, seq, _encoder.encode(stored), entry, env.ts)
-                    keys += (self._agent_key(env.sender), self._kind_key(env.kind))
-                args += (wf, expected, _head(seq, prev), len(items), *events)
-            if not groups:
+                plan.append(_plan(wf, raw_head, items))
+                if len(plan) == _SCRIPT_GROUPS:
+                    sent.append((groups, await self._send(plan)))
+                    plan, groups = [], []
+            if plan:
+                sent.append((groups, await self._send(plan)))
+            if not sent:
                 return report
-            args[0] = len(groups)
-            conflicts = cast(list[int], await self._append(keys=keys, args=args))
-            failed = {groups[g - 1] for g in conflicts}
-            for wf in groups:
-                if wf not in failed:
-                    report.stored += len(pending.pop(wf))
+            answers = await asyncio.gather(*(task for _, task in sent))
+            for (groups, _), conflicts in zip(sent, answers, strict=True):
+                failed = {groups[g - 1] for g in conflicts}
+                for wf in groups:
+                    if wf not in failed:
+                        report.stored += len(pending.pop(wf))
             check_ids = True
         raise RuntimeError(
             f"audit append kept conflicting for {len(pending)} workflows "
             f"(e.g. {next(iter(pending))!r}) after {_MAX_ATTEMPTS} attempts"
         )
+
+    async def _send(self, plan: list[Any]) -> asyncio.Task[Any]:
+        """Start the append script for ``plan`` and return once it is on its way, so the
+        next part of the batch is hashed while Redis stores this one."""
+        args = (self.prefix, _encoder.encode(plan))
+        task = asyncio.ensure_future(self._append(keys=[self._heads, self._workflows], args=args))
+        await asyncio.sleep(0)
+        return task
 
     async def records(self, workflow: str) -> list[AuditRecord]:
         """``workflow`` 's records as stored, in list order."""
