@@ -50,7 +50,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
 from govmesh.bus import EVENT_STREAM, Codec, Envelope, Subjects, ensure_event_stream
-from govmesh.errors import SecurityError
+from govmesh.errors import SecurityError, StateError
 from govmesh.identity import SigningKey, VerifyKey
 
 __all__ = [
@@ -415,7 +415,10 @@ class AuditIndex:
         """Append envelopes in order, each once per event id, to their workflows' chains.
 
         Atomic per workflow: a workflow's part of the batch is stored whole or not at all.
-        Cancelling between attempts leaves each workflow either with its part or without.
+        Cancelling leaves each workflow either with its part or without.
+
+        Raises:
+            StateError: other writers kept changing the same chains through every attempt.
         """
         report = IngestReport()
         pending: dict[str, list[_Pending]] = {}
@@ -468,7 +471,7 @@ class AuditIndex:
                     if wf not in failed:
                         report.stored += len(pending.pop(wf))
             check_ids = True
-        raise RuntimeError(
+        raise StateError(
             f"audit append kept conflicting for {len(pending)} workflows "
             f"(e.g. {next(iter(pending))!r}) after {_MAX_ATTEMPTS} attempts"
         )
