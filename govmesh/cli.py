@@ -701,6 +701,71 @@ def bench_state(snapshots: int, json_path: Path | None) -> None:
     _write_json(json_path, report)
 
 
+@bench.command("audit")
+@click.option(
+    "--events",
+    default=1_000_000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Events ingested into the audit index.",
+)
+@click.option(
+    "--workflows",
+    default=10_000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Workflows the events are spread over.",
+)
+@click.option("--samples", default=1000, show_default=True, type=click.IntRange(1))
+@json_option
+def bench_audit(events: int, workflows: int, samples: int, json_path: Path | None) -> None:
+    """Audit index: ingest rate, one workflow's show and verify, beside a raw LRANGE."""
+    from govmesh.bench._audit import run_audit_bench
+
+    with _progress() as progress:
+        task = progress.add_task("audit", total=events + samples + 1)
+        tick = _phase_ticker(progress, task)
+
+        report = _run(
+            run_audit_bench(events=events, workflows=workflows, samples=samples, tick=tick)
+        )
+    table = Table(
+        title=f"govmesh bench audit: {events:,} events across {workflows:,} workflows "
+        f"({report['events_per_workflow']:,.0f} each)"
+    )
+    for column in ("measure", "p50", "p99", "target", "met"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    targets, met = report["targets"], report["met"]
+    table.add_row(
+        "ingest, events/s",
+        f"{report['ingest_events_per_s']:,.0f}",
+        "",
+        f">= {targets['ingest_events_per_s']:,.0f}",
+        "yes" if met["ingest_events_per_s"] else "no",
+    )
+    for label, key, target in (
+        ("show one workflow, ms", "show_ms", "show_p99_ms"),
+        ("raw LRANGE of its records, ms", "lrange_ms", ""),
+        ("verify one workflow, ms", "verify_ms", ""),
+    ):
+        r = report[key]
+        table.add_row(
+            label,
+            f"{r['p50']:.3f}",
+            f"{r['p99']:.3f}",
+            f"p99 <= {targets[target]:g}" if target else "",
+            ("yes" if met[target] else "no") if target else "",
+        )
+    table.add_row("checkpoint of every head, ms", f"{report['checkpoint_ms']:.1f}")
+    table.add_row("verify every chain, s", f"{report['verify_all_s']:.1f}")
+    out.print(table)
+    console.print(
+        f"[dim]show is {report['show_vs_lrange']:.1f}x a raw LRANGE at p50; Redis holds "
+        f"{report['redis_used_memory_mb']:,.0f} MB[/]"
+    )
+    _write_json(json_path, report)
+
+
 @cli.group()
 def audit() -> None:
     """Check what was decided."""
@@ -739,6 +804,125 @@ def audit_replay(redis_url: str, tenant: str, json_path: Path | None) -> None:
         console.print(f"[red]difference[/] {m}")
     _write_json(json_path, report)
     if report.matched != report.decisions:
+        sys.exit(1)
+
+
+redis_url_option = click.option(
+    "--redis-url",
+    envvar="GOVMESH_REDIS_URL",
+    required=True,
+    help="The deployment's Redis (default: $GOVMESH_REDIS_URL).",
+)
+
+
+def _audit_index_call(redis_url: str, tenant: str, call: Any) -> Any:
+    """Run ``call(index)`` on the audit index of ``tenant`` with a connection of its own."""
+    import redis.asyncio as aioredis
+
+    from govmesh.bus import Subjects
+    from govmesh.config import key_prefix
+    from govmesh.observability import AuditIndex
+
+    prefix = key_prefix(Subjects(tenant).tenant)  # Subjects validates the name
+
+    async def go() -> Any:
+        r = aioredis.Redis.from_url(redis_url)
+        try:
+            return await call(AuditIndex(r, prefix=prefix))
+        finally:
+            await r.aclose()
+
+    return _run(go())
+
+
+def _glance(summary: dict[str, Any]) -> str:
+    """A record's summary on one line; hashes cut to 12 characters."""
+    parts = []
+    for name, value in summary.items():
+        text = str(value)
+        if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+            text = text[:12] + "…"
+        parts.append(f"{name}={text}")
+    return " ".join(parts)
+
+
+@audit.command("show")
+@click.argument("workflow")
+@redis_url_option
+@click.option("--tenant", required=True, help="The tenant the workflow belongs to.")
+@json_option
+def audit_show(workflow: str, redis_url: str, tenant: str, json_path: Path | None) -> None:
+    """Print WORKFLOW's causal trace from the audit index: who asked, what was decided under
+    which policy, what ran and what it cost."""
+    import time
+
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    trace = _audit_index_call(redis_url, tenant, lambda index: index.show(workflow))
+    if not trace.records:
+        console.print(f"[yellow]no events of workflow {workflow!r} in the audit index[/]")
+    by_id = {r.id: r for r in trace.records}
+    tree = Tree(f"[bold]{escape(workflow)}[/]: {len(trace.records)} events")
+
+    def add(parent: Tree, record_id: str) -> None:
+        r = by_id[record_id]
+        when = time.strftime("%H:%M:%S", time.localtime(r.ts))
+        node = parent.add(
+            f"[dim]#{r.seq} {when}[/] [bold]{escape(r.kind)}[/] from [cyan]"
+            f"{escape(r.sender)}[/] {escape(_glance(r.summary))}"
+        )
+        for child in trace.children.get(record_id, ()):
+            add(node, child)
+
+    for root in trace.roots:
+        add(tree, root)
+    out.print(tree)
+    _write_json(json_path, trace, what="trace")
+
+
+@audit.command("verify")
+@click.argument("workflow", required=False)
+@redis_url_option
+@click.option("--tenant", required=True, help="The tenant whose audit index to check.")
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    help="Hex Ed25519 public key checkpoints must be signed with (repeatable).",
+)
+@json_option
+def audit_verify(
+    workflow: str | None,
+    redis_url: str,
+    tenant: str,
+    trusted_keys: tuple[str, ...],
+    json_path: Path | None,
+) -> None:
+    """Check the hash chain of WORKFLOW (default: every workflow) and the last signed
+    checkpoint; list each changed, removed, reordered, inserted or truncated record.
+    Exits 1 if there is one."""
+    from govmesh.identity import VerifyKey
+
+    try:
+        trusted = [VerifyKey(bytes.fromhex(k)) for k in trusted_keys]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--trusted-key") from None
+    report = _audit_index_call(
+        redis_url, tenant, lambda index: index.verify(workflow, trusted=trusted)
+    )
+    table = Table(title=f"govmesh audit verify: {tenant}" + (f" {workflow}" if workflow else ""))
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("workflows checked", f"{report.workflows:,}")
+    table.add_row("records checked", f"{report.records:,}")
+    table.add_row("signed checkpoint", "none" if not report.checkpoint_ts else "checked")
+    table.add_row("problems", str(len(report.problems)))
+    out.print(table)
+    for p in report.problems:
+        out.print(f"[red]{p.what}[/] workflow {p.workflow!r} seq {p.seq}: {p.detail}")
+    _write_json(json_path, report)
+    if report.problems:
         sys.exit(1)
 
 

@@ -1,5 +1,32 @@
-"""Observability: statistics for reports (tracing and the audit index come later)."""
+"""Observability: the audit index, and statistics for reports."""
 
+from govmesh.observability._audit import (
+    GENESIS,
+    AuditCheckpoint,
+    AuditConsumer,
+    AuditIndex,
+    AuditProblem,
+    AuditRecord,
+    AuditTrace,
+    IngestReport,
+    Problem,
+    VerifyReport,
+    summarize_body,
+)
 from govmesh.observability._stats import percentile, summarize
 
-__all__ = ["percentile", "summarize"]
+__all__ = [
+    "GENESIS",
+    "AuditCheckpoint",
+    "AuditConsumer",
+    "AuditIndex",
+    "AuditProblem",
+    "AuditRecord",
+    "AuditTrace",
+    "IngestReport",
+    "Problem",
+    "VerifyReport",
+    "percentile",
+    "summarize",
+    "summarize_body",
+]

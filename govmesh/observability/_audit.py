@@ -1,0 +1,801 @@
+"""The audit index: every event of a tenant's bus, hash-chained per workflow, in Redis.
+
+The index records what was on the event stream. It does not check signatures again: the bus
+verified them before any handler saw the message, and the stream holds the sealed bytes if
+anyone wants to verify them later. What the index adds is retrieval (one workflow's whole
+causal trace in one round trip) and tamper evidence: per workflow, record ``n`` carries
+``seq = n``, the hash of record ``n - 1`` and its own hash, a sha256 over the canonical
+encoding of all its fields including that previous hash. Signed checkpoints of the chain
+heads catch what a chain alone cannot: a tail cut off together with the head.
+
+Keys, under the tenant's key prefix ``<p>`` (``gm:<tenant>``)::
+
+    <p>:audit:chain:<workflow>  LIST  encoded `AuditRecord` s in seq order
+    <p>:audit:ids:<workflow>    HASH  event id -> seq (each event is stored once)
+    <p>:audit:heads             HASH  workflow -> "<seq>:<hash>" of its last record
+    <p>:audit:workflows         ZSET  workflow, scored by the time of its latest event
+    <p>:audit:agent:<sender>    LIST  "<seq>:<workflow>" of each event the agent sent
+    <p>:audit:kind:<kind>       LIST  "<seq>:<workflow>" of each event of that kind
+    <p>:audit:checkpoints       LIST  signed checkpoints of all heads, oldest first
+
+Events without a workflow go to the chain of the empty workflow ``""``.
+
+Why the hash is computed in Python, not in Lua: Redis scripts offer ``redis.sha1hex`` but no
+sha256, and sha1 no longer resists chosen collisions; sha256 written in Lua would cost more
+than the rest of the append. So a batch is hashed in Python from the heads it read, and one
+script stores every workflow's part only if that workflow's head is still the one read and
+none of its event ids is stored yet; a workflow that fails the check (a concurrent writer,
+or a redelivered event) is read again and retried. A batch costs two round trips however many
+workflows it touches, which is what makes ingest fast.
+
+The script and the indexes assume one Redis (or a Redis-protocol server) per deployment, not
+a Redis Cluster: a batch touches keys of many workflows, and the script derives the
+per-workflow key names from the prefix itself (declaring each one cost more than the rest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Final, Literal, TypeAlias, cast
+
+import msgspec
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
+
+from govmesh.bus import EVENT_STREAM, Codec, Envelope, Subjects, ensure_event_stream
+from govmesh.errors import SecurityError, StateError
+from govmesh.identity import SigningKey, VerifyKey
+
+__all__ = [
+    "GENESIS",
+    "AuditCheckpoint",
+    "AuditConsumer",
+    "AuditIndex",
+    "AuditProblem",
+    "AuditRecord",
+    "AuditTrace",
+    "IngestReport",
+    "Problem",
+    "VerifyReport",
+    "summarize_body",
+]
+
+log = logging.getLogger(__name__)
+
+Scalar: TypeAlias = str | int | float | bool | None
+Problem = Literal["changed", "removed", "reordered", "inserted", "truncated", "bad_checkpoint"]
+
+GENESIS: Final = "0" * 64
+"""The previous hash of every workflow's first record."""
+
+_MAX_ATTEMPTS: Final = 20
+_MAX_SUMMARY_FIELDS: Final = 6
+_MAX_TEXT: Final = 120
+_VERIFY_CHUNK: Final = 200
+# Workflows per append script: small enough that hashing the next part overlaps storing this
+# one, large enough that a batch is a few round trips.
+_SCRIPT_GROUPS: Final = 250
+
+# The fields worth a glance for each kind of body; other kinds show their first scalar fields.
+_SUMMARY_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    "WorkflowStart": ("item", "vendor", "amount_usd"),
+    "PurchaseRequest": ("item", "vendor", "amount_usd"),
+    "PurchaseOutcome": ("result", "first_decision", "order_id", "approval_id", "model_calls"),
+    "ToolIntent": ("tool", "step"),
+    "Decision": ("outcome", "policy_hash", "approval_id", "approved_by", "final"),
+    "ApprovalRequest": ("approval_id", "tool", "escalation", "policy_hash"),
+    "ApprovalAnswer": ("approval_id", "approved", "by"),
+    "ToolCall": ("tool", "step"),
+    "ToolResult": ("ok", "error", "replayed"),
+    "Usage": ("model", "input_tokens", "output_tokens", "reasoning_tokens", "error"),
+    "BudgetInterrupt": ("reason", "settled_usd", "cap_usd"),
+    "Snapshot": ("version", "policy_hash"),
+    "SecurityEvent": ("reason", "claimed_sender", "receiver"),
+}
+# Free reasoning text is not copied into the index, only its hash.
+_THOUGHT_FIELDS: Final = ("reflections", "reasoning", "thought", "thoughts", "rationale")
+
+# ARGV[1] is the key prefix, ARGV[2] the msgpack plan: per workflow [workflow, expected head,
+# new head, score, events], events flat, six per event: id, seq, record, index entry, sender,
+# kind. One packed argument instead of a dozen per event: packing arguments was most of the
+# client's time.
+_APPEND: Final = """
+local prefix = ARGV[1]
+local heads, workflows = KEYS[1], KEYS[2]
+local conflicts = {}
+for g, group in ipairs(cmsgpack.unpack(ARGV[2])) do
+  local wf, expected, new_head, score, ev = group[1], group[2], group[3], group[4], group[5]
+  local chain = prefix .. ':audit:chain:' .. wf
+  local ids = prefix .. ':audit:ids:' .. wf
+  local ok = (redis.call('HGET', heads, wf) or '') == expected
+  if ok then
+    for i = 1, #ev, 6 do
+      if redis.call('HEXISTS', ids, ev[i]) == 1 then
+        ok = false
+        break
+      end
+    end
+  end
+  if ok then
+    for i = 1, #ev, 6 do
+      redis.call('RPUSH', chain, ev[i + 2])
+      redis.call('HSET', ids, ev[i], ev[i + 1])
+      redis.call('RPUSH', prefix .. ':audit:agent:' .. ev[i + 4], ev[i + 3])
+      redis.call('RPUSH', prefix .. ':audit:kind:' .. ev[i + 5], ev[i + 3])
+    end
+    redis.call('HSET', heads, wf, new_head)
+    redis.call('ZADD', workflows, score, wf)
+  else
+    conflicts[#conflicts + 1] = g
+  end
+end
+return conflicts
+"""
+
+
+class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """One event as the index keeps it.
+
+    Attributes:
+        workflow: the event's workflow (``""`` for none).
+        seq: its place in the workflow's chain, from 1.
+        id: the envelope id.
+        kind: the body's tag.
+        sender: the agent that signed it.
+        subject: the subject it was published on.
+        ts: its send time, unix seconds.
+        causation: the id of the message it answers (its causal parent), if any.
+        trace: the W3C ``traceparent`` it carried, if any.
+        summary: a few scalar fields of the body, chosen by kind, and ``thought_sha256``, the
+            hash of any free reasoning text it held.
+        prev: the hash of record ``seq - 1`` (`GENESIS` for the first).
+        hash: sha256 (hex) over the canonical encoding of every other field.
+    """
+
+    workflow: str
+    seq: int
+    id: str
+    kind: str
+    sender: str
+    subject: str
+    ts: float
+    causation: str = ""
+    trace: str = ""
+    summary: dict[str, Scalar] = {}
+    prev: str = GENESIS
+    hash: str = ""
+
+
+class AuditTrace(msgspec.Struct, kw_only=True):
+    """One workflow's records in chain order and its causal tree.
+
+    Attributes:
+        workflow: the workflow.
+        records: its records, by seq.
+        roots: ids of records whose parent is not in this workflow (or who have none).
+        children: parent id -> ids of the records that answer it, in chain order.
+    """
+
+    workflow: str
+    records: list[AuditRecord]
+    roots: list[str]
+    children: dict[str, list[str]]
+
+
+class AuditProblem(msgspec.Struct, frozen=True, kw_only=True):
+    """One way a chain differs from what was appended.
+
+    Attributes:
+        workflow: the chain.
+        seq: the record concerned (for ``truncated``, the first missing one; 0 for a
+            checkpoint problem).
+        what: ``changed``, ``removed``, ``reordered``, ``inserted``, ``truncated`` or
+            ``bad_checkpoint``.
+        detail: what was found.
+    """
+
+    workflow: str
+    seq: int
+    what: Problem
+    detail: str
+
+
+class VerifyReport(msgspec.Struct, kw_only=True):
+    """What `AuditIndex.verify` checked and found.
+
+    Attributes:
+        workflows: chains checked.
+        records: records read.
+        checkpoint_ts: time of the checkpoint the heads were compared with (0: none).
+        problems: every problem found; none means every chain is intact.
+    """
+
+    workflows: int = 0
+    records: int = 0
+    checkpoint_ts: float = 0.0
+    problems: list[AuditProblem] = msgspec.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether no problem was found."""
+        return not self.problems
+
+
+class IngestReport(msgspec.Struct, kw_only=True):
+    """What one `AuditIndex.ingest` call did.
+
+    Attributes:
+        stored: events appended.
+        duplicates: events already in the index (a redelivery), not stored again.
+        malformed: data that was not a sealed govmesh message, skipped.
+    """
+
+    stored: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+
+
+class AuditCheckpoint(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """The heads of every chain at one moment, signed.
+
+    Attributes:
+        ts: when it was taken, unix seconds.
+        signer: who signed it (free text, e.g. an agent id).
+        key: the signer's Ed25519 public key.
+        heads: workflow -> (seq, hash) of its last record.
+    """
+
+    ts: float
+    signer: str
+    key: bytes
+    heads: dict[str, tuple[int, str]]
+
+
+class _Signed(msgspec.Struct, frozen=True, array_like=True):
+    doc: bytes
+    signature: bytes
+
+
+_encoder = msgspec.msgpack.Encoder(order="sorted")
+_records = msgspec.msgpack.Decoder(AuditRecord)
+_signed = msgspec.msgpack.Decoder(_Signed)
+_checkpoints = msgspec.msgpack.Decoder(AuditCheckpoint)
+
+
+def _hash(record: AuditRecord) -> str:
+    """sha256 over the canonical encoding of ``record`` with an empty ``hash``."""
+    unhashed = msgspec.structs.replace(record, hash="") if record.hash else record
+    return hashlib.sha256(_encoder.encode(unhashed)).hexdigest()
+
+
+def summarize_body(kind: str, body: bytes) -> dict[str, Scalar]:
+    """A few scalar fields of an encoded body, chosen by ``kind``, plus ``thought_sha256``.
+
+    Unknown kinds show their first scalar fields; text is cut to 120 characters; fields named
+    like free reasoning (``reflections``, ``reasoning``...) are hashed, never copied.
+    """
+    try:
+        value = msgspec.msgpack.decode(body)
+    except (msgspec.DecodeError, ValueError):
+        return {"undecodable": True}
+    if not isinstance(value, dict):
+        return {}
+    out: dict[str, Scalar] = {}
+    for name in _SUMMARY_FIELDS.get(kind) or value:
+        if len(out) >= _MAX_SUMMARY_FIELDS:
+            break
+        if name == "type" or name in _THOUGHT_FIELDS:
+            continue
+        v = value.get(name)
+        if isinstance(v, str):
+            if v:
+                out[name] = v[:_MAX_TEXT]
+        elif isinstance(v, bool | int | float):
+            out[name] = v
+    thoughts = [value[n] for n in _THOUGHT_FIELDS if value.get(n)]
+    if thoughts:
+        out["thought_sha256"] = hashlib.sha256(_encoder.encode(thoughts)).hexdigest()
+    return out
+
+
+def _lua_bytes(data: bytes) -> msgspec.Raw:
+    """``data`` as a msgpack str: the scripts' msgpack decoder knows no bin type, and a Lua
+    string holds any bytes."""
+    n = len(data)
+    if n < 256:
+        header = b"\xd9" + n.to_bytes(1, "big")
+    elif n < 65536:
+        header = b"\xda" + n.to_bytes(2, "big")
+    else:
+        header = b"\xdb" + n.to_bytes(4, "big")
+    return msgspec.Raw(header + data)
+
+
+def _head(seq: int, digest: str) -> str:
+    return f"{seq}:{digest}"
+
+
+def _parse_head(raw: bytes | str | None) -> tuple[int, str]:
+    if not raw:
+        return 0, GENESIS
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    seq, _, digest = text.partition(":")
+    return int(seq), digest
+
+
+class _Pending(msgspec.Struct):
+    envelope: Envelope
+    summary: dict[str, Scalar]
+
+
+def _plan(workflow: str, raw_head: bytes | None, items: list[_Pending]) -> tuple[Any, ...]:
+    """One workflow's part of the append script's plan: its records, chained from the head
+    read (``raw_head``), as ``(workflow, expected head, new head, score, events)``."""
+    seq, prev = _parse_head(raw_head)
+    events: list[Any] = []
+    for p in items:
+        env = p.envelope
+        seq += 1
+        record = AuditRecord(
+            workflow=workflow,
+            seq=seq,
+            id=env.id,
+            kind=env.kind,
+            sender=env.sender,
+            subject=env.subject,
+            ts=env.ts,
+            causation=env.causation,
+            trace=env.trace,
+            summary=p.summary,
+            prev=prev,
+        )
+        prev = _hash(record)
+        stored = _encoder.encode(msgspec.structs.replace(record, hash=prev))
+        events += (env.id, seq, _lua_bytes(stored), f"{seq}:{workflow}", env.sender, env.kind)
+    expected = raw_head.decode() if raw_head else ""
+    return (workflow, expected, _head(seq, prev), items[-1].envelope.ts, events)
+
+
+class AuditIndex:
+    """The audit index of one tenant.
+
+    Args:
+        redis: the deployment's Redis.
+        prefix: the tenant's key prefix (``Deployment.key_prefix``, ``gm:<tenant>``).
+        codec: decodes sealed messages in `ingest`.
+    """
+
+    def __init__(self, redis: aioredis.Redis, *, prefix: str, codec: Codec | None = None) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.codec = codec or Codec()
+        self._append = redis.register_script(_APPEND)
+        self._heads = f"{prefix}:audit:heads"
+        self._workflows = f"{prefix}:audit:workflows"
+        self._checkpoints = f"{prefix}:audit:checkpoints"
+
+    def chain_key(self, workflow: str) -> str:
+        """The list of ``workflow`` 's records."""
+        return f"{self.prefix}:audit:chain:{workflow}"
+
+    def _ids_key(self, workflow: str) -> str:
+        return f"{self.prefix}:audit:ids:{workflow}"
+
+    def _agent_key(self, agent: str) -> str:
+        return f"{self.prefix}:audit:agent:{agent}"
+
+    def _kind_key(self, kind: str) -> str:
+        return f"{self.prefix}:audit:kind:{kind}"
+
+    async def ingest(self, data: Iterable[bytes]) -> IngestReport:
+        """Append sealed messages as the event stream holds them (``msg.data``).
+
+        Signatures are not checked again (the bus did before delivering); data that is not a
+        sealed govmesh message is counted as malformed and skipped.
+        """
+        envelopes = []
+        malformed = 0
+        for item in data:
+            try:
+                envelopes.append(self.codec.envelope(self.codec.open(item).envelope))
+            except SecurityError:
+                malformed += 1
+        report = await self.append(envelopes)
+        report.malformed = malformed
+        return report
+
+    async def append(self, envelopes: Iterable[Envelope]) -> IngestReport:
+        """Append envelopes in order, each once per event id, to their workflows' chains.
+
+        Atomic per workflow: a workflow's part of the batch is stored whole or not at all.
+        Cancelling leaves each workflow either with its part or without.
+
+        Raises:
+            StateError: other writers kept changing the same chains through every attempt.
+        """
+        report = IngestReport()
+        pending: dict[str, list[_Pending]] = {}
+        seen: set[str] = set()
+        for env in envelopes:
+            if env.id in seen:
+                report.duplicates += 1
+                continue
+            seen.add(env.id)
+            pending.setdefault(env.workflow, []).append(
+                _Pending(env, summarize_body(env.kind, env.body))
+            )
+        check_ids = False
+        for _ in range(_MAX_ATTEMPTS):
+            if not pending:
+                return report
+            workflows = list(pending)
+            heads = cast(list[bytes | None], await self.redis.hmget(self._heads, workflows))
+            if check_ids:
+                # A retry: some events may be stored already (redelivery, a second writer).
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for wf in workflows:
+                        pipe.hmget(self._ids_key(wf), [p.envelope.id for p in pending[wf]])
+                    known = await pipe.execute()
+                for wf, found in zip(workflows, known, strict=True):
+                    fresh = [p for p, f in zip(pending[wf], found, strict=True) if f is None]
+                    report.duplicates += len(pending[wf]) - len(fresh)
+                    pending[wf] = fresh
+            sent: list[tuple[list[str], asyncio.Task[Any]]] = []
+            plan: list[Any] = []
+            groups: list[str] = []
+            for wf, raw_head in zip(workflows, heads, strict=True):
+                items = pending[wf]
+                if not items:
+                    del pending[wf]
+                    continue
+                groups.append(wf)
+                plan.append(_plan(wf, raw_head, items))
+                if len(plan) == _SCRIPT_GROUPS:
+                    sent.append((groups, await self._send(plan)))
+                    plan, groups = [], []
+            if plan:
+                sent.append((groups, await self._send(plan)))
+            if not sent:
+                return report
+            answers = await asyncio.gather(*(task for _, task in sent))
+            for (groups, _), conflicts in zip(sent, answers, strict=True):
+                failed = {groups[g - 1] for g in conflicts}
+                for wf in groups:
+                    if wf not in failed:
+                        report.stored += len(pending.pop(wf))
+            check_ids = True
+        raise StateError(
+            f"audit append kept conflicting for {len(pending)} workflows "
+            f"(e.g. {next(iter(pending))!r}) after {_MAX_ATTEMPTS} attempts"
+        )
+
+    async def _send(self, plan: list[Any]) -> asyncio.Task[Any]:
+        """Start the append script for ``plan`` and return once it is on its way, so the
+        next part of the batch is hashed while Redis stores this one."""
+        args = (self.prefix, _encoder.encode(plan))
+        task = asyncio.ensure_future(self._append(keys=[self._heads, self._workflows], args=args))
+        await asyncio.sleep(0)
+        return task
+
+    async def records(self, workflow: str) -> list[AuditRecord]:
+        """``workflow`` 's records as stored, in list order."""
+        raw = cast(list[bytes], await self.redis.lrange(self.chain_key(workflow), 0, -1))
+        return [_records.decode(r) for r in raw]
+
+    async def show(self, workflow: str) -> AuditTrace:
+        """``workflow`` 's records in order and its causal tree, in one round trip."""
+        records = await self.records(workflow)
+        ids = {r.id for r in records}
+        roots: list[str] = []
+        children: dict[str, list[str]] = {}
+        for r in records:
+            if r.causation and r.causation in ids:
+                children.setdefault(r.causation, []).append(r.id)
+            else:
+                roots.append(r.id)
+        return AuditTrace(workflow=workflow, records=records, roots=roots, children=children)
+
+    async def workflows(self) -> list[str]:
+        """Every workflow in the index, oldest latest-event first."""
+        raw = cast(list[bytes], await self.redis.zrange(self._workflows, 0, -1))
+        return [w.decode() for w in raw]
+
+    async def by_agent(self, agent: str, *, limit: int = 100) -> list[AuditRecord]:
+        """The last ``limit`` events ``agent`` sent, in ingest order."""
+        return await self._lookup(self._agent_key(agent), limit)
+
+    async def by_kind(self, kind: str, *, limit: int = 100) -> list[AuditRecord]:
+        """The last ``limit`` events of ``kind``, in ingest order."""
+        return await self._lookup(self._kind_key(kind), limit)
+
+    async def _lookup(self, key: str, limit: int) -> list[AuditRecord]:
+        entries = cast(list[bytes], await self.redis.lrange(key, -limit, -1))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for e in entries:
+                seq, _, wf = e.decode().partition(":")
+                pipe.lindex(self.chain_key(wf), int(seq) - 1)
+            found = await pipe.execute()
+        return [_records.decode(r) for r in found if r is not None]
+
+    async def checkpoint(self, key: SigningKey, *, signer: str = "") -> AuditCheckpoint:
+        """Sign and store the current head of every chain; returns the checkpoint."""
+        raw = cast(dict[bytes, bytes], await self.redis.hgetall(self._heads))
+        heads = {wf.decode(): _parse_head(h) for wf, h in raw.items()}
+        cp = AuditCheckpoint(ts=time.time(), signer=signer, key=key.public.raw, heads=heads)
+        doc = _encoder.encode(cp)
+        await self.redis.rpush(self._checkpoints, _encoder.encode(_Signed(doc, key.sign(doc))))
+        return cp
+
+    async def _last_checkpoint(
+        self, trusted: Sequence[VerifyKey], problems: list[AuditProblem]
+    ) -> AuditCheckpoint | None:
+        raw = cast(bytes | None, await self.redis.lindex(self._checkpoints, -1))
+        if raw is None:
+            return None
+        try:
+            signed = _signed.decode(raw)
+            cp = _checkpoints.decode(signed.doc)
+        except (msgspec.DecodeError, ValueError) as exc:
+            detail = f"the last checkpoint cannot be decoded: {exc}"
+            problems.append(AuditProblem(workflow="", seq=0, what="bad_checkpoint", detail=detail))
+            return None
+        if trusted and cp.key not in {k.raw for k in trusted}:
+            detail = f"the last checkpoint is signed by an untrusted key {cp.key.hex()}"
+        elif not VerifyKey(cp.key).verify(signed.signature, signed.doc):
+            detail = "the last checkpoint's signature does not match its content"
+        else:
+            return cp
+        problems.append(AuditProblem(workflow="", seq=0, what="bad_checkpoint", detail=detail))
+        return None
+
+    async def verify(
+        self, workflow: str | None = None, *, trusted: Sequence[VerifyKey] = ()
+    ) -> VerifyReport:
+        """Check one workflow's chain (or every chain) against its hashes, its head and the
+        last signed checkpoint.
+
+        Args:
+            workflow: the chain to check; None checks every workflow the index knows.
+            trusted: public keys a checkpoint must be signed with; empty accepts the key in
+                the checkpoint itself (which proves integrity, not who signed).
+        """
+        report = VerifyReport()
+        cp = await self._last_checkpoint(trusted, report.problems)
+        if cp is not None:
+            report.checkpoint_ts = cp.ts
+        if workflow is not None:
+            names = [workflow]
+        else:
+            names = sorted(
+                set(await self.workflows())
+                | {w.decode() for w in cast(list[bytes], await self.redis.hkeys(self._heads))}
+                | set(cp.heads if cp else ())
+            )
+        for start in range(0, len(names), _VERIFY_CHUNK):
+            chunk = names[start : start + _VERIFY_CHUNK]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for wf in chunk:
+                    pipe.lrange(self.chain_key(wf), 0, -1)
+                pipe.hmget(self._heads, chunk)
+                *chains, heads = await pipe.execute()
+            for wf, raw, head in zip(chunk, chains, heads, strict=True):
+                report.workflows += 1
+                report.records += len(raw)
+                mark = cp.heads.get(wf) if cp else None
+                report.problems += _check_chain(wf, raw, _parse_head(head), mark)
+        return report
+
+
+def _check_chain(
+    workflow: str,
+    raw: list[bytes],
+    head: tuple[int, str],
+    mark: tuple[int, str] | None,
+) -> list[AuditProblem]:
+    """Every problem of one chain: records read in list order, the head, the checkpoint."""
+    problems: list[AuditProblem] = []
+
+    def problem(seq: int, what: Problem, detail: str) -> None:
+        problems.append(AuditProblem(workflow=workflow, seq=seq, what=what, detail=detail))
+
+    # Records in list order; an edited one is reported here and not blamed again below
+    # (its stored hash still links, unless it was rehashed too), so one edit is one problem.
+    sound: list[AuditRecord] = []
+    changed: set[int] = set()
+    for pos, data in enumerate(raw):
+        try:
+            record = _records.decode(data)
+        except (msgspec.DecodeError, ValueError):
+            problem(pos + 1, "changed", f"the record at position {pos + 1} cannot be decoded")
+            continue
+        if record.workflow != workflow:
+            problem(record.seq, "inserted", f"a record of workflow {record.workflow!r}")
+        else:
+            if _hash(record) != record.hash:
+                problem(record.seq, "changed", "its content does not match its hash")
+                changed.add(record.seq)
+            sound.append(record)
+
+    # One record per seq: the one that links to its predecessor; others were inserted.
+    by_seq: dict[int, list[AuditRecord]] = {}
+    for r in sound:
+        by_seq.setdefault(r.seq, []).append(r)
+    chosen: dict[int, AuditRecord] = {}
+    for seq in sorted(by_seq):
+        candidates = by_seq[seq]
+        before = chosen.get(seq - 1)
+        linked = [c for c in candidates if before is None or c.prev == before.hash]
+        keep = (linked or candidates)[0]
+        chosen[seq] = keep
+        for c in candidates:
+            if c is not keep:
+                problem(seq, "inserted", f"a second record with seq {seq} (id {c.id})")
+
+    # Gaps are removals; a broken link to an unedited record means it was rewritten whole.
+    last = 0
+    for seq in sorted(chosen):
+        if seq > last + 1:
+            for gone in range(last + 1, seq):
+                problem(gone, "removed", f"seq {gone} is missing between {last} and {seq}")
+        elif last and chosen[seq].prev != chosen[last].hash and last not in changed:
+            problem(last, "changed", f"record {seq} does not link to it (rewritten and rehashed)")
+        last = seq
+    if 1 in chosen and chosen[1].prev != GENESIS:
+        problem(1, "changed", "the first record does not start from the genesis hash")
+
+    # List order must be seq order.
+    kept = [r for r in sound if chosen.get(r.seq) is r]
+    in_order = sorted(r.seq for r in kept)
+    for r, expected in zip(kept, in_order, strict=True):
+        if r.seq != expected:
+            problem(r.seq, "reordered", f"stored where seq {expected} belongs")
+
+    # The tail: against the head the index keeps, then against the signed checkpoint.
+    head_seq, head_hash = head
+    if head_seq > last:
+        problem(last + 1, "truncated", f"records {last + 1}-{head_seq} are missing at the tail")
+    elif head_seq < last:
+        for extra in range(head_seq + 1, last + 1):
+            problem(extra, "inserted", f"beyond the head (seq {head_seq})")
+    elif last and chosen[last].hash != head_hash and last not in changed:
+        problem(last, "changed", "the last record does not match the head")
+    if mark is not None:
+        mark_seq, mark_hash = mark
+        if mark_seq > last:
+            problem(
+                last + 1,
+                "truncated",
+                f"the last checkpoint saw seq {mark_seq}; the chain ends at {last}",
+            )
+        elif mark_seq in chosen and mark_seq not in changed and chosen[mark_seq].hash != mark_hash:
+            problem(mark_seq, "changed", "differs from the record the checkpoint saw")
+    return problems
+
+
+class AuditConsumer:
+    """Feeds one tenant's events from the JetStream event stream into an `AuditIndex`.
+
+    A durable pull consumer on ``gm.<tenant>.>`` from the start of the stream: a new index
+    replays everything the stream still holds, and a restarted one resumes where it left.
+    A batch is acknowledged only once it is stored, so nothing is lost in between; a
+    redelivered event is stored once (the index is idempotent per event id).
+
+    Use `start`, then `close` (safe twice; cancels the loop, leaving unacknowledged messages
+    to be redelivered to the next consumer).
+
+    Args:
+        nc: a NATS connection with JetStream access.
+        index: where events go.
+        tenant: whose events.
+        durable: the consumer's durable name (default ``audit-<tenant>``).
+        batch: messages fetched and stored at once.
+        checkpoint_key: sign a checkpoint of the chain heads with this key every
+            ``checkpoint_every_s`` seconds in which something was stored (None: never).
+        checkpoint_every_s: seconds between checkpoints.
+        signer: who signs the checkpoints, recorded in them.
+        ack_wait_s: seconds before the server redelivers a message not acknowledged; a
+            fetch still pending when the consumer closes can hold messages that long.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        index: AuditIndex,
+        *,
+        tenant: str,
+        durable: str = "",
+        batch: int = 500,
+        checkpoint_key: SigningKey | None = None,
+        checkpoint_every_s: float = 60.0,
+        signer: str = "",
+        ack_wait_s: float = 30.0,
+    ) -> None:
+        self.nc = nc
+        self.index = index
+        self.subjects = Subjects(tenant)
+        self.durable = durable or f"audit-{self.subjects.tenant}"
+        self.batch = batch
+        self.stored = 0
+        self.duplicates = 0
+        self.checkpoints = 0
+        self._checkpoint_key = checkpoint_key
+        self._checkpoint_every_s = checkpoint_every_s
+        self._signer = signer or self.durable
+        self._ack_wait_s = ack_wait_s
+        self._task: asyncio.Task[None] | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
+
+    async def start(self) -> None:
+        """Create (or resume) the durable consumer and start storing."""
+        await ensure_event_stream(self.nc)
+        js = self.nc.jetstream()
+        self._sub = await js.pull_subscribe(
+            self.subjects.everything,
+            durable=self.durable,
+            stream=EVENT_STREAM,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self._ack_wait_s,
+                max_ack_pending=self.batch * 4,
+            ),
+        )
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.durable)
+
+    async def _loop(self) -> None:
+        assert self._sub is not None
+        due = time.monotonic() + self._checkpoint_every_s
+        unsigned = 0
+        while True:
+            if self._checkpoint_key is not None and unsigned and time.monotonic() >= due:
+                try:
+                    await self.index.checkpoint(self._checkpoint_key, signer=self._signer)
+                    self.checkpoints += 1
+                    unsigned = 0
+                except (aioredis.RedisError, OSError) as exc:
+                    log.warning("audit checkpoint failed, will retry: %s", exc)
+                due = time.monotonic() + self._checkpoint_every_s
+            try:
+                msgs = await self._sub.fetch(self.batch, timeout=1.0)
+            except NatsTimeoutError:
+                continue
+            try:
+                report = await self.index.ingest([m.data for m in msgs])
+            except (aioredis.RedisError, OSError) as exc:
+                log.warning("audit index unavailable, will retry: %s", exc)
+                for m in msgs:
+                    await m.nak(delay=1.0)
+                await asyncio.sleep(1.0)
+                continue
+            for m in msgs:
+                await m.ack()
+            self.stored += report.stored
+            unsigned += report.stored
+            self.duplicates += report.duplicates
+
+    async def close(self) -> None:
+        """Stop storing; safe to call twice. The durable consumer stays for a restart."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # closing must not fail on a dropped connection
+                log.debug("audit consumer unsubscribe failed: %s", exc)
+
+    async def __aenter__(self) -> AuditConsumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

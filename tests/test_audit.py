@@ -1,0 +1,289 @@
+"""The audit index against a real Redis-protocol server and a real nats-server: appends are
+idempotent, show returns the causal tree, and verify names every edit of a chain."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import nats
+import redis.asyncio as aioredis
+from click.testing import CliRunner
+
+from govmesh.bus import Bus, Codec, Subjects
+from govmesh.cli import cli
+from govmesh.config import key_prefix
+from govmesh.forecasting.messages import Usage
+from govmesh.governance.messages import Decision, ToolIntent
+from govmesh.identity import Issuer, SigningKey
+from govmesh.observability import AuditConsumer, AuditIndex, AuditRecord
+from govmesh.runtime import NatsServer, RedisServer
+from govmesh.state.messages import Snapshot
+from govmesh.tools.messages import ToolResult
+
+from _deploy import deployment
+
+
+class Note(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    n: int
+
+
+class Sender:
+    """Seals messages of one tenant as a given agent, the way the bus does."""
+
+    def __init__(self, tenant: str) -> None:
+        self.issuer = Issuer(name=f"test:{tenant}", audience=f"govmesh:{tenant}")
+        self.subjects = Subjects(tenant)
+        self.codec = Codec()
+        self.agents = {}
+
+    def seal(
+        self, agent: str, body: msgspec.Struct, *, workflow: str, causation: str = ""
+    ) -> tuple[str, bytes]:
+        if agent not in self.agents:
+            self.agents[agent] = self.issuer.identity(agent, "agent")
+        envelope, data = self.codec.seal(
+            self.agents[agent],
+            subject=self.subjects.msg(agent),
+            body=body,
+            workflow=workflow,
+            causation=causation,
+        )
+        return envelope.id, data
+
+
+def _notes(sender: Sender, workflow: str, n: int) -> list[bytes]:
+    return [sender.seal("alice", Note(n=i), workflow=workflow)[1] for i in range(n)]
+
+
+async def _index(redis_server: RedisServer, tenant: str) -> tuple[AuditIndex, aioredis.Redis]:
+    r = aioredis.Redis.from_url(redis_server.url)
+    return AuditIndex(r, prefix=key_prefix(tenant)), r
+
+
+async def test_appending_the_same_event_twice_stores_it_once(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    sender = Sender(prefix)
+    index, r = await _index(redis_server, prefix)
+    try:
+        first = _notes(sender, "wf-1", 3)
+        report = await index.ingest(first)
+        assert (report.stored, report.duplicates) == (3, 0)
+        extra = _notes(sender, "wf-1", 1)
+        report = await index.ingest([*first, *extra, extra[0], b"garbage"])
+        assert (report.stored, report.duplicates, report.malformed) == (1, 4, 1)
+        records = await index.records("wf-1")
+        assert [rec.seq for rec in records] == [1, 2, 3, 4]
+        assert [rec.prev for rec in records[1:]] == [rec.hash for rec in records[:-1]]
+        assert (await index.verify("wf-1")).ok
+    finally:
+        await r.aclose()
+
+
+async def test_show_returns_the_causal_tree_with_summaries(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    sender = Sender(prefix)
+    index, r = await _index(redis_server, prefix)
+    wf = "wf-tree"
+    intent_id, intent = sender.seal(
+        "buyer", ToolIntent(tool="erp.order", args={"usd": 10}, step=1), workflow=wf
+    )
+    decision_id, decision = sender.seal(
+        "governance",
+        Decision(
+            intent_id=intent_id,
+            intent_hash="ih",
+            workflow=wf,
+            agent="buyer",
+            outcome="allow",
+            policy_hash="p" * 64,
+            expires_at=time.time() + 60,
+        ),
+        workflow=wf,
+        causation=intent_id,
+    )
+    result_id, result = sender.seal(
+        "gateway", ToolResult(ok=True), workflow=wf, causation=decision_id
+    )
+    usage_id, usage = sender.seal(
+        "buyer",
+        Usage(model="sim", input_tokens=100, output_tokens=20),
+        workflow=wf,
+        causation=intent_id,
+    )
+    _, snap = sender.seal(
+        "buyer",
+        Snapshot(workflow=wf, version=1, goal={}, reflections=("the vendor was too dear",)),
+        workflow=wf,
+    )
+    try:
+        await index.ingest([intent, decision, result, usage, snap])
+        trace = await index.show(wf)
+        assert [rec.kind for rec in trace.records] == [
+            "ToolIntent",
+            "Decision",
+            "ToolResult",
+            "Usage",
+            "Snapshot",
+        ]
+        assert trace.roots == [intent_id, trace.records[-1].id]
+        assert trace.children == {intent_id: [decision_id, usage_id], decision_id: [result_id]}
+        summaries = {rec.kind: rec.summary for rec in trace.records}
+        assert summaries["Decision"]["outcome"] == "allow"
+        assert summaries["Decision"]["policy_hash"] == "p" * 64
+        assert summaries["ToolResult"]["ok"] is True
+        assert summaries["Usage"]["input_tokens"] == 100
+        assert len(str(summaries["Snapshot"]["thought_sha256"])) == 64
+        assert "too dear" not in str(summaries["Snapshot"])
+        assert [rec.id for rec in await index.by_agent("buyer")] == [
+            intent_id,
+            usage_id,
+            trace.records[-1].id,
+        ]
+        assert [rec.id for rec in await index.by_kind("Decision")] == [decision_id]
+    finally:
+        await r.aclose()
+
+
+def test_verify_names_an_edited_a_removed_and_two_reordered_records(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    sender = Sender(prefix)
+    wf = "wf-tampered"
+
+    async def fill_and_tamper() -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+        index, r = await _index(redis_server, prefix)
+        try:
+            await index.ingest(_notes(sender, wf, 8))
+            await index.ingest(_notes(sender, "wf-untouched", 3))
+            assert (await index.verify()).ok
+            key = index.chain_key(wf)
+            raw = await r.lrange(key, 0, -1)
+            edited = msgspec.structs.replace(
+                msgspec.msgpack.decode(raw[1], type=AuditRecord), sender="mallory"
+            )
+            await r.lset(key, 1, msgspec.msgpack.encode(edited))
+            await r.lrem(key, 1, raw[3])
+            # seq 6 and 7 now sit at list positions 4 and 5
+            await r.lset(key, 4, raw[6])
+            await r.lset(key, 5, raw[5])
+            one = await index.verify(wf)
+            every = await index.verify()
+            return (
+                [(p.seq, p.what) for p in one.problems],
+                [(p.seq, p.what) for p in every.problems],
+            )
+        finally:
+            await r.aclose()
+
+    one, every = asyncio.run(fill_and_tamper())
+    expected = [(2, "changed"), (4, "removed"), (6, "reordered"), (7, "reordered")]
+    assert sorted(one) == expected
+    assert sorted(every) == expected
+    runner = CliRunner()
+    args = ["audit", "verify", wf, "--tenant", prefix, "--redis-url", redis_server.url]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    for seq, what in expected:
+        assert f"{wf}" in result.output
+        assert what in result.output and str(seq) in result.output
+    intact = runner.invoke(
+        cli,
+        ["audit", "verify", "wf-untouched", "--tenant", prefix, "--redis-url", redis_server.url],
+    )
+    assert intact.exit_code == 0, intact.output
+    shown = runner.invoke(
+        cli, ["audit", "show", "wf-untouched", "--tenant", prefix, "--redis-url", redis_server.url]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "Note" in shown.output and "alice" in shown.output
+
+
+async def test_a_signed_checkpoint_catches_a_truncated_tail(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    sender = Sender(prefix)
+    index, r = await _index(redis_server, prefix)
+    key = SigningKey()
+    wf = "wf-cut"
+    try:
+        await index.ingest(_notes(sender, wf, 6))
+        checkpoint = await index.checkpoint(key, signer="auditor")
+        assert checkpoint.heads[wf][0] == 6
+        await index.ingest(_notes(sender, wf, 2))
+        assert (await index.verify(wf, trusted=[key.public])).ok
+        # Cut the tail and move the head back, so the chain alone looks whole.
+        await r.ltrim(index.chain_key(wf), 0, 3)
+        fourth = msgspec.msgpack.decode(await r.lindex(index.chain_key(wf), 3), type=AuditRecord)
+        await r.hset(f"{key_prefix(prefix)}:audit:heads", wf, f"4:{fourth.hash}")
+        report = await index.verify(wf, trusted=[key.public])
+        assert [(p.seq, p.what) for p in report.problems] == [(5, "truncated")]
+        assert "checkpoint saw seq 6" in report.problems[0].detail
+        untrusted = await index.verify(wf, trusted=[SigningKey().public])
+        assert [p.what for p in untrusted.problems] == ["bad_checkpoint"]
+    finally:
+        await r.aclose()
+
+
+async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
+    nats_server: NatsServer, redis_server: RedisServer, prefix: str
+) -> None:
+    dep, issuer = deployment(nats_server.url, redis_server.url, prefix)
+    nc = await nats.connect(nats_server.url)
+    index, r = await _index(redis_server, prefix)
+    bus = await Bus.connect(dep, issuer.identity("alice", "agent"), rotate=False)
+    consumer = AuditConsumer(nc, index, tenant=prefix, batch=10, ack_wait_s=1.0)
+
+    async def stored(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(await index.records("wf-js")) < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    try:
+        from govmesh.bus import ensure_event_stream
+
+        await ensure_event_stream(nc)
+        for i in range(5):
+            await bus.publish(bus.subjects.msg("bob"), Note(n=i), workflow="wf-js")
+        await bus.flush()
+        await consumer.start()  # joins late: replays from the start of the stream
+        await stored(5)
+        await consumer.close()
+        await consumer.close()
+        for i in range(5, 8):
+            await bus.publish(bus.subjects.msg("bob"), Note(n=i), workflow="wf-js")
+        await bus.flush()
+        key = SigningKey()
+        consumer = AuditConsumer(
+            nc, index, tenant=prefix, batch=10, checkpoint_key=key, checkpoint_every_s=0.05
+        )  # resumes the durable consumer the first one made
+        await consumer.start()
+        await stored(8)
+        deadline = time.monotonic() + 10
+        while not consumer.checkpoints and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert consumer.checkpoints >= 1
+        records = await index.records("wf-js")
+        assert [rec.seq for rec in records] == list(range(1, 9))
+        assert {rec.sender for rec in records} == {"alice"}
+        report = await index.verify("wf-js", trusted=[key.public])
+        assert report.ok and report.checkpoint_ts > 0
+    finally:
+        await consumer.close()
+        await bus.close()
+        await nc.close()
+        await r.aclose()
+
+
+async def test_bench_audit_fills_the_index_and_reports_against_its_baseline() -> None:
+    from govmesh.bench._audit import run_audit_bench
+
+    report = await run_audit_bench(events=400, workflows=20, samples=10)
+    assert report["events_per_workflow"] == 20
+    assert report["ingest_events_per_s"] > 0
+    for key in ("show_ms", "lrange_ms", "verify_ms"):
+        assert 0 < report[key]["p50"] <= report[key]["p99"]
+    assert set(report["met"]) == set(report["targets"])
