@@ -447,6 +447,13 @@ def _summary(report: dict[str, Any]) -> Table:
             f"{vendor['wait_hours']:g} h each; timers fired {vendor['timers']['fired']}, "
             f"missed {vendor['timers']['missed']}",
         )
+    a = report["audit"]
+    table.add_row(
+        "audit index (hash-chained)",
+        f"{a['records']:,} events of {a['workflows_verified']} workflows, "
+        + ("every chain intact" if a["intact"] else f"{len(a['problems'])} problems")
+        + ("" if a["caught_up"] else " (indexing had not caught up)"),
+    )
     table.add_row("governance latency p50 / p99", f"{lat['p50']:.2f} / {lat['p99']:.2f} ms")
     rejections = report["security_rejections"]
     table.add_row(

@@ -37,6 +37,10 @@ async def test_procurement_swarm_is_governed_end_to_end(
     assert report["model_calls"]["counted_by_budget"] == report["model_calls"]["reported_by_agents"]
     assert report["tokens"] > 0 and report["cost_usd"] > 0
     assert report["security_rejections"] == {}
+    # The audit actor indexed every event of the run, and every workflow's chain is intact.
+    audit = report["audit"]
+    assert audit["caught_up"] and audit["intact"], audit
+    assert audit["workflows_verified"] == 50 and audit["records"] >= 50 * 6
 
     r = aioredis.Redis.from_url(redis_server.url)
     try:

@@ -29,6 +29,7 @@ ROOT: Final = "gm"
 INBOX_ROOT: Final = "_INBOX"
 JETSTREAM_ROOT: Final = "$JS.API"
 JETSTREAM_API: Final = f"{JETSTREAM_ROOT}.>"
+JETSTREAM_ACK: Final = "$JS.ACK"
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-:]+$")
 _TOOL = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 
@@ -123,9 +124,13 @@ class Subjects:
 
     @property
     def jetstream_read(self) -> tuple[str, ...]:
-        """The JetStream API subjects needed to replay a stream: consumers and stream info,
-        not creating, changing or deleting streams."""
-        return (f"{JETSTREAM_ROOT}.CONSUMER.>", f"{JETSTREAM_ROOT}.STREAM.INFO.*")
+        """The JetStream subjects needed to replay a stream: consumers, stream info and
+        acknowledgements of what was read; not creating, changing or deleting streams."""
+        return (
+            f"{JETSTREAM_ROOT}.CONSUMER.>",
+            f"{JETSTREAM_ROOT}.STREAM.INFO.*",
+            f"{JETSTREAM_ACK}.>",
+        )
 
     @property
     def jetstream_api(self) -> str:

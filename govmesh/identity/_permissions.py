@@ -13,6 +13,7 @@ budget        approval.* (budget interrupts)              usage.*, ctl.budget
 state         msg.* (timers fired), replies               state.*, ctl.state
 issuer        (replies only)                              ctl.identity
 operator      approval.*                                  approval.*
+auditor       $JS.API.CONSUMER.>, stream info, $JS.ACK.>   everything of the tenant
 coordinator   msg.*, ctl.*, $JS.API.>                     msg.<own id>
 unknown       security only                               nothing
 ============  ==========================================  ===================================

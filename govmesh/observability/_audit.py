@@ -45,6 +45,7 @@ from typing import Any, Final, Literal, TypeAlias, cast
 import msgspec
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
@@ -766,6 +767,11 @@ class AuditConsumer:
                 msgs = await self._sub.fetch(self.batch, timeout=1.0)
             except NatsTimeoutError:
                 continue
+            except NatsError as exc:
+                # nats-server restarting: the stream keeps the events; fetch again.
+                log.warning("audit stream unavailable, will retry: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
             try:
                 report = await self.index.ingest([m.data for m in msgs])
             except (aioredis.RedisError, OSError) as exc:
@@ -774,8 +780,12 @@ class AuditConsumer:
                     await m.nak(delay=1.0)
                 await asyncio.sleep(1.0)
                 continue
-            for m in msgs:
-                await m.ack()
+            try:
+                for m in msgs:
+                    await m.ack()
+            except NatsError as exc:
+                # Stored already; redelivered ones are recognised by their event ids.
+                log.warning("audit acks lost, the events will come again: %s", exc)
             self.stored += report.stored
             unsigned += report.stored
             self.duplicates += report.duplicates

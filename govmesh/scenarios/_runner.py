@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import redis.asyncio as aioredis
+from nats.errors import Error as NatsError
 
 from govmesh.agents import PurchaseOutcome, WorkflowDone, WorkflowStart
 from govmesh.agents._base import TRANSIENT
-from govmesh.bus import Bus, Delivery, ensure_event_stream
+from govmesh.bus import EVENT_STREAM, Bus, Delivery, ensure_event_stream
 from govmesh.config import Deployment, key_prefix
 from govmesh.errors import BusError, ConfigError
 from govmesh.forecasting import (
@@ -37,7 +39,7 @@ from govmesh.governance._replay import ReplayReport, replay_url
 from govmesh.identity import Issuer
 from govmesh.identity._permissions import OPERATOR_ROLE
 from govmesh.identity.authority import TokenAuthority
-from govmesh.observability import summarize
+from govmesh.observability import AuditIndex, summarize
 from govmesh.runtime import OPERATOR_MEMBER, Transport
 from govmesh.runtime._home import home_dir, write_private
 from govmesh.scenarios._runs import (
@@ -278,6 +280,7 @@ async def run_workflows(
             history.append(_usage_records(scenario, run_id, seed, burns))
         # Every recorded decision of the tenant, decided again (there must be no difference).
         replayed = await replay_url(deployment.redis_url, prefix=deployment.key_prefix)
+        audit = await _audited(coordinator, deployment, tuple(outcomes))
         stats = await swarm.stats()
         if approver is not None:
             stats["approver"] = {
@@ -315,6 +318,7 @@ async def run_workflows(
     )
     report["run_id"] = run_id
     report["forecast"] = forecast_report
+    report["audit"] = audit
     report["actor_restarts"] = dict(swarm.restarts)
     return report
 
@@ -342,6 +346,45 @@ def _timer_counts(stats: dict[str, Any]) -> dict[str, int]:
     for service in stats.values():
         counts.update(service.get("timers", {}))
     return {"fired": counts["fired"], "missed": counts["missed"]}
+
+
+async def _audited(
+    bus: Bus, deployment: Deployment, workflows: tuple[str, ...], *, wait_s: float = 20.0
+) -> dict[str, Any]:
+    """Once the audit actor has stored every event of the stream, each of the run's
+    workflows' chains checked (`AuditIndex.verify`)."""
+    js = bus.nc.jetstream()
+    durable = f"audit-{deployment.tenant}"
+    deadline = time.monotonic() + wait_s
+    caught_up = False
+    while time.monotonic() < deadline:
+        try:
+            info = await js.consumer_info(EVENT_STREAM, durable)
+        except NatsError:
+            await asyncio.sleep(0.2)
+            continue
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            caught_up = True
+            break
+        await asyncio.sleep(0.2)
+    client = aioredis.Redis.from_url(deployment.redis_url)
+    try:
+        index = AuditIndex(client, prefix=deployment.key_prefix)
+        problems: list[dict[str, Any]] = []
+        records = 0
+        for workflow in workflows:
+            checked = await index.verify(workflow)
+            records += checked.records
+            problems += [msgspec.to_builtins(p) for p in checked.problems]
+    finally:
+        await client.aclose()
+    return {
+        "caught_up": caught_up,
+        "workflows_verified": len(workflows),
+        "records": records,
+        "problems": problems[:20],
+        "intact": not problems,
+    }
 
 
 def _prior_forecast(

@@ -19,7 +19,9 @@ from govmesh.forecasting import BudgetService
 from govmesh.governance._actor import GOVERNANCE_ROLE, OPERATOR_ROLE, GovernanceService
 from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest
 from govmesh.identity import Identity, Issuer
+from govmesh.identity._permissions import AUDITOR_ROLE
 from govmesh.llm import SimulatedModel
+from govmesh.observability._service import AuditService
 from govmesh.runtime import Transport
 from govmesh.scenarios._schema import Scenario
 from govmesh.service import Service, ServiceActor, being_cancelled
@@ -169,6 +171,7 @@ class Swarm:
         ]
         specs += [
             ("gateway-1", GatewayService, {"identity": ident("gateway-1", "gateway")}),
+            ("audit-1", AuditService, {"identity": ident("audit-1", AUDITOR_ROLE)}),
             (
                 "budget-1",
                 BudgetService,
