@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from nats.errors import Error as NatsError
+from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError
 
 from govmesh.bus import Delivery
@@ -19,6 +20,7 @@ from govmesh.forecasting.messages import BudgetInterrupt, InterruptAck, Usage
 from govmesh.governance.messages import Decision
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider, ModelRequest, ModelResponse
+from govmesh.observability._tracing import span
 from govmesh.service import Service
 from govmesh.state._tiers import encode_goal
 from govmesh.state.messages import Snapshot
@@ -132,7 +134,24 @@ class AgentService(Service):
             if not isinstance(answer, Granted):
                 raise BudgetError(answer)
             granted = answer
-        response = await self.model.complete(request)
+        with span(
+            f"chat {self.model.model}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": getattr(self.model, "provider", "unknown"),
+                "gen_ai.request.model": self.model.model,
+                "gen_ai.request.max_tokens": request.max_tokens,
+                "gen_ai.agent.name": self.agent_id,
+                "govmesh.workflow": workflow,
+                "govmesh.reservation": None if granted is None else granted.reservation_id,
+            },
+        ) as call:
+            response = await self.model.complete(request)
+            call.set_attribute("gen_ai.response.model", response.model)
+            call.set_attribute("gen_ai.usage.input_tokens", response.input_tokens)
+            call.set_attribute("gen_ai.usage.output_tokens", response.output_tokens)
+            call.set_attribute("govmesh.answer.usable", not response.error)
         usage = Usage(
             model=response.model,
             input_tokens=response.input_tokens,

@@ -33,6 +33,7 @@ from govmesh.forecasting import BudgetCaps, Price
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider
+from govmesh.observability._tracing import span
 from govmesh.state.messages import SnapshotQuery, SnapshotReply, TimerFired, TimerSet
 from govmesh.tools import ERP_CREATE_PO, STEP_IN_PROGRESS, ToolCall, ToolResult
 
@@ -200,9 +201,19 @@ class ProcurementAgent(AgentService):
             until = time.monotonic() + self._give_up_s
             while True:
                 try:
-                    outcome = await self._purchase(
-                        workflow, job.request, trace=job.trace, resume=goal
-                    )
+                    with span(
+                        f"invoke_agent {self.agent_id}",
+                        traceparent=job.trace if resume else "",
+                        attributes={
+                            "gen_ai.operation.name": "invoke_agent",
+                            "gen_ai.agent.name": self.agent_id,
+                            "govmesh.workflow": workflow,
+                            "govmesh.resumed_from": (goal or {}).get("phase") if resume else None,
+                        },
+                    ):
+                        outcome = await self._purchase(
+                            workflow, job.request, trace=job.trace, resume=goal
+                        )
                     break
                 except (TimeoutError, *TRANSIENT) as exc:
                     if isinstance(exc, TimeoutError) or time.monotonic() >= until:

@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from opentelemetry.trace import SpanKind
 
 from govmesh.bus._codec import Codec
 from govmesh.bus._envelope import Envelope, SecurityEvent
@@ -34,6 +35,7 @@ from govmesh.identity import (
     ssl_context,
 )
 from govmesh.identity.messages import TokenGrant, TokenRenewal
+from govmesh.observability._tracing import current_traceparent, span
 
 __all__ = ["Authorize", "Bus", "Delivery", "Handler"]
 
@@ -216,7 +218,12 @@ class Bus:
         causation: str = "",
         trace: str = "",
     ) -> Envelope:
-        """Sign and publish ``body`` on ``subject``; returns the envelope sent."""
+        """Sign and publish ``body`` on ``subject``; returns the envelope sent.
+
+        Inside a span, the envelope carries that span's trace context (so the receiver's
+        span is its child); otherwise ``trace``.
+        """
+        trace = current_traceparent() or trace
         envelope, data = self.codec.seal(
             self.identity,
             subject=subject,
@@ -263,7 +270,7 @@ class Bus:
             body=body,
             workflow=workflow,
             causation=causation,
-            trace=trace,
+            trace=current_traceparent() or trace,  # as `publish`
         )
         try:
             msg = await self.nc.request(subject, data, timeout=timeout)
@@ -370,8 +377,22 @@ class Bus:
             return ""
 
     async def _run(self, handler: Handler, delivery: Delivery) -> None:
+        envelope = delivery.envelope
         try:
-            await handler(delivery)
+            # One span per handled message, a child of the sender's span (the envelope's
+            # trace context): what the handler sends next carries this span's context.
+            with span(
+                f"handle {envelope.kind}",
+                traceparent=envelope.trace,
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "govmesh.member": self.identity.agent_id,
+                    "govmesh.message.kind": envelope.kind,
+                    "govmesh.message.sender": envelope.sender,
+                    "govmesh.workflow": envelope.workflow or None,
+                },
+            ):
+                await handler(delivery)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -38,6 +38,7 @@ from govmesh.governance.messages import (
     ToolIntent,
 )
 from govmesh.identity import Claims, Identity
+from govmesh.observability._tracing import span
 from govmesh.service import Service, being_cancelled
 
 __all__ = ["OPERATOR_ROLE", "GovernanceService"]
@@ -385,15 +386,32 @@ class GovernanceService(Service):
             step=body.step,
         )
         ihash = intent_hash(intent)
-        decided = await self._decide(
-            intent,
-            body.reflections,
-            time.time(),
-            call_id=d.envelope.id,
-            commit=("allow",),
-            first_key=self.key("intent", ihash),
-            trace=d.envelope.trace,
-        )
+        with span(
+            "govmesh.decide",
+            attributes={
+                "govmesh.workflow": workflow,
+                "govmesh.agent": intent.agent,
+                "gen_ai.tool.name": intent.tool,
+                "govmesh.intent.hash": ihash,
+            },
+        ) as deciding:
+            decided = await self._decide(
+                intent,
+                body.reflections,
+                time.time(),
+                call_id=d.envelope.id,
+                commit=("allow",),
+                first_key=self.key("intent", ihash),
+                trace=d.envelope.trace,
+            )
+            stands = decided if isinstance(decided, FirstDecision) else decided[0]
+            deciding.set_attributes(
+                {
+                    "govmesh.decision.outcome": stands.outcome,
+                    "govmesh.policy.hash": stands.policy_hash,
+                    "govmesh.decision.repeated": isinstance(decided, FirstDecision),
+                }
+            )
         if isinstance(decided, FirstDecision):
             decision = await self._answer_again(decided, d, ihash)
         else:

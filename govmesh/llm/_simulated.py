@@ -47,6 +47,9 @@ class SimulatedModel:
         seed: the run's seed.
     """
 
+    provider = "govmesh.simulated"
+    """The provider name spans report (``gen_ai.provider.name``)."""
+
     def __init__(self, settings: SimulatedModelSettings, *, seed: int) -> None:
         if not 0.0 <= settings.error_probability <= 1.0:
             raise ValueError(

@@ -50,7 +50,12 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
-from govmesh.bus import EVENT_STREAM, Codec, Envelope, Subjects, ensure_event_stream
+# Submodules, not the package: the bus traces through govmesh.observability, and importing
+# the package from here would go round in a circle.
+from govmesh.bus._codec import Codec
+from govmesh.bus._envelope import Envelope
+from govmesh.bus._stream import EVENT_STREAM, ensure_event_stream
+from govmesh.bus._subjects import Subjects
 from govmesh.errors import SecurityError, StateError
 from govmesh.identity import SigningKey, VerifyKey
 

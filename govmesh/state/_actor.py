@@ -13,6 +13,7 @@ from govmesh.bus import Delivery
 from govmesh.config import Deployment
 from govmesh.errors import BusError, ConfigError, StateError
 from govmesh.identity import Identity
+from govmesh.observability._tracing import span
 from govmesh.service import Service, being_cancelled
 from govmesh.state._tiers import (
     ENV_STATE_KEYS,
@@ -130,7 +131,17 @@ class StateService(Service):
         agent, workflow = d.claims.sub, d.envelope.workflow
         match d.body:
             case Snapshot() as snap:
-                error = await self._store(agent, snap)
+                with span(
+                    "govmesh.snapshot",
+                    attributes={
+                        "govmesh.workflow": workflow,
+                        "govmesh.agent": agent,
+                        "govmesh.snapshot.version": snap.version,
+                        "govmesh.state.phase": str(snap.goal.get("phase", "")) or None,
+                    },
+                ) as storing:
+                    error = await self._store(agent, snap)
+                    storing.set_attribute("govmesh.snapshot.stored", not error)
                 if d.reply:
                     await self.bus.respond(
                         d,
