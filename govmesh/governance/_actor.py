@@ -184,6 +184,18 @@ def _first(call_id: str, verdict: Verdict, request: ApprovalRequest | None) -> F
     )
 
 
+def _intent_of(request: ApprovalRequest) -> Intent:
+    """The intent an approval request was escalated on, to decide it again."""
+    return Intent(
+        agent=request.agent,
+        role=request.role,
+        tool=request.tool,
+        args=request.args,
+        workflow=request.workflow,
+        step=request.step,
+    )
+
+
 def _amount(args: dict[str, Any]) -> float | None:
     amount = args.get("amount_usd")
     if isinstance(amount, int | float) and not isinstance(amount, bool):
@@ -304,14 +316,7 @@ class GovernanceService(Service):
         for request in await self.approvals.pending():
             if request.policy_hash == policies.hash or request.tool == INTERRUPT_TOOL:
                 continue
-            intent = Intent(
-                agent=request.agent,
-                role=request.role,
-                tool=request.tool,
-                args=request.args,
-                workflow=request.workflow,
-                step=request.step,
-            )
+            intent = _intent_of(request)
             figures = await self._context(
                 intent, request.reflections, time.time(), call_id=request.intent_id, first_key=""
             )
@@ -617,14 +622,7 @@ class GovernanceService(Service):
         A human's approval lifts the escalation, not the limits: spend committed while the
         request waited may leave no room for it, and then the approval becomes a deny.
         """
-        intent = Intent(
-            agent=request.agent,
-            role=request.role,
-            tool=request.tool,
-            args=request.args,
-            workflow=request.workflow,
-            step=request.step,
-        )
+        intent = _intent_of(request)
         # The call was counted for the rate limit when it was first decided, and recorded.
         decided = await self._decide(
             intent,
