@@ -953,6 +953,63 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
+_WATCH_STYLES: dict[str, str] = {
+    "SecurityEvent": "bold red",
+    "ApprovalRequest": "yellow",
+    "ApprovalAnswer": "yellow",
+    "Decision": "cyan",
+    "Usage": "dim",
+    "ToolResult": "green",
+}
+
+
+@cli.command()
+@tenant_option
+@click.option("--workflow", "-w", default="", help="Only this workflow's events.")
+@click.option("--kind", "-k", "kinds", multiple=True, help="Only events of this kind (repeatable).")
+@click.option("--replay", is_flag=True, help="Start from the stream's first event, not from now.")
+@click.option("--count", "-n", type=click.IntRange(1), help="Stop after this many events.")
+@json_option
+def watch(
+    tenant: str | None,
+    workflow: str,
+    kinds: tuple[str, ...],
+    replay: bool,
+    count: int | None,
+    json_path: Path | None,
+) -> None:
+    """Follow a running deployment's events live: decisions, escalations, model use, tool
+    results, security events. Joins the deployment `govmesh run` advertises; Ctrl-C stops."""
+    import datetime as dt
+
+    from govmesh.observability._watch import watch_events
+    from govmesh.runtime import join
+
+    seen: list[Any] = []
+
+    async def follow() -> None:
+        async for event in watch_events(
+            join(tenant), replay=replay, workflow=workflow, kinds=kinds
+        ):
+            seen.append(event)
+            when = dt.datetime.fromtimestamp(event.ts).strftime("%H:%M:%S.%f")[:-3]
+            summary = " ".join(f"{k}={v}" for k, v in event.summary.items())
+            style = _WATCH_STYLES.get(event.kind, "")
+            out.print(
+                f"{when} [bold]{event.workflow or '-'}[/] "
+                f"[{style or 'default'}]{event.kind}[/] {event.sender}: {summary}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            if count is not None and len(seen) >= count:
+                return
+
+    try:
+        _run(follow())
+    finally:
+        _write_json(json_path, seen, what="events")
+
+
 @approvals.command("list")
 @tenant_option
 @json_option

@@ -201,6 +201,19 @@ def test_an_approval_from_the_cli_resumes_the_paused_workflow(tmp_path: Path) ->
         first, second = (str(p["approval_id"]) for p in pending)
         assert len({p["workflow"] for p in pending}) == 2
 
+        # `govmesh watch`, joining late, replays the run's escalations from the stream.
+        watched = tmp_path / "watched.json"
+        follow = ["watch", "--replay", "-k", "ApprovalRequest", "-k", "Decision", "-n", "4"]
+        shown = _govmesh([*follow, "--json", str(watched)], home)
+        assert shown.returncode == 0, shown.stderr
+        events = json.loads(watched.read_text())
+        assert sorted(e["kind"] for e in events) == ["ApprovalRequest"] * 2 + ["Decision"] * 2
+        assert {e["workflow"] for e in events} == {p["workflow"] for p in pending}
+        assert {e["summary"].get("outcome") for e in events if e["kind"] == "Decision"} == {
+            "escalate"
+        }
+        assert shown.stdout.count("ApprovalRequest") == 2 and "governance-1" in shown.stdout
+
         approved = _govmesh(["approvals", "approve", first[:8], "--by", "alice"], home)
         assert approved.returncode == 0, approved.stderr
         assert "allow" in approved.stdout and "approved by alice" in approved.stdout

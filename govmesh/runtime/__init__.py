@@ -1,6 +1,13 @@
 """Embedded nats-server, Redis-protocol server and Ray, or connections to external ones."""
 
-from govmesh.runtime._home import ENV_HOME, OPERATOR_MEMBER, JoinedDeployment, advertise, join
+from govmesh.runtime._home import (
+    ENV_HOME,
+    OPERATOR_MEMBER,
+    WATCH_MEMBER,
+    JoinedDeployment,
+    advertise,
+    join,
+)
 from govmesh.runtime._nats import NatsServer, ServerTLS
 from govmesh.runtime._redis import RedisServer
 from govmesh.runtime._runtime import ENV_NATS_URL, ENV_RAY_ADDRESS, ENV_REDIS_URL, Runtime
@@ -23,6 +30,7 @@ __all__ = [
     "ENV_RAY_ADDRESS",
     "ENV_REDIS_URL",
     "OPERATOR_MEMBER",
+    "WATCH_MEMBER",
     "JoinedDeployment",
     "Member",
     "NatsServer",

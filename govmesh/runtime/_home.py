@@ -37,6 +37,7 @@ from govmesh.identity import DeploymentCA, Issuer, SigningKey
 __all__ = [
     "ENV_HOME",
     "OPERATOR_MEMBER",
+    "WATCH_MEMBER",
     "JoinedDeployment",
     "advertise",
     "home_dir",
@@ -46,6 +47,8 @@ __all__ = [
 
 ENV_HOME: Final = "GOVMESH_HOME"
 OPERATOR_MEMBER: Final = "operator"
+WATCH_MEMBER: Final = "watch"
+"""The member `govmesh watch` joins as, in the auditor role: it reads, it changes nothing."""
 """The member id operators join as; the person's name travels in each answer."""
 _STATE: Final = "deployment.json"
 

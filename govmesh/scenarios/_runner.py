@@ -37,10 +37,10 @@ from govmesh.forecasting import (
 )
 from govmesh.governance._replay import ReplayReport, replay_url
 from govmesh.identity import Issuer
-from govmesh.identity._permissions import OPERATOR_ROLE
+from govmesh.identity._permissions import AUDITOR_ROLE, OPERATOR_ROLE
 from govmesh.identity.authority import TokenAuthority
 from govmesh.observability import AuditIndex, summarize
-from govmesh.runtime import OPERATOR_MEMBER, Transport
+from govmesh.runtime import OPERATOR_MEMBER, WATCH_MEMBER, Transport
 from govmesh.runtime._home import home_dir, write_private
 from govmesh.scenarios._runs import (
     RunManifest,
@@ -186,6 +186,7 @@ async def run_workflows(
     me = issuer.identity(f"coordinator-{run_id}", COORDINATOR_ROLE)
     if transport is not None:
         transport.admit(OPERATOR_MEMBER, OPERATOR_ROLE, tenant=deployment.tenant)
+        transport.admit(WATCH_MEMBER, AUDITOR_ROLE, tenant=deployment.tenant)
         transport.enrol(
             [
                 *swarm.identities(),
