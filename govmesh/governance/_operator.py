@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from types import TracebackType
 
 import redis.asyncio as aioredis
@@ -135,20 +134,11 @@ class OperatorDesk:
 
     async def _join(self) -> Bus:
         if self._bus is None:
-            joined = self.joined
-            identity = joined.issuer.identity(OPERATOR_MEMBER, OPERATOR_ROLE, ttl_s=_OPERATOR_TTL_S)
-            cert = (
-                None
-                if joined.ca is None
-                else joined.ca.member_cert(
-                    OPERATOR_MEMBER,
-                    OPERATOR_ROLE,
-                    tenant=joined.deployment.tenant,
-                    ttl=dt.timedelta(seconds=_OPERATOR_TTL_S),
-                )
+            identity, cert = self.joined.member(
+                OPERATOR_MEMBER, OPERATOR_ROLE, ttl_s=_OPERATOR_TTL_S
             )
             self._bus = await Bus.connect(
-                joined.deployment, identity, rotate=False, client_cert=cert
+                self.joined.deployment, identity, rotate=False, client_cert=cert
             )
         return self._bus
 

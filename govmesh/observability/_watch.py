@@ -9,7 +9,6 @@ JetStream consumer, from now on or, to join late, from the stream's start.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -54,17 +53,7 @@ async def watch_events(
     """The deployment's events as they come, oldest first; from the stream's start with
     ``replay``, else from now. ``workflow`` and ``kinds`` keep only those."""
     deployment = joined.deployment
-    identity = joined.issuer.identity(WATCH_MEMBER, AUDITOR_ROLE, ttl_s=_WATCH_TTL_S)
-    cert = (
-        None
-        if joined.ca is None
-        else joined.ca.member_cert(
-            WATCH_MEMBER,
-            AUDITOR_ROLE,
-            tenant=deployment.tenant,
-            ttl=dt.timedelta(seconds=_WATCH_TTL_S),
-        )
-    )
+    identity, cert = joined.member(WATCH_MEMBER, AUDITOR_ROLE, ttl_s=_WATCH_TTL_S)
     bus = await Bus.connect(deployment, identity, rotate=False, client_cert=cert)
     codec = Codec()
     try:

@@ -20,6 +20,7 @@ keys 0600, and nothing is written anywhere else.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import shutil
 import time
@@ -32,7 +33,7 @@ import msgspec
 
 from govmesh.config import Deployment
 from govmesh.errors import ConfigError
-from govmesh.identity import DeploymentCA, Issuer, SigningKey
+from govmesh.identity import ClientCert, DeploymentCA, Identity, Issuer, SigningKey
 
 __all__ = [
     "ENV_HOME",
@@ -84,6 +85,24 @@ class JoinedDeployment:
     pid: int
     started_at: float
     what: str
+
+    def member(
+        self, member_id: str, role: str, *, ttl_s: float
+    ) -> tuple[Identity, ClientCert | None]:
+        """A short-lived identity, and on a mutual-TLS bus its client certificate, for a
+        member the deployment admitted (`OPERATOR_MEMBER`, `WATCH_MEMBER`)."""
+        identity = self.issuer.identity(member_id, role, ttl_s=ttl_s)
+        cert = (
+            None
+            if self.ca is None
+            else self.ca.member_cert(
+                member_id,
+                role,
+                tenant=self.deployment.tenant,
+                ttl=dt.timedelta(seconds=ttl_s),
+            )
+        )
+        return identity, cert
 
 
 def home_dir() -> Path:
