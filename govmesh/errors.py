@@ -6,7 +6,10 @@ Each subclass also inherits the matching built-in exception so callers that alre
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from govmesh.forecasting._reservations import Refused
 
 __all__ = [
     "BusError",
@@ -94,7 +97,7 @@ class BudgetError(GovmeshError, RuntimeError):
         calls: model calls of the step that did run before it (set by the agent).
     """
 
-    def __init__(self, refusal: Any) -> None:
+    def __init__(self, refusal: Refused) -> None:
         self.refusal = refusal
         self.calls = 0
         super().__init__(refusal.reason())

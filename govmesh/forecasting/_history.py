@@ -18,6 +18,7 @@ from typing import Final
 import msgspec
 
 from govmesh.errors import ConfigError
+from govmesh.forecasting.messages import RoleUsage
 from govmesh.runtime._home import home_dir
 
 __all__ = ["UsageHistory", "WorkflowUsage"]
@@ -25,8 +26,9 @@ __all__ = ["UsageHistory", "WorkflowUsage"]
 _SCENARIO_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-class WorkflowUsage(msgspec.Struct, frozen=True, kw_only=True):
-    """One agent role's use of one model in one workflow.
+class WorkflowUsage(RoleUsage, frozen=True, kw_only=True):
+    """One agent role's use of one model in one workflow: the budget actor's `RoleUsage`,
+    with the run it belongs to.
 
     A call with ``error=True`` is an unusable answer the agent reflects on and retries, so
     ``calls - errors`` calls moved the work on and ``errors / calls`` is the error rate.
@@ -49,13 +51,6 @@ class WorkflowUsage(msgspec.Struct, frozen=True, kw_only=True):
     run_id: str
     seed: int
     workflow: str
-    role: str
-    model: str
-    calls: int
-    errors: int
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float
 
     def __post_init__(self) -> None:
         for name in ("calls", "errors", "input_tokens", "output_tokens"):

@@ -33,8 +33,17 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer(_NAME)
 
 
+def _recording() -> bool:
+    """Whether the process installed a tracer provider; until then there is nothing to
+    record, and the bus's hot path skips parsing and making trace contexts."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
 def current_traceparent() -> str:
-    """The W3C ``traceparent`` of the span now active, or "" outside any span."""
+    """The W3C ``traceparent`` of the span now active, or "" outside any span (and always
+    "" while nothing records spans)."""
+    if not _recording():
+        return ""
     carrier: dict[str, str] = {}
     _PROPAGATOR.inject(carrier)
     return carrier.get("traceparent", "")
@@ -49,7 +58,11 @@ def span(
     attributes: Mapping[str, Any] | None = None,
 ) -> Iterator[Span]:
     """A span named ``name``, child of the span now active or, when ``traceparent`` is
-    given (a message's trace context), of that; attributes with None values are left out."""
+    given (a message's trace context), of that; attributes with None values are left out.
+    While nothing records spans it yields a span that records nothing, at no cost."""
+    if not _recording():
+        yield trace.INVALID_SPAN
+        return
     parent = (
         _PROPAGATOR.extract({"traceparent": traceparent})
         if traceparent

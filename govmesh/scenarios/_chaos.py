@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from govmesh.agents import PurchaseOutcome, WorkflowDone
 from govmesh.governance._approvals import ApprovalStore
 from govmesh.scenarios._runner import deploy, finish_run, run_workflows
-from govmesh.scenarios._runs import RunManifest, new_run_id
+from govmesh.scenarios._runs import RunManifest, RunRecords, new_run_id
 from govmesh.scenarios._schema import load_scenario
 from govmesh.scenarios._swarm import Swarm, seeded_rng
 from govmesh.tools import SimulatedErp
@@ -277,8 +277,13 @@ async def run_chaos(
             during=monkey,
         )
         phase("counting effects and approvals")
+        records = RunRecords(up.deployment.redis_url, up.deployment.key_prefix, manifest.run_id)
+        try:
+            finished = await records.finished()
+        finally:
+            await records.close()
         counted = await effects_and_approvals(
-            up.deployment.redis_url, up.deployment.key_prefix, await up.records.finished()
+            up.deployment.redis_url, up.deployment.key_prefix, finished
         )
         phase("stopping")
     finish_run(report)

@@ -21,7 +21,7 @@ from nats.errors import Error as NatsError
 from govmesh.agents import PurchaseOutcome, WorkflowDone, WorkflowStart
 from govmesh.agents._base import TRANSIENT
 from govmesh.bus import EVENT_STREAM, Bus, Delivery, ensure_event_stream
-from govmesh.config import Deployment, key_prefix
+from govmesh.config import Deployment
 from govmesh.errors import BusError, ConfigError
 from govmesh.forecasting import (
     FORECAST_METHOD,
@@ -443,13 +443,7 @@ def _usage_records(
             run_id=run_id,
             seed=seed,
             workflow=burn.workflow,
-            role=role.role,
-            model=role.model,
-            calls=role.calls,
-            errors=role.errors,
-            input_tokens=role.input_tokens,
-            output_tokens=role.output_tokens,
-            cost_usd=role.cost_usd,
+            **msgspec.structs.asdict(role),
         )
         for burn in burns
         for role in burn.roles
@@ -588,7 +582,6 @@ class Deployed:
     deployment: Deployment
     issuer: Issuer
     keyring: Keyring
-    records: RunRecords
     manifest: RunManifest
 
 
@@ -615,32 +608,27 @@ async def deploy(
     tenant = load_scenario(manifest.scenario).tenant
     phase("starting nats-server, Redis-protocol server and Ray")
     async with Runtime(workdir=workdir) as runtime:
-        records = RunRecords(runtime.redis_url, key_prefix(tenant), manifest.run_id)
-        try:
-            issuer = new_issuer(tenant)
-            deployment = issuer.deployment(
-                tenant=tenant,
-                nats_url=runtime.nats_url,
-                redis_url=runtime.redis_url,
-                tls=runtime.transport is not None,
+        issuer = new_issuer(tenant)
+        deployment = issuer.deployment(
+            tenant=tenant,
+            nats_url=runtime.nats_url,
+            redis_url=runtime.redis_url,
+            tls=runtime.transport is not None,
+        )
+        transport = runtime.transport
+        with advertise(
+            deployment,
+            issuer,
+            ca=transport.ca if transport is not None else None,
+            what=what,
+        ):
+            yield Deployed(
+                runtime=runtime,
+                deployment=deployment,
+                issuer=issuer,
+                keyring=_run_keyring(workdir),
+                manifest=manifest,
             )
-            transport = runtime.transport
-            with advertise(
-                deployment,
-                issuer,
-                ca=transport.ca if transport is not None else None,
-                what=what,
-            ):
-                yield Deployed(
-                    runtime=runtime,
-                    deployment=deployment,
-                    issuer=issuer,
-                    keyring=_run_keyring(workdir),
-                    records=records,
-                    manifest=manifest,
-                )
-        finally:
-            await records.close()
 
 
 def _run_keyring(workdir: Path) -> Keyring:
