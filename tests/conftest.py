@@ -1,11 +1,16 @@
-"""Shared fixtures: real nats-server, Redis-protocol server and Ray, one per test session."""
+"""Shared fixtures: real nats-server, Redis-protocol server and Ray, one per test session,
+and an in-memory reader of the process's metrics."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import pytest
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider
+from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
 
 from govmesh.runtime import NatsServer, RedisServer, Transport
 
@@ -47,3 +52,54 @@ def secure_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Tran
     transport, server = Transport.embedded(tmp_path_factory.mktemp("mtls"))
     with server:
         yield transport, server
+
+
+class Readings:
+    """Metric points recorded between two reads, by metric name."""
+
+    def __init__(self, points: dict[str, list[tuple[dict[str, Any], Any]]]) -> None:
+        self.points = points
+
+    def _matching(self, name: str, where: Mapping[str, Any] | None) -> list[Any]:
+        return [
+            point
+            for attributes, point in self.points.get(name, [])
+            if all(attributes.get(k) == v for k, v in (where or {}).items())
+        ]
+
+    def total(self, name: str, where: Mapping[str, Any] | None = None) -> float:
+        """The sum of a counter's, or of a histogram's, points whose attributes include
+        ``where``."""
+        return sum(getattr(p, "value", getattr(p, "sum", 0)) for p in self._matching(name, where))
+
+    def count(self, name: str, where: Mapping[str, Any] | None = None) -> int:
+        """How many values a histogram recorded with attributes that include ``where``."""
+        return sum(p.count for p in self._matching(name, where))
+
+
+class MetricReader:
+    """Reads what the process's meter provider recorded since the previous read."""
+
+    def __init__(self, reader: InMemoryMetricReader) -> None:
+        self._reader = reader
+
+    def read(self) -> Readings:
+        """The points recorded since the previous read (the first read: since the start)."""
+        points: dict[str, list[tuple[dict[str, Any], Any]]] = {}
+        data = self._reader.get_metrics_data()
+        for resource in data.resource_metrics if data is not None else ():
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    for point in metric.data.data_points:
+                        points.setdefault(metric.name, []).append((dict(point.attributes), point))
+        return Readings(points)
+
+
+@pytest.fixture(scope="session")
+def metric_reader() -> MetricReader:
+    """The process's meter provider (one per process), read in deltas: a test reads once
+    to skip what came before it, works, and reads what its work recorded."""
+    delta = AggregationTemporality.DELTA
+    reader = InMemoryMetricReader(preferred_temporality={Counter: delta, Histogram: delta})
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    return MetricReader(reader)

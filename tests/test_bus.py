@@ -102,12 +102,16 @@ async def test_valid_message_reaches_handler_with_verified_sender(h: Harness) ->
     assert h.bob.rejected == {}
 
 
+def _forged(h: Harness, n: int) -> bytes:
+    """Alice's message ``n`` with one bit of its signature flipped."""
+    sealed = h.bob.codec.open(h.sealed(n))
+    signature = bytearray(sealed.signature)
+    signature[0] ^= 0xFF
+    return h.bob.codec.encode(Sealed(sealed.envelope, sealed.token, bytes(signature)))
+
+
 async def test_bad_signature_is_never_seen_by_a_handler(h: Harness) -> None:
-    data = h.sealed(1)
-    sealed = h.bob.codec.open(data)
-    forged = bytearray(sealed.signature)
-    forged[0] ^= 0xFF
-    await h.raw(h.bob.codec.encode(Sealed(sealed.envelope, sealed.token, bytes(forged))))
+    await h.raw(_forged(h, 1))
     await h.settle(refused=1)
     assert h.handled() == [-1]
     assert h.bob.rejected["bad_signature"] == 1
@@ -135,6 +139,23 @@ async def test_exact_replay_is_refused(h: Harness) -> None:
     await h.settle(refused=1)
     assert h.handled() == [3, -1]
     assert h.bob.rejected["replay"] == 1
+
+
+async def test_refusals_are_counted_by_reason_in_the_security_rejections_metric(
+    h: Harness, metric_reader
+) -> None:
+    metric_reader.read()  # skip what earlier tests recorded
+    replayed = h.sealed(4)
+    await h.raw(replayed)
+    await h.raw(replayed)
+    await h.raw(_forged(h, 5))
+    await h.settle(refused=2)
+    got = metric_reader.read()
+    assert h.handled() == [4, -1]
+    rejections = "govmesh.security.rejections"
+    assert got.total(rejections, {"govmesh.security.reason": "replay"}) == 1
+    assert got.total(rejections, {"govmesh.security.reason": "bad_signature"}) == 1
+    assert got.total(rejections) == 2
 
 
 async def test_message_moved_to_another_subject_is_refused(h: Harness) -> None:

@@ -1,5 +1,6 @@
 """One workflow, one trace: spans of every actor that worked on a procurement workflow,
-joined by the trace context in the envelopes, with the OpenTelemetry GenAI names."""
+joined by the trace context in the envelopes, with the OpenTelemetry GenAI names; and the
+metrics the same work records: tokens, cost, decisions by outcome, latencies."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from govmesh.agents import ProcurementAgent
 from govmesh.agents.messages import PurchaseOutcome, PurchaseRequest
 from govmesh.bus import Bus, Delivery
 from govmesh.governance._actor import GovernanceService
-from govmesh.llm import SimulatedModel
+from govmesh.llm import ModelRequest, ModelResponse, SimulatedModel, SimulatedModelSettings
 from govmesh.scenarios import load_scenario
 from govmesh.state import StateService
 from govmesh.tools import ERP_CREATE_PO, GatewayService
@@ -26,6 +27,7 @@ from govmesh.tools import ERP_CREATE_PO, GatewayService
 from _deploy import deployment
 
 ROOT = Path(__file__).parent.parent
+SCENARIO = load_scenario(ROOT / "scenarios" / "procurement.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +40,29 @@ def spans() -> InMemorySpanExporter:
     return exporter
 
 
-async def test_one_procurement_workflow_is_one_trace_across_its_actors(
-    spans, secure_nats, redis_server, prefix, tmp_path
-) -> None:
+class RecordingModel(SimulatedModel):
+    """The simulated model, keeping every answer it gives."""
+
+    def __init__(self, settings: SimulatedModelSettings, *, seed: int) -> None:
+        super().__init__(settings, seed=seed)
+        self.answers: list[ModelResponse] = []
+
+    async def complete(self, request: ModelRequest) -> ModelResponse:
+        answer = await super().complete(request)
+        self.answers.append(answer)
+        return answer
+
+
+async def run_procurement(
+    secure_nats, redis_server, prefix, tmp_path, model: SimulatedModel, requests
+) -> dict[str, PurchaseOutcome]:
+    """Run each of ``requests`` (workflow, request, traceparent) through governance, the
+    gateway, the state actor and a procurement agent thinking with ``model``; returns the
+    outcomes by workflow."""
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
-    scenario = load_scenario(ROOT / "scenarios" / "procurement.yaml")
     policy = tmp_path / "policy.yaml"
     policy.write_text((ROOT / "policies" / "procurement-agent-v2.yaml").read_text())
-    model = SimulatedModel(msgspec.structs.replace(scenario.model, error_probability=0.0), seed=1)
     services = [
         GovernanceService(
             dep, issuer.identity("governance-1", "governance"), policy_paths=[str(policy)]
@@ -62,16 +78,18 @@ async def test_one_procurement_workflow_is_one_trace_across_its_actors(
                 budget_usd=25_000,
             ),
             model=model,
-            prices=dict(scenario.prices),
+            prices=dict(SCENARIO.prices),
         ),
     ]
     coordinator = await Bus.connect(dep, issuer.identity("coordinator-1", "coordinator"))
-    outcomes: asyncio.Queue[PurchaseOutcome] = asyncio.Queue()
+    outcomes: dict[str, PurchaseOutcome] = {}
+    all_in = asyncio.Event()
 
     async def on_outcome(d: Delivery) -> None:
-        await outcomes.put(d.body)
+        outcomes[d.envelope.workflow] = d.body
+        if len(outcomes) == len(requests):
+            all_in.set()
 
-    trace_id = uuid.uuid4().hex
     try:
         for service in services:
             await service.start()
@@ -79,25 +97,46 @@ async def test_one_procurement_workflow_is_one_trace_across_its_actors(
             coordinator.subjects.msg("coordinator-1"), on_outcome, accepts=PurchaseOutcome
         )
         await coordinator.flush()
-        await coordinator.publish(
-            coordinator.subjects.msg("procurement-1"),
-            PurchaseRequest(item="monitors", vendor="Vendor_A", amount_usd=1200.0),
-            workflow="wf-traced",
-            trace=f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01",
-        )
-        outcome = await asyncio.wait_for(outcomes.get(), 30)
-        assert outcome.result == "executed", outcome
+        for workflow, request, traceparent in requests:
+            await coordinator.publish(
+                coordinator.subjects.msg("procurement-1"),
+                request,
+                workflow=workflow,
+                trace=traceparent,
+            )
+        await asyncio.wait_for(all_in.wait(), 30)
         await asyncio.sleep(0.3)  # the last snapshot's span ends after the outcome is sent
     finally:
         await coordinator.close()
         for service in reversed(services):
             await service.close()
+    return outcomes
+
+
+def _model(cls: type[SimulatedModel] = SimulatedModel) -> SimulatedModel:
+    return cls(msgspec.structs.replace(SCENARIO.model, error_probability=0.0), seed=1)
+
+
+async def test_one_procurement_workflow_is_one_trace_across_its_actors(
+    spans, secure_nats, redis_server, prefix, tmp_path
+) -> None:
+    trace_id = uuid.uuid4().hex
+    request = PurchaseRequest(item="monitors", vendor="Vendor_A", amount_usd=1200.0)
+    outcomes = await run_procurement(
+        secure_nats,
+        redis_server,
+        prefix,
+        tmp_path,
+        _model(),
+        [("wf-traced", request, f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01")],
+    )
+    assert outcomes["wf-traced"].result == "executed", outcomes
 
     ours = [s for s in spans.get_finished_spans() if format(s.context.trace_id, "032x") == trace_id]
     names = {s.name for s in ours}
     assert {
         "invoke_agent procurement-1",
-        f"chat {scenario.model.name}",
+        f"chat {SCENARIO.model.name}",
         "govmesh.decide",
         f"execute_tool {ERP_CREATE_PO}",
         "govmesh.snapshot",
@@ -109,7 +148,7 @@ async def test_one_procurement_workflow_is_one_trace_across_its_actors(
     [chat] = [s for s in ours if s.name.startswith("chat ")]
     assert chat.attributes["gen_ai.operation.name"] == "chat"
     assert chat.attributes["gen_ai.provider.name"] == "govmesh.simulated"
-    assert chat.attributes["gen_ai.request.model"] == scenario.model.name
+    assert chat.attributes["gen_ai.request.model"] == SCENARIO.model.name
     assert chat.attributes["gen_ai.usage.input_tokens"] > 0
     assert chat.attributes["gen_ai.usage.output_tokens"] > 0
     [tool] = [s for s in ours if s.name.startswith("execute_tool ")]
@@ -126,3 +165,67 @@ async def test_one_procurement_workflow_is_one_trace_across_its_actors(
     assert by_id[handling.parent.span_id].name == "invoke_agent procurement-1"
     [decide_handling] = [s for s in ours if s.name == "handle ToolIntent"]
     assert by_id[decide_handling.parent.span_id].name == "invoke_agent procurement-1"
+
+
+async def test_procurement_records_tokens_cost_decisions_and_latencies(
+    metric_reader, secure_nats, redis_server, prefix, tmp_path
+) -> None:
+    model = _model(RecordingModel)
+    metric_reader.read()  # skip what earlier tests recorded
+    outcomes = await run_procurement(
+        secure_nats,
+        redis_server,
+        prefix,
+        tmp_path,
+        model,
+        [
+            ("wf-allowed", PurchaseRequest(item="desks", vendor="Vendor_A", amount_usd=900.0), ""),
+            ("wf-denied", PurchaseRequest(item="desks", vendor="Vendor_Z", amount_usd=900.0), ""),
+        ],
+    )
+    got = metric_reader.read()
+    assert {w: o.result for w, o in outcomes.items()} == {
+        "wf-allowed": "executed",
+        "wf-denied": "denied",
+    }
+    answers = model.answers
+    assert len(answers) >= 2  # each workflow thought at least once
+    name = SCENARIO.model.name
+    chat = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "govmesh.simulated",
+        "gen_ai.request.model": name,
+        "gen_ai.response.model": name,
+    }
+    tokens = "gen_ai.client.token.usage"
+    assert got.total(tokens, {**chat, "gen_ai.token.type": "input"}) == sum(
+        a.input_tokens for a in answers
+    )
+    assert got.total(tokens, {**chat, "gen_ai.token.type": "output"}) == sum(
+        a.output_tokens for a in answers
+    )
+    assert got.count(tokens) == 2 * len(answers)
+    price = SCENARIO.prices[name]
+    cost = sum(
+        a.input_tokens * price.input_per_1k + a.output_tokens * price.output_per_1k for a in answers
+    )
+    assert got.total("govmesh.model.cost", chat) == pytest.approx(cost / 1000)
+    assert got.count("gen_ai.client.operation.duration", chat) == len(answers)
+    # One decision per workflow, counted by outcome, each with its latency.
+    policy = {"govmesh.decision.source": "policy"}
+    assert got.total("govmesh.decisions", {**policy, "govmesh.decision.outcome": "allow"}) == 1
+    assert got.total("govmesh.decisions", {**policy, "govmesh.decision.outcome": "deny"}) == 1
+    assert got.total("govmesh.decisions") == 2
+    for outcome in ("allow", "deny"):
+        where = {"govmesh.decision.outcome": outcome}
+        assert got.count("govmesh.decision.duration", where) == 1
+    # Only the allowed workflow ran its tool, once.
+    assert got.count("gen_ai.execute_tool.duration", {"gen_ai.tool.name": ERP_CREATE_PO}) == 1
+    assert got.count("gen_ai.execute_tool.duration") == 1
+    # Every member timed each message it handled; an agent that asks again (its retry on a
+    # slow answer) is handled again, so at least one each.
+    handled = "govmesh.handler.duration"
+    assert got.count(handled, {"govmesh.message.kind": "ToolIntent"}) >= 2
+    assert got.count(handled, {"govmesh.message.kind": "ToolCall"}) >= 1
+    assert got.count(handled, {"govmesh.message.kind": "PurchaseOutcome"}) == 2
+    assert got.total("govmesh.security.rejections") == 0

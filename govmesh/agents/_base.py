@@ -20,6 +20,12 @@ from govmesh.forecasting.messages import BudgetInterrupt, InterruptAck, Usage
 from govmesh.governance.messages import Decision
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider, ModelRequest, ModelResponse
+from govmesh.observability._metrics import (
+    BUDGET_INTERRUPTS,
+    MODEL_CALL_DURATION,
+    measured,
+    record_model_usage,
+)
 from govmesh.observability._tracing import span
 from govmesh.service import Service
 from govmesh.state._tiers import encode_goal
@@ -134,20 +140,27 @@ class AgentService(Service):
             if not isinstance(answer, Granted):
                 raise BudgetError(answer)
             granted = answer
-        with span(
-            f"chat {self.model.model}",
-            kind=SpanKind.CLIENT,
-            attributes={
-                "gen_ai.operation.name": "chat",
-                "gen_ai.provider.name": getattr(self.model, "provider", "unknown"),
-                "gen_ai.request.model": self.model.model,
-                "gen_ai.request.max_tokens": request.max_tokens,
-                "gen_ai.agent.name": self.agent_id,
-                "govmesh.workflow": workflow,
-                "govmesh.reservation": None if granted is None else granted.reservation_id,
-            },
-        ) as call:
+        genai = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": getattr(self.model, "provider", "unknown"),
+            "gen_ai.request.model": self.model.model,
+        }
+        with (
+            span(
+                f"chat {self.model.model}",
+                kind=SpanKind.CLIENT,
+                attributes={
+                    **genai,
+                    "gen_ai.request.max_tokens": request.max_tokens,
+                    "gen_ai.agent.name": self.agent_id,
+                    "govmesh.workflow": workflow,
+                    "govmesh.reservation": None if granted is None else granted.reservation_id,
+                },
+            ) as call,
+            measured(MODEL_CALL_DURATION, dict(genai)) as timing,
+        ):
             response = await self.model.complete(request)
+            timing["gen_ai.response.model"] = response.model
             call.set_attribute("gen_ai.response.model", response.model)
             call.set_attribute("gen_ai.usage.input_tokens", response.input_tokens)
             call.set_attribute("gen_ai.usage.output_tokens", response.output_tokens)
@@ -163,6 +176,12 @@ class AgentService(Service):
             reasoning_tokens=response.reasoning_tokens,
         )
         cost = usage.cost(self.price) if self.price is not None else 0.0
+        record_model_usage(
+            timing,
+            input_tokens=response.input_tokens,
+            output_tokens=response.output_tokens,
+            cost_usd=None if self.price is None else cost,
+        )
         if book is not None and granted is not None:
             await book.settle(granted, cost)
         await self.bus.publish(
@@ -241,6 +260,7 @@ class AgentService(Service):
         finally:
             self._interrupted.pop(workflow, None)
         self.interrupts["released" if allowed else "halted"] += 1
+        BUDGET_INTERRUPTS.add(1, {"govmesh.interrupt.outcome": "released" if allowed else "halted"})
         return allowed
 
     async def snapshot(

@@ -35,6 +35,7 @@ from govmesh.identity import (
     ssl_context,
 )
 from govmesh.identity.messages import TokenGrant, TokenRenewal
+from govmesh.observability._metrics import HANDLER_DURATION, SECURITY_REJECTIONS
 from govmesh.observability._tracing import current_traceparent, span
 
 __all__ = ["Authorize", "Bus", "Delivery", "Handler"]
@@ -351,6 +352,7 @@ class Bus:
     def report(self, exc: SecurityError, *, subject: str, data: bytes = b"") -> None:
         """Count a refused message and publish a security event about it."""
         self.rejected[exc.reason] += 1
+        SECURITY_REJECTIONS.add(1, {"govmesh.security.reason": exc.reason})
         claimed = self._claimed_sender(data)
         log.warning("refused message on %s from %r: %s", subject, claimed, exc)
         if subject == self.subjects.security or self._closed:
@@ -378,6 +380,7 @@ class Bus:
 
     async def _run(self, handler: Handler, delivery: Delivery) -> None:
         envelope = delivery.envelope
+        started = time.perf_counter()
         try:
             # One span per handled message, a child of the sender's span (the envelope's
             # trace context): what the handler sends next carries this span's context.
@@ -402,6 +405,9 @@ class Bus:
                 delivery.envelope.id,
                 delivery.envelope.subject,
             )
+        HANDLER_DURATION.record(
+            time.perf_counter() - started, {"govmesh.message.kind": envelope.kind}
+        )
 
     async def flush(self, timeout: int = 5) -> None:
         """Wait until the server has everything sent so far, subscriptions included.

@@ -38,6 +38,7 @@ from govmesh.governance.messages import (
     ToolIntent,
 )
 from govmesh.identity import Claims, Identity
+from govmesh.observability._metrics import record_decision
 from govmesh.observability._tracing import span
 from govmesh.service import Service, being_cancelled
 
@@ -391,6 +392,7 @@ class GovernanceService(Service):
             step=body.step,
         )
         ihash = intent_hash(intent)
+        started = time.perf_counter()
         with span(
             "govmesh.decide",
             attributes={
@@ -422,6 +424,7 @@ class GovernanceService(Service):
         else:
             verdict, request = decided
             self.decided[verdict.outcome] += 1
+            record_decision(verdict.outcome, source="policy", started=started)
             if request is not None:
                 # Stored with the record, before it is announced, so an answer can never
                 # arrive for an unknown request.
@@ -860,6 +863,7 @@ class GovernanceService(Service):
             approved_by=taken.by if taken.approved and not taken.expired else "",
         )
         self.decided[verb] += 1
+        record_decision(decision.outcome, source="approval")
         await self.bus.publish(
             self.subjects.decision(request.workflow),
             decision,

@@ -20,6 +20,7 @@ from govmesh.governance._actor import GOVERNANCE_ROLE
 from govmesh.governance._evaluator import Intent, intent_hash
 from govmesh.governance.messages import Decision
 from govmesh.identity import Claims, Identity
+from govmesh.observability._metrics import TOOL_DURATION, measured
 from govmesh.observability._tracing import span
 from govmesh.service import Service, being_cancelled
 from govmesh.tools._erp import ERP_CREATE_PO, SimulatedErp
@@ -203,22 +204,29 @@ class GatewayService(Service):
             self._keep_lease(key, entry.call), name=f"lease-{entry.call}"
         )
         try:
-            with span(
-                f"execute_tool {call.tool}",
-                attributes={
-                    "gen_ai.operation.name": "execute_tool",
-                    "gen_ai.tool.name": call.tool,
-                    "gen_ai.tool.call.id": entry.call,
-                    "govmesh.workflow": entry.workflow,
-                    "govmesh.step": entry.step,
-                    "govmesh.decision.id": entry.decision_id,
-                    "govmesh.idempotency_key": entry.idempotency_key,
-                },
-            ) as run:
+            tool_attributes = {
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": call.tool,
+            }
+            with (
+                span(
+                    f"execute_tool {call.tool}",
+                    attributes={
+                        **tool_attributes,
+                        "gen_ai.tool.call.id": entry.call,
+                        "govmesh.workflow": entry.workflow,
+                        "govmesh.step": entry.step,
+                        "govmesh.decision.id": entry.decision_id,
+                        "govmesh.idempotency_key": entry.idempotency_key,
+                    },
+                ) as run,
+                measured(TOOL_DURATION, tool_attributes) as timing,
+            ):
                 try:
                     result = ToolResult(ok=True, result=await tool.run(call.args, ctx))
                 except (ValueError, TypeError) as exc:
                     result = ToolResult(ok=False, error=f"{call.tool}: {exc}")
+                    timing["error.type"] = type(exc).__qualname__
                 run.set_attribute("govmesh.tool.ok", result.ok)
         finally:
             keeper.cancel()
