@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -107,9 +108,36 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         sys.exit(2)
 
 
+def _start_telemetry(choice: str) -> None:
+    """Set up where this process's spans and metrics go, and, through the environment its
+    Ray workers inherit, where its actors' go; they are sent on when the command ends."""
+    if choice == "console":
+        os.environ["OTEL_TRACES_EXPORTER"] = os.environ["OTEL_METRICS_EXPORTER"] = "console"
+    elif choice == "none":
+        os.environ["OTEL_SDK_DISABLED"] = "true"
+    if not any(name.startswith("OTEL_") for name in os.environ):
+        return  # nothing asked for: spare every command the import
+    from govmesh.observability import configure_telemetry
+
+    try:
+        installed = configure_telemetry(member="cli")
+    except GovmeshError as exc:
+        raise click.ClickException(str(exc)) from None
+    if installed is not None:
+        click.get_current_context().call_on_close(installed.close)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option(
+    "--telemetry",
+    type=click.Choice(["env", "console", "none"]),
+    default="env",
+    show_default=True,
+    help="Where spans and metrics go: where the OTEL_* environment says (OTLP when "
+    "OTEL_EXPORTER_OTLP_ENDPOINT is set, else nowhere), to stderr, or nowhere.",
+)
+def cli(verbose: int, telemetry: str) -> None:
     """govmesh: governed multi-agent workflow automation."""
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -119,6 +147,7 @@ def cli(verbose: int) -> None:
     # nats-py's protocol answers True to eof_received; asyncio warns about it for every TLS
     # connection it closes, which says nothing to a user.
     logging.getLogger("asyncio").addFilter(lambda record: "eof_received" not in record.getMessage())
+    _start_telemetry(telemetry)
 
 
 @cli.command()

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from govmesh.bus import Bus
 from govmesh.config import Deployment
 from govmesh.identity import Identity
+from govmesh.observability._telemetry import configure_telemetry
 
 __all__ = ["Service", "ServiceActor", "being_cancelled"]
 
@@ -113,6 +114,9 @@ class ServiceActor:
     def __init__(self, service_type: type[Service], kwargs: dict[str, Any]) -> None:
         self._service = service_type(**kwargs)
         self._started: asyncio.Task[None] | None = None
+        # The actor is a process of its own: its telemetry goes where the environment Ray
+        # handed on from the driver says, tagged with the member it hosts.
+        self._telemetry = configure_telemetry(member=self._service.identity.agent_id)
 
     async def start(self) -> str:
         """Start the hosted service; returns its agent id once it is subscribed."""
@@ -151,5 +155,7 @@ class ServiceActor:
         return self._service.stats()
 
     async def close(self) -> None:
-        """Stop the hosted service."""
+        """Stop the hosted service, then send the telemetry still pending."""
         await self._service.close()
+        if self._telemetry is not None:
+            await asyncio.to_thread(self._telemetry.close)

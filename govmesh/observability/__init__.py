@@ -1,4 +1,4 @@
-"""Observability: the audit index, and statistics for reports."""
+"""Observability: telemetry export, the audit index, and statistics for reports."""
 
 from govmesh.observability._audit import (
     GENESIS,
@@ -14,6 +14,11 @@ from govmesh.observability._audit import (
     summarize_body,
 )
 from govmesh.observability._stats import percentile, summarize
+from govmesh.observability._telemetry import (
+    Telemetry,
+    TelemetrySettings,
+    configure_telemetry,
+)
 
 __all__ = [
     "GENESIS",
@@ -25,7 +30,10 @@ __all__ = [
     "AuditTrace",
     "IngestReport",
     "Problem",
+    "Telemetry",
+    "TelemetrySettings",
     "VerifyReport",
+    "configure_telemetry",
     "percentile",
     "summarize",
     "summarize_body",

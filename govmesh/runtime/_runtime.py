@@ -254,11 +254,15 @@ class Runtime:
         address = os.environ.get(ENV_RAY_ADDRESS, "").strip()
         if address:
             self._stack.callback(ray.shutdown)
+            # A cluster's workers do not inherit this process's environment (the embedded
+            # instance's do): hand on where their telemetry goes (see configure_telemetry).
+            telemetry = {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
             ray.init(
                 address=address,
                 log_to_driver=False,
                 logging_level=logging.ERROR,
                 configure_logging=False,
+                runtime_env={"env_vars": telemetry} if telemetry else None,
             )
             self.ray_address = address
             return
