@@ -7,6 +7,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
+import msgspec
 from nats.errors import Error as NatsError
 from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError
@@ -163,6 +164,7 @@ class AgentService(Service):
             reasoning_tokens=response.reasoning_tokens,
         )
         cost = usage.cost(self.price) if self.price is not None else 0.0
+        usage = msgspec.structs.replace(usage, cost_usd=cost)
         if book is not None and granted is not None:
             await book.settle(granted, cost)
         await self.bus.publish(
