@@ -182,12 +182,49 @@ def _govmesh(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _start_on_screen(args: list[str], home: Path, screen: Path) -> subprocess.Popen[str]:
+    """Start ``govmesh ARGS`` as if on a terminal 160 columns wide, its screen going to
+    ``screen``."""
+    env = _env(uuid.uuid4().hex, home) | {"TTY_COMPATIBLE": "1", "COLUMNS": "160", "LINES": "80"}
+    with screen.open("w") as out:
+        return subprocess.Popen(
+            [*GOVMESH, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.PIPE, text=True
+        )
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _frames(screen: Path) -> list[str]:
+    """The frames a live view drew on ``screen``, without terminal control codes."""
+    text = _ANSI.sub("", screen.read_text(errors="replace"))
+    return ["govmesh watch:" + frame for frame in text.split("govmesh watch:")[1:]]
+
+
+def _frame_showing(
+    screen: Path, proc: subprocess.Popen[str], texts: list[str], timeout: float = 60
+) -> str:
+    """The first frame on ``screen`` that shows every one of ``texts``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        running = proc.poll() is None  # before reading: its last frame is written by then
+        frames = _frames(screen)
+        for frame in frames:
+            if all(t in frame for t in texts):
+                return frame
+        assert running and time.monotonic() < deadline, (
+            f"no frame showed {texts}; the last:\n{frames[-1] if frames else '(none)'}"
+        )
+        time.sleep(0.2)
+
+
 def test_an_approval_from_the_cli_resumes_the_paused_workflow(tmp_path: Path) -> None:
     home, mark, out = tmp_path / "home", uuid.uuid4().hex, tmp_path / "out.json"
     scenario = tmp_path / "escalating.yaml"
     scenario.write_text(ESCALATING.format(policy=ROOT / "policies" / "procurement-agent-v2.yaml"))
     run = ["run", str(scenario), "-n", "2", "--manual-approvals", "--json", str(out)]
     proc = _start(run, mark, home)
+    live: subprocess.Popen[str] | None = None
     try:
         listed = tmp_path / "pending.json"
         deadline = time.monotonic() + 120
@@ -206,13 +243,28 @@ def test_an_approval_from_the_cli_resumes_the_paused_workflow(tmp_path: Path) ->
         follow = ["watch", "--replay", "-k", "ApprovalRequest", "-k", "Decision", "-n", "4"]
         shown = _govmesh([*follow, "--json", str(watched)], home)
         assert shown.returncode == 0, shown.stderr
-        events = json.loads(watched.read_text())
+        events = json.loads(watched.read_text())["events"]
         assert sorted(e["kind"] for e in events) == ["ApprovalRequest"] * 2 + ["Decision"] * 2
         assert {e["workflow"] for e in events} == {p["workflow"] for p in pending}
         assert {e["summary"].get("outcome") for e in events if e["kind"] == "Decision"} == {
             "escalate"
         }
         assert shown.stdout.count("ApprovalRequest") == 2 and "governance-1" in shown.stdout
+
+        # `govmesh watch --live`, on a terminal 160 columns wide, shows the dashboard; joining
+        # late, it folds in the run so far: the two escalations (each intent is asked again
+        # every few seconds while it waits, and counts once) waiting for an answer.
+        screen, live_json = tmp_path / "screen.txt", tmp_path / "live.json"
+        live = _start_on_screen(
+            ["watch", "--live", "--replay", "--json", str(live_json)], home, screen
+        )
+        waiting = [
+            "escalate 2 ",
+            "pending approvals: 2",
+            *(str(p["workflow"]) for p in pending),
+            *(f"${p['args']['amount_usd']:,.2f}" for p in pending),
+        ]
+        _frame_showing(screen, live, waiting)
 
         approved = _govmesh(["approvals", "approve", first[:8], "--by", "alice"], home)
         assert approved.returncode == 0, approved.stderr
@@ -223,12 +275,26 @@ def test_an_approval_from_the_cli_resumes_the_paused_workflow(tmp_path: Path) ->
         assert denied.returncode == 0, denied.stderr
         assert "deny" in denied.stdout and "rejected by bob" in denied.stdout
 
+        # The dashboard shows the answers as they come, and stops when the run stops.
+        _frame_showing(screen, live, ["approved by alice", "denied by bob", "pending approvals: 0"])
         _, stderr = proc.communicate(timeout=120)
+        _, live_err = live.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for started in (proc, live):
+            if started is not None and started.poll() is None:
+                started.kill()
     assert proc.returncode == 0, stderr[-3000:]
+    assert live.returncode == 0 and "the deployment stopped" in live_err, live_err[-3000:]
     report = json.loads(out.read_text())
+    final = _frames(screen)[-1]
+    assert "after escalation allow 1, deny 1" in final and "executed 1, rejected 1" in final
+    board = json.loads(live_json.read_text())["board"]
+    assert board["decisions"] == {"escalate": 2} and board["settled"] == {"allow": 1, "deny": 1}
+    assert board["finished"] == {"executed": 1, "rejected": 1} and board["in_flight"] == 0
+    assert board["pending"] == [] and board["security"] == []
+    assert [(a["by"], a["approved"]) for a in board["answers"]] == [("bob", False), ("alice", True)]
+    assert board["tokens"] == report["tokens"] > 0
+    assert board["cost_usd"] == pytest.approx(report["cost_usd"])
     assert report["workflows"] | {"total": 2} == {
         "total": 2,
         "finished": 2,

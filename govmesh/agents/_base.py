@@ -7,6 +7,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
+import msgspec
 from nats.errors import Error as NatsError
 from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError
@@ -182,6 +183,7 @@ class AgentService(Service):
             output_tokens=response.output_tokens,
             cost_usd=None if self.price is None else cost,
         )
+        usage = msgspec.structs.replace(usage, cost_usd=cost)
         if book is not None and granted is not None:
             await book.settle(granted, cost)
         await self.bus.publish(

@@ -436,7 +436,11 @@ class Bus:
                 await self.nc.flush(timeout=_CLOSE_FLUSH_S)
             except Exception as exc:
                 log.debug("flush before close failed: %s", exc)
-            await self.nc.close()
+            try:
+                await self.nc.close()
+            except OSError as exc:
+                # The server went away with our last writes unsent; nothing is left to close.
+                log.debug("connection lost before close: %s", exc)
 
     async def __aenter__(self) -> Bus:
         return self

@@ -20,7 +20,12 @@ __all__ = [
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """Token use of one model call, reported by the agent that made it."""
+    """Token use of one model call, reported by the agent that made it.
+
+    Attributes:
+        cost_usd: what the call cost at the agent's price, for those who watch the stream;
+            the budget actor prices the tokens itself and does not trust this figure.
+    """
 
     model: str
     input_tokens: int
@@ -30,6 +35,7 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    cost_usd: float = 0.0
 
     def cost(self, price: Price) -> float:
         """What this usage costs at ``price``."""

@@ -90,17 +90,26 @@ _VERIFY_CHUNK: Final = 200
 _SCRIPT_GROUPS: Final = 250
 
 # The fields worth a glance for each kind of body; other kinds show their first scalar fields.
+# A dotted name reads a field of a nested mapping and shows under its last part.
 _SUMMARY_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "WorkflowStart": ("item", "vendor", "amount_usd"),
     "PurchaseRequest": ("item", "vendor", "amount_usd"),
     "PurchaseOutcome": ("result", "first_decision", "order_id", "approval_id", "model_calls"),
+    "WorkflowDone": ("outcome.result", "outcome.first_decision", "model_calls"),
     "ToolIntent": ("tool", "step"),
-    "Decision": ("outcome", "policy_hash", "approval_id", "approved_by", "final"),
-    "ApprovalRequest": ("approval_id", "tool", "escalation", "policy_hash"),
+    "Decision": ("outcome", "policy_hash", "approval_id", "approved_by", "final", "intent_hash"),
+    "ApprovalRequest": (
+        "approval_id",
+        "tool",
+        "escalation",
+        "policy_hash",
+        "args.amount_usd",
+        "args.vendor",
+    ),
     "ApprovalAnswer": ("approval_id", "approved", "by"),
     "ToolCall": ("tool", "step"),
     "ToolResult": ("ok", "error", "replayed"),
-    "Usage": ("model", "input_tokens", "output_tokens", "reasoning_tokens", "error"),
+    "Usage": ("model", "input_tokens", "output_tokens", "reasoning_tokens", "error", "cost_usd"),
     "BudgetInterrupt": ("reason", "settled_usd", "cap_usd"),
     "Snapshot": ("version", "policy_hash"),
     "SecurityEvent": ("reason", "claimed_sender", "receiver"),
@@ -284,8 +293,10 @@ def _hash(record: AuditRecord) -> str:
 def summarize_body(kind: str, body: bytes) -> dict[str, Scalar]:
     """A few scalar fields of an encoded body, chosen by ``kind``, plus ``thought_sha256``.
 
-    Unknown kinds show their first scalar fields; text is cut to 120 characters; fields named
-    like free reasoning (``reflections``, ``reasoning``...) are hashed, never copied.
+    Some come from a nested mapping: an approval request's ``args.amount_usd`` shows as
+    ``amount_usd``. Unknown kinds show their first scalar fields; text is cut to 120
+    characters; fields named like free reasoning (``reflections``, ``reasoning``...) are
+    hashed, never copied.
     """
     try:
         value = msgspec.msgpack.decode(body)
@@ -294,12 +305,16 @@ def summarize_body(kind: str, body: bytes) -> dict[str, Scalar]:
     if not isinstance(value, dict):
         return {}
     out: dict[str, Scalar] = {}
-    for name in _SUMMARY_FIELDS.get(kind) or value:
+    for path in _SUMMARY_FIELDS.get(kind) or [k for k in value if isinstance(k, str)]:
         if len(out) >= _MAX_SUMMARY_FIELDS:
             break
+        *parents, name = path.split(".")
         if name == "type" or name in _THOUGHT_FIELDS:
             continue
-        v = value.get(name)
+        holder: Any = value
+        for parent in parents:
+            holder = holder.get(parent) if isinstance(holder, dict) else None
+        v = holder.get(name) if isinstance(holder, dict) else None
         if isinstance(v, str):
             if v:
                 out[name] = v[:_MAX_TEXT]

@@ -4,11 +4,16 @@ The watcher joins the deployment advertised under ``$GOVMESH_HOME`` (see
 `govmesh.runtime.join`) as its watch member, in the ``auditor`` role: it reads every event of
 the tenant's stream and can change nothing. It reads the stream through an ephemeral
 JetStream consumer, from now on or, to join late, from the stream's start.
+
+`WatchBoard` folds the events into what the live dashboard shows (decisions by outcome,
+pending approvals, burn, security events, workflows); it is plain Python, without a clock,
+a terminal or a bus.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -21,9 +26,21 @@ from govmesh.identity._permissions import AUDITOR_ROLE
 from govmesh.observability._audit import summarize_body
 from govmesh.runtime import WATCH_MEMBER, JoinedDeployment
 
-__all__ = ["WatchedEvent", "watch_events"]
+__all__ = [
+    "AnswerSeen",
+    "BoardSnapshot",
+    "PendingApproval",
+    "SecurityCount",
+    "WatchBoard",
+    "WatchedEvent",
+    "WorkflowSpend",
+    "watch_events",
+]
 
 _WATCH_TTL_S: Final = 600.0
+_RATE_WINDOW_S: Final = 60.0
+# Asked about once a second by whoever shows burn; the tail would show nothing else.
+_POLLING: Final = frozenset({"BudgetQuery", "SnapshotQuery"})
 
 
 class WatchedEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -43,6 +60,298 @@ class WatchedEvent(msgspec.Struct, frozen=True, kw_only=True):
     summary: dict[str, Any]
 
 
+class PendingApproval(msgspec.Struct, frozen=True, kw_only=True):
+    """An approval request seen on the stream and not answered yet.
+
+    Attributes:
+        amount_usd: the amount the escalated call would spend, when its arguments name one.
+        requested_at: when the request was sent.
+    """
+
+    approval_id: str
+    workflow: str
+    tool: str
+    escalation: str = ""
+    amount_usd: float | None = None
+    vendor: str = ""
+    requested_at: float
+
+
+class AnswerSeen(msgspec.Struct, frozen=True, kw_only=True):
+    """An operator's answer to an approval request.
+
+    Attributes:
+        tool: the tool the request asked for, when the request was seen too.
+    """
+
+    approval_id: str
+    workflow: str
+    tool: str = ""
+    by: str
+    approved: bool
+    ts: float
+
+
+class WorkflowSpend(msgspec.Struct, frozen=True, kw_only=True):
+    """Model use so far of one workflow in flight.
+
+    Attributes:
+        tokens: input plus output tokens.
+        cost_usd: the calls' cost at the agents' prices.
+        tokens_last_min: tokens of its calls in the minute up to the snapshot.
+    """
+
+    workflow: str
+    calls: int
+    tokens: int
+    cost_usd: float
+    tokens_last_min: int
+
+
+class SecurityCount(msgspec.Struct, frozen=True, kw_only=True):
+    """How many messages receivers refused for one reason from one claimed sender.
+
+    Attributes:
+        sender: the sender the refused messages claimed (``"?"`` when unreadable).
+    """
+
+    reason: str
+    sender: str
+    count: int
+
+
+class BoardSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """What `WatchBoard` has folded so far, at one moment.
+
+    Attributes:
+        at: the moment (Unix time) ages and the last minute are measured from.
+        events: events seen.
+        decisions: governance's decisions by outcome (``allow``, ``deny``, ``escalate``),
+            not counting the final decisions that settle an escalation.
+        settled: final decisions that settled an escalation (approved, denied or expired),
+            by outcome.
+        policy_hashes: decisions per hash of the policy set they were made under.
+        pending: approval requests not answered yet, oldest first.
+        answers: the latest answers, newest first.
+        spend: the costliest workflows in flight, costliest first.
+        calls, tokens, cost_usd: model use of every workflow seen, finished or not.
+        tokens_last_min: tokens of the calls in the minute up to ``at``.
+        security: refused messages per reason and claimed sender, most first.
+        started: workflows seen starting.
+        in_flight: workflows seen and not finished.
+        finished: finished workflows by result (``executed``, ``denied``, ``rejected``,
+            ``failed``, ``halted``).
+        tail: the latest events, oldest first, apart from polling queries.
+    """
+
+    at: float
+    events: int
+    decisions: dict[str, int]
+    settled: dict[str, int]
+    policy_hashes: dict[str, int]
+    pending: list[PendingApproval]
+    answers: list[AnswerSeen]
+    spend: list[WorkflowSpend]
+    calls: int
+    tokens: int
+    cost_usd: float
+    tokens_last_min: int
+    security: list[SecurityCount]
+    started: int
+    in_flight: int
+    finished: dict[str, int]
+    tail: list[WatchedEvent]
+
+
+class _Flow(msgspec.Struct, kw_only=True):
+    """What the board keeps of one workflow in flight (or, for `WatchBoard`'s total, of all).
+
+    Attributes:
+        decided: (intent hash, settles an escalation) of each decision counted: an agent
+            that asks again gets the same decision again, which is not a new one.
+        settled: approvals answered or decided, so a repeated request does not reopen one.
+    """
+
+    started: bool = False
+    calls: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0
+    decided: set[tuple[str, bool]] = msgspec.field(default_factory=set)
+    settled: set[str] = msgspec.field(default_factory=set)
+
+
+class WatchBoard:
+    """The figures `govmesh watch` shows, folded from the events one at a time.
+
+    Pure: it keeps no clock of its own; `snapshot` is told the time. Repeats on the stream
+    (an agent asking again for a decision it did not get, a coordinator starting a workflow
+    again after a restart) are counted once. Memory stays bounded by what is in flight,
+    except one id per finished workflow, so that late events do not count it again.
+
+    Args:
+        tail: events kept for the tail.
+        answers: answers kept.
+        top: workflows in `BoardSnapshot.spend`.
+    """
+
+    def __init__(self, *, tail: int = 15, answers: int = 8, top: int = 8) -> None:
+        self._top = top
+        self._events = 0
+        self._tail: deque[WatchedEvent] = deque(maxlen=tail)
+        self._decisions: Counter[str] = Counter()
+        self._settled: Counter[str] = Counter()
+        self._policies: Counter[str] = Counter()
+        self._pending: dict[str, PendingApproval] = {}
+        self._answers: deque[AnswerSeen] = deque(maxlen=answers)
+        self._total = _Flow()
+        self._recent: deque[tuple[float, str, int]] = deque()
+        self._security: Counter[tuple[str, str]] = Counter()
+        self._started = 0
+        self._flows: dict[str, _Flow] = {}
+        self._done: set[str] = set()
+        self._finished: Counter[str] = Counter()
+
+    def add(self, event: WatchedEvent) -> None:
+        """Fold one event in."""
+        self._events += 1
+        if event.kind not in _POLLING:
+            self._tail.append(event)
+        s, workflow = event.summary, event.workflow
+        flow = self._flows.get(workflow)
+        if flow is None:
+            flow = _Flow()
+            # No workflow, or one that finished: counted in the totals only.
+            if workflow and workflow not in self._done:
+                self._flows[workflow] = flow
+        match event.kind:
+            case "Decision":
+                self._decision(flow, s)
+            case "ApprovalRequest":
+                approval_id = _text(s, "approval_id")
+                if approval_id and approval_id not in flow.settled | self._pending.keys():
+                    self._pending[approval_id] = PendingApproval(
+                        approval_id=approval_id,
+                        workflow=workflow,
+                        tool=_text(s, "tool"),
+                        escalation=_text(s, "escalation"),
+                        amount_usd=_number(s, "amount_usd"),
+                        vendor=_text(s, "vendor"),
+                        requested_at=event.ts,
+                    )
+            case "ApprovalAnswer":
+                approval_id = _text(s, "approval_id")
+                flow.settled.add(approval_id)
+                request = self._pending.pop(approval_id, None)
+                self._answers.appendleft(
+                    AnswerSeen(
+                        approval_id=approval_id,
+                        workflow=workflow,
+                        tool="" if request is None else request.tool,
+                        by=_text(s, "by"),
+                        approved=s.get("approved") is True,
+                        ts=event.ts,
+                    )
+                )
+            case "Usage":
+                tokens = int(_number(s, "input_tokens") or 0) + int(
+                    _number(s, "output_tokens") or 0
+                )
+                cost = _number(s, "cost_usd") or 0.0
+                for counted in (flow, self._total):
+                    counted.calls += 1
+                    counted.tokens += tokens
+                    counted.cost_usd += cost
+                self._recent.append((event.ts, workflow, tokens))
+                self._forget_before(event.ts - _RATE_WINDOW_S)
+            case "SecurityEvent":
+                self._security[(_text(s, "reason") or "?", _text(s, "claimed_sender") or "?")] += 1
+            case "WorkflowStart" if not flow.started:
+                flow.started = True
+                self._started += 1
+            case "WorkflowDone" if workflow in self._flows:
+                self._finished[_text(s, "result") or "?"] += 1
+                del self._flows[workflow]
+                self._done.add(workflow)
+                for approval_id in [
+                    a.approval_id for a in self._pending.values() if a.workflow == workflow
+                ]:
+                    del self._pending[approval_id]
+
+    def _decision(self, flow: _Flow, s: dict[str, Any]) -> None:
+        approval_id = _text(s, "approval_id")
+        settles = bool(approval_id) and s.get("final") is True
+        key = (_text(s, "intent_hash"), settles)
+        if key[0] and key in flow.decided:
+            return
+        flow.decided.add(key)
+        outcome = _text(s, "outcome") or "?"
+        if settles:
+            self._settled[outcome] += 1
+            flow.settled.add(approval_id)
+            self._pending.pop(approval_id, None)
+        else:
+            self._decisions[outcome] += 1
+        policy = _text(s, "policy_hash")
+        if policy:
+            self._policies[policy] += 1
+
+    def snapshot(self, now: float) -> BoardSnapshot:
+        """The figures as of ``now`` (Unix time), which ages and the last minute end at."""
+        self._forget_before(now - _RATE_WINDOW_S)
+        last_min: Counter[str] = Counter()
+        for _, workflow, tokens in self._recent:
+            last_min[workflow] += tokens
+        spending = [(w, f) for w, f in self._flows.items() if f.calls]
+        spending.sort(key=lambda item: item[1].cost_usd, reverse=True)
+        return BoardSnapshot(
+            at=now,
+            events=self._events,
+            decisions=dict(self._decisions),
+            settled=dict(self._settled),
+            policy_hashes=dict(self._policies.most_common()),
+            pending=sorted(self._pending.values(), key=lambda a: a.requested_at),
+            answers=list(self._answers),
+            spend=[
+                WorkflowSpend(
+                    workflow=workflow,
+                    calls=flow.calls,
+                    tokens=flow.tokens,
+                    cost_usd=flow.cost_usd,
+                    tokens_last_min=last_min[workflow],
+                )
+                for workflow, flow in spending[: self._top]
+            ],
+            calls=self._total.calls,
+            tokens=self._total.tokens,
+            cost_usd=self._total.cost_usd,
+            tokens_last_min=sum(last_min.values()),
+            security=[
+                SecurityCount(reason=reason, sender=sender, count=n)
+                for (reason, sender), n in self._security.most_common()
+            ],
+            started=self._started,
+            in_flight=len(self._flows),
+            finished=dict(self._finished),
+            tail=list(self._tail),
+        )
+
+    def _forget_before(self, cutoff: float) -> None:
+        while self._recent and self._recent[0][0] < cutoff:
+            self._recent.popleft()
+
+
+def _text(summary: dict[str, Any], name: str) -> str:
+    value = summary.get(name)
+    return value if isinstance(value, str) else ""
+
+
+def _number(summary: dict[str, Any], name: str) -> float | None:
+    value = summary.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
 async def watch_events(
     joined: JoinedDeployment,
     *,
@@ -51,7 +360,9 @@ async def watch_events(
     kinds: tuple[str, ...] = (),
 ) -> AsyncIterator[WatchedEvent]:
     """The deployment's events as they come, oldest first; from the stream's start with
-    ``replay``, else from now. ``workflow`` and ``kinds`` keep only those."""
+    ``replay``, else from now. ``workflow`` and ``kinds`` keep only those.
+
+    Ends once the deployment's process has stopped and no event came for a second."""
     deployment = joined.deployment
     identity, cert = joined.member(WATCH_MEMBER, AUDITOR_ROLE, ttl_s=_WATCH_TTL_S)
     bus = await Bus.connect(deployment, identity, rotate=False, client_cert=cert)
@@ -72,6 +383,8 @@ async def watch_events(
             try:
                 msgs = await sub.fetch(100, timeout=1.0)
             except NatsTimeoutError:
+                if not joined.running:
+                    return
                 continue
             for msg in msgs:
                 try:

@@ -86,6 +86,11 @@ class JoinedDeployment:
     started_at: float
     what: str
 
+    @property
+    def running(self) -> bool:
+        """Whether the process that runs it is still alive."""
+        return _alive(self.pid)
+
     def member(
         self, member_id: str, role: str, *, ttl_s: float
     ) -> tuple[Identity, ClientCert | None]:
