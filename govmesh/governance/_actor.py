@@ -738,6 +738,7 @@ class GovernanceService(Service):
             outcome=verdict.outcome,
             reasons=verdict.reasons,
             decided_by=self.identity.agent_id,
+            obligations=verdict.obligations,
         )
 
     def _approval_request(
@@ -798,6 +799,7 @@ class GovernanceService(Service):
                 operator=d.claims.sub,
                 reason=answer.reason,
                 causation=d.envelope.id,
+                proof=d.data,
             ),
         )
         if d.reply:
