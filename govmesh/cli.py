@@ -990,7 +990,7 @@ def audit_export(
     """Write WORKFLOW's evidence bundle: one JSON file with every event and its chain hash,
     the decisions with their policy hashes and texts, approvals with who answered, why and
     their signature, costs, the chain's verify result and the latest signed checkpoint,
-    and a sha256 digest of the rest. Exits 1 if the chain has a problem."""
+    and a sha256 digest of the rest. Exits 1 if the chain has a problem or holds nothing."""
     from govmesh.observability._export import bundle_digest, export_bundle
 
     bundle, _ = _audit_call(
@@ -1016,7 +1016,7 @@ def audit_export(
     )
     if not bundle["events"]:
         console.print(f"[yellow]no events of workflow {workflow!r} in the audit index[/]")
-    if not integrity["ok"]:
+    if not integrity["ok"] or not (bundle["events"] or bundle["pruned"]):
         sys.exit(1)
 
 
