@@ -787,19 +787,22 @@ def audit() -> None:
 
 def audit_source(f: Any) -> Any:
     """The options that say whose records an audit command reads (see `audit_target`)."""
-    for option in (
-        click.option(
-            "--run",
-            "run_id",
-            metavar="RUN_ID",
-            help="A finished run's kept record (default: the latest, unless --redis-url).",
-        ),
-        click.option(
-            "--redis-url",
-            envvar="GOVMESH_REDIS_URL",
-            help="A deployment's Redis (default: $GOVMESH_REDIS_URL); needs --tenant.",
-        ),
-        click.option("--tenant", help="The tenant (default with --run: the run's)."),
+    # Decorators apply bottom-up; reversed, --help lists them in this order.
+    for option in reversed(
+        (
+            click.option(
+                "--run",
+                "run_id",
+                metavar="RUN_ID",
+                help="A finished run's kept record (default: the latest, unless --redis-url).",
+            ),
+            click.option(
+                "--redis-url",
+                envvar="GOVMESH_REDIS_URL",
+                help="A deployment's Redis (default: $GOVMESH_REDIS_URL); needs --tenant.",
+            ),
+            click.option("--tenant", help="The tenant (default with --run: the run's)."),
+        )
     ):
         f = option(f)
     return f
@@ -990,7 +993,8 @@ def audit_export(
     """Write WORKFLOW's evidence bundle: one JSON file with every event and its chain hash,
     the decisions with their policy hashes and texts, approvals with who answered, why and
     their signature, costs, the chain's verify result and the latest signed checkpoint,
-    and a sha256 digest of the rest. Exits 1 if the chain has a problem or holds nothing."""
+    and a sha256 digest of the rest. Exits 1 if the chain has a problem (the bundle says
+    which) or holds no event (then no bundle is written)."""
     from govmesh.observability._export import bundle_digest, export_bundle
 
     bundle, _ = _audit_call(
@@ -1005,8 +1009,10 @@ def audit_export(
             source=target.source,
         ),
     )
-    path = out_path or Path(f"evidence-{workflow}.json")
-    _write_json(path, bundle, what="evidence bundle")
+    if not (bundle["events"] or bundle["pruned"]):
+        console.print(f"[red]error:[/] no events of workflow {workflow!r} in the audit index")
+        sys.exit(1)
+    _write_json(out_path or Path(f"evidence-{workflow}.json"), bundle, what="evidence bundle")
     integrity = bundle["integrity"]["verify"]
     out.print(
         f"{len(bundle['events'])} events, {len(bundle['decisions'])} decisions, "
@@ -1014,9 +1020,7 @@ def audit_export(
         + ("intact" if integrity["ok"] else f"[red]{len(integrity['problems'])} problems[/]")
         + f"; sha256 {bundle_digest(bundle)}"
     )
-    if not bundle["events"]:
-        console.print(f"[yellow]no events of workflow {workflow!r} in the audit index[/]")
-    if not integrity["ok"] or not (bundle["events"] or bundle["pruned"]):
+    if not integrity["ok"]:
         sys.exit(1)
 
 

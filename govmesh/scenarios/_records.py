@@ -139,7 +139,7 @@ def kept_run(run_id: str | None) -> RunManifest:
     if run_id is not None:
         if not (record_dir(run_id) / "run.json").exists():
             raise ConfigError(
-                f"no kept run {run_id!r} under {records_dir()} (see `govmesh runs`); "
+                f"no kept run {run_id!r} under {records_dir()} (see `govmesh audit runs`); "
                 "GOVMESH_HOME must be the one the run used"
             )
         return load_manifest(record_dir(run_id))
