@@ -218,8 +218,9 @@ def run(
     $GOVMESH_HOME/runs/RUN_ID; `govmesh run --resume RUN_ID` finishes it.
     """
     from govmesh.scenarios import run_scenario
+    from govmesh.scenarios._records import load_resumable
     from govmesh.scenarios._runner import run_dir
-    from govmesh.scenarios._runs import load_manifest, new_run_id
+    from govmesh.scenarios._runs import new_run_id
 
     if scenario is None and resume is None:
         raise click.UsageError("give a SCENARIO file, or --resume RUN_ID")
@@ -228,7 +229,7 @@ def run(
     run_id = resume or new_run_id()
     if resume is not None:
         try:
-            manifest = load_manifest(run_dir(resume))
+            manifest = load_resumable(run_dir(resume))
         except GovmeshError as exc:
             raise click.ClickException(str(exc)) from None
         workflows, manual_approvals = manifest.workflows, manifest.manual_approvals
@@ -280,6 +281,11 @@ def run(
     out.print(_summary(report))
     if "resume" in report:
         console.print(f"unfinished workflows remain: [bold]{report['resume']}[/]")
+    if "record" in report:
+        console.print(
+            f"run [bold]{report['run_id']}[/] kept its record in {report['record']['dir']}; "
+            f"audit it with [bold]{report['record']['show']}[/] (or verify, export)"
+        )
     _write_json(json_path, report)
     if report["workflows"]["finished"] != report["workflows"]["total"]:
         sys.exit(1)
@@ -807,30 +813,73 @@ def bench_audit(events: int, workflows: int, samples: int, json_path: Path | Non
 
 @cli.group()
 def audit() -> None:
-    """Check what was decided."""
+    """Check what was decided: in a running deployment (--redis-url, --tenant) or in the
+    record a finished `govmesh run` kept (--run RUN_ID; default the latest)."""
+
+
+def audit_source(f: Any) -> Any:
+    """The options that say whose records an audit command reads (see `audit_target`)."""
+    # Decorators apply bottom-up; reversed, --help lists them in this order.
+    for option in reversed(
+        (
+            click.option(
+                "--run",
+                "run_id",
+                metavar="RUN_ID",
+                help="A finished run's kept record (default: the latest, unless --redis-url).",
+            ),
+            click.option(
+                "--redis-url",
+                envvar="GOVMESH_REDIS_URL",
+                help="A deployment's Redis (default: $GOVMESH_REDIS_URL); needs --tenant.",
+            ),
+            click.option("--tenant", help="The tenant (default with --run: the run's)."),
+        )
+    ):
+        f = option(f)
+    return f
+
+
+def _audit_call(run_id: str | None, redis_url: str | None, tenant: str | None, call: Any) -> Any:
+    """Run ``call(index, target)`` on the audit index the options name (`AuditTarget`);
+    returns its result and the target. A kept run's server runs only while ``call`` does."""
+    import redis.asyncio as aioredis
+
+    from govmesh.observability import AuditIndex
+    from govmesh.scenarios._records import audit_target
+
+    async def go(target: Any) -> Any:
+        r = aioredis.Redis.from_url(target.redis_url)
+        try:
+            return await call(AuditIndex(r, prefix=target.prefix), target)
+        finally:
+            await r.aclose()
+
+    try:
+        with audit_target(run_id=run_id, redis_url=redis_url, tenant=tenant) as target:
+            if target.run is not None:
+                how = "the latest finished run kept" if target.latest else "kept run"
+                console.print(f"{how} [bold]{target.run.run_id}[/] ({target.tenant})")
+            return _run(go(target)), target
+    except GovmeshError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
 
 
 @audit.command("replay")
-@click.option(
-    "--redis-url",
-    envvar="GOVMESH_REDIS_URL",
-    required=True,
-    help="The deployment's Redis (default: $GOVMESH_REDIS_URL).",
-)
-@click.option("--tenant", required=True, help="The tenant whose decisions to replay.")
+@audit_source
 @json_option
-def audit_replay(redis_url: str, tenant: str, json_path: Path | None) -> None:
+def audit_replay(
+    run_id: str | None, redis_url: str | None, tenant: str | None, json_path: Path | None
+) -> None:
     """Decide every recorded policy decision again, under the policy version and inputs it
     was decided with, and report any difference. Exits 1 if there is one."""
+    from govmesh.governance._replay import replay
 
-    from govmesh.bus import Subjects
-    from govmesh.config import key_prefix
-    from govmesh.governance._replay import replay_url
-
-    prefix = key_prefix(Subjects(tenant).tenant)  # Subjects validates the name
-
-    report = _run(replay_url(redis_url, prefix=prefix))
-    table = Table(title=f"govmesh audit replay: {tenant}")
+    report, target = _audit_call(
+        run_id, redis_url, tenant, lambda index, _: replay(index.redis, prefix=index.prefix)
+    )
+    table = Table(title=f"govmesh audit replay: {target.tenant}")
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("decisions replayed", f"{report.decisions:,}")
@@ -846,34 +895,6 @@ def audit_replay(redis_url: str, tenant: str, json_path: Path | None) -> None:
         sys.exit(1)
 
 
-redis_url_option = click.option(
-    "--redis-url",
-    envvar="GOVMESH_REDIS_URL",
-    required=True,
-    help="The deployment's Redis (default: $GOVMESH_REDIS_URL).",
-)
-
-
-def _audit_index_call(redis_url: str, tenant: str, call: Any) -> Any:
-    """Run ``call(index)`` on the audit index of ``tenant`` with a connection of its own."""
-    import redis.asyncio as aioredis
-
-    from govmesh.bus import Subjects
-    from govmesh.config import key_prefix
-    from govmesh.observability import AuditIndex
-
-    prefix = key_prefix(Subjects(tenant).tenant)  # Subjects validates the name
-
-    async def go() -> Any:
-        r = aioredis.Redis.from_url(redis_url)
-        try:
-            return await call(AuditIndex(r, prefix=prefix))
-        finally:
-            await r.aclose()
-
-    return _run(go())
-
-
 def _glance(summary: dict[str, Any]) -> str:
     """A record's summary on one line; hashes cut to 12 characters."""
     parts = []
@@ -887,29 +908,46 @@ def _glance(summary: dict[str, Any]) -> str:
 
 @audit.command("show")
 @click.argument("workflow")
-@redis_url_option
-@click.option("--tenant", required=True, help="The tenant the workflow belongs to.")
+@audit_source
 @json_option
-def audit_show(workflow: str, redis_url: str, tenant: str, json_path: Path | None) -> None:
+def audit_show(
+    workflow: str,
+    run_id: str | None,
+    redis_url: str | None,
+    tenant: str | None,
+    json_path: Path | None,
+) -> None:
     """Print WORKFLOW's causal trace from the audit index: who asked, what was decided under
-    which policy, what ran and what it cost."""
+    which policy, what ran and what each model call cost."""
     import time
 
     from rich.markup import escape
     from rich.tree import Tree
 
-    trace = _audit_index_call(redis_url, tenant, lambda index: index.show(workflow))
+    from govmesh.observability._export import costed_trace
+
+    trace, _ = _audit_call(
+        run_id, redis_url, tenant, lambda index, _: costed_trace(index, workflow)
+    )
     if not trace.records:
         console.print(f"[yellow]no events of workflow {workflow!r} in the audit index[/]")
     by_id = {r.id: r for r in trace.records}
-    tree = Tree(f"[bold]{escape(workflow)}[/]: {len(trace.records)} events")
+    cost = trace.cost
+    costs = {c.id: c.cost_usd for c in cost.calls if c.cost_usd is not None}
+    unpriced = f", {cost.unpriced} calls without a recorded cost" if cost.unpriced else ""
+    tree = Tree(
+        f"[bold]{escape(workflow)}[/]: {len(trace.records)} events; {cost.model_calls} model "
+        f"calls, {cost.input_tokens + cost.output_tokens:,} tokens, "
+        f"[bold]${cost.cost_usd:,.6f}[/]{unpriced}"
+    )
 
     def add(parent: Tree, record_id: str) -> None:
         r = by_id[record_id]
         when = time.strftime("%H:%M:%S", time.localtime(r.ts))
+        spent = f" [green]${costs[r.id]:,.6f}[/]" if r.id in costs else ""
         node = parent.add(
             f"[dim]#{r.seq} {when}[/] [bold]{escape(r.kind)}[/] from [cyan]"
-            f"{escape(r.sender)}[/] {escape(_glance(r.summary))}"
+            f"{escape(r.sender)}[/] {escape(_glance(r.summary))}{spent}"
         )
         for child in trace.children.get(record_id, ()):
             add(node, child)
@@ -922,8 +960,7 @@ def audit_show(workflow: str, redis_url: str, tenant: str, json_path: Path | Non
 
 @audit.command("verify")
 @click.argument("workflow", required=False)
-@redis_url_option
-@click.option("--tenant", required=True, help="The tenant whose audit index to check.")
+@audit_source
 @click.option(
     "--trusted-key",
     "trusted_keys",
@@ -933,28 +970,32 @@ def audit_show(workflow: str, redis_url: str, tenant: str, json_path: Path | Non
 @json_option
 def audit_verify(
     workflow: str | None,
-    redis_url: str,
-    tenant: str,
+    run_id: str | None,
+    redis_url: str | None,
+    tenant: str | None,
     trusted_keys: tuple[str, ...],
     json_path: Path | None,
 ) -> None:
     """Check the hash chain of WORKFLOW (default: every workflow) and the last signed
     checkpoint; list each changed, removed, reordered, inserted or truncated record.
-    Exits 1 if there is one."""
+    Workflows removed by `audit prune` are counted, not reported. Exits 1 on a problem."""
     from govmesh.identity import VerifyKey
 
     try:
         trusted = [VerifyKey(bytes.fromhex(k)) for k in trusted_keys]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--trusted-key") from None
-    report = _audit_index_call(
-        redis_url, tenant, lambda index: index.verify(workflow, trusted=trusted)
+    report, target = _audit_call(
+        run_id, redis_url, tenant, lambda index, _: index.verify(workflow, trusted=trusted)
     )
-    table = Table(title=f"govmesh audit verify: {tenant}" + (f" {workflow}" if workflow else ""))
+    table = Table(
+        title=f"govmesh audit verify: {target.tenant}" + (f" {workflow}" if workflow else "")
+    )
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("workflows checked", f"{report.workflows:,}")
     table.add_row("records checked", f"{report.records:,}")
+    table.add_row("workflows pruned by retention", f"{report.pruned:,}")
     table.add_row("signed checkpoint", "none" if not report.checkpoint_ts else "checked")
     table.add_row("problems", str(len(report.problems)))
     out.print(table)
@@ -963,6 +1004,142 @@ def audit_verify(
     _write_json(json_path, report)
     if report.problems:
         sys.exit(1)
+
+
+@audit.command("export")
+@click.argument("workflow")
+@audit_source
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the bundle [default: evidence-WORKFLOW.json].",
+)
+def audit_export(
+    workflow: str,
+    run_id: str | None,
+    redis_url: str | None,
+    tenant: str | None,
+    out_path: Path | None,
+) -> None:
+    """Write WORKFLOW's evidence bundle: one JSON file with every event and its chain hash,
+    the decisions with their policy hashes and texts, approvals with who answered, why and
+    their signature, costs, the chain's verify result and the latest signed checkpoint,
+    and a sha256 digest of the rest. Exits 1 if the chain has a problem (the bundle says
+    which) or holds no event (then no bundle is written)."""
+    from govmesh.observability._export import bundle_digest, export_bundle
+
+    bundle, _ = _audit_call(
+        run_id,
+        redis_url,
+        tenant,
+        lambda index, target: export_bundle(
+            index.redis,
+            tenant=target.tenant,
+            prefix=index.prefix,
+            workflow=workflow,
+            source=target.source,
+        ),
+    )
+    if not (bundle["events"] or bundle["pruned"]):
+        console.print(f"[red]error:[/] no events of workflow {workflow!r} in the audit index")
+        sys.exit(1)
+    _write_json(out_path or Path(f"evidence-{workflow}.json"), bundle, what="evidence bundle")
+    integrity = bundle["integrity"]["verify"]
+    out.print(
+        f"{len(bundle['events'])} events, {len(bundle['decisions'])} decisions, "
+        f"{len(bundle['approvals'])} approvals, ${bundle['costs']['cost_usd']:,.6f}; chain "
+        + ("intact" if integrity["ok"] else f"[red]{len(integrity['problems'])} problems[/]")
+        + f"; sha256 {bundle_digest(bundle)}"
+    )
+    if not integrity["ok"]:
+        sys.exit(1)
+
+
+@audit.command("prune")
+@click.option(
+    "--older-than",
+    required=True,
+    metavar="DURATION",
+    help="Age such as 30d, 12h or 2w: remove what ended longer ago than that.",
+)
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@audit_source
+@json_option
+def audit_prune(
+    older_than: str,
+    dry_run: bool,
+    run_id: str | None,
+    redis_url: str | None,
+    tenant: str | None,
+    json_path: Path | None,
+) -> None:
+    """Retention. With --redis-url (or --run): remove from that audit index the workflows
+    that ended and whose latest event is older than DURATION, with their decision records,
+    approvals and spend; each leaves a prune mark, so `audit verify` counts it as pruned,
+    not as tampering. Without either: remove the kept runs that finished longer ago than
+    DURATION, each listed in $GOVMESH_HOME/records/prune.log first."""
+    import time
+
+    from govmesh.observability._export import prune_index
+    from govmesh.scenarios._records import parse_duration, prune_kept
+
+    try:
+        seconds = parse_duration(older_than)
+    except GovmeshError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    verb = "would remove" if dry_run else "removed"
+    if run_id is None and not redis_url:
+        try:
+            runs = prune_kept(seconds, now=time.time(), dry_run=dry_run)
+        except GovmeshError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            sys.exit(2)
+        for m in runs:
+            out.print(
+                f"{verb} kept run {m.run_id} ({Path(m.scenario).name}, {m.workflows} workflows)"
+            )
+        out.print(f"{verb} {len(runs)} kept runs older than {older_than}")
+        _write_json(json_path, runs)
+        return
+    report, _ = _audit_call(
+        run_id,
+        redis_url,
+        tenant,
+        lambda index, _: prune_index(
+            index.redis, prefix=index.prefix, older_than_s=seconds, dry_run=dry_run
+        ),
+    )
+    out.print(
+        f"{verb} {len(report.workflows)} ended workflows older than {older_than}, "
+        f"with {report.decisions} decision records and {report.approvals} approvals"
+    )
+    _write_json(json_path, report)
+
+
+@audit.command("runs")
+@json_option
+def audit_runs(json_path: Path | None) -> None:
+    """List the finished runs whose records are kept under $GOVMESH_HOME/records."""
+    import time
+
+    from govmesh.scenarios._records import kept_runs
+
+    runs = kept_runs()
+    table = Table(title=f"kept runs: {len(runs)}")
+    for column in ("run", "scenario", "tenant", "started", "finished", "workflows"):
+        table.add_column(column, justify="right" if column == "workflows" else "left")
+    for m in runs:
+        table.add_row(
+            m.run_id,
+            Path(m.scenario).name,
+            m.tenant,
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(m.started_at)),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(m.finished_at)),
+            str(m.workflows),
+        )
+    out.print(table)
+    _write_json(json_path, runs, what="list")
 
 
 @cli.group()

@@ -32,11 +32,18 @@ from govmesh.governance.messages import ApprovalRequest
 from govmesh.identity import Identity
 from govmesh.service import Service, being_cancelled
 
-__all__ = ["BudgetService"]
+__all__ = ["BudgetService", "workflow_spend_keys"]
 
 log = logging.getLogger(__name__)
 
 QUEUE = "budget"
+
+
+def workflow_spend_keys(prefix: str, workflow: str) -> tuple[str, str]:
+    """The budget's Redis keys of one workflow under the tenant's ``prefix``: its totals
+    (hash: calls, tokens, ``cost_usd``, the same per role as ``<role>|...``) and each model
+    call's cost (hash: the usage event's id -> USD, at the price the budget counted)."""
+    return f"{prefix}:spend:wf:{workflow}", f"{prefix}:spend:call:{workflow}"
 
 
 def _burn(name: str, row: dict[str, str], *, scope: BurnScope = "workflow") -> WorkflowBurn:
@@ -146,7 +153,9 @@ class BudgetService(Service):
         cost = usage.cost(self.prices.price(usage.model))
         now = repr(time.time())
         role = d.claims.role
-        workflow_key = self.key("spend", "wf", d.envelope.workflow)
+        workflow_key, calls_key = workflow_spend_keys(
+            self.deployment.key_prefix, d.envelope.workflow
+        )
         agent_key = self.key("spend", "agent", d.claims.sub)
         async with self.redis.pipeline(transaction=True) as pipe:
             for key, part in (
@@ -162,6 +171,7 @@ class BudgetService(Service):
                 pipe.hincrbyfloat(key, f"{part}cost_usd", cost)
                 pipe.hincrby(key, f"{part}errors", int(usage.error))
             pipe.hset(workflow_key, f"{role}|model", usage.model)
+            pipe.hset(calls_key, d.envelope.id, repr(cost))
             for key in (self.key("spend", "tenant"), agent_key, workflow_key):
                 pipe.hsetnx(key, "first", now)
                 pipe.hset(key, "last", now)
@@ -177,8 +187,9 @@ class BudgetService(Service):
     async def _report(self, query: BudgetQuery) -> BudgetReport:
         """Totals of the workflows asked for (of the tenant if none), and with ``detail``
         the burn of each of them, of each agent asked for, and of the tenant."""
+        prefix = self.deployment.key_prefix
         scoped: list[tuple[BurnScope, str, str]] = [
-            ("workflow", w, self.key("spend", "wf", w)) for w in query.workflows
+            ("workflow", w, workflow_spend_keys(prefix, w)[0]) for w in query.workflows
         ] or [("tenant", "", self.key("spend", "tenant"))]
         extra: list[tuple[BurnScope, str, str]] = [
             ("agent", a, self.key("spend", "agent", a)) for a in query.agents

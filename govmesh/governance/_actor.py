@@ -741,6 +741,7 @@ class GovernanceService(Service):
             outcome=verdict.outcome,
             reasons=verdict.reasons,
             decided_by=self.identity.agent_id,
+            obligations=verdict.obligations,
         )
 
     def _approval_request(
@@ -801,6 +802,7 @@ class GovernanceService(Service):
                 operator=d.claims.sub,
                 reason=answer.reason,
                 causation=d.envelope.id,
+                proof=d.data,
             ),
         )
         if d.reply:

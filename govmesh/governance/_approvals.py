@@ -62,6 +62,8 @@ class Answer(msgspec.Struct, frozen=True, kw_only=True):
         reason: the operator's reason, or why the approval lapsed.
         expired: nobody answered before the approval lapsed.
         causation: id of the message that carried the answer.
+        proof: that message as it came over the bus (sealed: envelope, the operator's token,
+            their Ed25519 signature), so the answer can be checked later; empty on expiry.
     """
 
     approved: bool
@@ -70,6 +72,7 @@ class Answer(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
     expired: bool = False
     causation: str = ""
+    proof: bytes = b""
 
 
 class ApprovalRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -146,6 +149,18 @@ class ApprovalStore:
         return [
             self._record.decode(raw) async for _, raw in self.redis.hscan_iter(self._keys["done"])
         ]
+
+    async def of_workflow(self, workflow: str) -> list[ApprovalRecord]:
+        """The settled approvals of ``workflow``, oldest request first."""
+        found = [r for r in await self.settled() if r.workflow == workflow]
+        return sorted(found, key=lambda r: r.requested_at)
+
+    async def forget(self, workflows: set[str]) -> int:
+        """Delete the settled approvals of ``workflows``; returns how many there were."""
+        doomed = [r.approval_id for r in await self.settled() if r.workflow in workflows]
+        if doomed:
+            await self.redis.hdel(self._keys["done"], *doomed)
+        return len(doomed)
 
     async def done_matching(self, id_prefix: str) -> list[ApprovalRecord]:
         """Settled approvals whose id starts with `id_prefix` (hex digits only)."""

@@ -3,7 +3,7 @@ recorded inputs under its recorded policy version, and must come out the same.""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, Final, cast
 
 import msgspec
@@ -17,7 +17,10 @@ __all__ = [
     "DecisionRecord",
     "PolicySource",
     "ReplayReport",
+    "decisions_of",
+    "forget_decisions",
     "policy_sources",
+    "recorded_policy",
     "replay",
     "replay_url",
 ]
@@ -40,6 +43,8 @@ class DecisionRecord(msgspec.Struct, frozen=True, kw_only=True):
         contended: governance denied without a policy verdict, because the spend figures
             kept changing under it (`CONTENDED_REASON`); replay checks that the record says
             exactly that, and counts it apart.
+        obligations: what the decision obliged the enforcement point to do (empty in
+            records written before obligations were recorded).
     """
 
     intent_id: str
@@ -50,6 +55,7 @@ class DecisionRecord(msgspec.Struct, frozen=True, kw_only=True):
     reasons: tuple[str, ...]
     decided_by: str
     contended: bool = False
+    obligations: tuple[str, ...] = ()
 
 
 class ReplayReport(msgspec.Struct, kw_only=True):
@@ -102,37 +108,74 @@ async def replay(
     """
     report = ReplayReport()
     sets: dict[str, PolicySet | None] = {}
+    async for _, record in _records(redis, prefix, batch):
+        report.decisions += 1
+        why = await _difference(redis, prefix, record, sets)
+        if why:
+            _mismatch(report, limit_mismatches, record, why)
+        else:
+            report.matched += 1
+            report.contended += record.contended
+    report.policy_versions = len(sets)
+    return report
+
+
+async def decisions_of(
+    redis: aioredis.Redis, *, prefix: str, workflow: str
+) -> list[tuple[DecisionRecord, str]]:
+    """Every recorded decision of ``workflow``, oldest first, each with why deciding it again
+    comes out differently ("" when it comes out the same). Reads the tenant's whole record
+    stream."""
+    sets: dict[str, PolicySet | None] = {}
+    return [
+        (record, await _difference(redis, prefix, record, sets))
+        async for _, record in _records(redis, prefix)
+        if record.intent.workflow == workflow
+    ]
+
+
+async def forget_decisions(redis: aioredis.Redis, *, prefix: str, workflows: set[str]) -> int:
+    """Delete the decision records of ``workflows``; returns how many there were."""
+    doomed = [
+        e async for e, record in _records(redis, prefix) if record.intent.workflow in workflows
+    ]
+    for start in range(0, len(doomed), 1000):
+        await redis.xdel(decisions_key(prefix), *doomed[start : start + 1000])
+    return len(doomed)
+
+
+async def _records(
+    redis: aioredis.Redis, prefix: str, batch: int = 1000
+) -> AsyncIterator[tuple[str, DecisionRecord]]:
+    """The tenant's decision records with their stream entry ids, oldest first."""
     decoder = msgspec.msgpack.Decoder(DecisionRecord)
     cursor = "-"
     while True:
         rows = await redis.xrange(decisions_key(prefix), min=cursor, max="+", count=batch)
         if not rows:
-            break
+            return
         for entry_id, fields in cast(list[tuple[Any, dict[bytes, bytes]]], rows):
+            entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
             # Exclusive start for the next batch (a "(" range needs Redis 6.2 or Valkey).
-            cursor = "(" + (entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))
-            record = decoder.decode(bytes(fields[b"record"]))
-            report.decisions += 1
-            if record.contended:
-                # Not a policy verdict: the safe default when figures kept changing.
-                if record.outcome == "deny" and record.reasons == (CONTENDED_REASON,):
-                    report.matched += 1
-                    report.contended += 1
-                else:
-                    _mismatch(report, limit_mismatches, record, "contended but not a plain deny")
-                continue
-            policy_set = await _policy_set(redis, prefix, record.policy_hash, sets)
-            if policy_set is None:
-                _mismatch(report, limit_mismatches, record, "policy version not recorded")
-                continue
-            again = evaluate(policy_set, record.intent, record.context)
-            if again.outcome == record.outcome and again.reasons == record.reasons:
-                report.matched += 1
-            else:
-                why = f"now {again.outcome}: {'; '.join(again.reasons)}"
-                _mismatch(report, limit_mismatches, record, why)
-    report.policy_versions = len(sets)
-    return report
+            cursor = "(" + entry
+            yield entry, decoder.decode(bytes(fields[b"record"]))
+
+
+async def _difference(
+    redis: aioredis.Redis, prefix: str, record: DecisionRecord, sets: dict[str, PolicySet | None]
+) -> str:
+    """Why deciding ``record`` again comes out differently; "" when it comes out the same."""
+    if record.contended:
+        # Not a policy verdict: the safe default when figures kept changing.
+        plain = record.outcome == "deny" and record.reasons == (CONTENDED_REASON,)
+        return "" if plain else "contended but not a plain deny"
+    policy_set = await _policy_set(redis, prefix, record.policy_hash, sets)
+    if policy_set is None:
+        return "policy version not recorded"
+    again = evaluate(policy_set, record.intent, record.context)
+    if again.outcome == record.outcome and again.reasons == record.reasons:
+        return ""
+    return f"now {again.outcome}: {'; '.join(again.reasons)}"
 
 
 async def replay_url(redis_url: str, *, prefix: str) -> ReplayReport:
@@ -144,12 +187,20 @@ async def replay_url(redis_url: str, *, prefix: str) -> ReplayReport:
         await r.aclose()
 
 
+async def recorded_policy(
+    redis: aioredis.Redis, *, prefix: str, policy_hash: str
+) -> list[PolicySource]:
+    """The policy texts recorded for version ``policy_hash`` (none if not recorded)."""
+    raw = await redis.get(policy_key(prefix, policy_hash))
+    return msgspec.json.decode(raw, type=list[PolicySource]) if raw else []
+
+
 async def _policy_set(
     redis: aioredis.Redis, prefix: str, policy_hash: str, cache: dict[str, PolicySet | None]
 ) -> PolicySet | None:
     if policy_hash not in cache:
-        raw = await redis.get(policy_key(prefix, policy_hash))
-        found = policy_set_of(msgspec.json.decode(raw, type=list[PolicySource])) if raw else None
+        sources = await recorded_policy(redis, prefix=prefix, policy_hash=policy_hash)
+        found = policy_set_of(sources) if sources else None
         # Texts that no longer compile to the recorded version cannot vouch for it.
         cache[policy_hash] = found if found is not None and found.hash == policy_hash else None
     return cache[policy_hash]

@@ -10,6 +10,8 @@ from govmesh.observability._audit import (
     AuditTrace,
     IngestReport,
     Problem,
+    PruneMark,
+    SignedCheckpoint,
     VerifyReport,
     summarize_body,
 )
@@ -30,6 +32,8 @@ __all__ = [
     "AuditTrace",
     "IngestReport",
     "Problem",
+    "PruneMark",
+    "SignedCheckpoint",
     "Telemetry",
     "TelemetrySettings",
     "VerifyReport",

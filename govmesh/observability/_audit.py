@@ -17,8 +17,15 @@ Keys, under the tenant's key prefix ``<p>`` (``gm:<tenant>``)::
     <p>:audit:agent:<sender>    LIST  "<seq>:<workflow>" of each event the agent sent
     <p>:audit:kind:<kind>       LIST  "<seq>:<workflow>" of each event of that kind
     <p>:audit:checkpoints       LIST  signed checkpoints of all heads, oldest first
+    <p>:audit:pruned            HASH  workflow -> its `PruneMark`, once retention removed it
 
 Events without a workflow go to the chain of the empty workflow ``""``.
+
+Retention (`AuditIndex.prune`) removes a finished workflow's chain, ids and head whole and
+records a `PruneMark` with the head it had, so `AuditIndex.verify` counts it as pruned
+rather than reporting it missing; a record removed from a chain that was not pruned is still
+reported. A prune mark is recorded, not signed: whoever can write the index can also write
+one, which is why verify reports how many workflows were pruned.
 
 Why the hash is computed in Python, not in Lua: Redis scripts offer ``redis.sha1hex`` but no
 sha256, and sha1 no longer resists chosen collisions; sha256 written in Lua would cost more
@@ -69,6 +76,8 @@ __all__ = [
     "AuditTrace",
     "IngestReport",
     "Problem",
+    "PruneMark",
+    "SignedCheckpoint",
     "VerifyReport",
     "summarize_body",
 ]
@@ -230,12 +239,14 @@ class VerifyReport(msgspec.Struct, kw_only=True):
         records: records read.
         checkpoint_ts: time of the checkpoint the heads were compared with (0: none).
         problems: every problem found; none means every chain is intact.
+        pruned: workflows asked for that retention removed (see `PruneMark`); not problems.
     """
 
     workflows: int = 0
     records: int = 0
     checkpoint_ts: float = 0.0
     problems: list[AuditProblem] = msgspec.field(default_factory=list)
+    pruned: int = 0
 
     @property
     def ok(self) -> bool:
@@ -273,15 +284,58 @@ class AuditCheckpoint(msgspec.Struct, frozen=True, kw_only=True, array_like=True
     heads: dict[str, tuple[int, str]]
 
 
-class _Signed(msgspec.Struct, frozen=True, array_like=True):
+class SignedCheckpoint(msgspec.Struct, frozen=True, array_like=True):
+    """A checkpoint as stored: its encoding and the signer's Ed25519 signature over it.
+
+    Attributes:
+        doc: the msgpack encoding of an `AuditCheckpoint`, the exact bytes signed.
+        signature: the signature of ``doc`` by the key the checkpoint names.
+    """
+
     doc: bytes
     signature: bytes
+
+    def checkpoint(self) -> AuditCheckpoint:
+        """The checkpoint ``doc`` encodes.
+
+        Raises:
+            StateError: ``doc`` is not an encoded checkpoint.
+        """
+        try:
+            return _checkpoints.decode(self.doc)
+        except (msgspec.DecodeError, ValueError) as exc:
+            raise StateError(f"the checkpoint cannot be decoded: {exc}") from None
+
+    def signed_by_its_key(self) -> bool:
+        """Whether ``signature`` is the signature of ``doc`` by the key inside it."""
+        return VerifyKey(self.checkpoint().key).verify(self.signature, self.doc)
+
+
+class PruneMark(msgspec.Struct, frozen=True, kw_only=True):
+    """A workflow's chain that retention removed on purpose.
+
+    Attributes:
+        workflow: the workflow.
+        pruned_at: when, unix seconds.
+        seq: its last record's seq then (the head).
+        hash: that record's hash.
+        last_event_ts: when its latest event was sent.
+        reason: why, e.g. ``"finished, older than 30d"``.
+    """
+
+    workflow: str
+    pruned_at: float
+    seq: int
+    hash: str
+    last_event_ts: float
+    reason: str = ""
 
 
 _encoder = msgspec.msgpack.Encoder(order="sorted")
 _records = msgspec.msgpack.Decoder(AuditRecord)
-_signed = msgspec.msgpack.Decoder(_Signed)
+_signed = msgspec.msgpack.Decoder(SignedCheckpoint)
 _checkpoints = msgspec.msgpack.Decoder(AuditCheckpoint)
+_marks = msgspec.msgpack.Decoder(PruneMark)
 
 
 def _hash(record: AuditRecord) -> str:
@@ -401,6 +455,7 @@ class AuditIndex:
         self._heads = f"{prefix}:audit:heads"
         self._workflows = f"{prefix}:audit:workflows"
         self._checkpoints = f"{prefix}:audit:checkpoints"
+        self._pruned = f"{prefix}:audit:pruned"
 
     def chain_key(self, workflow: str) -> str:
         """The list of ``workflow`` 's records."""
@@ -551,25 +606,39 @@ class AuditIndex:
         heads = {wf.decode(): _parse_head(h) for wf, h in raw.items()}
         cp = AuditCheckpoint(ts=time.time(), signer=signer, key=key.public.raw, heads=heads)
         doc = _encoder.encode(cp)
-        await self.redis.rpush(self._checkpoints, _encoder.encode(_Signed(doc, key.sign(doc))))
+        signed = SignedCheckpoint(doc, key.sign(doc))
+        await self.redis.rpush(self._checkpoints, _encoder.encode(signed))
         return cp
 
-    async def _last_checkpoint(
-        self, trusted: Sequence[VerifyKey], problems: list[AuditProblem]
-    ) -> AuditCheckpoint | None:
+    async def latest_checkpoint(self) -> SignedCheckpoint | None:
+        """The last signed checkpoint as stored, or None if none was taken.
+
+        Raises:
+            StateError: what is stored is not a signed checkpoint.
+        """
         raw = cast(bytes | None, await self.redis.lindex(self._checkpoints, -1))
         if raw is None:
             return None
         try:
-            signed = _signed.decode(raw)
-            cp = _checkpoints.decode(signed.doc)
+            return _signed.decode(raw)
         except (msgspec.DecodeError, ValueError) as exc:
-            detail = f"the last checkpoint cannot be decoded: {exc}"
+            raise StateError(f"the checkpoint cannot be decoded: {exc}") from None
+
+    async def _last_checkpoint(
+        self, trusted: Sequence[VerifyKey], problems: list[AuditProblem]
+    ) -> AuditCheckpoint | None:
+        try:
+            signed = await self.latest_checkpoint()
+            if signed is None:
+                return None
+            cp = signed.checkpoint()
+        except StateError as exc:
+            detail = f"the last {exc}"
             problems.append(AuditProblem(workflow="", seq=0, what="bad_checkpoint", detail=detail))
             return None
         if trusted and cp.key not in {k.raw for k in trusted}:
             detail = f"the last checkpoint is signed by an untrusted key {cp.key.hex()}"
-        elif not VerifyKey(cp.key).verify(signed.signature, signed.doc):
+        elif not signed.signed_by_its_key():
             detail = "the last checkpoint's signature does not match its content"
         else:
             return cp
@@ -591,6 +660,7 @@ class AuditIndex:
         cp = await self._last_checkpoint(trusted, report.problems)
         if cp is not None:
             report.checkpoint_ts = cp.ts
+        pruned = await self.pruned()
         if workflow is not None:
             names = [workflow]
         else:
@@ -598,6 +668,7 @@ class AuditIndex:
                 set(await self.workflows())
                 | {w.decode() for w in cast(list[bytes], await self.redis.hkeys(self._heads))}
                 | set(cp.heads if cp else ())
+                | set(pruned)
             )
         for start in range(0, len(names), _VERIFY_CHUNK):
             chunk = names[start : start + _VERIFY_CHUNK]
@@ -607,11 +678,84 @@ class AuditIndex:
                 pipe.hmget(self._heads, chunk)
                 *chains, heads = await pipe.execute()
             for wf, raw, head in zip(chunk, chains, heads, strict=True):
+                mark = cp.heads.get(wf) if cp else None
+                pm = pruned.get(wf)
+                if pm is not None and cp is not None and cp.ts <= pm.pruned_at:
+                    # The checkpoint saw the chain before it was pruned: it must have seen
+                    # no more of it than the prune removed.
+                    if mark is not None and mark[0] > pm.seq:
+                        report.problems.append(
+                            AuditProblem(
+                                workflow=wf,
+                                seq=pm.seq + 1,
+                                what="truncated",
+                                detail=f"the last checkpoint saw seq {mark[0]}; the chain was "
+                                f"pruned at seq {pm.seq}",
+                            )
+                        )
+                    mark = None
+                if pm is not None and not raw and head is None:
+                    report.pruned += 1
+                    continue
                 report.workflows += 1
                 report.records += len(raw)
-                mark = cp.heads.get(wf) if cp else None
                 report.problems += _check_chain(wf, raw, _parse_head(head), mark)
         return report
+
+    async def pruned(self) -> dict[str, PruneMark]:
+        """Every workflow retention removed, with its mark."""
+        raw = cast(dict[bytes, bytes], await self.redis.hgetall(self._pruned))
+        return {wf.decode(): _marks.decode(m) for wf, m in raw.items()}
+
+    async def finished_before(self, cutoff: float, *, ends: Sequence[str]) -> list[str]:
+        """Workflows whose latest event was sent before ``cutoff`` and that hold an event of
+        one of the kinds in ``ends`` (which mark a workflow's end), oldest first."""
+        old = cast(list[bytes], await self.redis.zrangebyscore(self._workflows, "-inf", cutoff))
+        if not old:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for kind in ends:
+                pipe.lrange(self._kind_key(kind), 0, -1)
+            entries = cast(list[list[bytes]], await pipe.execute())
+        ended = {e.decode().partition(":")[2] for found in entries for e in found}
+        return [w for w in (o.decode() for o in old) if w in ended]
+
+    async def prune(
+        self, workflows: Sequence[str], *, reason: str = "", now: float | None = None
+    ) -> list[PruneMark]:
+        """Remove the chains of ``workflows`` whole (records, ids, head) and record a
+        `PruneMark` for each; returns the marks. Only for workflows that ended: an event
+        appended while its chain is removed goes with it. The per-agent and per-kind entries
+        are left; lookups skip entries whose record is gone."""
+        if not workflows:
+            return []
+        now = time.time() if now is None else now
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(self._heads, list(workflows))
+            for wf in workflows:
+                pipe.zscore(self._workflows, wf)
+            heads, *scores = await pipe.execute()
+        marks = []
+        for wf, head, score in zip(workflows, heads, scores, strict=True):
+            seq, digest = _parse_head(head)
+            marks.append(
+                PruneMark(
+                    workflow=wf,
+                    pruned_at=now,
+                    seq=seq,
+                    hash=digest,
+                    last_event_ts=float(score or 0.0),
+                    reason=reason,
+                )
+            )
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for m in marks:
+                pipe.delete(self.chain_key(m.workflow), self._ids_key(m.workflow))
+                pipe.hdel(self._heads, m.workflow)
+                pipe.zrem(self._workflows, m.workflow)
+                pipe.hset(self._pruned, m.workflow, _encoder.encode(m))
+            await pipe.execute()
+        return marks
 
 
 def _check_chain(
@@ -709,7 +853,8 @@ class AuditConsumer:
     redelivered event is stored once (the index is idempotent per event id).
 
     Use `start`, then `close` (safe twice; cancels the loop, leaving unacknowledged messages
-    to be redelivered to the next consumer).
+    to be redelivered to the next consumer, and signs a last checkpoint if anything was
+    stored since the one before, so a run shorter than ``checkpoint_every_s`` has one too).
 
     Args:
         nc: a NATS connection with JetStream access.
@@ -752,6 +897,7 @@ class AuditConsumer:
         self._ack_wait_s = ack_wait_s
         self._task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
+        self._unsigned = 0
 
     async def start(self) -> None:
         """Create (or resume) the durable consumer and start storing."""
@@ -773,15 +919,9 @@ class AuditConsumer:
     async def _loop(self) -> None:
         assert self._sub is not None
         due = time.monotonic() + self._checkpoint_every_s
-        unsigned = 0
         while True:
-            if self._checkpoint_key is not None and unsigned and time.monotonic() >= due:
-                try:
-                    await self.index.checkpoint(self._checkpoint_key, signer=self._signer)
-                    self.checkpoints += 1
-                    unsigned = 0
-                except (aioredis.RedisError, OSError) as exc:
-                    log.warning("audit checkpoint failed, will retry: %s", exc)
+            if time.monotonic() >= due:
+                await self._sign()
                 due = time.monotonic() + self._checkpoint_every_s
             try:
                 msgs = await self._sub.fetch(self.batch, timeout=1.0)
@@ -807,8 +947,19 @@ class AuditConsumer:
                 # Stored already; redelivered ones are recognised by their event ids.
                 log.warning("audit acks lost, the events will come again: %s", exc)
             self.stored += report.stored
-            unsigned += report.stored
+            self._unsigned += report.stored
             self.duplicates += report.duplicates
+
+    async def _sign(self) -> None:
+        """Sign a checkpoint if there is a key and something was stored since the last."""
+        if self._checkpoint_key is None or not self._unsigned:
+            return
+        try:
+            await self.index.checkpoint(self._checkpoint_key, signer=self._signer)
+            self.checkpoints += 1
+            self._unsigned = 0
+        except (aioredis.RedisError, OSError) as exc:
+            log.warning("audit checkpoint failed, will retry: %s", exc)
 
     async def close(self) -> None:
         """Stop storing; safe to call twice. The durable consumer stays for a restart."""
@@ -816,6 +967,7 @@ class AuditConsumer:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            await self._sign()
         sub, self._sub = self._sub, None
         if sub is not None:
             try:

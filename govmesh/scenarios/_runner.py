@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import time
 import uuid
 from collections import Counter
@@ -42,6 +41,7 @@ from govmesh.identity.authority import TokenAuthority
 from govmesh.observability import AuditIndex, summarize
 from govmesh.runtime import OPERATOR_MEMBER, WATCH_MEMBER, Transport
 from govmesh.runtime._home import home_dir, write_private
+from govmesh.scenarios._records import keep_run, load_resumable
 from govmesh.scenarios._runs import (
     RunManifest,
     RunRecords,
@@ -68,6 +68,7 @@ __all__ = [
     "run_dir",
     "run_scenario",
     "run_workflows",
+    "workflow_id",
 ]
 
 COORDINATOR_ROLE = "coordinator"
@@ -82,6 +83,11 @@ log = logging.getLogger(__name__)
 def new_issuer(tenant: str) -> Issuer:
     """A fresh token issuer for one deployment of ``tenant``."""
     return Issuer(name=f"govmesh:{tenant}:issuer", audience=f"govmesh:{tenant}")
+
+
+def workflow_id(run_id: str, index: int) -> str:
+    """The id of the run's workflow number ``index`` (from 0)."""
+    return f"{run_id}-{index:05d}"
 
 
 def draw_workflows(scenario: Scenario, count: int, *, seed: int) -> list[WorkflowStart]:
@@ -231,7 +237,7 @@ async def run_workflows(
                 on_done(workflow, done.outcome)
 
         async def one(i: int, start: WorkflowStart) -> None:
-            workflow = f"{run_id}-{i:05d}"
+            workflow = workflow_id(run_id, i)
             if workflow in outcomes:
                 return
             trace = _traceparent()
@@ -569,8 +575,9 @@ def _report(
 
 def run_dir(run_id: str) -> Path:
     """Where a run keeps its embedded servers' data (Redis append-only file, JetStream) and
-    its generated snapshot keys: ``$GOVMESH_HOME/runs/<run_id>``. Removed when every
-    workflow of the run has finished; kept after an interruption, for ``--resume``."""
+    its generated snapshot keys: ``$GOVMESH_HOME/runs/<run_id>``. Kept after an
+    interruption, for ``--resume``; once every workflow has finished, its Redis data and
+    manifest become the run's record (`keep_run`) and the rest is removed."""
     return home_dir() / "runs" / run_id
 
 
@@ -595,17 +602,18 @@ async def deploy(
     ``resume`` it is read back from there (the one given then only names the run).
 
     Raises:
-        ConfigError: ``resume`` of a run that has no directory here.
+        ConfigError: ``resume`` of a run that has no directory here, or that finished.
     """
     from govmesh.runtime import Runtime, advertise
 
     workdir = run_dir(manifest.run_id)
     if resume:
-        manifest = load_manifest(workdir)
+        manifest = load_resumable(workdir)
     else:
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        save_manifest(workdir, manifest)
     tenant = load_scenario(manifest.scenario).tenant
+    manifest = msgspec.structs.replace(manifest, tenant=tenant)
+    save_manifest(workdir, manifest)
     phase("starting nats-server, Redis-protocol server and Ray")
     async with Runtime(workdir=workdir) as runtime:
         issuer = new_issuer(tenant)
@@ -646,10 +654,16 @@ def _run_keyring(workdir: Path) -> Keyring:
 
 
 def finish_run(report: dict[str, Any]) -> None:
-    """Remove the run's directory once every workflow finished; else say how to resume."""
+    """Once every workflow finished, keep the run's record (`keep_run`) and say how to
+    audit it (``record`` in the report); else say how to resume (``resume``)."""
     run_id = report["run_id"]
     if report["workflows"]["finished"] == report["workflows"]["total"]:
-        shutil.rmtree(run_dir(run_id), ignore_errors=True)
+        workdir = run_dir(run_id)
+        kept = keep_run(workdir, load_manifest(workdir))
+        report["record"] = {
+            "dir": str(kept),
+            "show": f"govmesh audit show {workflow_id(run_id, 0)} --run {run_id}",
+        }
     else:
         report["resume"] = f"govmesh run --resume {run_id}"
 

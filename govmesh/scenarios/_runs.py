@@ -1,6 +1,7 @@
-"""What a scenario run records, so a stopped run can be resumed.
+"""What a scenario run records, so a stopped run can be resumed and a finished one audited.
 
-- ``<run dir>/run.json``: the run's `RunManifest`: scenario, seed, workflow count.
+- ``<run dir>/run.json``: the run's `RunManifest`: scenario, seed, workflow count, tenant;
+  kept with the run's record once it finished (see `govmesh.scenarios._records`).
 - ``<tenant prefix>:run:<run_id>:done`` in Redis: hash, workflow -> its `WorkflowDone`
   (msgpack), as each ends.
 """
@@ -39,6 +40,8 @@ class RunManifest(msgspec.Struct, frozen=True, kw_only=True):
     Attributes:
         scenario: the scenario file's absolute path.
         manual_approvals: escalations were left to operators.
+        tenant: the scenario's tenant (whose keys the run's Redis holds).
+        finished_at: when every workflow had finished (0: not yet).
     """
 
     run_id: str
@@ -48,6 +51,8 @@ class RunManifest(msgspec.Struct, frozen=True, kw_only=True):
     concurrency: int
     manual_approvals: bool = False
     started_at: float = 0.0
+    tenant: str = ""
+    finished_at: float = 0.0
 
 
 def save_manifest(directory: Path, manifest: RunManifest) -> None:
