@@ -581,7 +581,7 @@ def bench_governance(decisions: int, intents: int, json_path: Path | None) -> No
 
     with _progress() as progress:
         timed = decisions // 100 * 100
-        task = progress.add_task("governance", total=3 * timed + 2 * intents)
+        task = progress.add_task("governance", total=3 * timed + 4 * intents)
         tick = _phase_ticker(progress, task)
 
         report = _run(run_governance_bench(decisions=decisions, intents=intents, tick=tick))
@@ -629,6 +629,13 @@ def bench_governance(decisions: int, intents: int, json_path: Path | None) -> No
         target=f">= {targets['decisions_per_s']:,.0f}",
         key="decisions_per_s",
     )
+    one = report["one_process"]
+    row(
+        "one process: intent to decision, ms",
+        f"{one['bus_ms']['p50']:.3f}",
+        f"{one['bus_ms']['p99']:.3f}",
+    )
+    row("one process: decisions/s", f"{one['decisions_per_s']:,.0f}")
     out.print(table)
     console.print(f"[dim]{report['process_layout']}; event loop {report['event_loop']}[/]")
     _write_json(json_path, report)

@@ -12,6 +12,7 @@ import pytest
 
 from govmesh.bus import Bus, Delivery
 from govmesh.governance._actor import GovernanceService
+from govmesh.governance._decider import MAX_ATTEMPTS
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.tools import ERP_CREATE_PO
 
@@ -169,21 +170,27 @@ async def test_a_decision_given_up_under_contention_is_a_recorded_deny_that_repl
 
     _, governance, decide, redis, key_prefix = running_with_redis
 
-    async def spend_always_moved(*args, spend=None, **kwargs):
-        # Every compare-and-commit finds the figures changed, as under endless contention.
-        return False if spend is not None else await real_write(*args, spend=spend, **kwargs)
+    decider = governance.decider
+    real_script = decider._script
 
-    real_write = governance._write
-    governance._write = spend_always_moved
+    async def spend_always_moved(*, keys, args):
+        # Another decision commits to the workflow before every attempt, as under endless
+        # contention, so every compare-and-commit finds its figures changed.
+        await redis.hincrbyfloat(f"{key_prefix}:spend", "wf-contended", 1.0)
+        return await real_script(keys=keys, args=args)
+
+    decider._script = spend_always_moved
     try:
         decision = await decide("wf-contended")
     finally:
-        governance._write = real_write
+        decider._script = real_script
 
     assert decision.outcome == "deny" and decision.reasons == (CONTENDED_REASON,)
     ((_, fields),) = await redis.xrange(decisions_key(key_prefix))
     record = msgspec.msgpack.decode(fields[b"record"], type=DecisionRecord)
     assert record.contended and record.outcome == "deny"
+    assert decider.attempts == MAX_ATTEMPTS + 1
+    assert float(await redis.hget(f"{key_prefix}:spend", "wf-contended")) == MAX_ATTEMPTS + 1
     allowed = msgspec.structs.replace(record, intent_id="claims-contention", outcome="allow")
     await redis.xadd(decisions_key(key_prefix), {"record": msgspec.msgpack.encode(allowed)})
 
@@ -376,7 +383,7 @@ async def test_an_approval_cannot_spend_what_the_workflow_no_longer_has(
     assert any("spending_limit" in r or "limit" in r for r in final.reasons), final.reasons
 
 
-async def test_every_outcome_is_decided_in_two_round_trips_and_recorded_inside_the_second(
+async def test_every_outcome_is_decided_and_recorded_in_one_round_trip(
     tmp_path, secure_nats, redis_server, prefix
 ) -> None:
     import redis.asyncio as aioredis
@@ -409,8 +416,8 @@ async def test_every_outcome_is_decided_in_two_round_trips_and_recorded_inside_t
     assert sorted(d.outcome for d in got) == ["allow", "deny", "escalate"]
     sent = [c["command"].split() for c in seen if c["client_type"] != "lua"]
     for workflow in amounts:
-        # One round trip reads the figures, one writes the decision: both carry the workflow.
-        assert [c[0] for c in sent if workflow in c] == ["EVALSHA", "EVALSHA"], workflow
+        # One round trip checks the figures the decision assumed and writes it.
+        assert [c[0] for c in sent if workflow in c] == ["EVALSHA"], workflow
     assert not {"MULTI", "XADD", "HSET", "SET"} & {c[0] for c in sent}, sent
     in_scripts = [c["command"].split()[0] for c in seen if c["client_type"] == "lua"]
     assert in_scripts.count("XADD") == 3
@@ -429,20 +436,24 @@ async def test_a_decision_on_changed_figures_is_recorded_once_as_decided_again(
     policy, governance, decide, redis, key_prefix = running_with_redis
     policy.write_text(LIMITS)  # also counts calls: the second read must not count its own
     await _wait_for(lambda: governance.reloads == 1)
-    read = governance._context
+    decider = governance.decider
+    real_script = decider._script
     reads = 0
 
-    async def raced(*args, **kwargs):
+    async def raced(*, keys, args):
         nonlocal reads
-        ctx = await read(*args, **kwargs)
         reads += 1
         if reads == 1:
-            # Another decision commits 8,000 to the workflow after its figures were read.
+            # Another decision commits 8,000 to the workflow after this one was decided on
+            # the figures governance knew.
             await redis.hincrbyfloat(f"{key_prefix}:spend", "wf-race", 8000.0)
-        return ctx
+        return await real_script(keys=keys, args=args)
 
-    governance._context = raced
-    decision = await decide("wf-race")  # 3,000: allowed on the first figures, not the second
+    decider._script = raced
+    try:
+        decision = await decide("wf-race")  # 3,000: allowed on the first figures, not the true
+    finally:
+        decider._script = real_script
 
     rows = await redis.xrange(decisions_key(key_prefix))
     records = [msgspec.msgpack.decode(f[b"record"], type=DecisionRecord) for _, f in rows]
@@ -532,3 +543,52 @@ async def test_a_pending_approval_is_decided_again_when_the_policy_changes(gover
     ]
     lifted = await governance.approvals.done(asked["wf-lift"].approval_id)
     assert lifted is not None and lifted.answer.by == "policy" and lifted.outcome == "allow"
+
+
+async def test_intents_arriving_together_are_decided_in_groups_and_recorded_once_each(
+    tmp_path, secure_nats, redis_server, prefix
+) -> None:
+    import msgspec
+
+    from govmesh.governance._replay import DecisionRecord, decisions_key, replay
+
+    async with _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, SEED) as (
+        agent,
+        decisions,
+        actors,
+        _,
+    ):
+        # Two purchases per workflow: 3,000 then 4,000 against the seed's 5,000 escalation
+        # threshold per purchase and 10,000 per workflow; workflows 0-9 also buy 4,000 more,
+        # which the workflow limit must deny.
+        for n in range(60):
+            await _intent(agent, f"wf-g{n}", 3000.0)
+        for n in range(60):
+            await _intent(agent, f"wf-g{n}", 4000.0, step=2)
+        for n in range(10):
+            await _intent(agent, f"wf-g{n}", 4000.0, step=3)
+        got = [await asyncio.wait_for(decisions.get(), 10) for _ in range(130)]
+        redis = actors[0].redis
+        rows = await redis.xrange(decisions_key(actors[0].deployment.key_prefix))
+        spend = {
+            k.decode(): float(v)
+            for k, v in (await redis.hgetall(f"{actors[0].deployment.key_prefix}:spend")).items()
+        }
+        report = await replay(redis, prefix=actors[0].deployment.key_prefix)
+    round_trips = sum(a.decider.round_trips for a in actors)
+    records = [msgspec.msgpack.decode(f[b"record"], type=DecisionRecord) for _, f in rows]
+    # Whichever purchase of workflows 0-9 comes last, in whatever order they are decided,
+    # the workflow limit denies exactly one.
+    assert sorted(d.outcome for d in got) == ["allow"] * 120 + ["deny"] * 10
+    assert len(records) == 130 == len({r.intent_id for r in records})
+    allowed: dict[str, float] = {}
+    for r in records:
+        if r.outcome == "allow":
+            workflow = r.intent.workflow
+            allowed[workflow] = allowed.get(workflow, 0.0) + r.intent.args["amount_usd"]
+    assert spend == allowed
+    assert all(amount <= 10_000 for amount in spend.values())
+    assert (report.decisions, report.matched) == (130, 130)
+    # The seed limits workflow spend only: the other figures are neither read nor recorded.
+    assert {r.unused for r in records} == {("day_spend_usd", "recent_calls")}
+    assert round_trips < 130

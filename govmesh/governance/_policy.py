@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Final, Literal, NoReturn
+from typing import Final, Literal, NamedTuple, NoReturn
 
 import msgspec
 import yaml
@@ -27,6 +27,7 @@ from govmesh.errors import PolicyError
 
 __all__ = [
     "DEFAULT_APPROVAL_EXPIRY_S",
+    "Figures",
     "OnExpiry",
     "Policy",
     "PolicySet",
@@ -108,6 +109,23 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, dict=True):
         return None if self.denied_tools is None else frozenset(self.denied_tools)
 
 
+class Figures(NamedTuple):
+    """Which context figures the policies of one role look at.
+
+    Attributes:
+        workflow_spend: some policy has a ``spending_limit_usd`` (``workflow_spend_usd``).
+        day_spend: some policy has a ``daily_limit_usd`` (``day_spend_usd``).
+        rate_window_s: the window to count ``recent_calls`` over, None without a rate limit.
+    """
+
+    workflow_spend: bool
+    day_spend: bool
+    rate_window_s: float | None
+
+
+_NO_FIGURES: Final = Figures(workflow_spend=False, day_spend=False, rate_window_s=None)
+
+
 class PolicySet(msgspec.Struct, frozen=True, dict=True):
     """The compiled policies in force, deduplicated and in canonical order.
 
@@ -136,6 +154,11 @@ class PolicySet(msgspec.Struct, frozen=True, dict=True):
         """
         return self._rate_windows.get(role)
 
+    def figures(self, role: str) -> Figures:
+        """Return which figures of the `EvalContext` some policy governing ``role`` looks at;
+        a decision for the role depends on no other figure."""
+        return self._figures.get(role, _NO_FIGURES)
+
     def approval_terms(self, role: str) -> tuple[float, OnExpiry]:
         """Return how long an escalation for ``role`` waits, and what it becomes when it lapses.
 
@@ -163,6 +186,17 @@ class PolicySet(msgspec.Struct, frozen=True, dict=True):
             lenient = all(policy.on_expiry == "allow" for policy in group)
             terms[role] = (expiry, "allow" if lenient else "deny")
         return terms
+
+    @functools.cached_property
+    def _figures(self) -> dict[str, Figures]:
+        return {
+            role: Figures(
+                workflow_spend=any(p.spending_limit_usd is not None for p in group),
+                day_spend=any(p.daily_limit_usd is not None for p in group),
+                rate_window_s=self._rate_windows.get(role),
+            )
+            for role, group in self._by_role.items()
+        }
 
     @functools.cached_property
     def _rate_windows(self) -> dict[str, float]:

@@ -45,6 +45,9 @@ class DecisionRecord(msgspec.Struct, frozen=True, kw_only=True):
             exactly that, and counts it apart.
         obligations: what the decision obliged the enforcement point to do (empty in
             records written before obligations were recorded).
+        unused: the context figures no policy governing the role looks at (of
+            ``workflow_spend_usd``, ``day_spend_usd``, ``recent_calls``): governance did not
+            read them, and they stand at zero in ``context``.
     """
 
     intent_id: str
@@ -56,6 +59,7 @@ class DecisionRecord(msgspec.Struct, frozen=True, kw_only=True):
     decided_by: str
     contended: bool = False
     obligations: tuple[str, ...] = ()
+    unused: tuple[str, ...] = ()
 
 
 class ReplayReport(msgspec.Struct, kw_only=True):

@@ -1,0 +1,621 @@
+"""Deciding intents in groups: one Redis round trip checks, commits and records the decisions
+on every intent that arrived while the previous round trip was in the air.
+
+Governance evaluates each intent on the figures it assumes (`_Assumed`: what it last saw or
+committed) and sends the decisions with those assumptions; one script (`_DECIDE`) compares
+each assumption with the true figure and commits only the decisions whose figures held. A
+decision whose figures had moved is evaluated again on the true ones, which the script sends
+back, and goes out with the next group. Only the figures some policy of the role looks at
+are assumed and compared (`PolicySet.figures`), so decisions that no limit ties together
+never make each other decide again; the others are not read at all, and the record names
+them (`DecisionRecord.unused`).
+
+One round trip for many decisions matters more than anything the server does: a round trip
+costs the client far more CPU than the script costs the server. For the same reason the
+round trips go over a `RespConnection` of their own, not redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable, Hashable
+from typing import Any, Final, Generic, TypeVar
+
+import msgspec
+
+from govmesh.governance._evaluator import EvalContext, Intent, Verdict, evaluate, intent_hash
+from govmesh.governance._policy import Figures, PolicySet
+from govmesh.governance._replay import (
+    CONTENDED_REASON,
+    DecisionRecord,
+    PolicySource,
+    decisions_key,
+    policy_key,
+)
+from govmesh.governance.messages import ApprovalRequest, Outcome
+from govmesh.runtime._resp import RespConnection
+
+__all__ = ["Decided", "Decider", "FirstDecision"]
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS: Final = 20
+"""Evaluations of one intent before governance gives up under contention and denies."""
+
+_GROUP: Final = 128
+"""The most decisions sent in one round trip."""
+
+# How long governance remembers its first decision on an intent: longer than the longest
+# workflow waits (7 days) between a step and its retry. One escalated with an approval that
+# never lapses is remembered for as long as the approval stays pending, and beyond.
+_FIRST_DECISION_TTL_S: Final = 8 * 86_400
+
+# A day's spend expires a day after its UTC day ends, when no decision can read it any more.
+_DAY_SPEND_TTL_S: Final = 2 * 86_400
+
+# Decisions on a group of intents, in one atomic step. KEYS[1..4] are shared: the committed
+# spend per workflow, the decision records, the pending approvals and their expiry times.
+# ARGV[1] is the number of intents; each then has 4 keys (its day's spend, its agent's
+# calls, its policy version's texts, its first decision) and 18 arguments:
+#   1 workflow   2 agent   3 rate window start or ''   4 now   5 intent id
+#   6 calls ttl  7, 8, 9 the workflow spend, day spend and recent calls it was decided on,
+#   or '' for a figure it does not depend on   10 the amount to commit or ''
+#   11 day spend ttl   12 the policy texts of a version not stored yet, or ''
+#   13 the decision record or ''   14, 15, 16 an escalation's approval id, request and expiry
+#   17 the first decision to keep, or ''   18 how long to keep it, or '' for good
+# For each intent, in order:
+# - an intent decided before (its first decision is kept) gets that first decision back, and
+#   nothing is counted or written: a retry, or a retry racing its original, never commits
+#   twice;
+# - with a rate window, the call is counted for the calls after it, by its id, so an intent
+#   decided again is counted once, and the calls in the window before it are what it saw;
+# - a figure it depends on that is not what it was decided on writes nothing, and the reply
+#   is {0, workflow spend, day spend, recent calls} to decide again on;
+# - otherwise, each only if given: the amount is committed, the policy texts stored (before
+#   the record that refers to them), the record appended, an escalation's approval request
+#   stored as pending, and the first decision kept; the reply is {1, figures as they now are}.
+_DECIDE: Final = """
+local n = tonumber(ARGV[1])
+local out = {}
+for i = 0, n - 1 do
+  local k = 4 + i * 4
+  local a = 1 + i * 18
+  local first = false
+  if ARGV[a + 17] ~= '' then
+    first = redis.call('GET', KEYS[k + 4])
+  end
+  if first then
+    out[i + 1] = first
+  else
+    local wf = ARGV[a + 7] ~= '' and (redis.call('HGET', KEYS[1], ARGV[a + 1]) or '0') or '0'
+    local day = ARGV[a + 8] ~= '' and (redis.call('HGET', KEYS[k + 1], ARGV[a + 2]) or '0') or '0'
+    local recent = 0
+    if ARGV[a + 3] ~= '' then
+      redis.call('ZREMRANGEBYSCORE', KEYS[k + 2], '-inf', ARGV[a + 3])
+      local own = redis.call('ZSCORE', KEYS[k + 2], ARGV[a + 5])
+      recent = redis.call('ZCARD', KEYS[k + 2]) - (own and 1 or 0)
+      redis.call('ZADD', KEYS[k + 2], ARGV[a + 4], ARGV[a + 5])
+      redis.call('EXPIRE', KEYS[k + 2], ARGV[a + 6])
+    end
+    if (ARGV[a + 7] ~= '' and tonumber(wf) ~= tonumber(ARGV[a + 7]))
+        or (ARGV[a + 8] ~= '' and tonumber(day) ~= tonumber(ARGV[a + 8]))
+        or (ARGV[a + 9] ~= '' and recent ~= tonumber(ARGV[a + 9])) then
+      out[i + 1] = {0, wf, day, recent}
+    else
+      if ARGV[a + 10] ~= '' then
+        wf = redis.call('HINCRBYFLOAT', KEYS[1], ARGV[a + 1], ARGV[a + 10])
+        day = redis.call('HINCRBYFLOAT', KEYS[k + 1], ARGV[a + 2], ARGV[a + 10])
+        redis.call('EXPIRE', KEYS[k + 1], ARGV[a + 11])
+      end
+      if ARGV[a + 12] ~= '' then
+        redis.call('SET', KEYS[k + 3], ARGV[a + 12], 'NX')
+      end
+      if ARGV[a + 13] ~= '' then
+        redis.call('XADD', KEYS[2], '*', 'record', ARGV[a + 13])
+      end
+      if ARGV[a + 14] ~= '' then
+        redis.call('HSET', KEYS[3], ARGV[a + 14], ARGV[a + 15])
+        if ARGV[a + 16] ~= '' then
+          redis.call('ZADD', KEYS[4], ARGV[a + 16], ARGV[a + 14])
+        end
+      end
+      if ARGV[a + 17] ~= '' then
+        if ARGV[a + 18] ~= '' then
+          redis.call('SET', KEYS[k + 4], ARGV[a + 17], 'EX', ARGV[a + 18])
+        else
+          redis.call('SET', KEYS[k + 4], ARGV[a + 17])
+        end
+      end
+      out[i + 1] = {1, wf, day, recent}
+    end
+  end
+end
+return out
+"""
+
+
+class FirstDecision(msgspec.Struct, frozen=True, kw_only=True):
+    """Governance's first decision on an intent (workflow, step, intent hash), kept so that
+    the same intent asked again (an agent resuming after a crash, or retrying after a lost
+    reply) gets the same answer, and its spend is never committed twice.
+
+    Attributes:
+        intent_id: the intent message that was decided.
+        approval_id: an escalation's approval; its settlement is the decision that stands.
+    """
+
+    intent_id: str
+    outcome: Outcome
+    reasons: tuple[str, ...]
+    obligations: tuple[str, ...]
+    policy_hash: str
+    approval_id: str = ""
+    approval_expires_at: float = 0.0
+
+
+Decided = tuple[Verdict, ApprovalRequest | None] | FirstDecision
+"""A verdict and, for a recorded escalation, the approval request now pending; or the first
+decision on an intent decided before, and nothing was committed or recorded."""
+
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+
+# Far more than the workflows and agents one actor decides for at a time; a figure forgotten
+# costs a decision on it one more round trip, nothing else.
+_ASSUMED_KEPT: Final = 4096
+
+
+class _Assumed(Generic[_K, _V]):
+    """The figures governance last saw or committed, by key, at most ``_ASSUMED_KEPT`` of
+    them (the least recently stored go first). Only a guess to decide on: the script compares
+    it with the true figure."""
+
+    def __init__(self) -> None:
+        self._kept: dict[_K, _V] = {}
+
+    def get(self, key: _K, default: _V) -> _V:
+        return self._kept.get(key, default)
+
+    def put(self, key: _K, value: _V) -> None:
+        kept = self._kept
+        kept.pop(key, None)
+        kept[key] = value
+        if len(kept) > _ASSUMED_KEPT:
+            del kept[next(iter(kept))]
+
+
+def _amount(args: dict[str, Any]) -> float | None:
+    amount = args.get("amount_usd")
+    if isinstance(amount, int | float) and not isinstance(amount, bool):
+        return float(amount)
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _day_name(day: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(day * 86_400))
+
+
+def utc_day(now: float) -> str:
+    """The UTC day of ``now``, as ``YYYY-MM-DD``."""
+    return _day_name(int(now // 86_400))
+
+
+def first_decision(
+    call_id: str, verdict: Verdict, request: ApprovalRequest | None
+) -> FirstDecision:
+    """The first decision to keep for a verdict on the intent ``call_id``."""
+    return FirstDecision(
+        intent_id=call_id,
+        outcome=verdict.outcome,
+        reasons=verdict.reasons,
+        obligations=verdict.obligations,
+        policy_hash=verdict.policy_hash,
+        approval_id="" if request is None else request.approval_id,
+        approval_expires_at=0.0 if request is None else request.expires_at,
+    )
+
+
+def approval_request(
+    intent: Intent, verdict: Verdict, *, reflections: int, intent_id: str, trace: str
+) -> ApprovalRequest:
+    """The approval request an escalation of ``intent`` puts to its escalation target."""
+    now = time.time()
+    return ApprovalRequest(
+        approval_id=uuid.uuid4().hex,
+        workflow=intent.workflow,
+        agent=intent.agent,
+        tool=intent.tool,
+        args=intent.args,
+        intent_id=intent_id,
+        intent_hash=intent_hash(intent),
+        reasons=verdict.reasons,
+        escalation=verdict.escalation or "human_review",
+        policy_hash=verdict.policy_hash,
+        requested_at=now,
+        role=intent.role,
+        step=intent.step,
+        reflections=reflections,
+        expires_at=now + verdict.approval_expiry_s if verdict.approval_expiry_s else 0.0,
+        on_expiry=verdict.on_expiry,
+        trace=trace,
+    )
+
+
+@dataclasses.dataclass(slots=True)
+class _Job:
+    """One intent waiting for its decision (see `Decider.decide` for the fields)."""
+
+    intent: Intent
+    reflections: int
+    now: float
+    call_id: str
+    commit: tuple[str, ...]
+    first_key: str
+    trace: str
+    future: asyncio.Future[Decided]
+    attempts: int = 0
+    seen: tuple[float, float, int] | None = None
+    """The true figures the script sent back when the last attempt's had moved."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Sent:
+    """What one job's decision in a group was made on, and the policy version whose texts it
+    stores ("" for none)."""
+
+    job: _Job
+    verdict: Verdict
+    request: ApprovalRequest | None
+    figures: Figures
+    texts_of: str
+
+
+class _Running:
+    """Figures as a group's decisions so far leave them if they are written, so that the
+    decisions of one group on one workflow or agent need not make each other decide again."""
+
+    __slots__ = ("calls", "day_spend", "spend")
+
+    def __init__(self) -> None:
+        self.spend: dict[str, float] = {}
+        self.day_spend: dict[tuple[str, str], float] = {}
+        self.calls: dict[str, int] = {}
+
+
+class Decider:
+    """Decides intents on assumed figures and commits them in groups (see the module).
+
+    Args:
+        redis: a connection of its own to the tenant's Redis.
+        prefix: the tenant's key prefix.
+        member: the deciding actor's id, named in every record.
+        policies: the policy texts and the set in force now; asked once per group, so one
+            group is decided under one version even across a reload.
+        key: builds a key under the tenant's prefix.
+        approval_keys: the pending approvals hash and their expiry sorted set.
+    """
+
+    def __init__(
+        self,
+        redis: RespConnection,
+        *,
+        prefix: str,
+        member: str,
+        policies: Callable[[], tuple[list[PolicySource], PolicySet]],
+        key: Callable[..., str],
+        approval_keys: tuple[str, str],
+    ) -> None:
+        self._script = redis.script(_DECIDE)
+        self._prefix = prefix
+        self._member = member
+        self._policies = policies
+        self._key = key
+        self._shared_keys = [key("spend"), decisions_key(prefix), *approval_keys]
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._first = msgspec.msgpack.Decoder(FirstDecision)
+        self._recorded_versions: set[str] = set()
+        self._workflow_spend: _Assumed[str, float] = _Assumed()
+        self._day_spend: _Assumed[tuple[str, str], float] = _Assumed()
+        self._recent_calls: _Assumed[str, int] = _Assumed()
+        self._queue: list[_Job] = []
+        self._busy = False
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.round_trips = 0
+        self.attempts = 0
+
+    async def decide(
+        self,
+        intent: Intent,
+        reflections: int,
+        now: float,
+        *,
+        call_id: str,
+        commit: tuple[str, ...],
+        first_key: str = "",
+        trace: str = "",
+    ) -> Decided:
+        """Decide ``intent`` on figures that hold when the decision is written, and write it
+        in one atomic step with the decisions of its group.
+
+        Args:
+            intent: the intent to decide.
+            reflections: the agent's reflection count, part of the figures.
+            now: the decision time.
+            call_id: the intent's id; counts the call for the rate limit and names the record.
+            commit: the outcomes whose amount is committed to the spend.
+            first_key: record the decision, as the intent's first decision, under this key
+                (and store an escalation's approval request); empty to decide without
+                recording (an approved escalation decided again).
+            trace: the workflow's trace context, kept with an approval request.
+
+        Raises:
+            RedisError: the group's round trip failed; nothing of this decision was written.
+        """
+        if self._closed:
+            raise RuntimeError(f"{self._member} is closing")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Decided] = loop.create_future()
+        self._queue.append(
+            _Job(
+                intent=intent,
+                reflections=reflections,
+                now=now,
+                call_id=call_id,
+                commit=commit,
+                first_key=first_key,
+                trace=trace,
+                future=future,
+            )
+        )
+        if not self._busy:
+            # Nobody is deciding: this caller sends the group itself, with no task switch on
+            # the way, and a task sends whatever queues up meanwhile.
+            self._busy = True
+            try:
+                await self._send_next()
+            finally:
+                self._carry_on()
+        return await future
+
+    async def close(self) -> None:
+        """Stop deciding; decisions still waiting are cancelled. Safe to call twice."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for job in self._queue:
+            job.future.cancel()
+        self._queue = []
+
+    @staticmethod
+    def _fail(jobs: list[_Job], exc: BaseException) -> None:
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(exc)
+
+    def _carry_on(self) -> None:
+        """After a group: a task sends what queued up while it was in the air, if anything."""
+        if self._queue and not self._closed:
+            self._task = asyncio.get_running_loop().create_task(
+                self._drain(), name=f"decide-{self._member}"
+            )
+        else:
+            self._busy = False
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                await self._send_next()
+        finally:
+            self._busy = False
+
+    async def _send_next(self) -> None:
+        """Decide and write the next group; its jobs whose figures had moved go first in
+        the queue again (they have waited longest), a failed round trip fails them all."""
+        group, self._queue = self._queue[:_GROUP], self._queue[_GROUP:]
+        try:
+            again = await self._decide_group(group)
+        except asyncio.CancelledError:
+            # Only when closing: the group's script may have run, so deciding its other
+            # jobs again could commit twice; their agents ask again.
+            for job in group:
+                job.future.cancel()
+            raise
+        except Exception as exc:
+            self._fail(group, exc)
+            return
+        self._queue[:0] = again
+
+    async def _decide_group(self, group: list[_Job]) -> list[_Job]:
+        """Decide and write one group; returns the jobs whose figures had moved."""
+        sources, policies = self._policies()
+        keys: list[Any] = list(self._shared_keys)
+        args: list[Any] = [len(group)]
+        sent: list[_Sent] = []
+        running = _Running()
+        for job in group:
+            item = self._prepare(job, sources, policies, running, keys, args)
+            sent.append(item)
+        self.round_trips += 1
+        self.attempts += len(group)
+        replies = await self._script(keys=keys, args=args)
+        again: list[_Job] = []
+        for item, reply in zip(sent, replies, strict=True):
+            job = item.job
+            if isinstance(reply, bytes):
+                if not job.future.done():  # not if its handler was cancelled meanwhile
+                    job.future.set_result(self._first.decode(reply))
+                continue
+            status, wf_text, day_text, recent = reply
+            figures = (float(wf_text), float(day_text), int(recent))
+            self._assume(job.intent, utc_day(job.now), item.figures, figures)
+            if status == 1:
+                if item.texts_of:
+                    self._recorded_versions.add(item.texts_of)
+                if not job.future.done():
+                    job.future.set_result((item.verdict, item.request))
+            else:
+                job.attempts += 1
+                job.seen = figures
+                again.append(job)
+        return again
+
+    def _assumed(self, job: _Job, needs: Figures, day: str, running: _Running) -> EvalContext:
+        """The figures to decide ``job`` on: as the group's earlier decisions leave them,
+        else as the script last sent them back for this job, else as last seen."""
+        intent, seen = job.intent, job.seen
+        wf = day_spent = 0.0
+        recent = 0
+        if needs.workflow_spend:
+            found = running.spend.get(intent.workflow)
+            if found is None:
+                found = seen[0] if seen else self._workflow_spend.get(intent.workflow, 0.0)
+            wf = found
+        if needs.day_spend:
+            found = running.day_spend.get((intent.agent, day))
+            if found is None:
+                found = seen[1] if seen else self._day_spend.get((intent.agent, day), 0.0)
+            day_spent = found
+        if needs.rate_window_s is not None:
+            counted = running.calls.get(intent.agent)
+            if counted is None:
+                counted = seen[2] if seen else self._recent_calls.get(intent.agent, 0)
+            recent = counted
+        return EvalContext(
+            reflections=job.reflections,
+            workflow_spend_usd=wf,
+            now=job.now,
+            day_spend_usd=day_spent,
+            recent_calls=recent,
+        )
+
+    def _prepare(
+        self,
+        job: _Job,
+        sources: list[PolicySource],
+        policies: PolicySet,
+        running: _Running,
+        keys: list[Any],
+        args: list[Any],
+    ) -> _Sent:
+        """Decide ``job`` on assumed figures and add its keys and arguments to the group."""
+        intent = job.intent
+        needs = policies.figures(intent.role)
+        day = utc_day(job.now)
+        ctx = self._assumed(job, needs, day, running)
+        contended = job.attempts >= MAX_ATTEMPTS
+        verdict = (
+            Verdict(
+                outcome="deny",
+                reasons=(CONTENDED_REASON,),
+                obligations=(),
+                policy_hash=policies.hash,
+            )
+            if contended
+            else evaluate(policies, intent, ctx)
+        )
+        recorded = bool(job.first_key)
+        request = (
+            approval_request(
+                intent, verdict, reflections=job.reflections, intent_id=job.call_id, trace=job.trace
+            )
+            if recorded and verdict.outcome == "escalate"
+            else None
+        )
+        amount = _amount(intent.args) if verdict.outcome in job.commit else None
+        if amount is not None:
+            running.spend[intent.workflow] = ctx.workflow_spend_usd + amount
+            if needs.day_spend:
+                running.day_spend[(intent.agent, day)] = ctx.day_spend_usd + amount
+        window = needs.rate_window_s
+        if window is not None:
+            running.calls[intent.agent] = ctx.recent_calls + 1
+        # Under contention the decision is written whatever the figures: it commits nothing,
+        # and only a first decision already kept can stand in its way.
+        compared = _NOTHING if contended else needs
+        texts, record, kept, ttl = b"", b"", b"", b""
+        if recorded:
+            if verdict.policy_hash not in self._recorded_versions:
+                texts = msgspec.json.encode(sources)
+            record = self._encode(
+                DecisionRecord(
+                    intent_id=job.call_id,
+                    intent=intent,
+                    context=ctx,
+                    policy_hash=verdict.policy_hash,
+                    outcome=verdict.outcome,
+                    reasons=verdict.reasons,
+                    decided_by=self._member,
+                    contended=contended,
+                    obligations=verdict.obligations,
+                    unused=_unused(needs),
+                )
+            )
+            first = first_decision(job.call_id, verdict, request)
+            kept = self._encode(first)
+            if not (first.approval_id and not first.approval_expires_at):
+                # (An approval that never lapses keeps its first decision for good.)
+                ttl = repr(
+                    int(max(0.0, first.approval_expires_at - job.now)) + _FIRST_DECISION_TTL_S
+                ).encode()
+        keys += [
+            self._key("day-spend", day),
+            self._key("calls", intent.agent),
+            policy_key(self._prefix, verdict.policy_hash),
+            job.first_key or self._key("intent", ""),
+        ]
+        args += [
+            intent.workflow,
+            intent.agent,
+            b"" if window is None else repr(job.now - window),
+            repr(job.now),
+            job.call_id,
+            0 if window is None else int(window) + 1,
+            repr(ctx.workflow_spend_usd) if compared.workflow_spend else b"",
+            repr(ctx.day_spend_usd) if compared.day_spend else b"",
+            ctx.recent_calls if compared.rate_window_s is not None else b"",
+            b"" if amount is None else repr(amount),
+            _DAY_SPEND_TTL_S,
+            texts,
+            record,
+            b"" if request is None else request.approval_id,
+            b"" if request is None else self._encode(request),
+            repr(request.expires_at) if request is not None and request.expires_at else b"",
+            kept,
+            ttl,
+        ]
+        return _Sent(job, verdict, request, needs, verdict.policy_hash if texts else "")
+
+    def _assume(
+        self, intent: Intent, day: str, needs: Figures, figures: tuple[float, float, int]
+    ) -> None:
+        """Remember the figures the script sent back, for the next decisions on them."""
+        if needs.workflow_spend:
+            self._workflow_spend.put(intent.workflow, figures[0])
+        if needs.day_spend:
+            self._day_spend.put((intent.agent, day), figures[1])
+        if needs.rate_window_s is not None:
+            self._recent_calls.put(intent.agent, figures[2] + 1)
+
+
+_NOTHING: Final = Figures(workflow_spend=False, day_spend=False, rate_window_s=None)
+
+
+def _unused(needs: Figures) -> tuple[str, ...]:
+    return tuple(
+        name
+        for name, used in (
+            ("workflow_spend_usd", needs.workflow_spend),
+            ("day_spend_usd", needs.day_spend),
+            ("recent_calls", needs.rate_window_s is not None),
+        )
+        if not used
+    )

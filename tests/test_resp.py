@@ -1,0 +1,90 @@
+"""The lean Redis connection used on governance's decision path, against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from govmesh.runtime._resp import RespConnection
+
+
+async def test_concurrent_callers_each_get_their_own_reply(redis_server, prefix) -> None:
+    connection = RespConnection(redis_server.url)
+    try:
+        values = [f"value-{n}".encode() * (n % 7 + 1) for n in range(300)]
+        await asyncio.gather(
+            *(connection.call("SET", f"{prefix}:k{n}", v) for n, v in enumerate(values))
+        )
+        got = await asyncio.gather(*(connection.call("GET", f"{prefix}:k{n}") for n in range(300)))
+        counts = await asyncio.gather(*(connection.call("INCR", f"{prefix}:n") for _ in range(50)))
+    finally:
+        await connection.close()
+    assert got == values
+    assert sorted(counts) == list(range(1, 51))
+
+
+async def test_an_error_reply_raises_and_the_connection_stays_usable(redis_server, prefix) -> None:
+    connection = RespConnection(redis_server.url)
+    try:
+        await connection.call("SET", f"{prefix}:text", "not a number")
+        with pytest.raises(ResponseError, match="not an integer"):
+            await connection.call("INCR", f"{prefix}:text")
+        assert await connection.call("GET", f"{prefix}:text") == b"not a number"
+    finally:
+        await connection.close()
+
+
+async def test_a_script_missing_from_the_server_is_loaded_and_run(redis_server, prefix) -> None:
+    connection = RespConnection(redis_server.url)
+    script = connection.script("return {KEYS[1], ARGV[1], tonumber(ARGV[2]) + 1}")
+    try:
+        await connection.call("SCRIPT", "FLUSH")
+        first = await script(keys=[f"{prefix}:a"], args=[b"x", 41])
+        again = await script(keys=[f"{prefix}:b"], args=["y", 1.5])
+    finally:
+        await connection.close()
+    assert first == [f"{prefix}:a".encode(), b"x", 42]
+    assert again == [f"{prefix}:b".encode(), b"y", 2]  # Lua numbers reply as integers
+
+
+async def test_a_lost_connection_fails_what_was_in_flight_and_is_opened_again(
+    redis_server, prefix
+) -> None:
+    connection = RespConnection(redis_server.url)
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        client_id = await connection.call("CLIENT", "ID")
+        blocked = asyncio.ensure_future(connection.call("BLPOP", f"{prefix}:never", 0))
+        await asyncio.sleep(0.1)
+        assert await admin.client_kill_filter(_id=client_id) == 1
+        with pytest.raises(RedisConnectionError, match="lost"):
+            await blocked
+        assert await connection.call("PING") == b"PONG"
+    finally:
+        await connection.close()
+        await admin.aclose()
+
+
+async def test_the_database_in_the_url_is_selected(redis_server, prefix) -> None:
+    url = redis_server.url.removesuffix("/0") + "/3"
+    connection = RespConnection(url)
+    admin = aioredis.Redis.from_url(url)
+    try:
+        await connection.call("SET", f"{prefix}:in-3", "yes")
+        assert await admin.get(f"{prefix}:in-3") == b"yes"
+    finally:
+        await connection.close()
+        await admin.aclose()
+
+
+async def test_a_closed_connection_refuses_calls(redis_server) -> None:
+    connection = RespConnection(redis_server.url)
+    await connection.call("PING")
+    await connection.close()
+    await connection.close()
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await connection.call("PING")
