@@ -8,6 +8,7 @@ import time
 
 import msgspec
 import nats
+import pytest
 import redis.asyncio as aioredis
 from click.testing import CliRunner
 
@@ -17,7 +18,7 @@ from govmesh.config import key_prefix
 from govmesh.forecasting.messages import Usage
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Issuer, SigningKey
-from govmesh.observability import AuditConsumer, AuditIndex, AuditRecord
+from govmesh.observability import AuditConsumer, AuditIndex, AuditRecord, summarize_body
 from govmesh.runtime import NatsServer, RedisServer
 from govmesh.state.messages import Snapshot
 from govmesh.tools.messages import ToolResult
@@ -287,3 +288,44 @@ async def test_bench_audit_fills_the_index_and_reports_against_its_baseline() ->
     for key in ("show_ms", "lrange_ms", "verify_ms"):
         assert 0 < report[key]["p50"] <= report[key]["p99"]
     assert set(report["met"]) == set(report["targets"])
+
+
+@pytest.mark.parametrize("keep", [False, True])
+async def test_a_model_call_is_audited_with_the_hash_of_its_answer_and_the_text_only_if_kept(
+    secure_nats, redis_server, prefix, keep: bool
+) -> None:
+    import hashlib
+
+    from govmesh.agents._base import AgentService
+    from govmesh.bus import Delivery
+    from govmesh.llm import SimulatedModel, SimulatedModelSettings
+
+    transport, server = secure_nats
+    dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
+    agent = AgentService(
+        dep,
+        issuer.identity("thinker-1", "agent"),
+        model=SimulatedModel(SimulatedModelSettings(name="sim"), seed=3),
+        keep_thoughts=keep,
+    )
+    listener = await Bus.connect(dep, issuer.identity("budget-1", "budget"))
+    seen: asyncio.Queue[tuple[bytes, Usage]] = asyncio.Queue()
+
+    async def on_usage(d: Delivery) -> None:
+        await seen.put((d.envelope.body, d.body))
+
+    await agent.start()
+    try:
+        await listener.subscribe(listener.subjects.all("usage"), on_usage, accepts=Usage)
+        await listener.flush()
+        answer = await agent.think("wf-think", "which vendor?", key="plan")
+        body, usage = await asyncio.wait_for(seen.get(), 10)
+    finally:
+        await listener.close()
+        await agent.close()
+    digest = hashlib.sha256(answer.text.encode()).hexdigest()
+    assert answer.text and usage.thought_sha256 == digest
+    assert usage.thought == (answer.text if keep else "")
+    summary = summarize_body("Usage", bytes(body))
+    assert summary["thought_sha256"] == digest
+    assert answer.text not in str(summary)

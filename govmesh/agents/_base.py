@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 import msgspec
 from nats.errors import Error as NatsError
@@ -32,7 +33,7 @@ from govmesh.service import Service
 from govmesh.state._tiers import encode_goal
 from govmesh.state.messages import Snapshot
 
-__all__ = ["TRANSIENT", "AgentService"]
+__all__ = ["TRANSIENT", "AgentService", "Thinking"]
 
 TRANSIENT: Final = (BusError, NatsError, RedisError, ConnectionError)
 """What a restarting nats-server or Redis-protocol server, or a restarting actor that does
@@ -41,6 +42,15 @@ not answer yet, looks like to an agent: worth trying again."""
 _KEEP_OUTCOME_S: Final = 8 * 86_400
 """How long an agent keeps a workflow's outcome to answer a repeated request with: longer
 than a workflow (up to 7 days) may take to ask again."""
+
+
+class Thinking(TypedDict, total=False):
+    """How an agent thinks, passed through by every agent to `AgentService`."""
+
+    max_tokens: int
+    prices: Mapping[str, Price] | None
+    budget: BudgetCaps | None
+    keep_thoughts: bool
 
 
 class AgentService(Service):
@@ -54,6 +64,8 @@ class AgentService(Service):
         prices: the price table; the model's price prices each call's reservation.
         budget: the model-spend caps each call is reserved against (needs ``prices``);
             None reserves nothing.
+        keep_thoughts: put each answer's text in its usage event, and so in the event
+            stream and the audit index; by default only its hash goes there.
 
     Raises:
         ConfigError: ``budget`` without ``prices``, or the model has no price.
@@ -68,8 +80,10 @@ class AgentService(Service):
         max_tokens: int = 1024,
         prices: Mapping[str, Price] | None = None,
         budget: BudgetCaps | None = None,
+        keep_thoughts: bool = False,
     ) -> None:
         super().__init__(deployment, identity)
+        self.keep_thoughts = keep_thoughts
         self.model = model
         self.max_tokens = max_tokens
         self._versions: dict[str, int] = {}
@@ -175,6 +189,8 @@ class AgentService(Service):
             cache_read_tokens=response.cache_read_tokens,
             cache_write_tokens=response.cache_write_tokens,
             reasoning_tokens=response.reasoning_tokens,
+            thought_sha256=hashlib.sha256(response.text.encode()).hexdigest(),
+            thought=response.text if self.keep_thoughts else "",
         )
         cost = usage.cost(self.price) if self.price is not None else 0.0
         record_model_usage(

@@ -19,17 +19,16 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar, Unpack
 
 import msgspec
 
-from govmesh.agents._base import TRANSIENT, AgentService
+from govmesh.agents._base import TRANSIENT, AgentService, Thinking
 from govmesh.agents.messages import InFlight, PurchaseOutcome, PurchaseRequest
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
 from govmesh.errors import BudgetError
-from govmesh.forecasting import BudgetCaps, Price
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider
@@ -72,7 +71,7 @@ class ProcurementAgent(AgentService):
             governance, on the deployment's clock (a durable timer kept by the state actor);
             0 for no wait.
         max_reflections: the agent's own stop for a model that keeps failing.
-        prices, budget: model-spend caps (see `AgentService`).
+        thinking: max_tokens, prices, budget, keep_thoughts (see `AgentService`).
     """
 
     def __init__(
@@ -81,19 +80,15 @@ class ProcurementAgent(AgentService):
         identity: Identity,
         *,
         model: ModelProvider,
-        max_tokens: int = 1024,
         retry_s: float = 5.0,
         recheck_s: float = 10.0,
         give_up_s: float = 600.0,
         approval_timeout_s: float = 300.0,
         vendor_wait_s: float = 0.0,
         max_reflections: int = 40,
-        prices: Mapping[str, Price] | None = None,
-        budget: BudgetCaps | None = None,
+        **thinking: Unpack[Thinking],
     ) -> None:
-        super().__init__(
-            deployment, identity, model=model, max_tokens=max_tokens, prices=prices, budget=budget
-        )
+        super().__init__(deployment, identity, model=model, **thinking)
         self._retry_s = retry_s
         self._recheck_s = recheck_s
         self._give_up_s = give_up_s

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from typing import Unpack
 
 import msgspec
 
-from govmesh.agents._base import TRANSIENT, AgentService
+from govmesh.agents._base import TRANSIENT, AgentService, Thinking
 from govmesh.agents.messages import (
     PurchaseOutcome,
     PurchaseRequest,
@@ -18,7 +18,6 @@ from govmesh.agents.messages import (
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
 from govmesh.errors import BudgetError
-from govmesh.forecasting import BudgetCaps, Price
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider
 
@@ -38,7 +37,7 @@ class RequesterAgent(AgentService):
     Args:
         procurement: the agent id of the procurement agent it asks.
         max_reflections: the agent's own stop for a model that keeps failing.
-        prices, budget: model-spend caps (see `AgentService`).
+        thinking: max_tokens, prices, budget, keep_thoughts (see `AgentService`).
     """
 
     def __init__(
@@ -48,14 +47,10 @@ class RequesterAgent(AgentService):
         *,
         model: ModelProvider,
         procurement: str,
-        max_tokens: int = 1024,
         max_reflections: int = 40,
-        prices: Mapping[str, Price] | None = None,
-        budget: BudgetCaps | None = None,
+        **thinking: Unpack[Thinking],
     ) -> None:
-        super().__init__(
-            deployment, identity, model=model, max_tokens=max_tokens, prices=prices, budget=budget
-        )
+        super().__init__(deployment, identity, model=model, **thinking)
         self._procurement = procurement
         self._max_reflections = max_reflections
         self._drafting: set[str] = set()

@@ -25,6 +25,9 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     Attributes:
         cost_usd: what the call cost at the agent's price, for those who watch the stream;
             the budget actor prices the tokens itself and does not trust this figure.
+        thought_sha256: sha256 (hex) of the answer's text, the agent's reasoning on this
+            call: the audit trail proves what was thought without keeping it.
+        thought: the answer's text itself, only from an agent told to keep thoughts.
     """
 
     model: str
@@ -36,6 +39,8 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: float = 0.0
+    thought_sha256: str = ""
+    thought: str = ""
 
     def cost(self, price: Price) -> float:
         """What this usage costs at ``price``."""

@@ -374,9 +374,15 @@ def summarize_body(kind: str, body: bytes) -> dict[str, Scalar]:
                 out[name] = v[:_MAX_TEXT]
         elif isinstance(v, bool | int | float):
             out[name] = v
-    thoughts = [value[n] for n in _THOUGHT_FIELDS if value.get(n)]
-    if thoughts:
-        out["thought_sha256"] = hashlib.sha256(_encoder.encode(thoughts)).hexdigest()
+    stated = value.get("thought_sha256")
+    if isinstance(stated, str) and stated:
+        # The sender's own hash of its reasoning (a model call's `Usage`): the text is not
+        # in the body, or is kept only in the event stream.
+        out["thought_sha256"] = stated
+    else:
+        thoughts = [value[n] for n in _THOUGHT_FIELDS if value.get(n)]
+        if thoughts:
+            out["thought_sha256"] = hashlib.sha256(_encoder.encode(thoughts)).hexdigest()
     return out
 
 

@@ -84,6 +84,7 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     clock: ClockSpec = ClockSpec()
     budget: BudgetCaps | None = None
     max_reflections: int = 40
+    keep_thoughts: bool = False
     source: str = ""
 
     def policy_paths(self) -> list[str]:

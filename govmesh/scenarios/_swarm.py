@@ -205,6 +205,7 @@ class Swarm:
                     "vendor_wait_s": s.vendor_reply.wait_hours * 3600,
                     "prices": dict(s.prices),
                     "budget": s.budget,
+                    "keep_thoughts": s.keep_thoughts,
                 },
             ),
             (
@@ -219,6 +220,7 @@ class Swarm:
                     "max_reflections": s.max_reflections,
                     "prices": dict(s.prices),
                     "budget": s.budget,
+                    "keep_thoughts": s.keep_thoughts,
                 },
             ),
         ]
