@@ -42,6 +42,9 @@ async def test_a_run_struck_by_every_kind_of_failure_finishes_every_workflow_onc
     assert run["workflows"]["failed"] == 0
     # Governance decided each workflow's intent once, however often it was asked.
     assert (run["decisions"]["replayed"], run["decisions"]["replay_differences"]) == (30, 0)
+    # The audit index lost nothing through the strikes: it caught up with every event.
+    audit = run["audit"]
+    assert audit["caught_up"] and audit["intact"], audit
     assert not run_dir(run["run_id"]).exists()  # finished: nothing left to resume
 
 

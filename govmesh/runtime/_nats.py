@@ -279,15 +279,6 @@ class NatsServer(EmbeddedServer):
                 f"{self.name} (pid {pid}) {what}; last lines of {str(self.log_path)!r}:\n{tail}"
             )
 
-    def _env(self) -> dict[str, str] | None:
-        # Go schedules on every core by default, and its idle threads spin for work on cores
-        # the Python actors need: on this two-core machine one core for the embedded server
-        # made intent-to-decision latency tighter (p90 0.93 ms to 0.76 ms, `govmesh bench
-        # governance`). GOMAXPROCS set by the user wins.
-        if "GOMAXPROCS" in os.environ:
-            return None
-        return {"GOMAXPROCS": str(max(1, (os.cpu_count() or 2) // 2))}
-
     def _argv(self) -> list[str]:
         store_dir = self.workdir / "jetstream" if self.jetstream else None
         if self.tls is not None:
