@@ -903,10 +903,10 @@ def audit_replay(
 
 
 def _glance(summary: dict[str, Any]) -> str:
-    """A record's summary on one line; hashes cut to 12 characters."""
+    """A record's summary on one line; hashes cut to 12 characters, amounts to 6 digits."""
     parts = []
     for name, value in summary.items():
-        text = str(value)
+        text = f"{value:.6g}" if isinstance(value, float) else str(value)
         if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
             text = text[:12] + "…"
         parts.append(f"{name}={text}")

@@ -90,7 +90,7 @@ async def test_show_returns_the_causal_tree_with_summaries(
     index, r = await _index(redis_server, prefix)
     wf = "wf-tree"
     intent_id, intent = sender.seal(
-        "buyer", ToolIntent(tool="erp.order", args={"usd": 10}, step=1), workflow=wf
+        "buyer", ToolIntent(tool="erp.order", args={"usd": 10}, step=1, reflections=2), workflow=wf
     )
     decision_id, decision = sender.seal(
         "governance",
@@ -138,6 +138,7 @@ async def test_show_returns_the_causal_tree_with_summaries(
         assert summaries["ToolResult"]["ok"] is True
         assert summaries["Usage"]["input_tokens"] == 100
         assert len(str(summaries["Snapshot"]["thought_sha256"])) == 64
+        assert "thought_sha256" not in summaries["ToolIntent"]  # a count of reflections
         assert "too dear" not in str(summaries["Snapshot"])
         assert [rec.id for rec in await index.by_agent("buyer")] == [
             intent_id,

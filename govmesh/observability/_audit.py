@@ -344,6 +344,13 @@ def _hash(record: AuditRecord) -> str:
     return hashlib.sha256(_encoder.encode(unhashed)).hexdigest()
 
 
+def _is_text(value: Any) -> bool:
+    """Whether a field holds free text (a string, or a list with strings), not a count."""
+    if isinstance(value, list):
+        return any(isinstance(item, str) and item for item in value)
+    return isinstance(value, str) and bool(value)
+
+
 def summarize_body(kind: str, body: bytes) -> dict[str, Scalar]:
     """A few scalar fields of an encoded body, chosen by ``kind``, plus ``thought_sha256``.
 
@@ -363,12 +370,14 @@ def summarize_body(kind: str, body: bytes) -> dict[str, Scalar]:
         if len(out) >= _MAX_SUMMARY_FIELDS:
             break
         *parents, name = path.split(".")
-        if name == "type" or name in _THOUGHT_FIELDS:
+        if name == "type":
             continue
         holder: Any = value
         for parent in parents:
             holder = holder.get(parent) if isinstance(holder, dict) else None
         v = holder.get(name) if isinstance(holder, dict) else None
+        if name in _THOUGHT_FIELDS and _is_text(v):
+            continue
         if isinstance(v, str):
             if v:
                 out[name] = v[:_MAX_TEXT]
@@ -380,7 +389,7 @@ def summarize_body(kind: str, body: bytes) -> dict[str, Scalar]:
         # in the body, or is kept only in the event stream.
         out["thought_sha256"] = stated
     else:
-        thoughts = [value[n] for n in _THOUGHT_FIELDS if value.get(n)]
+        thoughts = [value[n] for n in _THOUGHT_FIELDS if _is_text(value.get(n))]
         if thoughts:
             out["thought_sha256"] = hashlib.sha256(_encoder.encode(thoughts)).hexdigest()
     return out
