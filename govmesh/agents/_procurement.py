@@ -33,6 +33,7 @@ from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider
 from govmesh.observability._tracing import span
+from govmesh.service import being_cancelled
 from govmesh.state.messages import SnapshotQuery, SnapshotReply, TimerFired, TimerSet
 from govmesh.tools import ERP_CREATE_PO, STEP_IN_PROGRESS, ToolCall, ToolResult
 
@@ -211,6 +212,8 @@ class ProcurementAgent(AgentService):
                         )
                     break
                 except (TimeoutError, *TRANSIENT) as exc:
+                    if being_cancelled():
+                        raise
                     if isinstance(exc, TimeoutError) or time.monotonic() >= until:
                         outcome = PurchaseOutcome(
                             result="failed", reasons=(f"{type(exc).__name__}: {exc}",)
@@ -266,7 +269,7 @@ class ProcurementAgent(AgentService):
             try:
                 return await attempt()
             except TRANSIENT as exc:
-                if time.monotonic() >= until:
+                if being_cancelled() or time.monotonic() >= until:
                     raise
                 log.info("%s: %s; trying again", self.agent_id, exc)
                 await asyncio.sleep(0.5)
@@ -349,6 +352,8 @@ class ProcurementAgent(AgentService):
                     )
                     sent.add(envelope.id)
                 except TRANSIENT as exc:
+                    if being_cancelled():
+                        raise
                     log.info("intent of %s not sent (%s); sending again", workflow, exc)
             ask_first = True
             remaining = deadline - time.monotonic()
@@ -420,7 +425,7 @@ class ProcurementAgent(AgentService):
                     timeout=self._retry_s * 2,
                 )
             except TRANSIENT as exc:
-                if time.monotonic() >= until:
+                if being_cancelled() or time.monotonic() >= until:
                     raise
                 log.info("tool call of %s not answered (%s); calling again", workflow, exc)
                 await asyncio.sleep(0.5)

@@ -356,21 +356,29 @@ def _timer_counts(stats: dict[str, Any]) -> dict[str, int]:
 
 
 async def _audited(
-    bus: Bus, deployment: Deployment, workflows: tuple[str, ...], *, wait_s: float = 20.0
+    bus: Bus, deployment: Deployment, workflows: tuple[str, ...], *, wait_s: float = 45.0
 ) -> dict[str, Any]:
-    """Once the audit actor has stored every event of the stream, each of the run's
-    workflows' chains checked (`AuditIndex.verify`)."""
+    """Once the audit actor has stored every event the stream held when the workflows
+    had finished, each of the run's workflows' chains checked (`AuditIndex.verify`).
+
+    Caught up means the audit consumer's acknowledgement floor reached the stream's last
+    event of that moment: events keep coming after it (the run's own queries), so "nothing
+    pending" may never be seen at one instant. The wait outlasts the consumer's 30 s
+    redelivery of events fetched before a nats-server restart and never acknowledged."""
     js = bus.nc.jetstream()
     durable = f"audit-{deployment.tenant}"
     deadline = time.monotonic() + wait_s
     caught_up = False
+    last: int | None = None
     while time.monotonic() < deadline:
         try:
+            if last is None:
+                last = (await js.stream_info(EVENT_STREAM)).state.last_seq
             info = await js.consumer_info(EVENT_STREAM, durable)
         except NatsError:
             await asyncio.sleep(0.2)
             continue
-        if info.num_pending == 0 and info.num_ack_pending == 0:
+        if info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= last:
             caught_up = True
             break
         await asyncio.sleep(0.2)
