@@ -592,3 +592,20 @@ async def test_intents_arriving_together_are_decided_in_groups_and_recorded_once
     # The seed limits workflow spend only: the other figures are neither read nor recorded.
     assert {r.unused for r in records} == {("day_spend_usd", "recent_calls")}
     assert round_trips < 130
+
+
+async def test_an_approval_settled_again_after_a_takeover_commits_once_and_answers_the_same(
+    running_with_redis,
+) -> None:
+    _, governance, decide, redis, key_prefix = running_with_redis
+    escalated = await decide("wf-taken-over", 7000.0)  # over 5,000: escalates
+    assert escalated.outcome == "escalate"
+    [request] = await governance.approvals.pending()
+
+    # An actor settles the approval, commits the spend and publishes its allow, then dies
+    # before marking it settled; another takes the settlement over and decides again.
+    first = await governance._within_limits(request)
+    again = await governance._within_limits(request)
+
+    assert first == again == (True, ())
+    assert float(await redis.hget(f"{key_prefix}:spend", "wf-taken-over")) == 7000.0

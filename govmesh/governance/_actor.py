@@ -391,6 +391,10 @@ class GovernanceService(Service):
 
         A human's approval lifts the escalation, not the limits: spend committed while the
         request waited may leave no room for it, and then the approval becomes a deny.
+
+        Decided once per approval: a settlement taken over from an actor that died after
+        this step (its decision may be out already) gets the same answer, and the spend is
+        committed once, rather than its own commitment leaving it no room.
         """
         intent = _intent_of(request)
         # The call was counted for the rate limit when it was first decided, and recorded.
@@ -400,11 +404,16 @@ class GovernanceService(Service):
             time.time(),
             call_id=request.intent_id,
             commit=("allow", "escalate"),
+            first_key=self.key("within-limits", request.approval_id),
+            record=False,
         )
-        assert not isinstance(decided, FirstDecision)  # only with a first_key
-        verdict, _ = decided
-        if verdict.outcome == "deny":
-            return False, ("no longer within policy: " + "; ".join(verdict.reasons),)
+        outcome, reasons = (
+            (decided.outcome, decided.reasons)
+            if isinstance(decided, FirstDecision)
+            else (decided[0].outcome, decided[0].reasons)
+        )
+        if outcome == "deny":
+            return False, ("no longer within policy: " + "; ".join(reasons),)
         return True, ()
 
     @property

@@ -257,6 +257,7 @@ class _Job:
     call_id: str
     commit: tuple[str, ...]
     first_key: str
+    record: bool
     trace: str
     future: asyncio.Future[Decided]
     attempts: int = 0
@@ -339,6 +340,7 @@ class Decider:
         call_id: str,
         commit: tuple[str, ...],
         first_key: str = "",
+        record: bool = True,
         trace: str = "",
     ) -> Decided:
         """Decide ``intent`` on figures that hold when the decision is written, and write it
@@ -350,9 +352,12 @@ class Decider:
             now: the decision time.
             call_id: the intent's id; counts the call for the rate limit and names the record.
             commit: the outcomes whose amount is committed to the spend.
-            first_key: record the decision, as the intent's first decision, under this key
-                (and store an escalation's approval request); empty to decide without
-                recording (an approved escalation decided again).
+            first_key: keep the decision under this key, and answer with what is kept there
+                if something is (a `FirstDecision`, nothing committed or written); empty to
+                keep nothing.
+            record: with ``first_key``, also append the decision record and store an
+                escalation's approval request: an intent's first decision. Without, only the
+                outcome is kept (an approved escalation decided again once per approval).
             trace: the workflow's trace context, kept with an approval request.
 
         Raises:
@@ -370,6 +375,7 @@ class Decider:
                 call_id=call_id,
                 commit=commit,
                 first_key=first_key,
+                record=record,
                 trace=trace,
                 future=future,
             )
@@ -522,7 +528,7 @@ class Decider:
             if contended
             else evaluate(policies, intent, ctx)
         )
-        recorded = bool(job.first_key)
+        recorded = bool(job.first_key) and job.record
         request = (
             approval_request(
                 intent, verdict, reflections=job.reflections, intent_id=job.call_id, trace=job.trace
@@ -542,6 +548,14 @@ class Decider:
         # and only a first decision already kept can stand in its way.
         compared = _NOTHING if contended else needs
         texts, record, kept, ttl = b"", b"", b"", b""
+        if job.first_key:
+            first = first_decision(job.call_id, verdict, request)
+            kept = self._encode(first)
+            if not (first.approval_id and not first.approval_expires_at):
+                # (An approval that never lapses keeps its first decision for good.)
+                ttl = repr(
+                    int(max(0.0, first.approval_expires_at - job.now)) + _FIRST_DECISION_TTL_S
+                ).encode()
         if recorded:
             if verdict.policy_hash not in self._recorded_versions:
                 texts = msgspec.json.encode(sources)
@@ -559,13 +573,6 @@ class Decider:
                     unused=_unused(needs),
                 )
             )
-            first = first_decision(job.call_id, verdict, request)
-            kept = self._encode(first)
-            if not (first.approval_id and not first.approval_expires_at):
-                # (An approval that never lapses keeps its first decision for good.)
-                ttl = repr(
-                    int(max(0.0, first.approval_expires_at - job.now)) + _FIRST_DECISION_TTL_S
-                ).encode()
         keys += [
             self._key("day-spend", day),
             self._key("calls", intent.agent),
