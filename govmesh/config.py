@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import yaml
 
 from govmesh.errors import GovmeshError
 
-__all__ = ["Clock", "Deployment", "key_prefix", "read_yaml_mapping"]
+__all__ = ["Clock", "Deployment", "key_prefix", "read_yaml_mapping", "utc_day"]
 
 
 def read_yaml_mapping(path: Path, *, what: str, error: type[GovmeshError]) -> dict[str, Any]:
@@ -35,6 +36,17 @@ def read_yaml_mapping(path: Path, *, what: str, error: type[GovmeshError]) -> di
 def key_prefix(tenant: str) -> str:
     """The Redis key prefix of ``tenant``; every key govmesh writes starts with it."""
     return f"gm:{tenant}"
+
+
+@functools.lru_cache(maxsize=4)
+def _day_name(day: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(day * 86_400))
+
+
+def utc_day(now: float) -> str:
+    """The UTC day of ``now`` (Unix seconds) as ``YYYY-MM-DD``: what keys of a day's spend
+    are named by."""
+    return _day_name(int(now // 86_400))
 
 
 class Clock(msgspec.Struct, frozen=True, kw_only=True):

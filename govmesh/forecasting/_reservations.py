@@ -33,6 +33,8 @@ from typing import Final, Literal, cast
 import msgspec
 import redis.asyncio as aioredis
 
+from govmesh.config import utc_day
+
 __all__ = [
     "INTERRUPT_TOOL",
     "BudgetCaps",
@@ -216,7 +218,7 @@ class ReservationBook:
     ) -> Granted | Refused:
         """Reserve ``max_cost_usd`` for one call of ``agent`` in ``workflow``, or refuse."""
         now = time.time() if now is None else now
-        day = time.strftime("%Y-%m-%d", time.gmtime(now))
+        day = utc_day(now)
         amount = micro_usd(max_cost_usd, up=True)
         reservation_id = uuid.uuid4().hex
         caps = self.caps

@@ -17,7 +17,7 @@ from govmesh.config import Deployment
 from govmesh.errors import PolicyError, SecurityError
 from govmesh.forecasting._reservations import INTERRUPT_TOOL, BudgetCaps, ReservationBook
 from govmesh.governance._approvals import Answer, ApprovalRecord, ApprovalStore, expiry_answer
-from govmesh.governance._decider import Decider, FirstDecision
+from govmesh.governance._decider import Decider, FirstDecision, amount_of
 from govmesh.governance._evaluator import Intent, intent_hash
 from govmesh.governance._policy import PolicySet
 from govmesh.governance._replay import (
@@ -51,15 +51,12 @@ def authorize_intent(claims: Claims, intent: ToolIntent) -> None:
     """Refuse an intent for a tool the sender's token does not name, or for an amount above
     the token's budget authority, before it reaches the policy engine."""
     claims.require(intent.tool)
-    amount = intent.args.get("amount_usd")
-    if (
-        isinstance(amount, int | float)
-        and not isinstance(amount, bool)
-        and amount > claims.budget_usd
-    ):
+    amount = amount_of(intent.args)
+    if amount is not None and amount > claims.budget_usd:
         raise SecurityError(
             "over_budget_authority",
-            f"{claims.sub!r} asked for {amount!r} USD with authority {claims.budget_usd!r}",
+            f"{claims.sub!r} asked for {intent.args['amount_usd']!r} USD "
+            f"with authority {claims.budget_usd!r}",
         )
 
 

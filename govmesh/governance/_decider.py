@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import time
 import uuid
@@ -28,6 +27,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import msgspec
 
+from govmesh.config import utc_day
 from govmesh.governance._evaluator import EvalContext, Intent, Verdict, evaluate, intent_hash
 from govmesh.governance._policy import Figures, PolicySet
 from govmesh.governance._replay import (
@@ -189,21 +189,12 @@ class _Assumed(Generic[_K, _V]):
             del kept[next(iter(kept))]
 
 
-def _amount(args: dict[str, Any]) -> float | None:
+def amount_of(args: dict[str, Any]) -> float | None:
+    """An intent's ``amount_usd``, when it is a number (a bool is not)."""
     amount = args.get("amount_usd")
     if isinstance(amount, int | float) and not isinstance(amount, bool):
         return float(amount)
     return None
-
-
-@functools.lru_cache(maxsize=4)
-def _day_name(day: int) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(day * 86_400))
-
-
-def utc_day(now: float) -> str:
-    """The UTC day of ``now``, as ``YYYY-MM-DD``."""
-    return _day_name(int(now // 86_400))
 
 
 def first_decision(
@@ -536,7 +527,7 @@ class Decider:
             if recorded and verdict.outcome == "escalate"
             else None
         )
-        amount = _amount(intent.args) if verdict.outcome in job.commit else None
+        amount = amount_of(intent.args) if verdict.outcome in job.commit else None
         if amount is not None:
             running.spend[intent.workflow] = ctx.workflow_spend_usd + amount
             if needs.day_spend:
