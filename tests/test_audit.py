@@ -280,6 +280,44 @@ async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
         await r.aclose()
 
 
+async def test_consumer_keeps_storing_after_a_pull_ends_in_asyncios_timeout(
+    nats_server: NatsServer, redis_server: RedisServer, prefix: str
+) -> None:
+    dep, issuer = deployment(nats_server.url, redis_server.url, prefix)
+    nc = await nats.connect(nats_server.url)
+    index, r = await _index(redis_server, prefix)
+    bus = await Bus.connect(dep, issuer.identity("alice", "agent"), rotate=False)
+    consumer = AuditConsumer(nc, index, tenant=prefix, batch=10)
+    try:
+        await consumer.start()
+        assert consumer._sub is not None
+        fetch, timeouts = consumer._sub.fetch, 0
+
+        async def late(*args, **kwargs):
+            # nats-py raises asyncio's TimeoutError, not its own, when the deadline passes
+            # between its two pulls.
+            nonlocal timeouts
+            if timeouts < 3:
+                timeouts += 1
+                raise TimeoutError
+            return await fetch(*args, **kwargs)
+
+        consumer._sub.fetch = late  # type: ignore[method-assign]
+        for i in range(4):
+            await bus.publish(bus.subjects.msg("bob"), Note(n=i), workflow="wf-late")
+        await bus.flush()
+        deadline = time.monotonic() + 10
+        while len(await index.records("wf-late")) < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert timeouts == 3
+        assert [rec.seq for rec in await index.records("wf-late")] == [1, 2, 3, 4]
+    finally:
+        await consumer.close()
+        await bus.close()
+        await nc.close()
+        await r.aclose()
+
+
 async def test_bench_audit_fills_the_index_and_reports_against_its_baseline() -> None:
     from govmesh.bench._audit import run_audit_bench
 

@@ -53,7 +53,6 @@ import msgspec
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
@@ -940,7 +939,8 @@ class AuditConsumer:
                 due = time.monotonic() + self._checkpoint_every_s
             try:
                 msgs = await self._sub.fetch(self.batch, timeout=1.0)
-            except NatsTimeoutError:
+            except TimeoutError:
+                # nats-py's own, or asyncio's when its deadline passes between two pulls.
                 continue
             except NatsError as exc:
                 # nats-server restarting: the stream keeps the events; fetch again.

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import msgspec
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from govmesh.bus import EVENT_STREAM, Bus, Codec
@@ -382,7 +381,8 @@ async def watch_events(
         while True:
             try:
                 msgs = await sub.fetch(100, timeout=1.0)
-            except NatsTimeoutError:
+            except TimeoutError:
+                # nats-py's own, or asyncio's when its deadline passes between two pulls.
                 if not joined.running:
                     return
                 continue
