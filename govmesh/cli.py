@@ -7,9 +7,10 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import click
 from rich.console import Console, Group
@@ -43,8 +44,9 @@ json_option = click.option(
 )
 
 
-def _progress(*extra: ProgressColumn) -> Progress:
-    """The progress bar every long command shows, on stderr."""
+def _progress(*extra: ProgressColumn, auto_refresh: bool = True) -> Progress:
+    """The progress bar every long command shows, on stderr; a benchmark's is drawn by its
+    `_phase_ticker`, not by a thread of its own (``auto_refresh=False``)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -52,6 +54,7 @@ def _progress(*extra: ProgressColumn) -> Progress:
         *extra,
         TimeElapsedColumn(),
         console=console,
+        auto_refresh=auto_refresh,
     )
 
 
@@ -65,13 +68,27 @@ def _write_json(json_path: Path | None, data: Any, *, what: str = "report") -> N
     console.print(f"{what} written to {json_path}")
 
 
+_BENCH_REDRAW_S: Final = 0.25
+
+
 def _phase_ticker(progress: Progress, task: Any) -> Any:
-    """A benchmark's progress callback: ``(phase name or "", completed units)``."""
+    """A benchmark's progress callback: ``(phase name or "", completed units)``.
+
+    It redraws the bar itself, at each phase and at most every `_BENCH_REDRAW_S` between,
+    as the benchmark calls it between timed steps: a drawing thread would take the
+    interpreter in the middle of a timed step, and its pauses would be measured.
+    """
+    drawn = 0.0
 
     def tick(phase: str, n: int) -> None:
+        nonlocal drawn
         if phase:
             progress.update(task, description=phase)
         progress.advance(task, n)
+        now = time.monotonic()
+        if phase or now - drawn >= _BENCH_REDRAW_S:
+            drawn = now
+            progress.refresh()
 
     return tick
 
@@ -147,9 +164,6 @@ def cli(verbose: int, telemetry: str) -> None:
     if not verbose:
         # Refused messages are counted and reported in the summary; one line each is noise.
         logging.getLogger("govmesh.bus._bus").setLevel(logging.ERROR)
-    # nats-py's protocol answers True to eof_received; asyncio warns about it for every TLS
-    # connection it closes, which says nothing to a user.
-    logging.getLogger("asyncio").addFilter(lambda record: "eof_received" not in record.getMessage())
     _start_telemetry(telemetry)
 
 
@@ -579,9 +593,9 @@ def bench_governance(decisions: int, intents: int, json_path: Path | None) -> No
     """Decision latency in process and over the bus, throughput, and cedarpy, in one run."""
     from govmesh.bench._governance import run_governance_bench
 
-    with _progress() as progress:
+    with _progress(auto_refresh=False) as progress:
         timed = decisions // 100 * 100
-        task = progress.add_task("governance", total=3 * timed + 4 * intents)
+        task = progress.add_task("governance", total=3 * timed + 5 * intents)
         tick = _phase_ticker(progress, task)
 
         report = _run(run_governance_bench(decisions=decisions, intents=intents, tick=tick))
@@ -622,6 +636,18 @@ def bench_governance(decisions: int, intents: int, json_path: Path | None) -> No
         f"p99 <= {targets['bus_p99_ms']:g}",
         "bus_p99_ms",
     )
+    floor, over = report["floor_ms"], report["bus_over_floor_ms"]
+    row("bus floor (no govmesh work), ms", f"{floor['p50']:.3f}", f"{floor['p99']:.3f}")
+    row("bus over its floor, ms", f"{over['p50']:.3f}", f"{over['p99']:.3f}")
+    wake = report["wake_ms"]
+    for key, where in (("same_core", "one core"), ("cross_core", "two cores")):
+        if key in wake:
+            times = wake[key]
+            row(
+                f"wake-up round trip, {where}, ms",
+                f"{times['p50']:.3f}",
+                f"{times['p99']:.3f}",
+            )
     row(f"bus, {report['window']} in flight, ms", f"{loaded['p50']:.3f}", f"{loaded['p99']:.3f}")
     row(
         f"decisions/s, {report['governance_actors']} actors",
@@ -719,7 +745,7 @@ def bench_state(snapshots: int, json_path: Path | None) -> None:
     """Snapshot write and rehydration through the state actor, beside raw Redis."""
     from govmesh.bench._state import run_state_bench
 
-    with _progress() as progress:
+    with _progress(auto_refresh=False) as progress:
         task = progress.add_task("state", total=3 * snapshots)
         tick = _phase_ticker(progress, task)
 
@@ -774,7 +800,7 @@ def bench_audit(events: int, workflows: int, samples: int, json_path: Path | Non
     """Audit index: ingest rate, one workflow's show and verify, beside a raw LRANGE."""
     from govmesh.bench._audit import run_audit_bench
 
-    with _progress() as progress:
+    with _progress(auto_refresh=False) as progress:
         task = progress.add_task("audit", total=events + samples + 1)
         tick = _phase_ticker(progress, task)
 
@@ -926,7 +952,6 @@ def audit_show(
 ) -> None:
     """Print WORKFLOW's causal trace from the audit index: who asked, what was decided under
     which policy, what ran and what each model call cost."""
-    import time
 
     from rich.markup import escape
     from rich.tree import Tree
@@ -1086,7 +1111,6 @@ def audit_prune(
     approvals and spend; each leaves a prune mark, so `audit verify` counts it as pruned,
     not as tampering. Without either: remove the kept runs that finished longer ago than
     DURATION, each listed in $GOVMESH_HOME/records/prune.log first."""
-    import time
 
     from govmesh.observability._export import prune_index
     from govmesh.scenarios._records import parse_duration, prune_kept
@@ -1128,7 +1152,6 @@ def audit_prune(
 @json_option
 def audit_runs(json_path: Path | None) -> None:
     """List the finished runs whose records are kept under $GOVMESH_HOME/records."""
-    import time
 
     from govmesh.scenarios._records import kept_runs
 
@@ -1340,7 +1363,6 @@ def watch(
     started and finished, and the latest events. --replay first folds in what happened
     before it joined.
     """
-    import time
 
     from rich.live import Live
 
@@ -1404,7 +1426,6 @@ def watch(
 @json_option
 def approvals_list(tenant: str | None, json_path: Path | None) -> None:
     """List the pending approvals, oldest first."""
-    import time
 
     from govmesh.governance._operator import OperatorDesk
     from govmesh.runtime import join

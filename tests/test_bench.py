@@ -46,8 +46,23 @@ def test_bench_governance_decides_in_process_against_cedar_and_over_the_bus(
     out = tmp_path / "governance.json"
     proc, report = _bench(out, "governance", "--decisions", "500", "--intents", "40")
     assert report["decisions"] == 500
-    for key in ("in_process_us", "in_process_100_rules_us", "cedar_in_process_us", "bus_ms"):
+    for key in (
+        "in_process_us",
+        "in_process_100_rules_us",
+        "cedar_in_process_us",
+        "bus_ms",
+        "floor_ms",
+    ):
         assert 0 < report[key]["p50"] <= report[key]["p99"], key
+    assert report["floor_intents"] == 40
+    for q in ("p50", "p99"):
+        assert report["bus_over_floor_ms"][q] == report["bus_ms"][q] - report["floor_ms"][q]
+    assert "bus floor (no govmesh work)" in proc.stdout
+    wake = report["wake_ms"]
+    if "skipped" not in wake:  # a machine with two cores and core affinity
+        for key in ("same_core", "cross_core"):
+            assert 0 < wake[key]["p50"] <= wake[key]["p99"], key
+        assert "wake-up round trip, two cores" in proc.stdout
     assert 0 < report["bus_loaded_ms"]["p50"] <= report["bus_loaded_ms"]["p99"]
     assert set(report["in_process_outcomes"]["seed"]) == {"allow", "deny", "escalate"}
     assert set(report["in_process_outcomes"]["100_rules"]) == {"allow", "deny", "escalate"}

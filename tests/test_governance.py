@@ -171,19 +171,19 @@ async def test_a_decision_given_up_under_contention_is_a_recorded_deny_that_repl
     _, governance, decide, redis, key_prefix = running_with_redis
 
     decider = governance.decider
-    real_script = decider._script
+    real_send = decider._script.send
 
     async def spend_always_moved(*, keys, args):
         # Another decision commits to the workflow before every attempt, as under endless
         # contention, so every compare-and-commit finds its figures changed.
         await redis.hincrbyfloat(f"{key_prefix}:spend", "wf-contended", 1.0)
-        return await real_script(keys=keys, args=args)
+        return await real_send(keys=keys, args=args)
 
-    decider._script = spend_always_moved
+    decider._script.send = spend_always_moved
     try:
         decision = await decide("wf-contended")
     finally:
-        decider._script = real_script
+        del decider._script.send
 
     assert decision.outcome == "deny" and decision.reasons == (CONTENDED_REASON,)
     ((_, fields),) = await redis.xrange(decisions_key(key_prefix))
@@ -437,7 +437,7 @@ async def test_a_decision_on_changed_figures_is_recorded_once_as_decided_again(
     policy.write_text(LIMITS)  # also counts calls: the second read must not count its own
     await _wait_for(lambda: governance.reloads == 1)
     decider = governance.decider
-    real_script = decider._script
+    real_send = decider._script.send
     reads = 0
 
     async def raced(*, keys, args):
@@ -447,13 +447,13 @@ async def test_a_decision_on_changed_figures_is_recorded_once_as_decided_again(
             # Another decision commits 8,000 to the workflow after this one was decided on
             # the figures governance knew.
             await redis.hincrbyfloat(f"{key_prefix}:spend", "wf-race", 8000.0)
-        return await real_script(keys=keys, args=args)
+        return await real_send(keys=keys, args=args)
 
-    decider._script = raced
+    decider._script.send = raced
     try:
         decision = await decide("wf-race")  # 3,000: allowed on the first figures, not the true
     finally:
-        decider._script = real_script
+        del decider._script.send
 
     rows = await redis.xrange(decisions_key(key_prefix))
     records = [msgspec.msgpack.decode(f[b"record"], type=DecisionRecord) for _, f in rows]
@@ -465,6 +465,58 @@ async def test_a_decision_on_changed_figures_is_recorded_once_as_decided_again(
     assert float(await redis.hget(f"{key_prefix}:spend", "wf-race")) == 8000.0
     report = await replay(redis, prefix=key_prefix)
     assert (report.decisions, report.matched) == (1, 1)
+
+
+async def test_a_decision_is_sealed_while_its_round_trip_is_in_the_air(
+    running_with_redis,
+) -> None:
+    from govmesh.governance._decider import FirstDecision, Fresh
+    from govmesh.governance._evaluator import Intent
+
+    _, governance, _, _, _ = running_with_redis
+    decider = governance.decider
+    real_send = decider._script.send
+    events: list[str] = []
+
+    def send(*, keys, args):
+        sending = real_send(keys=keys, args=args)  # written before this returns
+        events.append("sent")
+
+        async def replied():
+            reply = await sending
+            events.append("replied")
+            return reply
+
+        return replied()
+
+    def seal(verdict, request):
+        events.append(f"sealed {verdict.outcome}")
+        return ("signed", verdict.outcome)
+
+    intent = Intent(
+        agent="proc-1", role=ROLE, tool=ERP_CREATE_PO, args=ARGS, workflow="wf-seal", step=1
+    )
+    decider._script.send = send
+    try:
+        decided = [
+            await decider.decide(
+                intent,
+                0,
+                time.time(),
+                call_id=f"intent-{n}",
+                commit=("allow",),
+                first_key=governance.key("intent", "wf-seal"),
+                seal=seal,
+            )
+            for n in range(2)
+        ]
+    finally:
+        del decider._script.send
+
+    assert decided[0] == Fresh(decided[0].verdict, None, ("signed", "allow"))
+    # Asked again, the first decision stands: what was sealed for the second is not used.
+    assert isinstance(decided[1], FirstDecision) and decided[1].intent_id == "intent-0"
+    assert events == ["sent", "sealed allow", "replied"] * 2
 
 
 async def test_an_intent_asked_again_gets_its_first_decision_and_commits_nothing_more(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -49,6 +50,28 @@ async def test_a_script_missing_from_the_server_is_loaded_and_run(redis_server, 
         await connection.close()
     assert first == [f"{prefix}:a".encode(), b"x", 42]
     assert again == [f"{prefix}:b".encode(), b"y", 2]  # Lua numbers reply as integers
+
+
+async def test_send_writes_the_command_before_it_returns(redis_server, prefix) -> None:
+    import redis as blocking
+
+    connection = RespConnection(redis_server.url)
+    script = connection.script("redis.call('SET', KEYS[1], ARGV[1]) return 1")
+    other = blocking.Redis.from_url(redis_server.url)
+    try:
+        await script(keys=[f"{prefix}:loaded"], args=["first"])  # opened, and loaded
+        sent = connection.send("SET", f"{prefix}:plain", "written")
+        ran = script.send(keys=[f"{prefix}:scripted"], args=["written"])
+        # Neither was awaited, and this event loop has not run since: the server has them
+        # only if both were written before `send` returned.
+        deadline = time.monotonic() + 5.0
+        while other.exists(f"{prefix}:plain", f"{prefix}:scripted") < 2:
+            assert time.monotonic() < deadline, "the commands were not written"
+        assert await sent == b"OK"
+        assert await ran == 1
+    finally:
+        other.close()
+        await connection.close()
 
 
 async def test_a_lost_connection_fails_what_was_in_flight_and_is_opened_again(

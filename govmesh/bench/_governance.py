@@ -10,7 +10,12 @@ Four measurements, each with its baseline in the same process and run:
 - intent-to-decision latency over the signed, mutual-TLS bus with one intent in flight
   (``bus_ms``);
 - throughput with two governance actors sharing intents as a queue group and a window of
-  intents in flight (``decisions_per_s``).
+  intents in flight (``decisions_per_s``);
+- the floor under ``bus_ms``: the same processes, connections and message sizes, with two
+  stand-ins that answer each intent after one Redis round trip and do nothing else: no
+  signing, verifying or deciding (``floor_ms``). What ``bus_ms`` adds to it is govmesh's;
+- beneath that, what one wake-up of another process costs on this machine: a 64-byte round
+  trip between two processes on one core and on two (``wake_ms``).
 
 In-process figures are per decision: each sample times a batch of calls over a mix of allow,
 deny and escalate intents and divides, so the clock's own cost and resolution drop out.
@@ -21,13 +26,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import multiprocessing
+import os
 import random
 import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -86,8 +93,10 @@ _PROCESS_LAYOUT: Final = (
     "nats-server (mutual TLS) and the Redis-protocol server are child processes; the agent "
     "sending intents runs in the benchmark's process. bus_ms, bus_loaded_ms and "
     "decisions_per_s: each governance actor in a Python process of its own, as a Ray actor "
-    "hosts it. one_process: both governance actors on the agent's event loop, so signing, "
-    "verifying and deciding compete for one core"
+    "hosts it. floor_ms: the same layout, connections and message sizes, with stand-ins "
+    "that answer after one Redis round trip (PING) and neither sign, verify nor decide. "
+    "one_process: both governance actors on the agent's event loop, so signing, verifying "
+    "and deciding compete for one core"
 )
 _IN_PROCESS_METHOD: Final = (
     "each sample times a batch of {batch} evaluate() calls over a mix of allow, deny and "
@@ -101,6 +110,8 @@ _WINDOW: Final = 64
 _ACTORS: Final = 2
 _BUS_WARMUP: Final = 50
 _BUS_TIMEOUT_S: Final = 10.0
+_SPAWN: Final = multiprocessing.get_context("spawn")
+"""Governance actors and stand-ins start as Ray starts actors: fresh interpreters."""
 _TARGETS: Final = {
     "in_process_p50_us": 5.0,
     "bus_p99_ms": 1.0,
@@ -323,12 +334,15 @@ class _Decisions:
 
     def __init__(self) -> None:
         self.outcomes: Counter[str] = Counter()
+        self.sizes: Counter[int] = Counter()
+        """Decisions by their size on the wire."""
         self._waiting: dict[str, tuple[float, asyncio.Future[float]]] = {}
 
     async def on_decision(self, d: Delivery) -> None:
         received = time.perf_counter()
         body: Decision = d.body
         self.outcomes[body.outcome] += 1
+        self.sizes[len(d.data)] += 1
         entry = self._waiting.pop(body.intent_id, None)
         if entry is not None and not entry[1].done():
             entry[1].set_result(received)
@@ -358,7 +372,7 @@ def _bus_args(n: int) -> dict[str, Any]:
 
 
 def _serve_governance(
-    deployment: Deployment, identity: Identity, ready: Any, stop: Any, results: Any
+    deployment: Deployment, identity: Identity, results: Any, ready: Any, stop: Any
 ) -> None:
     """A governance actor in a process of its own, as a Ray actor hosts it, until ``stop``;
     puts its decision counts in ``results``. Runs in a child process."""
@@ -369,13 +383,151 @@ def _serve_governance(
         await service.start()
         ready.set()
         try:
-            while not stop.is_set():
-                await asyncio.sleep(0.05)
+            await _stopped(stop)
         finally:
             results.put((identity.agent_id, sum(service.decided.values())))
             await service.close()
 
     uvloop.run(serve())
+
+
+async def _stopped(stop: Any) -> None:
+    # A thread waits for the event, so the process wakes for nothing else than its work.
+    await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+
+
+def _serve_floor(
+    deployment: Deployment, identity: Identity, answer_bytes: int, ready: Any, stop: Any
+) -> None:
+    """A stand-in for a governance actor, in a process of its own, until ``stop``: it answers
+    each intent with ``answer_bytes`` bytes after one Redis round trip (a PING), over the same
+    mutual-TLS connection a governance actor has, and does nothing else. Runs in a child
+    process."""
+    import uvloop
+
+    from govmesh.runtime._resp import RespConnection
+
+    async def serve() -> None:
+        bus = await Bus.connect(deployment, identity, rotate=False)
+        redis = RespConnection(deployment.redis_url)
+        answer = bytes(answer_bytes)
+        try:
+            await redis.call("PING")
+
+            async def on_intent(msg: Any) -> None:
+                await redis.call("PING")
+                await bus.nc.publish(msg.reply, answer)
+
+            await bus.nc.subscribe(bus.subjects.all("intent"), queue="floor", cb=on_intent)
+            await bus.flush()
+            ready.set()
+            await _stopped(stop)
+        finally:
+            await redis.close()
+            await bus.close()
+
+    uvloop.run(serve())
+
+
+async def _floor(agent: Bus, *, intents: int, tick: Progress) -> dict[str, Any]:
+    """One sealed intent in flight at a time, answered by the `_serve_floor` stand-ins on an
+    inbox of the agent's, timed as `_phase` times a decision."""
+    subject = agent.subjects.intent(agent.identity.agent_id)
+    _, data = agent.codec.seal(
+        agent.identity,
+        subject=subject,
+        body=ToolIntent(tool=TOOL, args=_bus_args(0), step=1),
+        workflow="wf-floor",
+    )
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[float] = loop.create_future()
+
+    async def on_answer(_msg: Any) -> None:
+        if not waiter.done():
+            waiter.set_result(time.perf_counter())
+
+    inbox = agent.nc.new_inbox()
+    answers = await agent.nc.subscribe(inbox, cb=on_answer)
+    await agent.flush()
+
+    async def answered() -> float:
+        nonlocal waiter
+        waiter = loop.create_future()
+        started = time.perf_counter()
+        await agent.nc.publish(subject, data, reply=inbox)
+        return (await waiter - started) * 1000
+
+    # One deadline for the phase, not a timer per intent, which would be measured too.
+    try:
+        async with asyncio.timeout(_BUS_TIMEOUT_S + intents * _BUS_TIMEOUT_S / 100):
+            for _ in range(_BUS_WARMUP):
+                await answered()
+            tick("bus floor: no signing, verifying or deciding", 0)
+            floor: list[float] = []
+            for _ in range(intents):
+                floor.append(await answered())
+                tick("", 1)
+    finally:
+        await answers.unsubscribe()
+    return summarize(floor)
+
+
+_WAKES: Final = 2000
+
+
+def _echo_peer(port: int, cpu: int) -> None:
+    """The other end of `_wake_probe`, on core ``cpu``: echoes until the socket closes."""
+    import socket
+
+    os.sched_setaffinity(0, {cpu})
+    with socket.create_connection(("127.0.0.1", port)) as peer:
+        peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while data := peer.recv(65536):
+            peer.sendall(data)
+
+
+def _wake_probe(tick: Progress) -> dict[str, Any]:
+    """Round trips of 64 bytes to a process on this one's core, then on another: what one
+    wake-up of another process costs here, with no NATS, Redis or Python work between.
+
+    This process is held on core 0 while it measures (and let go after); on a machine with
+    one core, or without core affinity, there is nothing to compare and the report says so.
+    """
+    import socket
+
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        return {"skipped": "needs two cores and core affinity"}
+    cores = sorted(os.sched_getaffinity(0))
+    tick("machine: wake-ups on one core and across two", 0)
+    result: dict[str, Any] = {"round_trips": _WAKES, "bytes": 64}
+    try:
+        os.sched_setaffinity(0, {cores[0]})
+        for name, cpu in (("same_core", cores[0]), ("cross_core", cores[1])):
+            with socket.create_server(("127.0.0.1", 0)) as server:
+                peer = _SPAWN.Process(
+                    target=_echo_peer, args=(server.getsockname()[1], cpu), daemon=True
+                )
+                peer.start()
+                server.settimeout(60.0)
+                conn, _ = server.accept()
+                with conn:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    ping, times = bytes(64), []
+                    for n in range(_BUS_WARMUP + _WAKES):
+                        started = time.perf_counter()
+                        conn.sendall(ping)
+                        got = 0
+                        while got < len(ping):
+                            got += len(conn.recv(65536))
+                        if n >= _BUS_WARMUP:
+                            times.append((time.perf_counter() - started) * 1000)
+                peer.join(15)
+                if peer.is_alive():
+                    peer.kill()
+            result[name] = summarize(times)
+    finally:
+        os.sched_setaffinity(0, set(cores))
+    return result
 
 
 async def _phase(
@@ -433,9 +585,34 @@ async def _phase(
     }
 
 
-async def _on_bus(intents: int, tick: Progress) -> dict[str, Any]:
-    import multiprocessing
+@asynccontextmanager
+async def _processes(
+    target: Callable[..., None], each: Sequence[tuple[Any, ...]], what: str
+) -> AsyncIterator[None]:
+    """One process running ``target(*args, ready, stop)`` per ``args`` in ``each``, ready
+    when this enters, told to stop when it leaves (and killed if it does not)."""
+    stop = _SPAWN.Event()
+    started = []
+    try:
+        for args in each:
+            ready = _SPAWN.Event()
+            process = _SPAWN.Process(target=target, args=(*args, ready, stop), daemon=True)
+            process.start()
+            started.append((process, ready))
+        loop = asyncio.get_running_loop()
+        for process, ready in started:
+            if not await loop.run_in_executor(None, ready.wait, 60.0):
+                raise ConfigError(f"a {what} process did not start ({process.name})")
+        yield
+    finally:
+        stop.set()
+        for process, _ in started:
+            process.join(15)
+            if process.is_alive():
+                process.kill()
 
+
+async def _on_bus(intents: int, tick: Progress) -> dict[str, Any]:
     from govmesh.runtime import RedisServer, Transport
 
     subjects = Subjects("bench")
@@ -486,23 +663,10 @@ async def _on_bus(intents: int, tick: Progress) -> dict[str, Any]:
                 )
                 one["decisions_per_actor"] = [sum(s.decided.values()) for s in services]
             # Layout 2: each governance actor in a process of its own, as deployed.
-            context = multiprocessing.get_context("spawn")
-            stop, results = context.Event(), context.Queue()
-            processes = []
-            try:
-                for identity in actors:
-                    ready = context.Event()
-                    process = context.Process(
-                        target=_serve_governance,
-                        args=(deployment, identity, ready, stop, results),
-                        daemon=True,
-                    )
-                    process.start()
-                    processes.append((process, ready))
-                loop = asyncio.get_running_loop()
-                for process, ready in processes:
-                    if not await loop.run_in_executor(None, ready.wait, 60.0):
-                        raise ConfigError(f"a governance process did not start ({process.name})")
+            results = _SPAWN.Queue()
+            async with _processes(
+                _serve_governance, [(deployment, a, results) for a in actors], "governance"
+            ):
                 apart = await _phase(
                     deployment,
                     agent,
@@ -512,20 +676,24 @@ async def _on_bus(intents: int, tick: Progress) -> dict[str, Any]:
                     tick=tick,
                     label="actor processes",
                 )
-            finally:
-                stop.set()
-                counts = {}
-                for process, _ in processes:
-                    process.join(15)
-                    if process.is_alive():
-                        process.kill()
-                while not results.empty():
-                    member, count = results.get()
-                    counts[member] = count
+            counts = {}
+            while not results.empty():
+                member, count = results.get()
+                counts[member] = count
             apart["decisions_per_actor"] = [counts.get(a.agent_id, 0) for a in actors]
+            # The floor: the same layout with stand-ins that do none of govmesh's work.
+            answer_bytes = max(decisions.sizes, key=decisions.sizes.__getitem__)
+            async with _processes(
+                _serve_floor, [(deployment, a, answer_bytes) for a in actors], "floor"
+            ):
+                apart["floor_ms"] = await _floor(agent, intents=intents, tick=tick)
     report.update(apart)
+    report["bus_over_floor_ms"] = {
+        q: report["bus_ms"][q] - report["floor_ms"][q] for q in ("p50", "p99")
+    }
     report["one_process"] = one
     report["bus_intents"] = 4 * intents
+    report["floor_intents"] = intents
     report["bus_warmup"] = 2 * _BUS_WARMUP
     report["bus_outcomes"] = dict(decisions.outcomes)
     return report
@@ -556,6 +724,7 @@ async def run_governance_bench(
         "process_layout": _PROCESS_LAYOUT,
     }
     report.update(_in_process(decisions, progress))
+    report["wake_ms"] = _wake_probe(progress)
     report.update(await _on_bus(intents, progress))
     report["targets"] = _TARGETS
     report["met"] = {

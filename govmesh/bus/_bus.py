@@ -69,6 +69,18 @@ Authorize = Callable[[Claims, Any], None]
 """Checks what a verified sender may ask for; raises `SecurityError` to drop the message."""
 
 _RENEW_RETRY_S = 2.0
+
+
+def _not_tls_eof(record: logging.LogRecord) -> bool:
+    return "eof_received" not in record.getMessage()
+
+
+def _hush_tls_eof() -> None:
+    """nats-py's protocol answers True to ``eof_received``; asyncio (and uvloop) warn that
+    this has no effect for every TLS connection the server closes, which says nothing to a
+    user. Every process that joins the bus drops that one warning (once: a filter is added
+    once however often this runs)."""
+    logging.getLogger("asyncio").addFilter(_not_tls_eof)
 _QUOTED = re.compile(r'"([^"]+)"')
 
 
@@ -194,6 +206,7 @@ class Bus:
             else:
                 log.warning("NATS error for %s: %s", identity.agent_id, text)
 
+        _hush_tls_eof()
         options.setdefault("error_cb", on_error)
         options.setdefault("name", identity.agent_id)
         options.setdefault("max_reconnect_attempts", -1)
@@ -224,17 +237,35 @@ class Bus:
         Inside a span, the envelope carries that span's trace context (so the receiver's
         span is its child); otherwise ``trace``.
         """
-        trace = current_traceparent() or trace
-        envelope, data = self.codec.seal(
+        envelope, data = self.seal(
+            subject, body, workflow=workflow, causation=causation, trace=trace
+        )
+        await self.send(subject, data)
+        return envelope
+
+    def seal(
+        self,
+        subject: str,
+        body: msgspec.Struct,
+        *,
+        workflow: str = "",
+        causation: str = "",
+        trace: str = "",
+    ) -> tuple[Envelope, bytes]:
+        """Sign ``body`` for ``subject`` as `publish` does, without sending it; `send` sends
+        the bytes. For a message whose signing should not wait for the moment it goes out."""
+        return self.codec.seal(
             self.identity,
             subject=subject,
             body=body,
             workflow=workflow,
             causation=causation,
-            trace=trace,
+            trace=current_traceparent() or trace,
         )
+
+    async def send(self, subject: str, data: bytes) -> None:
+        """Publish bytes sealed by `seal` for ``subject``."""
         await self.nc.publish(subject, data)
-        return envelope
 
     async def respond(self, to: Delivery, body: msgspec.Struct) -> Envelope:
         """Answer a request ``to`` on its reply subject."""

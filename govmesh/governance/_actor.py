@@ -17,8 +17,8 @@ from govmesh.config import Deployment
 from govmesh.errors import PolicyError, SecurityError
 from govmesh.forecasting._reservations import INTERRUPT_TOOL, BudgetCaps, ReservationBook
 from govmesh.governance._approvals import Answer, ApprovalRecord, ApprovalStore, expiry_answer
-from govmesh.governance._decider import Decider, FirstDecision, amount_of
-from govmesh.governance._evaluator import Intent, intent_hash
+from govmesh.governance._decider import Decider, FirstDecision, amount_of, first_decision
+from govmesh.governance._evaluator import Intent, Verdict, intent_hash
 from govmesh.governance._policy import PolicySet
 from govmesh.governance._replay import (
     PolicySource,
@@ -34,7 +34,7 @@ from govmesh.governance.messages import (
 )
 from govmesh.identity import Claims, Identity
 from govmesh.observability._metrics import record_decision
-from govmesh.observability._tracing import span
+from govmesh.observability._tracing import current_traceparent, span
 from govmesh.runtime._resp import RespConnection
 from govmesh.service import Service, being_cancelled
 
@@ -193,7 +193,7 @@ class GovernanceService(Service):
                 intent, request.reflections, time.time(), call_id=request.intent_id, commit=()
             )
             assert not isinstance(decided, FirstDecision)  # only with a first_key
-            verdict, _ = decided
+            verdict = decided.verdict
             if verdict.outcome == "escalate":
                 continue
             answer = Answer(
@@ -275,6 +275,17 @@ class GovernanceService(Service):
             step=body.step,
         )
         ihash = intent_hash(intent)
+        subject = self.subjects.decision(workflow)
+        # The handler's span context, which the decision carries however it is sent.
+        trace = current_traceparent() or d.envelope.trace
+
+        def seal(verdict: Verdict, request: ApprovalRequest | None) -> bytes:
+            # Signed while the decision is being written: it goes out as soon as it stands.
+            decision = self._decision(d, ihash, first_decision(d.envelope.id, verdict, request))
+            return self.bus.seal(
+                subject, decision, workflow=workflow, causation=d.envelope.id, trace=trace
+            )[1]
+
         started = time.perf_counter()
         with span(
             "govmesh.decide",
@@ -293,8 +304,9 @@ class GovernanceService(Service):
                 commit=("allow",),
                 first_key=self.key("intent", ihash),
                 trace=d.envelope.trace,
+                seal=seal,
             )
-            stands = decided if isinstance(decided, FirstDecision) else decided[0]
+            stands = decided if isinstance(decided, FirstDecision) else decided.verdict
             deciding.set_attributes(
                 {
                     "govmesh.decision.outcome": stands.outcome,
@@ -304,34 +316,36 @@ class GovernanceService(Service):
             )
         if isinstance(decided, FirstDecision):
             decision = await self._answer_again(decided, d, ihash)
+            data = self.bus.seal(
+                subject, decision, workflow=workflow, causation=d.envelope.id, trace=trace
+            )[1]
         else:
-            verdict, request = decided
+            verdict, request, sealed = decided
             self.decided[verdict.outcome] += 1
             record_decision(verdict.outcome, source="policy", started=started)
             if request is not None:
                 # Stored with the record, before it is announced, so an answer can never
                 # arrive for an unknown request.
                 await self._announce(request, causation=d.envelope.id)
-            decision = Decision(
-                intent_id=d.envelope.id,
-                intent_hash=ihash,
-                workflow=workflow,
-                agent=intent.agent,
-                outcome=verdict.outcome,
-                reasons=verdict.reasons,
-                obligations=verdict.obligations,
-                policy_hash=verdict.policy_hash,
-                expires_at=time.time() + self._decision_ttl_s,
-                final=verdict.outcome != "escalate",
-                approval_id="" if request is None else request.approval_id,
-                approval_expires_at=0.0 if request is None else request.expires_at,
-            )
-        await self.bus.publish(
-            self.subjects.decision(workflow),
-            decision,
-            workflow=workflow,
-            causation=d.envelope.id,
-            trace=d.envelope.trace,
+            data = sealed if sealed is not None else seal(verdict, request)
+        await self.bus.send(subject, data)
+
+    def _decision(self, d: Delivery, ihash: str, stands: FirstDecision) -> Decision:
+        """The signed answer to the intent ``d`` (whose hash is ``ihash``): the decision that
+        stands on it, fresh or kept from the first time it was asked."""
+        return Decision(
+            intent_id=d.envelope.id,
+            intent_hash=ihash,
+            workflow=d.envelope.workflow,
+            agent=d.claims.sub,
+            outcome=stands.outcome,
+            reasons=stands.reasons,
+            obligations=stands.obligations,
+            policy_hash=stands.policy_hash,
+            expires_at=time.time() + self._decision_ttl_s,
+            final=stands.outcome != "escalate",
+            approval_id=stands.approval_id,
+            approval_expires_at=stands.approval_expires_at,
         )
 
     async def _announce(self, request: ApprovalRequest, *, causation: str) -> None:
@@ -352,20 +366,7 @@ class GovernanceService(Service):
         first announcement may be what was lost).
         """
         self.decided["repeated"] += 1
-        decision = Decision(
-            intent_id=d.envelope.id,
-            intent_hash=ihash,
-            workflow=d.envelope.workflow,
-            agent=d.claims.sub,
-            outcome=first.outcome,
-            reasons=first.reasons,
-            obligations=first.obligations,
-            policy_hash=first.policy_hash,
-            expires_at=time.time() + self._decision_ttl_s,
-            final=first.outcome != "escalate",
-            approval_id=first.approval_id,
-            approval_expires_at=first.approval_expires_at,
-        )
+        decision = self._decision(d, ihash, first)
         if not first.approval_id:
             return decision
         settled = await self.approvals.done(first.approval_id)
@@ -407,7 +408,7 @@ class GovernanceService(Service):
         outcome, reasons = (
             (decided.outcome, decided.reasons)
             if isinstance(decided, FirstDecision)
-            else (decided[0].outcome, decided[0].reasons)
+            else (decided.verdict.outcome, decided.verdict.reasons)
         )
         if outcome == "deny":
             return False, ("no longer within policy: " + "; ".join(reasons),)

@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Hashable
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 import msgspec
 
@@ -40,7 +40,7 @@ from govmesh.governance._replay import (
 from govmesh.governance.messages import ApprovalRequest, Outcome
 from govmesh.runtime._resp import RespConnection
 
-__all__ = ["Decided", "Decider", "FirstDecision"]
+__all__ = ["Decided", "Decider", "FirstDecision", "Fresh", "Seal"]
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +158,21 @@ class FirstDecision(msgspec.Struct, frozen=True, kw_only=True):
     approval_expires_at: float = 0.0
 
 
-Decided = tuple[Verdict, ApprovalRequest | None] | FirstDecision
-"""A verdict and, for a recorded escalation, the approval request now pending; or the first
-decision on an intent decided before, and nothing was committed or recorded."""
+class Fresh(NamedTuple):
+    """A decision made and written now."""
+
+    verdict: Verdict
+    request: ApprovalRequest | None
+    """For a recorded escalation, the approval request now pending."""
+    sealed: Any = None
+    """What `Decider.decide`'s ``seal`` made of this decision while it was being written."""
+
+
+Decided = Fresh | FirstDecision
+"""A decision made and written now; or the first decision on an intent decided before, and
+nothing was committed or recorded."""
+
+Seal = Callable[[Verdict, ApprovalRequest | None], Any]
 
 _K = TypeVar("_K", bound=Hashable)
 _V = TypeVar("_V")
@@ -250,6 +262,7 @@ class _Job:
     first_key: str
     record: bool
     trace: str
+    seal: Seal | None
     future: asyncio.Future[Decided]
     attempts: int = 0
     seen: tuple[float, float, int] | None = None
@@ -266,6 +279,7 @@ class _Sent:
     request: ApprovalRequest | None
     figures: Figures
     texts_of: str
+    sealed: Any = None
 
 
 class _Running:
@@ -333,6 +347,7 @@ class Decider:
         first_key: str = "",
         record: bool = True,
         trace: str = "",
+        seal: Seal | None = None,
     ) -> Decided:
         """Decide ``intent`` on figures that hold when the decision is written, and write it
         in one atomic step with the decisions of its group.
@@ -350,6 +365,11 @@ class Decider:
                 escalation's approval request: an intent's first decision. Without, only the
                 outcome is kept (an approved escalation decided again once per approval).
             trace: the workflow's trace context, kept with an approval request.
+            seal: called with the verdict and approval request while the decision is being
+                written, so work that only the outcome waits for (signing the answer) is not
+                left until after the round trip; its result is `Fresh.sealed`, and it is
+                thrown away when the decision is not the one written. An error in it is
+                logged and leaves `Fresh.sealed` None.
 
         Raises:
             RedisError: the group's round trip failed; nothing of this decision was written.
@@ -368,6 +388,7 @@ class Decider:
                 first_key=first_key,
                 record=record,
                 trace=trace,
+                seal=seal,
                 future=future,
             )
         )
@@ -443,7 +464,15 @@ class Decider:
             sent.append(item)
         self.round_trips += 1
         self.attempts += len(group)
-        replies = await self._script(keys=keys, args=args)
+        sending = self._script.send(keys=keys, args=args)
+        for item in sent:
+            job = item.job
+            if job.seal is not None and not job.future.done():
+                try:
+                    item.sealed = job.seal(item.verdict, item.request)
+                except Exception:
+                    log.exception("sealing the decision on %s failed", job.call_id)
+        replies = await sending
         again: list[_Job] = []
         for item, reply in zip(sent, replies, strict=True):
             job = item.job
@@ -458,7 +487,7 @@ class Decider:
                 if item.texts_of:
                     self._recorded_versions.add(item.texts_of)
                 if not job.future.done():
-                    job.future.set_result((item.verdict, item.request))
+                    job.future.set_result(Fresh(item.verdict, item.request, item.sealed))
             else:
                 job.attempts += 1
                 job.seen = figures

@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, Final, cast
 
 import hiredis
@@ -158,6 +158,15 @@ class RespConnection:
         protocol = await self._connected()
         return await self._send(protocol, args)
 
+    def send(self, *args: Arg) -> Awaitable[Any]:
+        """Like `call`, but the command is written before this returns when the connection is
+        open, so the caller can work while the reply is on its way; await the result for the
+        reply."""
+        protocol = self._protocol
+        if protocol is not None and protocol.lost is None and protocol.transport is not None:
+            return self._send(protocol, args)
+        return self.call(*args)
+
     def script(self, text: str) -> RespScript:
         """A Lua script to run by its hash, loaded into the server when it is missing."""
         return RespScript(self, text)
@@ -181,8 +190,18 @@ class RespScript:
 
     async def __call__(self, *, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         """Run the script on ``keys`` and ``args`` and return its reply."""
+        return await self.send(keys=keys, args=args)
+
+    def send(self, *, keys: Sequence[Arg], args: Sequence[Arg]) -> Awaitable[Any]:
+        """Run the script, written at once as `RespConnection.send` writes; await the result
+        for the reply."""
+        return self._finish(
+            self._connection.send("EVALSHA", self.sha, len(keys), *keys, *args), keys, args
+        )
+
+    async def _finish(self, sent: Awaitable[Any], keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         try:
-            return await self._connection.call("EVALSHA", self.sha, len(keys), *keys, *args)
+            return await sent
         except ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
