@@ -19,7 +19,7 @@ from govmesh.config import Deployment
 from govmesh.identity import Identity
 from govmesh.observability._telemetry import configure_telemetry
 
-__all__ = ["Service", "ServiceActor", "being_cancelled"]
+__all__ = ["Service", "ServiceActor", "being_cancelled", "raise_if_cancelled"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,19 @@ def being_cancelled() -> bool:
     """
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def raise_if_cancelled() -> None:
+    """Raise `asyncio.CancelledError` if the running task has been asked to stop.
+
+    Background loops call it once a turn, because a cancellation can also vanish inside a
+    client library: on Python 3.11, `asyncio.wait_for` returns the awaited result instead
+    of raising when the cancellation lands just as that result arrives, and redis-py sends
+    every command through it (its ``socket_timeout``). The command then returns normally,
+    the loop's next sleep is no longer cancelled, and the loop would run forever.
+    """
+    if being_cancelled():
+        raise asyncio.CancelledError
 
 
 class Service:

@@ -4,6 +4,7 @@ deployment's (simulated) clock, through restarts of the state actor and of Redis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -147,3 +148,30 @@ async def test_a_timer_taken_by_a_dead_state_actor_fires_again(redis_server, pre
         assert await store.take_due(time.time()) == [] and await store.pending() == []
     finally:
         await redis.aclose()
+
+
+async def test_the_state_actor_closes_when_a_redis_call_swallows_its_timer_loops_cancellation(
+    nats_server, redis_server, monkeypatch: pytest.MonkeyPatch, prefix: str
+) -> None:
+    dep, issuer = deployment(nats_server.url, redis_server.url, prefix)
+    state = StateService(dep, issuer.identity("state-1", "state"))
+    await state.start()
+    take_due = state.timers.take_due
+    taking = asyncio.Event()
+
+    async def take_due_swallowing_a_cancellation(now: float, **options: int) -> list[Timer]:
+        # The first call waits until close() cancels the ticker, then returns normally, as
+        # redis-py's send does on Python 3.11 when the cancellation lands just as the
+        # command's result arrives (`asyncio.wait_for`).
+        due = await take_due(now, **options)
+        if not taking.is_set():
+            taking.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+        return due
+
+    monkeypatch.setattr(state.timers, "take_due", take_due_swallowing_a_cancellation)
+    try:
+        await asyncio.wait_for(taking.wait(), 30)
+    finally:
+        await asyncio.wait_for(state.close(), 30)

@@ -30,7 +30,7 @@ from govmesh.forecasting.messages import (
 from govmesh.governance._approvals import ApprovalStore
 from govmesh.governance.messages import ApprovalRequest
 from govmesh.identity import Identity
-from govmesh.service import Service, being_cancelled
+from govmesh.service import Service, being_cancelled, raise_if_cancelled
 
 __all__ = ["BudgetService", "workflow_spend_keys"]
 
@@ -140,6 +140,7 @@ class BudgetService(Service):
 
     async def _sweep_lapsed(self) -> None:
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(self._sweep_interval_s)
             try:
                 self.lapsed += await self.book.settle_lapsed()

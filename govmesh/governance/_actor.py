@@ -36,7 +36,7 @@ from govmesh.identity import Claims, Identity
 from govmesh.observability._metrics import record_decision
 from govmesh.observability._tracing import current_traceparent, span
 from govmesh.runtime._resp import RespConnection
-from govmesh.service import Service, being_cancelled
+from govmesh.service import Service, being_cancelled, raise_if_cancelled
 
 __all__ = ["OPERATOR_ROLE", "GovernanceService"]
 
@@ -163,6 +163,7 @@ class GovernanceService(Service):
 
     async def _watch_policies(self) -> None:
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(self._reload_interval_s)
             if self.reload_if_changed():
                 try:
@@ -545,6 +546,7 @@ class GovernanceService(Service):
         """Settle lapsed approvals with their policy's default, and take over abandoned
         claims; every governance actor sweeps, and the claim lets only one settle each."""
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(self._sweep_interval_s)
             try:
                 for approval_id in await self.approvals.due():

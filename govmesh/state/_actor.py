@@ -14,7 +14,7 @@ from govmesh.config import Deployment
 from govmesh.errors import BusError, ConfigError, StateError
 from govmesh.identity import Identity
 from govmesh.observability._tracing import span
-from govmesh.service import Service, being_cancelled
+from govmesh.service import Service, being_cancelled, raise_if_cancelled
 from govmesh.state._tiers import (
     ENV_STATE_KEYS,
     Keyring,
@@ -218,6 +218,7 @@ class StateService(Service):
                     raise
                 # Redis or NATS restarting: the timers wait in Redis; the next tick fires them.
                 log.warning("timers postponed: %s", exc)
+            raise_if_cancelled()
             await asyncio.sleep(self._tick_s)
 
     async def _on_query(self, d: Delivery) -> None:

@@ -22,7 +22,7 @@ from govmesh.governance.messages import Decision
 from govmesh.identity import Claims, Identity
 from govmesh.observability._metrics import TOOL_DURATION, measured
 from govmesh.observability._tracing import span
-from govmesh.service import Service, being_cancelled
+from govmesh.service import Service, being_cancelled, raise_if_cancelled
 from govmesh.tools._erp import ERP_CREATE_PO, SimulatedErp
 from govmesh.tools._ledger import LEASE_S, Entry, Ledger
 from govmesh.tools._registry import RegisteredTool, ToolContext, ToolRegistry
@@ -244,6 +244,7 @@ class GatewayService(Service):
     async def _keep_lease(self, key: str, call: str) -> None:
         """Renew the lease on ``key`` until cancelled (when the tool returns)."""
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(self.lease_s / 3)
             try:
                 until = time.time() + self.lease_s
