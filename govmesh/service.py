@@ -14,6 +14,7 @@ from typing import Any
 import ray
 import redis.asyncio as aioredis
 
+from govmesh._tasks import being_cancelled, raise_if_cancelled
 from govmesh.bus import Bus
 from govmesh.config import Deployment
 from govmesh.identity import Identity
@@ -22,30 +23,6 @@ from govmesh.observability._telemetry import configure_telemetry
 __all__ = ["Service", "ServiceActor", "being_cancelled", "raise_if_cancelled"]
 
 log = logging.getLogger(__name__)
-
-
-def being_cancelled() -> bool:
-    """Whether the running task has been asked to stop.
-
-    Background loops that survive Redis or NATS errors check it in their error handler:
-    a client library may turn a cancellation that lands mid-command into its own error, and
-    a loop that swallows that would never stop.
-    """
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-def raise_if_cancelled() -> None:
-    """Raise `asyncio.CancelledError` if the running task has been asked to stop.
-
-    Background loops call it once a turn, because a cancellation can also vanish inside a
-    client library: on Python 3.11, `asyncio.wait_for` returns the awaited result instead
-    of raising when the cancellation lands just as that result arrives, and redis-py sends
-    every command through it (its ``socket_timeout``). The command then returns normally,
-    the loop's next sleep is no longer cancelled, and the loop would run forever.
-    """
-    if being_cancelled():
-        raise asyncio.CancelledError
 
 
 class Service:

@@ -4,6 +4,7 @@ idempotent, show returns the causal tree, and verify names every edit of a chain
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import msgspec
@@ -314,6 +315,36 @@ async def test_consumer_keeps_storing_after_a_pull_ends_in_asyncios_timeout(
     finally:
         await consumer.close()
         await bus.close()
+        await nc.close()
+        await r.aclose()
+
+
+async def test_consumer_closes_when_a_pull_swallows_its_cancellation(
+    nats_server: NatsServer, redis_server: RedisServer, prefix: str
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    index, r = await _index(redis_server, prefix)
+    consumer = AuditConsumer(nc, index, tenant=prefix, batch=10)
+    try:
+        await consumer.start()
+        assert consumer._sub is not None
+        fetch, pulling = consumer._sub.fetch, asyncio.Event()
+
+        async def swallowing(*args, **kwargs):
+            # The first pull waits until close() cancels the loop, then ends as an empty
+            # pull does: how a cancellation landing inside `asyncio.wait_for` (which nats-py
+            # and redis-py use) can vanish on Python 3.11.
+            if not pulling.is_set():
+                pulling.set()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.Event().wait()
+                raise TimeoutError
+            return await fetch(*args, **kwargs)
+
+        consumer._sub.fetch = swallowing  # type: ignore[method-assign]
+        await asyncio.wait_for(pulling.wait(), 30)
+    finally:
+        await asyncio.wait_for(consumer.close(), 30)
         await nc.close()
         await r.aclose()
 

@@ -81,6 +81,8 @@ def _hush_tls_eof() -> None:
     user. Every process that joins the bus drops that one warning (once: a filter is added
     once however often this runs)."""
     logging.getLogger("asyncio").addFilter(_not_tls_eof)
+
+
 _QUOTED = re.compile(r'"([^"]+)"')
 
 

@@ -58,6 +58,7 @@ from nats.js.client import JetStreamContext
 
 # Submodules, not the package: the bus traces through govmesh.observability, and importing
 # the package from here would go round in a circle.
+from govmesh._tasks import raise_if_cancelled
 from govmesh.bus._codec import Codec
 from govmesh.bus._envelope import Envelope
 from govmesh.bus._stream import EVENT_STREAM, ensure_event_stream
@@ -934,6 +935,7 @@ class AuditConsumer:
         assert self._sub is not None
         due = time.monotonic() + self._checkpoint_every_s
         while True:
+            raise_if_cancelled()
             if time.monotonic() >= due:
                 await self._sign()
                 due = time.monotonic() + self._checkpoint_every_s
