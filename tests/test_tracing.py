@@ -229,3 +229,57 @@ async def test_procurement_records_tokens_cost_decisions_and_latencies(
     assert got.count(handled, {"govmesh.message.kind": "ToolCall"}) >= 1
     assert got.count(handled, {"govmesh.message.kind": "PurchaseOutcome"}) == 2
     assert got.total("govmesh.security.rejections") == 0
+
+
+async def test_each_decision_carries_its_own_intents_trace_when_decided_in_one_group(
+    spans, secure_nats, redis_server, prefix, tmp_path
+) -> None:
+    from govmesh.governance.messages import Decision, ToolIntent
+
+    transport, server = secure_nats
+    dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text((ROOT / "policies" / "procurement-agent-v2.yaml").read_text())
+    governance = GovernanceService(
+        dep, issuer.identity("governance-1", "governance"), policy_paths=[str(policy)]
+    )
+    agent = await Bus.connect(
+        dep,
+        issuer.identity(
+            "procurement-1", "Procurement-Agent-v2", capabilities=(ERP_CREATE_PO,), budget_usd=1e6
+        ),
+    )
+    traces: dict[str, str] = {}
+    decided: dict[str, str] = {}
+    all_in = asyncio.Event()
+
+    async def on_decision(d: Delivery) -> None:
+        decided[d.body.intent_id] = d.envelope.trace
+        if len(decided) == len(traces):
+            all_in.set()
+
+    try:
+        await governance.start()
+        await agent.subscribe(agent.subjects.all("decision"), on_decision, accepts=Decision)
+        await agent.flush()
+        for n in range(20):  # sent at once: later ones are decided in a group with earlier
+            trace_id = uuid.uuid4().hex
+            sent = await agent.publish(
+                agent.subjects.intent("procurement-1"),
+                ToolIntent(
+                    tool=ERP_CREATE_PO,
+                    args={"item": "monitors", "vendor": "Vendor_A", "amount_usd": 100.0 + n},
+                    step=1,
+                ),
+                workflow=f"wf-group-{n}",
+                trace=f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01",
+            )
+            traces[sent.id] = trace_id
+        await asyncio.wait_for(all_in.wait(), 30)
+    finally:
+        await agent.close()
+        await governance.close()
+
+    assert governance.decider.round_trips < len(traces)  # some were decided together
+    for intent_id, trace_id in traces.items():
+        assert decided[intent_id].split("-")[1] == trace_id, intent_id

@@ -239,24 +239,7 @@ class Bus:
         Inside a span, the envelope carries that span's trace context (so the receiver's
         span is its child); otherwise ``trace``.
         """
-        envelope, data = self.seal(
-            subject, body, workflow=workflow, causation=causation, trace=trace
-        )
-        await self.send(subject, data)
-        return envelope
-
-    def seal(
-        self,
-        subject: str,
-        body: msgspec.Struct,
-        *,
-        workflow: str = "",
-        causation: str = "",
-        trace: str = "",
-    ) -> tuple[Envelope, bytes]:
-        """Sign ``body`` for ``subject`` as `publish` does, without sending it; `send` sends
-        the bytes. For a message whose signing should not wait for the moment it goes out."""
-        return self.codec.seal(
+        envelope, data = self.codec.seal(
             self.identity,
             subject=subject,
             body=body,
@@ -264,9 +247,12 @@ class Bus:
             causation=causation,
             trace=current_traceparent() or trace,
         )
+        await self.send(subject, data)
+        return envelope
 
     async def send(self, subject: str, data: bytes) -> None:
-        """Publish bytes sealed by `seal` for ``subject``."""
+        """Publish a message sealed for ``subject`` already (`Codec.seal` with this member's
+        identity): for one signed before the moment it goes out."""
         await self.nc.publish(subject, data)
 
     async def respond(self, to: Delivery, body: msgspec.Struct) -> Envelope:

@@ -277,15 +277,23 @@ class GovernanceService(Service):
         )
         ihash = intent_hash(intent)
         subject = self.subjects.decision(workflow)
-        # The handler's span context, which the decision carries however it is sent.
+        # This handler's span context. The decision carries it wherever it is signed: the
+        # decider may call `seal` from the task of another intent of the same group.
         trace = current_traceparent() or d.envelope.trace
+
+        def sealed(decision: Decision) -> bytes:
+            return self.bus.codec.seal(
+                self.identity,
+                subject=subject,
+                body=decision,
+                workflow=workflow,
+                causation=d.envelope.id,
+                trace=trace,
+            )[1]
 
         def seal(verdict: Verdict, request: ApprovalRequest | None) -> bytes:
             # Signed while the decision is being written: it goes out as soon as it stands.
-            decision = self._decision(d, ihash, first_decision(d.envelope.id, verdict, request))
-            return self.bus.seal(
-                subject, decision, workflow=workflow, causation=d.envelope.id, trace=trace
-            )[1]
+            return sealed(self._decision(d, ihash, first_decision(d.envelope.id, verdict, request)))
 
         started = time.perf_counter()
         with span(
@@ -316,19 +324,16 @@ class GovernanceService(Service):
                 }
             )
         if isinstance(decided, FirstDecision):
-            decision = await self._answer_again(decided, d, ihash)
-            data = self.bus.seal(
-                subject, decision, workflow=workflow, causation=d.envelope.id, trace=trace
-            )[1]
+            data = sealed(await self._answer_again(decided, d, ihash))
         else:
-            verdict, request, sealed = decided
+            verdict, request, signed = decided
             self.decided[verdict.outcome] += 1
             record_decision(verdict.outcome, source="policy", started=started)
             if request is not None:
                 # Stored with the record, before it is announced, so an answer can never
                 # arrive for an unknown request.
                 await self._announce(request, causation=d.envelope.id)
-            data = sealed if sealed is not None else seal(verdict, request)
+            data = signed if signed is not None else seal(verdict, request)
         await self.bus.send(subject, data)
 
     def _decision(self, d: Delivery, ihash: str, stands: FirstDecision) -> Decision:

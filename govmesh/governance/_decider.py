@@ -368,8 +368,9 @@ class Decider:
             seal: called with the verdict and approval request while the decision is being
                 written, so work that only the outcome waits for (signing the answer) is not
                 left until after the round trip; its result is `Fresh.sealed`, and it is
-                thrown away when the decision is not the one written. An error in it is
-                logged and leaves `Fresh.sealed` None.
+                thrown away when the decision is not the one written. It may run in the task
+                of another intent of the group, so it must not read the caller's context (its
+                span, say). An error in it is logged and leaves `Fresh.sealed` None.
 
         Raises:
             RedisError: the group's round trip failed; nothing of this decision was written.
