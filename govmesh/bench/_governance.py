@@ -33,7 +33,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -429,6 +429,26 @@ def _serve_floor(
     uvloop.run(serve())
 
 
+async def _one_in_flight(
+    round_trip: Callable[[int], Awaitable[float]],
+    *,
+    first: int,
+    count: int,
+    tick: Progress,
+    phase: str,
+) -> list[float]:
+    """`_BUS_WARMUP` untimed round trips (numbered below ``first``), then ``count`` timed
+    ones numbered from ``first``, one at a time; returns their milliseconds."""
+    for n in range(_BUS_WARMUP):
+        await round_trip(first - 1 - n)
+    tick(phase, 0)
+    times: list[float] = []
+    for n in range(first, first + count):
+        times.append(await round_trip(n))
+        tick("", 1)
+    return times
+
+
 async def _floor(agent: Bus, *, intents: int, tick: Progress) -> dict[str, Any]:
     """One sealed intent in flight at a time, answered by the `_serve_floor` stand-ins on an
     inbox of the agent's, timed as `_phase` times a decision."""
@@ -450,7 +470,7 @@ async def _floor(agent: Bus, *, intents: int, tick: Progress) -> dict[str, Any]:
     answers = await agent.nc.subscribe(inbox, cb=on_answer)
     await agent.flush()
 
-    async def answered() -> float:
+    async def answered(_n: int) -> float:
         nonlocal waiter
         waiter = loop.create_future()
         started = time.perf_counter()
@@ -460,13 +480,13 @@ async def _floor(agent: Bus, *, intents: int, tick: Progress) -> dict[str, Any]:
     # One deadline for the phase, not a timer per intent, which would be measured too.
     try:
         async with asyncio.timeout(_BUS_TIMEOUT_S + intents * _BUS_TIMEOUT_S / 100):
-            for _ in range(_BUS_WARMUP):
-                await answered()
-            tick("bus floor: no signing, verifying or deciding", 0)
-            floor: list[float] = []
-            for _ in range(intents):
-                floor.append(await answered())
-                tick("", 1)
+            floor = await _one_in_flight(
+                answered,
+                first=0,
+                count=intents,
+                tick=tick,
+                phase="bus floor: no signing, verifying or deciding",
+            )
     finally:
         await answers.unsubscribe()
     return summarize(floor)
@@ -558,13 +578,9 @@ async def _phase(
         await agent.nc.publish(intent_subject, data)
         return (await arrived - started) * 1000
 
-    for n in range(_BUS_WARMUP):
-        await decide(first - 1 - n)
-    tick(f"bus ({label}): one intent in flight", 0)
-    quiet: list[float] = []
-    for n in range(first, first + intents):
-        quiet.append(await decide(n))
-        tick("", 1)
+    quiet = await _one_in_flight(
+        decide, first=first, count=intents, tick=tick, phase=f"bus ({label}): one intent in flight"
+    )
     tick(f"bus ({label}): {_WINDOW} in flight, {_ACTORS} actors", 0)
     loaded: list[float] = []
     queued = iter(range(first + intents, first + 2 * intents))
