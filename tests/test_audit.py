@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import msgspec
 import nats
@@ -62,6 +63,20 @@ def _notes(sender: Sender, workflow: str, n: int) -> list[bytes]:
 async def _index(redis_server: RedisServer, tenant: str) -> tuple[AuditIndex, aioredis.Redis]:
     r = aioredis.Redis.from_url(redis_server.url)
     return AuditIndex(r, prefix=key_prefix(tenant)), r
+
+
+@contextlib.asynccontextmanager
+async def _stream_and_index(
+    nats_server: NatsServer, redis_server: RedisServer, tenant: str
+) -> AsyncIterator[tuple[nats.NATS, AuditIndex]]:
+    """A plain NATS connection for a consumer and the tenant's index, closed afterwards."""
+    nc = await nats.connect(nats_server.url)
+    index, r = await _index(redis_server, tenant)
+    try:
+        yield nc, index
+    finally:
+        await nc.close()
+        await r.aclose()
 
 
 async def test_appending_the_same_event_twice_stores_it_once(
@@ -235,118 +250,111 @@ async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
     nats_server: NatsServer, redis_server: RedisServer, prefix: str
 ) -> None:
     dep, issuer = deployment(nats_server.url, redis_server.url, prefix)
-    nc = await nats.connect(nats_server.url)
-    index, r = await _index(redis_server, prefix)
-    bus = await Bus.connect(dep, issuer.identity("alice", "agent"), rotate=False)
-    consumer = AuditConsumer(nc, index, tenant=prefix, batch=10, ack_wait_s=1.0)
+    async with (
+        _stream_and_index(nats_server, redis_server, prefix) as (nc, index),
+        await Bus.connect(dep, issuer.identity("alice", "agent"), rotate=False) as bus,
+    ):
+        consumer = AuditConsumer(nc, index, tenant=prefix, batch=10, ack_wait_s=1.0)
 
-    async def stored(n: int) -> None:
-        deadline = time.monotonic() + 10
-        while len(await index.records("wf-js")) < n and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        async def stored(n: int) -> None:
+            deadline = time.monotonic() + 10
+            while len(await index.records("wf-js")) < n and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
 
-    try:
-        from govmesh.bus import ensure_event_stream
+        try:
+            from govmesh.bus import ensure_event_stream
 
-        await ensure_event_stream(nc)
-        for i in range(5):
-            await bus.publish(bus.subjects.msg("bob"), Note(n=i), workflow="wf-js")
-        await bus.flush()
-        await consumer.start()  # joins late: replays from the start of the stream
-        await stored(5)
-        await consumer.close()
-        await consumer.close()
-        for i in range(5, 8):
-            await bus.publish(bus.subjects.msg("bob"), Note(n=i), workflow="wf-js")
-        await bus.flush()
-        key = SigningKey()
-        consumer = AuditConsumer(
-            nc, index, tenant=prefix, batch=10, checkpoint_key=key, checkpoint_every_s=0.05
-        )  # resumes the durable consumer the first one made
-        await consumer.start()
-        await stored(8)
-        deadline = time.monotonic() + 10
-        while not consumer.checkpoints and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert consumer.checkpoints >= 1
-        records = await index.records("wf-js")
-        assert [rec.seq for rec in records] == list(range(1, 9))
-        assert {rec.sender for rec in records} == {"alice"}
-        report = await index.verify("wf-js", trusted=[key.public])
-        assert report.ok and report.checkpoint_ts > 0
-    finally:
-        await consumer.close()
-        await bus.close()
-        await nc.close()
-        await r.aclose()
+            await ensure_event_stream(nc)
+            for i in range(5):
+                await bus.publish(bus.subjects.msg("bob"), Note(n=i), workflow="wf-js")
+            await bus.flush()
+            await consumer.start()  # joins late: replays from the start of the stream
+            await stored(5)
+            await consumer.close()
+            await consumer.close()
+            for i in range(5, 8):
+                await bus.publish(bus.subjects.msg("bob"), Note(n=i), workflow="wf-js")
+            await bus.flush()
+            key = SigningKey()
+            consumer = AuditConsumer(
+                nc, index, tenant=prefix, batch=10, checkpoint_key=key, checkpoint_every_s=0.05
+            )  # resumes the durable consumer the first one made
+            await consumer.start()
+            await stored(8)
+            deadline = time.monotonic() + 10
+            while not consumer.checkpoints and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert consumer.checkpoints >= 1
+            records = await index.records("wf-js")
+            assert [rec.seq for rec in records] == list(range(1, 9))
+            assert {rec.sender for rec in records} == {"alice"}
+            report = await index.verify("wf-js", trusted=[key.public])
+            assert report.ok and report.checkpoint_ts > 0
+        finally:
+            await consumer.close()
 
 
 async def test_consumer_keeps_storing_after_a_pull_ends_in_asyncios_timeout(
     nats_server: NatsServer, redis_server: RedisServer, prefix: str
 ) -> None:
     dep, issuer = deployment(nats_server.url, redis_server.url, prefix)
-    nc = await nats.connect(nats_server.url)
-    index, r = await _index(redis_server, prefix)
-    bus = await Bus.connect(dep, issuer.identity("alice", "agent"), rotate=False)
-    consumer = AuditConsumer(nc, index, tenant=prefix, batch=10)
-    try:
-        await consumer.start()
-        assert consumer._sub is not None
-        fetch, timeouts = consumer._sub.fetch, 0
+    async with (
+        _stream_and_index(nats_server, redis_server, prefix) as (nc, index),
+        await Bus.connect(dep, issuer.identity("alice", "agent"), rotate=False) as bus,
+    ):
+        consumer = AuditConsumer(nc, index, tenant=prefix, batch=10)
+        try:
+            await consumer.start()
+            assert consumer._sub is not None
+            fetch, timeouts = consumer._sub.fetch, 0
 
-        async def late(*args, **kwargs):
-            # nats-py raises asyncio's TimeoutError, not its own, when the deadline passes
-            # between its two pulls.
-            nonlocal timeouts
-            if timeouts < 3:
-                timeouts += 1
-                raise TimeoutError
-            return await fetch(*args, **kwargs)
+            async def late(*args, **kwargs):
+                # nats-py raises asyncio's TimeoutError, not its own, when the deadline passes
+                # between its two pulls.
+                nonlocal timeouts
+                if timeouts < 3:
+                    timeouts += 1
+                    raise TimeoutError
+                return await fetch(*args, **kwargs)
 
-        consumer._sub.fetch = late  # type: ignore[method-assign]
-        for i in range(4):
-            await bus.publish(bus.subjects.msg("bob"), Note(n=i), workflow="wf-late")
-        await bus.flush()
-        deadline = time.monotonic() + 10
-        while len(await index.records("wf-late")) < 4 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert timeouts == 3
-        assert [rec.seq for rec in await index.records("wf-late")] == [1, 2, 3, 4]
-    finally:
-        await consumer.close()
-        await bus.close()
-        await nc.close()
-        await r.aclose()
+            consumer._sub.fetch = late  # type: ignore[method-assign]
+            for i in range(4):
+                await bus.publish(bus.subjects.msg("bob"), Note(n=i), workflow="wf-late")
+            await bus.flush()
+            deadline = time.monotonic() + 10
+            while len(await index.records("wf-late")) < 4 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert timeouts == 3
+            assert [rec.seq for rec in await index.records("wf-late")] == [1, 2, 3, 4]
+        finally:
+            await consumer.close()
 
 
 async def test_consumer_closes_when_a_pull_swallows_its_cancellation(
     nats_server: NatsServer, redis_server: RedisServer, prefix: str
 ) -> None:
-    nc = await nats.connect(nats_server.url)
-    index, r = await _index(redis_server, prefix)
-    consumer = AuditConsumer(nc, index, tenant=prefix, batch=10)
-    try:
-        await consumer.start()
-        assert consumer._sub is not None
-        fetch, pulling = consumer._sub.fetch, asyncio.Event()
+    async with _stream_and_index(nats_server, redis_server, prefix) as (nc, index):
+        consumer = AuditConsumer(nc, index, tenant=prefix, batch=10)
+        try:
+            await consumer.start()
+            assert consumer._sub is not None
+            fetch, pulling = consumer._sub.fetch, asyncio.Event()
 
-        async def swallowing(*args, **kwargs):
-            # The first pull waits until close() cancels the loop, then ends as an empty
-            # pull does: how a cancellation landing inside `asyncio.wait_for` (which nats-py
-            # and redis-py use) can vanish on Python 3.11.
-            if not pulling.is_set():
-                pulling.set()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.Event().wait()
-                raise TimeoutError
-            return await fetch(*args, **kwargs)
+            async def swallowing(*args, **kwargs):
+                # The first pull waits until close() cancels the loop, then ends as an empty
+                # pull does: how a cancellation landing inside `asyncio.wait_for` (which nats-py
+                # and redis-py use) can vanish on Python 3.11.
+                if not pulling.is_set():
+                    pulling.set()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.Event().wait()
+                    raise TimeoutError
+                return await fetch(*args, **kwargs)
 
-        consumer._sub.fetch = swallowing  # type: ignore[method-assign]
-        await asyncio.wait_for(pulling.wait(), 30)
-    finally:
-        await asyncio.wait_for(consumer.close(), 30)
-        await nc.close()
-        await r.aclose()
+            consumer._sub.fetch = swallowing  # type: ignore[method-assign]
+            await asyncio.wait_for(pulling.wait(), 30)
+        finally:
+            await asyncio.wait_for(consumer.close(), 30)
 
 
 async def test_bench_audit_fills_the_index_and_reports_against_its_baseline() -> None:
