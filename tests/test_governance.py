@@ -356,6 +356,35 @@ async def _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, po
             await actor.close()
 
 
+async def test_an_escalation_is_sent_before_its_approval_request_is_announced(
+    tmp_path, secure_nats, redis_server, prefix
+) -> None:
+    # The agent waits for the decision, not for the announcement: the decision goes on the
+    # wire first.
+    async with _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, SEED) as (
+        agent,
+        decisions,
+        actors,
+        _,
+    ):
+        published: list[str] = []
+        for actor in actors:
+            publish = actor.bus.nc.publish
+
+            async def recorded(subject, *args, _publish=publish, **kwargs):
+                published.append(subject.split(".")[-2])
+                return await _publish(subject, *args, **kwargs)
+
+            actor.bus.nc.publish = recorded
+        await _intent(agent, "wf-order", 7000.0)  # over 5,000: escalates
+        escalated = await asyncio.wait_for(decisions.get(), 10)
+        deadline = time.monotonic() + 10
+        while len(published) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    assert escalated.outcome == "escalate"
+    assert published == ["decision", "approval"]
+
+
 async def test_an_approval_cannot_spend_what_the_workflow_no_longer_has(
     tmp_path, secure_nats, redis_server, prefix
 ) -> None:

@@ -324,17 +324,20 @@ class GovernanceService(Service):
                 }
             )
         if isinstance(decided, FirstDecision):
-            data = sealed(await self._answer_again(decided, d, ihash))
-        else:
-            verdict, request, signed = decided
-            self.decided[verdict.outcome] += 1
-            record_decision(verdict.outcome, source="policy", started=started)
-            if request is not None:
-                # Stored with the record, before it is announced, so an answer can never
-                # arrive for an unknown request.
-                await self._announce(request, causation=d.envelope.id)
-            data = signed if signed is not None else seal(verdict, request)
-        await self.bus.send(subject, data)
+            await self.bus.send(subject, sealed(await self._answer_again(decided, d, ihash)))
+            return
+        verdict, request, signed = decided
+        await self.bus.send(subject, signed if signed is not None else seal(verdict, request))
+        # The connection's writer task puts the decision on the wire once this task yields:
+        # yield now, so the counting and the announcement below do not hold the agent up.
+        await asyncio.sleep(0)
+        self.decided[verdict.outcome] += 1
+        record_decision(verdict.outcome, source="policy", started=started)
+        if request is not None:
+            # Stored with the record before either message, so an answer can never arrive for
+            # an unknown request; an announcement lost to a crash here is made again when the
+            # agent asks again (`_answer_again`).
+            await self._announce(request, causation=d.envelope.id)
 
     def _decision(self, d: Delivery, ihash: str, stands: FirstDecision) -> Decision:
         """The signed answer to the intent ``d`` (whose hash is ``ihash``): the decision that
