@@ -157,8 +157,20 @@ def _start_telemetry(choice: str) -> None:
     help="Where spans and metrics go: where the OTEL_* environment says (OTLP when "
     "OTEL_EXPORTER_OTLP_ENDPOINT is set, else nowhere), to stderr, or nowhere.",
 )
-def cli(verbose: int, telemetry: str) -> None:
+@click.option(
+    "--low-latency",
+    type=click.Choice(["auto", "on", "off"]),
+    default=None,
+    help="Hold this machine's CPUs awake while services run, so a message wakes its "
+    "receiver without waiting for a halted CPU; idle CPUs then spin. auto: where this user "
+    "may (root, or write access to /dev/cpu_dma_latency); on: required; off: never. "
+    "Default: $GOVMESH_LOW_LATENCY, else auto.",
+)
+def cli(verbose: int, telemetry: str, low_latency: str | None) -> None:
     """govmesh: governed multi-agent workflow automation."""
+    if low_latency is not None:
+        # Through the environment, so every Runtime and benchmark of this command follows.
+        os.environ["GOVMESH_LOW_LATENCY"] = low_latency
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
@@ -184,6 +196,7 @@ def up() -> None:
             out.print(f"GOVMESH_REDIS_URL={rt.redis_url}")
             if rt.ray_address:
                 out.print(f"RAY_ADDRESS={rt.ray_address}")
+            console.print(f"[dim]low latency ({rt.low_latency.mode}): {rt.low_latency.detail}[/]")
             console.print("[green]govmesh services are up[/]; Ctrl-C stops them")
             await asyncio.Event().wait()
 
@@ -595,7 +608,7 @@ def bench_governance(decisions: int, intents: int, json_path: Path | None) -> No
 
     with _progress(auto_refresh=False) as progress:
         timed = decisions // 100 * 100
-        task = progress.add_task("governance", total=3 * timed + 5 * intents)
+        task = progress.add_task("governance", total=3 * timed + 10 * intents)
         tick = _phase_ticker(progress, task)
 
         report = _run(run_governance_bench(decisions=decisions, intents=intents, tick=tick))
@@ -662,7 +675,17 @@ def bench_governance(decisions: int, intents: int, json_path: Path | None) -> No
         f"{one['bus_ms']['p99']:.3f}",
     )
     row("one process: decisions/s", f"{one['decisions_per_s']:,.0f}")
+    halting = report.get("without_low_latency")
+    if halting is not None:
+        for measure, key in (
+            ("idle CPUs halting: bus, ms", "bus_ms"),
+            ("idle CPUs halting: bus floor, ms", "floor_ms"),
+        ):
+            row(measure, f"{halting[key]['p50']:.3f}", f"{halting[key]['p99']:.3f}")
+        row("idle CPUs halting: decisions/s", f"{halting['decisions_per_s']:,.0f}")
     out.print(table)
+    held = report["low_latency"]
+    console.print(f"[dim]low latency ({held['mode']}): {held['detail']}[/]")
     console.print(f"[dim]{report['process_layout']}; event loop {report['event_loop']}[/]")
     _write_json(json_path, report)
 

@@ -84,6 +84,19 @@ def test_bench_governance_decides_in_process_against_cedar_and_over_the_bus(
         assert sum(shares) == 2 * 40 + report["bus_warmup"] // 2
     assert set(report["met"]) == set(report["targets"])
     assert "speedup vs cedarpy" in proc.stdout
+    # Measured in low-latency mode where this machine allows it, and then again without.
+    held = report["low_latency"]
+    assert held["mode"] == "auto"
+    assert f"low latency (auto): {held['detail']}" in " ".join(proc.stderr.split())
+    if held["held"]:
+        assert held["cpu_latency_us_in_force"] == 0
+        halting = report["without_low_latency"]
+        for key in ("bus_ms", "bus_loaded_ms", "floor_ms", "one_process_bus_ms"):
+            assert 0 < halting[key]["p50"] <= halting[key]["p99"], key
+        assert halting["decisions_per_s"] > 0
+        assert "idle CPUs halting: bus, ms" in proc.stdout
+    else:
+        assert "without_low_latency" not in report
 
 
 def test_bench_state_writes_and_rehydrates_over_the_bus_beside_raw_redis(tmp_path: Path) -> None:

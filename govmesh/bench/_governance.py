@@ -17,6 +17,11 @@ Four measurements, each with its baseline in the same process and run:
 - beneath that, what one wake-up of another process costs on this machine: a 64-byte round
   trip between two processes on one core and on two (``wake_ms``).
 
+The bus is measured as a deployment runs it, in low-latency mode where the machine allows
+(idle CPUs held awake, see `CpuLatencyHold`; ``low_latency`` says whether they were); when
+they were, the bus figures are measured again with idle CPUs halting
+(``without_low_latency``), in the same run.
+
 In-process figures are per decision: each sample times a batch of calls over a mix of allow,
 deny and escalate intents and divides, so the clock's own cost and resolution drop out.
 """
@@ -38,6 +43,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
 
+import msgspec
+
 from govmesh.bus import Bus, Delivery, Subjects
 from govmesh.config import Deployment
 from govmesh.errors import ConfigError
@@ -47,6 +54,7 @@ from govmesh.governance._policy import PolicySet, load_policies, parse_policy_te
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Identity, Issuer
 from govmesh.observability import summarize
+from govmesh.runtime._latency import CpuLatencyHold, current_cpu_latency_us
 
 __all__ = ["CEDAR_POLICY", "SEED_POLICY", "run_governance_bench"]
 
@@ -90,7 +98,8 @@ _CEDAR_NOTE: Final = (
     "the allow decided by policy1."
 )
 _PROCESS_LAYOUT: Final = (
-    "nats-server (mutual TLS) and the Redis-protocol server are child processes; the agent "
+    "nats-server (mutual TLS, one Go thread, as the runtime embeds it) and the "
+    "Redis-protocol server are child processes; the agent "
     "sending intents runs in the benchmark's process. bus_ms, bus_loaded_ms and "
     "decisions_per_s: each governance actor in a Python process of its own, as a Ray actor "
     "hosts it. floor_ms: the same layout, connections and message sizes, with stand-ins "
@@ -715,21 +724,45 @@ async def _on_bus(intents: int, tick: Progress) -> dict[str, Any]:
     return report
 
 
+_COMPARED: Final = ("bus_ms", "bus_loaded_ms", "decisions_per_s", "floor_ms", "bus_over_floor_ms")
+"""What ``without_low_latency`` repeats of the report."""
+
+
+def _latency_in_force() -> dict[str, Any]:
+    """The CPU latency bound this machine is under now, from any process's request."""
+    try:
+        return {"cpu_latency_us_in_force": current_cpu_latency_us()}
+    except OSError as exc:
+        return {"cpu_latency_us_in_force": None, "cpu_latency_unreadable": str(exc)}
+
+
 async def run_governance_bench(
     *,
     decisions: int = 100_000,
     intents: int = 2000,
+    low_latency: str | None = None,
     tick: Progress | None = None,
 ) -> dict[str, Any]:
     """Measure governance in process, against cedarpy, and over the bus; return the report.
+
+    The bus is measured as a deployment runs it: with this machine's CPUs held awake where
+    `low_latency` allows (see `CpuLatencyHold`). When they were, the bus is measured again
+    with idle CPUs halting, in the same run (``without_low_latency``).
 
     Args:
         decisions: timed decisions per in-process engine (seed, 100 policies, cedarpy),
             rounded down to whole batches of 100 (at least one).
         intents: intents over the bus in each phase (latency, then throughput).
-        tick: progress callback ``(phase name or "", completed decisions or intents)``.
+        low_latency: ``auto``, ``on`` or ``off``; default ``$GOVMESH_LOW_LATENCY``, else
+            ``auto``.
+        tick: progress callback ``(phase name or "", completed decisions or intents)``;
+            the bus phases come to ``10 * intents``, whether or not they run twice.
+
+    Raises:
+        ConfigError: `low_latency` is not a mode, or is ``on`` and cannot be held.
     """
     progress = tick or (lambda _s, _n: None)
+    hold = CpuLatencyHold(low_latency)
     loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
     report: dict[str, Any] = {
         "decisions": max(1, decisions // _BATCH) * _BATCH,
@@ -740,8 +773,19 @@ async def run_governance_bench(
         "process_layout": _PROCESS_LAYOUT,
     }
     report.update(_in_process(decisions, progress))
-    report["wake_ms"] = _wake_probe(progress)
-    report.update(await _on_bus(intents, progress))
+    with hold as state:
+        report["low_latency"] = {**msgspec.structs.asdict(state), **_latency_in_force()}
+        report["wake_ms"] = _wake_probe(progress)
+        report.update(await _on_bus(intents, progress))
+    if state.held:
+        halting: dict[str, Any] = {**_latency_in_force()}
+        halting["wake_ms"] = _wake_probe(progress)
+        bus = await _on_bus(intents, progress)
+        halting.update({key: bus[key] for key in _COMPARED})
+        halting["one_process_bus_ms"] = bus["one_process"]["bus_ms"]
+        report["without_low_latency"] = halting
+    else:
+        progress("", 5 * intents)
     report["targets"] = _TARGETS
     report["met"] = {
         "in_process_p50_us": report["in_process_us"]["p50"] <= _TARGETS["in_process_p50_us"],

@@ -8,6 +8,7 @@ from govmesh.runtime._home import (
     advertise,
     join,
 )
+from govmesh.runtime._latency import ENV_LOW_LATENCY, CpuLatencyHold, LowLatency
 from govmesh.runtime._nats import NatsServer, ServerTLS
 from govmesh.runtime._redis import RedisServer
 from govmesh.runtime._runtime import ENV_NATS_URL, ENV_RAY_ADDRESS, ENV_REDIS_URL, Runtime
@@ -22,6 +23,7 @@ from govmesh.runtime._transport import (
 
 __all__ = [
     "ENV_HOME",
+    "ENV_LOW_LATENCY",
     "ENV_NATS_CA",
     "ENV_NATS_CA_KEY",
     "ENV_NATS_CERT",
@@ -31,7 +33,9 @@ __all__ = [
     "ENV_REDIS_URL",
     "OPERATOR_MEMBER",
     "WATCH_MEMBER",
+    "CpuLatencyHold",
     "JoinedDeployment",
+    "LowLatency",
     "Member",
     "NatsServer",
     "RedisServer",

@@ -185,6 +185,7 @@ class NatsServer(EmbeddedServer):
         jetstream: bool = True,
         tls: ServerTLS | None = None,
         extra_config: str = "",
+        go_threads: int | None = 1,
     ) -> None:
         """Prepare, but do not start, a server.
 
@@ -194,11 +195,22 @@ class NatsServer(EmbeddedServer):
             tls: require mutual TLS with ``verify_and_map``; clients connect only with a
                 certificate whose subject DN is a user given to `authorize`.
             extra_config: top-level nats-server configuration appended to the generated file.
+            go_threads: threads running Go code at once (``GOMAXPROCS``). One by default:
+                the embedded server routes one machine's messages, and on one thread a
+                message passes from the connection that read it to the one that writes it
+                without waking another core (see README, "Governance speed"). None: Go's
+                default (every core), or ``$GOMAXPROCS`` when set.
+
+        Raises:
+            ConfigError: `go_threads` is less than 1.
         """
+        if go_threads is not None and go_threads < 1:
+            raise ConfigError(f"go_threads must be at least 1, got {go_threads!r}")
         super().__init__(workdir=workdir)
         self.jetstream = jetstream
         self.tls = tls
         self.extra_config = extra_config
+        self.go_threads = go_threads
         self._users: dict[str, Permissions] = {}
 
     @property
@@ -293,6 +305,9 @@ class NatsServer(EmbeddedServer):
             )
         )
         return [str(find_nats_server()), "-c", str(self.config_path)]
+
+    def _environ(self) -> dict[str, str]:
+        return {} if self.go_threads is None else {"GOMAXPROCS": str(self.go_threads)}
 
     def _is_ready(self) -> bool:
         # The log line alone can precede the listener by a hair; the connect alone can hit a

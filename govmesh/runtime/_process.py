@@ -36,7 +36,7 @@ import sys
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Final, Self
@@ -102,6 +102,7 @@ def spawn(
     cwd: Path | None = None,
     die_with_parent: bool = True,
     stdin: int | None = subprocess.DEVNULL,
+    environ: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a child process in its own session, stdout and stderr appended to `log_path`.
 
@@ -114,6 +115,7 @@ def spawn(
         cwd: working directory of the child.
         die_with_parent: have the kernel SIGKILL the child when the calling thread exits.
         stdin: what the child reads; ``subprocess.PIPE`` hands the caller the write end.
+        environ: variables set for the child on top of this process's environment.
 
     Raises:
         RuntimeStartError: the program cannot be executed.
@@ -128,6 +130,7 @@ def spawn(
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
+                env={**os.environ, **environ} if environ else None,
                 start_new_session=True,
                 preexec_fn=preexec,
             )
@@ -246,6 +249,10 @@ class EmbeddedServer(ABC):
     def _argv(self) -> list[str]:
         """Prepare files in `workdir` for `self.port` and return the command line."""
 
+    def _environ(self) -> dict[str, str]:
+        """Variables the server runs with on top of this process's environment."""
+        return {}
+
     @abstractmethod
     def _is_ready(self) -> bool:
         """Whether the server, just started, accepts clients; must not block for long."""
@@ -289,7 +296,7 @@ class EmbeddedServer(ABC):
     def _start_once(self, timeout: float) -> None:
         argv = self._argv()
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        proc = spawn(argv, log_path=self.log_path, cwd=self.workdir)
+        proc = spawn(argv, log_path=self.log_path, cwd=self.workdir, environ=self._environ())
         self._proc = proc
         register_atexit(self, self.stop)
         try:

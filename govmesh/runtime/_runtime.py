@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any, Final, TypeVar
 
 from govmesh.errors import ConfigError, RuntimeStartError
+from govmesh.runtime._latency import CpuLatencyHold, LowLatency
 from govmesh.runtime._nats import NatsServer
 from govmesh.runtime._process import Reaper, register_atexit, unregister_atexit
 from govmesh.runtime._redis import RedisServer
@@ -73,6 +74,11 @@ class Runtime:
     `transport` (``rt.transport.admit(...)``). With external NATS, `transport` comes from the
     operator's files (``GOVMESH_NATS_CA`` and friends, see `Transport`), or is None.
 
+    While it runs, the Runtime holds this machine's CPUs awake where it may (low-latency
+    mode, `CpuLatencyHold`): a message then wakes the process it is for without waiting for
+    a halted CPU. Other machines of a cluster get the same from their operating system's
+    tuning (tuned's latency-performance profile).
+
     Use ``async with Runtime() as rt:``. Entering blocks the event loop while the services
     start (a few seconds with Ray): the servers are spawned from the calling thread on
     purpose, because the kernel kills them when that thread exits, so enter a Runtime on a
@@ -100,6 +106,7 @@ class Runtime:
         start_ray: bool = True,
         ray_num_cpus: int | None = None,
         secure: bool = True,
+        low_latency: str | None = None,
     ) -> None:
         """Configure, but do not start, a Runtime.
 
@@ -111,12 +118,16 @@ class Runtime:
             ray_num_cpus: CPUs for a local Ray instance; default all of this machine's.
             secure: run the embedded nats-server with mutual TLS and per-role permissions;
                 False serves plain NATS to anyone on 127.0.0.1.
+            low_latency: hold this machine's CPUs awake while the Runtime runs (see
+                `CpuLatencyHold`): ``auto``, ``on`` or ``off``; default
+                ``$GOVMESH_LOW_LATENCY``, else ``auto``.
 
         Raises:
-            ConfigError: `ray_num_cpus` is less than 1.
+            ConfigError: `ray_num_cpus` is less than 1, or `low_latency` is not a mode.
         """
         if ray_num_cpus is not None and ray_num_cpus < 1:
             raise ConfigError(f"ray_num_cpus must be at least 1, got {ray_num_cpus!r}")
+        self._hold = CpuLatencyHold(low_latency)
         self._workdir_option = workdir
         self._start_ray = start_ray
         self._secure = secure
@@ -132,6 +143,11 @@ class Runtime:
         self.nats_server: NatsServer | None = None
         self.transport: Transport | None = None
         self.redis_server: RedisServer | None = None
+
+    @property
+    def low_latency(self) -> LowLatency:
+        """Whether this Runtime holds the machine's CPUs awake now, and why (not)."""
+        return self._hold.state
 
     @property
     def nats_url(self) -> str:
@@ -206,6 +222,8 @@ class Runtime:
                     ENV_NATS_CA,
                 )
         workdir = self._make_workdir()
+        self._hold.acquire()
+        self._stack.callback(self._hold.release)
 
         if nats_url is None:
             if self._secure:
@@ -227,11 +245,12 @@ class Runtime:
         if self._start_ray:
             self._start_or_join_ray(workdir)
         log.info(
-            "runtime ready: nats %s, redis %s, ray %s (embedded: %s)",
+            "runtime ready: nats %s, redis %s, ray %s (embedded: %s); low latency %s",
             self._nats_url,
             self._redis_url,
             self.ray_address,
             ", ".join(name for name, own in self.embedded.items() if own) or "none",
+            self.low_latency.detail,
         )
 
     def _make_workdir(self) -> Path:
