@@ -45,6 +45,8 @@ async def test_a_run_struck_by_every_kind_of_failure_finishes_every_workflow_onc
     # The audit index lost nothing through the strikes: it caught up with every event.
     audit = run["audit"]
     assert audit["caught_up"] and audit["intact"], audit
+    assert run["runtime"]["embedded"]["nats"] and run["runtime"]["embedded"]["redis"]
+    assert set(run["runtime"]["low_latency"]) == {"mode", "held", "detail"}
     assert not run_dir(run["run_id"]).exists()  # finished: nothing left to resume
 
 

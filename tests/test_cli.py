@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from govmesh.runtime._latency import CPU_LATENCY_DEVICE, low_latency_mode
+
 from _procs import processes_using, processes_with_marker, wait_until_gone
 
 ROOT = Path(__file__).parent.parent
@@ -83,6 +85,9 @@ def test_run_reports_all_outcomes_and_leaves_nothing_running(tmp_path: Path) -> 
     assert report["tokens"] > 0 and report["cost_usd"] > 0
     assert report["model"]["simulated"] is True
     assert report["runtime"]["embedded"] == {"nats": True, "redis": True, "ray": True}
+    held = report["runtime"]["low_latency"]
+    assert held["mode"] == low_latency_mode()
+    assert held["held"] == (held["mode"] != "off" and os.access(CPU_LATENCY_DEVICE, os.W_OK))
     assert "workflows finished" in stdout
     assert wait_until_gone(mark, directory=session, timeout=60) == []
 

@@ -285,6 +285,7 @@ async def run_chaos(
         counted = await effects_and_approvals(
             up.deployment.redis_url, up.deployment.key_prefix, finished
         )
+        report["runtime"] = up.describe()
         phase("stopping")
     finish_run(report)
     return {

@@ -599,6 +599,15 @@ class Deployed:
     keyring: Keyring
     manifest: RunManifest
 
+    def describe(self) -> dict[str, Any]:
+        """What a run's report says of its runtime: which services it embeds, whether the
+        bus is mutual TLS, and whether the CPUs were held awake."""
+        return {
+            "embedded": self.runtime.embedded,
+            "mutual_tls": self.deployment.tls,
+            "low_latency": msgspec.structs.asdict(self.runtime.low_latency),
+        }
+
 
 @contextlib.asynccontextmanager
 async def deploy(
@@ -735,7 +744,7 @@ async def run_scenario(
             history=UsageHistory(),
             on_burn=on_burn,
         )
-        report["runtime"] = {"embedded": up.runtime.embedded, "mutual_tls": up.deployment.tls}
+        report["runtime"] = up.describe()
         phase("stopping")
     finish_run(report)
     return report
