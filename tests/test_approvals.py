@@ -18,7 +18,7 @@ from govmesh.agents.messages import PurchaseOutcome, PurchaseRequest
 from govmesh.bus import Bus, Delivery
 from govmesh.config import Deployment
 from govmesh.governance._actor import GovernanceService
-from govmesh.governance._approvals import CLAIM_GRACE_S, Answer, ApprovalStore
+from govmesh.governance._approvals import CLAIM_GRACE_S, Answer, ApprovalRecord, ApprovalStore
 from govmesh.governance._operator import ApprovalNotPending, OperatorDesk
 from govmesh.identity import Issuer
 from govmesh.llm import SimulatedModel
@@ -272,6 +272,35 @@ async def test_a_claim_abandoned_by_a_dead_actor_is_settled_with_its_answer(stac
         record = await desk.store.done(approval_id)
     assert outcome.result == "executed" and outcome.approved_by == "carol"
     assert record is not None and record.answer.by == "carol" and record.outcome == "allow"
+
+
+async def test_a_settlement_is_recorded_through_a_redis_restart(stack) -> None:
+    s: Stack = await stack(SEED)
+    await s.buy("wf-outage", 6_500.0)
+    loop = asyncio.get_running_loop()
+    finish = s.governance.approvals.finish
+    outages = []
+
+    async def finish_while_redis_restarts(record: ApprovalRecord) -> None:
+        # Redis goes down between the final decision and its record, and is back 0.5 s on
+        # (started from this thread, which owns the test's servers).
+        if not outages:
+            outages.append(record.approval_id)
+            s.redis.stop()
+            loop.call_later(0.5, s.redis.start)
+        await finish(record)
+
+    s.governance.approvals.finish = finish_while_redis_restarts  # type: ignore[method-assign]
+    async with s.desk() as desk:
+        [approval_id] = await _pending(desk, 1)
+        _, result = await desk.answer(approval_id, approved=True, by="dana")
+    outcome = await asyncio.wait_for(s.outcomes.get(), 20)
+    async with s.desk() as desk:  # a desk of its own: the first one's Redis went down
+        record = await desk.store.done(approval_id)
+        assert await desk.pending() == []
+    assert outages == [approval_id]
+    assert result.outcome == "allow" and outcome.result == "executed"
+    assert record is not None and record.answer.by == "dana" and record.outcome == "allow"
 
 
 async def test_an_unknown_approval_changes_nothing(stack) -> None:

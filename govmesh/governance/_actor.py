@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from redis.exceptions import RedisError
@@ -16,7 +17,13 @@ from govmesh.bus import Delivery
 from govmesh.config import Deployment
 from govmesh.errors import PolicyError, SecurityError
 from govmesh.forecasting._reservations import INTERRUPT_TOOL, BudgetCaps, ReservationBook
-from govmesh.governance._approvals import Answer, ApprovalRecord, ApprovalStore, expiry_answer
+from govmesh.governance._approvals import (
+    CLAIM_GRACE_S,
+    Answer,
+    ApprovalRecord,
+    ApprovalStore,
+    expiry_answer,
+)
 from govmesh.governance._decider import Decider, FirstDecision, amount_of, first_decision
 from govmesh.governance._evaluator import Intent, Verdict, intent_hash
 from govmesh.governance._policy import PolicySet
@@ -45,6 +52,12 @@ GOVERNANCE_ROLE = "governance"
 QUEUE = "governance"
 
 log = logging.getLogger(__name__)
+
+_FINISH_PATIENCE_S: Final = CLAIM_GRACE_S / 2
+"""How long the record of a settled approval is retried through a Redis outage; within the
+claim's grace period, so no other actor takes the claim over meanwhile."""
+_FINISH_PAUSES_S: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
+"""Pauses between those attempts; the last repeats."""
 
 
 def authorize_intent(claims: Claims, intent: ToolIntent) -> None:
@@ -547,8 +560,28 @@ class GovernanceService(Service):
             reasons=decision.reasons,
             settled_at=time.time(),
         )
-        await self.approvals.finish(record)
+        await self._finish(record)
         return record
+
+    async def _finish(self, record: ApprovalRecord) -> None:
+        """Record a settled approval as done, trying again through a Redis restart: its
+        final decision is already out, so until the record lands the approval reads as
+        pending, and only another actor's takeover, a grace period later, would settle it."""
+        deadline = time.monotonic() + _FINISH_PATIENCE_S
+        for pause in itertools.chain(_FINISH_PAUSES_S, itertools.repeat(_FINISH_PAUSES_S[-1])):
+            try:
+                await self.approvals.finish(record)
+                return
+            except (RedisError, OSError) as exc:
+                if being_cancelled() or time.monotonic() + pause > deadline:
+                    raise
+                log.warning(
+                    "recording approval %s as settled: %s; trying again in %g s",
+                    record.approval_id,
+                    exc,
+                    pause,
+                )
+                await asyncio.sleep(pause)
 
     async def _sweep_approvals(self) -> None:
         """Settle lapsed approvals with their policy's default, and take over abandoned
