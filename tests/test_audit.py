@@ -79,6 +79,19 @@ async def _stream_and_index(
         await r.aclose()
 
 
+async def _alice(nats_server: NatsServer, redis_server: RedisServer, tenant: str) -> Bus:
+    """An agent's bus, to publish the events a consumer stores."""
+    dep, issuer = deployment(nats_server.url, redis_server.url, tenant)
+    return await Bus.connect(dep, issuer.identity("alice", "agent"), rotate=False)
+
+
+async def _until_stored(index: AuditIndex, workflow: str, count: int) -> None:
+    """Wait (up to 10 s) until the index holds ``count`` records of ``workflow``."""
+    deadline = time.monotonic() + 10
+    while len(await index.records(workflow)) < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
 async def test_appending_the_same_event_twice_stores_it_once(
     redis_server: RedisServer, prefix: str
 ) -> None:
@@ -249,17 +262,11 @@ async def test_a_signed_checkpoint_catches_a_truncated_tail(
 async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
     nats_server: NatsServer, redis_server: RedisServer, prefix: str
 ) -> None:
-    dep, issuer = deployment(nats_server.url, redis_server.url, prefix)
     async with (
         _stream_and_index(nats_server, redis_server, prefix) as (nc, index),
-        await Bus.connect(dep, issuer.identity("alice", "agent"), rotate=False) as bus,
+        await _alice(nats_server, redis_server, prefix) as bus,
     ):
         consumer = AuditConsumer(nc, index, tenant=prefix, batch=10, ack_wait_s=1.0)
-
-        async def stored(n: int) -> None:
-            deadline = time.monotonic() + 10
-            while len(await index.records("wf-js")) < n and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
 
         try:
             from govmesh.bus import ensure_event_stream
@@ -269,7 +276,7 @@ async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
                 await bus.publish(bus.subjects.msg("bob"), Note(n=i), workflow="wf-js")
             await bus.flush()
             await consumer.start()  # joins late: replays from the start of the stream
-            await stored(5)
+            await _until_stored(index, "wf-js", 5)
             await consumer.close()
             await consumer.close()
             for i in range(5, 8):
@@ -280,7 +287,7 @@ async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
                 nc, index, tenant=prefix, batch=10, checkpoint_key=key, checkpoint_every_s=0.05
             )  # resumes the durable consumer the first one made
             await consumer.start()
-            await stored(8)
+            await _until_stored(index, "wf-js", 8)
             deadline = time.monotonic() + 10
             while not consumer.checkpoints and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
@@ -297,10 +304,9 @@ async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
 async def test_consumer_keeps_storing_after_a_pull_ends_in_asyncios_timeout(
     nats_server: NatsServer, redis_server: RedisServer, prefix: str
 ) -> None:
-    dep, issuer = deployment(nats_server.url, redis_server.url, prefix)
     async with (
         _stream_and_index(nats_server, redis_server, prefix) as (nc, index),
-        await Bus.connect(dep, issuer.identity("alice", "agent"), rotate=False) as bus,
+        await _alice(nats_server, redis_server, prefix) as bus,
     ):
         consumer = AuditConsumer(nc, index, tenant=prefix, batch=10)
         try:
@@ -321,9 +327,7 @@ async def test_consumer_keeps_storing_after_a_pull_ends_in_asyncios_timeout(
             for i in range(4):
                 await bus.publish(bus.subjects.msg("bob"), Note(n=i), workflow="wf-late")
             await bus.flush()
-            deadline = time.monotonic() + 10
-            while len(await index.records("wf-late")) < 4 and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+            await _until_stored(index, "wf-late", 4)
             assert timeouts == 3
             assert [rec.seq for rec in await index.records("wf-late")] == [1, 2, 3, 4]
         finally:

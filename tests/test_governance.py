@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -271,21 +273,16 @@ async def test_audit_replay_command_exits_1_only_when_a_decision_differs(
 
 
 async def test_concurrent_split_purchases_cannot_pass_the_limit_together(
-    tmp_path, secure_nats, redis_server, prefix
+    two_actors: Governed,
 ) -> None:
     rounds = 5
-    async with _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, SEED) as (
-        agent,
-        decisions,
-        actors,
-        _,
-    ):
-        for r in range(rounds):
-            # Three 4,000 purchases at once in one workflow against the 10,000 limit.
-            for step in (1, 2, 3):
-                await _intent(agent, f"wf-split-{r}", 4000.0, step=step)
-        got = [await asyncio.wait_for(decisions.get(), 10) for _ in range(3 * rounds)]
-        allowed = sum(a.decided["allow"] for a in actors)
+    agent, decisions, actors = two_actors.agent, two_actors.decisions, two_actors.actors
+    for r in range(rounds):
+        # Three 4,000 purchases at once in one workflow against the 10,000 limit.
+        for step in (1, 2, 3):
+            await _intent(agent, f"wf-split-{r}", 4000.0, step=step)
+    got = [await asyncio.wait_for(decisions.get(), 10) for _ in range(3 * rounds)]
+    allowed = sum(a.decided["allow"] for a in actors)
     by_workflow: dict[str, list[str]] = {}
     for decision in got:
         by_workflow.setdefault(decision.workflow, []).append(decision.outcome)
@@ -301,10 +298,10 @@ async def test_concurrent_purchases_across_workflows_cannot_pass_the_daily_limit
     limits = LIMITS.replace("daily_limit_usd: 5000", "daily_limit_usd: 10000")
     async with _two_governance_actors(
         tmp_path, secure_nats, redis_server, prefix, limits.replace("calls: 3", "calls: 100")
-    ) as (agent, decisions, _, _):
+    ) as g:
         for n in range(8):  # 8 x 3,000 at once, each in its own workflow, 10,000 a day
-            await _intent(agent, f"wf-day-{n}", 3000.0)
-        got = [await asyncio.wait_for(decisions.get(), 10) for _ in range(8)]
+            await _intent(g.agent, f"wf-day-{n}", 3000.0)
+        got = [await asyncio.wait_for(g.decisions.get(), 10) for _ in range(8)]
     assert sorted(d.outcome for d in got) == ["allow"] * 3 + ["deny"] * 5
     assert all(any("daily" in r for r in d.reasons) for d in got if d.outcome == "deny")
 
@@ -321,8 +318,28 @@ async def _intent(agent: Bus, workflow: str, amount: float, *, step: int = 1) ->
     )
 
 
+@dataclass
+class Governed:
+    """Two governance actors in one queue group, an agent that sees every decision, and an
+    operator's bus."""
+
+    agent: Bus
+    decisions: asyncio.Queue[Decision]
+    actors: list[GovernanceService]
+    operator: Bus
+
+
+@pytest.fixture
+async def two_actors(tmp_path, secure_nats, redis_server, prefix) -> AsyncIterator[Governed]:
+    """`_two_governance_actors` on the seed policy."""
+    async with _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, SEED) as g:
+        yield g
+
+
 @contextlib.asynccontextmanager
-async def _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, policy_text):
+async def _two_governance_actors(
+    tmp_path, secure_nats, redis_server, prefix, policy_text
+) -> AsyncIterator[Governed]:
     """Two governance actors in one queue group and an agent that sees every decision."""
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
@@ -348,7 +365,7 @@ async def _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, po
     try:
         await agent.subscribe(agent.subjects.all("decision"), on_decision, accepts=Decision)
         await agent.flush()
-        yield agent, decisions, actors, operator
+        yield Governed(agent=agent, decisions=decisions, actors=actors, operator=operator)
     finally:
         await operator.close()
         await agent.close()
@@ -357,55 +374,45 @@ async def _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, po
 
 
 async def test_an_escalation_is_sent_before_its_approval_request_is_announced(
-    tmp_path, secure_nats, redis_server, prefix
+    two_actors: Governed,
 ) -> None:
     # The agent waits for the decision, not for the announcement: the decision goes on the
     # wire first.
-    async with _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, SEED) as (
-        agent,
-        decisions,
-        actors,
-        _,
-    ):
-        published: list[str] = []
-        for actor in actors:
-            publish = actor.bus.nc.publish
+    agent, decisions, actors = two_actors.agent, two_actors.decisions, two_actors.actors
+    published: list[str] = []
+    for actor in actors:
+        publish = actor.bus.nc.publish
 
-            async def recorded(subject, *args, _publish=publish, **kwargs):
-                published.append(subject.split(".")[-2])
-                return await _publish(subject, *args, **kwargs)
+        async def recorded(subject, *args, _publish=publish, **kwargs):
+            published.append(subject.split(".")[-2])
+            return await _publish(subject, *args, **kwargs)
 
-            actor.bus.nc.publish = recorded
-        await _intent(agent, "wf-order", 7000.0)  # over 5,000: escalates
-        escalated = await asyncio.wait_for(decisions.get(), 10)
-        deadline = time.monotonic() + 10
-        while len(published) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        actor.bus.nc.publish = recorded
+    await _intent(agent, "wf-order", 7000.0)  # over 5,000: escalates
+    escalated = await asyncio.wait_for(decisions.get(), 10)
+    deadline = time.monotonic() + 10
+    while len(published) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
     assert escalated.outcome == "escalate"
     assert published == ["decision", "approval"]
 
 
 async def test_an_approval_cannot_spend_what_the_workflow_no_longer_has(
-    tmp_path, secure_nats, redis_server, prefix
+    two_actors: Governed,
 ) -> None:
     from govmesh.governance.messages import ApprovalAnswer
 
-    async with _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, SEED) as (
-        agent,
-        decisions,
-        _,
-        operator,
-    ):
-        await _intent(agent, "wf-appr", 7000.0, step=1)  # over 5,000: escalates
-        escalated = await asyncio.wait_for(decisions.get(), 10)
-        await _intent(agent, "wf-appr", 4000.0, step=2)  # allowed: 4,000 of 10,000 spent
-        allowed = await asyncio.wait_for(decisions.get(), 10)
-        await operator.publish(
-            operator.subjects.approval("wf-appr"),
-            ApprovalAnswer(approval_id=escalated.approval_id, approved=True, by="dana"),
-            workflow="wf-appr",
-        )
-        final = await asyncio.wait_for(decisions.get(), 10)
+    agent, decisions, operator = two_actors.agent, two_actors.decisions, two_actors.operator
+    await _intent(agent, "wf-appr", 7000.0, step=1)  # over 5,000: escalates
+    escalated = await asyncio.wait_for(decisions.get(), 10)
+    await _intent(agent, "wf-appr", 4000.0, step=2)  # allowed: 4,000 of 10,000 spent
+    allowed = await asyncio.wait_for(decisions.get(), 10)
+    await operator.publish(
+        operator.subjects.approval("wf-appr"),
+        ApprovalAnswer(approval_id=escalated.approval_id, approved=True, by="dana"),
+        workflow="wf-appr",
+    )
+    final = await asyncio.wait_for(decisions.get(), 10)
     assert (escalated.outcome, allowed.outcome) == ("escalate", "allow")
     assert final.approval_id == escalated.approval_id
     assert final.outcome == "deny"
@@ -413,35 +420,30 @@ async def test_an_approval_cannot_spend_what_the_workflow_no_longer_has(
 
 
 async def test_every_outcome_is_decided_and_recorded_in_one_round_trip(
-    tmp_path, secure_nats, redis_server, prefix
+    two_actors: Governed, redis_server, prefix
 ) -> None:
     import redis.asyncio as aioredis
 
     from govmesh.governance._replay import decisions_key
 
-    async with _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, SEED) as (
-        agent,
-        decisions,
-        actors,
-        _,
-    ):
-        await _intent(agent, "wf-warm", 100.0)  # loads the scripts into the server
-        await asyncio.wait_for(decisions.get(), 10)
-        watcher = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-        try:
-            async with watcher.monitor() as monitor:
-                amounts = {"wf-rt-allow": 4000.0, "wf-rt-deny": 12000.0, "wf-rt-escalate": 7000.0}
-                for workflow, amount in amounts.items():
-                    await _intent(agent, workflow, amount)
-                got = [await asyncio.wait_for(decisions.get(), 10) for _ in amounts]
-                # Every command of these decisions ran before its decision was published.
-                await watcher.get(f"{prefix}:sentinel")
-                seen = []
-                while not (seen and seen[-1]["command"] == f"GET {prefix}:sentinel"):
-                    seen.append(await asyncio.wait_for(monitor.next_command(), 10))
-            records = await watcher.xlen(decisions_key(actors[0].deployment.key_prefix))
-        finally:
-            await watcher.aclose()
+    agent, decisions, actors = two_actors.agent, two_actors.decisions, two_actors.actors
+    await _intent(agent, "wf-warm", 100.0)  # loads the scripts into the server
+    await asyncio.wait_for(decisions.get(), 10)
+    watcher = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        async with watcher.monitor() as monitor:
+            amounts = {"wf-rt-allow": 4000.0, "wf-rt-deny": 12000.0, "wf-rt-escalate": 7000.0}
+            for workflow, amount in amounts.items():
+                await _intent(agent, workflow, amount)
+            got = [await asyncio.wait_for(decisions.get(), 10) for _ in amounts]
+            # Every command of these decisions ran before its decision was published.
+            await watcher.get(f"{prefix}:sentinel")
+            seen = []
+            while not (seen and seen[-1]["command"] == f"GET {prefix}:sentinel"):
+                seen.append(await asyncio.wait_for(monitor.next_command(), 10))
+        records = await watcher.xlen(decisions_key(actors[0].deployment.key_prefix))
+    finally:
+        await watcher.aclose()
     assert sorted(d.outcome for d in got) == ["allow", "deny", "escalate"]
     sent = [c["command"].split() for c in seen if c["client_type"] != "lua"]
     for workflow in amounts:
@@ -627,35 +629,30 @@ async def test_a_pending_approval_is_decided_again_when_the_policy_changes(gover
 
 
 async def test_intents_arriving_together_are_decided_in_groups_and_recorded_once_each(
-    tmp_path, secure_nats, redis_server, prefix
+    two_actors: Governed,
 ) -> None:
     import msgspec
 
     from govmesh.governance._replay import DecisionRecord, decisions_key, replay
 
-    async with _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, SEED) as (
-        agent,
-        decisions,
-        actors,
-        _,
-    ):
-        # Two purchases per workflow: 3,000 then 4,000 against the seed's 5,000 escalation
-        # threshold per purchase and 10,000 per workflow; workflows 0-9 also buy 4,000 more,
-        # which the workflow limit must deny.
-        for n in range(60):
-            await _intent(agent, f"wf-g{n}", 3000.0)
-        for n in range(60):
-            await _intent(agent, f"wf-g{n}", 4000.0, step=2)
-        for n in range(10):
-            await _intent(agent, f"wf-g{n}", 4000.0, step=3)
-        got = [await asyncio.wait_for(decisions.get(), 10) for _ in range(130)]
-        redis = actors[0].redis
-        rows = await redis.xrange(decisions_key(actors[0].deployment.key_prefix))
-        spend = {
-            k.decode(): float(v)
-            for k, v in (await redis.hgetall(f"{actors[0].deployment.key_prefix}:spend")).items()
-        }
-        report = await replay(redis, prefix=actors[0].deployment.key_prefix)
+    agent, decisions, actors = two_actors.agent, two_actors.decisions, two_actors.actors
+    # Two purchases per workflow: 3,000 then 4,000 against the seed's 5,000 escalation
+    # threshold per purchase and 10,000 per workflow; workflows 0-9 also buy 4,000 more,
+    # which the workflow limit must deny.
+    for n in range(60):
+        await _intent(agent, f"wf-g{n}", 3000.0)
+    for n in range(60):
+        await _intent(agent, f"wf-g{n}", 4000.0, step=2)
+    for n in range(10):
+        await _intent(agent, f"wf-g{n}", 4000.0, step=3)
+    got = [await asyncio.wait_for(decisions.get(), 10) for _ in range(130)]
+    redis = actors[0].redis
+    rows = await redis.xrange(decisions_key(actors[0].deployment.key_prefix))
+    spend = {
+        k.decode(): float(v)
+        for k, v in (await redis.hgetall(f"{actors[0].deployment.key_prefix}:spend")).items()
+    }
+    report = await replay(redis, prefix=actors[0].deployment.key_prefix)
     round_trips = sum(a.decider.round_trips for a in actors)
     records = [msgspec.msgpack.decode(f[b"record"], type=DecisionRecord) for _, f in rows]
     # Whichever purchase of workflows 0-9 comes last, in whatever order they are decided,

@@ -107,26 +107,21 @@ class CpuLatencyHold:
         if self.mode == "off":
             self.state = LowLatency(mode="off", held=False, detail=f"{ENV_LOW_LATENCY}=off")
             return self.state
+        fd: int | None = None
         try:
             fd = os.open(self._device, os.O_WRONLY | os.O_CLOEXEC)
+            os.write(fd, struct.pack("=i", _REQUEST_US))
         except OSError as exc:
-            why = f"cannot open {self._device}: {exc.strerror or exc}"
+            step = "open" if fd is None else "write"
+            if fd is not None:
+                os.close(fd)
+            why = f"cannot {step} {self._device}: {exc.strerror or exc}"
             if self.mode == "on":
                 raise ConfigError(
                     f"{ENV_LOW_LATENCY}=on: {why}; run as a user that may write it "
                     f"(root, or a udev rule granting write access), or set "
                     f"{ENV_LOW_LATENCY}=auto or off"
                 ) from None
-            self.state = LowLatency(mode=self.mode, held=False, detail=why)
-            log.info("low latency not held: %s", why)
-            return self.state
-        try:
-            os.write(fd, struct.pack("=i", _REQUEST_US))
-        except OSError as exc:
-            os.close(fd)
-            why = f"cannot write {self._device}: {exc.strerror or exc}"
-            if self.mode == "on":
-                raise ConfigError(f"{ENV_LOW_LATENCY}=on: {why}") from None
             self.state = LowLatency(mode=self.mode, held=False, detail=why)
             log.info("low latency not held: %s", why)
             return self.state
