@@ -25,8 +25,8 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
 lint: $(STAMP)
-	$(BIN)/ruff check govmesh tests benchmarks
-	$(BIN)/ruff format --check govmesh tests benchmarks
+	$(BIN)/ruff check govmesh tests
+	$(BIN)/ruff format --check govmesh tests
 	$(BIN)/mypy
 
 clean:
