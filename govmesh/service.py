@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from govmesh._tasks import being_cancelled, raise_if_cancelled
 from govmesh.bus import Bus
 from govmesh.config import Deployment
-from govmesh.identity import Identity
+from govmesh.identity import EnrolRequest, Grant, Identity, MemberKeys
 from govmesh.observability._telemetry import configure_telemetry
 
 __all__ = ["Service", "ServiceActor", "being_cancelled", "raise_if_cancelled"]
@@ -95,41 +95,60 @@ class Service:
 class ServiceActor:
     """Hosts one `Service` in a Ray actor process; talks to the others only over the bus.
 
-    Ray restarts an actor whose process dies, by constructing it again; the restarted
-    actor rejoins the bus on the next `ensure_started` (the swarm's supervisor calls it),
-    and what it must remember comes back from Redis and the state actor, never from the
-    dead process.
+    The member's private keys are made here, in the actor's process, and never leave it:
+    the driver gets their public halves (`enrolment_request`) and hands back a token and a
+    certificate for them (`start`). Nothing secret travels in the actor's arguments.
+
+    Ray restarts an actor whose process dies, by constructing it again: the new process
+    makes new keys, and the restarted actor rejoins the bus once the swarm's supervisor has
+    enrolled them (`ensure_started`). What it must remember comes back from Redis and the
+    state actor, never from the dead process.
+
+    Args:
+        service_type: the service to host.
+        kwargs: its options, except its identity.
+        member_id: the member it is.
+        role: the member's role.
     """
 
-    def __init__(self, service_type: type[Service], kwargs: dict[str, Any]) -> None:
-        self._service = service_type(**kwargs)
+    def __init__(
+        self, service_type: type[Service], kwargs: dict[str, Any], *, member_id: str, role: str
+    ) -> None:
+        self._keys = MemberKeys(member_id, role)
+        self._service = service_type(identity=self._keys.identity, **kwargs)
         self._started: asyncio.Task[None] | None = None
         # The actor is a process of its own: its telemetry goes where the environment Ray
         # handed on from the driver says, tagged with the member it hosts.
-        self._telemetry = configure_telemetry(member=self._service.identity.agent_id)
+        self._telemetry = configure_telemetry(member=member_id)
 
-    async def start(self) -> str:
-        """Start the hosted service; returns its agent id once it is subscribed."""
-        await self.ensure_started()
+    async def enrolment_request(self) -> EnrolRequest:
+        """The public halves of this process's keys, for the driver to certify."""
+        return self._keys.request(tls=self._service.deployment.tls)
+
+    async def start(self, granted: Grant) -> str:
+        """Start the hosted service with `granted`; returns its agent id once subscribed."""
+        await self.ensure_started(granted)
         return self._service.identity.agent_id
 
     async def is_started(self) -> bool:
         """Whether the hosted service was started in this process (False after a restart)."""
         return self._started is not None
 
-    async def ensure_started(self, identity: Identity | None = None) -> bool:
+    async def ensure_started(self, granted: Grant) -> bool:
         """Start the hosted service unless it is started; returns whether this call did.
 
         Args:
-            identity: a fresh identity to start with instead of the one the actor was
-                built with, whose token and certificate may have expired by the time Ray
-                restarts the actor; ignored once started.
+            granted: the token and certificate for this process's keys; ignored once
+                started.
 
         Concurrent calls share one start.
+
+        Raises:
+            SecurityError: `granted` is not for this process's keys (say, it was made for
+                the process Ray replaced meanwhile); nothing is started.
         """
         if self._started is None:
-            if identity is not None:
-                self._service.identity = identity
+            self._keys.accept(granted, self._service.deployment)
             self._started = asyncio.ensure_future(self._service.start())
             await self._started
             return True

@@ -20,9 +20,9 @@ from govmesh.config import Deployment
 from govmesh.governance._actor import GovernanceService
 from govmesh.governance._approvals import CLAIM_GRACE_S, Answer, ApprovalRecord, ApprovalStore
 from govmesh.governance._operator import ApprovalNotPending, OperatorDesk
-from govmesh.identity import Issuer
+from govmesh.identity import OPERATOR_MEMBER, EnrolmentServer, Issuer
 from govmesh.llm import SimulatedModel
-from govmesh.runtime import JoinedDeployment, RedisServer, Transport
+from govmesh.runtime import JoinedDeployment, Member, RedisServer, Transport
 from govmesh.scenarios._schema import load_scenario
 from govmesh.state import StateService
 from govmesh.state.messages import SnapshotQuery, SnapshotReply
@@ -49,6 +49,7 @@ class Stack:
     state: StateService
     coordinator: Bus
     outcomes: asyncio.Queue[PurchaseOutcome]
+    enrolment: Path
     spawned: int = 0
 
     async def start_governance(self, **kw: float) -> GovernanceService:
@@ -79,8 +80,7 @@ class Stack:
         return OperatorDesk(
             JoinedDeployment(
                 deployment=self.dep,
-                issuer=self.issuer,
-                ca=self.transport.ca,
+                enrolment=self.enrolment,
                 pid=os.getpid(),
                 started_at=time.time(),
                 what="test",
@@ -107,6 +107,7 @@ async def stack(
     redis.start()
     services: list[object] = []
     built: list[Stack] = []
+    servers: list[EnrolmentServer] = []
 
     async def build(policy_text: str) -> Stack:
         dep, issuer = deployment(server.url, redis.url, prefix, transport)  # type: ignore[attr-defined]
@@ -132,6 +133,13 @@ async def stack(
             coordinator.subjects.msg("coordinator-1"), on_outcome, accepts=PurchaseOutcome
         )
         await coordinator.flush()
+        # Operators enrol their own keys over the socket, as `govmesh approvals` does.
+        transport.register([Member.for_role(OPERATOR_MEMBER, "operator", tenant=prefix)])
+        enrolment = EnrolmentServer(
+            tmp_path / "enrol.sock", issuer=issuer, ca=transport.ca, tenant=prefix
+        )
+        await enrolment.start()
+        servers.append(enrolment)
         s = Stack(
             dep=dep,
             issuer=issuer,
@@ -142,6 +150,7 @@ async def stack(
             state=None,  # type: ignore[arg-type]
             coordinator=coordinator,
             outcomes=outcomes,
+            enrolment=enrolment.path,
         )
         s.governance = await s.start_governance()
         s.state = await s.start_state()
@@ -155,6 +164,8 @@ async def stack(
         await s.state.close()
     for service in services:
         await service.close()  # type: ignore[attr-defined]
+    for enrolment in servers:
+        await enrolment.close()
     redis.stop()
 
 

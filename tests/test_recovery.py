@@ -68,7 +68,7 @@ async def test_a_killed_agent_actor_is_restarted_and_serves_the_next_workflow(
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
     scenario = load_scenario(ROOT / "scenarios" / "procurement.yaml")
-    swarm = Swarm(scenario, dep, issuer, seed=1)
+    swarm = Swarm(scenario, dep, issuer, seed=1, transport=transport)
     coordinator, outcomes = await _coordinator(dep, issuer)
     agent = scenario.agents.procurement.id
     try:

@@ -15,8 +15,6 @@ from govmesh.runtime import OPERATOR_MEMBER, JoinedDeployment
 
 __all__ = ["ApprovalNotPending", "OperatorDesk"]
 
-_OPERATOR_TTL_S = 600.0
-
 
 class ApprovalNotPending(ConfigError):
     """The approval named is not pending: unknown, ambiguous, or already settled.
@@ -33,8 +31,9 @@ class ApprovalNotPending(ConfigError):
 class OperatorDesk:
     """An operator joined to a running deployment: lists and answers its approvals.
 
-    Its token and certificate are issued on the spot for the deployment's operator member
-    and live ten minutes; every answer is signed with them.
+    It makes its own keys and enrols them over the deployment's enrolment socket as the
+    operator member, for a token and certificate that live ten minutes; every answer is
+    signed with them.
 
     Use ``async with OperatorDesk(joined) as desk:``.
 
@@ -134,12 +133,8 @@ class OperatorDesk:
 
     async def _join(self) -> Bus:
         if self._bus is None:
-            identity, cert = self.joined.member(
-                OPERATOR_MEMBER, OPERATOR_ROLE, ttl_s=_OPERATOR_TTL_S
-            )
-            self._bus = await Bus.connect(
-                self.joined.deployment, identity, rotate=False, client_cert=cert
-            )
+            identity = await self.joined.member(OPERATOR_MEMBER, OPERATOR_ROLE)
+            self._bus = await Bus.connect(self.joined.deployment, identity, rotate=False)
         return self._bus
 
 

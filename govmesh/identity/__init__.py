@@ -1,5 +1,5 @@
-"""Identity: signing keys, Agent-ID tokens, replay protection, and the deployment CA with
-per-role NATS permissions (transport layer of mTLS-A)."""
+"""Identity: signing keys, Agent-ID tokens, replay protection, the deployment CA with
+per-role NATS permissions (transport layer of mTLS-A), and enrolment."""
 
 from govmesh.identity._ca import (
     DEFAULT_CLIENT_TTL,
@@ -9,6 +9,17 @@ from govmesh.identity._ca import (
     member_dn,
     renew_before,
     ssl_context,
+)
+from govmesh.identity._enrol import (
+    OPERATOR_MEMBER,
+    SOCKET_MEMBERS,
+    WATCH_MEMBER,
+    EnrolmentServer,
+    EnrolRequest,
+    Grant,
+    MemberKeys,
+    grant,
+    request_grant,
 )
 from govmesh.identity._keys import SigningKey, VerifyKey
 from govmesh.identity._permissions import PLATFORM_ROLES, Permissions, permissions_for
@@ -24,20 +35,29 @@ from govmesh.identity._tokens import (
 __all__ = [
     "DEFAULT_CLIENT_TTL",
     "DEFAULT_TOKEN_TTL_S",
+    "OPERATOR_MEMBER",
     "PLATFORM_ROLES",
+    "SOCKET_MEMBERS",
+    "WATCH_MEMBER",
     "Claims",
     "ClientCert",
     "DeploymentCA",
+    "EnrolRequest",
+    "EnrolmentServer",
+    "Grant",
     "Identity",
     "Issuer",
+    "MemberKeys",
     "NonceCache",
     "Permissions",
     "SigningKey",
     "TokenVerifier",
     "VerifyKey",
+    "grant",
     "load_client_cert",
     "member_dn",
     "permissions_for",
     "renew_before",
+    "request_grant",
     "ssl_context",
 ]

@@ -409,6 +409,49 @@ class DeploymentCA:
             ca_pem=self.ca_pem,
         )
 
+    def sign_request(
+        self,
+        csr_pem: bytes,
+        member_id: str,
+        role: str,
+        *,
+        tenant: str = CERT_ORGANIZATION,
+        ttl: dt.timedelta = DEFAULT_CLIENT_TTL,
+    ) -> bytes:
+        """A member's client certificate for the key of its certificate signing request.
+
+        The member made the key itself and keeps it; the request (PKCS#10, PEM) proves it
+        holds it. The subject is this CA's choice, ``CN=<member_id>,OU=<role>,O=<tenant>``,
+        whatever the request asks for: who a member is comes from whoever enrols it.
+
+        Returns:
+            The certificate, PEM.
+
+        Raises:
+            ConfigError: the request does not load, its signature is not its key's, the key
+                is not EC P-256, a name is not usable in a DN, or this CA has no private key.
+        """
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as exc:
+            raise ConfigError(
+                f"csr_pem is not a PEM certificate signing request: {csr_pem[:40]!r}..."
+            ) from exc
+        if not csr.is_signature_valid:
+            raise ConfigError("certificate signing request is not signed by its own key")
+        key = csr.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+            raise ConfigError(
+                f"certificate signing request key must be EC P-256, got {type(key).__name__}"
+            )
+        cert, _ = self._issue(
+            _member_name(member_id, role, tenant),
+            ttl=ttl,
+            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+            public_key=key,
+        )
+        return cert
+
     def renew_client_cert(
         self, cert_pem: bytes, *, member_id: str, ttl: dt.timedelta = DEFAULT_CLIENT_TTL
     ) -> bytes:

@@ -1,8 +1,9 @@
 """``govmesh watch``: a running deployment's events as they happen, from another terminal.
 
 The watcher joins the deployment advertised under ``$GOVMESH_HOME`` (see
-`govmesh.runtime.join`) as its watch member, in the ``auditor`` role: it reads every event of
-the tenant's stream and can change nothing. It reads the stream through an ephemeral
+`govmesh.runtime.join`) as its watch member, in the ``auditor`` role, with keys it makes and
+enrols over the deployment's socket: it reads every event of the tenant's stream and can
+change nothing. It reads the stream through an ephemeral
 JetStream consumer, from now on or, to join late, from the stream's start.
 
 `WatchBoard` folds the events into what the live dashboard shows (decisions by outcome,
@@ -36,7 +37,6 @@ __all__ = [
     "watch_events",
 ]
 
-_WATCH_TTL_S: Final = 600.0
 _RATE_WINDOW_S: Final = 60.0
 # Asked about once a second by whoever shows burn; the tail would show nothing else.
 _POLLING: Final = frozenset({"BudgetQuery", "SnapshotQuery"})
@@ -363,8 +363,8 @@ async def watch_events(
 
     Ends once the deployment's process has stopped and no event came for a second."""
     deployment = joined.deployment
-    identity, cert = joined.member(WATCH_MEMBER, AUDITOR_ROLE, ttl_s=_WATCH_TTL_S)
-    bus = await Bus.connect(deployment, identity, rotate=False, client_cert=cert)
+    identity = await joined.member(WATCH_MEMBER, AUDITOR_ROLE)
+    bus = await Bus.connect(deployment, identity, rotate=False)
     codec = Codec()
     try:
         js = bus.nc.jetstream()

@@ -1,30 +1,29 @@
 """Where a running deployment tells other govmesh commands how to join it.
 
-A process that runs a deployment (``govmesh run``) writes ``$GOVMESH_HOME/<tenant>/``
-(default ``~/.govmesh``) while it runs, and removes it when it stops:
+A process that runs a deployment (``govmesh run``, ``govmesh chaos``) writes
+``$GOVMESH_HOME/<tenant>/`` (default ``~/.govmesh``, the tenant's directory 0700) while it
+runs, and removes it when it stops:
 
 =====================  ==============================================================
-``deployment.json``    tenant, URLs, token audience, pid: what a client needs to connect
-``issuer.key``         the token issuer's Ed25519 seed (0600)
-``ca.pem``             the deployment CA's certificate
-``ca-key.pem``         the CA's private key (0600), only when mutual TLS is on
+``deployment.json``    tenant, URLs, token audience and issuer public key, pid (0600)
+``enrol.sock``         the deployment's `EnrolmentServer` (0600)
 =====================  ==============================================================
 
-With these, ``govmesh approvals`` issues itself a short-lived operator token and
-certificate for the member the deployment admitted for operators (`OPERATOR_MEMBER`), so
-an answer given from another terminal is signed exactly as any other message. Whoever can
-read the directory can act as an operator of the deployment: the directory is 0700, the
-keys 0600, and nothing is written anywhere else.
+Nothing there can mint an identity: the token issuer's key and the CA's key stay in the
+memory of the process that runs the deployment. ``govmesh approvals`` and ``govmesh watch``
+make their own keys and enrol them over the socket (`JoinedDeployment.member`), getting a
+ten-minute token and certificate for the operator (`OPERATOR_MEMBER`) or watch
+(`WATCH_MEMBER`) member and for nothing else. Whoever can connect to the socket, the user
+that runs the deployment, can act as an operator of it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -33,9 +32,19 @@ import msgspec
 
 from govmesh.config import Deployment
 from govmesh.errors import ConfigError
-from govmesh.identity import ClientCert, DeploymentCA, Identity, Issuer, SigningKey
+from govmesh.identity import (
+    OPERATOR_MEMBER,
+    WATCH_MEMBER,
+    DeploymentCA,
+    EnrolmentServer,
+    Identity,
+    Issuer,
+    MemberKeys,
+    request_grant,
+)
 
 __all__ = [
+    "ENROL_SOCKET",
     "ENV_HOME",
     "OPERATOR_MEMBER",
     "WATCH_MEMBER",
@@ -47,10 +56,7 @@ __all__ = [
 ]
 
 ENV_HOME: Final = "GOVMESH_HOME"
-OPERATOR_MEMBER: Final = "operator"
-WATCH_MEMBER: Final = "watch"
-"""The member `govmesh watch` joins as, in the auditor role: it reads, it changes nothing."""
-"""The member id operators join as; the person's name travels in each answer."""
+ENROL_SOCKET: Final = "enrol.sock"
 _STATE: Final = "deployment.json"
 
 
@@ -59,7 +65,7 @@ class _Record(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str
     redis_url: str
     audience: str
-    issuer_name: str
+    issuer_key: bytes
     tls: bool
     pid: int
     started_at: float
@@ -72,16 +78,14 @@ class JoinedDeployment:
 
     Attributes:
         deployment: where its services are and whom they trust.
-        issuer: its token issuer, with the private key.
-        ca: its CA with the private key; None without mutual TLS.
+        enrolment: its enrolment socket.
         pid: the process that runs it.
         started_at: when it started (Unix time).
         what: what it runs, e.g. the scenario file.
     """
 
     deployment: Deployment
-    issuer: Issuer
-    ca: DeploymentCA | None
+    enrolment: Path
     pid: int
     started_at: float
     what: str
@@ -91,23 +95,18 @@ class JoinedDeployment:
         """Whether the process that runs it is still alive."""
         return _alive(self.pid)
 
-    def member(
-        self, member_id: str, role: str, *, ttl_s: float
-    ) -> tuple[Identity, ClientCert | None]:
+    async def member(self, member_id: str, role: str) -> Identity:
         """A short-lived identity, and on a mutual-TLS bus its client certificate, for a
-        member the deployment admitted (`OPERATOR_MEMBER`, `WATCH_MEMBER`)."""
-        identity = self.issuer.identity(member_id, role, ttl_s=ttl_s)
-        cert = (
-            None
-            if self.ca is None
-            else self.ca.member_cert(
-                member_id,
-                role,
-                tenant=self.deployment.tenant,
-                ttl=dt.timedelta(seconds=ttl_s),
-            )
-        )
-        return identity, cert
+        member the deployment enrols over its socket (`OPERATOR_MEMBER` as operator,
+        `WATCH_MEMBER` as auditor), with keys made here.
+
+        Raises:
+            ConfigError: the socket cannot be reached (see `request_grant`).
+            SecurityError: the deployment refused, or granted something not for these keys.
+        """
+        keys = MemberKeys(member_id, role)
+        granted = await request_grant(self.enrolment, keys.request(tls=self.deployment.tls))
+        return keys.accept(granted, self.deployment)
 
 
 def home_dir() -> Path:
@@ -136,15 +135,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def advertise(
+@contextlib.asynccontextmanager
+async def advertise(
     deployment: Deployment,
     issuer: Issuer,
     *,
     ca: DeploymentCA | None,
     what: str = "",
-) -> Iterator[Path]:
-    """Advertise a running deployment under `home_dir` for the duration of the block.
+) -> AsyncIterator[Path]:
+    """Advertise a running deployment under `home_dir`, and serve its enrolment socket, for
+    the duration of the block; both are removed when it ends, by an error or Ctrl-C too.
+
+    What a process that was killed left there is removed first.
 
     Yields:
         The deployment's directory.
@@ -154,12 +156,14 @@ def advertise(
     """
     where = home_dir() / deployment.tenant
     found = _read(where)
-    if found is not None and found.pid != os.getpid() and _alive(found.pid):
-        raise ConfigError(
-            f"a deployment of tenant {deployment.tenant!r} is already running (pid "
-            f"{found.pid}, {found.what or 'no description'}); stop it, or set {ENV_HOME} "
-            "to another directory"
-        )
+    if found is not None and found.pid != os.getpid():
+        if _alive(found.pid):
+            raise ConfigError(
+                f"a deployment of tenant {deployment.tenant!r} is already running (pid "
+                f"{found.pid}, {found.what or 'no description'}); stop it, or set {ENV_HOME} "
+                "to another directory"
+            )
+        shutil.rmtree(where, ignore_errors=True)
     where.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(where, 0o700)
     record = _Record(
@@ -167,22 +171,20 @@ def advertise(
         nats_url=deployment.nats_url,
         redis_url=deployment.redis_url,
         audience=deployment.audience,
-        issuer_name=issuer.name,
+        issuer_key=issuer.public_key,
         tls=deployment.tls,
         pid=os.getpid(),
         started_at=time.time(),
         what=what,
     )
-    write_private(where / "issuer.key", issuer.key.raw)
-    if ca is not None:
-        (where / "ca.pem").write_bytes(ca.ca_pem)
-        if ca.can_issue:
-            write_private(where / "ca-key.pem", ca.key_pem)
-    # Written last: a reader that sees it sees the keys too.
-    write_private(where / _STATE, msgspec.json.encode(record))
+    server = EnrolmentServer(where / ENROL_SOCKET, issuer=issuer, ca=ca, tenant=deployment.tenant)
     try:
+        await server.start()
+        # Written last: a reader that sees it can enrol.
+        write_private(where / _STATE, msgspec.json.encode(record))
         yield where
     finally:
+        await server.close()
         mine = _read(where)
         if mine is not None and mine.pid == os.getpid():
             shutil.rmtree(where, ignore_errors=True)
@@ -224,27 +226,16 @@ def join(tenant: str | None = None) -> JoinedDeployment:
             f"the deployment of tenant {tenant!r} in {where} belonged to pid {record.pid}, "
             "which is gone; start it again"
         )
-    issuer = Issuer(
-        name=record.issuer_name,
-        audience=record.audience,
-        key=SigningKey((where / "issuer.key").read_bytes()),
-    )
-    ca = None
-    if record.tls:
-        key_path = where / "ca-key.pem"
-        ca = DeploymentCA.load(
-            (where / "ca.pem").read_bytes(),
-            key_path.read_bytes() if key_path.exists() else None,
-        )
     return JoinedDeployment(
-        deployment=issuer.deployment(
+        deployment=Deployment(
             tenant=record.tenant,
             nats_url=record.nats_url,
             redis_url=record.redis_url,
+            audience=record.audience,
+            issuers=(record.issuer_key,),
             tls=record.tls,
         ),
-        issuer=issuer,
-        ca=ca,
+        enrolment=where / ENROL_SOCKET,
         pid=record.pid,
         started_at=record.started_at,
         what=record.what,

@@ -73,6 +73,12 @@ class Member(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str
     agent: bool = False
 
+    @classmethod
+    def for_role(cls, member_id: str, role: str, *, tenant: str) -> Member:
+        """`member_id` in `role`; roles outside the platform's own (`PLATFORM_ROLES`) are
+        agent roles."""
+        return cls(member_id=member_id, role=role, tenant=tenant, agent=role not in PLATFORM_ROLES)
+
     def permissions(self) -> Permissions:
         """The member's NATS permissions (see `permissions_for`)."""
         return permissions_for(self.member_id, self.role, Subjects(self.tenant), agent=self.agent)
@@ -205,14 +211,28 @@ class Transport:
             ConfigError, RuntimeStartError: as `admit`; then nobody new is admitted.
         """
         requested = list(members)
+        if ttl <= dt.timedelta(0):
+            raise ConfigError(f"certificate ttl must be positive, got {ttl!r}")
+        self.register(requested)
+        return {
+            m.member_id: self.ca.member_cert(m.member_id, m.role, tenant=m.tenant, ttl=ttl)
+            for m in requested
+        }
+
+    def register(self, members: Iterable[Member]) -> None:
+        """Let members join the bus, with a single reload, without issuing a certificate:
+        a member that makes its own key gets one from `DeploymentCA.sign_request`.
+
+        Raises:
+            ConfigError, RuntimeStartError: as `admit`; then nobody new is admitted.
+        """
+        requested = list(members)
         if not self.ca.can_issue:
             raise ConfigError(
                 f"cannot admit {[m.member_id for m in requested]!r}: the CA {self.ca.name!r} "
                 f"has no private key; set {ENV_NATS_CA_KEY} or have the operator issue "
                 "certificates"
             )
-        if ttl <= dt.timedelta(0):
-            raise ConfigError(f"certificate ttl must be positive, got {ttl!r}")
         with self._lock:
             joining: dict[tuple[str, str], Member] = {}
             users = dict(self._users)
@@ -238,10 +258,6 @@ class Transport:
                 )
             self._members.update(joining)
             self._users = users
-        return {
-            m.member_id: self.ca.member_cert(m.member_id, m.role, tenant=m.tenant, ttl=ttl)
-            for m in requested
-        }
 
     def enrol(
         self,
@@ -250,20 +266,11 @@ class Transport:
         tenant: str,
         ttl: dt.timedelta = DEFAULT_CLIENT_TTL,
     ) -> None:
-        """Admit every identity with one reload and attach its certificate to it.
-
-        Roles outside the platform's own (`PLATFORM_ROLES`) are agent roles.
+        """Admit every identity with one reload and attach its certificate to it, with a
+        key made here: for members that run in this process (see `Member.for_role`).
         """
         people = list(identities)
-        members = [
-            Member(
-                member_id=i.agent_id,
-                role=i.role,
-                tenant=tenant,
-                agent=i.role not in PLATFORM_ROLES,
-            )
-            for i in people
-        ]
+        members = [Member.for_role(i.agent_id, i.role, tenant=tenant) for i in people]
         certs = self.admit_many(members, ttl=ttl)
         for identity in people:
             identity.cert = certs[identity.agent_id]

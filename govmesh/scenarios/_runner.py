@@ -35,11 +35,10 @@ from govmesh.forecasting import (
     forecast,
 )
 from govmesh.governance._replay import ReplayReport, replay_url
-from govmesh.identity import Issuer
-from govmesh.identity._permissions import AUDITOR_ROLE, OPERATOR_ROLE
+from govmesh.identity import SOCKET_MEMBERS, Issuer
 from govmesh.identity.authority import TokenAuthority
 from govmesh.observability import AuditIndex, summarize
-from govmesh.runtime import OPERATOR_MEMBER, WATCH_MEMBER, Transport
+from govmesh.runtime import Member, Transport
 from govmesh.runtime._home import home_dir, write_private
 from govmesh.scenarios._records import keep_run, load_resumable
 from govmesh.scenarios._runs import (
@@ -149,8 +148,7 @@ async def run_workflows(
         timeout_s: give up on workflows not finished by then (they count as unfinished);
             None waits for every one.
         in_process: run services in this process instead of Ray actors.
-        transport: mutual TLS; every member is admitted and gets its certificate, and the
-            operator member (`OPERATOR_MEMBER`) is admitted for ``govmesh approvals``.
+        transport: mutual TLS; every member is admitted and gets its certificate.
         simulated_approver: answer escalations with the scenario's simulated approver;
             False leaves them to operators (``govmesh approvals``) or to their expiry.
         on_done: called as each workflow finishes (progress bars), and at the start for
@@ -191,15 +189,9 @@ async def run_workflows(
     approver = swarm.approver() if simulated_approver else None
     me = issuer.identity(f"coordinator-{run_id}", COORDINATOR_ROLE)
     if transport is not None:
-        transport.admit(OPERATOR_MEMBER, OPERATOR_ROLE, tenant=deployment.tenant)
-        transport.admit(WATCH_MEMBER, AUDITOR_ROLE, tenant=deployment.tenant)
+        # These run in this process; the swarm's members enrol their own keys.
         transport.enrol(
-            [
-                *swarm.identities(),
-                *([approver.identity] if approver else []),
-                authority.identity,
-                me,
-            ],
+            [*([approver.identity] if approver else []), authority.identity, me],
             tenant=deployment.tenant,
         )
     coordinator = await Bus.connect(deployment, me)
@@ -641,7 +633,13 @@ async def deploy(
             tls=runtime.transport is not None,
         )
         transport = runtime.transport
-        with advertise(
+        if transport is not None:
+            # Whom `govmesh approvals` and `govmesh watch` enrol as (see `advertise`).
+            transport.register(
+                Member.for_role(member, role, tenant=tenant)
+                for member, role in SOCKET_MEMBERS.items()
+            )
+        async with advertise(
             deployment,
             issuer,
             ca=transport.ca if transport is not None else None,

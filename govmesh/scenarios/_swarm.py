@@ -15,14 +15,15 @@ import ray
 from govmesh.agents import ProcurementAgent, RequesterAgent
 from govmesh.bus import Delivery
 from govmesh.config import Clock, Deployment
+from govmesh.errors import ConfigError, SecurityError
 from govmesh.forecasting import BudgetService
 from govmesh.governance._actor import GOVERNANCE_ROLE, OPERATOR_ROLE, GovernanceService
 from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest
-from govmesh.identity import Identity, Issuer
+from govmesh.identity import EnrolRequest, Grant, Identity, Issuer, MemberKeys, grant
 from govmesh.identity._permissions import AUDITOR_ROLE
 from govmesh.llm import SimulatedModel
 from govmesh.observability._service import AuditService
-from govmesh.runtime import Transport
+from govmesh.runtime import Member, Transport
 from govmesh.scenarios._schema import Scenario
 from govmesh.service import Service, ServiceActor, being_cancelled
 from govmesh.state import Keyring, StateService
@@ -106,8 +107,8 @@ class Swarm:
             pure message flow; the CLI always uses Ray).
         keyring: the state actor's snapshot keys; by default ``$GOVMESH_STATE_KEYS``, else
             a fresh key for this run (its snapshots are unreadable to a later one).
-        transport: the mutual-TLS member registry, to give a restarted actor a new client
-            certificate with its new token.
+        transport: the mutual-TLS member registry and CA, which admits every member and
+            certifies the TLS key each makes; needed when the deployment is mutual TLS.
         clock_origin: for a scenario with a simulated clock, when the run's clock started
             (the same when a run resumes); now if None. A deployment whose clock is
             already simulated keeps it.
@@ -136,8 +137,13 @@ class Swarm:
         self.seed = seed
         self.in_process = in_process
         self.keyring = keyring or Keyring.from_env() or Keyring.generate(f"run-{seed}")
+        if deployment.tls and transport is None:
+            raise ConfigError(
+                "the deployment's bus is mutual TLS: the swarm needs its transport to "
+                "certify its members"
+            )
         self.transport = transport
-        self._members: dict[str, tuple[str, str, dict[str, Any]]] = {}
+        self._members: dict[str, tuple[str, dict[str, Any]]] = {}
         self._specs = self._plan(governance_actors)
         self._actors: dict[str, Any] = {}
         self._local: dict[str, Service] = {}
@@ -150,56 +156,47 @@ class Swarm:
         return self.scenario.agents.requester.id
 
     def _plan(self, governance_actors: int) -> list[tuple[str, type[Service], dict[str, Any]]]:
-        s, dep, iss = self.scenario, self.deployment, self.issuer
+        s, dep = self.scenario, self.deployment
         model = SimulatedModel(s.model, seed=self.seed)
         req, proc = s.agents.requester, s.agents.procurement
 
-        def ident(agent_id: str, role: str, **kw: Any) -> Identity:
-            self._members[agent_id] = (agent_id, role, kw)
-            return iss.identity(agent_id, role, **kw)
+        def member(agent_id: str, role: str, **token: Any) -> str:
+            # Each member makes its own keys where it runs; only what its token grants is
+            # decided here.
+            self._members[agent_id] = (role, token)
+            return agent_id
 
         specs: list[tuple[str, type[Service], dict[str, Any]]] = [
             (
-                f"governance-{i}",
+                member(f"governance-{i}", GOVERNANCE_ROLE),
                 GovernanceService,
-                {
-                    "identity": ident(f"governance-{i}", GOVERNANCE_ROLE),
-                    "policy_paths": s.policy_paths(),
-                },
+                {"policy_paths": s.policy_paths()},
             )
             for i in range(1, governance_actors + 1)
         ]
         specs += [
-            ("gateway-1", GatewayService, {"identity": ident("gateway-1", "gateway")}),
-            ("audit-1", AuditService, {"identity": ident("audit-1", AUDITOR_ROLE)}),
+            (member("gateway-1", "gateway"), GatewayService, {}),
+            (member("audit-1", AUDITOR_ROLE), AuditService, {}),
             (
-                "budget-1",
+                member("budget-1", "budget"),
                 BudgetService,
-                {
-                    "identity": ident("budget-1", "budget"),
-                    "prices": dict(s.prices),
-                    "caps": s.budget,
-                },
+                {"prices": dict(s.prices), "caps": s.budget},
             ),
             (
-                "state-1",
+                member("state-1", "state"),
                 StateService,
                 # One keyring per run, shared by every state actor (and by a restarted one).
-                {
-                    "identity": ident("state-1", "state"),
-                    "keyring": self.keyring,
-                },
+                {"keyring": self.keyring},
             ),
             (
-                proc.id,
+                member(
+                    proc.id,
+                    proc.role,
+                    capabilities=proc.capabilities,
+                    budget_usd=proc.budget_usd,
+                ),
                 ProcurementAgent,
                 {
-                    "identity": ident(
-                        proc.id,
-                        proc.role,
-                        capabilities=proc.capabilities,
-                        budget_usd=proc.budget_usd,
-                    ),
                     "model": model,
                     "max_reflections": s.max_reflections,
                     "vendor_wait_s": s.vendor_reply.wait_hours * 3600,
@@ -209,12 +206,9 @@ class Swarm:
                 },
             ),
             (
-                req.id,
+                member(req.id, req.role, capabilities=req.capabilities, budget_usd=req.budget_usd),
                 RequesterAgent,
                 {
-                    "identity": ident(
-                        req.id, req.role, capabilities=req.capabilities, budget_usd=req.budget_usd
-                    ),
                     "model": model,
                     "procurement": proc.id,
                     "max_reflections": s.max_reflections,
@@ -227,10 +221,6 @@ class Swarm:
         for _, _, kwargs in specs:
             kwargs["deployment"] = dep
         return specs
-
-    def identities(self) -> list[Identity]:
-        """The identities of every service of the swarm."""
-        return [kwargs["identity"] for _, _, kwargs in self._specs]
 
     def approver(self) -> SimulatedApprover:
         """The simulated human operator, run by the coordinator's process."""
@@ -245,21 +235,43 @@ class Swarm:
         )
 
     async def start(self) -> None:
-        """Start every service and wait until each is subscribed."""
+        """Start every service and wait until each is subscribed.
+
+        Each member makes its own keys where it runs and sends their public halves; the
+        swarm admits every member with one reload of the server and certifies those keys.
+        """
+        if self.transport is not None:
+            tenant = self.deployment.tenant
+            self.transport.register(
+                Member.for_role(name, role, tenant=tenant)
+                for name, (role, _) in self._members.items()
+            )
         if self.in_process:
             for name, service_type, kwargs in self._specs:
-                self._local[name] = service_type(**kwargs)
+                keys = MemberKeys(name, self._members[name][0])
+                self._local[name] = service_type(identity=keys.identity, **kwargs)
+                keys.accept(
+                    self._grant(name, keys.request(tls=self.deployment.tls)), self.deployment
+                )
             await asyncio.gather(*(svc.start() for svc in self._local.values()))
             return
         for name, service_type, kwargs in self._specs:
-            self._actors[name] = ServiceActor.options(name=None).remote(service_type, kwargs)  # type: ignore[attr-defined]
-        await asyncio.gather(*(actor.start.remote() for actor in self._actors.values()))
+            self._actors[name] = ServiceActor.options(name=None).remote(  # type: ignore[attr-defined]
+                service_type, kwargs, member_id=name, role=self._members[name][0]
+            )
+        names = list(self._actors)
+        asked = await asyncio.gather(*(self._actors[n].enrolment_request.remote() for n in names))
+        await asyncio.gather(
+            *(
+                self._actors[n].start.remote(self._grant(n, request))
+                for n, request in zip(names, asked, strict=True)
+            )
+        )
         self._supervisor = asyncio.create_task(self._supervise(), name="swarm-supervisor")
 
     async def _supervise(self, interval_s: float = 0.5) -> None:
         """Bring restarted actors back onto the bus: Ray restarts a dead actor's process,
-        and the supervisor starts its service again, with a fresh identity (the one it was
-        built with may have expired since)."""
+        which makes new keys, and the supervisor enrols them and starts its service again."""
         while True:
             await asyncio.sleep(interval_s)
             names = list(self._actors)
@@ -268,8 +280,10 @@ class Swarm:
             )
             for name, result in zip(names, started, strict=True):
                 if result is False:
+                    actor = self._actors[name]
                     try:
-                        await self._actors[name].ensure_started.remote(self._renewed(name))
+                        request = await actor.enrolment_request.remote()
+                        await actor.ensure_started.remote(self._grant(name, request))
                     except Exception as exc:  # a Ray actor error: it died again meanwhile
                         log.warning("%s did not start again yet: %s", name, exc)
                         continue
@@ -278,14 +292,26 @@ class Swarm:
                 elif isinstance(result, Exception) and not being_cancelled():
                     log.warning("%s is not reachable yet: %s", name, result)
 
-    def _renewed(self, name: str) -> Identity:
-        """A new identity for the actor `name`: a new key and token, and, on a mutual-TLS
-        bus, a new client certificate."""
-        agent_id, role, options = self._members[name]
-        identity = self.issuer.identity(agent_id, role, **options)
-        if self.transport is not None:
-            self.transport.enrol([identity], tenant=self.deployment.tenant)
-        return identity
+    def _grant(self, name: str, request: EnrolRequest) -> Grant:
+        """A token and, on a mutual-TLS bus, a certificate for the keys the member `name`
+        made, with what the scenario grants that member.
+
+        Raises:
+            SecurityError: the request is for another member or role than `name`'s.
+        """
+        role, token = self._members[name]
+        if (request.member_id, request.role) != (name, role):
+            raise SecurityError(
+                "bad_enrolment",
+                f"{name!r} asked to enrol as {request.member_id!r} in role {request.role!r}",
+            )
+        return grant(
+            request,
+            issuer=self.issuer,
+            ca=self.transport.ca if self.transport is not None else None,
+            tenant=self.deployment.tenant,
+            **token,
+        )
 
     async def pids(self) -> dict[str, int]:
         """Each actor's process id, by name."""

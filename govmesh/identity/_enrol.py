@@ -1,0 +1,524 @@
+"""Enrolment: a member makes its own keys and sends only their public halves to be certified.
+
+Every member of a deployment enrols the same way. It makes its Ed25519 message key and its
+P-256 TLS key in the process that uses them (`MemberKeys`) and sends an `EnrolRequest`: the
+Ed25519 public key, which the Agent-ID token binds as ``cnf``, and a certificate signing
+request (PKCS#10), which proves it holds the TLS key. Whoever holds the issuer and the CA
+answers with a `Grant`: the token and the client certificate, nothing secret. A Ray actor
+enrols through its driver this way, so no private key travels in actor arguments.
+
+Processes outside the deployment, ``govmesh approvals`` and ``govmesh watch``, enrol over
+`EnrolmentServer`, a Unix socket that the running deployment serves in its advertised
+directory, and only as the operator (`OPERATOR_MEMBER`) or watch (`WATCH_MEMBER`) member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import socket
+import struct
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Final
+
+import msgspec
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from govmesh.config import Deployment
+from govmesh.errors import ConfigError, SecurityError
+from govmesh.identity._ca import DEFAULT_CLIENT_TTL, ClientCert, DeploymentCA, _key_pem
+from govmesh.identity._keys import SigningKey, VerifyKey
+from govmesh.identity._permissions import AUDITOR_ROLE, OPERATOR_ROLE
+from govmesh.identity._tokens import DEFAULT_TOKEN_TTL_S, Identity, Issuer, TokenVerifier
+
+__all__ = [
+    "ENROLMENT_TTL_S",
+    "MAX_REQUEST_BYTES",
+    "OPERATOR_MEMBER",
+    "SOCKET_MEMBERS",
+    "WATCH_MEMBER",
+    "EnrolRequest",
+    "EnrolmentServer",
+    "Grant",
+    "MemberKeys",
+    "Refusal",
+    "grant",
+    "request_grant",
+]
+
+log = logging.getLogger(__name__)
+
+OPERATOR_MEMBER: Final = "operator"
+"""The member id operators join as; the person's name travels in each answer."""
+WATCH_MEMBER: Final = "watch"
+"""The member `govmesh watch` joins as, in the auditor role: it reads, it changes nothing."""
+SOCKET_MEMBERS: Final[Mapping[str, str]] = MappingProxyType(
+    {OPERATOR_MEMBER: OPERATOR_ROLE, WATCH_MEMBER: AUDITOR_ROLE}
+)
+"""The only members `EnrolmentServer` enrols, with their only role."""
+ENROLMENT_TTL_S: Final = 600.0
+"""Lifetime of the token and certificate `EnrolmentServer` grants."""
+MAX_REQUEST_BYTES: Final = 8192
+"""The largest request `EnrolmentServer` reads; a request is about 1 KiB."""
+_MAX_REPLY_BYTES: Final = 65536
+# sockaddr_un's sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_SOCKET_PATH: Final = 107
+_CONCURRENT: Final = 8
+
+
+class EnrolRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a member sends to enrol: who it asks to be, and the public halves of its keys.
+
+    Attributes:
+        member_id: the member it asks to enrol as.
+        role: that member's role.
+        key: its raw Ed25519 public key (32 bytes), which the token binds (``cnf``).
+        csr_pem: a certificate signing request (PKCS#10, PEM) for its P-256 TLS key, on a
+            mutual-TLS bus.
+    """
+
+    member_id: str
+    role: str
+    key: bytes
+    csr_pem: bytes = b""
+
+
+class Grant(msgspec.Struct, frozen=True, kw_only=True, tag="grant"):
+    """A member's credentials for its own keys; nothing in it is secret.
+
+    Attributes:
+        token: its Agent-ID token, bound to the key it sent.
+        cert_pem: its client certificate for the TLS key it sent, on a mutual-TLS bus.
+        ca_pem: the deployment CA that the server's certificate chains to.
+    """
+
+    token: str
+    cert_pem: bytes = b""
+    ca_pem: bytes = b""
+
+
+class Refusal(msgspec.Struct, frozen=True, kw_only=True, tag="refused"):
+    """Why `EnrolmentServer` refused a request."""
+
+    error: str
+
+
+_REQUEST: Final = msgspec.json.Decoder(EnrolRequest)
+_REPLY: Final = msgspec.json.Decoder(Grant | Refusal)
+
+
+class MemberKeys:
+    """A member's own private keys, made in the process that uses them.
+
+    Only `request` leaves the process: the public halves. The keys themselves cannot be
+    pickled, so they cannot be handed to a Ray actor or another process by mistake.
+
+    Args:
+        member_id: the member.
+        role: its role.
+
+    Attributes:
+        identity: the member's identity, with its own key; it has a token (and, on a
+            mutual-TLS bus, a certificate) once `accept` took a grant.
+    """
+
+    __slots__ = ("_tls_key", "identity")
+
+    def __init__(self, member_id: str, role: str) -> None:
+        self.identity = Identity(agent_id=member_id, role=role, key=SigningKey(), token="")
+        self._tls_key = ec.generate_private_key(ec.SECP256R1())
+
+    def request(self, *, tls: bool) -> EnrolRequest:
+        """The enrolment request for these keys; with `tls`, it asks for a certificate too."""
+        csr_pem = b""
+        if tls:
+            # The CA names the certificate itself; the subject only says who asks.
+            subject = x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, self.identity.role),
+                    x509.NameAttribute(NameOID.COMMON_NAME, self.identity.agent_id),
+                ]
+            )
+            csr = (
+                x509.CertificateSigningRequestBuilder()
+                .subject_name(subject)
+                .sign(self._tls_key, hashes.SHA256())
+            )
+            csr_pem = csr.public_bytes(serialization.Encoding.PEM)
+        return EnrolRequest(
+            member_id=self.identity.agent_id,
+            role=self.identity.role,
+            key=self.identity.key.public.raw,
+            csr_pem=csr_pem,
+        )
+
+    def accept(self, granted: Grant, deployment: Deployment) -> Identity:
+        """Take `granted` into `identity`, once it is checked to be for these keys.
+
+        Raises:
+            SecurityError: the token is not one the deployment trusts, names another member
+                or role, or binds another key; or the certificate is missing on a
+                mutual-TLS bus, or is not for this member and TLS key.
+        """
+        me = self.identity
+        verifier = TokenVerifier(issuers=list(deployment.issuers), audience=deployment.audience)
+        claims = verifier.verify(granted.token)
+        if (claims.sub, claims.role, claims.key.raw) != (me.agent_id, me.role, me.key.public.raw):
+            raise SecurityError(
+                "bad_grant",
+                f"token for {claims.sub!r} in role {claims.role!r} does not bind the key of "
+                f"{me.agent_id!r} in role {me.role!r}",
+            )
+        cert = None
+        if deployment.tls:
+            if not granted.cert_pem:
+                raise SecurityError("bad_grant", f"no client certificate for {me.agent_id!r}")
+            try:
+                issued = x509.load_pem_x509_certificate(granted.cert_pem)
+                cert = ClientCert.from_pem(
+                    cert_pem=granted.cert_pem,
+                    key_pem=_key_pem(self._tls_key),
+                    ca_pem=granted.ca_pem,
+                )
+            except (ValueError, ConfigError) as exc:
+                raise SecurityError("bad_grant", f"certificate: {exc}") from None
+            if issued.public_key() != self._tls_key.public_key() or (cert.member_id, cert.role) != (
+                me.agent_id,
+                me.role,
+            ):
+                raise SecurityError(
+                    "bad_grant",
+                    f"certificate of {cert.member_id!r} in role {cert.role!r} is not for the "
+                    f"TLS key of {me.agent_id!r}",
+                )
+        me.token = granted.token
+        me.cert = cert
+        return me
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError(
+            f"the keys of {self.identity.agent_id!r} stay in the process that made them"
+        )
+
+    def __repr__(self) -> str:
+        return f"MemberKeys(member_id={self.identity.agent_id!r}, role={self.identity.role!r})"
+
+
+def grant(
+    request: EnrolRequest,
+    *,
+    issuer: Issuer,
+    ca: DeploymentCA | None,
+    tenant: str,
+    capabilities: tuple[str, ...] = (),
+    budget_usd: float = 0.0,
+    ttl_s: float = DEFAULT_TOKEN_TTL_S,
+    cert_ttl_s: float = DEFAULT_CLIENT_TTL.total_seconds(),
+) -> Grant:
+    """Certify the keys of `request` for the member and role it names.
+
+    The caller decides whether that member may enrol at all; this only issues.
+
+    Args:
+        request: the member's request.
+        issuer: signs the token.
+        ca: signs the client certificate; None when the bus is not mutual TLS.
+        tenant: the member's tenant (the certificate's O).
+        capabilities: what the token grants.
+        budget_usd: the token's budget authority.
+        ttl_s: the token's lifetime.
+        cert_ttl_s: the certificate's lifetime.
+
+    Raises:
+        ConfigError: the key is not an Ed25519 public key, or, with `ca`, the request has
+            no valid certificate signing request.
+    """
+    try:
+        key = VerifyKey(request.key)
+    except ValueError as exc:
+        raise ConfigError(f"key: {exc}") from None
+    cert_pem = ca_pem = b""
+    if ca is not None:
+        if not request.csr_pem:
+            raise ConfigError(
+                "csr_pem: the bus is mutual TLS, so enrolment needs a certificate signing "
+                "request for the member's own TLS key"
+            )
+        cert_pem = ca.sign_request(
+            request.csr_pem,
+            request.member_id,
+            request.role,
+            tenant=tenant,
+            ttl=dt.timedelta(seconds=cert_ttl_s),
+        )
+        ca_pem = ca.ca_pem
+    token = issuer.issue(
+        sub=request.member_id,
+        role=request.role,
+        key=key,
+        capabilities=capabilities,
+        budget_usd=budget_usd,
+        ttl_s=ttl_s,
+    )
+    return Grant(token=token, cert_pem=cert_pem, ca_pem=ca_pem)
+
+
+class EnrolmentServer:
+    """Short-lived operator and watch credentials for local processes, on a Unix socket.
+
+    The running deployment serves this at ``<advertised directory>/enrol.sock``. A client
+    (``govmesh approvals``, ``govmesh watch``) makes its own keys and sends one JSON line, an
+    `EnrolRequest` for `OPERATOR_MEMBER` in the operator role or `WATCH_MEMBER` in the
+    auditor role; it gets one JSON line back, a `Grant` for its keys that lives
+    `ENROLMENT_TTL_S`, or a `Refusal` that says why. Every other member and role is refused:
+    nothing here can become governance, the gateway or an agent.
+
+    Why a socket rather than a one-time enrolment token: a token would be a secret written
+    somewhere for the client to find, readable by whoever can read that place, and spent or
+    not, it outlives the moment it was meant for. The socket holds no secret at rest: it
+    answers only while the deployment runs, only to processes the kernel lets connect (the
+    socket is 0600 in a 0700 directory) and, where the kernel says who connects
+    (``SO_PEERCRED`` on Linux), only to the user that runs the deployment. Whoever can
+    connect can act as an operator of the deployment; that user can read the deployment's
+    memory anyway. The client's private keys never leave it: it sends a certificate signing
+    request and a public key.
+
+    Requests are bounded (`MAX_REQUEST_BYTES`, a few seconds to arrive, a few served at
+    once). A socket left by a process that was killed is replaced; one that another live
+    process serves is an error. `close` removes the socket; it is safe to call twice.
+
+    Use ``async with EnrolmentServer(...) as server:``.
+
+    Args:
+        path: where to serve the socket.
+        issuer: signs the tokens.
+        ca: signs the client certificates; None when the bus is not mutual TLS.
+        tenant: the deployment's tenant.
+        ttl_s: lifetime of what it grants.
+        timeout_s: how long a client may take to send its request.
+
+    Attributes:
+        granted: grants made, by member.
+        refused: refusals, by reason.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        issuer: Issuer,
+        ca: DeploymentCA | None,
+        tenant: str,
+        ttl_s: float = ENROLMENT_TTL_S,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.path = Path(path)
+        self._issuer = issuer
+        self._ca = ca
+        self._tenant = tenant
+        self._ttl_s = ttl_s
+        self._timeout_s = timeout_s
+        self._server: asyncio.Server | None = None
+        self._slots = asyncio.Semaphore(_CONCURRENT)
+        self.granted: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+
+    async def __aenter__(self) -> EnrolmentServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Serve the socket at `path`, replacing one left by a killed process.
+
+        Raises:
+            ConfigError: the path is too long for a Unix socket, or a live process serves it.
+        """
+        size = len(os.fsencode(self.path))
+        if size > _MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"{self.path}: {size} bytes is too long for a Unix socket (at most "
+                f"{_MAX_SOCKET_PATH}); set GOVMESH_HOME to a shorter directory"
+            )
+        if self.path.exists() or self.path.is_symlink():
+            await _clear_stale(self.path)
+        self._server = await asyncio.start_unix_server(
+            self._serve, path=str(self.path), limit=MAX_REQUEST_BYTES
+        )
+        # The directory is 0700 already, so the moment before this chmod exposes nothing.
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        """Stop serving and remove the socket. Safe to call twice."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        await server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async with self._slots:
+            reply: Grant | Refusal
+            try:
+                reply = await self._answer(reader, writer)
+            except _Refused as exc:
+                self.refused[exc.reason] += 1
+                log.warning("enrolment refused (%s): %s", exc.reason, exc.error)
+                reply = Refusal(error=exc.error)
+            try:
+                writer.write(msgspec.json.encode(reply) + b"\n")
+                await asyncio.wait_for(writer.drain(), self._timeout_s)
+            except (OSError, TimeoutError) as exc:
+                log.info("enrolment reply not delivered: %s", exc)
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Grant:
+        uid = _peer_uid(writer)
+        if uid is not None and uid != os.getuid():
+            raise _Refused(
+                "peer",
+                f"enrolment is only for uid {os.getuid()}, the user that runs the deployment; "
+                f"this client runs as uid {uid}",
+            )
+        try:
+            line = await asyncio.wait_for(reader.readuntil(b"\n"), self._timeout_s)
+        except asyncio.LimitOverrunError:
+            raise _Refused(
+                "too_large", f"request is larger than {MAX_REQUEST_BYTES} bytes"
+            ) from None
+        except asyncio.IncompleteReadError as exc:
+            raise _Refused(
+                "incomplete", f"request ended after {len(exc.partial)} bytes, before its newline"
+            ) from None
+        except TimeoutError:
+            raise _Refused("timeout", f"no request within {self._timeout_s:g} s") from None
+        try:
+            request = _REQUEST.decode(line)
+        except msgspec.DecodeError as exc:
+            raise _Refused("malformed", f"not an enrolment request: {exc}") from None
+        allowed = SOCKET_MEMBERS.get(request.member_id)
+        if allowed is None or request.role != allowed:
+            raise _Refused(
+                "role",
+                f"enrolment here is only for {_allowed()}; refused member "
+                f"{request.member_id!r} in role {request.role!r}",
+            )
+        try:
+            granted = grant(
+                request,
+                issuer=self._issuer,
+                ca=self._ca,
+                tenant=self._tenant,
+                ttl_s=self._ttl_s,
+                cert_ttl_s=self._ttl_s,
+            )
+        except ConfigError as exc:
+            raise _Refused("bad_keys", str(exc)) from None
+        self.granted[request.member_id] += 1
+        return granted
+
+    def __repr__(self) -> str:
+        return f"EnrolmentServer(path={str(self.path)!r}, serving={self._server is not None})"
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, error: str) -> None:
+        super().__init__(error)
+        self.reason = reason
+        self.error = error
+
+
+def _allowed() -> str:
+    return " and ".join(f"member {m!r} in role {r!r}" for m, r in SOCKET_MEMBERS.items())
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    """The uid of the process at the other end, where the kernel says (Linux)."""
+    sock = writer.get_extra_info("socket")
+    option = getattr(socket, "SO_PEERCRED", None)
+    if sock is None or option is None:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    return int(uid)
+
+
+async def _clear_stale(path: Path) -> None:
+    try:
+        _, writer = await asyncio.open_unix_connection(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        # Nobody listens: left by a process that was killed.
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot tell whether it is in use: {exc}") from None
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    raise ConfigError(f"{path}: another live process serves enrolment here")
+
+
+async def request_grant(path: Path, request: EnrolRequest, *, timeout_s: float = 10.0) -> Grant:
+    """Ask the `EnrolmentServer` at `path` to certify the keys of `request`.
+
+    Raises:
+        ConfigError: nothing serves the socket, this user may not connect to it, or no
+            well-formed answer came within `timeout_s`.
+        SecurityError: the server refused the request (``enrolment_refused``).
+    """
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(path), limit=_MAX_REPLY_BYTES), timeout_s
+        )
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ConfigError(
+            f"{path}: the deployment serves no enrolment here; it stopped, or was started "
+            "by a govmesh without enrolment"
+        ) from None
+    except PermissionError:
+        raise ConfigError(
+            f"{path}: permission denied; only the user that runs the deployment may enrol"
+        ) from None
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(f"{path}: cannot reach the enrolment socket: {exc!r}") from None
+    try:
+        writer.write(msgspec.json.encode(request) + b"\n")
+        await asyncio.wait_for(writer.drain(), timeout_s)
+        line = await asyncio.wait_for(reader.readuntil(b"\n"), timeout_s)
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        raise ConfigError(f"{path}: enrolment got no answer: {exc!r}") from None
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    try:
+        reply = _REPLY.decode(line)
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not an enrolment answer: {exc}") from None
+    match reply:
+        case Refusal(error=error):
+            raise SecurityError("enrolment_refused", error)
+        case Grant():
+            return reply
