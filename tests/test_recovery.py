@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from govmesh.agents.messages import InFlight, PurchaseOutcome, PurchaseRequest
-from govmesh.bus import Bus, Delivery
+from govmesh.bus import Bus, Delivery, ensure_event_stream
 from govmesh.scenarios._schema import load_scenario
 from govmesh.scenarios._swarm import Swarm
 from govmesh.state.messages import Snapshot
@@ -50,6 +50,8 @@ async def _buy(coordinator: Bus, workflow: str) -> None:
 async def _coordinator(dep, issuer) -> tuple[Bus, asyncio.Queue[tuple[str, PurchaseOutcome]]]:
     """A bus member the outcomes are sent to, and the queue of (workflow, outcome)."""
     coordinator = await Bus.connect(dep, issuer.identity("coordinator-1", "coordinator"))
+    # The audit actor reads the event stream; only a coordinator may create it.
+    await ensure_event_stream(coordinator.nc)
     outcomes: asyncio.Queue[tuple[str, PurchaseOutcome]] = asyncio.Queue()
 
     async def on_outcome(d: Delivery) -> None:

@@ -175,8 +175,8 @@ class MemberKeys:
         if (claims.sub, claims.role, claims.key.raw) != (me.agent_id, me.role, me.key.public.raw):
             raise SecurityError(
                 "bad_grant",
-                f"token for {claims.sub!r} in role {claims.role!r} does not bind the key of "
-                f"{me.agent_id!r} in role {me.role!r}",
+                f"token for {claims.sub!r} in role {claims.role!r} is not for the key that "
+                f"{me.agent_id!r} in role {me.role!r} made here",
             )
         cert = None
         if deployment.tls:
