@@ -123,7 +123,7 @@ class ServiceActor:
 
     async def enrolment_request(self) -> EnrolRequest:
         """The public halves of this process's keys, for the driver to certify."""
-        return self._keys.request(tls=self._service.deployment.tls)
+        return self._keys.request()
 
     async def start(self, granted: Grant) -> str:
         """Start the hosted service with `granted`; returns its agent id once subscribed."""

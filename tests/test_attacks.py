@@ -243,7 +243,7 @@ async def test_the_enrolment_socket_gives_no_governance_gateway_or_agent_identit
         (WATCH_MEMBER, "gateway"),
     ]
     for member, role in asked:
-        request = MemberKeys(member, role).request(tls=joined.deployment.tls)
+        request = MemberKeys(member, role).request()
         with pytest.raises(SecurityError, match=r"enrolment_refused.*refused member"):
             await request_grant(socket_path, request)
     # What it does grant names the operator or watch member, grants no tool and no budget.
@@ -277,7 +277,7 @@ async def test_the_enrolment_socket_refuses_another_user_even_when_it_may_connec
         issuer = Issuer(name="test:acme", audience="govmesh:acme")
         async with EnrolmentServer(path, issuer=issuer, ca=None, tenant="acme") as server:
             os.chmod(path, 0o666)  # permissions loosened by mistake
-            request = msgspec.json.encode(MemberKeys(WATCH_MEMBER, AUDITOR_ROLE).request(tls=False))
+            request = msgspec.json.encode(MemberKeys(WATCH_MEMBER, AUDITOR_ROLE).request())
             client = (
                 "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
                 "s.sendall(sys.stdin.buffer.read()); print(s.makefile('rb').readline().decode())"

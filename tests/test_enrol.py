@@ -74,7 +74,7 @@ def test_a_grant_is_for_the_member_s_own_keys_and_fits_no_other() -> None:
     dep = _deployment(issuer)
     keys = MemberKeys("procurement-1", "Procurement-Agent-v2")
     granted = grant(
-        keys.request(tls=True),
+        keys.request(),
         issuer=issuer,
         ca=ca,
         tenant="acme",
@@ -145,7 +145,7 @@ async def test_the_socket_is_private_grants_short_lived_credentials_and_is_remov
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         for member, role in ((OPERATOR_MEMBER, OPERATOR_ROLE), (WATCH_MEMBER, AUDITOR_ROLE)):
             keys = MemberKeys(member, role)
-            identity = keys.accept(await request_grant(path, keys.request(tls=True)), dep)
+            identity = keys.accept(await request_grant(path, keys.request()), dep)
             claims = TokenVerifier(issuers=[issuer.public_key], audience=dep.audience).verify(
                 identity.token
             )
@@ -159,7 +159,7 @@ async def test_the_socket_is_private_grants_short_lived_credentials_and_is_remov
         await server.close()
     assert not path.exists()
     with pytest.raises(ConfigError, match="serves no enrolment here"):
-        await request_grant(path, MemberKeys(OPERATOR_MEMBER, OPERATOR_ROLE).request(tls=True))
+        await request_grant(path, MemberKeys(OPERATOR_MEMBER, OPERATOR_ROLE).request())
 
 
 async def test_malformed_oversized_and_silent_requests_get_a_clear_refusal(tmp_path: Path) -> None:
@@ -169,13 +169,14 @@ async def test_malformed_oversized_and_silent_requests_get_a_clear_refusal(tmp_p
         garbage = await _raw(path, b"hello\n")
         assert "not an enrolment request" in str(garbage["error"]), garbage
 
-        request = msgspec.to_builtins(
-            MemberKeys(OPERATOR_MEMBER, OPERATOR_ROLE).request(tls=True)
-        ) | {"admin": True}
+        request = msgspec.to_builtins(MemberKeys(OPERATOR_MEMBER, OPERATOR_ROLE).request()) | {
+            "admin": True
+        }
         unknown = await _raw(path, json.dumps(request).encode() + b"\n")
         assert "admin" in str(unknown["error"]), unknown
 
-        no_csr = msgspec.to_builtins(MemberKeys(OPERATOR_MEMBER, OPERATOR_ROLE).request(tls=False))
+        no_csr = msgspec.to_builtins(MemberKeys(OPERATOR_MEMBER, OPERATOR_ROLE).request())
+        del no_csr["csr_pem"]
         missing = await _raw(path, json.dumps(no_csr).encode() + b"\n")
         assert "csr_pem" in str(missing["error"]), missing
 
@@ -201,9 +202,7 @@ async def test_a_socket_left_by_a_killed_process_is_replaced_and_a_live_one_is_a
     stale.close()  # what a SIGKILL leaves: the file, nobody listening
     async with EnrolmentServer(path, issuer=issuer, ca=None, tenant="acme"):
         keys = MemberKeys(WATCH_MEMBER, AUDITOR_ROLE)
-        keys.accept(
-            await request_grant(path, keys.request(tls=False)), _deployment(issuer, tls=False)
-        )
+        keys.accept(await request_grant(path, keys.request()), _deployment(issuer, tls=False))
         with pytest.raises(ConfigError, match="another live process serves enrolment here"):
             await EnrolmentServer(path, issuer=issuer, ca=None, tenant="acme").start()
     assert not path.exists()

@@ -82,8 +82,8 @@ class EnrolRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         member_id: the member it asks to enrol as.
         role: that member's role.
         key: its raw Ed25519 public key (32 bytes), which the token binds (``cnf``).
-        csr_pem: a certificate signing request (PKCS#10, PEM) for its P-256 TLS key, on a
-            mutual-TLS bus.
+        csr_pem: a certificate signing request (PKCS#10, PEM) for its P-256 TLS key;
+            needed on a mutual-TLS bus.
     """
 
     member_id: str
@@ -137,28 +137,26 @@ class MemberKeys:
         self.identity = Identity(agent_id=member_id, role=role, key=SigningKey(), token="")
         self._tls_key = ec.generate_private_key(ec.SECP256R1())
 
-    def request(self, *, tls: bool) -> EnrolRequest:
-        """The enrolment request for these keys; with `tls`, it asks for a certificate too."""
-        csr_pem = b""
-        if tls:
-            # The CA names the certificate itself; the subject only says who asks.
-            subject = x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, self.identity.role),
-                    x509.NameAttribute(NameOID.COMMON_NAME, self.identity.agent_id),
-                ]
-            )
-            csr = (
-                x509.CertificateSigningRequestBuilder()
-                .subject_name(subject)
-                .sign(self._tls_key, hashes.SHA256())
-            )
-            csr_pem = csr.public_bytes(serialization.Encoding.PEM)
+    def request(self) -> EnrolRequest:
+        """The enrolment request for these keys: the Ed25519 public key, and a certificate
+        signing request for the TLS key, which a deployment without mutual TLS ignores."""
+        # The CA names the certificate itself; the subject only says who asks.
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, self.identity.role),
+                x509.NameAttribute(NameOID.COMMON_NAME, self.identity.agent_id),
+            ]
+        )
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(subject)
+            .sign(self._tls_key, hashes.SHA256())
+        )
         return EnrolRequest(
             member_id=self.identity.agent_id,
             role=self.identity.role,
             key=self.identity.key.public.raw,
-            csr_pem=csr_pem,
+            csr_pem=csr.public_bytes(serialization.Encoding.PEM),
         )
 
     def accept(self, granted: Grant, deployment: Deployment) -> Identity:
@@ -166,8 +164,8 @@ class MemberKeys:
 
         Raises:
             SecurityError: the token is not one the deployment trusts, names another member
-                or role, or binds another key; or the certificate is missing on a
-                mutual-TLS bus, or is not for this member and TLS key.
+                or role, or binds another key; or the certificate is not for this member and
+                TLS key, or is missing on a mutual-TLS bus.
         """
         me = self.identity
         verifier = TokenVerifier(issuers=list(deployment.issuers), audience=deployment.audience)
@@ -179,9 +177,7 @@ class MemberKeys:
                 f"{me.agent_id!r} in role {me.role!r} made here",
             )
         cert = None
-        if deployment.tls:
-            if not granted.cert_pem:
-                raise SecurityError("bad_grant", f"no client certificate for {me.agent_id!r}")
+        if granted.cert_pem:
             try:
                 issued = x509.load_pem_x509_certificate(granted.cert_pem)
                 cert = ClientCert.from_pem(
@@ -200,6 +196,8 @@ class MemberKeys:
                     f"certificate of {cert.member_id!r} in role {cert.role!r} is not for the "
                     f"TLS key of {me.agent_id!r}",
                 )
+        elif deployment.tls:
+            raise SecurityError("bad_grant", f"no client certificate for {me.agent_id!r}")
         me.token = granted.token
         me.cert = cert
         return me

@@ -105,7 +105,7 @@ class JoinedDeployment:
             SecurityError: the deployment refused, or granted something not for these keys.
         """
         keys = MemberKeys(member_id, role)
-        granted = await request_grant(self.enrolment, keys.request(tls=self.deployment.tls))
+        granted = await request_grant(self.enrolment, keys.request())
         return keys.accept(granted, self.deployment)
 
 

@@ -250,9 +250,7 @@ class Swarm:
             for name, service_type, kwargs in self._specs:
                 keys = MemberKeys(name, self._members[name][0])
                 self._local[name] = service_type(identity=keys.identity, **kwargs)
-                keys.accept(
-                    self._grant(name, keys.request(tls=self.deployment.tls)), self.deployment
-                )
+                keys.accept(self._grant(name, keys.request()), self.deployment)
             await asyncio.gather(*(svc.start() for svc in self._local.values()))
             return
         for name, service_type, kwargs in self._specs:
