@@ -10,6 +10,7 @@ import pickle
 import socket
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import msgspec
@@ -29,12 +30,14 @@ from govmesh.identity import (
     Issuer,
     MemberKeys,
     TokenVerifier,
-    grant,
+    certify,
     request_grant,
 )
 from govmesh.identity._enrol import MAX_REQUEST_BYTES
 from govmesh.identity._permissions import AUDITOR_ROLE, OPERATOR_ROLE
-from govmesh.runtime import advertise, join
+from govmesh.runtime import Member, NatsServer, RedisServer, Transport, advertise, join
+
+from _deploy import deployment
 
 
 def _deployment(issuer: Issuer, *, tls: bool = True) -> Deployment:
@@ -73,7 +76,7 @@ def test_a_grant_is_for_the_member_s_own_keys_and_fits_no_other() -> None:
     issuer, ca = _issuer(), DeploymentCA.create("test-enrol")
     dep = _deployment(issuer)
     keys = MemberKeys("procurement-1", "Procurement-Agent-v2")
-    granted = grant(
+    granted = certify(
         keys.request(),
         issuer=issuer,
         ca=ca,
@@ -248,3 +251,42 @@ async def test_advertise_leaves_only_the_record_and_the_socket_and_removes_both(
         assert sorted(p.name for p in where.iterdir()) == ["deployment.json", "enrol.sock"]
         assert join("acme").what == "again"
     assert not where.exists()
+
+
+async def test_a_member_renews_its_token_and_certificate_over_the_bus_keeping_its_own_keys(
+    secure_nats: tuple[Transport, NatsServer], redis_server: RedisServer, prefix: str
+) -> None:
+    import datetime as dt
+
+    from govmesh.bus import Bus
+    from govmesh.identity.authority import TokenAuthority
+
+    transport, server = secure_nats
+    dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
+    authority = TokenAuthority(
+        dep, issuer, ttl_s=2.0, ca=transport.ca, cert_ttl=dt.timedelta(seconds=3)
+    )
+    keys = MemberKeys("alice", "agent")
+    transport.register([Member.for_role("alice", "agent", tenant=prefix)])
+    granted = certify(
+        keys.request(), issuer=issuer, ca=transport.ca, tenant=prefix, ttl_s=2.0, cert_ttl_s=3.0
+    )
+    identity = keys.accept(granted, dep)
+    assert identity.cert is not None
+    first_cert, key_pem = identity.cert.cert_pem, identity.cert.key_pem
+    await authority.start()
+    alice = await Bus.connect(dep, identity)
+    try:
+        deadline = time.monotonic() + 30
+        while alice.rotations < 2 or alice.cert_renewals < 1:
+            assert time.monotonic() < deadline, (alice.rotations, alice.cert_renewals)
+            await asyncio.sleep(0.1)
+    finally:
+        await alice.close()
+        await authority.close()
+    claims = alice.tokens.verify(identity.token)
+    assert identity.token != granted.token and claims.key.raw == identity.key.public.raw
+    assert identity.cert.cert_pem != first_cert and identity.cert.key_pem == key_pem
+    renewed = x509.load_pem_x509_certificate(identity.cert.cert_pem)
+    own = serialization.load_pem_private_key(key_pem, password=None)
+    assert renewed.public_key() == own.public_key()

@@ -18,7 +18,7 @@ from govmesh.identity._enrol import (
     EnrolRequest,
     Grant,
     MemberKeys,
-    grant,
+    certify,
     request_grant,
 )
 from govmesh.identity._keys import SigningKey, VerifyKey
@@ -53,7 +53,7 @@ __all__ = [
     "SigningKey",
     "TokenVerifier",
     "VerifyKey",
-    "grant",
+    "certify",
     "load_client_cert",
     "member_dn",
     "permissions_for",

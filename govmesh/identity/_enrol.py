@@ -51,7 +51,7 @@ __all__ = [
     "Grant",
     "MemberKeys",
     "Refusal",
-    "grant",
+    "certify",
     "request_grant",
 ]
 
@@ -187,10 +187,8 @@ class MemberKeys:
                 )
             except (ValueError, ConfigError) as exc:
                 raise SecurityError("bad_grant", f"certificate: {exc}") from None
-            if issued.public_key() != self._tls_key.public_key() or (cert.member_id, cert.role) != (
-                me.agent_id,
-                me.role,
-            ):
+            mine = issued.public_key() == self._tls_key.public_key()
+            if not mine or (cert.member_id, cert.role) != (me.agent_id, me.role):
                 raise SecurityError(
                     "bad_grant",
                     f"certificate of {cert.member_id!r} in role {cert.role!r} is not for the "
@@ -211,7 +209,7 @@ class MemberKeys:
         return f"MemberKeys(member_id={self.identity.agent_id!r}, role={self.identity.role!r})"
 
 
-def grant(
+def certify(
     request: EnrolRequest,
     *,
     issuer: Issuer,
@@ -423,7 +421,7 @@ class EnrolmentServer:
                 f"{request.member_id!r} in role {request.role!r}",
             )
         try:
-            granted = grant(
+            granted = certify(
                 request,
                 issuer=self._issuer,
                 ca=self._ca,

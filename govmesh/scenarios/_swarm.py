@@ -19,7 +19,7 @@ from govmesh.errors import ConfigError, SecurityError
 from govmesh.forecasting import BudgetService
 from govmesh.governance._actor import GOVERNANCE_ROLE, OPERATOR_ROLE, GovernanceService
 from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest
-from govmesh.identity import EnrolRequest, Grant, Identity, Issuer, MemberKeys, grant
+from govmesh.identity import EnrolRequest, Grant, Identity, Issuer, MemberKeys, certify
 from govmesh.identity._permissions import AUDITOR_ROLE
 from govmesh.llm import SimulatedModel
 from govmesh.observability._service import AuditService
@@ -303,7 +303,7 @@ class Swarm:
                 "bad_enrolment",
                 f"{name!r} asked to enrol as {request.member_id!r} in role {request.role!r}",
             )
-        return grant(
+        return certify(
             request,
             issuer=self.issuer,
             ca=self.transport.ca if self.transport is not None else None,
