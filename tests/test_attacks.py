@@ -91,30 +91,20 @@ ROOT = Path(__file__).parent.parent
 # 7. The advertised directory holds nothing that can mint identities.
 # ---------------------------------------------------------------------------------------
 
-_WAITING = """
-name: attack-home
-tenant: attack-home
-policies: [{policy}]
-model:
-  name: simulated-small
-  input_tokens: {{mean: 1000, sd: 100}}
-  output_tokens: {{mean: 300, sd: 50}}
-  error_probability: 0.0
-  latency_ms: 1
-prices:
-  simulated-small: {{input_per_1k: 0.003, output_per_1k: 0.015}}
-agents:
-  requester: {{id: requester-1, role: Requester}}
-  procurement:
-    id: procurement-1
-    role: Procurement-Agent-v2
-    capabilities: [erp.create_purchase_order]
-    budget_usd: 25000
-purchases:
-  items: [laptops]
-  vendors: {{Vendor_A: 1.0}}
-  amount_usd: {{min: 5500, max: 9500}}
-"""
+
+def _waiting_scenario(path: Path) -> None:
+    """Write to `path` the procurement scenario with every purchase over the approval
+    threshold and under the limit, so each one waits for an operator."""
+    text = (ROOT / "scenarios" / "procurement.yaml").read_text()
+    changes = {
+        "../policies/": f"{ROOT / 'policies'}/",
+        "vendors: {Vendor_A: 0.45, Vendor_B: 0.40, Vendor_C: 0.15}": "vendors: {Vendor_A: 1.0}",
+        "amount_usd: {min: 250, max: 12500}": "amount_usd: {min: 5500, max: 9500}",
+    }
+    for old, new in changes.items():
+        assert old in text, f"the procurement scenario no longer says {old!r}"
+        text = text.replace(old, new)
+    path.write_text(text)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +114,7 @@ def waiting_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     pending (an operator has enrolled and listed them by then), and stops the run after."""
     base = tmp_path_factory.mktemp("waiting-run")
     scenario = base / "waiting.yaml"
-    scenario.write_text(_WAITING.format(policy=ROOT / "policies" / "procurement-agent-v2.yaml"))
+    _waiting_scenario(scenario)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GOVMESH_", "RAY_"))}
     env["GOVMESH_HOME"] = str(base / "home")
     govmesh = [sys.executable, "-m", "govmesh.cli"]
@@ -153,7 +143,7 @@ def waiting_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             if got.returncode == 0:
                 pending = json.loads(listed.read_text())
             time.sleep(0.5)
-        yield base / "home" / "attack-home"
+        yield base / "home" / "acme"
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -214,7 +204,7 @@ def test_the_advertised_directory_holds_nothing_that_can_mint_an_identity(
     waiting_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GOVMESH_HOME", str(waiting_run.parent))
-    joined = join("attack-home")
+    joined = join("acme")
     files = [p for p in waiting_run.rglob("*") if p.is_file()]
     assert "deployment.json" in {p.name for p in files}, files
     assert [finding for p in files for finding in _key_material(p, joined)] == []
@@ -224,7 +214,7 @@ async def test_the_enrolment_socket_gives_no_governance_gateway_or_agent_identit
     waiting_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GOVMESH_HOME", str(waiting_run.parent))
-    joined = join("attack-home")
+    joined = join("acme")
     socket_path = waiting_run / "enrol.sock"
     assert stat.S_IMODE(waiting_run.stat().st_mode) == 0o700
     assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
@@ -236,7 +226,7 @@ async def test_the_enrolment_socket_gives_no_governance_gateway_or_agent_identit
         ("budget-1", "budget"),
         ("state-1", "state"),
         ("audit-1", "auditor"),
-        ("issuer-attack-home", "issuer"),
+        ("issuer-acme", "issuer"),
         ("coordinator-attack", "coordinator"),
         (OPERATOR_MEMBER, "governance"),
         (OPERATOR_MEMBER, "auditor"),
