@@ -151,6 +151,9 @@ def waiting_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    # Ctrl-C closes the enrolment socket and removes the advertised directory.
+    assert proc.returncode == 130, log.read_text()[-3000:]
+    assert not (base / "home" / "acme").exists()
 
 
 def _mints(seed: bytes, joined: JoinedDeployment) -> bool:
