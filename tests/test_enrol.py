@@ -239,13 +239,17 @@ async def test_advertise_leaves_only_the_record_and_the_socket_and_removes_both(
     gone = subprocess.Popen(["true"])
     gone.wait()
     where.mkdir(mode=0o700)
-    left = json.loads(record) | {"pid": gone.pid}
+    (where / "deployment.json").write_text(json.dumps(json.loads(record) | {"pid": gone.pid}))
+    with pytest.raises(ConfigError, match="which is gone"):
+        join("acme")
+    # An older govmesh's record, without today's fields.
+    left = {"pid": gone.pid, "tenant": "acme", "issuer_name": "test:acme"}
     (where / "deployment.json").write_text(json.dumps(left))
     (where / "issuer.key").write_bytes(os.urandom(32))
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(where / "enrol.sock"))
     stale.close()
-    with pytest.raises(ConfigError, match="which is gone"):
+    with pytest.raises(ConfigError, match="cannot read the deployment"):
         join("acme")
     async with advertise(dep, issuer, ca=ca, what="again"):
         assert sorted(p.name for p in where.iterdir()) == ["deployment.json", "enrol.sock"]

@@ -146,7 +146,8 @@ async def advertise(
     """Advertise a running deployment under `home_dir`, and serve its enrolment socket, for
     the duration of the block; both are removed when it ends, by an error or Ctrl-C too.
 
-    What a process that was killed left there is removed first.
+    What a process that was killed left there (an older govmesh's keys too) is removed
+    first.
 
     Yields:
         The deployment's directory.
@@ -155,7 +156,7 @@ async def advertise(
         ConfigError: another live process already runs a deployment of this tenant here.
     """
     where = home_dir() / deployment.tenant
-    found = _read(where)
+    found = _owner(where)
     if found is not None and found.pid != os.getpid():
         if _alive(found.pid):
             raise ConfigError(
@@ -185,9 +186,23 @@ async def advertise(
         yield where
     finally:
         await server.close()
-        mine = _read(where)
+        mine = _owner(where)
         if mine is not None and mine.pid == os.getpid():
             shutil.rmtree(where, ignore_errors=True)
+
+
+class _Owner(msgspec.Struct, frozen=True):
+    pid: int
+    what: str = ""
+
+
+def _owner(where: Path) -> _Owner | None:
+    """Who advertised `where`, read from any govmesh version's record (an older one's may
+    lack today's fields); None when nobody did or the record is unreadable."""
+    try:
+        return msgspec.json.decode((where / _STATE).read_bytes(), type=_Owner)
+    except (OSError, msgspec.DecodeError):
+        return None
 
 
 def _read(where: Path) -> _Record | None:
