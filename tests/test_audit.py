@@ -20,7 +20,14 @@ from govmesh.config import key_prefix
 from govmesh.forecasting.messages import Usage
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Issuer, SigningKey
-from govmesh.observability import AuditConsumer, AuditIndex, AuditRecord, summarize_body
+from govmesh.observability import (
+    AuditConsumer,
+    AuditIndex,
+    AuditRecord,
+    StoredMessage,
+    StreamVerifier,
+    summarize_body,
+)
 from govmesh.runtime import NatsServer, RedisServer
 from govmesh.state.messages import Snapshot
 from govmesh.tools.messages import ToolResult
@@ -33,30 +40,36 @@ class Note(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 class Sender:
-    """Seals messages of one tenant as a given agent, the way the bus does."""
+    """Seals messages of one tenant as a given agent, the way the bus does, and numbers them
+    as the event stream stores them."""
 
     def __init__(self, tenant: str) -> None:
         self.issuer = Issuer(name=f"test:{tenant}", audience=f"govmesh:{tenant}")
+        self.verifier = StreamVerifier(
+            issuers=[self.issuer.public_key], audience=f"govmesh:{tenant}"
+        )
         self.subjects = Subjects(tenant)
         self.codec = Codec()
         self.agents = {}
+        self.seq = 0
+
+    def stored(self, subject: str, data: bytes) -> StoredMessage:
+        self.seq += 1
+        return StoredMessage(subject=subject, data=data, seq=self.seq, stored_at=time.time())
 
     def seal(
         self, agent: str, body: msgspec.Struct, *, workflow: str, causation: str = ""
-    ) -> tuple[str, bytes]:
+    ) -> tuple[str, StoredMessage]:
         if agent not in self.agents:
             self.agents[agent] = self.issuer.identity(agent, "agent")
+        subject = self.subjects.msg(agent)
         envelope, data = self.codec.seal(
-            self.agents[agent],
-            subject=self.subjects.msg(agent),
-            body=body,
-            workflow=workflow,
-            causation=causation,
+            self.agents[agent], subject=subject, body=body, workflow=workflow, causation=causation
         )
-        return envelope.id, data
+        return envelope.id, self.stored(subject, data)
 
 
-def _notes(sender: Sender, workflow: str, n: int) -> list[bytes]:
+def _notes(sender: Sender, workflow: str, n: int) -> list[StoredMessage]:
     return [sender.seal("alice", Note(n=i), workflow=workflow)[1] for i in range(n)]
 
 
@@ -79,10 +92,14 @@ async def _stream_and_index(
         await r.aclose()
 
 
-async def _alice(nats_server: NatsServer, redis_server: RedisServer, tenant: str) -> Bus:
-    """An agent's bus, to publish the events a consumer stores."""
+async def _alice(
+    nats_server: NatsServer, redis_server: RedisServer, tenant: str
+) -> tuple[Bus, StreamVerifier]:
+    """An agent's bus, to publish the events a consumer stores, and the verifier of its
+    deployment."""
     dep, issuer = deployment(nats_server.url, redis_server.url, tenant)
-    return await Bus.connect(dep, issuer.identity("alice", "agent"), rotate=False)
+    bus = await Bus.connect(dep, issuer.identity("alice", "agent"), rotate=False)
+    return bus, StreamVerifier.of(dep)
 
 
 async def _until_stored(index: AuditIndex, workflow: str, count: int) -> None:
@@ -99,11 +116,12 @@ async def test_appending_the_same_event_twice_stores_it_once(
     index, r = await _index(redis_server, prefix)
     try:
         first = _notes(sender, "wf-1", 3)
-        report = await index.ingest(first)
+        report = await index.ingest(first, verifier=sender.verifier)
         assert (report.stored, report.duplicates) == (3, 0)
         extra = _notes(sender, "wf-1", 1)
-        report = await index.ingest([*first, *extra, extra[0], b"garbage"])
-        assert (report.stored, report.duplicates, report.malformed) == (1, 4, 1)
+        garbage = sender.stored(sender.subjects.msg("alice"), b"garbage")
+        report = await index.ingest([*first, *extra, extra[0], garbage], verifier=sender.verifier)
+        assert (report.stored, report.duplicates, report.refused) == (1, 4, 1)
         records = await index.records("wf-1")
         assert [rec.seq for rec in records] == [1, 2, 3, 4]
         assert [rec.prev for rec in records[1:]] == [rec.hash for rec in records[:-1]]
@@ -150,7 +168,7 @@ async def test_show_returns_the_causal_tree_with_summaries(
         workflow=wf,
     )
     try:
-        await index.ingest([intent, decision, result, usage, snap])
+        await index.ingest([intent, decision, result, usage, snap], verifier=sender.verifier)
         trace = await index.show(wf)
         assert [rec.kind for rec in trace.records] == [
             "ToolIntent",
@@ -188,8 +206,8 @@ def test_verify_names_an_edited_a_removed_and_two_reordered_records(
     async def fill_and_tamper() -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
         index, r = await _index(redis_server, prefix)
         try:
-            await index.ingest(_notes(sender, wf, 8))
-            await index.ingest(_notes(sender, "wf-untouched", 3))
+            await index.ingest(_notes(sender, wf, 8), verifier=sender.verifier)
+            await index.ingest(_notes(sender, "wf-untouched", 3), verifier=sender.verifier)
             assert (await index.verify()).ok
             key = index.chain_key(wf)
             raw = await r.lrange(key, 0, -1)
@@ -241,10 +259,10 @@ async def test_a_signed_checkpoint_catches_a_truncated_tail(
     key = SigningKey()
     wf = "wf-cut"
     try:
-        await index.ingest(_notes(sender, wf, 6))
+        await index.ingest(_notes(sender, wf, 6), verifier=sender.verifier)
         checkpoint = await index.checkpoint(key, signer="auditor")
         assert checkpoint.heads[wf][0] == 6
-        await index.ingest(_notes(sender, wf, 2))
+        await index.ingest(_notes(sender, wf, 2), verifier=sender.verifier)
         assert (await index.verify(wf, trusted=[key.public])).ok
         # Cut the tail and move the head back, so the chain alone looks whole.
         await r.ltrim(index.chain_key(wf), 0, 3)
@@ -262,11 +280,11 @@ async def test_a_signed_checkpoint_catches_a_truncated_tail(
 async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
     nats_server: NatsServer, redis_server: RedisServer, prefix: str
 ) -> None:
-    async with (
-        _stream_and_index(nats_server, redis_server, prefix) as (nc, index),
-        await _alice(nats_server, redis_server, prefix) as bus,
-    ):
-        consumer = AuditConsumer(nc, index, tenant=prefix, batch=10, ack_wait_s=1.0)
+    bus, verifier = await _alice(nats_server, redis_server, prefix)
+    async with _stream_and_index(nats_server, redis_server, prefix) as (nc, index), bus:
+        consumer = AuditConsumer(
+            nc, index, tenant=prefix, verifier=verifier, batch=10, ack_wait_s=1.0
+        )
 
         try:
             from govmesh.bus import ensure_event_stream
@@ -284,7 +302,13 @@ async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
             await bus.flush()
             key = SigningKey()
             consumer = AuditConsumer(
-                nc, index, tenant=prefix, batch=10, checkpoint_key=key, checkpoint_every_s=0.05
+                nc,
+                index,
+                tenant=prefix,
+                verifier=verifier,
+                batch=10,
+                checkpoint_key=key,
+                checkpoint_every_s=0.05,
             )  # resumes the durable consumer the first one made
             await consumer.start()
             await _until_stored(index, "wf-js", 8)
@@ -304,11 +328,9 @@ async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
 async def test_consumer_keeps_storing_after_a_pull_ends_in_asyncios_timeout(
     nats_server: NatsServer, redis_server: RedisServer, prefix: str
 ) -> None:
-    async with (
-        _stream_and_index(nats_server, redis_server, prefix) as (nc, index),
-        await _alice(nats_server, redis_server, prefix) as bus,
-    ):
-        consumer = AuditConsumer(nc, index, tenant=prefix, batch=10)
+    bus, verifier = await _alice(nats_server, redis_server, prefix)
+    async with _stream_and_index(nats_server, redis_server, prefix) as (nc, index), bus:
+        consumer = AuditConsumer(nc, index, tenant=prefix, verifier=verifier, batch=10)
         try:
             await consumer.start()
             assert consumer._sub is not None
@@ -338,7 +360,8 @@ async def test_consumer_closes_when_a_pull_swallows_its_cancellation(
     nats_server: NatsServer, redis_server: RedisServer, prefix: str
 ) -> None:
     async with _stream_and_index(nats_server, redis_server, prefix) as (nc, index):
-        consumer = AuditConsumer(nc, index, tenant=prefix, batch=10)
+        verifier = StreamVerifier(issuers=[SigningKey().public.raw], audience="govmesh:none")
+        consumer = AuditConsumer(nc, index, tenant=prefix, verifier=verifier, batch=10)
         try:
             await consumer.start()
             assert consumer._sub is not None

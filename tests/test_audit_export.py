@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from test_cli import ESCALATING, GOVMESH, ROOT, _env
 
 from govmesh.agents import PurchaseOutcome, WorkflowDone
-from govmesh.bus import Codec, Subjects
+from govmesh.bus import Codec, Envelope, Subjects
 from govmesh.cli import cli
 from govmesh.config import key_prefix
 from govmesh.errors import ConfigError
@@ -167,7 +167,7 @@ class _Sealer:
         self.subjects = Subjects(tenant)
         self.codec = Codec()
 
-    def workflow(self, workflow: str, *, at: float, ended: bool) -> list[bytes]:
+    def workflow(self, workflow: str, *, at: float, ended: bool) -> list[Envelope]:
         bodies = [PurchaseOutcome(result="executed")] * 3
         if ended:
             bodies.append(WorkflowDone(outcome=PurchaseOutcome(result="executed")))
@@ -178,7 +178,7 @@ class _Sealer:
                 body=body,
                 workflow=workflow,
                 now=at + i,
-            )[1]
+            )[0]
             for i, body in enumerate(bodies)
         ]
 
@@ -224,7 +224,7 @@ def test_prune_removes_old_ended_workflows_and_verify_still_finds_a_tamper(
         try:
             index = AuditIndex(r, prefix=p)
             for wf, at in ages.items():
-                await index.ingest(sealer.workflow(wf, at=at, ended=wf in ended))
+                await index.append(sealer.workflow(wf, at=at, ended=wf in ended))
                 await r.xadd(decisions_key(p), {"record": msgspec.msgpack.encode(_decision(wf))})
                 await ApprovalStore(r, p).finish(_approval(wf))
                 for k in workflow_spend_keys(p, wf):

@@ -1,8 +1,10 @@
 """The audit index: every event of a tenant's bus, hash-chained per workflow, in Redis.
 
-The index records what was on the event stream. It does not check signatures again: the bus
-verified them before any handler saw the message, and the stream holds the sealed bytes if
-anyone wants to verify them later. What the index adds is retrieval (one workflow's whole
+The index records what was on the event stream, after checking every message as a live
+receiver does (`StreamVerifier`): the stream holds whatever an agent's permissions let it
+publish, forged or not. A message that fails is kept apart as a `RefusedMessage` (a security
+event), never in a workflow's chain; so is an event id stored already from another place in
+the stream (a replay). What the index adds is retrieval (one workflow's whole
 causal trace in one round trip) and tamper evidence: per workflow, record ``n`` carries
 ``seq = n``, the hash of record ``n - 1`` and its own hash, a sha256 over the canonical
 encoding of all its fields including that previous hash. Signed checkpoints of the chain
@@ -11,13 +13,14 @@ heads catch what a chain alone cannot: a tail cut off together with the head.
 Keys, under the tenant's key prefix ``<p>`` (``gm:<tenant>``)::
 
     <p>:audit:chain:<workflow>  LIST  encoded `AuditRecord` s in seq order
-    <p>:audit:ids:<workflow>    HASH  event id -> seq (each event is stored once)
+    <p>:audit:ids:<workflow>    HASH  event id -> "<seq>:<stream seq>" (each event is stored once)
     <p>:audit:heads             HASH  workflow -> "<seq>:<hash>" of its last record
     <p>:audit:workflows         ZSET  workflow, scored by the time of its latest event
     <p>:audit:agent:<sender>    LIST  "<seq>:<workflow>" of each event the agent sent
     <p>:audit:kind:<kind>       LIST  "<seq>:<workflow>" of each event of that kind
     <p>:audit:checkpoints       LIST  signed checkpoints of all heads, oldest first
     <p>:audit:pruned            HASH  workflow -> its `PruneMark`, once retention removed it
+    <p>:audit:refused           HASH  stream seq -> `RefusedMessage` of a message refused
 
 Events without a workflow go to the chain of the empty workflow ``""``.
 
@@ -46,6 +49,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, Literal, TypeAlias, cast
 
@@ -59,12 +63,12 @@ from nats.js.client import JetStreamContext
 # Submodules, not the package: the bus traces through govmesh.observability, and importing
 # the package from here would go round in a circle.
 from govmesh._tasks import raise_if_cancelled
-from govmesh.bus._codec import Codec
 from govmesh.bus._envelope import Envelope
 from govmesh.bus._stream import EVENT_STREAM, ensure_event_stream
 from govmesh.bus._subjects import Subjects
-from govmesh.errors import SecurityError, StateError
+from govmesh.errors import StateError
 from govmesh.identity import SigningKey, VerifyKey
+from govmesh.observability._stored import RefusedMessage, StoredMessage, StreamVerifier
 
 __all__ = [
     "GENESIS",
@@ -205,12 +209,15 @@ class AuditTrace(msgspec.Struct, kw_only=True):
         records: its records, by seq.
         roots: ids of records whose parent is not in this workflow (or who have none).
         children: parent id -> ids of the records that answer it, in chain order.
+        refused: messages that claimed this workflow and were refused, by stream sequence;
+            not part of the trace.
     """
 
     workflow: str
     records: list[AuditRecord]
     roots: list[str]
     children: dict[str, list[str]]
+    refused: list[RefusedMessage] = msgspec.field(default_factory=list)
 
 
 class AuditProblem(msgspec.Struct, frozen=True, kw_only=True):
@@ -240,6 +247,9 @@ class VerifyReport(msgspec.Struct, kw_only=True):
         checkpoint_ts: time of the checkpoint the heads were compared with (0: none).
         problems: every problem found; none means every chain is intact.
         pruned: workflows asked for that retention removed (see `PruneMark`); not problems.
+        refused: messages of the stream refused as security events (for one workflow: those
+            that claimed it); kept apart from the chains, so not problems of a chain.
+        refused_reasons: ``refused`` by reason.
     """
 
     workflows: int = 0
@@ -247,6 +257,8 @@ class VerifyReport(msgspec.Struct, kw_only=True):
     checkpoint_ts: float = 0.0
     problems: list[AuditProblem] = msgspec.field(default_factory=list)
     pruned: int = 0
+    refused: int = 0
+    refused_reasons: dict[str, int] = msgspec.field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -260,12 +272,13 @@ class IngestReport(msgspec.Struct, kw_only=True):
     Attributes:
         stored: events appended.
         duplicates: events already in the index (a redelivery), not stored again.
-        malformed: data that was not a sealed govmesh message, skipped.
+        refused: messages that failed verification, or replayed an event stored from
+            elsewhere in the stream, kept apart as security events.
     """
 
     stored: int = 0
     duplicates: int = 0
-    malformed: int = 0
+    refused: int = 0
 
 
 class AuditCheckpoint(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
@@ -336,6 +349,7 @@ _records = msgspec.msgpack.Decoder(AuditRecord)
 _signed = msgspec.msgpack.Decoder(SignedCheckpoint)
 _checkpoints = msgspec.msgpack.Decoder(AuditCheckpoint)
 _marks = msgspec.msgpack.Decoder(PruneMark)
+_refusals = msgspec.msgpack.Decoder(RefusedMessage)
 
 
 def _hash(record: AuditRecord) -> str:
@@ -423,6 +437,40 @@ def _parse_head(raw: bytes | str | None) -> tuple[int, str]:
 class _Pending(msgspec.Struct):
     envelope: Envelope
     summary: dict[str, Scalar]
+    stream_seq: int = 0
+    stored_at: float = 0.0
+
+
+def _id_entry(seq: int, stream_seq: int) -> str:
+    """An ids hash value: the record's seq and the stream sequence it came from (0: none)."""
+    return f"{seq}:{stream_seq}"
+
+
+def _entry_stream_seq(raw: bytes | str) -> int:
+    """The stream sequence of an ids hash value (0 if none was recorded)."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    return int(text.partition(":")[2] or 0)
+
+
+def _replayed(p: _Pending, first: int) -> bool:
+    """Whether ``p`` repeats an event stored from another place in the stream (``first``),
+    rather than the same message delivered again."""
+    return bool(p.stream_seq and first and p.stream_seq != first)
+
+
+def _replay_refusal(p: _Pending, first: int) -> RefusedMessage:
+    env = p.envelope
+    return RefusedMessage(
+        seq=p.stream_seq,
+        stored_at=p.stored_at,
+        subject=env.subject,
+        reason="replay",
+        detail=f"event {env.id} was stored already, from stream sequence {first}",
+        claimed_sender=env.sender,
+        kind=env.kind,
+        workflow=env.workflow,
+        id=env.id,
+    )
 
 
 def _plan(workflow: str, raw_head: bytes | None, items: list[_Pending]) -> tuple[Any, ...]:
@@ -448,7 +496,14 @@ def _plan(workflow: str, raw_head: bytes | None, items: list[_Pending]) -> tuple
         )
         prev = _hash(record)
         stored = _encoder.encode(msgspec.structs.replace(record, hash=prev))
-        events += (env.id, seq, _lua_bytes(stored), f"{seq}:{workflow}", env.sender, env.kind)
+        events += (
+            env.id,
+            _id_entry(seq, p.stream_seq),
+            _lua_bytes(stored),
+            f"{seq}:{workflow}",
+            env.sender,
+            env.kind,
+        )
     expected = raw_head.decode() if raw_head else ""
     return (workflow, expected, _head(seq, prev), items[-1].envelope.ts, events)
 
@@ -459,18 +514,17 @@ class AuditIndex:
     Args:
         redis: the deployment's Redis.
         prefix: the tenant's key prefix (``Deployment.key_prefix``, ``gm:<tenant>``).
-        codec: decodes sealed messages in `ingest`.
     """
 
-    def __init__(self, redis: aioredis.Redis, *, prefix: str, codec: Codec | None = None) -> None:
+    def __init__(self, redis: aioredis.Redis, *, prefix: str) -> None:
         self.redis = redis
         self.prefix = prefix
-        self.codec = codec or Codec()
         self._append = redis.register_script(_APPEND)
         self._heads = f"{prefix}:audit:heads"
         self._workflows = f"{prefix}:audit:workflows"
         self._checkpoints = f"{prefix}:audit:checkpoints"
         self._pruned = f"{prefix}:audit:pruned"
+        self._refused = f"{prefix}:audit:refused"
 
     def chain_key(self, workflow: str) -> str:
         """The list of ``workflow`` 's records."""
@@ -485,25 +539,38 @@ class AuditIndex:
     def _kind_key(self, kind: str) -> str:
         return f"{self.prefix}:audit:kind:{kind}"
 
-    async def ingest(self, data: Iterable[bytes]) -> IngestReport:
-        """Append sealed messages as the event stream holds them (``msg.data``).
-
-        Signatures are not checked again (the bus did before delivering); data that is not a
-        sealed govmesh message is counted as malformed and skipped.
+    async def ingest(
+        self, messages: Iterable[StoredMessage], *, verifier: StreamVerifier
+    ) -> IngestReport:
+        """Check messages as the event stream stored them (`StreamVerifier`, which judges
+        each at the time it was stored) and append those that pass, in order; keep the
+        others apart as security events (`refused`), as well as any event whose id is stored
+        already from another stream sequence (a replay).
         """
-        envelopes = []
-        malformed = 0
-        for item in data:
-            try:
-                envelopes.append(self.codec.envelope(self.codec.open(item).envelope))
-            except SecurityError:
-                malformed += 1
-        report = await self.append(envelopes)
-        report.malformed = malformed
+        accepted: list[_Pending] = []
+        refused: list[RefusedMessage] = []
+        for message in messages:
+            checked = verifier.check(message)
+            if isinstance(checked, RefusedMessage):
+                refused.append(checked)
+            else:
+                accepted.append(
+                    _Pending(
+                        checked,
+                        summarize_body(checked.kind, checked.body),
+                        stream_seq=message.seq,
+                        stored_at=message.stored_at,
+                    )
+                )
+        report, replays = await self._store(accepted)
+        refused += [_replay_refusal(p, first) for p, first in replays]
+        await self.refuse(refused)
+        report.refused = len(refused)
         return report
 
     async def append(self, envelopes: Iterable[Envelope]) -> IngestReport:
-        """Append envelopes in order, each once per event id, to their workflows' chains.
+        """Append envelopes verified already, in order, each once per event id, to their
+        workflows' chains.
 
         Atomic per workflow: a workflow's part of the batch is stored whole or not at all.
         Cancelling leaves each workflow either with its part or without.
@@ -511,50 +578,70 @@ class AuditIndex:
         Raises:
             StateError: other writers kept changing the same chains through every attempt.
         """
+        report, _ = await self._store(
+            [_Pending(env, summarize_body(env.kind, env.body)) for env in envelopes]
+        )
+        return report
+
+    async def _store(
+        self, items: list[_Pending]
+    ) -> tuple[IngestReport, list[tuple[_Pending, int]]]:
+        """`append` of ``items``; also returns each that repeats an event stored from
+        another stream sequence, with that sequence."""
         report = IngestReport()
+        replays: list[tuple[_Pending, int]] = []
         pending: dict[str, list[_Pending]] = {}
-        seen: set[str] = set()
-        for env in envelopes:
-            if env.id in seen:
-                report.duplicates += 1
+        seen: dict[str, int] = {}
+        for p in items:
+            first = seen.get(p.envelope.id)
+            if first is not None:
+                if _replayed(p, first):
+                    replays.append((p, first))
+                else:
+                    report.duplicates += 1
                 continue
-            seen.add(env.id)
-            pending.setdefault(env.workflow, []).append(
-                _Pending(env, summarize_body(env.kind, env.body))
-            )
+            seen[p.envelope.id] = p.stream_seq
+            pending.setdefault(p.envelope.workflow, []).append(p)
         check_ids = False
         for _ in range(_MAX_ATTEMPTS):
             if not pending:
-                return report
+                return report, replays
             workflows = list(pending)
             heads = cast(list[bytes | None], await self.redis.hmget(self._heads, workflows))
             if check_ids:
-                # A retry: some events may be stored already (redelivery, a second writer).
+                # A retry: some events may be stored already (redelivery, a second writer,
+                # or a replay of an event stored from elsewhere in the stream).
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for wf in workflows:
                         pipe.hmget(self._ids_key(wf), [p.envelope.id for p in pending[wf]])
                     known = await pipe.execute()
                 for wf, found in zip(workflows, known, strict=True):
-                    fresh = [p for p, f in zip(pending[wf], found, strict=True) if f is None]
-                    report.duplicates += len(pending[wf]) - len(fresh)
+                    fresh = []
+                    for p, f in zip(pending[wf], found, strict=True):
+                        if f is None:
+                            fresh.append(p)
+                        elif _replayed(p, _entry_stream_seq(f)):
+                            replays.append((p, _entry_stream_seq(f)))
+                        else:
+                            report.duplicates += 1
                     pending[wf] = fresh
             sent: list[tuple[list[str], asyncio.Task[Any]]] = []
             plan: list[Any] = []
             groups: list[str] = []
             for wf, raw_head in zip(workflows, heads, strict=True):
-                items = pending[wf]
-                if not items:
+                group = pending[wf]
+                if not group:
                     del pending[wf]
                     continue
                 groups.append(wf)
-                plan.append(_plan(wf, raw_head, items))
+                plan.append(_plan(wf, raw_head, group))
                 if len(plan) == _SCRIPT_GROUPS:
                     sent.append((groups, await self._send(plan)))
                     plan, groups = [], []
             if plan:
                 sent.append((groups, await self._send(plan)))
             if not sent:
-                return report
+                return report, replays
             answers = await asyncio.gather(*(task for _, task in sent))
             for (groups, _), conflicts in zip(sent, answers, strict=True):
                 failed = {groups[g - 1] for g in conflicts}
@@ -566,6 +653,25 @@ class AuditIndex:
             f"audit append kept conflicting for {len(pending)} workflows "
             f"(e.g. {next(iter(pending))!r}) after {_MAX_ATTEMPTS} attempts"
         )
+
+    async def refuse(self, refused: Iterable[RefusedMessage]) -> None:
+        """Keep ``refused`` apart from every chain, once per stream sequence."""
+        entries = {m.seq: _encoder.encode(m) for m in refused}
+        if entries:
+            await self.redis.hset(self._refused, mapping=entries)  # type: ignore[arg-type]
+
+    async def refused(self, workflow: str | None = None) -> list[RefusedMessage]:
+        """The messages refused as security events, in stream order; with ``workflow``,
+        those that claimed it."""
+        raw = cast(list[bytes], await self.redis.hvals(self._refused))
+        found = sorted((_refusals.decode(r) for r in raw), key=lambda m: m.seq)
+        return found if workflow is None else [m for m in found if m.workflow == workflow]
+
+    async def forget_refused(self, seqs: Iterable[int]) -> None:
+        """Remove the refused messages of stream sequences ``seqs`` (retention)."""
+        doomed = [str(seq) for seq in seqs]
+        if doomed:
+            await self.redis.hdel(self._refused, *doomed)
 
     async def _send(self, plan: list[Any]) -> asyncio.Task[Any]:
         """Start the append script for ``plan`` and return once it is on its way, so the
@@ -581,7 +687,8 @@ class AuditIndex:
         return [_records.decode(r) for r in raw]
 
     async def show(self, workflow: str) -> AuditTrace:
-        """``workflow`` 's records in order and its causal tree, in one round trip."""
+        """``workflow`` 's records in order and its causal tree, and apart from them the
+        refused messages that claimed it."""
         records = await self.records(workflow)
         ids = {r.id for r in records}
         roots: list[str] = []
@@ -591,7 +698,13 @@ class AuditIndex:
                 children.setdefault(r.causation, []).append(r.id)
             else:
                 roots.append(r.id)
-        return AuditTrace(workflow=workflow, records=records, roots=roots, children=children)
+        return AuditTrace(
+            workflow=workflow,
+            records=records,
+            roots=roots,
+            children=children,
+            refused=await self.refused(workflow),
+        )
 
     async def workflows(self) -> list[str]:
         """Every workflow in the index, oldest latest-event first."""
@@ -672,6 +785,9 @@ class AuditIndex:
                 the checkpoint itself (which proves integrity, not who signed).
         """
         report = VerifyReport()
+        refused = await self.refused(workflow)
+        report.refused = len(refused)
+        report.refused_reasons = dict(Counter(m.reason for m in refused).most_common())
         cp = await self._last_checkpoint(trusted, report.problems)
         if cp is not None:
             report.checkpoint_ts = cp.ts
@@ -865,7 +981,8 @@ class AuditConsumer:
     A durable pull consumer on ``gm.<tenant>.>`` from the start of the stream: a new index
     replays everything the stream still holds, and a restarted one resumes where it left.
     A batch is acknowledged only once it is stored, so nothing is lost in between; a
-    redelivered event is stored once (the index is idempotent per event id).
+    redelivered event is stored once (the index is idempotent per event id). Every message
+    is verified first (`AuditIndex.ingest`); refused ones are kept apart as security events.
 
     Use `start`, then `close` (safe twice; cancels the loop, leaving unacknowledged messages
     to be redelivered to the next consumer, and signs a last checkpoint if anything was
@@ -875,6 +992,8 @@ class AuditConsumer:
         nc: a NATS connection with JetStream access.
         index: where events go.
         tenant: whose events.
+        verifier: checks each message as a receiver of the deployment would
+            (`StreamVerifier.of` the deployment).
         durable: the consumer's durable name (default ``audit-<tenant>``).
         batch: messages fetched and stored at once.
         checkpoint_key: sign a checkpoint of the chain heads with this key every
@@ -891,6 +1010,7 @@ class AuditConsumer:
         index: AuditIndex,
         *,
         tenant: str,
+        verifier: StreamVerifier,
         durable: str = "",
         batch: int = 500,
         checkpoint_key: SigningKey | None = None,
@@ -901,10 +1021,12 @@ class AuditConsumer:
         self.nc = nc
         self.index = index
         self.subjects = Subjects(tenant)
+        self.verifier = verifier
         self.durable = durable or f"audit-{self.subjects.tenant}"
         self.batch = batch
         self.stored = 0
         self.duplicates = 0
+        self.refused = 0
         self.checkpoints = 0
         self._checkpoint_key = checkpoint_key
         self._checkpoint_every_s = checkpoint_every_s
@@ -950,7 +1072,9 @@ class AuditConsumer:
                 await asyncio.sleep(1.0)
                 continue
             try:
-                report = await self.index.ingest([m.data for m in msgs])
+                report = await self.index.ingest(
+                    [StoredMessage.of(m) for m in msgs], verifier=self.verifier
+                )
             except (aioredis.RedisError, OSError) as exc:
                 log.warning("audit index unavailable, will retry: %s", exc)
                 for m in msgs:
@@ -966,6 +1090,9 @@ class AuditConsumer:
             self.stored += report.stored
             self._unsigned += report.stored
             self.duplicates += report.duplicates
+            if report.refused:
+                self.refused += report.refused
+                log.warning("audit refused %d messages of the stream", report.refused)
 
     async def _sign(self) -> None:
         """Sign a checkpoint if there is a key and something was stored since the last."""

@@ -7,6 +7,7 @@ from typing import Any
 from govmesh.config import Deployment
 from govmesh.identity import Identity
 from govmesh.observability._audit import AuditConsumer, AuditIndex
+from govmesh.observability._stored import StreamVerifier
 from govmesh.service import Service
 
 __all__ = ["AuditService"]
@@ -14,8 +15,10 @@ __all__ = ["AuditService"]
 
 class AuditService(Service):
     """Consumes the tenant's event stream into the hash-chained audit index (see
-    `AuditIndex`) and signs a checkpoint of the chain heads with its own key every
-    ``checkpoint_every_s``. Its role (``auditor``) reads every event and changes nothing.
+    `AuditIndex`), verifying every message as the deployment's receivers do and keeping
+    those it refuses apart as security events, and signs a checkpoint of the chain heads
+    with its own key every ``checkpoint_every_s``. Its role (``auditor``) reads every event
+    and changes nothing.
 
     The durable JetStream consumer outlives the actor: a restarted one goes on from the
     first event not yet stored, and an event stored twice is recognised by its id.
@@ -40,6 +43,7 @@ class AuditService(Service):
             self.bus.nc,
             self.index,
             tenant=self.deployment.tenant,
+            verifier=StreamVerifier.of(self.deployment),
             checkpoint_key=self.identity.key,
             checkpoint_every_s=self._checkpoint_every_s,
             signer=self.identity.agent_id,
@@ -47,12 +51,14 @@ class AuditService(Service):
         await self._consumer.start()
 
     def stats(self) -> dict[str, Any]:
-        """Counters, plus events stored, duplicates recognised and checkpoints signed."""
+        """Counters, plus events stored, duplicates recognised, messages refused and
+        checkpoints signed."""
         c = self._consumer
         return {
             **super().stats(),
             "stored": 0 if c is None else c.stored,
             "duplicates": 0 if c is None else c.duplicates,
+            "refused": 0 if c is None else c.refused,
             "checkpoints": 0 if c is None else c.checkpoints,
         }
 

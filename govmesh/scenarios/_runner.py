@@ -391,6 +391,7 @@ async def _audited(
             checked = await index.verify(workflow)
             records += checked.records
             problems += [msgspec.to_builtins(p) for p in checked.problems]
+        refused = Counter(m.reason for m in await index.refused())
     finally:
         await client.aclose()
     return {
@@ -399,6 +400,10 @@ async def _audited(
         "records": records,
         "problems": problems[:20],
         "intact": not problems,
+        # Messages of the stream the audit refused (forged, replayed, malformed), kept out of
+        # every chain: a chain can be intact while someone attacked the run.
+        "refused": sum(refused.values()),
+        "refused_reasons": dict(refused.most_common()),
     }
 
 
@@ -676,7 +681,8 @@ def finish_run(report: dict[str, Any]) -> None:
     run_id = report["run_id"]
     if report["workflows"]["finished"] == report["workflows"]["total"]:
         workdir = run_dir(run_id)
-        kept = keep_run(workdir, load_manifest(workdir))
+        refused = report["audit"]["refused"]
+        kept = keep_run(workdir, msgspec.structs.replace(load_manifest(workdir), refused=refused))
         report["record"] = {
             "dir": str(kept),
             "show": f"govmesh audit show {workflow_id(run_id, 0)} --run {run_id}",
