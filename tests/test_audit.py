@@ -19,7 +19,7 @@ from govmesh.cli import cli
 from govmesh.config import key_prefix
 from govmesh.forecasting.messages import Usage
 from govmesh.governance.messages import Decision, ToolIntent
-from govmesh.identity import Issuer, SigningKey
+from govmesh.identity import Identity, Issuer, SigningKey
 from govmesh.observability import (
     AuditConsumer,
     AuditIndex,
@@ -273,6 +273,75 @@ async def test_a_signed_checkpoint_catches_a_truncated_tail(
         assert "checkpoint saw seq 6" in report.problems[0].detail
         untrusted = await index.verify(wf, trusted=[SigningKey().public])
         assert [p.what for p in untrusted.problems] == ["bad_checkpoint"]
+    finally:
+        await r.aclose()
+
+
+async def test_each_message_is_judged_at_the_time_the_stream_stored_it(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    sender = Sender(prefix)
+    index, r = await _index(redis_server, prefix)
+    then = time.time() - 3 * 3600
+    key = SigningKey()
+    # A token that expired hours ago, but was valid when its messages were stored.
+    token = sender.issuer.issue(sub="alice", role="agent", key=key.public, ttl_s=300, now=then)
+    alice = Identity(agent_id="alice", role="agent", key=key, token=token)
+    subject = sender.subjects.msg("bob")
+
+    def stored(seq: int, at: float) -> StoredMessage:
+        _, data = sender.codec.seal(
+            alice, subject=subject, body=Note(n=seq), workflow="wf-old", now=at
+        )
+        return StoredMessage(subject=subject, data=data, seq=seq, stored_at=at + 0.01)
+
+    try:
+        in_time = [stored(1, then + 10), stored(2, then + 20)]
+        late = stored(3, then + 400)  # sent and stored after its token expired
+        report = await index.ingest([*in_time, late], verifier=sender.verifier)
+        assert (report.stored, report.refused) == (2, 1)
+        [refused] = await index.refused()
+        assert (refused.seq, refused.reason, refused.claimed_sender) == (
+            3,
+            "token_expired",
+            "alice",
+        )
+        assert refused.workflow == "wf-old" and refused.stored_at == late.stored_at
+        # Stored 70 s after it was signed: a receiver would have refused it as stale.
+        held = msgspec.structs.replace(stored(4, then + 30), stored_at=then + 100)
+        report = await index.ingest([held], verifier=sender.verifier)
+        assert report.refused == 1
+        assert [m.reason for m in await index.refused("wf-old")] == ["token_expired", "stale"]
+        assert len(await index.records("wf-old")) == 2
+    finally:
+        await r.aclose()
+
+
+async def test_an_event_seen_again_at_another_stream_sequence_is_a_replay_after_a_restart(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    sender = Sender(prefix)
+    index, r = await _index(redis_server, prefix)
+    try:
+        [first] = _notes(sender, "wf-r", 1)
+        assert (await index.ingest([first], verifier=sender.verifier)).stored == 1
+
+        # A restarted consumer remembers no nonce: the index tells a redelivery (the same
+        # stream sequence) from a replay (another one).
+        def restarted() -> StreamVerifier:
+            return StreamVerifier(
+                issuers=[sender.issuer.public_key], audience=sender.issuer.audience
+            )
+
+        again = msgspec.structs.replace(first, seq=first.seq + 100)
+        report = await index.ingest([again], verifier=restarted())
+        assert (report.stored, report.duplicates, report.refused) == (0, 0, 1)
+        report = await index.ingest([first], verifier=restarted())
+        assert (report.stored, report.duplicates, report.refused) == (0, 1, 0)
+        [replay] = await index.refused("wf-r")
+        assert (replay.seq, replay.reason, replay.claimed_sender) == (again.seq, "replay", "alice")
+        assert f"stream sequence {first.seq}" in replay.detail
+        assert len(await index.records("wf-r")) == 1 and (await index.verify("wf-r")).ok
     finally:
         await r.aclose()
 

@@ -28,7 +28,7 @@ from govmesh.governance._approvals import Answer, ApprovalRecord, ApprovalStore
 from govmesh.governance._evaluator import EvalContext, Intent
 from govmesh.governance._replay import DecisionRecord, decisions_key
 from govmesh.identity import Issuer, SigningKey
-from govmesh.observability import AuditIndex
+from govmesh.observability import AuditIndex, RefusedMessage
 from govmesh.observability._export import bundle_digest, prune_index
 from govmesh.runtime import RedisServer
 from govmesh.scenarios._records import (
@@ -229,6 +229,10 @@ def test_prune_removes_old_ended_workflows_and_verify_still_finds_a_tamper(
                 await ApprovalStore(r, p).finish(_approval(wf))
                 for k in workflow_spend_keys(p, wf):
                     await r.hset(k, "cost_usd", "0.5")
+            await index.refuse(
+                RefusedMessage(seq=seq, stored_at=at, subject=f"gm.{prefix}.security", reason="x")
+                for seq, at in ((1, old), (2, now))
+            )
             await index.checkpoint(key, signer="auditor")
         finally:
             await r.aclose()
@@ -245,12 +249,14 @@ def test_prune_removes_old_ended_workflows_and_verify_still_finds_a_tamper(
     assert pruned.exit_code == 0 and "removed 1 ended workflows" in pruned.output, pruned.output
     done = json.loads(report.read_text())
     assert (done["workflows"], done["decisions"], done["approvals"]) == (["wf-old-done"], 1, 1)
+    assert done["refused"] == 1 and "and 1 refused messages" in pruned.output
 
     async def after() -> None:
         r = aioredis.Redis.from_url(redis_server.url)
         try:
             index = AuditIndex(r, prefix=p)
             assert not await index.records("wf-old-done")
+            assert [m.seq for m in await index.refused()] == [2], "the newer one is kept"
             assert len(await index.records("wf-old-open")) == 3, "not ended: kept"
             entries = await r.xrange(decisions_key(p))
             kept = {msgspec.msgpack.decode(f[b"record"])["intent"]["workflow"] for _, f in entries}
