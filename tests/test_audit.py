@@ -317,6 +317,35 @@ async def test_each_message_is_judged_at_the_time_the_stream_stored_it(
         await r.aclose()
 
 
+async def test_after_a_restart_with_a_new_issuer_the_old_one_counts_only_for_what_came_before(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    before, after = Sender(prefix), Sender(prefix)  # one issuer each: a run, then its resume
+    index, r = await _index(redis_server, prefix)
+    try:
+        old_key, new_key = before.issuer.public_key, after.issuer.public_key
+        assert await index.trust([old_key], now=100.0) == {old_key: 100.0}
+        resumed = time.time() + 5  # the messages below are stored around it
+        trusted = await index.trust([new_key], now=resumed)
+        assert trusted == {old_key: 100.0, new_key: resumed}
+        assert await index.trust([new_key], now=resumed + 50) == trusted, "recorded once"
+        verifier = StreamVerifier(
+            issuers=[new_key], audience=after.issuer.audience, retired=[old_key], since=resumed
+        )
+        _, left = before.seal("alice", Note(n=1), workflow="wf-resumed")
+        left = msgspec.structs.replace(left, stored_at=resumed - 1)  # stored before the resume
+        _, late = before.seal("alice", Note(n=2), workflow="wf-resumed")
+        late = msgspec.structs.replace(late, seq=50, stored_at=resumed + 1)  # the old one, after
+        _, fresh = after.seal("alice", Note(n=3), workflow="wf-resumed")
+        fresh = msgspec.structs.replace(fresh, seq=51, stored_at=resumed + 1)
+        report = await index.ingest([left, late, fresh], verifier=verifier)
+        assert (report.stored, report.refused) == (2, 1)
+        [refused] = await index.refused()
+        assert (refused.seq, refused.reason) == (50, "token_unknown_issuer")
+    finally:
+        await r.aclose()
+
+
 async def test_an_event_seen_again_at_another_stream_sequence_is_a_replay_after_a_restart(
     redis_server: RedisServer, prefix: str
 ) -> None:

@@ -21,6 +21,7 @@ Keys, under the tenant's key prefix ``<p>`` (``gm:<tenant>``)::
     <p>:audit:checkpoints       LIST  signed checkpoints of all heads, oldest first
     <p>:audit:pruned            HASH  workflow -> its `PruneMark`, once retention removed it
     <p>:audit:refused           HASH  stream seq -> `RefusedMessage` of a message refused
+    <p>:audit:issuers           HASH  token issuer key (hex) -> when the index first trusted it
 
 Events without a workflow go to the chain of the empty workflow ``""``.
 
@@ -525,6 +526,7 @@ class AuditIndex:
         self._checkpoints = f"{prefix}:audit:checkpoints"
         self._pruned = f"{prefix}:audit:pruned"
         self._refused = f"{prefix}:audit:refused"
+        self._issuers = f"{prefix}:audit:issuers"
 
     def chain_key(self, workflow: str) -> str:
         """The list of ``workflow`` 's records."""
@@ -653,6 +655,17 @@ class AuditIndex:
             f"audit append kept conflicting for {len(pending)} workflows "
             f"(e.g. {next(iter(pending))!r}) after {_MAX_ATTEMPTS} attempts"
         )
+
+    async def trust(self, issuers: Sequence[bytes], *, now: float) -> dict[bytes, float]:
+        """Record that the index verifies with ``issuers`` from ``now`` on, unless recorded
+        already; returns every issuer it has recorded (for this deployment and the ones it
+        was before a restart) with when it was first trusted."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in issuers:
+                pipe.hsetnx(self._issuers, key.hex(), repr(now))
+            pipe.hgetall(self._issuers)
+            *_, raw = await pipe.execute()
+        return {bytes.fromhex(k.decode()): float(v) for k, v in raw.items()}
 
     async def refuse(self, refused: Iterable[RefusedMessage]) -> None:
         """Keep ``refused`` apart from every chain, once per stream sequence."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from govmesh.config import Deployment
@@ -21,7 +22,10 @@ class AuditService(Service):
     and changes nothing.
 
     The durable JetStream consumer outlives the actor: a restarted one goes on from the
-    first event not yet stored, and an event stored twice is recognised by its id.
+    first event not yet stored, and an event stored twice is recognised by its id. A
+    resumed run has a new token issuer; the index remembers the issuers it trusted before,
+    and trusts them for the messages the stream stored before the current one came into
+    force (those left to index when the run stopped), never for later ones.
 
     Args:
         deployment: where the services are and whom to trust.
@@ -38,12 +42,20 @@ class AuditService(Service):
 
     async def on_start(self) -> None:
         """Start consuming the event stream."""
-        self.index = AuditIndex(self.redis, prefix=self.deployment.key_prefix)
+        dep = self.deployment
+        self.index = AuditIndex(self.redis, prefix=dep.key_prefix)
+        trusted = await self.index.trust(dep.issuers, now=time.time())
+        verifier = StreamVerifier(
+            issuers=dep.issuers,
+            audience=dep.audience,
+            retired=[k for k in trusted if k not in dep.issuers],
+            since=min(trusted[k] for k in dep.issuers),
+        )
         self._consumer = AuditConsumer(
             self.bus.nc,
             self.index,
-            tenant=self.deployment.tenant,
-            verifier=StreamVerifier.of(self.deployment),
+            tenant=dep.tenant,
+            verifier=verifier,
             checkpoint_key=self.identity.key,
             checkpoint_every_s=self._checkpoint_every_s,
             signer=self.identity.agent_id,

@@ -105,14 +105,28 @@ class StreamVerifier:
         issuers: raw public keys of the token issuers the deployment trusts.
         audience: the deployment's token audience.
         codec: the bus codec.
+        retired: issuers of the same deployment before it was restarted (a resumed run has
+            a new issuer), trusted only for messages the stream stored before ``since``.
+        since: when the current issuers came into force.
     """
 
     def __init__(
-        self, *, issuers: Sequence[bytes], audience: str, codec: Codec | None = None
+        self,
+        *,
+        issuers: Sequence[bytes],
+        audience: str,
+        codec: Codec | None = None,
+        retired: Sequence[bytes] = (),
+        since: float = 0.0,
     ) -> None:
         self.codec = codec or Codec()
         tokens = TokenVerifier(issuers=list(issuers), audience=audience)
         self._verifier = MessageVerifier(tokens=tokens, codec=self.codec)
+        self._before: MessageVerifier | None = None
+        self._since = since
+        if retired:
+            earlier = TokenVerifier(issuers=[*issuers, *retired], audience=audience)
+            self._before = MessageVerifier(tokens=earlier, codec=self.codec)
         self._verdicts: OrderedDict[int, Envelope | RefusedMessage] = OrderedDict()
 
     @classmethod
@@ -126,10 +140,11 @@ class StreamVerifier:
         if known is not None:
             return known
         verdict: Envelope | RefusedMessage
+        verifier = self._verifier
+        if self._before is not None and message.stored_at < self._since:
+            verifier = self._before
         try:
-            verdict = self._verifier.verify(
-                message.subject, message.data, now=message.stored_at
-            ).envelope
+            verdict = verifier.verify(message.subject, message.data, now=message.stored_at).envelope
         except SecurityError as exc:
             verdict = self.refusal(message, exc)
         self._verdicts[message.seq] = verdict
