@@ -69,7 +69,10 @@ def test_a_finished_run_can_be_shown_verified_and_exported_afterwards(
 
     ran = govmesh("run", str(scenario), "-n", "2", "--seed", "4", "--json", "run.json")
     assert ran.returncode == 0, ran.stderr[-3000:]
-    run_id = json.loads((tmp_path / "run.json").read_text())["run_id"]
+    ran_report = json.loads((tmp_path / "run.json").read_text())
+    run_id = ran_report["run_id"]
+    # Every message of the run passed the audit's verification; none was refused.
+    assert (ran_report["audit"]["refused"], ran_report["audit"]["intact"]) == (0, True)
     workflow = f"{run_id}-00000"
     assert f"govmesh audit show {workflow} --run {run_id}" in ran.stderr
     assert (record_dir(run_id) / "run.json").exists()
@@ -81,6 +84,7 @@ def test_a_finished_run_can_be_shown_verified_and_exported_afterwards(
     assert listed.returncode == 0, listed.stderr
     [run] = json.loads((tmp_path / "runs.json").read_text())
     assert (run["run_id"], run["tenant"], run["workflows"]) == (run_id, "approvals-cli", 2)
+    assert run["refused"] == 0
     assert run["finished_at"] >= run["started_at"] > 0
 
     # No --run: the latest kept run, said on stderr.

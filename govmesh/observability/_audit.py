@@ -21,6 +21,7 @@ Keys, under the tenant's key prefix ``<p>`` (``gm:<tenant>``)::
     <p>:audit:checkpoints       LIST  signed checkpoints of all heads, oldest first
     <p>:audit:pruned            HASH  workflow -> its `PruneMark`, once retention removed it
     <p>:audit:refused           HASH  stream seq -> `RefusedMessage` of a message refused
+    <p>:audit:refused:<wf>      HASH  the same, of those that claimed workflow <wf>
     <p>:audit:issuers           HASH  token issuer key (hex) -> when the index first trusted it
 
 Events without a workflow go to the chain of the empty workflow ``""``.
@@ -459,6 +460,10 @@ def _replayed(p: _Pending, first: int) -> bool:
     return bool(p.stream_seq and first and p.stream_seq != first)
 
 
+def _in_stream_order(raw: Iterable[bytes]) -> list[RefusedMessage]:
+    return sorted((_refusals.decode(r) for r in raw), key=lambda m: m.seq)
+
+
 def _replay_refusal(p: _Pending, first: int) -> RefusedMessage:
     env = p.envelope
     return RefusedMessage(
@@ -667,24 +672,34 @@ class AuditIndex:
             *_, raw = await pipe.execute()
         return {bytes.fromhex(k.decode()): float(v) for k, v in raw.items()}
 
+    def _refused_key(self, workflow: str | None) -> str:
+        return self._refused if workflow is None else f"{self._refused}:{workflow}"
+
     async def refuse(self, refused: Iterable[RefusedMessage]) -> None:
-        """Keep ``refused`` apart from every chain, once per stream sequence."""
-        entries = {m.seq: _encoder.encode(m) for m in refused}
-        if entries:
-            await self.redis.hset(self._refused, mapping=entries)  # type: ignore[arg-type]
+        """Keep ``refused`` apart from every chain, once per stream sequence, also under the
+        workflow each claimed (so a workflow's are read without reading everyone's)."""
+        entries = [(m, _encoder.encode(m)) for m in refused]
+        if not entries:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for m, data in entries:
+                pipe.hset(self._refused, str(m.seq), data)
+                pipe.hset(self._refused_key(m.workflow), str(m.seq), data)
+            await pipe.execute()
 
     async def refused(self, workflow: str | None = None) -> list[RefusedMessage]:
         """The messages refused as security events, in stream order; with ``workflow``,
         those that claimed it."""
-        raw = cast(list[bytes], await self.redis.hvals(self._refused))
-        found = sorted((_refusals.decode(r) for r in raw), key=lambda m: m.seq)
-        return found if workflow is None else [m for m in found if m.workflow == workflow]
+        raw = cast(list[bytes], await self.redis.hvals(self._refused_key(workflow)))
+        return _in_stream_order(raw)
 
-    async def forget_refused(self, seqs: Iterable[int]) -> None:
-        """Remove the refused messages of stream sequences ``seqs`` (retention)."""
-        doomed = [str(seq) for seq in seqs]
-        if doomed:
-            await self.redis.hdel(self._refused, *doomed)
+    async def forget_refused(self, refused: Iterable[RefusedMessage]) -> None:
+        """Remove ``refused`` (retention)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for m in refused:
+                pipe.hdel(self._refused, str(m.seq))
+                pipe.hdel(self._refused_key(m.workflow), str(m.seq))
+            await pipe.execute()
 
     async def _send(self, plan: list[Any]) -> asyncio.Task[Any]:
         """Start the append script for ``plan`` and return once it is on its way, so the
@@ -701,8 +716,12 @@ class AuditIndex:
 
     async def show(self, workflow: str) -> AuditTrace:
         """``workflow`` 's records in order and its causal tree, and apart from them the
-        refused messages that claimed it."""
-        records = await self.records(workflow)
+        refused messages that claimed it, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(self.chain_key(workflow), 0, -1)
+            pipe.hvals(self._refused_key(workflow))
+            raw, refused = await pipe.execute()
+        records = [_records.decode(r) for r in raw]
         ids = {r.id for r in records}
         roots: list[str] = []
         children: dict[str, list[str]] = {}
@@ -716,7 +735,7 @@ class AuditIndex:
             records=records,
             roots=roots,
             children=children,
-            refused=await self.refused(workflow),
+            refused=_in_stream_order(refused),
         )
 
     async def workflows(self) -> list[str]:

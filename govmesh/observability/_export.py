@@ -420,7 +420,7 @@ async def prune_index(
     report = PruneReport(cutoff=now - older_than_s, dry_run=dry_run)
     index = AuditIndex(redis, prefix=prefix)
     report.workflows = await index.finished_before(report.cutoff, ends=WORKFLOW_ENDS)
-    old = [m.seq for m in await index.refused() if m.stored_at < report.cutoff]
+    old = [m for m in await index.refused() if m.stored_at < report.cutoff]
     report.refused = len(old)
     if dry_run:
         return report
