@@ -162,7 +162,7 @@ class StreamVerifier:
             stored_at=message.stored_at,
             subject=message.subject[:_CLAIM_CHARS],
             reason=exc.reason,
-            detail=str(exc)[:_DETAIL_CHARS],
+            detail=str(exc).removeprefix(f"{exc.reason}: ")[:_DETAIL_CHARS],
             claimed_sender="" if claimed is None else claimed.sender[:_CLAIM_CHARS],
             kind="" if claimed is None else claimed.kind[:_CLAIM_CHARS],
             workflow="" if claimed is None else claimed.workflow[:_CLAIM_CHARS],
