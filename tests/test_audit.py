@@ -346,6 +346,28 @@ async def test_after_a_restart_with_a_new_issuer_the_old_one_counts_only_for_wha
         await r.aclose()
 
 
+async def test_a_signed_checkpoint_catches_a_refused_message_deleted_from_the_index(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    sender = Sender(prefix)
+    index, r = await _index(redis_server, prefix)
+    key = SigningKey()
+    try:
+        garbage = [sender.stored(sender.subjects.security, b"\xc1") for _ in range(3)]
+        assert (await index.ingest(garbage, verifier=sender.verifier)).refused == 3
+        await index.checkpoint(key, signer="auditor")
+        await index.forget_refused((await index.refused())[:1])  # retention: not a problem
+        assert (await index.verify(trusted=[key.public])).ok
+        await r.hdel(f"{key_prefix(prefix)}:audit:refused", str(garbage[2].seq))
+        report = await index.verify(trusted=[key.public])
+        assert [(p.what, p.detail) for p in report.problems] == [
+            ("removed", "the last checkpoint saw 3 refused messages; 2 are left or were pruned")
+        ]
+        assert report.refused == 1
+    finally:
+        await r.aclose()
+
+
 async def test_an_event_seen_again_at_another_stream_sequence_is_a_replay_after_a_restart(
     redis_server: RedisServer, prefix: str
 ) -> None:

@@ -23,6 +23,7 @@ Keys, under the tenant's key prefix ``<p>`` (``gm:<tenant>``)::
     <p>:audit:refused           HASH  stream seq -> `RefusedMessage` of a message refused
     <p>:audit:refused:<wf>      HASH  the same, of those that claimed workflow <wf>
     <p>:audit:issuers           HASH  token issuer key (hex) -> when the index first trusted it
+    <p>:audit:refused_pruned    STRING refused messages retention removed (a count)
 
 Events without a workflow go to the chain of the empty workflow ``""``.
 
@@ -291,12 +292,15 @@ class AuditCheckpoint(msgspec.Struct, frozen=True, kw_only=True, array_like=True
         signer: who signed it (free text, e.g. an agent id).
         key: the signer's Ed25519 public key.
         heads: workflow -> (seq, hash) of its last record.
+        refused: refused messages kept so far, counting those retention removed since, so
+            that one deleted from the index shows.
     """
 
     ts: float
     signer: str
     key: bytes
     heads: dict[str, tuple[int, str]]
+    refused: int = 0
 
 
 class SignedCheckpoint(msgspec.Struct, frozen=True, array_like=True):
@@ -532,6 +536,7 @@ class AuditIndex:
         self._pruned = f"{prefix}:audit:pruned"
         self._refused = f"{prefix}:audit:refused"
         self._issuers = f"{prefix}:audit:issuers"
+        self._refused_pruned = f"{prefix}:audit:refused_pruned"
 
     def chain_key(self, workflow: str) -> str:
         """The list of ``workflow`` 's records."""
@@ -693,13 +698,23 @@ class AuditIndex:
         raw = cast(list[bytes], await self.redis.hvals(self._refused_key(workflow)))
         return _in_stream_order(raw)
 
-    async def forget_refused(self, refused: Iterable[RefusedMessage]) -> None:
-        """Remove ``refused`` (retention)."""
+    async def forget_refused(self, refused: Sequence[RefusedMessage]) -> None:
+        """Remove ``refused`` (retention), counting them as removed on purpose: like a
+        `PruneMark`, the count is recorded, not signed."""
         async with self.redis.pipeline(transaction=True) as pipe:
             for m in refused:
                 pipe.hdel(self._refused, str(m.seq))
                 pipe.hdel(self._refused_key(m.workflow), str(m.seq))
+            pipe.incrby(self._refused_pruned, len(refused))
             await pipe.execute()
+
+    async def _refused_so_far(self) -> int:
+        """Refused messages kept, plus those retention removed."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hlen(self._refused)
+            pipe.get(self._refused_pruned)
+            kept, pruned = await pipe.execute()
+        return int(kept) + int(pruned or 0)
 
     async def _send(self, plan: list[Any]) -> asyncio.Task[Any]:
         """Start the append script for ``plan`` and return once it is on its way, so the
@@ -764,7 +779,13 @@ class AuditIndex:
         """Sign and store the current head of every chain; returns the checkpoint."""
         raw = cast(dict[bytes, bytes], await self.redis.hgetall(self._heads))
         heads = {wf.decode(): _parse_head(h) for wf, h in raw.items()}
-        cp = AuditCheckpoint(ts=time.time(), signer=signer, key=key.public.raw, heads=heads)
+        cp = AuditCheckpoint(
+            ts=time.time(),
+            signer=signer,
+            key=key.public.raw,
+            heads=heads,
+            refused=await self._refused_so_far(),
+        )
         doc = _encoder.encode(cp)
         signed = SignedCheckpoint(doc, key.sign(doc))
         await self.redis.rpush(self._checkpoints, _encoder.encode(signed))
@@ -823,6 +844,17 @@ class AuditIndex:
         cp = await self._last_checkpoint(trusted, report.problems)
         if cp is not None:
             report.checkpoint_ts = cp.ts
+            so_far = await self._refused_so_far()
+            if workflow is None and so_far < cp.refused:
+                report.problems.append(
+                    AuditProblem(
+                        workflow="",
+                        seq=0,
+                        what="removed",
+                        detail=f"the last checkpoint saw {cp.refused} refused messages; "
+                        f"{so_far} are left or were pruned",
+                    )
+                )
         pruned = await self.pruned()
         if workflow is not None:
             names = [workflow]
