@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,7 +23,7 @@ import msgspec
 import pytest
 from click.testing import CliRunner
 
-from govmesh.bus import EVENT_STREAM, Bus, Codec, Delivery, ensure_event_stream
+from govmesh.bus import EVENT_STREAM, Bus, Codec, Delivery, SecurityEvent, ensure_event_stream
 from govmesh.cli import cli
 from govmesh.config import Deployment
 from govmesh.governance.messages import Decision, ToolIntent
@@ -68,7 +71,7 @@ async def _attack_the_stream(
     - a genuine message buyer-1 sent mallory, published again (``replay``).
 
     Returns once buyer-1 refused what reached it and the audit actor has read everything.
-    ``before`` runs (with the auditor's bus) before the first event.
+    ``before`` runs (with buyer-1's bus) before the first event.
     """
     audit = AuditService(dep, issuer.identity("audit-1", AUDITOR_ROLE))
     mallory_id = issuer.identity("mallory", "agent")
@@ -96,7 +99,7 @@ async def _attack_the_stream(
         await mallory.nc.subscribe(mallory.subjects.msg("mallory"), cb=capture)
         await mallory.flush()
         if before is not None:
-            await before(audit.bus)
+            await before(buyer)
 
         # The workflow's own events.
         intent = ToolIntent(tool="erp.order", args={"amount_usd": 4000}, step=1)
@@ -146,7 +149,8 @@ async def _attack_the_stream(
         index = AuditIndex(audit.redis, prefix=dep.key_prefix)
 
         async def reports_stored() -> bool:
-            return len(await index.by_kind("SecurityEvent")) >= 3
+            reports = await index.by_kind("SecurityEvent")
+            return sum(r.summary.get("reason") in buyer.rejected for r in reports) == 3
 
         await _until(reports_stored, "the audit actor stored buyer-1's security events")
         js = audit.bus.nc.jetstream()
@@ -239,8 +243,8 @@ def test_watch_shows_forged_and_malformed_messages_as_security_events_and_goes_o
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
     issuer.identity(WATCH_MEMBER, AUDITOR_ROLE)  # admitted, as a deployment admits it
-    # The five messages refused on the stream and buyer-1's three reports.
-    follow = ["watch", "--tenant", prefix, "-k", "SecurityEvent", "-n", "8"]
+    follow = ["watch", "--tenant", prefix, "-k", "SecurityEvent"]
+    pings = 0
     with advertise(dep, issuer, ca=transport.ca, what="attacked"):
         live_json = tmp_path / "live.json"
         live = subprocess.Popen(
@@ -250,42 +254,61 @@ def test_watch_shows_forged_and_malformed_messages_as_security_events_and_goes_o
             stderr=subprocess.PIPE,
             text=True,
         )
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(
+            target=lambda: [lines.put(x) for x in live.stdout or ()], daemon=True
+        ).start()
+        shown: list[str] = []
+
+        def showing(what: str) -> int:
+            """How many lines the live watch has shown with ``what`` in them."""
+            assert live.poll() is None, live.communicate()[1][-3000:]
+            while not lines.empty():
+                shown.append(lines.get())
+            return sum(what in line for line in shown)
+
+        async def until_shown(what: str, count: int) -> None:
+            async def seen() -> bool:
+                return showing(what) >= count
+
+            await _until(seen, f"govmesh watch showed {count} x {what!r}", timeout=120)
+
+        async def watching(buyer: Bus) -> None:
+            # A watch that starts from now shows what comes once it has joined: knock until
+            # it answers.
+            nonlocal pings
+            ping = SecurityEvent(reason="watch-ping", subject=buyer.subjects.security)
+            deadline = time.monotonic() + 120
+            while not showing("watch-ping"):
+                assert time.monotonic() < deadline, "govmesh watch never joined"
+                await buyer.publish(buyer.subjects.security, ping)
+                pings += 1
+                await asyncio.sleep(0.5)
+
         try:
-
-            async def watching(auditor: Bus) -> None:
-                js = auditor.nc.jetstream()
-                durable = f"audit-{prefix}"
-
-                async def joined() -> bool:
-                    assert live.poll() is None, live.communicate()[1][-3000:]
-                    found = await js.consumers_info(EVENT_STREAM)
-                    return any(
-                        c.name != durable and c.config.filter_subject == f"gm.{prefix}.>"
-                        for c in found
-                    )
-
-                await _until(joined, "govmesh watch joined the stream", timeout=120)
-
             asyncio.run(_attack_the_stream(dep, issuer, before=watching))
-            stdout, stderr = live.communicate(timeout=120)
+            # The five messages refused on the stream, and buyer-1's three reports.
+            asyncio.run(until_shown(" refused ", 5))
+            asyncio.run(until_shown("receiver=buyer-1", 3))
+            live.send_signal(signal.SIGINT)
+            _, stderr = live.communicate(timeout=60)
         finally:
             if live.poll() is None:
                 live.kill()
-        assert live.returncode == 0, stderr[-3000:]
+        assert live.returncode == 130 and "interrupted" in stderr, stderr[-3000:]
         events, board = _watched_security(live_json)
         refused = [e for e in events if e["refused"]]
         assert sorted(e["summary"]["reason"] for e in refused) == _REFUSED_ON_THE_STREAM
         assert {e["sender"] for e in events if not e["refused"]} == {"buyer-1"}
         assert board["refused"] == 5
-        assert (
-            stdout.count(" refused ") == 5 and "claimed kind=Decision sender=governance-1" in stdout
-        )
+        text = "".join(shown)
+        assert text.count(" refused ") == 5
+        assert "claimed kind=Decision sender=governance-1" in text
 
         # Joining late, the dashboard folds in the same from the stream's start.
         replay_json = tmp_path / "replay.json"
-        replayed = CliRunner(env={"COLUMNS": "200"}).invoke(
-            cli, [*follow, "--replay", "--live", "--json", str(replay_json)]
-        )
+        everything = ["-n", str(pings + 8), "--replay", "--live", "--json", str(replay_json)]
+        replayed = CliRunner(env={"COLUMNS": "200"}).invoke(cli, [*follow, *everything])
         assert replayed.exit_code == 0, replayed.output
         events, board = _watched_security(replay_json)
         assert sorted(e["summary"]["reason"] for e in events if e["refused"]) == (
