@@ -11,6 +11,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -27,10 +28,12 @@ from govmesh.governance.messages import Decision
 from govmesh.identity import ClientCert, Issuer, ssl_context
 from govmesh.identity._permissions import SENTINEL_ROLE
 from govmesh.observability._sentinel import SENTINEL_MEMBER, ServerSentinel
-from govmesh.runtime import NatsServer, Transport
+from govmesh.runtime import NatsServer, RedisServer, Transport
+from govmesh.scenarios import Swarm, load_scenario, run_workflows
 
 from _deploy import deployment
 
+ROOT = Path(__file__).parent.parent
 WAIT_S = 10.0
 REFUSED_S = 0.5
 """How long a request the server refuses to route is given before it counts as refused."""
@@ -211,6 +214,54 @@ async def test_a_certificate_of_no_admitted_member_is_reported_by_its_subject(
     dn = f"CN=stranger,OU=agent,O={watched.dep.tenant}"
     (event,) = await watched.until_reported("authentication_failure", dn)
     assert "no admitted member" in event.detail
+
+
+async def test_refusals_during_a_run_count_in_its_security_rejections(
+    secure_nats: tuple[Transport, NatsServer], redis_server: RedisServer, prefix: str
+):
+    transport, server = secure_nats
+    dep, issuer = deployment(server.url, redis_server.url, prefix)
+    scenario = load_scenario(ROOT / "scenarios" / "procurement.yaml")
+    requester = scenario.agents.requester.id
+    attacked = asyncio.Event()
+
+    async def attack(swarm: Swarm, finished: Callable[[], int]) -> None:
+        # The requester's own certificate, in a raw client that ignores the server's errors.
+        (cert,) = [i.cert for i in swarm.identities() if i.agent_id == requester]
+        assert cert is not None
+
+        async def quiet(_: Exception) -> None:
+            pass
+
+        nc = await nats.connect(
+            server.url,
+            tls=ssl_context(cert),
+            inbox_prefix=Subjects(prefix).inbox_prefix(requester),
+            error_cb=quiet,
+        )
+        try:
+            await nc.publish(Subjects(prefix).intent(scenario.agents.procurement.id), b"x")
+            await nc.flush()
+        finally:
+            await nc.close()
+        attacked.set()
+
+    report = await run_workflows(
+        scenario,
+        dep,
+        issuer,
+        workflows=2,
+        seed=1,
+        timeout_s=120,
+        in_process=True,
+        transport=transport,
+        during=attack,
+    )
+
+    assert attacked.is_set()
+    assert report["workflows"]["finished"] == 2
+    assert report["security_rejections"] == {"publish_violation": 1}
+    assert report["actors"]["sentinel"]["events"] == 1
 
 
 # ---------------------------------------------------------------------------------------

@@ -388,7 +388,7 @@ async def test_an_escalation_is_sent_before_its_approval_request_is_announced(
         publish = actor.bus.nc.publish
 
         async def recorded(subject, *args, _publish=publish, **kwargs):
-            published.append(subject.split(".")[-2])
+            published.append(subject.split(".")[2])  # gm.<tenant>.<area>...
             return await _publish(subject, *args, **kwargs)
 
         actor.bus.nc.publish = recorded
