@@ -77,6 +77,13 @@ class Watched:
         self.issuer = issuer
         self.transport = transport
         self.subjects = Subjects(dep.tenant)
+        self.sentinel = ServerSentinel(
+            dep,
+            issuer.identity(SENTINEL_MEMBER, SENTINEL_ROLE),
+            transport=transport,
+            window_s=2.0,
+            poll_s=0.05,
+        )
         self.events: list[Delivery] = []
         self.opened: list[NATS] = []
 
@@ -122,13 +129,6 @@ async def watched(secure_nats: tuple[Transport, NatsServer], prefix: str) -> Asy
     transport, server = secure_nats
     dep, issuer = deployment(server.url, "", prefix, transport)
     w = Watched(dep, issuer, transport)
-    sentinel = ServerSentinel(
-        dep,
-        issuer.identity(SENTINEL_MEMBER, SENTINEL_ROLE),
-        transport=transport,
-        window_s=2.0,
-        poll_s=0.05,
-    )
     monitor = await Bus.connect(dep, issuer.identity("monitor-1", "auditor"))
 
     async def on_event(d: Delivery) -> None:
@@ -136,15 +136,14 @@ async def watched(secure_nats: tuple[Transport, NatsServer], prefix: str) -> Asy
 
     await monitor.subscribe(w.subjects.security, on_event, accepts=SecurityEvent)
     await monitor.flush()
-    await sentinel.start()
-    w.sentinel = sentinel  # type: ignore[attr-defined]
+    await w.sentinel.start()
     try:
         yield w
     finally:
         for nc in w.opened:
             if not nc.is_closed:
                 await nc.close()
-        await sentinel.close()
+        await w.sentinel.close()
         await monitor.close()
 
 
@@ -171,7 +170,7 @@ async def test_a_client_hammering_refused_publishes_cannot_flood_the_stream_but_
     watched: Watched,
 ):
     mallory = await watched.raw("mallory")
-    sentinel: ServerSentinel = watched.sentinel  # type: ignore[attr-defined]
+    sentinel = watched.sentinel
 
     for i in range(300):
         await mallory.nc.publish(watched.subjects.intent(f"victim-{i % 7}"), b"x")

@@ -70,7 +70,7 @@ OPERATOR_ROLE: Final = "operator"
 COORDINATOR_ROLE: Final = "coordinator"
 AUDITOR_ROLE: Final = "auditor"
 SENTINEL_ROLE: Final = "sentinel"
-"""Reports what nats-server refused (see `govmesh.observability.ServerSentinel`)."""
+"""The member that reports what the embedded nats-server refused (`ServerSentinel`)."""
 PLATFORM_ROLES: Final = frozenset(
     {
         GOVERNANCE_ROLE,

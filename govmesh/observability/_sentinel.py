@@ -103,7 +103,9 @@ class RefusalCoalescer:
 
     def add(self, refusal: ServerRefusal, *, now: float) -> bool:
         """Take `refusal`; True when it is to be reported now, False when it was counted."""
-        key = (refusal.kind, refusal.user or refusal.client.split(" ", 1)[0].rsplit(":", 1)[0])
+        # By certificate, else by the client's host (its port changes with each attempt).
+        host = refusal.client.split(" ", 1)[0].rsplit(":", 1)[0]
+        key = (refusal.kind, refusal.user or host)
         if key not in self._groups and len(self._groups) >= self.max_groups:
             key = (refusal.kind, "*")
         pending = self._groups.get(key)
@@ -247,7 +249,7 @@ class ServerSentinel:
         if summary is not None:
             also = f" (e.g. {', '.join(map(repr, summary.subjects))})" if summary.subjects else ""
             detail += f"; {summary.count} more like it within {self._coalescer.window_s:g} s{also}"
-        else:
+        elif refusal.kind == "tls":
             detail += f": {refusal.detail}"
         event = SecurityEvent(
             reason=REASONS[refusal.kind],

@@ -43,8 +43,9 @@ _UNMAPPED: Final = re.compile(rf"^User in cert \[(?P<dn>{_QUOTED})\], not found$
 _AUTHENTICATION: Final = "authentication error"
 _TLS: Final = "TLS handshake error: "
 _TLS_PEER: Final = re.compile(r"\((?P<dn>[A-Za-z]+=[^()]*?) SHA-256: [0-9a-fA-F]+\)$")
-_PROBES: Final = ("EOF", "read: connection reset by peer")
-"""Handshakes that end before any certificate: port probes (our own readiness check)."""
+_PROBES: Final = ("EOF", "connection reset by peer")
+"""Ends of handshakes cut off before any certificate: port probes (our own readiness
+check among them)."""
 _USER: Final = "/user:"
 _MAX_READ: Final = 4 << 20
 """Bytes of log read at once: a flood of refusals is taken in bounded steps."""
@@ -109,7 +110,7 @@ def parse_refusal_line(line: str, unmapped: dict[str, str]) -> ServerRefusal | N
         )
     if message.startswith(_TLS):
         reason = message.removeprefix(_TLS)
-        if reason in _PROBES:
+        if reason.endswith(_PROBES):
             return None
         peer = _TLS_PEER.search(reason)
         user = peer["dn"] if peer is not None else ""

@@ -15,7 +15,9 @@ External NATS (``GOVMESH_NATS_URL``) is configured by its operator through files
 ==========================  =====================================================
 
 The operator's server needs ``tls { ... verify_and_map: true }`` and the users that
-`Transport.authorization` renders; govmesh does not reload a server it did not start.
+`Transport.authorization` renders; govmesh does not reload a server it did not start, nor
+read its log: what such a server refuses (its ``Publish Violation``, ``Subscription
+Violation`` and ``authentication error`` log lines) is its operator's to watch.
 """
 
 from __future__ import annotations
