@@ -395,7 +395,7 @@ async def _one_event(js: Any, stream: str, tenant: str, durable: str) -> list[Ms
     )
     msgs: list[Msg] = await sub.fetch(1, timeout=WAIT_S)
     for msg in msgs:
-        await msg.ack()
+        await msg.ack_sync(timeout=WAIT_S)
     return msgs
 
 
@@ -406,7 +406,9 @@ async def test_the_auditor_of_one_tenant_cannot_consume_another_tenants_stream(t
     own, other = Subjects(a.tenant).event_stream, Subjects(b.tenant).event_stream
 
     # Its own tenant's stream it reads and acknowledges, as the audit actor does.
-    assert len(await _one_event(auditor.jetstream(timeout=WAIT_S), own, a.tenant, "audit-a")) == 1
+    reader = auditor.jetstream(timeout=WAIT_S)
+    assert len(await _one_event(reader, own, a.tenant, "audit-a")) == 1
+    assert (await reader.consumer_info(own, "audit-a")).ack_floor.stream_seq == 1
 
     with pytest.raises((nats.errors.TimeoutError, nats.js.errors.Error)):
         await _one_event(js, other, b.tenant, "steal")
