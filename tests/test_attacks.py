@@ -430,6 +430,7 @@ async def test_the_coordinator_cannot_delete_purge_or_change_the_stream(tenants)
     own, other = Subjects(a.tenant).event_stream, Subjects(b.tenant).event_stream
     before = await coordinator.jetstream(timeout=WAIT_S).stream_info(own)
     assert before.state.messages == 1
+    assert before.config.deny_delete and before.config.deny_purge
 
     refused = (nats.errors.TimeoutError, nats.js.errors.Error)
     with pytest.raises(refused):

@@ -38,6 +38,10 @@ async def ensure_event_stream(
         storage=StorageType.FILE,
         max_age=max_age_s,
         no_ack=True,
+        # The audit trail's source: no member may take messages out of it, whatever its
+        # permissions; events leave it only by age.
+        deny_delete=True,
+        deny_purge=True,
     )
     try:
         await js.stream_info(subjects.event_stream)
