@@ -141,10 +141,10 @@ class ServerSentinel:
     """Follows the embedded nats-server's log and reports its refusals as security events.
 
     Signed by its own member, in the ``sentinel`` role, whose NATS permissions let it
-    publish security events and nothing else. It reports the refusals of its tenant's
-    members and of certificates naming its tenant (``O=<tenant>``), and those it cannot
-    tie to any tenant (a client with no certificate); every refusal counts in `refused`
-    (by reason), which a run's report adds to its security rejections.
+    publish security events and renew its token, nothing else. It reports the refusals of
+    its tenant's members and of certificates naming its tenant (``O=<tenant>``), and those
+    it cannot tie to any tenant (a client with no certificate); every refusal counts in
+    `refused` (by reason), which a run's report adds to its security rejections.
 
     Use `start`, then `close` (safe to call twice; cancels the follower).
 
@@ -190,6 +190,7 @@ class ServerSentinel:
         self._poll_s = poll_s
         self._bus: Bus | None = None
         self._task: asyncio.Task[None] | None = None
+        self._polling = asyncio.Lock()
 
     async def start(self) -> None:
         """Join the bus and follow the log from its current end."""
@@ -212,19 +213,22 @@ class ServerSentinel:
             await asyncio.sleep(self._poll_s)
 
     async def poll(self) -> None:
-        """Read what the log holds now and publish what is due (the follower's one step)."""
-        refusals = await asyncio.to_thread(self._reader.read)
-        now = time.monotonic()
-        for refusal in refusals:
-            if not self._ours(refusal):
-                continue
-            reason = REASONS[refusal.kind]
-            self.refused[reason] += 1
-            SECURITY_REJECTIONS.add(1, {"govmesh.security.reason": reason})
-            if self._coalescer.add(refusal, now=now):
-                await self._publish(refusal)
-        for summary in self._coalescer.due(now=now):
-            await self._publish(summary.first, summary)
+        """Read what the log holds now and publish what is due: the follower's one step,
+        and what a caller runs to have everything logged so far counted (a run's report).
+        """
+        async with self._polling:  # one reader at a time: it keeps its place in the log
+            refusals = await asyncio.to_thread(self._reader.read)
+            now = time.monotonic()
+            for refusal in refusals:
+                if not self._ours(refusal):
+                    continue
+                reason = REASONS[refusal.kind]
+                self.refused[reason] += 1
+                SECURITY_REJECTIONS.add(1, {"govmesh.security.reason": reason})
+                if self._coalescer.add(refusal, now=now):
+                    await self._publish(refusal)
+            for summary in self._coalescer.due(now=now):
+                await self._publish(summary.first, summary)
 
     def _ours(self, refusal: ServerRefusal) -> bool:
         member = self.transport.member_of(refusal.user)
