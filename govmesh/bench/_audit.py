@@ -74,7 +74,7 @@ class _Events:
                 )
                 self.intent[workflow] = env.id
             case 1:
-                subject = self.subjects.decision(wf)
+                subject = self.subjects.decision("buyer-1", wf)
                 env, data = self.codec.seal(
                     self.governance,
                     subject=subject,

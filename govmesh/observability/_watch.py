@@ -22,7 +22,7 @@ from typing import Any, Final
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from govmesh.bus import EVENT_STREAM, Bus, Envelope
+from govmesh.bus import Bus, Envelope
 from govmesh.identity._permissions import AUDITOR_ROLE
 from govmesh.observability._audit import summarize_body
 from govmesh.observability._stored import RefusedMessage, StoredMessage, StreamVerifier
@@ -423,7 +423,7 @@ async def watch_events(
         sub = await js.pull_subscribe(
             bus.subjects.everything,
             durable=None,
-            stream=EVENT_STREAM,
+            stream=bus.subjects.event_stream,
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.ALL if replay else DeliverPolicy.NEW,
                 ack_policy=AckPolicy.NONE,
