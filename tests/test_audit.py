@@ -109,6 +109,18 @@ async def _until_stored(index: AuditIndex, workflow: str, count: int) -> None:
         await asyncio.sleep(0.02)
 
 
+@pytest.fixture
+async def audited(
+    redis_server: RedisServer, prefix: str
+) -> AsyncIterator[tuple[Sender, AuditIndex, aioredis.Redis]]:
+    """A sender of the test's tenant, its audit index and the Redis connection under it."""
+    index, r = await _index(redis_server, prefix)
+    try:
+        yield Sender(prefix), index, r
+    finally:
+        await r.aclose()
+
+
 async def test_appending_the_same_event_twice_stores_it_once(
     redis_server: RedisServer, prefix: str
 ) -> None:
@@ -278,10 +290,9 @@ async def test_a_signed_checkpoint_catches_a_truncated_tail(
 
 
 async def test_each_message_is_judged_at_the_time_the_stream_stored_it(
-    redis_server: RedisServer, prefix: str
+    audited: tuple[Sender, AuditIndex, aioredis.Redis],
 ) -> None:
-    sender = Sender(prefix)
-    index, r = await _index(redis_server, prefix)
+    sender, index, _ = audited
     then = time.time() - 3 * 3600
     key = SigningKey()
     # A token that expired hours ago, but was valid when its messages were stored.
@@ -295,106 +306,90 @@ async def test_each_message_is_judged_at_the_time_the_stream_stored_it(
         )
         return StoredMessage(subject=subject, data=data, seq=seq, stored_at=at + 0.01)
 
-    try:
-        in_time = [stored(1, then + 10), stored(2, then + 20)]
-        late = stored(3, then + 400)  # sent and stored after its token expired
-        report = await index.ingest([*in_time, late], verifier=sender.verifier)
-        assert (report.stored, report.refused) == (2, 1)
-        [refused] = await index.refused()
-        assert (refused.seq, refused.reason, refused.claimed_sender) == (
-            3,
-            "token_expired",
-            "alice",
-        )
-        assert refused.workflow == "wf-old" and refused.stored_at == late.stored_at
-        # Stored 70 s after it was signed: a receiver would have refused it as stale.
-        held = msgspec.structs.replace(stored(4, then + 30), stored_at=then + 100)
-        report = await index.ingest([held], verifier=sender.verifier)
-        assert report.refused == 1
-        assert [m.reason for m in await index.refused("wf-old")] == ["token_expired", "stale"]
-        assert len(await index.records("wf-old")) == 2
-    finally:
-        await r.aclose()
+    in_time = [stored(1, then + 10), stored(2, then + 20)]
+    late = stored(3, then + 400)  # sent and stored after its token expired
+    report = await index.ingest([*in_time, late], verifier=sender.verifier)
+    assert (report.stored, report.refused) == (2, 1)
+    [refused] = await index.refused()
+    assert (refused.seq, refused.reason, refused.claimed_sender) == (
+        3,
+        "token_expired",
+        "alice",
+    )
+    assert refused.workflow == "wf-old" and refused.stored_at == late.stored_at
+    # Stored 70 s after it was signed: a receiver would have refused it as stale.
+    held = msgspec.structs.replace(stored(4, then + 30), stored_at=then + 100)
+    report = await index.ingest([held], verifier=sender.verifier)
+    assert report.refused == 1
+    assert [m.reason for m in await index.refused("wf-old")] == ["token_expired", "stale"]
+    assert len(await index.records("wf-old")) == 2
 
 
 async def test_after_a_restart_with_a_new_issuer_the_old_one_counts_only_for_what_came_before(
-    redis_server: RedisServer, prefix: str
+    audited: tuple[Sender, AuditIndex, aioredis.Redis],
 ) -> None:
-    before, after = Sender(prefix), Sender(prefix)  # one issuer each: a run, then its resume
-    index, r = await _index(redis_server, prefix)
-    try:
-        old_key, new_key = before.issuer.public_key, after.issuer.public_key
-        assert await index.trust([old_key], now=100.0) == {old_key: 100.0}
-        resumed = time.time() + 5  # the messages below are stored around it
-        trusted = await index.trust([new_key], now=resumed)
-        assert trusted == {old_key: 100.0, new_key: resumed}
-        assert await index.trust([new_key], now=resumed + 50) == trusted, "recorded once"
-        verifier = StreamVerifier(
-            issuers=[new_key], audience=after.issuer.audience, retired=[old_key], since=resumed
-        )
-        _, left = before.seal("alice", Note(n=1), workflow="wf-resumed")
-        left = msgspec.structs.replace(left, stored_at=resumed - 1)  # stored before the resume
-        _, late = before.seal("alice", Note(n=2), workflow="wf-resumed")
-        late = msgspec.structs.replace(late, seq=50, stored_at=resumed + 1)  # the old one, after
-        _, fresh = after.seal("alice", Note(n=3), workflow="wf-resumed")
-        fresh = msgspec.structs.replace(fresh, seq=51, stored_at=resumed + 1)
-        report = await index.ingest([left, late, fresh], verifier=verifier)
-        assert (report.stored, report.refused) == (2, 1)
-        [refused] = await index.refused()
-        assert (refused.seq, refused.reason) == (50, "token_unknown_issuer")
-    finally:
-        await r.aclose()
+    before, index, _ = audited
+    after = Sender(before.subjects.tenant)
+    old_key, new_key = before.issuer.public_key, after.issuer.public_key
+    assert await index.trust([old_key], now=100.0) == {old_key: 100.0}
+    resumed = time.time() + 5  # the messages below are stored around it
+    trusted = await index.trust([new_key], now=resumed)
+    assert trusted == {old_key: 100.0, new_key: resumed}
+    assert await index.trust([new_key], now=resumed + 50) == trusted, "recorded once"
+    verifier = StreamVerifier(
+        issuers=[new_key], audience=after.issuer.audience, retired=[old_key], since=resumed
+    )
+    _, left = before.seal("alice", Note(n=1), workflow="wf-resumed")
+    left = msgspec.structs.replace(left, stored_at=resumed - 1)  # stored before the resume
+    _, late = before.seal("alice", Note(n=2), workflow="wf-resumed")
+    late = msgspec.structs.replace(late, seq=50, stored_at=resumed + 1)  # the old one, after
+    _, fresh = after.seal("alice", Note(n=3), workflow="wf-resumed")
+    fresh = msgspec.structs.replace(fresh, seq=51, stored_at=resumed + 1)
+    report = await index.ingest([left, late, fresh], verifier=verifier)
+    assert (report.stored, report.refused) == (2, 1)
+    [refused] = await index.refused()
+    assert (refused.seq, refused.reason) == (50, "token_unknown_issuer")
 
 
 async def test_a_signed_checkpoint_catches_a_refused_message_deleted_from_the_index(
-    redis_server: RedisServer, prefix: str
+    audited: tuple[Sender, AuditIndex, aioredis.Redis],
 ) -> None:
-    sender = Sender(prefix)
-    index, r = await _index(redis_server, prefix)
+    sender, index, r = audited
     key = SigningKey()
-    try:
-        garbage = [sender.stored(sender.subjects.security, b"\xc1") for _ in range(3)]
-        assert (await index.ingest(garbage, verifier=sender.verifier)).refused == 3
-        await index.checkpoint(key, signer="auditor")
-        await index.forget_refused((await index.refused())[:1])  # retention: not a problem
-        assert (await index.verify(trusted=[key.public])).ok
-        await r.hdel(f"{key_prefix(prefix)}:audit:refused", str(garbage[2].seq))
-        report = await index.verify(trusted=[key.public])
-        assert [(p.what, p.detail) for p in report.problems] == [
-            ("removed", "the last checkpoint saw 3 refused messages; 2 are left or were pruned")
-        ]
-        assert report.refused == 1
-    finally:
-        await r.aclose()
+    garbage = [sender.stored(sender.subjects.security, b"\xc1") for _ in range(3)]
+    assert (await index.ingest(garbage, verifier=sender.verifier)).refused == 3
+    await index.checkpoint(key, signer="auditor")
+    await index.forget_refused((await index.refused())[:1])  # retention: not a problem
+    assert (await index.verify(trusted=[key.public])).ok
+    await r.hdel(f"{index.prefix}:audit:refused", str(garbage[2].seq))
+    report = await index.verify(trusted=[key.public])
+    assert [(p.what, p.detail) for p in report.problems] == [
+        ("removed", "the last checkpoint saw 3 refused messages; 2 are left or were pruned")
+    ]
+    assert report.refused == 1
 
 
 async def test_an_event_seen_again_at_another_stream_sequence_is_a_replay_after_a_restart(
-    redis_server: RedisServer, prefix: str
+    audited: tuple[Sender, AuditIndex, aioredis.Redis],
 ) -> None:
-    sender = Sender(prefix)
-    index, r = await _index(redis_server, prefix)
-    try:
-        [first] = _notes(sender, "wf-r", 1)
-        assert (await index.ingest([first], verifier=sender.verifier)).stored == 1
+    sender, index, _ = audited
+    [first] = _notes(sender, "wf-r", 1)
+    assert (await index.ingest([first], verifier=sender.verifier)).stored == 1
 
-        # A restarted consumer remembers no nonce: the index tells a redelivery (the same
-        # stream sequence) from a replay (another one).
-        def restarted() -> StreamVerifier:
-            return StreamVerifier(
-                issuers=[sender.issuer.public_key], audience=sender.issuer.audience
-            )
+    # A restarted consumer remembers no nonce: the index tells a redelivery (the same
+    # stream sequence) from a replay (another one).
+    def restarted() -> StreamVerifier:
+        return StreamVerifier(issuers=[sender.issuer.public_key], audience=sender.issuer.audience)
 
-        again = msgspec.structs.replace(first, seq=first.seq + 100)
-        report = await index.ingest([again], verifier=restarted())
-        assert (report.stored, report.duplicates, report.refused) == (0, 0, 1)
-        report = await index.ingest([first], verifier=restarted())
-        assert (report.stored, report.duplicates, report.refused) == (0, 1, 0)
-        [replay] = await index.refused("wf-r")
-        assert (replay.seq, replay.reason, replay.claimed_sender) == (again.seq, "replay", "alice")
-        assert f"stream sequence {first.seq}" in replay.detail
-        assert len(await index.records("wf-r")) == 1 and (await index.verify("wf-r")).ok
-    finally:
-        await r.aclose()
+    again = msgspec.structs.replace(first, seq=first.seq + 100)
+    report = await index.ingest([again], verifier=restarted())
+    assert (report.stored, report.duplicates, report.refused) == (0, 0, 1)
+    report = await index.ingest([first], verifier=restarted())
+    assert (report.stored, report.duplicates, report.refused) == (0, 1, 0)
+    [replay] = await index.refused("wf-r")
+    assert (replay.seq, replay.reason, replay.claimed_sender) == (again.seq, "replay", "alice")
+    assert f"stream sequence {first.seq}" in replay.detail
+    assert len(await index.records("wf-r")) == 1 and (await index.verify("wf-r")).ok
 
 
 async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
