@@ -411,7 +411,9 @@ async def watch_events(
     kinds: tuple[str, ...] = (),
 ) -> AsyncIterator[WatchedEvent]:
     """The deployment's events as they come, oldest first; from the stream's start with
-    ``replay``, else from now. ``workflow`` and ``kinds`` keep only those.
+    ``replay``, else from now. ``workflow`` and ``kinds`` keep only those. A message that
+    fails verification comes as a refused ``SecurityEvent`` (`WatchedEvent.refused`) and
+    the watch goes on.
 
     Ends once the deployment's process has stopped and no event came for a second."""
     deployment = joined.deployment
