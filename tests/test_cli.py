@@ -365,6 +365,9 @@ def test_a_stopped_run_resumes_and_finishes_only_what_was_unfinished(
     assert report["workflows"]["finished"] == report["workflows"]["total"] == 24
     # Every workflow's intent was decided once, across both processes.
     assert (report["decisions"]["replayed"], report["decisions"]["replay_differences"]) == (24, 0)
+    # The events left to index when the first process stopped carry its issuer's tokens:
+    # the resumed audit still accepts them, as stored before the resume.
+    assert (report["audit"]["refused"], report["audit"]["intact"]) == (0, True), report["audit"]
     assert not (home / "runs" / run_id).exists(), "a finished run leaves nothing behind"
 
 
