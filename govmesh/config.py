@@ -6,13 +6,27 @@ import functools
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import yaml
 
 from govmesh.errors import GovmeshError
 
-__all__ = ["Clock", "Deployment", "key_prefix", "read_yaml_mapping", "utc_day"]
+__all__ = ["Clock", "Deployment", "key_prefix", "public_url", "read_yaml_mapping", "utc_day"]
+
+
+def public_url(url: str) -> str:
+    """``url`` with its password masked (``redis://user:***@host``), fit for a log, a
+    report or an error message."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def read_yaml_mapping(path: Path, *, what: str, error: type[GovmeshError]) -> dict[str, Any]:

@@ -78,7 +78,7 @@ async def test_a_lost_connection_fails_what_was_in_flight_and_is_opened_again(
     redis_server, prefix
 ) -> None:
     connection = RespConnection(redis_server.url)
-    admin = aioredis.Redis.from_url(redis_server.url)
+    admin = aioredis.Redis.from_url(redis_server.admin_url)
     try:
         client_id = await connection.call("CLIENT", "ID")
         blocked = asyncio.ensure_future(connection.call("BLPOP", f"{prefix}:never", 0))
@@ -93,7 +93,7 @@ async def test_a_lost_connection_fails_what_was_in_flight_and_is_opened_again(
 
 
 async def test_the_database_in_the_url_is_selected(redis_server, prefix) -> None:
-    url = redis_server.url.removesuffix("/0") + "/3"
+    url = redis_server.url.removesuffix("?db=0") + "?db=3"
     connection = RespConnection(url)
     admin = aioredis.Redis.from_url(url)
     try:
