@@ -111,3 +111,10 @@ async def test_a_closed_connection_refuses_calls(redis_server) -> None:
     await connection.close()
     with pytest.raises(RedisConnectionError, match="closed"):
         await connection.call("PING")
+
+
+async def test_a_failed_connect_names_the_server_but_not_its_password(tmp_path) -> None:
+    connection = RespConnection(f"unix://govmesh:s3cret@{tmp_path}/none.sock?db=0")
+    with pytest.raises(RedisConnectionError) as caught:
+        await connection.call("PING")
+    assert "govmesh:***@" in str(caught.value) and "s3cret" not in str(caught.value)

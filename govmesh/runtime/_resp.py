@@ -25,6 +25,8 @@ from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from govmesh.config import public_url
+
 __all__ = ["RespConnection", "RespScript"]
 
 _CONNECT_TIMEOUT_S: Final = 10.0
@@ -132,7 +134,9 @@ class RespConnection:
                     _CONNECT_TIMEOUT_S,
                 )
         except (OSError, TimeoutError) as exc:
-            raise RedisConnectionError(f"cannot connect to Redis at {self._url!r}: {exc}") from exc
+            raise RedisConnectionError(
+                f"cannot connect to Redis at {public_url(self._url)!r}: {exc}"
+            ) from exc
         password, username = options.get("password"), options.get("username")
         if password:
             await self._send(protocol, ("AUTH", *((username,) if username else ()), password))
