@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -127,11 +126,12 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
         """The Redis key prefix for this tenant."""
         return key_prefix(self.tenant)
 
-    def __rich_repr__(self) -> Iterator[tuple[str, Any]]:
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
         # A repr lands in logs and tracebacks; the Redis URL holds the Redis password.
-        for name in self.__struct_fields__:
-            value = getattr(self, name)
-            yield name, public_url(value) if name == "redis_url" else value
+        return [
+            (name, public_url(self.redis_url) if name == "redis_url" else getattr(self, name))
+            for name in self.__struct_fields__
+        ]
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={value!r}" for name, value in self.__rich_repr__())

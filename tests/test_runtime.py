@@ -375,3 +375,17 @@ async def test_cancelled_task_still_stops_embedded_servers():
         await task
 
     assert not any(pid_alive(pid) for pid in holder["pids"] if pid is not None)
+
+
+def test_a_deployment_shows_its_redis_url_without_the_password() -> None:
+    from govmesh.config import Deployment
+
+    dep = Deployment(
+        tenant="acme",
+        nats_url="nats://127.0.0.1:4222",
+        redis_url="rediss://govmesh:s3cret@redis.example:6380/0",
+        audience="govmesh:acme",
+        issuers=(),
+    )
+    assert "s3cret" not in repr(dep) and "govmesh:***@redis.example:6380" in repr(dep)
+    assert dep.redis_url.endswith("s3cret@redis.example:6380/0")  # still usable

@@ -358,6 +358,11 @@ class EmbeddedServer(ABC):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the server for good: `stop`, and whatever a subclass keeps only for a
+        restart. Safe to call twice."""
         self.stop()
 
     def __repr__(self) -> str:

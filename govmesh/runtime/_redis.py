@@ -8,7 +8,6 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 import redis
@@ -132,19 +131,11 @@ class RedisServer(EmbeddedServer):
     def close(self) -> None:
         """Stop the server and remove its private directory. Safe to call twice; a later
         `start` serves on a new socket with new secrets."""
-        self.stop()
+        super().close()
         remove, self._remove_private, self._private = self._remove_private, None, None
         if remove is not None:
             remove()
         self._secrets = {user: secrets.token_hex(32) for user in self._secrets}
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _argv(self) -> list[str]:
         self.data_dir.mkdir(parents=True, exist_ok=True)
