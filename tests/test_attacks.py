@@ -11,31 +11,46 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
+import nats
+import nats.errors
+import nats.js.errors
 import pytest
 import redis
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from govmesh.bus import Bus, Delivery, SecurityEvent
-from govmesh.config import key_prefix
+from govmesh.bus import Bus, Delivery, SecurityEvent, Subjects, ensure_event_stream
+from govmesh.config import Deployment, key_prefix
 from govmesh.errors import BusError
 from govmesh.governance._actor import GovernanceService
-from govmesh.governance.messages import ApprovalListing, ApprovalQuery
-from govmesh.identity import Issuer
-from govmesh.identity._permissions import GOVERNANCE_SERVICE
+from govmesh.governance.messages import ApprovalListing, ApprovalQuery, Decision
+from govmesh.identity import ClientCert, Issuer, ssl_context
+from govmesh.identity._permissions import GOVERNANCE_SERVICE, SENTINEL_ROLE
+from govmesh.observability._sentinel import SENTINEL_MEMBER, ServerSentinel
 from govmesh.runtime import ENV_LOW_LATENCY, NatsServer, RedisServer, Runtime, Transport, advertise
 from govmesh.runtime._latency import CPU_LATENCY_DEVICE
+from govmesh.scenarios import Swarm, load_scenario, run_workflows
 
 from _deploy import deployment
 from _procs import MARK_VAR, wait_until_gone
 
 ROOT = Path(__file__).parent.parent
+WAIT_S = 10.0
+REFUSED_S = 0.5
+"""How long a request the server refuses to route is given before it counts as refused."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -282,9 +297,260 @@ async def test_an_agent_cannot_list_the_approvals_and_is_reported(
 # ---------------------------------------------------------------------------------------
 
 
+class Raw:
+    """A raw nats-py client holding a member's certificate: what a compromised member runs
+    instead of govmesh's Bus, ignoring every error the server sends it."""
+
+    def __init__(self, nc: NATS, errors: list[str]) -> None:
+        self.nc = nc
+        self.errors = errors
+
+
+class Watched:
+    """A deployment of one tenant on the mutual-TLS server, its sentinel running, and a
+    monitor (an auditor) that collects the verified security events."""
+
+    def __init__(self, dep: Deployment, issuer: Issuer, transport: Transport) -> None:
+        self.dep = dep
+        self.issuer = issuer
+        self.transport = transport
+        self.subjects = Subjects(dep.tenant)
+        self.sentinel = ServerSentinel(
+            dep,
+            issuer.identity(SENTINEL_MEMBER, SENTINEL_ROLE),
+            transport=transport,
+            window_s=2.0,
+            poll_s=0.05,
+        )
+        self.events: list[Delivery] = []
+        self.opened: list[NATS] = []
+
+    async def raw(self, member_id: str, role: str = "agent", *, agent: bool = False) -> Raw:
+        """A raw client with the certificate of a newly admitted member."""
+        cert = self.transport.admit(member_id, role, tenant=self.dep.tenant, agent=agent)
+        return await self.raw_with(cert)
+
+    async def raw_with(self, cert: ClientCert) -> Raw:
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        nc = await nats.connect(
+            self.dep.nats_url,
+            tls=ssl_context(cert),
+            inbox_prefix=self.subjects.inbox_prefix(cert.member_id),
+            error_cb=on_error,
+            allow_reconnect=False,
+            connect_timeout=WAIT_S,
+        )
+        self.opened.append(nc)
+        return Raw(nc, errors)
+
+    def reported(self, reason: str, sender: str) -> list[SecurityEvent]:
+        return [
+            d.body
+            for d in self.events
+            if d.body.reason == reason and d.body.claimed_sender == sender
+        ]
+
+    async def until_reported(self, reason: str, sender: str, count: int = 1) -> list[SecurityEvent]:
+        deadline = time.monotonic() + WAIT_S
+        while len(found := self.reported(reason, sender)) < count:
+            assert time.monotonic() < deadline, [d.body for d in self.events]
+            await asyncio.sleep(0.02)
+        return found
+
+
+@pytest.fixture
+async def watched(secure_nats: tuple[Transport, NatsServer], prefix: str) -> AsyncIterator[Watched]:
+    transport, server = secure_nats
+    dep, issuer = deployment(server.url, "", prefix, transport)
+    w = Watched(dep, issuer, transport)
+    monitor = await Bus.connect(dep, issuer.identity("monitor-1", "auditor"))
+
+    async def on_event(d: Delivery) -> None:
+        w.events.append(d)
+
+    await monitor.subscribe(w.subjects.security, on_event, accepts=SecurityEvent)
+    await monitor.flush()
+    await w.sentinel.start()
+    try:
+        yield w
+    finally:
+        for nc in w.opened:
+            if not nc.is_closed:
+                await nc.close()
+        await w.sentinel.close()
+        await monitor.close()
+
+
+async def test_a_raw_client_publishing_on_another_agents_intent_is_reported_by_certificate(
+    watched: Watched,
+):
+    mallory = await watched.raw("mallory")
+    victim = watched.subjects.intent("alice")
+
+    await mallory.nc.publish(victim, b"forged intent")
+    await mallory.nc.flush()
+
+    (event,) = await watched.until_reported("publish_violation", "mallory")
+    assert event.subject == victim
+    assert event.receiver == SENTINEL_MEMBER
+    assert f"CN=mallory,OU=agent,O={watched.dep.tenant}" in event.detail
+    assert "member 'mallory', role 'agent'" in event.detail
+    # Signed by the sentinel's own member, which may publish nothing but security events.
+    (delivery,) = [d for d in watched.events if d.body == event]
+    assert (delivery.claims.sub, delivery.claims.role) == (SENTINEL_MEMBER, SENTINEL_ROLE)
+
+
+async def test_a_client_hammering_refused_publishes_cannot_flood_the_stream_but_is_counted(
+    watched: Watched,
+):
+    mallory = await watched.raw("mallory")
+    sentinel = watched.sentinel
+
+    for i in range(300):
+        await mallory.nc.publish(watched.subjects.intent(f"victim-{i % 7}"), b"x")
+    await mallory.nc.flush()
+
+    # One event at once, then one per window counting the rest of that window.
+    deadline = time.monotonic() + WAIT_S
+    while sum(_refusals(e) for e in watched.reported("publish_violation", "mallory")) < 300:
+        assert time.monotonic() < deadline, watched.reported("publish_violation", "mallory")
+        await asyncio.sleep(0.05)
+    events = watched.reported("publish_violation", "mallory")
+    assert sum(_refusals(e) for e in events) == 300
+    assert 2 <= len(events) <= 6
+    assert sentinel.stats()["rejected"] == {"publish_violation": 300}
+
+
+def _refusals(event: SecurityEvent) -> int:
+    """How many refusals one event stands for: itself, or the count of a summary."""
+    found = re.search(r"; (\d+) more like it", event.detail)
+    return int(found[1]) if found else 1
+
+
+async def test_a_certificate_of_no_admitted_member_is_reported_by_its_subject(
+    watched: Watched,
+):
+    cert_pem, key_pem = watched.transport.ca.client_cert(
+        "stranger", "agent", tenant=watched.dep.tenant
+    )
+    stranger = ClientCert(
+        member_id="stranger",
+        role="agent",
+        cert_pem=cert_pem,
+        key_pem=key_pem,
+        ca_pem=watched.transport.ca.ca_pem,
+    )
+
+    with pytest.raises(nats.errors.Error):
+        await watched.raw_with(stranger)
+
+    dn = f"CN=stranger,OU=agent,O={watched.dep.tenant}"
+    (event,) = await watched.until_reported("authentication_failure", dn)
+    assert "no admitted member" in event.detail
+
+
+async def test_refusals_during_a_run_count_in_its_security_rejections(
+    secure_nats: tuple[Transport, NatsServer], redis_server: RedisServer, prefix: str
+):
+    transport, server = secure_nats
+    dep, issuer = deployment(server.url, redis_server.url, prefix)
+    scenario = load_scenario(ROOT / "scenarios" / "procurement.yaml")
+    requester = scenario.agents.requester.id
+    attacked = asyncio.Event()
+
+    async def attack(swarm: Swarm, finished: Callable[[], int]) -> None:
+        # The requester's own certificate, in a raw client that ignores the server's errors.
+        (cert,) = [i.cert for i in swarm.identities() if i.agent_id == requester]
+        assert cert is not None
+
+        async def quiet(_: Exception) -> None:
+            pass
+
+        nc = await nats.connect(
+            server.url,
+            tls=ssl_context(cert),
+            inbox_prefix=Subjects(prefix).inbox_prefix(requester),
+            error_cb=quiet,
+        )
+        try:
+            await nc.publish(Subjects(prefix).intent(scenario.agents.procurement.id), b"x")
+            await nc.flush()
+        finally:
+            await nc.close()
+        attacked.set()
+
+    report = await run_workflows(
+        scenario,
+        dep,
+        issuer,
+        workflows=2,
+        seed=1,
+        timeout_s=120,
+        in_process=True,
+        transport=transport,
+        during=attack,
+    )
+
+    assert attacked.is_set()
+    assert report["workflows"]["finished"] == 2
+    assert report["security_rejections"] == {"publish_violation": 1}
+    assert report["actors"]["sentinel"]["events"] == 1
+
+
 # ---------------------------------------------------------------------------------------
 # 5. A decision is readable only by the agent it answers.
 # ---------------------------------------------------------------------------------------
+
+
+async def test_an_agent_cannot_read_the_decisions_that_answer_another_agent(watched: Watched):
+    s = watched.subjects
+    governance = await Bus.connect(
+        watched.dep, watched.issuer.identity("governance-1", "governance")
+    )
+    alice = await Bus.connect(watched.dep, watched.issuer.identity("alice", "agent"))
+    mallory = await watched.raw("mallory")
+    for_alice: asyncio.Queue[Decision] = asyncio.Queue()
+    stolen: list[Msg] = []
+
+    async def on_decision(d: Delivery) -> None:
+        await for_alice.put(d.body)
+
+    async def steal(msg: Msg) -> None:
+        stolen.append(msg)
+
+    try:
+        await alice.subscribe(s.decisions("alice"), on_decision, accepts=Decision)
+        await alice.flush()
+        for wildcard in (s.all("decision"), s.decisions("alice"), f"{s.prefix}.>"):
+            await mallory.nc.subscribe(wildcard, cb=steal)
+        await mallory.nc.flush()
+        await mallory.nc.flush()
+
+        decision = Decision(
+            intent_id="i-1",
+            intent_hash="0" * 64,
+            workflow="wf-1",
+            agent="alice",
+            outcome="allow",
+            policy_hash="p",
+            expires_at=time.time() + 60,
+        )
+        await governance.publish(s.decision("alice", "wf-1"), decision, workflow="wf-1")
+
+        assert await asyncio.wait_for(for_alice.get(), WAIT_S) == decision
+        await mallory.nc.flush()  # anything routed to mallory would precede this PONG
+        assert stolen == []
+        assert sum("permissions violation for subscription" in e for e in mallory.errors) == 3
+        events = await watched.until_reported("subscribe_violation", "mallory")
+        assert events[0].subject == s.all("decision")
+        assert f"CN=mallory,OU=agent,O={watched.dep.tenant}" in events[0].detail
+    finally:
+        await alice.close()
+        await governance.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,6 +572,122 @@ async def test_an_agent_cannot_list_the_approvals_and_is_reported(
 # ---------------------------------------------------------------------------------------
 # 9. Stream permissions are least privilege, per tenant.
 # ---------------------------------------------------------------------------------------
+
+
+async def _two_tenants(
+    transport: Transport, server: NatsServer, prefix: str
+) -> tuple[Deployment, Deployment, Callable[[Deployment, str, str], Awaitable[NATS]]]:
+    """Tenants A and B on one server, each with its event stream made by its coordinator
+    and one event in it, and a way to connect raw clients with members' certificates."""
+    opened: list[NATS] = []
+
+    async def raw(dep: Deployment, member_id: str, role: str) -> NATS:
+        cert = transport.admit(member_id, role, tenant=dep.tenant)
+
+        async def quiet(_: Exception) -> None:
+            pass
+
+        nc = await nats.connect(
+            server.url,
+            tls=ssl_context(cert),
+            inbox_prefix=Subjects(dep.tenant).inbox_prefix(member_id),
+            error_cb=quiet,
+            allow_reconnect=False,
+        )
+        opened.append(nc)
+        return nc
+
+    made = []
+    for tenant in (prefix, f"{prefix}b"):
+        dep, issuer = deployment(server.url, "", tenant, transport)
+        coordinator = await raw(dep, "coordinator-1", "coordinator")
+        await ensure_event_stream(coordinator, tenant)
+        agent = await Bus.connect(dep, issuer.identity("alice", "agent"), rotate=False)
+        await agent.publish(agent.subjects.msg("bob"), SecurityEvent(reason="note", subject=""))
+        await agent.close()
+        made.append(dep)
+    raw.opened = opened  # type: ignore[attr-defined]
+    return made[0], made[1], raw
+
+
+@pytest.fixture
+async def tenants(
+    secure_nats: tuple[Transport, NatsServer], prefix: str
+) -> AsyncIterator[tuple[Deployment, Deployment, Any]]:
+    transport, server = secure_nats
+    a, b, raw = await _two_tenants(transport, server, prefix)
+    try:
+        yield a, b, raw
+    finally:
+        for nc in raw.opened:
+            if not nc.is_closed:
+                await nc.close()
+
+
+async def _one_event(js: Any, stream: str, tenant: str, durable: str) -> list[Msg]:
+    sub = await js.pull_subscribe(
+        Subjects(tenant).everything,
+        durable=durable,
+        stream=stream,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT),
+    )
+    msgs: list[Msg] = await sub.fetch(1, timeout=WAIT_S)
+    for msg in msgs:
+        await msg.ack_sync(timeout=WAIT_S)
+    return msgs
+
+
+async def test_the_auditor_of_one_tenant_cannot_consume_another_tenants_stream(tenants):
+    a, b, raw = tenants
+    auditor = await raw(a, "audit-1", "auditor")
+    js = auditor.jetstream(timeout=REFUSED_S)
+    own, other = Subjects(a.tenant).event_stream, Subjects(b.tenant).event_stream
+
+    # Its own tenant's stream it reads and acknowledges, as the audit actor does.
+    reader = auditor.jetstream(timeout=WAIT_S)
+    assert len(await _one_event(reader, own, a.tenant, "audit-a")) == 1
+    assert (await reader.consumer_info(own, "audit-a")).ack_floor.stream_seq == 1
+
+    with pytest.raises((nats.errors.TimeoutError, nats.js.errors.Error)):
+        await _one_event(js, other, b.tenant, "steal")
+    with pytest.raises((nats.errors.TimeoutError, nats.js.errors.Error)):
+        await js.add_consumer(other, ConsumerConfig(name="steal2", durable_name="steal2"))
+    with pytest.raises((nats.errors.TimeoutError, nats.js.errors.Error)):
+        await js.stream_info(other)
+
+    coordinator_b = await raw(b, "coordinator-1", "coordinator")
+    for name in ("steal", "steal2"):
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await coordinator_b.jetstream(timeout=WAIT_S).consumer_info(other, name)
+
+
+async def test_the_coordinator_cannot_delete_purge_or_change_the_stream(tenants):
+    a, b, raw = tenants
+    coordinator = await raw(a, "coordinator-1", "coordinator")
+    js = coordinator.jetstream(timeout=REFUSED_S)
+    own, other = Subjects(a.tenant).event_stream, Subjects(b.tenant).event_stream
+    before = await coordinator.jetstream(timeout=WAIT_S).stream_info(own)
+    assert before.state.messages == 1
+    assert before.config.deny_delete and before.config.deny_purge
+
+    refused = (nats.errors.TimeoutError, nats.js.errors.Error)
+    with pytest.raises(refused):
+        await js.delete_stream(own)
+    with pytest.raises(refused):
+        await js.purge_stream(own)
+    changed = before.config.evolve(max_age=1.0)
+    with pytest.raises(refused):
+        await js.update_stream(changed)
+    with pytest.raises(refused):
+        await js.delete_stream(other)
+    with pytest.raises(refused):
+        await js.stream_info(other)
+
+    after = await coordinator.jetstream(timeout=WAIT_S).stream_info(own)
+    assert after.state.messages == 1
+    assert after.config.max_age == before.config.max_age
+    auditor_b = await raw(b, "audit-1", "auditor")
+    assert (await auditor_b.jetstream(timeout=WAIT_S).stream_info(other)).state.messages == 1
 
 
 # ---------------------------------------------------------------------------------------

@@ -271,7 +271,7 @@ async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
         try:
             from govmesh.bus import ensure_event_stream
 
-            await ensure_event_stream(nc)
+            await ensure_event_stream(nc, prefix)
             for i in range(5):
                 await bus.publish(bus.subjects.msg("bob"), Note(n=i), workflow="wf-js")
             await bus.flush()

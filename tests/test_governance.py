@@ -65,7 +65,9 @@ async def _running(tmp_path, secure_nats, redis_server, prefix):
     async def on_decision(d: Delivery) -> None:
         await decisions.put(d.body)
 
-    await agent.subscribe(agent.subjects.all("decision"), on_decision, accepts=Decision)
+    await agent.subscribe(
+        agent.subjects.decisions(agent.identity.agent_id), on_decision, accepts=Decision
+    )
     await agent.flush()
 
     async def decide(workflow: str, amount: float = ARGS["amount_usd"]) -> Decision:
@@ -363,7 +365,9 @@ async def _two_governance_actors(
 
     operator = await Bus.connect(dep, issuer.identity("operator-1", "operator"))
     try:
-        await agent.subscribe(agent.subjects.all("decision"), on_decision, accepts=Decision)
+        await agent.subscribe(
+            agent.subjects.decisions(agent.identity.agent_id), on_decision, accepts=Decision
+        )
         await agent.flush()
         yield Governed(agent=agent, decisions=decisions, actors=actors, operator=operator)
     finally:
@@ -384,7 +388,7 @@ async def test_an_escalation_is_sent_before_its_approval_request_is_announced(
         publish = actor.bus.nc.publish
 
         async def recorded(subject, *args, _publish=publish, **kwargs):
-            published.append(subject.split(".")[-2])
+            published.append(subject.split(".")[2])  # gm.<tenant>.<area>...
             return await _publish(subject, *args, **kwargs)
 
         actor.bus.nc.publish = recorded

@@ -70,7 +70,7 @@ class _Events:
             case 1:
                 env, data = self.codec.seal(
                     self.governance,
-                    subject=self.subjects.decision(wf),
+                    subject=self.subjects.decision("buyer-1", wf),
                     body=Decision(
                         intent_id=self.intent[workflow],
                         intent_hash="0" * 64,

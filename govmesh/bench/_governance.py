@@ -663,7 +663,10 @@ async def _on_bus(intents: int, tick: Progress, *, go_threads: int | None) -> di
             stack.push_async_callback(agent.close)
             decisions = _Decisions()
             await agent.subscribe(
-                subjects.all("decision"), decisions.on_decision, accepts=Decision, concurrent=False
+                subjects.decisions(agent_id.agent_id),
+                decisions.on_decision,
+                accepts=Decision,
+                concurrent=False,
             )
             await agent.flush()
             watchdog = asyncio.create_task(decisions.watchdog())

@@ -321,7 +321,7 @@ class GovernanceService(Service):
             step=body.step,
         )
         ihash = intent_hash(intent)
-        subject = self.subjects.decision(workflow)
+        subject = self.subjects.decision(intent.agent, workflow)
         # This handler's span context. The decision carries it wherever it is signed: the
         # decider may call `seal` from the task of another intent of the same group.
         trace = current_traceparent() or d.envelope.trace
@@ -586,7 +586,7 @@ class GovernanceService(Service):
         self.decided[verb] += 1
         record_decision(decision.outcome, source="approval")
         await self.bus.publish(
-            self.subjects.decision(request.workflow),
+            self.subjects.decision(request.agent, request.workflow),
             decision,
             workflow=request.workflow,
             causation=taken.causation or request.intent_id,

@@ -61,7 +61,7 @@ from nats.js.client import JetStreamContext
 from govmesh._tasks import raise_if_cancelled
 from govmesh.bus._codec import Codec
 from govmesh.bus._envelope import Envelope
-from govmesh.bus._stream import EVENT_STREAM, ensure_event_stream
+from govmesh.bus._stream import ensure_event_stream
 from govmesh.bus._subjects import Subjects
 from govmesh.errors import SecurityError, StateError
 from govmesh.identity import SigningKey, VerifyKey
@@ -916,12 +916,12 @@ class AuditConsumer:
 
     async def start(self) -> None:
         """Create (or resume) the durable consumer and start storing."""
-        await ensure_event_stream(self.nc)
+        await ensure_event_stream(self.nc, self.subjects.tenant)
         js = self.nc.jetstream()
         self._sub = await js.pull_subscribe(
             self.subjects.everything,
             durable=self.durable,
-            stream=EVENT_STREAM,
+            stream=self.subjects.event_stream,
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.ALL,
                 ack_policy=AckPolicy.EXPLICIT,

@@ -20,7 +20,7 @@ from typing import Any, Final
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from govmesh.bus import EVENT_STREAM, Bus, Codec
+from govmesh.bus import Bus, Codec
 from govmesh.identity._permissions import AUDITOR_ROLE
 from govmesh.observability._audit import summarize_body
 from govmesh.runtime import WATCH_MEMBER, JoinedDeployment
@@ -371,7 +371,7 @@ async def watch_events(
         sub = await js.pull_subscribe(
             bus.subjects.everything,
             durable=None,
-            stream=EVENT_STREAM,
+            stream=bus.subjects.event_stream,
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.ALL if replay else DeliverPolicy.NEW,
                 ack_policy=AckPolicy.NONE,

@@ -102,7 +102,7 @@ def render_nats_config(
         tls: require mutual TLS, map certificate subjects to users and include their
             permissions from `AUTHORIZATION_FILE` in the configuration's directory
             (nats-server resolves an include relative to the including file, even an
-            absolute path).
+            absolute path); log at debug level, which names refused certificates.
         extra_config: more top-level configuration, appended verbatim.
     """
     lines = [
@@ -123,6 +123,10 @@ def render_nats_config(
             f"  timeout: {tls.timeout_s:g}",
             "}",
             f"include {json.dumps(AUTHORIZATION_FILE)}",
+            # The subject DN of a certificate that maps to no user is logged only at debug
+            # level, a few lines per connection and none per message; the runtime reports
+            # it (see ServerLogReader).
+            "debug: true",
         ]
     if extra_config:
         lines.append(extra_config)
