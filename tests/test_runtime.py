@@ -276,7 +276,7 @@ async def test_embedded_runtime_serves_and_cleans_up_on_close(prefix: str):
         cert = rt.transport.admit(f"coordinator-{prefix}", "coordinator", tenant=prefix)
         inbox = Subjects(prefix).inbox_prefix(cert.member_id)
         nc = await nats.connect(rt.nats_url, tls=ssl_context(cert), inbox_prefix=inbox)
-        await nc.jetstream().account_info()
+        await nc.flush()  # a round trip over mutual TLS
         await nc.close()
         with redis.Redis.from_url(rt.redis_url) as client:
             assert client.ping()
