@@ -159,12 +159,12 @@ def _start_telemetry(choice: str) -> None:
 )
 @click.option(
     "--low-latency",
-    type=click.Choice(["auto", "on", "off"]),
+    type=click.Choice(["on", "off"]),
     default=None,
-    help="Hold this machine's CPUs awake while services run, so a message wakes its "
-    "receiver without waiting for a halted CPU; idle CPUs then spin. auto: where this user "
-    "may (root, or write access to /dev/cpu_dma_latency); on: required; off: never. "
-    "Default: $GOVMESH_LOW_LATENCY, else auto.",
+    help="on: hold this machine's CPUs awake while services run (needs write access to "
+    "/dev/cpu_dma_latency), so a message wakes its receiver without waiting for a halted "
+    "CPU; idle CPUs then spin, for every program on the machine, and the embedded "
+    "nats-server runs on one Go thread. Default: $GOVMESH_LOW_LATENCY, else off.",
 )
 def cli(verbose: int, telemetry: str, low_latency: str | None) -> None:
     """govmesh: governed multi-agent workflow automation."""
@@ -183,19 +183,29 @@ def cli(verbose: int, telemetry: str, low_latency: str | None) -> None:
 def up() -> None:
     """Run embedded nats-server, Redis-protocol server and Ray until Ctrl-C.
 
-    Prints the URLs so other processes can join with GOVMESH_NATS_URL, GOVMESH_REDIS_URL
+    Prints the URLs, the Redis password masked, and writes them whole to a file only this
+    user may read, so other processes can join with GOVMESH_NATS_URL, GOVMESH_REDIS_URL
     and RAY_ADDRESS.
     """
+    from govmesh.config import public_url
     from govmesh.runtime import Runtime
+    from govmesh.runtime._home import write_private
 
     async def serve() -> None:
         # Plain NATS: clients of another process get no certificates from this one yet.
         async with Runtime(secure=False) as rt:
             _claim_sigterm()
-            out.print(f"GOVMESH_NATS_URL={rt.nats_url}")
-            out.print(f"GOVMESH_REDIS_URL={rt.redis_url}")
+            joining = {"GOVMESH_NATS_URL": rt.nats_url, "GOVMESH_REDIS_URL": rt.redis_url}
             if rt.ray_address:
-                out.print(f"RAY_ADDRESS={rt.ray_address}")
+                joining["RAY_ADDRESS"] = rt.ray_address
+            env_file = rt.workdir / "join.env"
+            write_private(env_file, "".join(f"{k}={v}\n" for k, v in joining.items()).encode())
+            for name, value in joining.items():
+                out.print(f"{name}={public_url(value)}")
+            console.print(
+                f"[dim]with the Redis password: {env_file} (0600); join with "
+                f"`set -a; . {env_file}; set +a`[/]"
+            )
             console.print(f"[dim]low latency ({rt.low_latency.mode}): {rt.low_latency.detail}[/]")
             console.print("[green]govmesh services are up[/]; Ctrl-C stops them")
             await asyncio.Event().wait()

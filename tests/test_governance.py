@@ -433,7 +433,7 @@ async def test_every_outcome_is_decided_and_recorded_in_one_round_trip(
     agent, decisions, actors = two_actors.agent, two_actors.decisions, two_actors.actors
     await _intent(agent, "wf-warm", 100.0)  # loads the scripts into the server
     await asyncio.wait_for(decisions.get(), 10)
-    watcher = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    watcher = aioredis.Redis.from_url(redis_server.admin_url, decode_responses=True)
     try:
         async with watcher.monitor() as monitor:
             amounts = {"wf-rt-allow": 4000.0, "wf-rt-deny": 12000.0, "wf-rt-escalate": 7000.0}

@@ -7,12 +7,12 @@ role          publish                                     subscribe
 ============  ==========================================  ===================================
 agent         intent/usage/state.<own id>, msg.*, tool.>,  msg.<own id>, decision.<own id>.*
               ctl.*
-governance    decision.>, approval.*, replies             intent.*, approval.*
+governance    decision.>, approval.*, replies             intent.*, approval.*, ctl.governance
 gateway       (replies only: allow_responses)             tool.>
 budget        approval.* (budget interrupts)              usage.*, ctl.budget
 state         msg.* (timers fired), replies               state.*, ctl.state
 issuer        (replies only)                              ctl.identity
-operator      approval.*                                  approval.*
+operator      approval.*, ctl.governance                  approval.*
 auditor       the tenant's stream: its info, creating,    everything of the tenant
               reading and inspecting its consumers, acks
 coordinator   msg.*, ctl.*, the tenant's stream: create,  msg.<own id>
@@ -50,6 +50,7 @@ __all__ = [
     "COORDINATOR_ROLE",
     "GATEWAY_ROLE",
     "GOVERNANCE_ROLE",
+    "GOVERNANCE_SERVICE",
     "ISSUER_ROLE",
     "OPERATOR_ROLE",
     "PLATFORM_ROLES",
@@ -86,6 +87,8 @@ PLATFORM_ROLES: Final = frozenset(
 )
 TOKEN_SERVICE: Final = "identity"
 """The ``ctl`` service that renews Agent-ID tokens; every member asks it."""
+GOVERNANCE_SERVICE: Final = "governance"
+"""The ``ctl`` service of governance: operators ask it for the approvals."""
 DENY_ALL: Final = ">"
 
 
@@ -142,7 +145,7 @@ def permissions_for(
         responds = True
     elif role == GOVERNANCE_ROLE:
         pub = [s.all("decision"), s.all("approval")]
-        sub = [s.all("intent"), s.all("approval"), inbox]
+        sub = [s.all("intent"), s.all("approval"), s.ctl(GOVERNANCE_SERVICE), inbox]
         # Tells an operator's `govmesh approvals approve` what its answer decided.
         responds = True
     elif role in (GATEWAY_ROLE, BUDGET_ROLE, STATE_ROLE, ISSUER_ROLE):
@@ -157,7 +160,8 @@ def permissions_for(
         }
         sub = [*served[role], inbox]
     elif role == OPERATOR_ROLE:
-        pub = [s.all("approval")]
+        # Operator tools ask governance for the approvals instead of reading Redis.
+        pub = [s.all("approval"), s.ctl(GOVERNANCE_SERVICE)]
         sub = [s.all("approval"), inbox]
     elif role == AUDITOR_ROLE:
         # Reads every event of the tenant (audit index, `govmesh watch`), changes nothing.

@@ -23,7 +23,6 @@ import time
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import jwt
 import msgspec
@@ -55,7 +54,6 @@ __all__ = [
     "costed_trace",
     "export_bundle",
     "prune_index",
-    "public_url",
 ]
 
 BUNDLE_FORMAT: Final = "govmesh-evidence-bundle/1"
@@ -195,18 +193,6 @@ def _generator() -> str:
         return f"govmesh {version('govmesh')}"
     except PackageNotFoundError:
         return "govmesh"
-
-
-def public_url(url: str) -> str:
-    """``url`` without a password, fit to be written into a bundle."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _answer_proof(record: ApprovalRecord) -> dict[str, Any]:
