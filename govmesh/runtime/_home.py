@@ -5,7 +5,7 @@ A process that runs a deployment (``govmesh run``, ``govmesh chaos``) writes
 runs, and removes it when it stops:
 
 =====================  ==============================================================
-``deployment.json``    tenant, URLs, token audience and issuer public key, pid (0600)
+``deployment.json``    tenant, NATS URL, token audience, issuer public key, pid (0600)
 ``enrol.sock``         the deployment's `EnrolmentServer` (0600)
 =====================  ==============================================================
 
@@ -14,7 +14,9 @@ memory of the process that runs the deployment. ``govmesh approvals`` and ``govm
 make their own keys and enrol them over the socket (`JoinedDeployment.member`), getting a
 ten-minute token and certificate for the operator (`OPERATOR_MEMBER`) or watch
 (`WATCH_MEMBER`) member and for nothing else. Whoever can connect to the socket, the user
-that runs the deployment, can act as an operator of it.
+that runs the deployment, can act as an operator of it. The Redis URL, which holds the
+deployment's Redis password, is not written either: operator tools ask governance over
+the bus.
 """
 
 from __future__ import annotations
@@ -63,7 +65,6 @@ _STATE: Final = "deployment.json"
 class _Record(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str
     nats_url: str
-    redis_url: str
     audience: str
     issuer_key: bytes
     tls: bool
@@ -77,7 +78,7 @@ class JoinedDeployment:
     """A running deployment as another process sees it.
 
     Attributes:
-        deployment: where its services are and whom they trust.
+        deployment: where its services are and whom they trust; without the Redis URL.
         enrolment: its enrolment socket.
         pid: the process that runs it.
         started_at: when it started (Unix time).
@@ -170,7 +171,6 @@ async def advertise(
     record = _Record(
         tenant=deployment.tenant,
         nats_url=deployment.nats_url,
-        redis_url=deployment.redis_url,
         audience=deployment.audience,
         issuer_key=issuer.public_key,
         tls=deployment.tls,
@@ -245,7 +245,7 @@ def join(tenant: str | None = None) -> JoinedDeployment:
         deployment=Deployment(
             tenant=record.tenant,
             nats_url=record.nats_url,
-            redis_url=record.redis_url,
+            redis_url="",  # not advertised: it holds the Redis password
             audience=record.audience,
             issuers=(record.issuer_key,),
             tls=record.tls,

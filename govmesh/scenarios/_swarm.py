@@ -222,6 +222,11 @@ class Swarm:
             kwargs["deployment"] = dep
         return specs
 
+    def identities(self) -> list[Identity]:
+        """The identities of the services this process runs (``in_process``, once started);
+        a Ray actor's identity and keys stay in its own process."""
+        return [service.identity for service in self._local.values()]
+
     def approver(self) -> SimulatedApprover:
         """The simulated human operator, run by the coordinator's process."""
         a = self.scenario.approvals
