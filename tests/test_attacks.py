@@ -1170,7 +1170,7 @@ async def test_the_swarm_s_actors_are_given_no_private_key_and_make_their_own(
     scenario = load_scenario(ROOT / "scenarios" / "procurement.yaml")
     agent = scenario.agents.procurement.id
     coordinator = await Bus.connect(dep, issuer.identity("coordinator-1", "coordinator"))
-    await ensure_event_stream(coordinator.nc)
+    await ensure_event_stream(coordinator.nc, dep.tenant)
     swarm = Swarm(scenario, dep, issuer, seed=1, transport=transport)
     try:
         await swarm.start()

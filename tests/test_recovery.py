@@ -51,7 +51,7 @@ async def _coordinator(dep, issuer) -> tuple[Bus, asyncio.Queue[tuple[str, Purch
     """A bus member the outcomes are sent to, and the queue of (workflow, outcome)."""
     coordinator = await Bus.connect(dep, issuer.identity("coordinator-1", "coordinator"))
     # The audit actor reads the event stream; only a coordinator may create it.
-    await ensure_event_stream(coordinator.nc)
+    await ensure_event_stream(coordinator.nc, dep.tenant)
     outcomes: asyncio.Queue[tuple[str, PurchaseOutcome]] = asyncio.Queue()
 
     async def on_outcome(d: Delivery) -> None:
