@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from govmesh.bus import Bus, Codec, Delivery, Sealed, SecurityEvent
+from govmesh.errors import ConfigError
 from govmesh.identity import Issuer
 
 from _deploy import deployment
@@ -388,3 +389,14 @@ async def test_client_certificates_are_renewed_so_a_reconnect_after_expiry_works
     assert members["alice"].cert != first_cert
     assert authority.renewed_certs >= 4
     assert not carol_connected, "an expired certificate must not get back in"
+
+
+@pytest.mark.parametrize("bound", ["max_handlers", "pending_msgs_limit", "pending_bytes_limit"])
+async def test_a_subscription_bound_below_one_is_a_clear_error(h: Harness, bound: str) -> None:
+    # nats-py would read 0 or -1 as "no limit".
+    with pytest.raises(ConfigError, match=rf"{bound} of the subscription to '{h.inbox}'.*got 0"):
+        await h.bob.subscribe(h.inbox, _ignore, accepts=Ping, **{bound: 0})
+
+
+async def _ignore(d: Delivery) -> None:
+    pass

@@ -613,7 +613,7 @@ def test_agent_subscribes_only_to_its_inbox_decisions_and_its_reply_inboxes():
         ("governance", ["intent.a", "approval.w"], ["decision.w", "approval.w"], True),
         ("gateway", ["tool.erp.create_po"], [], True),
         ("budget", ["usage.a", "ctl.budget"], [], True),
-        ("state", ["state.a", "ctl.state"], [], True),
+        ("state", ["state.a", "ctl.state"], ["msg.a", "snapshot.a"], True),
         ("issuer", ["ctl.identity"], [], True),
         ("operator", ["approval.w"], ["approval.w"], False),
         ("coordinator", ["msg.coordinator-1"], ["msg.a", "ctl.budget"], False),
@@ -644,6 +644,9 @@ def test_the_auditor_reads_everything_and_may_only_replay_the_stream():
     perms = permissions_for("audit-1", "auditor", S)
     assert may(perms, "subscribe", S.intent("anyone"))
     assert may(perms, "subscribe", S.security)
+    assert may(perms, "subscribe", S.snapshot("anyone"))
+    # A snapshot in transit holds its tool tier in the clear.
+    assert not may(perms, "subscribe", S.state("anyone"))
     assert may(perms, "publish", "$JS.API.CONSUMER.CREATE.GOVMESH_EVENTS")
     for denied in (S.intent("audit-1"), S.msg("a"), S.decision("w"), S.tool("erp.x")):
         assert not may(perms, "publish", denied)

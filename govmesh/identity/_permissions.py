@@ -10,10 +10,10 @@ agent         intent/usage/state.<own id>, msg.*, tool.>,  msg.<own id>, decisio
 governance    decision.*, approval.*, replies             intent.*, approval.*
 gateway       (replies only: allow_responses)             tool.>
 budget        approval.* (budget interrupts)              usage.*, ctl.budget
-state         msg.* (timers fired), replies               state.*, ctl.state
+state         msg.* (timers fired), snapshot.*, replies   state.*, ctl.state
 issuer        (replies only)                              ctl.identity
 operator      approval.*                                  approval.*
-auditor       $JS.API.CONSUMER.>, stream info, $JS.ACK.>   everything of the tenant
+auditor       $JS.API.CONSUMER.>, stream info, $JS.ACK.>   everything of the tenant but state.*
 coordinator   msg.*, ctl.*, $JS.API.>                     msg.<own id>
 unknown       security only                               nothing
 ============  ==========================================  ===================================
@@ -122,6 +122,7 @@ def permissions_for(
     pub: list[str]
     sub: list[str]
     responds = False
+    unread: list[str] = []
     if agent:
         pub = [s.intent(member_id), s.usage(member_id), s.state(member_id)]
         pub += [s.all("msg"), s.all("tool"), s.all("ctl")]
@@ -136,7 +137,10 @@ def permissions_for(
         responds = True
     elif role in (GATEWAY_ROLE, BUDGET_ROLE, STATE_ROLE, ISSUER_ROLE):
         # The state actor fires timers to agents; the budget actor puts interrupts to people.
-        published = {STATE_ROLE: [s.all("msg")], BUDGET_ROLE: [s.all("approval")]}
+        published = {
+            STATE_ROLE: [s.all("msg"), s.all("snapshot")],
+            BUDGET_ROLE: [s.all("approval")],
+        }
         pub, responds = published.get(role, []), True
         served = {
             GATEWAY_ROLE: [s.all("tool")],
@@ -152,13 +156,18 @@ def permissions_for(
         # Reads every event of the tenant (audit index, `govmesh watch`), changes nothing.
         pub = list(s.jetstream_read)
         sub = [s.everything, inbox]
+        # Snapshots carry the tool tier in the clear; the stream leaves them out, and so
+        # does a live subscription of the auditor.
+        unread = [s.all("state")]
     elif role == COORDINATOR_ROLE:
         pub = [s.all("msg"), s.all("ctl"), s.jetstream_api]
         sub = [s.msg(member_id), inbox]
     else:
         return {"publish": _rules([s.security]), "subscribe": _rules([]), "allow_responses": False}
+    subscribe = _rules(sub)
+    subscribe["deny"] += unread
     return {
         "publish": _rules([*pub, *base_pub]),
-        "subscribe": _rules(sub),
+        "subscribe": subscribe,
         "allow_responses": responds,
     }
