@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import msgspec
+import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from govmesh.bus import (
@@ -21,6 +23,7 @@ from govmesh.bus import (
     Bus,
     Codec,
     Delivery,
+    Envelope,
     SecurityEvent,
     ensure_event_stream,
 )
@@ -100,125 +103,127 @@ async def _security_monitor(bus: Bus) -> list[SecurityEvent]:
 CANARY = b"canary-7f3a-erp-session-token"
 
 
-def _snapshot_with_canary(workflow: str) -> Snapshot:
-    return Snapshot(
-        workflow=workflow,
-        version=1,
-        goal={"phase": "negotiating"},
-        tool=b'{"erp_session": "' + CANARY + b'"}',
-    )
+@dataclass
+class StateParties:
+    state: StateService
+    alice: Bus
+    mallory: Bus
+    coordinator: Bus
+    auditor: Bus
 
 
-async def test_an_agent_cannot_read_another_agents_snapshot(
-    secure_nats, redis_server, prefix: str
-) -> None:
+@pytest.fixture
+async def state_parties(secure_nats, redis_server, prefix: str) -> AsyncIterator[StateParties]:
+    """The real state actor; alice, whose snapshot holds a secret; mallory, a compromised
+    agent; the coordinator (a platform role); an auditor, as `govmesh watch` connects."""
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
     state = StateService(dep, issuer.identity("state-1", "state"), keyring=Keyring.generate())
     await state.start()
-    alice = await Bus.connect(dep, issuer.identity("alice", "agent"))
-    mallory = await Bus.connect(dep, issuer.identity("mallory", "agent"))
-    # A platform role may not read an agent's snapshots either (least privilege).
-    coordinator = await Bus.connect(dep, issuer.identity("coordinator-1", "coordinator"))
-    monitor = await Bus.connect(dep, issuer.identity("monitor", "auditor"))
-    try:
-        events = await _security_monitor(monitor)
-        stored = await alice.request(
-            alice.subjects.state("alice"),
-            _snapshot_with_canary("wf-1"),
-            accepts=SnapshotStored,
-            workflow="wf-1",
+    buses = [
+        await Bus.connect(dep, issuer.identity(name, role))
+        for name, role in (
+            ("alice", "agent"),
+            ("mallory", "agent"),
+            ("coordinator-1", "coordinator"),
+            ("audit-1", "auditor"),
         )
-        assert stored.body.stored
+    ]
+    yield StateParties(state, *buses)
+    for bus in reversed(buses):
+        await bus.close()
+    await state.close()
 
-        for thief in (mallory, coordinator):
-            reply = await thief.request(
-                thief.subjects.ctl("state"),
-                SnapshotQuery(workflow="wf-1", agent="alice"),
-                accepts=SnapshotReply,
-            )
-            answer: SnapshotReply = reply.body
-            assert not answer.found and answer.snapshot is None
-            assert "may read only its own snapshots" in answer.error
-            assert CANARY not in reply.data
 
-        assert state.bus.rejected["foreign_snapshot"] == 2
-        await _eventually(lambda: len(events) >= 2)
-        assert {(e.reason, e.claimed_sender) for e in events} == {
-            ("foreign_snapshot", "mallory"),
-            ("foreign_snapshot", "coordinator-1"),
-        }
+async def _alice_stores_a_canary(alice: Bus, workflow: str) -> None:
+    stored = await alice.request(
+        alice.subjects.state("alice"),
+        Snapshot(
+            workflow=workflow,
+            version=1,
+            goal={"phase": "negotiating"},
+            tool=b'{"erp_session": "' + CANARY + b'"}',
+        ),
+        accepts=SnapshotStored,
+        workflow=workflow,
+    )
+    assert stored.body.stored
 
-        own = await alice.request(
-            alice.subjects.ctl("state"),
+
+async def test_an_agent_cannot_read_another_agents_snapshot(state_parties: StateParties) -> None:
+    p = state_parties
+    events = await _security_monitor(p.auditor)
+    await _alice_stores_a_canary(p.alice, "wf-1")
+
+    # A platform role may not read an agent's snapshots either (least privilege).
+    for thief in (p.mallory, p.coordinator):
+        reply = await thief.request(
+            thief.subjects.ctl("state"),
             SnapshotQuery(workflow="wf-1", agent="alice"),
             accepts=SnapshotReply,
         )
-        assert own.body.snapshot is not None and CANARY in own.body.snapshot.tool
-    finally:
-        for bus in (monitor, coordinator, mallory, alice):
-            await bus.close()
-        await state.close()
+        answer: SnapshotReply = reply.body
+        assert not answer.found and answer.snapshot is None
+        assert "may read only its own snapshots" in answer.error
+        assert CANARY not in reply.data
+
+    assert p.state.bus.rejected["foreign_snapshot"] == 2
+    await _eventually(lambda: len(events) >= 2)
+    assert {(e.reason, e.claimed_sender) for e in events} == {
+        ("foreign_snapshot", "mallory"),
+        ("foreign_snapshot", "coordinator-1"),
+    }
+
+    own = await p.alice.request(
+        p.alice.subjects.ctl("state"),
+        SnapshotQuery(workflow="wf-1", agent="alice"),
+        accepts=SnapshotReply,
+    )
+    assert own.body.snapshot is not None and CANARY in own.body.snapshot.tool
 
 
 async def test_the_event_stream_never_holds_a_tool_tier_in_the_clear(
-    secure_nats, redis_server, prefix: str
+    state_parties: StateParties,
 ) -> None:
-    transport, server = secure_nats
-    dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
-    state = StateService(dep, issuer.identity("state-1", "state"), keyring=Keyring.generate())
-    await state.start()
-    coordinator = await Bus.connect(dep, issuer.identity("coordinator-1", "coordinator"))
-    alice = await Bus.connect(dep, issuer.identity("alice", "agent"))
-    auditor = await Bus.connect(dep, issuer.identity("audit-1", "auditor"))
-    try:
-        await ensure_event_stream(coordinator.nc)
-        stored = await alice.request(
-            alice.subjects.state("alice"),
-            _snapshot_with_canary("wf-2"),
-            accepts=SnapshotStored,
-            workflow="wf-2",
-        )
-        assert stored.body.stored
+    p = state_parties
+    await ensure_event_stream(p.coordinator.nc)
+    await _alice_stores_a_canary(p.alice, "wf-2")
 
-        reader = await auditor.nc.jetstream().pull_subscribe(
-            auditor.subjects.everything,
-            durable=None,
-            stream=EVENT_STREAM,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE),
-        )
-        seen: list[bytes] = []
-        codec = Codec()
+    reader = await p.auditor.nc.jetstream().pull_subscribe(
+        p.auditor.subjects.everything,
+        durable=None,
+        stream=EVENT_STREAM,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE),
+    )
+    seen: list[bytes] = []
+    codec = Codec()
 
-        def kinds() -> set[str]:
-            return {codec.envelope(codec.open(data).envelope).kind for data in seen}
+    def envelopes() -> list[Envelope]:
+        return [codec.envelope(codec.open(data).envelope) for data in seen]
 
-        deadline = time.monotonic() + 20
-        while "SnapshotRecorded" not in kinds() and time.monotonic() < deadline:
-            try:
-                seen += [m.data for m in await reader.fetch(100, timeout=0.5)]
-            except TimeoutError:
-                continue
-        await reader.unsubscribe()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if any(e.kind == "SnapshotRecorded" for e in envelopes()):
+            break
+        try:
+            seen += [m.data for m in await reader.fetch(100, timeout=0.5)]
+        except TimeoutError:
+            continue
+    await reader.unsubscribe()
 
-        assert seen, "the stream recorded this tenant's events"
-        assert not [data for data in seen if CANARY in data], "a tool tier is in the clear"
-        assert "Snapshot" not in kinds()
-        # What the audit keeps of the snapshot: that it was stored, and its hashes.
-        envelopes = [codec.envelope(codec.open(data).envelope) for data in seen]
-        [record] = [
-            codec.body(e, SnapshotRecorded) for e in envelopes if e.kind == "SnapshotRecorded"
-        ]
-        assert record.agent == "alice" and record.version == 1 and record.stored
-        assert len(record.sealed_sha256) == 64
+    assert seen, "the stream recorded this tenant's events"
+    assert not [data for data in seen if CANARY in data], "a tool tier is in the clear"
+    assert "Snapshot" not in {e.kind for e in envelopes()}
+    # What the audit keeps of the snapshot: that it was stored, and its hashes.
+    [record] = [
+        codec.body(e, SnapshotRecorded) for e in envelopes() if e.kind == "SnapshotRecorded"
+    ]
+    assert record.agent == "alice" and record.version == 1 and record.stored
+    assert len(record.sealed_sha256) == 64
 
-        # Nor may a live subscriber with the auditor's rights read a snapshot in transit.
-        await auditor.nc.subscribe(alice.subjects.all("state"))
-        await _eventually(lambda: auditor.rejected["permission_violation"] >= 1)
-    finally:
-        for bus in (auditor, alice, coordinator):
-            await bus.close()
-        await state.close()
+    # Nor may a live subscriber with the auditor's rights read a snapshot in transit.
+    await p.auditor.nc.subscribe(p.alice.subjects.all("state"))
+    await _eventually(lambda: p.auditor.rejected["permission_violation"] >= 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,90 +245,86 @@ class Flood(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     n: int
 
 
-async def test_a_burst_never_runs_more_handlers_than_the_bound_and_a_flood_is_reported(
+class HeldHandler:
+    """A handler that holds every message until `release` is set, counting how many of it
+    run at once."""
+
+    def __init__(self) -> None:
+        self.running = self.peak = self.handled = 0
+        self.release = asyncio.Event()
+
+    async def __call__(self, d: Delivery) -> None:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await self.release.wait()
+        finally:
+            self.running -= 1
+            self.handled += 1
+
+
+@pytest.fixture
+async def receiver_and_flooder(
     secure_nats, redis_server, prefix: str
-) -> None:
+) -> AsyncIterator[tuple[Bus, Bus, Bus]]:
+    """Bob receives on his inbox, mallory (a compromised agent) floods it, an auditor
+    watches the security events."""
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
-    bob = await Bus.connect(dep, issuer.identity("bob", "agent"))
-    mallory = await Bus.connect(dep, issuer.identity("mallory", "agent"))
-    monitor = await Bus.connect(dep, issuer.identity("monitor", "auditor"))
+    buses = [
+        await Bus.connect(dep, issuer.identity(name, role))
+        for name, role in (("bob", "agent"), ("mallory", "agent"), ("monitor", "auditor"))
+    ]
+    yield buses[0], buses[1], buses[2]
+    for bus in reversed(buses):
+        await bus.close()
+
+
+async def _flood(mallory: Bus, inbox: str, count: int) -> None:
+    for n in range(count):
+        await mallory.publish(inbox, Flood(n=n))
+    await mallory.flush()
+
+
+async def test_a_burst_never_runs_more_handlers_than_the_bound_and_a_flood_is_reported(
+    receiver_and_flooder: tuple[Bus, Bus, Bus],
+) -> None:
+    bob, mallory, monitor = receiver_and_flooder
     bound, pending, burst = 4, 20, 300
-    running = peak = handled = 0
-    release = asyncio.Event()
-
-    async def handler(d: Delivery) -> None:
-        nonlocal running, peak, handled
-        running += 1
-        peak = max(peak, running)
-        try:
-            await release.wait()
-        finally:
-            running -= 1
-            handled += 1
-
+    held = HeldHandler()
     inbox = bob.subjects.msg("bob")
-    try:
-        events = await _security_monitor(monitor)
-        await bob.subscribe(
-            inbox, handler, accepts=Flood, max_handlers=bound, pending_msgs_limit=pending
-        )
-        await bob.flush()
-        for n in range(burst):
-            await mallory.publish(inbox, Flood(n=n))
-        await mallory.flush()
+    events = await _security_monitor(monitor)
+    await bob.subscribe(inbox, held, accepts=Flood, max_handlers=bound, pending_msgs_limit=pending)
+    await bob.flush()
+    await _flood(mallory, inbox, burst)
 
-        await _eventually(lambda: bob.slow_consumers[inbox] > 0 and running == bound)
-        await _eventually(lambda: any(e.reason == SLOW_CONSUMER for e in events))
-        [event, *_] = [e for e in events if e.reason == SLOW_CONSUMER]
-        assert event.receiver == "bob" and event.subject == inbox
-        assert bob.rejected[SLOW_CONSUMER] == bob.slow_consumers[inbox]
+    await _eventually(lambda: bob.slow_consumers[inbox] > 0 and held.running == bound)
+    await _eventually(lambda: any(e.reason == SLOW_CONSUMER for e in events))
+    [event, *_] = [e for e in events if e.reason == SLOW_CONSUMER]
+    assert event.receiver == "bob" and event.subject == inbox
+    assert bob.rejected[SLOW_CONSUMER] == bob.slow_consumers[inbox]
 
-        # The receiver keeps going: what it held is handled, then new messages are too.
-        release.set()
-        await _eventually(lambda: handled + bob.slow_consumers[inbox] == burst)
-        await mallory.publish(inbox, Flood(n=-1))
-        await _eventually(lambda: handled + bob.slow_consumers[inbox] == burst + 1)
-        assert peak == bound
-        assert len(bob._tasks) < bound + 5, "no handler tasks left behind"
-    finally:
-        for bus in (monitor, mallory, bob):
-            await bus.close()
+    # The receiver keeps going: what it held is handled, then new messages are too.
+    held.release.set()
+    await _eventually(lambda: held.handled + bob.slow_consumers[inbox] == burst)
+    await mallory.publish(inbox, Flood(n=-1))
+    await _eventually(lambda: held.handled + bob.slow_consumers[inbox] == burst + 1)
+    assert held.peak == bound
 
 
 async def test_a_burst_beyond_the_default_bound_waits_for_free_handlers(
-    secure_nats, redis_server, prefix: str
+    receiver_and_flooder: tuple[Bus, Bus, Bus],
 ) -> None:
-    transport, server = secure_nats
-    dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
-    bob = await Bus.connect(dep, issuer.identity("bob", "agent"))
-    mallory = await Bus.connect(dep, issuer.identity("mallory", "agent"))
+    bob, mallory, _ = receiver_and_flooder
     burst = MAX_HANDLERS + 50
-    running = peak = handled = 0
-    release = asyncio.Event()
-
-    async def handler(d: Delivery) -> None:
-        nonlocal running, peak, handled
-        running += 1
-        peak = max(peak, running)
-        try:
-            await release.wait()
-        finally:
-            running -= 1
-            handled += 1
-
+    held = HeldHandler()
     inbox = bob.subjects.msg("bob")
-    try:
-        await bob.subscribe(inbox, handler, accepts=Flood)
-        await bob.flush()
-        for n in range(burst):
-            await mallory.publish(inbox, Flood(n=n))
-        await mallory.flush()
-        await _eventually(lambda: running == MAX_HANDLERS)
-        release.set()
-        await _eventually(lambda: handled == burst)
-        # The rest waited unread in the pending buffer, which held them all: none dropped.
-        assert peak == MAX_HANDLERS and not bob.slow_consumers
-    finally:
-        for bus in (mallory, bob):
-            await bus.close()
+    await bob.subscribe(inbox, held, accepts=Flood)
+    await bob.flush()
+    await _flood(mallory, inbox, burst)
+
+    await _eventually(lambda: held.running == MAX_HANDLERS)
+    held.release.set()
+    await _eventually(lambda: held.handled == burst)
+    # The rest waited unread in the pending buffer, which held them all: none dropped.
+    assert held.peak == MAX_HANDLERS and not bob.slow_consumers
