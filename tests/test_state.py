@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from govmesh.agents import ProcurementAgent
-from govmesh.bus import EVENT_STREAM, Bus, Delivery, ensure_event_stream
+from govmesh.bus import Bus, Delivery
 from govmesh.errors import StateError
 from govmesh.llm import SimulatedModel
 from govmesh.scenarios._schema import load_scenario
@@ -180,30 +180,3 @@ async def test_each_stored_snapshot_is_recorded_without_its_content(parts: Parts
         sealed_sha256=hashlib.sha256(stored).hexdigest(),
     )
     assert b"erp_session" not in d.data and b"s-42" not in d.data
-
-
-async def test_an_event_stream_made_before_stops_recording_snapshots_and_drops_them(
-    secure_nats, redis_server, prefix: str
-) -> None:
-    transport, server = secure_nats
-    dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
-    coordinator = await Bus.connect(dep, issuer.identity("coordinator-1", "coordinator"))
-    agent = await Bus.connect(dep, issuer.identity("agent-1", "agent"))
-    js = coordinator.nc.jetstream()
-    try:
-        config = await ensure_event_stream(coordinator.nc)
-        # As an earlier version made it: every subject of every tenant.
-        await js.update_stream(config, subjects=["gm.>"])
-        await agent.publish(agent.subjects.state("agent-1"), _snap("wf-old", 1), workflow="wf-old")
-        await agent.flush()
-        state_area = f"gm.{prefix}.state.>"
-        info = await js.stream_info(EVENT_STREAM, subjects_filter=state_area)
-        assert info.state.subjects, "the old stream recorded the snapshot"
-
-        await ensure_event_stream(coordinator.nc)
-        info = await js.stream_info(EVENT_STREAM, subjects_filter=state_area)
-        assert sorted(info.config.subjects or ()) == sorted(config.subjects or ())
-        assert not info.state.subjects
-    finally:
-        await agent.close()
-        await coordinator.close()

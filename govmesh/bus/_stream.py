@@ -1,62 +1,83 @@
-"""The JetStream stream that records every govmesh event."""
+"""The JetStream streams that record govmesh events: one per tenant.
+
+A stream of its own for each tenant lets the NATS permissions name it: a tenant's auditor
+reads and its coordinator creates that tenant's stream and no other (see
+`Subjects.jetstream_read` and `Subjects.jetstream_admin`).
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Final
 
 from nats.aio.client import Client as NATS
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from govmesh.bus._subjects import ROOT
+from govmesh.bus._subjects import Subjects
 
-__all__ = ["CAPTURED", "EVENT_STREAM", "ensure_event_stream"]
+__all__ = ["CAPTURED", "captured_subjects", "ensure_event_stream"]
 
-EVENT_STREAM: Final = "GOVMESH_EVENTS"
+log = logging.getLogger(__name__)
 
 CAPTURED: Final = (
-    "intent.*",
-    "decision.*",
+    "intent.>",
+    "decision.>",
     "tool.>",
-    "usage.*",
-    "msg.*",
-    "approval.*",
-    "ctl.*",
-    "snapshot.*",
+    "usage.>",
+    "msg.>",
+    "approval.>",
+    "ctl.>",
+    "snapshot.>",
     "security",
 )
-"""What the stream records of each tenant's tree (`govmesh.bus.Subjects`): every area but
-``state``. A snapshot carries its tool tier in the clear to the state actor, which stores it
-encrypted; recorded for days in the stream, it would undo that. The state actor records each
-snapshot it stores on ``snapshot.<agent>`` instead: version, policy hash, key id and the
-sha256 of the sealed record, no content. A new area must be added here to be recorded."""
-_UNCAPTURED: Final = "state"
+"""What a tenant's stream records of its tree: every area but ``state``. A snapshot carries
+its tool tier in the clear to the state actor, which stores it encrypted; kept for days in
+the stream, it would undo that. The state actor records each snapshot it stores on
+``snapshot.<agent>`` instead: version, policy hash, key id and the sha256 of the sealed
+record, no content. A new area must be added here to be recorded."""
 
 
-async def ensure_event_stream(nc: NATS, *, max_age_s: float = 7 * 24 * 3600) -> StreamConfig:
-    """Create the stream capturing the `CAPTURED` subjects of every tenant, or bring an
-    existing one to them, and return its config.
+def captured_subjects(subjects: Subjects) -> list[str]:
+    """The subjects a tenant's event stream records: the one place that says which."""
+    return [f"{subjects.prefix}.{area}" for area in CAPTURED]
+
+
+async def ensure_event_stream(
+    nc: NATS, tenant: str, *, max_age_s: float = 7 * 24 * 3600
+) -> StreamConfig:
+    """Create (or keep) the event stream of `tenant` and return its config.
 
     ``no_ack`` is set because agents use plain request/reply on captured subjects: with acks
     on, JetStream would answer every request with a publish ack that races the real reply.
     """
+    subjects = Subjects(tenant)
     js = nc.jetstream()
     config = StreamConfig(
-        name=EVENT_STREAM,
-        subjects=[f"{ROOT}.*.{area}" for area in CAPTURED],
+        name=subjects.event_stream,
+        subjects=captured_subjects(subjects),
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         max_age=max_age_s,
         no_ack=True,
+        # The audit trail's source: no member may take messages out of it, whatever its
+        # permissions; events leave it only by age.
+        deny_delete=True,
+        deny_purge=True,
     )
     try:
-        found = await js.stream_info(EVENT_STREAM)
+        found = await js.stream_info(subjects.event_stream)
     except NotFoundError:
         await js.add_stream(config)
         return config
     if sorted(found.config.subjects or ()) != sorted(config.subjects or ()):
-        # A stream made by an earlier version recorded snapshots in the clear: stop that, and
-        # drop those it holds.
-        await js.update_stream(config)
-        await js.purge_stream(EVENT_STREAM, subject=f"{ROOT}.*.{_UNCAPTURED}.>")
+        # No member may change or purge the stream, so an operator must replace it.
+        log.warning(
+            "event stream %s records %s, not %s; it may hold snapshots in the clear: delete "
+            "it (nats stream rm %s) to have it made again",
+            subjects.event_stream,
+            found.config.subjects,
+            config.subjects,
+            subjects.event_stream,
+        )
     return config

@@ -23,6 +23,7 @@ from govmesh.governance._approvals import (
     ApprovalRecord,
     ApprovalStore,
     expiry_answer,
+    is_id_prefix,
 )
 from govmesh.governance._decider import Decider, FirstDecision, amount_of, first_decision
 from govmesh.governance._evaluator import Intent, Verdict, intent_hash
@@ -34,12 +35,16 @@ from govmesh.governance._replay import (
 )
 from govmesh.governance.messages import (
     ApprovalAnswer,
+    ApprovalListing,
+    ApprovalQuery,
     ApprovalRequest,
     ApprovalResult,
     Decision,
+    SettledApproval,
     ToolIntent,
 )
 from govmesh.identity import Claims, Identity
+from govmesh.identity._permissions import GOVERNANCE_SERVICE
 from govmesh.observability._metrics import record_decision
 from govmesh.observability._tracing import current_traceparent, span
 from govmesh.runtime._resp import RespConnection
@@ -71,6 +76,25 @@ def authorize_intent(claims: Claims, intent: ToolIntent) -> None:
             f"{claims.sub!r} asked for {intent.args['amount_usd']!r} USD "
             f"with authority {claims.budget_usd!r}",
         )
+
+
+def operators_only(claims: Claims, _query: ApprovalQuery) -> None:
+    """Refuse a query for the approvals from anyone but an operator: the ``ctl`` subjects
+    are open to agents and the coordinator too."""
+    if claims.role != OPERATOR_ROLE:
+        raise SecurityError(
+            "not_an_operator", f"{claims.sub!r} (role {claims.role!r}) asked for the approvals"
+        )
+
+
+def _settled_approval(record: ApprovalRecord) -> SettledApproval:
+    return SettledApproval(
+        approval_id=record.approval_id,
+        approved=record.answer.approved,
+        by=record.answer.by,
+        expired=record.answer.expired,
+        outcome=record.outcome,
+    )
 
 
 def _intent_of(request: ApprovalRequest) -> Intent:
@@ -128,7 +152,7 @@ class GovernanceService(Service):
         self.decided: Counter[str] = Counter()
 
     async def on_start(self) -> None:
-        """Subscribe to intents and approval answers as a queue group."""
+        """Subscribe to intents, approval answers and operators' queries as a queue group."""
         await self.bus.subscribe(
             self.subjects.all("intent"),
             self._on_intent,
@@ -141,6 +165,14 @@ class GovernanceService(Service):
             self._on_approval,
             accepts=ApprovalRequest | ApprovalAnswer,
             queue=QUEUE,
+        )
+        await self.bus.subscribe(
+            self.subjects.ctl(GOVERNANCE_SERVICE),
+            self._on_query,
+            accepts=ApprovalQuery,
+            queue=QUEUE,
+            authorize=operators_only,
+            concurrent=False,
         )
         self._decider = Decider(
             self._decisions_redis,
@@ -289,7 +321,7 @@ class GovernanceService(Service):
             step=body.step,
         )
         ihash = intent_hash(intent)
-        subject = self.subjects.decision(workflow)
+        subject = self.subjects.decision(intent.agent, workflow)
         # This handler's span context. The decision carries it wherever it is signed: the
         # decider may call `seal` from the task of another intent of the same group.
         trace = current_traceparent() or d.envelope.trace
@@ -457,6 +489,19 @@ class GovernanceService(Service):
             case ApprovalAnswer() as answer:
                 await self._on_answer(d, answer)
 
+    async def _on_query(self, d: Delivery) -> None:
+        query: ApprovalQuery = d.body
+        if not d.reply:
+            return
+        settled: list[ApprovalRecord] = []
+        if is_id_prefix(query.settled_prefix):
+            settled = await self.approvals.done_matching(query.settled_prefix)
+        listing = ApprovalListing(
+            pending=tuple(await self.approvals.pending()),
+            settled=tuple(_settled_approval(r) for r in settled),
+        )
+        await self.bus.respond(d, listing)
+
     async def _on_answer(self, d: Delivery, answer: ApprovalAnswer) -> None:
         if d.claims.role != OPERATOR_ROLE:
             self.bus.report(
@@ -541,7 +586,7 @@ class GovernanceService(Service):
         self.decided[verb] += 1
         record_decision(decision.outcome, source="approval")
         await self.bus.publish(
-            self.subjects.decision(request.workflow),
+            self.subjects.decision(request.agent, request.workflow),
             decision,
             workflow=request.workflow,
             causation=taken.causation or request.intent_id,

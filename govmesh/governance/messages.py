@@ -6,7 +6,16 @@ from typing import Any, Literal
 
 import msgspec
 
-__all__ = ["ApprovalAnswer", "ApprovalRequest", "ApprovalResult", "Decision", "ToolIntent"]
+__all__ = [
+    "ApprovalAnswer",
+    "ApprovalListing",
+    "ApprovalQuery",
+    "ApprovalRequest",
+    "ApprovalResult",
+    "Decision",
+    "SettledApproval",
+    "ToolIntent",
+]
 
 Outcome = Literal["allow", "deny", "escalate"]
 
@@ -105,3 +114,44 @@ class ApprovalResult(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     outcome: Outcome | None = None
     reasons: tuple[str, ...] = ()
     by: str = ""
+
+
+class ApprovalQuery(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """An operator asks governance for the approvals (``ctl.governance``), so operator
+    tools need no access to Redis.
+
+    Attributes:
+        settled_prefix: also list the settled approvals whose id starts with it (lowercase
+            hex); empty lists none.
+    """
+
+    settled_prefix: str = ""
+
+
+class SettledApproval(msgspec.Struct, frozen=True, kw_only=True):
+    """How an approval was settled, as an operator is told.
+
+    Attributes:
+        approved: the answer that settled it approved.
+        by: who answered (``policy`` when it expired).
+        expired: it lapsed unanswered and the policy's default settled it.
+        outcome: the final decision sent to the workflow.
+    """
+
+    approval_id: str
+    approved: bool
+    by: str
+    expired: bool
+    outcome: Outcome
+
+
+class ApprovalListing(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Governance's answer to an `ApprovalQuery`.
+
+    Attributes:
+        pending: every pending approval, oldest first.
+        settled: the settled approvals the query's prefix matched.
+    """
+
+    pending: tuple[ApprovalRequest, ...]
+    settled: tuple[SettledApproval, ...] = ()
