@@ -101,11 +101,13 @@ class Stack:
             await r.aclose()
 
     async def snapshot(self, workflow: str, version: int = 0) -> SnapshotReply:
-        reply = await self.coordinator.request(
-            self.coordinator.subjects.ctl("state"),
-            SnapshotQuery(workflow=workflow, agent=AGENT, version=version),
-            accepts=SnapshotReply,
-        )
+        # Only the agent itself may read its snapshots: ask as the agent.
+        async with await Bus.connect(self.dep, self.issuer.identity(AGENT, ROLE)) as agent:
+            reply = await agent.request(
+                agent.subjects.ctl("state"),
+                SnapshotQuery(workflow=workflow, agent=AGENT, version=version),
+                accepts=SnapshotReply,
+            )
         return reply.body
 
 

@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -44,7 +45,17 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from govmesh.bus import Bus, Codec, Delivery, SecurityEvent, Subjects, ensure_event_stream
+from govmesh.bus import (
+    MAX_HANDLERS,
+    SLOW_CONSUMER,
+    Bus,
+    Codec,
+    Delivery,
+    Envelope,
+    SecurityEvent,
+    Subjects,
+    ensure_event_stream,
+)
 from govmesh.cli import cli
 from govmesh.config import Deployment, key_prefix
 from govmesh.errors import BusError, SecurityError
@@ -85,6 +96,14 @@ from govmesh.runtime import (
 )
 from govmesh.runtime._latency import CPU_LATENCY_DEVICE
 from govmesh.scenarios import Swarm, load_scenario, run_workflows
+from govmesh.state import Keyring, StateService
+from govmesh.state.messages import (
+    Snapshot,
+    SnapshotQuery,
+    SnapshotRecorded,
+    SnapshotReply,
+    SnapshotStored,
+)
 
 from _deploy import deployment
 from _procs import MARK_VAR, wait_until_gone
@@ -144,6 +163,27 @@ async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float
     while not await check():
         assert time.monotonic() < deadline, f"never: {what}"
         await asyncio.sleep(0.05)
+
+
+async def _eventually(check: Callable[[], bool], what: str) -> None:
+    """`_until` for a check that needs no awaiting."""
+
+    async def holds() -> bool:
+        return check()
+
+    await _until(holds, what)
+
+
+async def _security_monitor(bus: Bus) -> list[SecurityEvent]:
+    """Collect the security events of ``bus``'s tenant (an auditor sees them live)."""
+    events: list[SecurityEvent] = []
+
+    async def on_event(d: Delivery) -> None:
+        events.append(d.body)
+
+    await bus.subscribe(bus.subjects.security, on_event, accepts=SecurityEvent)
+    await bus.flush()
+    return events
 
 
 async def _attack_the_stream(
@@ -1211,6 +1251,134 @@ async def test_the_swarm_s_actors_are_given_no_private_key_and_make_their_own(
 # 8. State stays with its agent, and the tool tier stays sealed in the stream.
 # ---------------------------------------------------------------------------------------
 
+CANARY = b"canary-7f3a-erp-session-token"
+
+
+@dataclass
+class StateParties:
+    state: StateService
+    alice: Bus
+    mallory: Bus
+    coordinator: Bus
+    auditor: Bus
+
+
+@pytest.fixture
+async def state_parties(secure_nats, redis_server, prefix: str) -> AsyncIterator[StateParties]:
+    """The real state actor; alice, whose snapshot holds a secret; mallory, a compromised
+    agent; the coordinator (a platform role); an auditor, as `govmesh watch` connects."""
+    transport, server = secure_nats
+    dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
+    state = StateService(dep, issuer.identity("state-1", "state"), keyring=Keyring.generate())
+    await state.start()
+    buses = [
+        await Bus.connect(dep, issuer.identity(name, role))
+        for name, role in (
+            ("alice", "agent"),
+            ("mallory", "agent"),
+            ("coordinator-1", "coordinator"),
+            ("audit-1", "auditor"),
+        )
+    ]
+    yield StateParties(state, *buses)
+    for bus in reversed(buses):
+        await bus.close()
+    await state.close()
+
+
+async def _alice_stores_a_canary(alice: Bus, workflow: str) -> None:
+    stored = await alice.request(
+        alice.subjects.state("alice"),
+        Snapshot(
+            workflow=workflow,
+            version=1,
+            goal={"phase": "negotiating"},
+            tool=b'{"erp_session": "' + CANARY + b'"}',
+        ),
+        accepts=SnapshotStored,
+        workflow=workflow,
+    )
+    assert stored.body.stored
+
+
+async def test_an_agent_cannot_read_another_agents_snapshot(state_parties: StateParties) -> None:
+    p = state_parties
+    events = await _security_monitor(p.auditor)
+    await _alice_stores_a_canary(p.alice, "wf-1")
+
+    # A platform role may not read an agent's snapshots either (least privilege).
+    for thief in (p.mallory, p.coordinator):
+        reply = await thief.request(
+            thief.subjects.ctl("state"),
+            SnapshotQuery(workflow="wf-1", agent="alice"),
+            accepts=SnapshotReply,
+        )
+        answer: SnapshotReply = reply.body
+        assert not answer.found and answer.snapshot is None
+        assert "may read only its own snapshots" in answer.error
+        assert CANARY not in reply.data
+
+    assert p.state.bus.rejected["foreign_snapshot"] == 2
+    await _eventually(lambda: len(events) >= 2, "both refusals were reported")
+    assert {(e.reason, e.claimed_sender) for e in events} == {
+        ("foreign_snapshot", "mallory"),
+        ("foreign_snapshot", "coordinator-1"),
+    }
+
+    own = await p.alice.request(
+        p.alice.subjects.ctl("state"),
+        SnapshotQuery(workflow="wf-1", agent="alice"),
+        accepts=SnapshotReply,
+    )
+    assert own.body.snapshot is not None and CANARY in own.body.snapshot.tool
+
+
+async def test_the_event_stream_never_holds_a_tool_tier_in_the_clear(
+    state_parties: StateParties,
+) -> None:
+    p = state_parties
+    await ensure_event_stream(p.coordinator.nc, p.coordinator.subjects.tenant)
+    await _alice_stores_a_canary(p.alice, "wf-2")
+
+    reader = await p.auditor.nc.jetstream().pull_subscribe(
+        p.auditor.subjects.everything,
+        durable=None,
+        stream=p.auditor.subjects.event_stream,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE),
+    )
+    seen: list[bytes] = []
+    codec = Codec()
+
+    def envelopes() -> list[Envelope]:
+        return [codec.envelope(codec.open(data).envelope) for data in seen]
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if any(e.kind == "SnapshotRecorded" for e in envelopes()):
+            break
+        try:
+            seen += [m.data for m in await reader.fetch(100, timeout=0.5)]
+        except TimeoutError:
+            continue
+    await reader.unsubscribe()
+
+    assert seen, "the stream recorded this tenant's events"
+    assert not [data for data in seen if CANARY in data], "a tool tier is in the clear"
+    assert "Snapshot" not in {e.kind for e in envelopes()}
+    # What the audit keeps of the snapshot: that it was stored, and its hashes.
+    [record] = [
+        codec.body(e, SnapshotRecorded) for e in envelopes() if e.kind == "SnapshotRecorded"
+    ]
+    assert record.agent == "alice" and record.version == 1 and record.stored
+    assert len(record.sealed_sha256) == 64
+
+    # Nor may a live subscriber with the auditor's rights read a snapshot in transit.
+    await p.auditor.nc.subscribe(p.alice.subjects.all("state"))
+    await _eventually(
+        lambda: p.auditor.rejected["permission_violation"] >= 1,
+        "the server refused the auditor's subscription to snapshots",
+    )
+
 
 # ---------------------------------------------------------------------------------------
 # 9. Stream permissions are least privilege, per tenant.
@@ -1381,3 +1549,101 @@ async def test_a_default_runtime_changes_no_machine_setting(
         assert rt.nats_server is not None and rt.nats_server.pid is not None
         environ = Path(f"/proc/{rt.nats_server.pid}/environ").read_bytes().split(b"\0")
         assert not any(e.startswith(b"GOMAXPROCS=") for e in environ)
+
+
+class Flood(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    n: int
+
+
+class HeldHandler:
+    """A handler that holds every message until `release` is set, counting how many of it
+    run at once."""
+
+    def __init__(self) -> None:
+        self.running = self.peak = self.handled = 0
+        self.release = asyncio.Event()
+
+    async def __call__(self, d: Delivery) -> None:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await self.release.wait()
+        finally:
+            self.running -= 1
+            self.handled += 1
+
+
+@pytest.fixture
+async def receiver_and_flooder(
+    secure_nats, redis_server, prefix: str
+) -> AsyncIterator[tuple[Bus, Bus, Bus]]:
+    """Bob receives on his inbox, mallory (a compromised agent) floods it, an auditor
+    watches the security events."""
+    transport, server = secure_nats
+    dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
+    buses = [
+        await Bus.connect(dep, issuer.identity(name, role))
+        for name, role in (("bob", "agent"), ("mallory", "agent"), ("monitor", "auditor"))
+    ]
+    yield buses[0], buses[1], buses[2]
+    for bus in reversed(buses):
+        await bus.close()
+
+
+async def _flood(mallory: Bus, inbox: str, count: int) -> None:
+    for n in range(count):
+        await mallory.publish(inbox, Flood(n=n))
+    await mallory.flush()
+
+
+async def test_a_burst_never_runs_more_handlers_than_the_bound_and_a_flood_is_reported(
+    receiver_and_flooder: tuple[Bus, Bus, Bus],
+) -> None:
+    bob, mallory, monitor = receiver_and_flooder
+    bound, pending, burst = 4, 20, 300
+    held = HeldHandler()
+    inbox = bob.subjects.msg("bob")
+    events = await _security_monitor(monitor)
+    await bob.subscribe(inbox, held, accepts=Flood, max_handlers=bound, pending_msgs_limit=pending)
+    await bob.flush()
+    await _flood(mallory, inbox, burst)
+
+    await _eventually(
+        lambda: bob.slow_consumers[inbox] > 0 and held.running == bound,
+        "the bound is reached and the flood dropped",
+    )
+    await _eventually(
+        lambda: any(e.reason == SLOW_CONSUMER for e in events), "a slow consumer was reported"
+    )
+    [event, *_] = [e for e in events if e.reason == SLOW_CONSUMER]
+    assert event.receiver == "bob" and event.subject == inbox
+    assert bob.rejected[SLOW_CONSUMER] == bob.slow_consumers[inbox]
+
+    # The receiver keeps going: what it held is handled, then new messages are too.
+    held.release.set()
+    await _eventually(
+        lambda: held.handled + bob.slow_consumers[inbox] == burst, "what was held is handled"
+    )
+    await mallory.publish(inbox, Flood(n=-1))
+    await _eventually(
+        lambda: held.handled + bob.slow_consumers[inbox] == burst + 1, "a new message is handled"
+    )
+    assert held.peak == bound
+
+
+async def test_a_burst_beyond_the_default_bound_waits_for_free_handlers(
+    receiver_and_flooder: tuple[Bus, Bus, Bus],
+) -> None:
+    bob, mallory, _ = receiver_and_flooder
+    burst = MAX_HANDLERS + 50
+    held = HeldHandler()
+    inbox = bob.subjects.msg("bob")
+    await bob.subscribe(inbox, held, accepts=Flood)
+    await bob.flush()
+    await _flood(mallory, inbox, burst)
+
+    await _eventually(lambda: held.running == MAX_HANDLERS, "the default bound is reached")
+    held.release.set()
+    await _eventually(lambda: held.handled == burst, "the whole burst is handled")
+    # The rest waited unread in the pending buffer, which held them all: none dropped.
+    assert held.peak == MAX_HANDLERS and not bob.slow_consumers

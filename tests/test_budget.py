@@ -178,21 +178,24 @@ async def test_a_looping_model_is_put_to_a_person_then_halted_at_the_cap(
     # run's keys: the run's own actors are gone).
     state = StateService(dep, issuer.identity("state-9", "state"), keyring=keyring)
     await state.start()
-    bus = await Bus.connect(dep, issuer.identity("inspector-1", "coordinator"))
     try:
         phases = []
-        for workflow in spent:
-            for agent in ("requester-1", "procurement-1"):
-                reply = await bus.request(
-                    bus.subjects.ctl("state"),
-                    SnapshotQuery(workflow=workflow, agent=agent),
-                    accepts=SnapshotReply,
-                )
-                answer: SnapshotReply = reply.body
-                if answer.snapshot is not None and answer.snapshot.goal["phase"] == "halted":
-                    phases.append(answer.snapshot.goal["reason"])
+        for agent, role in (
+            ("requester-1", "Requester"),
+            ("procurement-1", "Procurement-Agent-v2"),
+        ):
+            # Only the agent itself may read its snapshots: ask as the agent.
+            async with await Bus.connect(dep, issuer.identity(agent, role)) as bus:
+                for workflow in spent:
+                    reply = await bus.request(
+                        bus.subjects.ctl("state"),
+                        SnapshotQuery(workflow=workflow, agent=agent),
+                        accepts=SnapshotReply,
+                    )
+                    answer: SnapshotReply = reply.body
+                    if answer.snapshot is not None and answer.snapshot.goal["phase"] == "halted":
+                        phases.append(answer.snapshot.goal["reason"])
     finally:
-        await bus.close()
         await state.close()
     assert len(phases) == w["halted"]
     assert all("would pass its cap" in reason for reason in phases), phases

@@ -4,13 +4,16 @@ verified messages reach handlers, nothing else does, and every refusal is report
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import time
 
 import msgspec
 import pytest
 
-from govmesh.bus import Bus, Codec, Delivery, Sealed, SecurityEvent
+from govmesh.bus import Bus, Codec, Delivery, Sealed, SecurityEvent, Subjects
+from govmesh.bus._stream import CAPTURED
+from govmesh.errors import ConfigError
 from govmesh.identity import Issuer
 
 from _deploy import deployment
@@ -388,3 +391,30 @@ async def test_client_certificates_are_renewed_so_a_reconnect_after_expiry_works
     assert members["alice"].cert != first_cert
     assert authority.renewed_certs >= 4
     assert not carol_connected, "an expired certificate must not get back in"
+
+
+@pytest.mark.parametrize("bound", ["max_handlers", "pending_msgs_limit", "pending_bytes_limit"])
+async def test_a_subscription_bound_below_one_is_a_clear_error(h: Harness, bound: str) -> None:
+    # nats-py would read 0 or -1 as "no limit".
+    with pytest.raises(ConfigError, match=rf"{bound} of the subscription to '{h.inbox}'.*got 0"):
+        await h.bob.subscribe(h.inbox, _ignore, accepts=Ping, **{bound: 0})
+
+
+async def _ignore(d: Delivery) -> None:
+    pass
+
+
+def test_the_event_stream_records_every_area_of_a_tenant_but_state() -> None:
+    s = Subjects("acme")
+    areas = {s.security.split(".")[2]}
+    # Every builder of one subject, so an area added later is checked too.
+    for name, build in inspect.getmembers(Subjects, inspect.isfunction):
+        if name.startswith("_") or name == "all":
+            continue
+        if len(inspect.signature(build).parameters) == 2:
+            subject = build(s, "a")
+            if subject.startswith(f"{s.prefix}."):
+                areas.add(subject.split(".")[2])
+    captured = {pattern.split(".")[0] for pattern in CAPTURED}
+    assert areas - captured == {"state"}
+    assert captured <= areas

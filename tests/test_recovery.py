@@ -211,8 +211,9 @@ async def test_a_workflow_waiting_two_simulated_days_wakes_after_its_agent_and_s
     coordinator, outcomes = await _coordinator(dep, issuer)
 
     async def latest() -> SnapshotReply:
-        reply = await coordinator.request(
-            coordinator.subjects.ctl("state"),
+        # Only the agent itself may read its snapshots.
+        reply = await first.bus.request(
+            first.subjects.ctl("state"),
             SnapshotQuery(workflow="wf-wait", agent="procurement-1"),
             accepts=SnapshotReply,
         )

@@ -4,6 +4,7 @@ retained, and refused loudly when tampered with or misplaced."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,12 +14,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from govmesh.agents import ProcurementAgent
-from govmesh.bus import Bus
+from govmesh.bus import Bus, Delivery
 from govmesh.errors import StateError
 from govmesh.llm import SimulatedModel
 from govmesh.scenarios._schema import load_scenario
 from govmesh.state import Keyring, StateService
-from govmesh.state.messages import Snapshot, SnapshotQuery, SnapshotReply
+from govmesh.state.messages import Snapshot, SnapshotQuery, SnapshotRecorded, SnapshotReply
 
 from _deploy import deployment
 
@@ -31,7 +32,7 @@ TOOL = b'{"erp_session": "s-42", "draft_po": "PO-draft-9"}'
 @dataclass
 class Parts:
     agent: Bus
-    reader: Bus
+    auditor: Bus
     state: StateService
     redis: aioredis.Redis
     prefix: str
@@ -46,18 +47,18 @@ async def parts(secure_nats, redis_server, prefix: str) -> AsyncIterator[Parts]:
     )
     await state.start()
     agent = await Bus.connect(dep, issuer.identity("agent-1", "agent"))
-    reader = await Bus.connect(dep, issuer.identity("coordinator-1", "coordinator"))
+    auditor = await Bus.connect(dep, issuer.identity("audit-1", "auditor"))
     redis = aioredis.Redis.from_url(redis_server.url)
-    yield Parts(agent, reader, state, redis, dep.key_prefix)
+    yield Parts(agent, auditor, state, redis, dep.key_prefix)
     await redis.aclose()
-    await reader.close()
+    await auditor.close()
     await agent.close()
     await state.close()
 
 
 async def _query(p: Parts, workflow: str, version: int = 0) -> SnapshotReply:
-    reply = await p.reader.request(
-        p.reader.subjects.ctl("state"),
+    reply = await p.agent.request(
+        p.agent.subjects.ctl("state"),
         SnapshotQuery(workflow=workflow, agent="agent-1", version=version),
         accepts=SnapshotReply,
     )
@@ -150,3 +151,32 @@ async def test_an_oversized_goal_state_is_refused_in_the_agent_with_a_clear_erro
         await agent.snapshot("wf-big", {"notes": "x" * 12_000})
     with pytest.raises(StateError, match=r"not JSON at \$\.when"):
         await agent.snapshot("wf-big", {"when": {1, 2}})
+
+
+async def test_each_stored_snapshot_is_recorded_without_its_content(parts: Parts) -> None:
+    records: list[Delivery] = []
+    got = asyncio.Event()
+
+    async def on_record(d: Delivery) -> None:
+        records.append(d)
+        got.set()
+
+    watcher = parts.auditor
+    await watcher.subscribe(watcher.subjects.all("snapshot"), on_record, accepts=SnapshotRecorded)
+    await watcher.flush()
+    await _send(parts, _snap("wf-rec", 1))
+    await asyncio.wait_for(got.wait(), 10)
+
+    [d] = records
+    assert d.envelope.subject == watcher.subjects.snapshot("agent-1")
+    assert d.envelope.workflow == "wf-rec" and d.claims.sub == "state-1"
+    [stored] = await parts.redis.zrange(f"{parts.prefix}:snap:wf-rec:agent-1", 0, -1)
+    assert d.body == SnapshotRecorded(
+        agent="agent-1",
+        version=1,
+        stored=True,
+        policy_hash=POLICY_HASH,
+        key_id="k1",
+        sealed_sha256=hashlib.sha256(stored).hexdigest(),
+    )
+    assert b"erp_session" not in d.data and b"s-42" not in d.data

@@ -615,7 +615,7 @@ def test_agent_subscribes_only_to_its_inbox_its_decisions_and_its_reply_inboxes(
         ("governance", ["intent.a", "approval.w"], ["decision.a.w", "approval.w"], True),
         ("gateway", ["tool.erp.create_po"], [], True),
         ("budget", ["usage.a", "ctl.budget"], [], True),
-        ("state", ["state.a", "ctl.state"], [], True),
+        ("state", ["state.a", "ctl.state"], ["msg.a", "snapshot.a"], True),
         ("issuer", ["ctl.identity"], [], True),
         ("operator", ["approval.w"], ["approval.w"], False),
         ("coordinator", ["msg.coordinator-1"], ["msg.a", "ctl.budget"], False),
@@ -663,6 +663,9 @@ def test_the_auditor_reads_everything_and_may_only_replay_its_tenants_stream():
     own, other = S.event_stream, Subjects("globex").event_stream
     assert may(perms, "subscribe", S.intent("anyone"))
     assert may(perms, "subscribe", S.security)
+    assert may(perms, "subscribe", S.snapshot("anyone"))
+    # A snapshot in transit holds its tool tier in the clear.
+    assert not may(perms, "subscribe", S.state("anyone"))
     # What nats-py sends to create, resume and read a consumer, and to acknowledge.
     for api in (
         f"$JS.API.STREAM.INFO.{own}",

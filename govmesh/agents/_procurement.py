@@ -165,7 +165,10 @@ class ProcurementAgent(AgentService):
         except BaseException:
             self._active.discard(workflow)
             raise
-        await self._serve(workflow, job, resume=not new)
+        # The workflow outlives this handler (it waits for timers that arrive on this same
+        # subscription, and for people), so it runs in a task of its own and the bounded
+        # subscription's slot is free for the next message.
+        self._spawn(self._serve(workflow, job, resume=not new))
 
     async def _resume_in_flight(self) -> None:
         """Take up every workflow in this agent's in-flight hash, each from its latest
@@ -277,7 +280,12 @@ class ProcurementAgent(AgentService):
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("a workflow of %s failed", self.agent_id, exc_info=exc)
 
     async def close(self) -> None:
         """Stop resumed workflows (they stay in flight for the next start), then leave."""

@@ -1,6 +1,6 @@
 """The bus: one envelope, one codec, one subject scheme, signed and verified messages."""
 
-from govmesh.bus._bus import Bus, Delivery, Handler
+from govmesh.bus._bus import MAX_HANDLERS, SLOW_CONSUMER, Bus, Delivery, Handler
 from govmesh.bus._codec import Codec, kind_of
 from govmesh.bus._envelope import Envelope, Sealed, SecurityEvent
 from govmesh.bus._stream import ensure_event_stream
@@ -8,6 +8,8 @@ from govmesh.bus._subjects import Subjects
 from govmesh.bus._verify import MessageVerifier, Verified
 
 __all__ = [
+    "MAX_HANDLERS",
+    "SLOW_CONSUMER",
     "Bus",
     "Codec",
     "Delivery",

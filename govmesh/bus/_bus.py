@@ -16,7 +16,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import NoRespondersError
+from nats.errors import NoRespondersError, SlowConsumerError
 from nats.errors import TimeoutError as NatsTimeoutError
 from opentelemetry.trace import SpanKind
 
@@ -25,7 +25,7 @@ from govmesh.bus._envelope import Envelope, SecurityEvent
 from govmesh.bus._subjects import Subjects
 from govmesh.bus._verify import MessageVerifier
 from govmesh.config import Deployment
-from govmesh.errors import BusError, SecurityError
+from govmesh.errors import BusError, ConfigError, SecurityError
 from govmesh.identity import (
     Claims,
     ClientCert,
@@ -38,12 +38,35 @@ from govmesh.identity.messages import TokenGrant, TokenRenewal
 from govmesh.observability._metrics import HANDLER_DURATION, SECURITY_REJECTIONS
 from govmesh.observability._tracing import current_traceparent, span
 
-__all__ = ["Authorize", "Bus", "Delivery", "Handler"]
+__all__ = [
+    "MAX_HANDLERS",
+    "PENDING_BYTES_LIMIT",
+    "PENDING_MSGS_LIMIT",
+    "SLOW_CONSUMER",
+    "Authorize",
+    "Bus",
+    "Delivery",
+    "Handler",
+]
 
 log = logging.getLogger(__name__)
 
 _CLOSE_FLUSH_S: Final = 2
 """How long closing waits for what was published to reach the server."""
+
+MAX_HANDLERS: Final = 256
+"""Handlers one subscription runs at once unless it asks otherwise; further messages wait
+in its pending buffer."""
+PENDING_MSGS_LIMIT: Final = 65_536
+"""Messages one subscription holds while its handlers are busy; beyond it nats-py drops
+them and the bus reports a slow consumer."""
+PENDING_BYTES_LIMIT: Final = 64 * 1024 * 1024
+"""Bytes of messages one subscription holds while its handlers are busy (as above)."""
+SLOW_CONSUMER: Final = "slow_consumer"
+"""The security event reason for messages dropped because a subscription fell behind."""
+_SLOW_CONSUMER_REPORT_S: Final = 1.0
+"""At most one slow-consumer event per subscription in this many seconds: a flood must not
+become a flood of security events; every dropped message is still counted."""
 
 
 class Delivery(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,7 +115,9 @@ class Bus:
     Every outgoing message is sealed with the member's key and token; every incoming one is
     verified before any handler runs. A refused message is counted in `rejected`, reported on
     the security subject and dropped; the receiver keeps running. Each verified message runs
-    in its own task, so one member serves many workflows at once.
+    in its own task, so one member serves many workflows at once, up to a bound per
+    subscription; a subscription that falls behind drops what its pending buffer cannot
+    hold and reports it as a slow consumer (`slow_consumers`).
 
     Use `Bus.connect`; `close` cancels handler tasks still running and is safe to call twice.
     """
@@ -113,16 +138,29 @@ class Bus:
         self.verifier = MessageVerifier(tokens=tokens, codec=self.codec)
         self.tokens = tokens
         self.rejected: Counter[str] = Counter()
+        self.slow_consumers: Counter[str] = Counter()
+        """Messages dropped by each subscription (by its subject) that fell behind."""
+        self._unreported: Counter[str] = Counter()
+        self._slow_reported_at: dict[str, float] = {}
         self.rotations = 0
         self.cert_renewals = 0
         self._tls: ssl.SSLContext | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
+    def _spawn(
+        self,
+        coro: Coroutine[Any, Any, None],
+        *,
+        name: str,
+        slot: asyncio.Semaphore | None = None,
+    ) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if slot is not None:
+            # Released however the task ends, cancelled before it started included.
+            task.add_done_callback(lambda _: slot.release())
 
     async def _rotate(self) -> None:
         """Renew this member's token at each half-life, and its client certificate once past
@@ -199,7 +237,9 @@ class Bus:
             # The server refuses a forbidden publish or subscribe with -ERR and keeps the
             # connection open; nats-py only hands it to this callback.
             text = str(exc)
-            if joined and "permissions violation" in text.lower():
+            if joined and isinstance(exc, SlowConsumerError):
+                joined[0].slow_consumer(exc.sub.subject, exc.subject)
+            elif joined and "permissions violation" in text.lower():
                 found = _QUOTED.search(text)
                 joined[0].report(
                     SecurityError("permission_violation", text),
@@ -312,8 +352,18 @@ class Bus:
         queue: str = "",
         authorize: Authorize | None = None,
         concurrent: bool = True,
+        max_handlers: int = MAX_HANDLERS,
+        pending_msgs_limit: int = PENDING_MSGS_LIMIT,
+        pending_bytes_limit: int = PENDING_BYTES_LIMIT,
     ) -> Subscription:
         """Run ``handler`` for every verified message on ``subject`` whose body is ``accepts``.
+
+        Work is bounded as nats.py bounds it: at most ``max_handlers`` handlers run at once;
+        the messages that arrive meanwhile wait, unread, in the subscription's pending
+        buffer; what the buffer cannot hold is dropped by nats-py and reported as a slow
+        consumer (`slow_consumer`). A handler that waits for a later message of its own
+        subscription must hand its long work to a task of its own, or a full set of such
+        handlers would wait for each other.
 
         Args:
             subject: subject or wildcard.
@@ -326,18 +376,47 @@ class Bus:
             concurrent: run each message's handler in its own task (many workflows at
                 once); False runs handlers one after another on the subscription's own
                 task, which saves a task per message for quick request/reply services.
+            max_handlers: handlers run at once when ``concurrent``.
+            pending_msgs_limit: messages held while the handlers are busy.
+            pending_bytes_limit: bytes of messages held while the handlers are busy.
+
+        Raises:
+            ConfigError: a bound below 1.
         """
+        for name, bound in (
+            ("max_handlers", max_handlers),
+            ("pending_msgs_limit", pending_msgs_limit),
+            ("pending_bytes_limit", pending_bytes_limit),
+        ):
+            # nats-py reads 0 or -1 as "no limit": never what a caller of the bus means.
+            if bound < 1:
+                raise ConfigError(
+                    f"{name} of the subscription to {subject!r} must be at least 1, got {bound!r}"
+                )
+        slots = asyncio.Semaphore(max_handlers)
 
         async def on_message(msg: Msg) -> None:
             delivery = self._accept(msg, accepts, authorize)
             if delivery is None:
                 return
-            if concurrent:
-                self._spawn(self._run(handler, delivery), name=f"handle-{delivery.envelope.kind}")
-            else:
+            if not concurrent:
                 await self._run(handler, delivery)
+                return
+            # Waiting here keeps later messages in nats-py's bounded pending buffer.
+            await slots.acquire()
+            self._spawn(
+                self._run(handler, delivery),
+                name=f"handle-{delivery.envelope.kind}",
+                slot=slots,
+            )
 
-        return await self.nc.subscribe(subject, queue=queue, cb=on_message)
+        return await self.nc.subscribe(
+            subject,
+            queue=queue,
+            cb=on_message,
+            pending_msgs_limit=pending_msgs_limit,
+            pending_bytes_limit=pending_bytes_limit,
+        )
 
     def check(self, subject: str, data: bytes, accepts: Any, *, replay: bool = True) -> Delivery:
         """Verify a message carried inside another one (e.g. a decision inside a tool call).
@@ -382,6 +461,42 @@ class Bus:
             claimed_sender=claimed,
             receiver=self.identity.agent_id,
             detail=str(exc)[:500],
+        )
+        self._spawn(self._report_quietly(event), name="security-event")
+
+    def slow_consumer(self, watched: str, subject: str) -> None:
+        """Count a message dropped because the subscription to ``watched`` fell behind, and
+        report it as a security event (at most one a second per subscription, with the
+        number dropped since the last one): a burst that outruns a receiver is an attack
+        when one member sends it, and an operator must see it beside the other refusals.
+
+        Args:
+            watched: the subject of the subscription that dropped the message.
+            subject: the subject the dropped message arrived on (it names the sender's
+                area, e.g. ``intent.<agent>``); the message itself was never read.
+        """
+        self.rejected[SLOW_CONSUMER] += 1
+        self.slow_consumers[watched] += 1
+        self._unreported[watched] += 1
+        SECURITY_REJECTIONS.add(1, {"govmesh.security.reason": SLOW_CONSUMER})
+        now = time.monotonic()
+        last = self._slow_reported_at.get(watched)
+        if last is not None and now - last < _SLOW_CONSUMER_REPORT_S:
+            return
+        self._slow_reported_at[watched] = now
+        dropped = self._unreported.pop(watched)
+        detail = (
+            f"slow consumer: {dropped} message(s) dropped by the subscription to {watched!r}, "
+            f"the last on {subject!r}; its handlers were busy and its pending buffer full"
+        )
+        log.warning("%s: %s", self.identity.agent_id, detail)
+        if watched == self.subjects.security or self._closed:
+            return
+        event = SecurityEvent(
+            reason=SLOW_CONSUMER,
+            subject=subject,
+            receiver=self.identity.agent_id,
+            detail=detail,
         )
         self._spawn(self._report_quietly(event), name="security-event")
 

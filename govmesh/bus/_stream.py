@@ -7,18 +7,40 @@ reads and its coordinator creates that tenant's stream and no other (see
 
 from __future__ import annotations
 
+import logging
+from typing import Final
+
 from nats.aio.client import Client as NATS
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 from govmesh.bus._subjects import Subjects
 
-__all__ = ["captured_subjects", "ensure_event_stream"]
+__all__ = ["CAPTURED", "captured_subjects", "ensure_event_stream"]
+
+log = logging.getLogger(__name__)
+
+CAPTURED: Final = (
+    "intent.>",
+    "decision.>",
+    "tool.>",
+    "usage.>",
+    "msg.>",
+    "approval.>",
+    "ctl.>",
+    "snapshot.>",
+    "security",
+)
+"""What a tenant's stream records of its tree: every area but ``state``. A snapshot carries
+its tool tier in the clear to the state actor, which stores it encrypted; kept for days in
+the stream, it would undo that. The state actor records each snapshot it stores on
+``snapshot.<agent>`` instead: version, policy hash, key id and the sha256 of the sealed
+record, no content. A new area must be added here to be recorded."""
 
 
 def captured_subjects(subjects: Subjects) -> list[str]:
     """The subjects a tenant's event stream records: the one place that says which."""
-    return [subjects.everything]
+    return [f"{subjects.prefix}.{area}" for area in CAPTURED]
 
 
 async def ensure_event_stream(
@@ -44,7 +66,18 @@ async def ensure_event_stream(
         deny_purge=True,
     )
     try:
-        await js.stream_info(subjects.event_stream)
+        found = await js.stream_info(subjects.event_stream)
     except NotFoundError:
         await js.add_stream(config)
+        return config
+    if sorted(found.config.subjects or ()) != sorted(config.subjects or ()):
+        # No member may change or purge the stream, so an operator must replace it.
+        log.warning(
+            "event stream %s records %s, not %s; it may hold snapshots in the clear: delete "
+            "it (nats stream rm %s) to have it made again",
+            subjects.event_stream,
+            found.config.subjects,
+            config.subjects,
+            subjects.event_stream,
+        )
     return config

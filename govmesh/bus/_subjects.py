@@ -6,7 +6,8 @@ Scheme (``<t>`` is the tenant)::
     gm.<t>.decision.<agent>.<workflow>  signed governance decisions, for that agent only
     gm.<t>.tool.<tool>                  tool calls to the gateway (tool names may contain dots)
     gm.<t>.usage.<agent>                model usage for the budget actor
-    gm.<t>.state.<agent>                snapshots for the state actor
+    gm.<t>.state.<agent>                snapshots for the state actor (not in the event stream)
+    gm.<t>.snapshot.<agent>             what the state actor stored of them, without content
     gm.<t>.msg.<agent>                  agent-to-agent messages
     gm.<t>.approval.<workflow>          approval requests and answers
     gm.<t>.ctl.<service>                queries to platform actors
@@ -91,6 +92,10 @@ class Subjects:
     def state(self, agent: str) -> str:
         """Where ``agent`` sends snapshots."""
         return self._one("state", agent, "agent id")
+
+    def snapshot(self, agent: str) -> str:
+        """Where the state actor records each snapshot of ``agent`` it stored (no content)."""
+        return self._one("snapshot", agent, "agent id")
 
     def msg(self, agent: str) -> str:
         """The inbox of ``agent`` for agent-to-agent messages."""

@@ -10,11 +10,11 @@ agent         intent/usage/state.<own id>, msg.*, tool.>,  msg.<own id>, decisio
 governance    decision.>, approval.*, replies             intent.*, approval.*, ctl.governance
 gateway       (replies only: allow_responses)             tool.>
 budget        approval.* (budget interrupts)              usage.*, ctl.budget
-state         msg.* (timers fired), replies               state.*, ctl.state
+state         msg.* (timers fired), snapshot.*, replies   state.*, ctl.state
 issuer        (replies only)                              ctl.identity
 operator      approval.*, ctl.governance                  approval.*
-auditor       the tenant's stream: its info, creating,    everything of the tenant
-              reading and inspecting its consumers, acks
+auditor       the tenant's stream: its info, creating,    everything of the tenant but
+              reading and inspecting its consumers, acks  state.*
 coordinator   msg.*, ctl.*, the tenant's stream: create,  msg.<own id>
               its info and its consumers' info
 sentinel      (security only)                             nothing but its own replies
@@ -136,6 +136,7 @@ def permissions_for(
     pub: list[str]
     sub: list[str]
     responds = False
+    unread: list[str] = []
     if agent:
         pub = [s.intent(member_id), s.usage(member_id), s.state(member_id)]
         pub += [s.all("msg"), s.all("tool"), s.all("ctl")]
@@ -150,7 +151,10 @@ def permissions_for(
         responds = True
     elif role in (GATEWAY_ROLE, BUDGET_ROLE, STATE_ROLE, ISSUER_ROLE):
         # The state actor fires timers to agents; the budget actor puts interrupts to people.
-        published = {STATE_ROLE: [s.all("msg")], BUDGET_ROLE: [s.all("approval")]}
+        published = {
+            STATE_ROLE: [s.all("msg"), s.all("snapshot")],
+            BUDGET_ROLE: [s.all("approval")],
+        }
         pub, responds = published.get(role, []), True
         served = {
             GATEWAY_ROLE: [s.all("tool")],
@@ -167,6 +171,9 @@ def permissions_for(
         # Reads every event of the tenant (audit index, `govmesh watch`), changes nothing.
         pub = list(s.jetstream_read)
         sub = [s.everything, inbox]
+        # Snapshots carry the tool tier in the clear; the stream leaves them out, and so
+        # does a live subscription of the auditor.
+        unread = [s.all("state")]
     elif role == COORDINATOR_ROLE:
         pub = [s.all("msg"), s.all("ctl"), *s.jetstream_admin]
         sub = [s.msg(member_id), inbox]
@@ -175,8 +182,10 @@ def permissions_for(
         pub, sub = [], [inbox]
     else:
         return {"publish": _rules([s.security]), "subscribe": _rules([]), "allow_responses": False}
+    subscribe = _rules(sub)
+    subscribe["deny"] += unread
     return {
         "publish": _rules([*pub, *base_pub]),
-        "subscribe": _rules(sub),
+        "subscribe": subscribe,
         "allow_responses": responds,
     }

@@ -19,6 +19,7 @@ from govmesh.state._timers import Timer, TimerStore
 from govmesh.state.messages import (
     Snapshot,
     SnapshotQuery,
+    SnapshotRecorded,
     SnapshotReply,
     TimerCancel,
     TimerFired,
@@ -34,6 +35,7 @@ __all__ = [
     "SealedTool",
     "Snapshot",
     "SnapshotQuery",
+    "SnapshotRecorded",
     "SnapshotReply",
     "SnapshotState",
     "StateService",

@@ -4,14 +4,15 @@ durable timers."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from redis.exceptions import RedisError
 
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
-from govmesh.errors import BusError, ConfigError, StateError
+from govmesh.errors import BusError, ConfigError, SecurityError, StateError
 from govmesh.identity import Identity
 from govmesh.observability._tracing import span
 from govmesh.service import Service, being_cancelled, raise_if_cancelled
@@ -28,6 +29,7 @@ from govmesh.state._timers import Timer, TimerStore
 from govmesh.state.messages import (
     Snapshot,
     SnapshotQuery,
+    SnapshotRecorded,
     SnapshotReply,
     SnapshotStored,
     TimerCancel,
@@ -38,6 +40,8 @@ from govmesh.state.messages import (
 __all__ = ["StateService"]
 
 QUEUE = "state"
+FOREIGN_SNAPSHOT: Final = "foreign_snapshot"
+"""The security event reason for a query of another agent's snapshot."""
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,14 @@ class StateService(Service):
     A sorted set scored by version makes latest and by-version lookup O(log N).
 
     Snapshots are stored sealed (`seal`): the tool tier encrypted with the keyring's current
-    key, and only the newest `retain` versions of each (workflow, agent) are kept.
+    key, and only the newest `retain` versions of each (workflow, agent) are kept. Each one
+    is recorded, without content, on ``snapshot.<agent>`` (`SnapshotRecorded`) for the event
+    stream, which leaves the snapshots themselves out.
+
+    A snapshot is served only to its own agent: the verified sender of a query must be the
+    agent it names. No platform role reads another's snapshots either: an agent rehydrates
+    itself, and what the audit needs is in the record. Any other query is refused, reported
+    as a security event (``foreign_snapshot``) and answered with the reason.
 
     Args:
         deployment: where the services are and whom to trust.
@@ -140,18 +151,25 @@ class StateService(Service):
                         "govmesh.state.phase": str(snap.goal.get("phase", "")) or None,
                     },
                 ) as storing:
-                    error = await self._store(agent, snap)
-                    storing.set_attribute("govmesh.snapshot.stored", not error)
+                    recorded = await self._store(agent, snap)
+                    storing.set_attribute("govmesh.snapshot.stored", recorded.stored)
                 if d.reply:
                     await self.bus.respond(
                         d,
                         SnapshotStored(
                             workflow=snap.workflow,
                             version=snap.version,
-                            stored=not error,
-                            error=error,
+                            stored=recorded.stored,
+                            error=recorded.error,
                         ),
                     )
+                await self.bus.publish(
+                    self.subjects.snapshot(agent),
+                    recorded,
+                    workflow=snap.workflow,
+                    causation=d.envelope.id,
+                    trace=d.envelope.trace,
+                )
             case TimerSet() as t:
                 await self.timers.set(
                     Timer(
@@ -167,8 +185,8 @@ class StateService(Service):
             case TimerCancel() as t:
                 await self.timers.cancel(workflow, agent, t.name, seq=d.envelope.ts)
 
-    async def _store(self, agent: str, snap: Snapshot) -> str:
-        """Seal and store one snapshot; returns why it was refused, or ""."""
+    async def _store(self, agent: str, snap: Snapshot) -> SnapshotRecorded:
+        """Seal and store one snapshot; returns what was stored, or why it was refused."""
         try:
             sealed = seal(
                 SnapshotState(
@@ -186,15 +204,23 @@ class StateService(Service):
         except StateError as exc:
             self.refused += 1
             log.error("snapshot refused: %s", exc)
-            return str(exc)
+            return SnapshotRecorded(agent=agent, version=snap.version, stored=False, error=str(exc))
+        record = encode_sealed(sealed)
         key = self._versions_key(snap.workflow, agent)
         async with self.redis.pipeline(transaction=True) as pipe:
             # A version sent again (an agent retrying after a crash) replaces the first.
             pipe.zremrangebyscore(key, snap.version, snap.version)
-            pipe.zadd(key, {encode_sealed(sealed): snap.version})
+            pipe.zadd(key, {record: snap.version})
             pipe.zremrangebyrank(key, 0, -self._retain - 1)
             await pipe.execute()
-        return ""
+        return SnapshotRecorded(
+            agent=agent,
+            version=snap.version,
+            stored=True,
+            policy_hash=sealed.policy_hash,
+            key_id=sealed.tool.key_id if sealed.tool else "",
+            sealed_sha256=hashlib.sha256(record).hexdigest(),
+        )
 
     async def _fire_due(self) -> None:
         clock = self.deployment.clock
@@ -223,6 +249,15 @@ class StateService(Service):
 
     async def _on_query(self, d: Delivery) -> None:
         q: SnapshotQuery = d.body
+        if q.agent != d.claims.sub:
+            refusal = SecurityError(
+                FOREIGN_SNAPSHOT,
+                f"{d.claims.sub!r} asked for the snapshot of {q.workflow}/{q.agent}; an agent "
+                "may read only its own snapshots",
+            )
+            self.bus.report(refusal, subject=d.envelope.subject, data=d.data)
+            await self.bus.respond(d, SnapshotReply(found=False, error=str(refusal)))
+            return
         key = self._versions_key(q.workflow, q.agent)
         if q.version:
             raw = await self.redis.zrangebyscore(key, q.version, q.version, start=0, num=1)

@@ -9,6 +9,7 @@ import msgspec
 __all__ = [
     "Snapshot",
     "SnapshotQuery",
+    "SnapshotRecorded",
     "SnapshotReply",
     "SnapshotStored",
     "TimerCancel",
@@ -48,8 +49,35 @@ class SnapshotStored(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     error: str = ""
 
 
+class SnapshotRecorded(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """What the state actor stored of one snapshot, for the event stream and the audit
+    index, which never see the snapshot itself (its tool tier travels in the clear).
+
+    Attributes:
+        agent: the agent whose snapshot it is.
+        version: its version.
+        stored: whether it is durable; if not, ``error`` says why it was refused.
+        policy_hash: tier 4, the hash of the policy set in force.
+        key_id: the key that encrypted the tool tier ("" for none).
+        sealed_sha256: sha256 hex of the sealed record as stored, to match against the
+            store; a hash of ciphertext, so it tells nothing about the content.
+    """
+
+    agent: str
+    version: int
+    stored: bool
+    error: str = ""
+    policy_hash: str = ""
+    key_id: str = ""
+    sealed_sha256: str = ""
+
+
 class SnapshotQuery(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """Ask for the latest (``version`` 0) or one version of an agent's snapshot."""
+    """Ask for the latest (``version`` 0) or one version of an agent's snapshot.
+
+    Only the agent itself may ask (the verified sender must be ``agent``); any other
+    sender is refused, reported as a security event and answered with the reason.
+    """
 
     workflow: str
     agent: str
@@ -60,8 +88,9 @@ class SnapshotReply(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """The snapshot asked for, if any.
 
     Attributes:
-        error: why a stored snapshot could not be opened (tampered, or its key is gone);
-            then `found` is False and nothing of it is returned.
+        error: why a stored snapshot could not be opened (tampered, or its key is gone), or
+            why the query was refused (another agent's snapshot); then `found` is False
+            and nothing of it is returned.
     """
 
     found: bool
