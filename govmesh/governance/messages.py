@@ -6,7 +6,15 @@ from typing import Any, Literal
 
 import msgspec
 
-__all__ = ["ApprovalAnswer", "ApprovalRequest", "ApprovalResult", "Decision", "ToolIntent"]
+__all__ = [
+    "ApprovalAnswer",
+    "ApprovalRequest",
+    "ApprovalResult",
+    "Decision",
+    "StartRecord",
+    "StartRecorded",
+    "ToolIntent",
+]
 
 Outcome = Literal["allow", "deny", "escalate"]
 
@@ -58,6 +66,9 @@ class ApprovalRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
         on_expiry: what it becomes then, by the policy in force when it was escalated.
         trace: the workflow's trace context, so the decision that ends the wait, perhaps
             days later, continues the same trace.
+        budget_authority_usd: the budget authority of the agent's token when it asked,
+            checked again on the day's spend when the request is approved (None for
+            requests stored before it was kept).
     """
 
     approval_id: str
@@ -77,6 +88,7 @@ class ApprovalRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     expires_at: float = 0.0
     on_expiry: Literal["allow", "deny"] = "deny"
     trace: str = ""
+    budget_authority_usd: float | None = None
 
 
 class ApprovalAnswer(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -105,3 +117,20 @@ class ApprovalResult(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     outcome: Outcome | None = None
     reasons: tuple[str, ...] = ()
     by: str = ""
+
+
+class StartRecord(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """The coordinator's signed record that it started ``workflow``: governance decides the
+    workflow's intents only once it holds one, and only for the agents it names.
+
+    The workflow is the envelope's, as for an intent.
+    """
+
+    agents: tuple[str, ...]
+
+
+class StartRecorded(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Governance's reply to a `StartRecord`: every governance actor of the tenant now
+    decides the workflow's intents."""
+
+    workflow: str

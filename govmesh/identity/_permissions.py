@@ -7,7 +7,8 @@ role          publish                                     subscribe
 ============  ==========================================  ===================================
 agent         intent/usage/state.<own id>, msg.*, tool.>,  msg.<own id>, decision.*
               ctl.*
-governance    decision.*, approval.*, replies             intent.*, approval.*
+governance    decision.*, approval.*, replies             intent.*, approval.*,
+                                                          ctl.governance
 gateway       (replies only: allow_responses)             tool.>
 budget        approval.* (budget interrupts)              usage.*, ctl.budget
 state         msg.* (timers fired), replies               state.*, ctl.state
@@ -43,6 +44,7 @@ __all__ = [
     "COORDINATOR_ROLE",
     "GATEWAY_ROLE",
     "GOVERNANCE_ROLE",
+    "GOVERNANCE_SERVICE",
     "ISSUER_ROLE",
     "OPERATOR_ROLE",
     "PLATFORM_ROLES",
@@ -75,6 +77,8 @@ PLATFORM_ROLES: Final = frozenset(
 )
 TOKEN_SERVICE: Final = "identity"
 """The ``ctl`` service that renews Agent-ID tokens; every member asks it."""
+GOVERNANCE_SERVICE: Final = "governance"
+"""The ``ctl`` service of governance: the coordinator records workflow starts there."""
 DENY_ALL: Final = ">"
 
 
@@ -131,7 +135,7 @@ def permissions_for(
         responds = True
     elif role == GOVERNANCE_ROLE:
         pub = [s.all("decision"), s.all("approval")]
-        sub = [s.all("intent"), s.all("approval"), inbox]
+        sub = [s.all("intent"), s.all("approval"), s.ctl(GOVERNANCE_SERVICE), inbox]
         # Tells an operator's `govmesh approvals approve` what its answer decided.
         responds = True
     elif role in (GATEWAY_ROLE, BUDGET_ROLE, STATE_ROLE, ISSUER_ROLE):
