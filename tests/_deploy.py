@@ -60,9 +60,7 @@ class Coordinator:
         self._started: set[str] = set()
 
     @classmethod
-    async def connect(
-        cls, dep: Deployment, issuer: Issuer, agents: tuple[str, ...]
-    ) -> Coordinator:
+    async def connect(cls, dep: Deployment, issuer: Issuer, agents: tuple[str, ...]) -> Coordinator:
         """A coordinator of its own on the deployment ``dep``."""
         bus = await Bus.connect(dep, issuer.identity("coordinator-1", COORDINATOR_ROLE))
         return cls(bus, agents)

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from govmesh.bus import Bus, Delivery
+from govmesh.config import Deployment
 from govmesh.governance._actor import GovernanceService
 from govmesh.governance._decider import MAX_ATTEMPTS
 from govmesh.governance.messages import Decision, ToolIntent
+from govmesh.identity import Issuer
 from govmesh.tools import ERP_CREATE_PO
 
 from _deploy import Coordinator, deployment
@@ -281,7 +283,7 @@ async def test_concurrent_split_purchases_cannot_pass_the_limit_together(
     two_actors: Governed,
 ) -> None:
     rounds = 5
-    agent, decisions, actors = two_actors.agent, two_actors.decisions, two_actors.actors
+    decisions, actors = two_actors.decisions, two_actors.actors
     for r in range(rounds):
         # Three 4,000 purchases at once in one workflow against the 10,000 limit.
         for step in (1, 2, 3):
@@ -327,14 +329,16 @@ async def _intent(g: Governed, workflow: str, amount: float, *, step: int = 1) -
 
 @dataclass
 class Governed:
-    """Two governance actors in one queue group, an agent that sees every decision, and an
-    operator's bus."""
+    """Two governance actors in one queue group, an agent that sees every decision, an
+    operator's bus, a coordinator, and the deployment with its issuer."""
 
     agent: Bus
     decisions: asyncio.Queue[Decision]
     actors: list[GovernanceService]
     operator: Bus
     coordinator: Coordinator
+    dep: Deployment
+    issuer: Issuer
 
 
 @pytest.fixture
@@ -381,6 +385,8 @@ async def _two_governance_actors(
             actors=actors,
             operator=operator,
             coordinator=coordinator,
+            dep=dep,
+            issuer=issuer,
         )
     finally:
         await coordinator.close()
@@ -395,7 +401,7 @@ async def test_an_escalation_is_sent_before_its_approval_request_is_announced(
 ) -> None:
     # The agent waits for the decision, not for the announcement: the decision goes on the
     # wire first.
-    agent, decisions, actors = two_actors.agent, two_actors.decisions, two_actors.actors
+    decisions, actors = two_actors.decisions, two_actors.actors
     await two_actors.coordinator.start("wf-order")  # its answer is published too
     published: list[str] = []
     for actor in actors:
@@ -420,7 +426,7 @@ async def test_an_approval_cannot_spend_what_the_workflow_no_longer_has(
 ) -> None:
     from govmesh.governance.messages import ApprovalAnswer
 
-    agent, decisions, operator = two_actors.agent, two_actors.decisions, two_actors.operator
+    decisions, operator = two_actors.decisions, two_actors.operator
     await _intent(two_actors, "wf-appr", 7000.0, step=1)  # over 5,000: escalates
     escalated = await asyncio.wait_for(decisions.get(), 10)
     await _intent(two_actors, "wf-appr", 4000.0, step=2)  # allowed: 4,000 of 10,000 spent
@@ -444,7 +450,7 @@ async def test_every_outcome_is_decided_and_recorded_in_one_round_trip(
 
     from govmesh.governance._replay import decisions_key
 
-    agent, decisions, actors = two_actors.agent, two_actors.decisions, two_actors.actors
+    decisions, actors = two_actors.decisions, two_actors.actors
     await _intent(two_actors, "wf-warm", 100.0)  # loads the scripts into the server
     await asyncio.wait_for(decisions.get(), 10)
     amounts = {"wf-rt-allow": 4000.0, "wf-rt-deny": 12000.0, "wf-rt-escalate": 7000.0}
@@ -655,7 +661,7 @@ async def test_intents_arriving_together_are_decided_in_groups_and_recorded_once
 
     from govmesh.governance._replay import DecisionRecord, decisions_key, replay
 
-    agent, decisions, actors = two_actors.agent, two_actors.decisions, two_actors.actors
+    decisions, actors = two_actors.decisions, two_actors.actors
     # Two purchases per workflow: 3,000 then 4,000 against the seed's 5,000 escalation
     # threshold per purchase and 10,000 per workflow; workflows 0-9 also buy 4,000 more,
     # which the workflow limit must deny.

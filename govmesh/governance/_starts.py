@@ -52,12 +52,13 @@ def checked_start(workflow: str, record: StartRecord) -> None:
 
 
 async def record_start(
-    bus: Bus, workflow: str, agents: Iterable[str], *, timeout: float = 10.0
+    bus: Bus, workflow: str, agents: Iterable[str], *, timeout: float = 10.0, trace: str = ""
 ) -> None:
     """Have governance record that ``workflow`` was started with ``agents`` taking part,
     and return once every governance actor of the tenant decides its intents.
 
-    ``bus`` is the coordinator's; recording the same start again is harmless.
+    ``bus`` is the coordinator's; recording the same start again is harmless. ``trace`` is
+    the workflow's trace context, so the start shows in the workflow's trace.
 
     Raises:
         ValueError: ``workflow`` or an agent id is not a subject token, or no agent is named.
@@ -73,6 +74,7 @@ async def record_start(
         accepts=StartRecorded,
         timeout=timeout,
         workflow=workflow,
+        trace=trace,
     )
     answered: StartRecorded = reply.body
     if reply.claims.role != GOVERNANCE_ROLE or answered.workflow != workflow:

@@ -249,7 +249,7 @@ async def run_workflows(
                     try:
                         # Recorded with every start sent: a start is decided on only once
                         # governance holds its record, even one lost to a Redis restart.
-                        await record_start(coordinator, workflow, swarm.agent_ids)
+                        await record_start(coordinator, workflow, swarm.agent_ids, trace=trace)
                         await coordinator.publish(
                             coordinator.subjects.msg(swarm.requester_id),
                             start,
