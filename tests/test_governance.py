@@ -714,3 +714,26 @@ async def test_an_approval_settled_again_after_a_takeover_commits_once_and_answe
 
     assert first == again == (True, ())
     assert float(await redis.hget(f"{key_prefix}:spend", "wf-taken-over")) == 7000.0
+
+
+async def test_an_approval_cannot_spend_what_the_agents_budget_authority_no_longer_has(
+    tmp_path, secure_nats, redis_server, prefix
+) -> None:
+    from govmesh.governance.messages import ApprovalAnswer
+
+    async with _two_governance_actors(
+        tmp_path, secure_nats, redis_server, prefix, SEED, budget_usd=10_000
+    ) as g:
+        await _intent(g, "wf-auth-a", 7000.0)  # over 5,000: escalates, commits nothing yet
+        escalated = await asyncio.wait_for(g.decisions.get(), 10)
+        await _intent(g, "wf-auth-b", 4000.0)  # allowed: 4,000 of the day's 10,000
+        allowed = await asyncio.wait_for(g.decisions.get(), 10)
+        await g.operator.publish(
+            g.operator.subjects.approval("wf-auth-a"),
+            ApprovalAnswer(approval_id=escalated.approval_id, approved=True, by="dana"),
+            workflow="wf-auth-a",
+        )
+        final = await asyncio.wait_for(g.decisions.get(), 10)
+    assert (escalated.outcome, allowed.outcome) == ("escalate", "allow")
+    assert final.approval_id == escalated.approval_id and final.outcome == "deny"
+    assert any("budget authority" in r for r in final.reasons), final.reasons

@@ -65,7 +65,10 @@ class EvalContext(msgspec.Struct, frozen=True, kw_only=True):
         workflow_spend_usd: spend already committed (allowed or approved) on this workflow.
         now: unix time of the decision; an input so replays are exact.
         day_spend_usd: spend already committed by the requesting agent since 00:00 UTC of the
-            day that contains ``now``; checked against ``daily_limit_usd``.
+            day that contains ``now``; checked against ``daily_limit_usd`` and
+            ``budget_authority_usd``. Where only the budget authority reads it, it is the
+            figure governance decided on, and the decision stood because the true figure
+            left the amount on the same side of the authority.
         recent_calls: tool calls the requesting agent made in the last
             ``PolicySet.rate_window_s(role)`` seconds, not counting this one; checked against
             ``rate_limit``.
