@@ -719,7 +719,7 @@ class Decider:
             repr(_standing(ctx)).encode() if job.check_start and not contended else b"",
             self._nonce_ttl_ms if job.nonce else b"",
         ]
-        figures = needs._replace(day_spend=True) if bounded else needs
+        figures = needs._replace(day_spend=True) if bounded and not contended else needs
         return _Sent(job, verdict, request, figures, verdict.policy_hash if texts else "")
 
     def _assume(
