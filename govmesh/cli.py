@@ -159,12 +159,12 @@ def _start_telemetry(choice: str) -> None:
 )
 @click.option(
     "--low-latency",
-    type=click.Choice(["auto", "on", "off"]),
+    type=click.Choice(["on", "off"]),
     default=None,
-    help="Hold this machine's CPUs awake while services run, so a message wakes its "
-    "receiver without waiting for a halted CPU; idle CPUs then spin. auto: where this user "
-    "may (root, or write access to /dev/cpu_dma_latency); on: required; off: never. "
-    "Default: $GOVMESH_LOW_LATENCY, else auto.",
+    help="on: hold this machine's CPUs awake while services run (needs write access to "
+    "/dev/cpu_dma_latency), so a message wakes its receiver without waiting for a halted "
+    "CPU; idle CPUs then spin, for every program on the machine, and the embedded "
+    "nats-server runs on one Go thread. Default: $GOVMESH_LOW_LATENCY, else off.",
 )
 def cli(verbose: int, telemetry: str, low_latency: str | None) -> None:
     """govmesh: governed multi-agent workflow automation."""
@@ -183,19 +183,29 @@ def cli(verbose: int, telemetry: str, low_latency: str | None) -> None:
 def up() -> None:
     """Run embedded nats-server, Redis-protocol server and Ray until Ctrl-C.
 
-    Prints the URLs so other processes can join with GOVMESH_NATS_URL, GOVMESH_REDIS_URL
+    Prints the URLs, the Redis password masked, and writes them whole to a file only this
+    user may read, so other processes can join with GOVMESH_NATS_URL, GOVMESH_REDIS_URL
     and RAY_ADDRESS.
     """
+    from govmesh.config import public_url
     from govmesh.runtime import Runtime
+    from govmesh.runtime._home import write_private
 
     async def serve() -> None:
         # Plain NATS: clients of another process get no certificates from this one yet.
         async with Runtime(secure=False) as rt:
             _claim_sigterm()
-            out.print(f"GOVMESH_NATS_URL={rt.nats_url}")
-            out.print(f"GOVMESH_REDIS_URL={rt.redis_url}")
+            joining = {"GOVMESH_NATS_URL": rt.nats_url, "GOVMESH_REDIS_URL": rt.redis_url}
             if rt.ray_address:
-                out.print(f"RAY_ADDRESS={rt.ray_address}")
+                joining["RAY_ADDRESS"] = rt.ray_address
+            env_file = rt.workdir / "join.env"
+            write_private(env_file, "".join(f"{k}={v}\n" for k, v in joining.items()).encode())
+            for name, value in joining.items():
+                out.print(f"{name}={public_url(value)}")
+            console.print(
+                f"[dim]with the Redis password: {env_file} (0600); join with "
+                f"`set -a; . {env_file}; set +a`[/]"
+            )
             console.print(f"[dim]low latency ({rt.low_latency.mode}): {rt.low_latency.detail}[/]")
             console.print("[green]govmesh services are up[/]; Ctrl-C stops them")
             await asyncio.Event().wait()
@@ -517,6 +527,7 @@ def _summary(report: dict[str, Any]) -> Table:
         "audit index (hash-chained)",
         f"{a['records']:,} events of {a['workflows_verified']} workflows, "
         + ("every chain intact" if a["intact"] else f"{len(a['problems'])} problems")
+        + (f"; {a['refused']} messages refused, kept apart" if a["refused"] else "")
         + ("" if a["caught_up"] else " (indexing had not caught up)"),
     )
     table.add_row("governance latency p50 / p99", f"{lat['p50']:.2f} / {lat['p99']:.2f} ms")
@@ -1010,7 +1021,30 @@ def audit_show(
     for root in trace.roots:
         add(tree, root)
     out.print(tree)
+    if trace.refused:
+        out.print(
+            f"[bold red]{len(trace.refused)} messages that claimed {escape(workflow)} were "
+            "refused[/] (security events, not part of the trace):"
+        )
+        for m in trace.refused:
+            out.print(_refused_line(m), highlight=False, soft_wrap=True)
     _write_json(json_path, trace, what="trace")
+
+
+def _refused_line(m: Any) -> str:
+    """A `RefusedMessage` on one line of rich markup; what it claimed is escaped."""
+    from rich.markup import escape
+
+    when = time.strftime("%H:%M:%S", time.localtime(m.stored_at))
+    claimed = " ".join(
+        f"{name}={escape(value)}"
+        for name, value in (("kind", m.kind), ("sender", m.claimed_sender), ("id", m.id))
+        if value
+    )
+    return (
+        f"[dim]stream #{m.seq} {when}[/] [red]{escape(m.reason)}[/] on {escape(m.subject)}"
+        f" claimed {claimed or 'nothing readable'}: {escape(m.detail)}"
+    )
 
 
 @audit.command("verify")
@@ -1033,7 +1067,9 @@ def audit_verify(
 ) -> None:
     """Check the hash chain of WORKFLOW (default: every workflow) and the last signed
     checkpoint; list each changed, removed, reordered, inserted or truncated record.
-    Workflows removed by `audit prune` are counted, not reported. Exits 1 on a problem."""
+    Workflows removed by `audit prune` are counted, not reported; so are messages of the
+    stream the index refused (forged, replayed, malformed: security events kept out of
+    every chain; for WORKFLOW, those that claimed it). Exits 1 on a problem."""
     from govmesh.identity import VerifyKey
 
     try:
@@ -1052,6 +1088,10 @@ def audit_verify(
     table.add_row("records checked", f"{report.records:,}")
     table.add_row("workflows pruned by retention", f"{report.pruned:,}")
     table.add_row("signed checkpoint", "none" if not report.checkpoint_ts else "checked")
+    table.add_row(
+        "messages refused, kept apart",
+        ", ".join(f"{reason} {n}" for reason, n in report.refused_reasons.items()) or "0",
+    )
     table.add_row("problems", str(len(report.problems)))
     out.print(table)
     for p in report.problems:
@@ -1080,8 +1120,9 @@ def audit_export(
     """Write WORKFLOW's evidence bundle: one JSON file with every event and its chain hash,
     the decisions with their policy hashes and texts, approvals with who answered, why and
     their signature, costs, the chain's verify result and the latest signed checkpoint,
-    and a sha256 digest of the rest. Exits 1 if the chain has a problem (the bundle says
-    which) or holds no event (then no bundle is written)."""
+    the messages that claimed WORKFLOW but were refused (security events, apart from the
+    events), and a sha256 digest of the rest. Exits 1 if the chain has a problem (the
+    bundle says which) or holds no event (then no bundle is written)."""
     from govmesh.observability._export import bundle_digest, export_bundle
 
     bundle, _ = _audit_call(
@@ -1105,6 +1146,11 @@ def audit_export(
         f"{len(bundle['events'])} events, {len(bundle['decisions'])} decisions, "
         f"{len(bundle['approvals'])} approvals, ${bundle['costs']['cost_usd']:,.6f}; chain "
         + ("intact" if integrity["ok"] else f"[red]{len(integrity['problems'])} problems[/]")
+        + (
+            f"; [red]{len(bundle['refused'])} refused messages[/] kept apart"
+            if bundle["refused"]
+            else ""
+        )
         + f"; sha256 {bundle_digest(bundle)}"
     )
     if not integrity["ok"]:
@@ -1132,8 +1178,9 @@ def audit_prune(
     """Retention. With --redis-url (or --run): remove from that audit index the workflows
     that ended and whose latest event is older than DURATION, with their decision records,
     approvals and spend; each leaves a prune mark, so `audit verify` counts it as pruned,
-    not as tampering. Without either: remove the kept runs that finished longer ago than
-    DURATION, each listed in $GOVMESH_HOME/records/prune.log first."""
+    not as tampering; and the refused messages older than DURATION. Without either: remove
+    the kept runs that finished longer ago than DURATION, each listed in
+    $GOVMESH_HOME/records/prune.log first."""
 
     from govmesh.observability._export import prune_index
     from govmesh.scenarios._records import parse_duration, prune_kept
@@ -1166,7 +1213,8 @@ def audit_prune(
     )
     out.print(
         f"{verb} {len(report.workflows)} ended workflows older than {older_than}, "
-        f"with {report.decisions} decision records and {report.approvals} approvals"
+        f"with {report.decisions} decision records and {report.approvals} approvals, "
+        f"and {report.refused} refused messages stored before then"
     )
     _write_json(json_path, report)
 
@@ -1174,14 +1222,15 @@ def audit_prune(
 @audit.command("runs")
 @json_option
 def audit_runs(json_path: Path | None) -> None:
-    """List the finished runs whose records are kept under $GOVMESH_HOME/records."""
+    """List the finished runs whose records are kept under $GOVMESH_HOME/records, with the
+    messages the audit refused in each (`audit verify --run RUN_ID` says why)."""
 
     from govmesh.scenarios._records import kept_runs
 
     runs = kept_runs()
     table = Table(title=f"kept runs: {len(runs)}")
-    for column in ("run", "scenario", "tenant", "started", "finished", "workflows"):
-        table.add_column(column, justify="right" if column == "workflows" else "left")
+    for column in ("run", "scenario", "tenant", "started", "finished", "workflows", "refused"):
+        table.add_column(column, justify="right" if column in ("workflows", "refused") else "left")
     for m in runs:
         table.add_row(
             m.run_id,
@@ -1190,6 +1239,7 @@ def audit_runs(json_path: Path | None) -> None:
             time.strftime("%Y-%m-%d %H:%M", time.localtime(m.started_at)),
             time.strftime("%Y-%m-%d %H:%M", time.localtime(m.finished_at)),
             str(m.workflows),
+            f"[red]{m.refused}[/]" if m.refused else "0",
         )
     out.print(table)
     _write_json(json_path, runs, what="list")
@@ -1233,6 +1283,22 @@ def _event_line(event: WatchedEvent) -> str:
     from rich.markup import escape
 
     when = dt.datetime.fromtimestamp(event.ts).strftime("%H:%M:%S.%f")[:-3]
+    if event.refused:
+        s = event.summary
+        claimed = " ".join(
+            f"{name}={value}"
+            for name, value in (
+                ("kind", s.get("claimed_kind")),
+                ("sender", s.get("claimed_sender")),
+                ("workflow", event.workflow),
+            )
+            if value
+        )
+        return (
+            f"{when} [bold red]refused[/] [red]{escape(str(s.get('reason')))}[/] on "
+            f"{escape(event.subject)} (stream #{s.get('stream_seq')}), claimed "
+            f"{escape(claimed or 'nothing readable')}: {escape(str(s.get('detail')))}"
+        )
     summary = _glance(event.summary)
     style = _WATCH_STYLES.get(event.kind, "") or "default"
     return (
@@ -1337,7 +1403,12 @@ def _board_view(board: BoardSnapshot, title: str) -> Group:
         grid(
             Panel(decisions, title="decisions"),
             Panel(workflows, title="workflows"),
-            Panel(security, title="security events", border_style="red" if board.security else ""),
+            Panel(
+                security,
+                title="security events"
+                + (f" ({board.refused} refused on the stream)" if board.refused else ""),
+                border_style="red" if board.security else "",
+            ),
             ratios=(3, 2, 3),
         ),
         grid(
@@ -1378,8 +1449,9 @@ def watch(
     json_path: Path | None,
 ) -> None:
     """Follow a running deployment's events live: decisions, escalations, model use, tool
-    results, security events. Joins the deployment `govmesh run` advertises; stops when it
-    stops, after --count events, or on Ctrl-C.
+    results, security events, and messages on the stream that fail verification (shown as
+    refused security events, never as what they claim). Joins the deployment `govmesh run`
+    advertises; stops when it stops, after --count events, or on Ctrl-C.
 
     On a terminal (or with --live) it shows a dashboard: decisions by outcome and policy,
     pending approvals and their answers, spend per workflow, security events, workflows

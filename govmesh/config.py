@@ -6,13 +6,27 @@ import functools
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import yaml
 
 from govmesh.errors import GovmeshError
 
-__all__ = ["Clock", "Deployment", "key_prefix", "read_yaml_mapping", "utc_day"]
+__all__ = ["Clock", "Deployment", "key_prefix", "public_url", "read_yaml_mapping", "utc_day"]
+
+
+def public_url(url: str) -> str:
+    """``url`` with its password masked (``redis://user:***@host``), fit for a log, a
+    report or an error message."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def read_yaml_mapping(path: Path, *, what: str, error: type[GovmeshError]) -> dict[str, Any]:
@@ -111,3 +125,14 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     def key_prefix(self) -> str:
         """The Redis key prefix for this tenant."""
         return key_prefix(self.tenant)
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        # A repr lands in logs and tracebacks; the Redis URL holds the Redis password.
+        return [
+            (name, public_url(self.redis_url) if name == "redis_url" else getattr(self, name))
+            for name in self.__struct_fields__
+        ]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in self.__rich_repr__())
+        return f"{type(self).__name__}({fields})"

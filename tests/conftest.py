@@ -24,7 +24,9 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A Redis-protocol server on a free port, shared by the session."""
+    """A Redis-protocol server on a private Unix socket with a password, shared by the
+    session; tests connect with ``redis_server.url`` (the platform user) and, for commands
+    only an administrator may run (``MONITOR``, ``CLIENT KILL``), ``redis_server.admin_url``."""
     with RedisServer(workdir=tmp_path_factory.mktemp("redis")) as server:
         yield server
 

@@ -19,8 +19,15 @@ from govmesh.cli import cli
 from govmesh.config import key_prefix
 from govmesh.forecasting.messages import Usage
 from govmesh.governance.messages import Decision, ToolIntent
-from govmesh.identity import Issuer, SigningKey
-from govmesh.observability import AuditConsumer, AuditIndex, AuditRecord, summarize_body
+from govmesh.identity import Identity, Issuer, SigningKey
+from govmesh.observability import (
+    AuditConsumer,
+    AuditIndex,
+    AuditRecord,
+    StoredMessage,
+    StreamVerifier,
+    summarize_body,
+)
 from govmesh.runtime import NatsServer, RedisServer
 from govmesh.state.messages import Snapshot
 from govmesh.tools.messages import ToolResult
@@ -33,30 +40,36 @@ class Note(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 class Sender:
-    """Seals messages of one tenant as a given agent, the way the bus does."""
+    """Seals messages of one tenant as a given agent, the way the bus does, and numbers them
+    as the event stream stores them."""
 
     def __init__(self, tenant: str) -> None:
         self.issuer = Issuer(name=f"test:{tenant}", audience=f"govmesh:{tenant}")
+        self.verifier = StreamVerifier(
+            issuers=[self.issuer.public_key], audience=f"govmesh:{tenant}"
+        )
         self.subjects = Subjects(tenant)
         self.codec = Codec()
         self.agents = {}
+        self.seq = 0
+
+    def stored(self, subject: str, data: bytes) -> StoredMessage:
+        self.seq += 1
+        return StoredMessage(subject=subject, data=data, seq=self.seq, stored_at=time.time())
 
     def seal(
         self, agent: str, body: msgspec.Struct, *, workflow: str, causation: str = ""
-    ) -> tuple[str, bytes]:
+    ) -> tuple[str, StoredMessage]:
         if agent not in self.agents:
             self.agents[agent] = self.issuer.identity(agent, "agent")
+        subject = self.subjects.msg(agent)
         envelope, data = self.codec.seal(
-            self.agents[agent],
-            subject=self.subjects.msg(agent),
-            body=body,
-            workflow=workflow,
-            causation=causation,
+            self.agents[agent], subject=subject, body=body, workflow=workflow, causation=causation
         )
-        return envelope.id, data
+        return envelope.id, self.stored(subject, data)
 
 
-def _notes(sender: Sender, workflow: str, n: int) -> list[bytes]:
+def _notes(sender: Sender, workflow: str, n: int) -> list[StoredMessage]:
     return [sender.seal("alice", Note(n=i), workflow=workflow)[1] for i in range(n)]
 
 
@@ -79,10 +92,14 @@ async def _stream_and_index(
         await r.aclose()
 
 
-async def _alice(nats_server: NatsServer, redis_server: RedisServer, tenant: str) -> Bus:
-    """An agent's bus, to publish the events a consumer stores."""
+async def _alice(
+    nats_server: NatsServer, redis_server: RedisServer, tenant: str
+) -> tuple[Bus, StreamVerifier]:
+    """An agent's bus, to publish the events a consumer stores, and the verifier of its
+    deployment."""
     dep, issuer = deployment(nats_server.url, redis_server.url, tenant)
-    return await Bus.connect(dep, issuer.identity("alice", "agent"), rotate=False)
+    bus = await Bus.connect(dep, issuer.identity("alice", "agent"), rotate=False)
+    return bus, StreamVerifier.of(dep)
 
 
 async def _until_stored(index: AuditIndex, workflow: str, count: int) -> None:
@@ -92,6 +109,18 @@ async def _until_stored(index: AuditIndex, workflow: str, count: int) -> None:
         await asyncio.sleep(0.02)
 
 
+@pytest.fixture
+async def audited(
+    redis_server: RedisServer, prefix: str
+) -> AsyncIterator[tuple[Sender, AuditIndex, aioredis.Redis]]:
+    """A sender of the test's tenant, its audit index and the Redis connection under it."""
+    index, r = await _index(redis_server, prefix)
+    try:
+        yield Sender(prefix), index, r
+    finally:
+        await r.aclose()
+
+
 async def test_appending_the_same_event_twice_stores_it_once(
     redis_server: RedisServer, prefix: str
 ) -> None:
@@ -99,11 +128,12 @@ async def test_appending_the_same_event_twice_stores_it_once(
     index, r = await _index(redis_server, prefix)
     try:
         first = _notes(sender, "wf-1", 3)
-        report = await index.ingest(first)
+        report = await index.ingest(first, verifier=sender.verifier)
         assert (report.stored, report.duplicates) == (3, 0)
         extra = _notes(sender, "wf-1", 1)
-        report = await index.ingest([*first, *extra, extra[0], b"garbage"])
-        assert (report.stored, report.duplicates, report.malformed) == (1, 4, 1)
+        garbage = sender.stored(sender.subjects.msg("alice"), b"garbage")
+        report = await index.ingest([*first, *extra, extra[0], garbage], verifier=sender.verifier)
+        assert (report.stored, report.duplicates, report.refused) == (1, 4, 1)
         records = await index.records("wf-1")
         assert [rec.seq for rec in records] == [1, 2, 3, 4]
         assert [rec.prev for rec in records[1:]] == [rec.hash for rec in records[:-1]]
@@ -150,7 +180,7 @@ async def test_show_returns_the_causal_tree_with_summaries(
         workflow=wf,
     )
     try:
-        await index.ingest([intent, decision, result, usage, snap])
+        await index.ingest([intent, decision, result, usage, snap], verifier=sender.verifier)
         trace = await index.show(wf)
         assert [rec.kind for rec in trace.records] == [
             "ToolIntent",
@@ -188,8 +218,8 @@ def test_verify_names_an_edited_a_removed_and_two_reordered_records(
     async def fill_and_tamper() -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
         index, r = await _index(redis_server, prefix)
         try:
-            await index.ingest(_notes(sender, wf, 8))
-            await index.ingest(_notes(sender, "wf-untouched", 3))
+            await index.ingest(_notes(sender, wf, 8), verifier=sender.verifier)
+            await index.ingest(_notes(sender, "wf-untouched", 3), verifier=sender.verifier)
             assert (await index.verify()).ok
             key = index.chain_key(wf)
             raw = await r.lrange(key, 0, -1)
@@ -241,10 +271,10 @@ async def test_a_signed_checkpoint_catches_a_truncated_tail(
     key = SigningKey()
     wf = "wf-cut"
     try:
-        await index.ingest(_notes(sender, wf, 6))
+        await index.ingest(_notes(sender, wf, 6), verifier=sender.verifier)
         checkpoint = await index.checkpoint(key, signer="auditor")
         assert checkpoint.heads[wf][0] == 6
-        await index.ingest(_notes(sender, wf, 2))
+        await index.ingest(_notes(sender, wf, 2), verifier=sender.verifier)
         assert (await index.verify(wf, trusted=[key.public])).ok
         # Cut the tail and move the head back, so the chain alone looks whole.
         await r.ltrim(index.chain_key(wf), 0, 3)
@@ -259,19 +289,122 @@ async def test_a_signed_checkpoint_catches_a_truncated_tail(
         await r.aclose()
 
 
+async def test_each_message_is_judged_at_the_time_the_stream_stored_it(
+    audited: tuple[Sender, AuditIndex, aioredis.Redis],
+) -> None:
+    sender, index, _ = audited
+    then = time.time() - 3 * 3600
+    key = SigningKey()
+    # A token that expired hours ago, but was valid when its messages were stored.
+    token = sender.issuer.issue(sub="alice", role="agent", key=key.public, ttl_s=300, now=then)
+    alice = Identity(agent_id="alice", role="agent", key=key, token=token)
+    subject = sender.subjects.msg("bob")
+
+    def stored(seq: int, at: float) -> StoredMessage:
+        _, data = sender.codec.seal(
+            alice, subject=subject, body=Note(n=seq), workflow="wf-old", now=at
+        )
+        return StoredMessage(subject=subject, data=data, seq=seq, stored_at=at + 0.01)
+
+    in_time = [stored(1, then + 10), stored(2, then + 20)]
+    late = stored(3, then + 400)  # sent and stored after its token expired
+    report = await index.ingest([*in_time, late], verifier=sender.verifier)
+    assert (report.stored, report.refused) == (2, 1)
+    [refused] = await index.refused()
+    assert (refused.seq, refused.reason, refused.claimed_sender) == (
+        3,
+        "token_expired",
+        "alice",
+    )
+    assert refused.workflow == "wf-old" and refused.stored_at == late.stored_at
+    # Stored 70 s after it was signed: a receiver would have refused it as stale.
+    held = msgspec.structs.replace(stored(4, then + 30), stored_at=then + 100)
+    report = await index.ingest([held], verifier=sender.verifier)
+    assert report.refused == 1
+    assert [m.reason for m in await index.refused("wf-old")] == ["token_expired", "stale"]
+    assert len(await index.records("wf-old")) == 2
+
+
+async def test_after_a_restart_with_a_new_issuer_the_old_one_counts_only_for_what_came_before(
+    audited: tuple[Sender, AuditIndex, aioredis.Redis],
+) -> None:
+    before, index, _ = audited
+    after = Sender(before.subjects.tenant)
+    old_key, new_key = before.issuer.public_key, after.issuer.public_key
+    assert await index.trust([old_key], now=100.0) == {old_key: 100.0}
+    resumed = time.time() + 5  # the messages below are stored around it
+    trusted = await index.trust([new_key], now=resumed)
+    assert trusted == {old_key: 100.0, new_key: resumed}
+    assert await index.trust([new_key], now=resumed + 50) == trusted, "recorded once"
+    verifier = StreamVerifier(
+        issuers=[new_key], audience=after.issuer.audience, retired=[old_key], since=resumed
+    )
+    _, left = before.seal("alice", Note(n=1), workflow="wf-resumed")
+    left = msgspec.structs.replace(left, stored_at=resumed - 1)  # stored before the resume
+    _, late = before.seal("alice", Note(n=2), workflow="wf-resumed")
+    late = msgspec.structs.replace(late, seq=50, stored_at=resumed + 1)  # the old one, after
+    _, fresh = after.seal("alice", Note(n=3), workflow="wf-resumed")
+    fresh = msgspec.structs.replace(fresh, seq=51, stored_at=resumed + 1)
+    report = await index.ingest([left, late, fresh], verifier=verifier)
+    assert (report.stored, report.refused) == (2, 1)
+    [refused] = await index.refused()
+    assert (refused.seq, refused.reason) == (50, "token_unknown_issuer")
+
+
+async def test_a_signed_checkpoint_catches_a_refused_message_deleted_from_the_index(
+    audited: tuple[Sender, AuditIndex, aioredis.Redis],
+) -> None:
+    sender, index, r = audited
+    key = SigningKey()
+    garbage = [sender.stored(sender.subjects.security, b"\xc1") for _ in range(3)]
+    assert (await index.ingest(garbage, verifier=sender.verifier)).refused == 3
+    await index.checkpoint(key, signer="auditor")
+    await index.forget_refused((await index.refused())[:1])  # retention: not a problem
+    assert (await index.verify(trusted=[key.public])).ok
+    await r.hdel(f"{index.prefix}:audit:refused", str(garbage[2].seq))
+    report = await index.verify(trusted=[key.public])
+    assert [(p.what, p.detail) for p in report.problems] == [
+        ("removed", "the last checkpoint saw 3 refused messages; 2 are left or were pruned")
+    ]
+    assert report.refused == 1
+
+
+async def test_an_event_seen_again_at_another_stream_sequence_is_a_replay_after_a_restart(
+    audited: tuple[Sender, AuditIndex, aioredis.Redis],
+) -> None:
+    sender, index, _ = audited
+    [first] = _notes(sender, "wf-r", 1)
+    assert (await index.ingest([first], verifier=sender.verifier)).stored == 1
+
+    # A restarted consumer remembers no nonce: the index tells a redelivery (the same
+    # stream sequence) from a replay (another one).
+    def restarted() -> StreamVerifier:
+        return StreamVerifier(issuers=[sender.issuer.public_key], audience=sender.issuer.audience)
+
+    again = msgspec.structs.replace(first, seq=first.seq + 100)
+    report = await index.ingest([again], verifier=restarted())
+    assert (report.stored, report.duplicates, report.refused) == (0, 0, 1)
+    report = await index.ingest([first], verifier=restarted())
+    assert (report.stored, report.duplicates, report.refused) == (0, 1, 0)
+    [replay] = await index.refused("wf-r")
+    assert (replay.seq, replay.reason, replay.claimed_sender) == (again.seq, "replay", "alice")
+    assert f"stream sequence {first.seq}" in replay.detail
+    assert len(await index.records("wf-r")) == 1 and (await index.verify("wf-r")).ok
+
+
 async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
     nats_server: NatsServer, redis_server: RedisServer, prefix: str
 ) -> None:
-    async with (
-        _stream_and_index(nats_server, redis_server, prefix) as (nc, index),
-        await _alice(nats_server, redis_server, prefix) as bus,
-    ):
-        consumer = AuditConsumer(nc, index, tenant=prefix, batch=10, ack_wait_s=1.0)
+    bus, verifier = await _alice(nats_server, redis_server, prefix)
+    async with _stream_and_index(nats_server, redis_server, prefix) as (nc, index), bus:
+        consumer = AuditConsumer(
+            nc, index, tenant=prefix, verifier=verifier, batch=10, ack_wait_s=1.0
+        )
 
         try:
             from govmesh.bus import ensure_event_stream
 
-            await ensure_event_stream(nc)
+            await ensure_event_stream(nc, prefix)
             for i in range(5):
                 await bus.publish(bus.subjects.msg("bob"), Note(n=i), workflow="wf-js")
             await bus.flush()
@@ -284,7 +417,13 @@ async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
             await bus.flush()
             key = SigningKey()
             consumer = AuditConsumer(
-                nc, index, tenant=prefix, batch=10, checkpoint_key=key, checkpoint_every_s=0.05
+                nc,
+                index,
+                tenant=prefix,
+                verifier=verifier,
+                batch=10,
+                checkpoint_key=key,
+                checkpoint_every_s=0.05,
             )  # resumes the durable consumer the first one made
             await consumer.start()
             await _until_stored(index, "wf-js", 8)
@@ -304,11 +443,9 @@ async def test_consumer_stores_the_tenants_stream_and_resumes_after_a_restart(
 async def test_consumer_keeps_storing_after_a_pull_ends_in_asyncios_timeout(
     nats_server: NatsServer, redis_server: RedisServer, prefix: str
 ) -> None:
-    async with (
-        _stream_and_index(nats_server, redis_server, prefix) as (nc, index),
-        await _alice(nats_server, redis_server, prefix) as bus,
-    ):
-        consumer = AuditConsumer(nc, index, tenant=prefix, batch=10)
+    bus, verifier = await _alice(nats_server, redis_server, prefix)
+    async with _stream_and_index(nats_server, redis_server, prefix) as (nc, index), bus:
+        consumer = AuditConsumer(nc, index, tenant=prefix, verifier=verifier, batch=10)
         try:
             await consumer.start()
             assert consumer._sub is not None
@@ -338,7 +475,8 @@ async def test_consumer_closes_when_a_pull_swallows_its_cancellation(
     nats_server: NatsServer, redis_server: RedisServer, prefix: str
 ) -> None:
     async with _stream_and_index(nats_server, redis_server, prefix) as (nc, index):
-        consumer = AuditConsumer(nc, index, tenant=prefix, batch=10)
+        verifier = StreamVerifier(issuers=[SigningKey().public.raw], audience="govmesh:none")
+        consumer = AuditConsumer(nc, index, tenant=prefix, verifier=verifier, batch=10)
         try:
             await consumer.start()
             assert consumer._sub is not None

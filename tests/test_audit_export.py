@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from test_cli import ESCALATING, GOVMESH, ROOT, _env
 
 from govmesh.agents import PurchaseOutcome, WorkflowDone
-from govmesh.bus import Codec, Subjects
+from govmesh.bus import Codec, Envelope, Subjects
 from govmesh.cli import cli
 from govmesh.config import key_prefix
 from govmesh.errors import ConfigError
@@ -28,7 +28,7 @@ from govmesh.governance._approvals import Answer, ApprovalRecord, ApprovalStore
 from govmesh.governance._evaluator import EvalContext, Intent
 from govmesh.governance._replay import DecisionRecord, decisions_key
 from govmesh.identity import Issuer, SigningKey
-from govmesh.observability import AuditIndex
+from govmesh.observability import AuditIndex, RefusedMessage
 from govmesh.observability._export import bundle_digest, prune_index
 from govmesh.runtime import RedisServer
 from govmesh.scenarios._records import (
@@ -69,7 +69,10 @@ def test_a_finished_run_can_be_shown_verified_and_exported_afterwards(
 
     ran = govmesh("run", str(scenario), "-n", "2", "--seed", "4", "--json", "run.json")
     assert ran.returncode == 0, ran.stderr[-3000:]
-    run_id = json.loads((tmp_path / "run.json").read_text())["run_id"]
+    ran_report = json.loads((tmp_path / "run.json").read_text())
+    run_id = ran_report["run_id"]
+    # Every message of the run passed the audit's verification; none was refused.
+    assert (ran_report["audit"]["refused"], ran_report["audit"]["intact"]) == (0, True)
     workflow = f"{run_id}-00000"
     assert f"govmesh audit show {workflow} --run {run_id}" in ran.stderr
     assert (record_dir(run_id) / "run.json").exists()
@@ -81,6 +84,7 @@ def test_a_finished_run_can_be_shown_verified_and_exported_afterwards(
     assert listed.returncode == 0, listed.stderr
     [run] = json.loads((tmp_path / "runs.json").read_text())
     assert (run["run_id"], run["tenant"], run["workflows"]) == (run_id, "approvals-cli", 2)
+    assert run["refused"] == 0
     assert run["finished_at"] >= run["started_at"] > 0
 
     # No --run: the latest kept run, said on stderr.
@@ -167,7 +171,7 @@ class _Sealer:
         self.subjects = Subjects(tenant)
         self.codec = Codec()
 
-    def workflow(self, workflow: str, *, at: float, ended: bool) -> list[bytes]:
+    def workflow(self, workflow: str, *, at: float, ended: bool) -> list[Envelope]:
         bodies = [PurchaseOutcome(result="executed")] * 3
         if ended:
             bodies.append(WorkflowDone(outcome=PurchaseOutcome(result="executed")))
@@ -178,7 +182,7 @@ class _Sealer:
                 body=body,
                 workflow=workflow,
                 now=at + i,
-            )[1]
+            )[0]
             for i, body in enumerate(bodies)
         ]
 
@@ -224,11 +228,15 @@ def test_prune_removes_old_ended_workflows_and_verify_still_finds_a_tamper(
         try:
             index = AuditIndex(r, prefix=p)
             for wf, at in ages.items():
-                await index.ingest(sealer.workflow(wf, at=at, ended=wf in ended))
+                await index.append(sealer.workflow(wf, at=at, ended=wf in ended))
                 await r.xadd(decisions_key(p), {"record": msgspec.msgpack.encode(_decision(wf))})
                 await ApprovalStore(r, p).finish(_approval(wf))
                 for k in workflow_spend_keys(p, wf):
                     await r.hset(k, "cost_usd", "0.5")
+            await index.refuse(
+                RefusedMessage(seq=seq, stored_at=at, subject=f"gm.{prefix}.security", reason="x")
+                for seq, at in ((1, old), (2, now))
+            )
             await index.checkpoint(key, signer="auditor")
         finally:
             await r.aclose()
@@ -245,12 +253,14 @@ def test_prune_removes_old_ended_workflows_and_verify_still_finds_a_tamper(
     assert pruned.exit_code == 0 and "removed 1 ended workflows" in pruned.output, pruned.output
     done = json.loads(report.read_text())
     assert (done["workflows"], done["decisions"], done["approvals"]) == (["wf-old-done"], 1, 1)
+    assert done["refused"] == 1 and "and 1 refused messages" in pruned.output
 
     async def after() -> None:
         r = aioredis.Redis.from_url(redis_server.url)
         try:
             index = AuditIndex(r, prefix=p)
             assert not await index.records("wf-old-done")
+            assert [m.seq for m in await index.refused()] == [2], "the newer one is kept"
             assert len(await index.records("wf-old-open")) == 3, "not ended: kept"
             entries = await r.xrange(decisions_key(p))
             kept = {msgspec.msgpack.decode(f[b"record"])["intent"]["workflow"] for _, f in entries}

@@ -92,7 +92,9 @@ class Mesh:
             await self.events.put(d.body)
 
         await self.agent.subscribe(
-            self.agent.subjects.all("decision"), on_decision, accepts=Decision
+            self.agent.subjects.decisions(self.agent.identity.agent_id),
+            on_decision,
+            accepts=Decision,
         )
         await self.monitor.subscribe(
             self.monitor.subjects.security, on_event, accepts=SecurityEvent
@@ -441,7 +443,9 @@ def _expired_copy(m: Mesh, workflow: str, decision: Decision) -> bytes:
         expires_at=time.time() - 60,
     )
     _, data = m.governance.bus.codec.seal(
-        m.governance.identity, subject=m.agent.subjects.decision(workflow), body=body
+        m.governance.identity,
+        subject=m.agent.subjects.decision(m.agent.identity.agent_id, workflow),
+        body=body,
     )
     return data
 

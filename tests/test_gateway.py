@@ -42,7 +42,9 @@ class Setup:
             await self.decisions.put(d)
 
         await self.agent.subscribe(
-            self.agent.subjects.all("decision"), on_decision, accepts=Decision
+            self.agent.subjects.decisions(self.agent.identity.agent_id),
+            on_decision,
+            accepts=Decision,
         )
         await self.agent.flush()
         self.coordinator = await Coordinator.connect(self.dep, self.issuer, ("proc-1",))
@@ -125,7 +127,9 @@ async def test_forged_decision_signed_by_the_agent_is_refused(s: Setup) -> None:
     assert real.body.outcome == "deny"
     forged = Decision(**{**_fields(real.body), "outcome": "allow", "expires_at": time.time() + 60})
     _, data = s.agent.codec.seal(
-        s.agent.identity, subject=s.agent.subjects.decision("wf-5"), body=forged
+        s.agent.identity,
+        subject=s.agent.subjects.decision(s.agent.identity.agent_id, "wf-5"),
+        body=forged,
     )
     result = await s.call("wf-5", {**ARGS, "vendor": "Vendor_C"}, data)
     assert not result.ok

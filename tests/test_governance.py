@@ -70,7 +70,9 @@ async def _running(tmp_path, secure_nats, redis_server, prefix):
     async def on_decision(d: Delivery) -> None:
         await decisions.put(d.body)
 
-    await agent.subscribe(agent.subjects.all("decision"), on_decision, accepts=Decision)
+    await agent.subscribe(
+        agent.subjects.decisions(agent.identity.agent_id), on_decision, accepts=Decision
+    )
     await agent.flush()
 
     async def decide(workflow: str, amount: float = ARGS["amount_usd"]) -> Decision:
@@ -377,7 +379,9 @@ async def _two_governance_actors(
     operator = await Bus.connect(dep, issuer.identity("operator-1", "operator"))
     coordinator = await Coordinator.connect(dep, issuer, ("proc-1",))
     try:
-        await agent.subscribe(agent.subjects.all("decision"), on_decision, accepts=Decision)
+        await agent.subscribe(
+            agent.subjects.decisions(agent.identity.agent_id), on_decision, accepts=Decision
+        )
         await agent.flush()
         yield Governed(
             agent=agent,
@@ -408,7 +412,7 @@ async def test_an_escalation_is_sent_before_its_approval_request_is_announced(
         publish = actor.bus.nc.publish
 
         async def recorded(subject, *args, _publish=publish, **kwargs):
-            published.append(subject.split(".")[-2])
+            published.append(subject.split(".")[2])  # gm.<tenant>.<area>...
             return await _publish(subject, *args, **kwargs)
 
         actor.bus.nc.publish = recorded
@@ -455,7 +459,7 @@ async def test_every_outcome_is_decided_and_recorded_in_one_round_trip(
     await asyncio.wait_for(decisions.get(), 10)
     amounts = {"wf-rt-allow": 4000.0, "wf-rt-deny": 12000.0, "wf-rt-escalate": 7000.0}
     await two_actors.coordinator.start(*amounts)  # recorded before, as a run starts them
-    watcher = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    watcher = aioredis.Redis.from_url(redis_server.admin_url, decode_responses=True)
     try:
         async with watcher.monitor() as monitor:
             for workflow, amount in amounts.items():

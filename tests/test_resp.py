@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from govmesh.identity import DeploymentCA
 from govmesh.runtime._resp import RespConnection
 
 
@@ -78,7 +81,7 @@ async def test_a_lost_connection_fails_what_was_in_flight_and_is_opened_again(
     redis_server, prefix
 ) -> None:
     connection = RespConnection(redis_server.url)
-    admin = aioredis.Redis.from_url(redis_server.url)
+    admin = aioredis.Redis.from_url(redis_server.admin_url)
     try:
         client_id = await connection.call("CLIENT", "ID")
         blocked = asyncio.ensure_future(connection.call("BLPOP", f"{prefix}:never", 0))
@@ -93,7 +96,7 @@ async def test_a_lost_connection_fails_what_was_in_flight_and_is_opened_again(
 
 
 async def test_the_database_in_the_url_is_selected(redis_server, prefix) -> None:
-    url = redis_server.url.removesuffix("/0") + "/3"
+    url = redis_server.url.removesuffix("?db=0") + "?db=3"
     connection = RespConnection(url)
     admin = aioredis.Redis.from_url(url)
     try:
@@ -111,3 +114,46 @@ async def test_a_closed_connection_refuses_calls(redis_server) -> None:
     await connection.close()
     with pytest.raises(RedisConnectionError, match="closed"):
         await connection.call("PING")
+
+
+async def test_a_failed_connect_names_the_server_but_not_its_password(tmp_path) -> None:
+    connection = RespConnection(f"unix://govmesh:s3cret@{tmp_path}/none.sock?db=0")
+    with pytest.raises(RedisConnectionError) as caught:
+        await connection.call("PING")
+    assert "govmesh:***@" in str(caught.value) and "s3cret" not in str(caught.value)
+
+
+async def test_a_rediss_url_is_served_over_tls_with_its_own_ca(
+    redis_server, tmp_path, prefix
+) -> None:
+    # A TLS front for the embedded server, as a managed Redis with a private CA would be.
+    ca = DeploymentCA.create("redis-tls")
+    cert_pem, key_pem = ca.server_cert()
+    for name, data in (("ca.pem", ca.ca_pem), ("cert.pem", cert_pem), ("key.pem", key_pem)):
+        (tmp_path / name).write_bytes(data)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        inner_reader, inner_writer = await asyncio.open_unix_connection(redis_server.socket_path)
+        await asyncio.gather(pipe(reader, inner_writer), pipe(inner_reader, writer))
+
+    front = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=context)
+    port = front.sockets[0].getsockname()[1]
+    password = urlsplit(redis_server.url).password
+    url = f"rediss://govmesh:{password}@127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'ca.pem'}"
+    connection = RespConnection(url)
+    reader = aioredis.Redis.from_url(url)
+    try:
+        await connection.call("SET", f"{prefix}:tls", "yes")
+        assert await reader.get(f"{prefix}:tls") == b"yes"
+    finally:
+        await connection.close()
+        await reader.aclose()
+        front.close()

@@ -162,15 +162,45 @@ async def test_nats_restart_keeps_port_and_jetstream_data(tmp_path: Path, prefix
 
 def test_redis_server_answers_ping_and_keeps_data_across_restart(tmp_path: Path, prefix: str):
     with RedisServer(workdir=tmp_path) as server:
-        assert server.url == f"redis://127.0.0.1:{server.port}/0"
-        with redis.Redis.from_url(server.url) as client:
+        url = server.url
+        assert url.startswith("unix://govmesh:") and url.endswith(f"@{server.socket_path}?db=0")
+        with redis.Redis.from_url(url) as client:
             assert client.ping()
             client.set(f"{prefix}:key", "kept")
 
         server.restart()
 
+        assert server.url == url  # clients reconnect with what they have
         with redis.Redis.from_url(server.url) as client:
             assert client.get(f"{prefix}:key") == b"kept"
+        private = server.socket_path.parent
+    assert not private.exists(), "the socket and the secrets outlived the server"
+
+
+def test_the_platform_user_of_redis_may_not_administer_it(redis_server: RedisServer) -> None:
+    with redis.Redis.from_url(redis_server.url) as client:
+        for command in (("CONFIG", "SET", "dir", "/tmp"), ("FLUSHALL",), ("ACL", "LIST")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                client.execute_command(*command)
+    with redis.Redis.from_url(redis_server.admin_url) as admin:
+        assert admin.acl_whoami() == "admin"
+
+
+async def test_an_external_redis_without_a_password_is_refused_unless_accepted(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    bare = f"unix://{redis_server.socket_path}?db=0"
+    monkeypatch.setenv("GOVMESH_REDIS_URL", bare)
+    monkeypatch.delenv("GOVMESH_REDIS_NO_AUTH", raising=False)
+    with pytest.raises(ConfigError, match=r"has no password.*GOVMESH_REDIS_NO_AUTH=1"):
+        async with Runtime(start_ray=False):
+            pass
+
+    monkeypatch.setenv("GOVMESH_REDIS_NO_AUTH", "1")
+    with caplog.at_level("WARNING", logger="govmesh.runtime._runtime"):
+        async with Runtime(start_ray=False) as rt:
+            assert rt.redis_url == bare
+    assert "has no password and GOVMESH_REDIS_NO_AUTH=1 accepts that" in caplog.text
 
 
 @pytest.mark.parametrize("server_type", [NatsServer, RedisServer])
@@ -246,7 +276,7 @@ async def test_embedded_runtime_serves_and_cleans_up_on_close(prefix: str):
         cert = rt.transport.admit(f"coordinator-{prefix}", "coordinator", tenant=prefix)
         inbox = Subjects(prefix).inbox_prefix(cert.member_id)
         nc = await nats.connect(rt.nats_url, tls=ssl_context(cert), inbox_prefix=inbox)
-        await nc.jetstream().account_info()
+        await nc.flush()  # a round trip over mutual TLS
         await nc.close()
         with redis.Redis.from_url(rt.redis_url) as client:
             assert client.ping()
@@ -345,3 +375,17 @@ async def test_cancelled_task_still_stops_embedded_servers():
         await task
 
     assert not any(pid_alive(pid) for pid in holder["pids"] if pid is not None)
+
+
+def test_a_deployment_shows_its_redis_url_without_the_password() -> None:
+    from govmesh.config import Deployment
+
+    dep = Deployment(
+        tenant="acme",
+        nats_url="nats://127.0.0.1:4222",
+        redis_url="rediss://govmesh:s3cret@redis.example:6380/0",
+        audience="govmesh:acme",
+        issuers=(),
+    )
+    assert "s3cret" not in repr(dep) and "govmesh:***@redis.example:6380" in repr(dep)
+    assert dep.redis_url.endswith("s3cret@redis.example:6380/0")  # still usable

@@ -263,7 +263,9 @@ async def test_each_decision_carries_its_own_intents_trace_when_decided_in_one_g
 
     try:
         await governance.start()
-        await agent.subscribe(agent.subjects.all("decision"), on_decision, accepts=Decision)
+        await agent.subscribe(
+            agent.subjects.decisions(agent.identity.agent_id), on_decision, accepts=Decision
+        )
         await agent.flush()
         await coordinator.start(*(f"wf-group-{n}" for n in range(20)))
         for n in range(20):  # sent at once: later ones are decided in a group with earlier

@@ -313,8 +313,8 @@ async def test_request_reply_through_the_gateway_uses_the_callers_own_inbox(
     assert reply.data == b"done:po-1"
     assert reply_subjects[0].startswith(s.inbox_prefix(agent_id) + ".")
     # Responses only: the gateway cannot publish on its own initiative.
-    await gateway.nc.publish(s.decision("w1"), b"forged decision")
-    await gateway.violation(f'publish to "{s.decision("w1")}"')
+    await gateway.nc.publish(s.decision(agent_id, "w1"), b"forged decision")
+    await gateway.violation(f'publish to "{s.decision(agent_id, "w1")}"')
 
 
 async def test_requests_without_the_member_inbox_prefix_get_no_reply(
@@ -347,7 +347,7 @@ async def test_coordinator_may_create_the_event_stream_and_an_agent_may_not(
     )
     agent = await connect(transport.admit(agent_id, "agent", tenant=prefix), prefix)
 
-    config = await ensure_event_stream(coordinator.nc)
+    config = await ensure_event_stream(coordinator.nc, prefix)
     assert (await coordinator.nc.jetstream().stream_info(config.name)).config.name == config.name
 
     with pytest.raises(nats.errors.TimeoutError):
@@ -591,18 +591,20 @@ def test_agent_publishes_intent_usage_and_state_only_under_its_own_id():
         assert not may(perms, "publish", other)
     for allowed in (S.msg("bob"), S.tool("erp.create_po"), S.ctl("budget"), S.security):
         assert may(perms, "publish", allowed)
-    for denied in (S.decision("w1"), S.approval("w1"), "$JS.API.STREAM.DELETE.X", "_INBOX.x"):
+    for denied in (S.decision("alice", "w1"), S.approval("w1"), "$JS.API.STREAM.DELETE.X"):
         assert not may(perms, "publish", denied)
     # One reply to a request it received, and nothing more (nats-server allow_responses).
     assert perms["allow_responses"]
 
 
-def test_agent_subscribes_only_to_its_inbox_decisions_and_its_reply_inboxes():
+def test_agent_subscribes_only_to_its_inbox_its_decisions_and_its_reply_inboxes():
     perms = permissions_for("alice", "agent", S)
 
-    for allowed in (S.msg("alice"), S.decision("w1"), S.inbox_prefix("alice") + ".x.y"):
+    for allowed in (S.msg("alice"), S.decision("alice", "w1"), S.inbox_prefix("alice") + ".x.y"):
         assert may(perms, "subscribe", allowed)
     for denied in (S.msg("bob"), S.all("msg"), S.intent("alice"), S.inbox_prefix("bob") + ".x"):
+        assert not may(perms, "subscribe", denied)
+    for denied in (S.decision("bob", "w1"), S.decisions("bob"), S.all("decision")):
         assert not may(perms, "subscribe", denied)
     assert not may(perms, "subscribe", "_INBOX.x.y")
 
@@ -610,13 +612,14 @@ def test_agent_subscribes_only_to_its_inbox_decisions_and_its_reply_inboxes():
 @pytest.mark.parametrize(
     ("role", "subscribes", "publishes", "responds"),
     [
-        ("governance", ["intent.a", "approval.w"], ["decision.w", "approval.w"], True),
+        ("governance", ["intent.a", "approval.w"], ["decision.a.w", "approval.w"], True),
         ("gateway", ["tool.erp.create_po"], [], True),
         ("budget", ["usage.a", "ctl.budget"], [], True),
         ("state", ["state.a", "ctl.state"], [], True),
         ("issuer", ["ctl.identity"], [], True),
         ("operator", ["approval.w"], ["approval.w"], False),
         ("coordinator", ["msg.coordinator-1"], ["msg.a", "ctl.budget"], False),
+        ("sentinel", [], ["security"], False),
     ],
 )
 def test_platform_roles_get_what_their_actor_does(
@@ -633,19 +636,53 @@ def test_platform_roles_get_what_their_actor_does(
     assert not may(perms, "subscribe", S.msg("a"))
 
 
-def test_only_the_coordinator_may_use_the_jetstream_api():
+def test_only_the_coordinator_may_create_the_tenants_stream_and_nobody_may_delete_it():
+    own, other = S.event_stream, Subjects("globex").event_stream
     for role in PLATFORM_ROLES:
         perms = permissions_for("m", role, S)
-        assert may(perms, "publish", "$JS.API.STREAM.CREATE.X") is (role == "coordinator")
-        assert may(perms, "publish", "$JS.API.STREAM.DELETE.X") is (role == "coordinator")
+        assert may(perms, "publish", f"$JS.API.STREAM.CREATE.{own}") is (role == "coordinator")
+        for op in ("CREATE", "INFO", "UPDATE", "DELETE", "PURGE"):
+            assert not may(perms, "publish", f"$JS.API.STREAM.{op}.{other}")
+        for op in ("UPDATE", "DELETE", "PURGE", "MSG.DELETE.x"):
+            assert not may(perms, "publish", f"$JS.API.STREAM.{op}.{own}")
+        for api in ("STREAM.NAMES", "STREAM.LIST", "INFO", f"CONSUMER.DELETE.{own}.audit-acme"):
+            assert not may(perms, "publish", f"$JS.API.{api}")
 
 
-def test_the_auditor_reads_everything_and_may_only_replay_the_stream():
+def test_the_coordinator_inspects_its_tenants_stream_and_its_consumers():
+    perms = permissions_for("coordinator-1", "coordinator", S)
+    stream = S.event_stream
+    assert may(perms, "publish", f"$JS.API.STREAM.INFO.{stream}")
+    assert may(perms, "publish", f"$JS.API.CONSUMER.INFO.{stream}.audit-acme")
+    assert not may(perms, "publish", f"$JS.API.CONSUMER.CREATE.{stream}.c1.{S.everything}")
+    assert not may(perms, "publish", f"$JS.API.CONSUMER.MSG.NEXT.{stream}.audit-acme")
+
+
+def test_the_auditor_reads_everything_and_may_only_replay_its_tenants_stream():
     perms = permissions_for("audit-1", "auditor", S)
+    own, other = S.event_stream, Subjects("globex").event_stream
     assert may(perms, "subscribe", S.intent("anyone"))
     assert may(perms, "subscribe", S.security)
-    assert may(perms, "publish", "$JS.API.CONSUMER.CREATE.GOVMESH_EVENTS")
-    for denied in (S.intent("audit-1"), S.msg("a"), S.decision("w"), S.tool("erp.x")):
+    # What nats-py sends to create, resume and read a consumer, and to acknowledge.
+    for api in (
+        f"$JS.API.STREAM.INFO.{own}",
+        f"$JS.API.CONSUMER.CREATE.{own}.audit-acme.{S.everything}",
+        f"$JS.API.CONSUMER.CREATE.{own}.watch1",
+        f"$JS.API.CONSUMER.INFO.{own}.audit-acme",
+        f"$JS.API.CONSUMER.MSG.NEXT.{own}.audit-acme",
+        f"$JS.ACK.{own}.audit-acme.1.2.3.1700000000.0",
+    ):
+        assert may(perms, "publish", api), api
+    for api in (
+        f"$JS.API.STREAM.INFO.{other}",
+        f"$JS.API.CONSUMER.CREATE.{other}.audit-acme.gm.globex.>",
+        f"$JS.API.CONSUMER.MSG.NEXT.{other}.audit-globex",
+        f"$JS.ACK.{other}.audit-globex.1.2.3.1700000000.0",
+        f"$JS.API.CONSUMER.DELETE.{own}.audit-acme",
+        f"$JS.API.STREAM.CREATE.{own}",
+    ):
+        assert not may(perms, "publish", api), api
+    for denied in (S.intent("audit-1"), S.msg("a"), S.decision("a", "w"), S.tool("erp.x")):
         assert not may(perms, "publish", denied)
 
 

@@ -10,10 +10,10 @@ from rich.console import Console
 
 from govmesh.agents.messages import PurchaseOutcome, WorkflowDone, WorkflowStart
 from govmesh.bus import SecurityEvent
-from govmesh.cli import _board_view
+from govmesh.cli import _board_view, _event_line
 from govmesh.forecasting.messages import Usage
 from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest, Decision
-from govmesh.observability import summarize_body
+from govmesh.observability import RefusedMessage, summarize_body
 from govmesh.observability._watch import WatchBoard, WatchedEvent
 
 POLICY_A, POLICY_B = "a" * 64, "b" * 64
@@ -182,6 +182,42 @@ def test_security_events_are_counted_per_reason_and_claimed_sender() -> None:
         ("replay", "mallory", 1),
         ("bad_signature", "?", 1),
     ]
+
+
+def test_a_message_refused_on_the_stream_is_a_security_event_and_its_claims_are_not_believed() -> (
+    None
+):
+    board = WatchBoard()
+    forged = RefusedMessage(
+        seq=7,
+        stored_at=1000.0,
+        subject="gm.t.msg.buyer-1",
+        reason="sender_mismatch",
+        claimed_sender="governance-1",
+        kind="Decision",
+        workflow="wf-forged",
+        id="abc",
+    )
+    garbage = RefusedMessage(seq=8, stored_at=1001.0, subject="gm.t.security", reason="malformed")
+    for refused in (forged, garbage):
+        board.add(WatchedEvent.of(refused))
+    snap = board.snapshot(1002.0)
+    assert snap.refused == 2 and snap.events == 2
+    assert [(s.reason, s.sender, s.count) for s in snap.security] == [
+        ("sender_mismatch", "governance-1", 1),
+        ("malformed", "?", 1),
+    ]
+    assert snap.decisions == {} and snap.in_flight == 0 and snap.started == 0
+    event = snap.tail[0]
+    assert (event.kind, event.workflow, event.refused) == ("SecurityEvent", "wf-forged", True)
+    assert event.summary["claimed_kind"] == "Decision" and event.summary["stream_seq"] == 7
+    console = Console(width=200, record=True)
+    console.print(_board_view(snap, "govmesh watch: t"))
+    console.print(_event_line(event))
+    text = console.export_text()
+    assert "2 refused on the stream" in text
+    assert "refused sender_mismatch on gm.t.msg.buyer-1 (stream #7)" in text
+    assert "claimed kind=Decision sender=governance-1 workflow=wf-forged" in text
 
 
 def test_workflows_are_counted_started_and_finished_once_by_result() -> None:

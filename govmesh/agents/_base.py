@@ -98,14 +98,16 @@ class AgentService(Service):
         self._watching = False
 
     async def watch_decisions(self) -> None:
-        """Subscribe (once) to the tenant's decisions; each goes to `on_decision`, and a
+        """Subscribe (once) to this agent's decisions; each goes to `on_decision`, and a
         final one on an interrupt this agent waits for goes to that wait. One subscription
         per agent: a second would see every decision twice, which the bus reports as a
         replay."""
         if self._watching:
             return
         self._watching = True
-        await self.bus.subscribe(self.subjects.all("decision"), self._route, accepts=Decision)
+        await self.bus.subscribe(
+            self.subjects.decisions(self.agent_id), self._route, accepts=Decision
+        )
 
     async def _route(self, d: Delivery) -> None:
         decision: Decision = d.body
@@ -117,7 +119,7 @@ class AgentService(Service):
         await self.on_decision(d)
 
     async def on_decision(self, d: Delivery) -> None:
-        """A decision of the tenant, for agents that `watch_decisions`."""
+        """A decision for this agent, for agents that `watch_decisions`."""
 
     def stats(self) -> dict[str, Any]:
         """Counters, plus budget interrupts asked, released and halted."""

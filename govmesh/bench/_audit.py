@@ -4,6 +4,7 @@ On an embedded Redis-protocol server, in one run:
 
 - ``ingest_events_per_s``: N sealed messages (signed by real identities, the bytes a
   JetStream consumer reads from the event stream) go through `AuditIndex.ingest` in batches,
+  each verified as a receiver would (token, signature, sender, subject, replay),
   interleaved across W workflows as concurrent workflows interleave on the bus: intent,
   decision, tool result, usage, each answering the one before. Only the ``ingest`` calls are
   timed; sealing the messages is not;
@@ -30,7 +31,7 @@ from govmesh.bus import Codec, Subjects
 from govmesh.forecasting.messages import Usage
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Issuer, SigningKey
-from govmesh.observability import AuditIndex, summarize
+from govmesh.observability import AuditIndex, StoredMessage, StreamVerifier, summarize
 from govmesh.tools.messages import ToolResult
 
 __all__ = ["run_audit_bench"]
@@ -38,6 +39,7 @@ __all__ = ["run_audit_bench"]
 _TARGETS: Final = {"show_p99_ms": 50.0, "ingest_events_per_s": 10_000.0}
 _PREFIX: Final = "gm:bench"
 _POLICY_HASH: Final = "5" * 64
+_DAY_S: Final = 24 * 3600.0
 
 Progress = Callable[[str, int], None]
 
@@ -50,27 +52,32 @@ class _Events:
         issuer = Issuer(name="bench", audience="govmesh:bench")
         self.subjects = Subjects("bench")
         self.codec = Codec()
-        self.buyer = issuer.identity("buyer-1", "agent")
-        self.governance = issuer.identity("governance-1", "governance")
-        self.gateway = issuer.identity("gateway-1", "gateway")
+        self.verifier = StreamVerifier(issuers=[issuer.public_key], audience=issuer.audience)
+        # Tokens that outlast the bench: each message is judged at the time it was sealed.
+        self.buyer = issuer.identity("buyer-1", "agent", ttl_s=_DAY_S)
+        self.governance = issuer.identity("governance-1", "governance", ttl_s=_DAY_S)
+        self.gateway = issuer.identity("gateway-1", "gateway", ttl_s=_DAY_S)
+        self.sealed = 0
         self.intent = [""] * workflows
         self.decision = [""] * workflows
 
-    def seal(self, workflow: int, step: int) -> bytes:
+    def seal(self, workflow: int, step: int) -> StoredMessage:
         wf = f"wf-{workflow:06d}"
         match step % 4:
             case 0:
+                subject = self.subjects.intent("buyer-1")
                 env, data = self.codec.seal(
                     self.buyer,
-                    subject=self.subjects.intent("buyer-1"),
+                    subject=subject,
                     body=ToolIntent(tool="erp.order", args={"usd": 120 + step}, step=step),
                     workflow=wf,
                 )
                 self.intent[workflow] = env.id
             case 1:
+                subject = self.subjects.decision("buyer-1", wf)
                 env, data = self.codec.seal(
                     self.governance,
-                    subject=self.subjects.decision(wf),
+                    subject=subject,
                     body=Decision(
                         intent_id=self.intent[workflow],
                         intent_hash="0" * 64,
@@ -85,22 +92,25 @@ class _Events:
                 )
                 self.decision[workflow] = env.id
             case 2:
+                subject = self.subjects.tool("erp.order")
                 _, data = self.codec.seal(
                     self.gateway,
-                    subject=self.subjects.tool("erp.order"),
+                    subject=subject,
                     body=ToolResult(ok=True, result={"order": step}),
                     workflow=wf,
                     causation=self.decision[workflow],
                 )
             case _:
+                subject = self.subjects.usage("buyer-1")
                 _, data = self.codec.seal(
                     self.buyer,
-                    subject=self.subjects.usage("buyer-1"),
+                    subject=subject,
                     body=Usage(model="sim-small", input_tokens=900, output_tokens=150),
                     workflow=wf,
                     causation=self.intent[workflow],
                 )
-        return data
+        self.sealed += 1
+        return StoredMessage(subject=subject, data=data, seq=self.sealed, stored_at=time.time())
 
 
 async def run_audit_bench(
@@ -144,7 +154,7 @@ async def run_audit_bench(
                     for i in range(start, min(start + batch, events))
                 ]
                 sealed = time.perf_counter()
-                report = await index.ingest(chunk)
+                report = await index.ingest(chunk, verifier=source.verifier)
                 ingest_s += time.perf_counter() - sealed
                 seal_s += sealed - started
                 stored += report.stored
@@ -186,7 +196,12 @@ async def run_audit_bench(
             if not everything.ok or everything.records != events:
                 raise RuntimeError(f"the full verify found {everything.problems[:5]}")
             progress("", 1)
-            memory = await redis.info("memory")
+            # INFO is for the administrator: the platform user may not run it.
+            admin = aioredis.Redis.from_url(server.admin_url)
+            try:
+                memory = await admin.info("memory")
+            finally:
+                await admin.aclose()
         finally:
             await redis.aclose()
     report_: dict[str, Any] = {

@@ -17,9 +17,10 @@ Four measurements, each with its baseline in the same process and run:
 - beneath that, what one wake-up of another process costs on this machine: a 64-byte round
   trip between two processes on one core and on two (``wake_ms``).
 
-The bus is measured as a deployment runs it, in low-latency mode where the machine allows
-(idle CPUs held awake, see `CpuLatencyHold`; ``low_latency`` says whether they were); when
-they were, the bus figures are measured again with idle CPUs halting
+The bus is measured as a deployment runs it: in low-latency mode when asked for (idle CPUs
+held awake and nats-server on one Go thread, see `CpuLatencyHold`; ``low_latency`` says
+whether it was), else as by default; in low-latency mode the bus figures are measured again
+as by default, with idle CPUs halting and nats-server on Go's default threads
 (``without_low_latency``), in the same run.
 
 In-process figures are per decision: each sample times a batch of calls over a mix of allow,
@@ -658,7 +659,7 @@ async def _processes(
                 process.kill()
 
 
-async def _on_bus(intents: int, tick: Progress) -> dict[str, Any]:
+async def _on_bus(intents: int, tick: Progress, *, go_threads: int | None) -> dict[str, Any]:
     from govmesh.runtime import RedisServer, Transport
 
     subjects = Subjects("bench")
@@ -667,6 +668,7 @@ async def _on_bus(intents: int, tick: Progress) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="govmesh-bench-") as tmp:
         async with AsyncExitStack() as stack:
             transport, nats_server = Transport.embedded(Path(tmp) / "nats", jetstream=False)
+            nats_server.go_threads = go_threads
             stack.enter_context(nats_server)
             redis_server = stack.enter_context(RedisServer(workdir=Path(tmp) / "redis"))
             actors = [issuer.identity(f"governance-{i}", "governance") for i in range(_ACTORS)]
@@ -686,7 +688,10 @@ async def _on_bus(intents: int, tick: Progress) -> dict[str, Any]:
             stack.push_async_callback(coordinator.close)
             decisions = _Decisions()
             await agent.subscribe(
-                subjects.all("decision"), decisions.on_decision, accepts=Decision, concurrent=False
+                subjects.decisions(agent_id.agent_id),
+                decisions.on_decision,
+                accepts=Decision,
+                concurrent=False,
             )
             await agent.flush()
             watchdog = asyncio.create_task(decisions.watchdog())
@@ -772,16 +777,15 @@ async def run_governance_bench(
 ) -> dict[str, Any]:
     """Measure governance in process, against cedarpy, and over the bus; return the report.
 
-    The bus is measured as a deployment runs it: with this machine's CPUs held awake where
-    `low_latency` allows (see `CpuLatencyHold`). When they were, the bus is measured again
-    with idle CPUs halting, in the same run (``without_low_latency``).
+    The bus is measured as a deployment runs it: with this machine's CPUs held awake and
+    nats-server on one Go thread when `low_latency` is ``on`` (see `CpuLatencyHold`), and
+    then again as by default, in the same run (``without_low_latency``).
 
     Args:
         decisions: timed decisions per in-process engine (seed, 100 policies, cedarpy),
             rounded down to whole batches of 100 (at least one).
         intents: intents over the bus in each phase (latency, then throughput).
-        low_latency: ``auto``, ``on`` or ``off``; default ``$GOVMESH_LOW_LATENCY``, else
-            ``auto``.
+        low_latency: ``on`` or ``off``; default ``$GOVMESH_LOW_LATENCY``, else ``off``.
         tick: progress callback ``(phase name or "", completed decisions or intents)``;
             the bus phases come to ``10 * intents``, whether or not they run twice.
 
@@ -807,11 +811,11 @@ async def run_governance_bench(
     with hold as state:
         report["low_latency"] = {**msgspec.structs.asdict(state), **_latency_in_force()}
         report["wake_ms"] = _wake_probe(progress)
-        report.update(await _on_bus(intents, progress))
+        report.update(await _on_bus(intents, progress, go_threads=1 if state.held else None))
     if state.held:
         halting: dict[str, Any] = {**_latency_in_force()}
         halting["wake_ms"] = _wake_probe(progress)
-        bus = await _on_bus(intents, progress)
+        bus = await _on_bus(intents, progress, go_threads=None)
         halting.update({key: bus[key] for key in _COMPARED})
         halting["one_process_bus_ms"] = bus["one_process"]["bus_ms"]
         report["without_low_latency"] = halting

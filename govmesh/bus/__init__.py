@@ -3,12 +3,11 @@
 from govmesh.bus._bus import Bus, Delivery, Handler
 from govmesh.bus._codec import Codec, kind_of
 from govmesh.bus._envelope import Envelope, Sealed, SecurityEvent
-from govmesh.bus._stream import EVENT_STREAM, ensure_event_stream
+from govmesh.bus._stream import ensure_event_stream
 from govmesh.bus._subjects import Subjects
 from govmesh.bus._verify import MessageVerifier, Verified
 
 __all__ = [
-    "EVENT_STREAM",
     "Bus",
     "Codec",
     "Delivery",

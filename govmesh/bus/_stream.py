@@ -1,37 +1,50 @@
-"""The JetStream stream that records every govmesh event."""
+"""The JetStream streams that record govmesh events: one per tenant.
+
+A stream of its own for each tenant lets the NATS permissions name it: a tenant's auditor
+reads and its coordinator creates that tenant's stream and no other (see
+`Subjects.jetstream_read` and `Subjects.jetstream_admin`).
+"""
 
 from __future__ import annotations
-
-from typing import Final
 
 from nats.aio.client import Client as NATS
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from govmesh.bus._subjects import ROOT
+from govmesh.bus._subjects import Subjects
 
-__all__ = ["EVENT_STREAM", "ensure_event_stream"]
-
-EVENT_STREAM: Final = "GOVMESH_EVENTS"
+__all__ = ["captured_subjects", "ensure_event_stream"]
 
 
-async def ensure_event_stream(nc: NATS, *, max_age_s: float = 7 * 24 * 3600) -> StreamConfig:
-    """Create (or keep) the stream capturing ``gm.>`` and return its config.
+def captured_subjects(subjects: Subjects) -> list[str]:
+    """The subjects a tenant's event stream records: the one place that says which."""
+    return [subjects.everything]
+
+
+async def ensure_event_stream(
+    nc: NATS, tenant: str, *, max_age_s: float = 7 * 24 * 3600
+) -> StreamConfig:
+    """Create (or keep) the event stream of `tenant` and return its config.
 
     ``no_ack`` is set because agents use plain request/reply on captured subjects: with acks
     on, JetStream would answer every request with a publish ack that races the real reply.
     """
+    subjects = Subjects(tenant)
     js = nc.jetstream()
     config = StreamConfig(
-        name=EVENT_STREAM,
-        subjects=[f"{ROOT}.>"],
+        name=subjects.event_stream,
+        subjects=captured_subjects(subjects),
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         max_age=max_age_s,
         no_ack=True,
+        # The audit trail's source: no member may take messages out of it, whatever its
+        # permissions; events leave it only by age.
+        deny_delete=True,
+        deny_purge=True,
     )
     try:
-        await js.stream_info(EVENT_STREAM)
+        await js.stream_info(subjects.event_stream)
     except NotFoundError:
         await js.add_stream(config)
     return config

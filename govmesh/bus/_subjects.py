@@ -2,20 +2,22 @@
 
 Scheme (``<t>`` is the tenant)::
 
-    gm.<t>.intent.<agent>      tool intents, answered by governance
-    gm.<t>.decision.<workflow> signed governance decisions
-    gm.<t>.tool.<tool>         tool calls to the gateway (tool names may contain dots)
-    gm.<t>.usage.<agent>       model usage for the budget actor
-    gm.<t>.state.<agent>       snapshots for the state actor
-    gm.<t>.msg.<agent>         agent-to-agent messages
-    gm.<t>.approval.<workflow> approval requests and answers
-    gm.<t>.ctl.<service>       queries to platform actors
-    gm.<t>.security            security events
+    gm.<t>.intent.<agent>               tool intents, answered by governance
+    gm.<t>.decision.<agent>.<workflow>  signed governance decisions, for that agent only
+    gm.<t>.tool.<tool>                  tool calls to the gateway (tool names may contain dots)
+    gm.<t>.usage.<agent>                model usage for the budget actor
+    gm.<t>.state.<agent>                snapshots for the state actor
+    gm.<t>.msg.<agent>                  agent-to-agent messages
+    gm.<t>.approval.<workflow>          approval requests and answers
+    gm.<t>.ctl.<service>                queries to platform actors
+    gm.<t>.security                     security events
 
 Outside the tenant's tree (not captured by the event stream)::
 
-    _INBOX.<t>.<member>.>      reply inboxes of one member (its nats-py ``inbox_prefix``)
-    $JS.API.>                  the JetStream API
+    _INBOX.<t>.<member>.>               reply inboxes of one member (nats-py ``inbox_prefix``)
+    $JS.API.STREAM.<op>.<stream>        the JetStream API on the tenant's stream, which is
+    $JS.API.CONSUMER.<op>.<stream>...   named ``GOVMESH_EVENTS_<t>`` (`Subjects.event_stream`)
+    $JS.ACK.<stream>.<consumer>...      acknowledgements of what a consumer read
 """
 
 from __future__ import annotations
@@ -23,15 +25,18 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["INBOX_ROOT", "JETSTREAM_API", "ROOT", "Subjects", "validate_token"]
+__all__ = ["EVENT_STREAM_PREFIX", "INBOX_ROOT", "ROOT", "Subjects", "validate_token"]
 
 ROOT: Final = "gm"
 INBOX_ROOT: Final = "_INBOX"
 JETSTREAM_ROOT: Final = "$JS.API"
-JETSTREAM_API: Final = f"{JETSTREAM_ROOT}.>"
 JETSTREAM_ACK: Final = "$JS.ACK"
+EVENT_STREAM_PREFIX: Final = "GOVMESH_EVENTS_"
+"""A tenant's event stream is this prefix and the tenant id."""
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-:]+$")
 _TOOL = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+_DEEP_AREAS: Final = frozenset({"tool", "decision"})
+"""Areas whose subjects have more than one token after the area."""
 
 
 def validate_token(value: str, *, what: str) -> str:
@@ -64,9 +69,14 @@ class Subjects:
         """Where ``agent`` publishes tool intents."""
         return self._one("intent", agent, "agent id")
 
-    def decision(self, workflow: str) -> str:
-        """Where governance publishes decisions for ``workflow``."""
-        return self._one("decision", workflow, "workflow id")
+    def decision(self, agent: str, workflow: str) -> str:
+        """Where governance publishes its decisions for ``agent`` on ``workflow``."""
+        workflow = validate_token(workflow, what="workflow id")
+        return f"{self._one('decision', agent, 'agent id')}.{workflow}"
+
+    def decisions(self, agent: str) -> str:
+        """Wildcard for every decision for ``agent``: the one subscription it may make."""
+        return f"{self._one('decision', agent, 'agent id')}.*"
 
     def tool(self, tool: str) -> str:
         """Where the gateway receives calls of ``tool``."""
@@ -101,8 +111,8 @@ class Subjects:
 
     def all(self, area: str) -> str:
         """Wildcard for every subject of ``area`` (e.g. ``all("intent")``)."""
-        if area == "tool":
-            return f"{self.prefix}.tool.>"
+        if area in _DEEP_AREAS:
+            return f"{self.prefix}.{area}.>"
         return f"{self.prefix}.{validate_token(area, what='area')}.*"
 
     @property
@@ -123,16 +133,33 @@ class Subjects:
         return f"{self.inbox_prefix(member)}.>"
 
     @property
+    def event_stream(self) -> str:
+        """The name of the JetStream stream that records this tenant's events."""
+        return f"{EVENT_STREAM_PREFIX}{self.tenant}"
+
+    @property
     def jetstream_read(self) -> tuple[str, ...]:
-        """The JetStream subjects needed to replay a stream: consumers, stream info and
-        acknowledgements of what was read; not creating, changing or deleting streams."""
+        """The JetStream subjects needed to replay this tenant's stream: create, read and
+        inspect consumers of it, inspect it, and acknowledge what was read; nothing of
+        another tenant's stream, and no deleting, purging or changing anything."""
+        stream = self.event_stream
         return (
-            f"{JETSTREAM_ROOT}.CONSUMER.>",
-            f"{JETSTREAM_ROOT}.STREAM.INFO.*",
-            f"{JETSTREAM_ACK}.>",
+            f"{JETSTREAM_ROOT}.STREAM.INFO.{stream}",
+            # nats-py names every consumer it creates: CREATE.<stream>.<name>[.<filter>].
+            f"{JETSTREAM_ROOT}.CONSUMER.CREATE.{stream}.>",
+            f"{JETSTREAM_ROOT}.CONSUMER.INFO.{stream}.*",
+            f"{JETSTREAM_ROOT}.CONSUMER.MSG.NEXT.{stream}.*",
+            f"{JETSTREAM_ACK}.{stream}.>",
         )
 
     @property
-    def jetstream_api(self) -> str:
-        """Wildcard for the JetStream API (creating and inspecting streams)."""
-        return JETSTREAM_API
+    def jetstream_admin(self) -> tuple[str, ...]:
+        """The JetStream subjects needed to set up this tenant's stream: create it (a
+        create never changes an existing stream) and inspect it and its consumers; not
+        updating, purging or deleting it, nor anything of another tenant's stream."""
+        stream = self.event_stream
+        return (
+            f"{JETSTREAM_ROOT}.STREAM.CREATE.{stream}",
+            f"{JETSTREAM_ROOT}.STREAM.INFO.{stream}",
+            f"{JETSTREAM_ROOT}.CONSUMER.INFO.{stream}.*",
+        )

@@ -24,6 +24,7 @@ from govmesh.governance._approvals import (
     ApprovalRecord,
     ApprovalStore,
     expiry_answer,
+    is_id_prefix,
 )
 from govmesh.governance._decider import (
     Decider,
@@ -47,9 +48,12 @@ from govmesh.governance._starts import (
 )
 from govmesh.governance.messages import (
     ApprovalAnswer,
+    ApprovalListing,
+    ApprovalQuery,
     ApprovalRequest,
     ApprovalResult,
     Decision,
+    SettledApproval,
     StartRecord,
     StartRecorded,
     ToolIntent,
@@ -88,6 +92,35 @@ def authorize_intent(claims: Claims, intent: ToolIntent) -> None:
             f"{claims.sub!r} asked for {intent.args['amount_usd']!r} USD "
             f"with authority {claims.budget_usd!r}",
         )
+
+
+def operators_only(claims: Claims, _query: ApprovalQuery) -> None:
+    """Refuse a query for the approvals from anyone but an operator: the ``ctl`` subjects
+    are open to agents and the coordinator too."""
+    if claims.role != OPERATOR_ROLE:
+        raise SecurityError(
+            "not_an_operator", f"{claims.sub!r} (role {claims.role!r}) asked for the approvals"
+        )
+
+
+def _authorize_ctl(claims: Claims, body: ApprovalQuery | StartRecord) -> None:
+    """Start records only from the coordinator, queries for the approvals only from
+    operators."""
+    match body:
+        case StartRecord():
+            coordinator_only(claims, body)
+        case ApprovalQuery():
+            operators_only(claims, body)
+
+
+def _settled_approval(record: ApprovalRecord) -> SettledApproval:
+    return SettledApproval(
+        approval_id=record.approval_id,
+        approved=record.answer.approved,
+        by=record.answer.by,
+        expired=record.answer.expired,
+        outcome=record.outcome,
+    )
 
 
 def _intent_of(request: ApprovalRequest) -> Intent:
@@ -151,7 +184,8 @@ class GovernanceService(Service):
         self.decided: Counter[str] = Counter()
 
     async def on_start(self) -> None:
-        """Subscribe to intents and approval answers as a queue group."""
+        """Subscribe to intents, approval answers, operators' queries and the coordinator's
+        start records as a queue group."""
         await self.bus.subscribe(
             self.subjects.all("intent"),
             self._on_intent,
@@ -167,10 +201,11 @@ class GovernanceService(Service):
         )
         await self.bus.subscribe(
             self.subjects.ctl(GOVERNANCE_SERVICE),
-            self._on_start_record,
-            accepts=StartRecord,
+            self._on_ctl,
+            accepts=ApprovalQuery | StartRecord,
             queue=QUEUE,
-            authorize=coordinator_only,
+            authorize=_authorize_ctl,
+            concurrent=False,
         )
         self._decider = Decider(
             self._decisions_redis,
@@ -325,7 +360,7 @@ class GovernanceService(Service):
             step=body.step,
         )
         ihash = intent_hash(intent)
-        subject = self.subjects.decision(workflow)
+        subject = self.subjects.decision(intent.agent, workflow)
         # This handler's span context. The decision carries it wherever it is signed: the
         # decider may call `seal` from the task of another intent of the same group.
         trace = current_traceparent() or d.envelope.trace
@@ -507,6 +542,26 @@ class GovernanceService(Service):
             case ApprovalAnswer() as answer:
                 await self._on_answer(d, answer)
 
+    async def _on_ctl(self, d: Delivery) -> None:
+        match d.body:
+            case StartRecord():
+                await self._on_start_record(d)
+            case ApprovalQuery():
+                await self._on_query(d)
+
+    async def _on_query(self, d: Delivery) -> None:
+        query: ApprovalQuery = d.body
+        if not d.reply:
+            return
+        settled: list[ApprovalRecord] = []
+        if is_id_prefix(query.settled_prefix):
+            settled = await self.approvals.done_matching(query.settled_prefix)
+        listing = ApprovalListing(
+            pending=tuple(await self.approvals.pending()),
+            settled=tuple(_settled_approval(r) for r in settled),
+        )
+        await self.bus.respond(d, listing)
+
     async def _first_sighting(self, d: Delivery) -> bool:
         """Claim the nonce of ``d`` for every actor of the group; False, and reported, when
         one of them saw it first (intents claim theirs as they are decided)."""
@@ -630,7 +685,7 @@ class GovernanceService(Service):
         self.decided[verb] += 1
         record_decision(decision.outcome, source="approval")
         await self.bus.publish(
-            self.subjects.decision(request.workflow),
+            self.subjects.decision(request.agent, request.workflow),
             decision,
             workflow=request.workflow,
             causation=taken.causation or request.intent_id,

@@ -29,7 +29,14 @@ import redis.asyncio as aioredis
 
 from govmesh.governance.messages import ApprovalRequest, Outcome
 
-__all__ = ["CLAIM_GRACE_S", "Answer", "ApprovalRecord", "ApprovalStore", "expiry_answer"]
+__all__ = [
+    "CLAIM_GRACE_S",
+    "Answer",
+    "ApprovalRecord",
+    "ApprovalStore",
+    "expiry_answer",
+    "is_id_prefix",
+]
 
 CLAIM_GRACE_S: Final = 30.0
 """A claim older than this belongs to an actor that died mid-settlement."""
@@ -163,8 +170,12 @@ class ApprovalStore:
         return len(doomed)
 
     async def done_matching(self, id_prefix: str) -> list[ApprovalRecord]:
-        """Settled approvals whose id starts with `id_prefix` (hex digits only)."""
-        if not id_prefix or not all(c in "0123456789abcdef" for c in id_prefix):
+        """Settled approvals whose id starts with `id_prefix` (hex digits only).
+
+        Raises:
+            ValueError: `id_prefix` cannot begin an approval id (`is_id_prefix`).
+        """
+        if not is_id_prefix(id_prefix):
             raise ValueError(f"approval ids are lowercase hex, got {id_prefix!r}")
         return [
             self._record.decode(raw)
@@ -216,6 +227,11 @@ class ApprovalStore:
             pipe.zrem(k["claimed"], approval_id)
             pipe.zrem(k["expiry"], approval_id)
             await pipe.execute()
+
+
+def is_id_prefix(text: str) -> bool:
+    """Whether `text` can begin an approval id: lowercase hex digits, at least one."""
+    return bool(text) and all(c in "0123456789abcdef" for c in text)
 
 
 def expiry_answer(request: ApprovalRequest) -> Answer:

@@ -4,37 +4,45 @@ from __future__ import annotations
 
 from types import TracebackType
 
-import redis.asyncio as aioredis
-
 from govmesh.bus import Bus
 from govmesh.errors import BusError, ConfigError
-from govmesh.governance._approvals import ApprovalRecord, ApprovalStore
-from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest, ApprovalResult
-from govmesh.identity._permissions import OPERATOR_ROLE
+from govmesh.governance._approvals import is_id_prefix
+from govmesh.governance.messages import (
+    ApprovalAnswer,
+    ApprovalListing,
+    ApprovalQuery,
+    ApprovalRequest,
+    ApprovalResult,
+    SettledApproval,
+)
+from govmesh.identity._permissions import GOVERNANCE_SERVICE, OPERATOR_ROLE
 from govmesh.runtime import OPERATOR_MEMBER, JoinedDeployment
 
 __all__ = ["ApprovalNotPending", "OperatorDesk"]
 
 _OPERATOR_TTL_S = 600.0
+_QUERY_TIMEOUT_S = 10.0
 
 
 class ApprovalNotPending(ConfigError):
     """The approval named is not pending: unknown, ambiguous, or already settled.
 
     Attributes:
-        record: the settled approval, when it was settled.
+        settled: how it was settled, when it was.
     """
 
-    def __init__(self, message: str, *, record: ApprovalRecord | None = None) -> None:
+    def __init__(self, message: str, *, settled: SettledApproval | None = None) -> None:
         super().__init__(message)
-        self.record = record
+        self.settled = settled
 
 
 class OperatorDesk:
     """An operator joined to a running deployment: lists and answers its approvals.
 
     Its token and certificate are issued on the spot for the deployment's operator member
-    and live ten minutes; every answer is signed with them.
+    and live ten minutes; every answer is signed with them. Everything goes over the bus:
+    governance answers the operator's queries (`ApprovalQuery`), so the desk needs no
+    access to the deployment's Redis.
 
     Use ``async with OperatorDesk(joined) as desk:``.
 
@@ -44,12 +52,9 @@ class OperatorDesk:
 
     def __init__(self, joined: JoinedDeployment) -> None:
         self.joined = joined
-        self._redis: aioredis.Redis | None = None
         self._bus: Bus | None = None
 
     async def __aenter__(self) -> OperatorDesk:
-        self._redis = aioredis.Redis.from_url(self.joined.deployment.redis_url)
-        self.store = ApprovalStore(self._redis, self.joined.deployment.key_prefix)
         return self
 
     async def __aexit__(
@@ -61,34 +66,54 @@ class OperatorDesk:
         await self.close()
 
     async def close(self) -> None:
-        """Leave the bus and Redis. Safe to call twice."""
+        """Leave the bus. Safe to call twice."""
         bus, self._bus = self._bus, None
         if bus is not None:
             await bus.close()
-        redis, self._redis = self._redis, None
-        if redis is not None:
-            await redis.aclose()
+
+    async def _query(self, settled_prefix: str = "") -> ApprovalListing:
+        """Ask governance for the pending approvals and the settled ones matching.
+
+        Raises:
+            BusError: no governance actor answered.
+        """
+        bus = await self._join()
+        try:
+            reply = await bus.request(
+                bus.subjects.ctl(GOVERNANCE_SERVICE),
+                ApprovalQuery(settled_prefix=settled_prefix),
+                accepts=ApprovalListing,
+                timeout=_QUERY_TIMEOUT_S,
+            )
+        except BusError as exc:
+            raise BusError(f"no governance actor listed the approvals ({exc})") from None
+        listing: ApprovalListing = reply.body
+        return listing
 
     async def pending(self) -> list[ApprovalRequest]:
-        """Every pending approval, oldest first."""
-        return await self.store.pending()
+        """Every pending approval, oldest first.
+
+        Raises:
+            BusError: no governance actor answered.
+        """
+        return list((await self._query()).pending)
 
     async def find(self, approval_id: str) -> ApprovalRequest:
         """The pending approval whose id is, or starts with, `approval_id`.
 
         Raises:
             ApprovalNotPending: none or several match, or it is already settled.
+            BusError: no governance actor answered.
         """
-        try:
-            settled = await self.store.done_matching(approval_id)
-        except ValueError as exc:
-            raise ApprovalNotPending(str(exc)) from None
-        matches = [r for r in await self.store.pending() if r.approval_id.startswith(approval_id)]
-        ids = [r.approval_id for r in matches] + [r.approval_id for r in settled]
+        if not is_id_prefix(approval_id):
+            raise ApprovalNotPending(f"approval ids are lowercase hex, got {approval_id!r}")
+        listing = await self._query(approval_id)
+        matches = [r for r in listing.pending if r.approval_id.startswith(approval_id)]
+        ids = [r.approval_id for r in matches] + [r.approval_id for r in listing.settled]
         if len(ids) > 1:
             raise ApprovalNotPending(f"{approval_id!r} matches several approvals: {', '.join(ids)}")
-        if settled:
-            raise _settled(settled[0])
+        if listing.settled:
+            raise _settled(listing.settled[0])
         if not matches:
             raise ApprovalNotPending(f"no pending approval {approval_id!r}")
         return matches[0]
@@ -126,9 +151,9 @@ class OperatorDesk:
             ) from None
         result: ApprovalResult = reply.body
         if not result.found:
-            settled = await self.store.done(request.approval_id)
-            if settled is not None:
-                raise _settled(settled)
+            settled = (await self._query(request.approval_id)).settled
+            if settled:
+                raise _settled(settled[0])
             raise ApprovalNotPending(f"approval {request.approval_id} is being settled already")
         return request, result
 
@@ -143,13 +168,13 @@ class OperatorDesk:
         return self._bus
 
 
-def _settled(record: ApprovalRecord) -> ApprovalNotPending:
+def _settled(settled: SettledApproval) -> ApprovalNotPending:
     how = (
         "expired"
-        if record.answer.expired
-        else f"{'approved' if record.answer.approved else 'denied'} by {record.answer.by}"
+        if settled.expired
+        else f"{'approved' if settled.approved else 'denied'} by {settled.by}"
     )
     return ApprovalNotPending(
-        f"approval {record.approval_id} was already settled: {how}, outcome {record.outcome}",
-        record=record,
+        f"approval {settled.approval_id} was already settled: {how}, outcome {settled.outcome}",
+        settled=settled,
     )

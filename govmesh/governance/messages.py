@@ -8,9 +8,12 @@ import msgspec
 
 __all__ = [
     "ApprovalAnswer",
+    "ApprovalListing",
+    "ApprovalQuery",
     "ApprovalRequest",
     "ApprovalResult",
     "Decision",
+    "SettledApproval",
     "StartRecord",
     "StartRecorded",
     "ToolIntent",
@@ -117,6 +120,47 @@ class ApprovalResult(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     outcome: Outcome | None = None
     reasons: tuple[str, ...] = ()
     by: str = ""
+
+
+class ApprovalQuery(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """An operator asks governance for the approvals (``ctl.governance``), so operator
+    tools need no access to Redis.
+
+    Attributes:
+        settled_prefix: also list the settled approvals whose id starts with it (lowercase
+            hex); empty lists none.
+    """
+
+    settled_prefix: str = ""
+
+
+class SettledApproval(msgspec.Struct, frozen=True, kw_only=True):
+    """How an approval was settled, as an operator is told.
+
+    Attributes:
+        approved: the answer that settled it approved.
+        by: who answered (``policy`` when it expired).
+        expired: it lapsed unanswered and the policy's default settled it.
+        outcome: the final decision sent to the workflow.
+    """
+
+    approval_id: str
+    approved: bool
+    by: str
+    expired: bool
+    outcome: Outcome
+
+
+class ApprovalListing(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Governance's answer to an `ApprovalQuery`.
+
+    Attributes:
+        pending: every pending approval, oldest first.
+        settled: the settled approvals the query's prefix matched.
+    """
+
+    pending: tuple[ApprovalRequest, ...]
+    settled: tuple[SettledApproval, ...] = ()
 
 
 class StartRecord(msgspec.Struct, frozen=True, kw_only=True, tag=True):

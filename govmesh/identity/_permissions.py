@@ -5,19 +5,25 @@ A pure function of (member, role, subject scheme). What each role may do:
 ============  ==========================================  ===================================
 role          publish                                     subscribe
 ============  ==========================================  ===================================
-agent         intent/usage/state.<own id>, msg.*, tool.>,  msg.<own id>, decision.*
+agent         intent/usage/state.<own id>, msg.*, tool.>,  msg.<own id>, decision.<own id>.*
               ctl.*
-governance    decision.*, approval.*, replies             intent.*, approval.*,
-                                                          ctl.governance
+governance    decision.>, approval.*, replies             intent.*, approval.*, ctl.governance
 gateway       (replies only: allow_responses)             tool.>
 budget        approval.* (budget interrupts)              usage.*, ctl.budget
 state         msg.* (timers fired), replies               state.*, ctl.state
 issuer        (replies only)                              ctl.identity
-operator      approval.*                                  approval.*
-auditor       $JS.API.CONSUMER.>, stream info, $JS.ACK.>   everything of the tenant
-coordinator   msg.*, ctl.*, $JS.API.>                     msg.<own id>
+operator      approval.*, ctl.governance                  approval.*
+auditor       the tenant's stream: its info, creating,    everything of the tenant
+              reading and inspecting its consumers, acks
+coordinator   msg.*, ctl.*, the tenant's stream: create,  msg.<own id>
+              its info and its consumers' info
+sentinel      (security only)                             nothing but its own replies
 unknown       security only                               nothing
 ============  ==========================================  ===================================
+
+A decision goes to ``decision.<agent>.<workflow>``, so only the agent it answers reads it.
+No role may update, purge or delete a stream, or touch another tenant's stream
+(`Subjects.jetstream_read`, `Subjects.jetstream_admin`).
 
 Every known role also publishes on ``security`` and on ``ctl.identity`` (token renewal) and
 subscribes to its own reply inboxes (`Subjects.inboxes`). Agent roles are named by scenarios
@@ -48,6 +54,7 @@ __all__ = [
     "ISSUER_ROLE",
     "OPERATOR_ROLE",
     "PLATFORM_ROLES",
+    "SENTINEL_ROLE",
     "STATE_ROLE",
     "Permissions",
     "SubjectRules",
@@ -63,6 +70,8 @@ ISSUER_ROLE: Final = "issuer"
 OPERATOR_ROLE: Final = "operator"
 COORDINATOR_ROLE: Final = "coordinator"
 AUDITOR_ROLE: Final = "auditor"
+SENTINEL_ROLE: Final = "sentinel"
+"""The member that reports what the embedded nats-server refused (`ServerSentinel`)."""
 PLATFORM_ROLES: Final = frozenset(
     {
         GOVERNANCE_ROLE,
@@ -73,12 +82,14 @@ PLATFORM_ROLES: Final = frozenset(
         OPERATOR_ROLE,
         COORDINATOR_ROLE,
         AUDITOR_ROLE,
+        SENTINEL_ROLE,
     }
 )
 TOKEN_SERVICE: Final = "identity"
 """The ``ctl`` service that renews Agent-ID tokens; every member asks it."""
 GOVERNANCE_SERVICE: Final = "governance"
-"""The ``ctl`` service of governance: the coordinator records workflow starts there."""
+"""The ``ctl`` service of governance: operators ask it for the approvals, the
+coordinator records workflow starts there."""
 DENY_ALL: Final = ">"
 
 
@@ -129,7 +140,7 @@ def permissions_for(
     if agent:
         pub = [s.intent(member_id), s.usage(member_id), s.state(member_id)]
         pub += [s.all("msg"), s.all("tool"), s.all("ctl")]
-        sub = [s.msg(member_id), s.all("decision"), inbox]
+        sub = [s.msg(member_id), s.decisions(member_id), inbox]
         # Agents answer requests sent to their inbox; the server allows one reply to the
         # reply subject of a message actually received, nothing else.
         responds = True
@@ -150,15 +161,19 @@ def permissions_for(
         }
         sub = [*served[role], inbox]
     elif role == OPERATOR_ROLE:
-        pub = [s.all("approval")]
+        # Operator tools ask governance for the approvals instead of reading Redis.
+        pub = [s.all("approval"), s.ctl(GOVERNANCE_SERVICE)]
         sub = [s.all("approval"), inbox]
     elif role == AUDITOR_ROLE:
         # Reads every event of the tenant (audit index, `govmesh watch`), changes nothing.
         pub = list(s.jetstream_read)
         sub = [s.everything, inbox]
     elif role == COORDINATOR_ROLE:
-        pub = [s.all("msg"), s.all("ctl"), s.jetstream_api]
+        pub = [s.all("msg"), s.all("ctl"), *s.jetstream_admin]
         sub = [s.msg(member_id), inbox]
+    elif role == SENTINEL_ROLE:
+        # Publishes security events and renews its token, like every member; nothing else.
+        pub, sub = [], [inbox]
     else:
         return {"publish": _rules([s.security]), "subscribe": _rules([]), "allow_responses": False}
     return {

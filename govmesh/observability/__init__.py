@@ -16,6 +16,7 @@ from govmesh.observability._audit import (
     summarize_body,
 )
 from govmesh.observability._stats import percentile, summarize
+from govmesh.observability._stored import RefusedMessage, StoredMessage, StreamVerifier
 from govmesh.observability._telemetry import (
     Telemetry,
     TelemetrySettings,
@@ -33,7 +34,10 @@ __all__ = [
     "IngestReport",
     "Problem",
     "PruneMark",
+    "RefusedMessage",
     "SignedCheckpoint",
+    "StoredMessage",
+    "StreamVerifier",
     "Telemetry",
     "TelemetrySettings",
     "VerifyReport",

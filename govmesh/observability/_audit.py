@@ -1,8 +1,10 @@
 """The audit index: every event of a tenant's bus, hash-chained per workflow, in Redis.
 
-The index records what was on the event stream. It does not check signatures again: the bus
-verified them before any handler saw the message, and the stream holds the sealed bytes if
-anyone wants to verify them later. What the index adds is retrieval (one workflow's whole
+The index records what was on the event stream, after checking every message as a live
+receiver does (`StreamVerifier`): the stream holds whatever an agent's permissions let it
+publish, forged or not. A message that fails is kept apart as a `RefusedMessage` (a security
+event), never in a workflow's chain; so is an event id stored already from another place in
+the stream (a replay). What the index adds is retrieval (one workflow's whole
 causal trace in one round trip) and tamper evidence: per workflow, record ``n`` carries
 ``seq = n``, the hash of record ``n - 1`` and its own hash, a sha256 over the canonical
 encoding of all its fields including that previous hash. Signed checkpoints of the chain
@@ -11,13 +13,17 @@ heads catch what a chain alone cannot: a tail cut off together with the head.
 Keys, under the tenant's key prefix ``<p>`` (``gm:<tenant>``)::
 
     <p>:audit:chain:<workflow>  LIST  encoded `AuditRecord` s in seq order
-    <p>:audit:ids:<workflow>    HASH  event id -> seq (each event is stored once)
+    <p>:audit:ids:<workflow>    HASH  event id -> "<seq>:<stream seq>" (each event is stored once)
     <p>:audit:heads             HASH  workflow -> "<seq>:<hash>" of its last record
     <p>:audit:workflows         ZSET  workflow, scored by the time of its latest event
     <p>:audit:agent:<sender>    LIST  "<seq>:<workflow>" of each event the agent sent
     <p>:audit:kind:<kind>       LIST  "<seq>:<workflow>" of each event of that kind
     <p>:audit:checkpoints       LIST  signed checkpoints of all heads, oldest first
     <p>:audit:pruned            HASH  workflow -> its `PruneMark`, once retention removed it
+    <p>:audit:refused           HASH  stream seq -> `RefusedMessage` of a message refused
+    <p>:audit:refused:<wf>      HASH  the same, of those that claimed workflow <wf>
+    <p>:audit:issuers           HASH  token issuer key (hex) -> when the index first trusted it
+    <p>:audit:refused_pruned    STRING refused messages retention removed (a count)
 
 Events without a workflow go to the chain of the empty workflow ``""``.
 
@@ -46,6 +52,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, Literal, TypeAlias, cast
 
@@ -59,12 +66,12 @@ from nats.js.client import JetStreamContext
 # Submodules, not the package: the bus traces through govmesh.observability, and importing
 # the package from here would go round in a circle.
 from govmesh._tasks import raise_if_cancelled
-from govmesh.bus._codec import Codec
 from govmesh.bus._envelope import Envelope
-from govmesh.bus._stream import EVENT_STREAM, ensure_event_stream
+from govmesh.bus._stream import ensure_event_stream
 from govmesh.bus._subjects import Subjects
-from govmesh.errors import SecurityError, StateError
+from govmesh.errors import StateError
 from govmesh.identity import SigningKey, VerifyKey
+from govmesh.observability._stored import RefusedMessage, StoredMessage, StreamVerifier
 
 __all__ = [
     "GENESIS",
@@ -205,12 +212,15 @@ class AuditTrace(msgspec.Struct, kw_only=True):
         records: its records, by seq.
         roots: ids of records whose parent is not in this workflow (or who have none).
         children: parent id -> ids of the records that answer it, in chain order.
+        refused: messages that claimed this workflow and were refused, by stream sequence;
+            not part of the trace.
     """
 
     workflow: str
     records: list[AuditRecord]
     roots: list[str]
     children: dict[str, list[str]]
+    refused: list[RefusedMessage] = msgspec.field(default_factory=list)
 
 
 class AuditProblem(msgspec.Struct, frozen=True, kw_only=True):
@@ -240,6 +250,9 @@ class VerifyReport(msgspec.Struct, kw_only=True):
         checkpoint_ts: time of the checkpoint the heads were compared with (0: none).
         problems: every problem found; none means every chain is intact.
         pruned: workflows asked for that retention removed (see `PruneMark`); not problems.
+        refused: messages of the stream refused as security events (for one workflow: those
+            that claimed it); kept apart from the chains, so not problems of a chain.
+        refused_reasons: ``refused`` by reason.
     """
 
     workflows: int = 0
@@ -247,6 +260,8 @@ class VerifyReport(msgspec.Struct, kw_only=True):
     checkpoint_ts: float = 0.0
     problems: list[AuditProblem] = msgspec.field(default_factory=list)
     pruned: int = 0
+    refused: int = 0
+    refused_reasons: dict[str, int] = msgspec.field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -260,12 +275,13 @@ class IngestReport(msgspec.Struct, kw_only=True):
     Attributes:
         stored: events appended.
         duplicates: events already in the index (a redelivery), not stored again.
-        malformed: data that was not a sealed govmesh message, skipped.
+        refused: messages that failed verification, or replayed an event stored from
+            elsewhere in the stream, kept apart as security events.
     """
 
     stored: int = 0
     duplicates: int = 0
-    malformed: int = 0
+    refused: int = 0
 
 
 class AuditCheckpoint(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
@@ -276,12 +292,15 @@ class AuditCheckpoint(msgspec.Struct, frozen=True, kw_only=True, array_like=True
         signer: who signed it (free text, e.g. an agent id).
         key: the signer's Ed25519 public key.
         heads: workflow -> (seq, hash) of its last record.
+        refused: refused messages kept so far, counting those retention removed since, so
+            that one deleted from the index shows.
     """
 
     ts: float
     signer: str
     key: bytes
     heads: dict[str, tuple[int, str]]
+    refused: int = 0
 
 
 class SignedCheckpoint(msgspec.Struct, frozen=True, array_like=True):
@@ -336,6 +355,7 @@ _records = msgspec.msgpack.Decoder(AuditRecord)
 _signed = msgspec.msgpack.Decoder(SignedCheckpoint)
 _checkpoints = msgspec.msgpack.Decoder(AuditCheckpoint)
 _marks = msgspec.msgpack.Decoder(PruneMark)
+_refusals = msgspec.msgpack.Decoder(RefusedMessage)
 
 
 def _hash(record: AuditRecord) -> str:
@@ -423,6 +443,44 @@ def _parse_head(raw: bytes | str | None) -> tuple[int, str]:
 class _Pending(msgspec.Struct):
     envelope: Envelope
     summary: dict[str, Scalar]
+    stream_seq: int = 0
+    stored_at: float = 0.0
+
+
+def _id_entry(seq: int, stream_seq: int) -> str:
+    """An ids hash value: the record's seq and the stream sequence it came from (0: none)."""
+    return f"{seq}:{stream_seq}"
+
+
+def _entry_stream_seq(raw: bytes | str) -> int:
+    """The stream sequence of an ids hash value (0 if none was recorded)."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    return int(text.partition(":")[2] or 0)
+
+
+def _replayed(p: _Pending, first: int) -> bool:
+    """Whether ``p`` repeats an event stored from another place in the stream (``first``),
+    rather than the same message delivered again."""
+    return bool(p.stream_seq and first and p.stream_seq != first)
+
+
+def _in_stream_order(raw: Iterable[bytes]) -> list[RefusedMessage]:
+    return sorted((_refusals.decode(r) for r in raw), key=lambda m: m.seq)
+
+
+def _replay_refusal(p: _Pending, first: int) -> RefusedMessage:
+    env = p.envelope
+    return RefusedMessage(
+        seq=p.stream_seq,
+        stored_at=p.stored_at,
+        subject=env.subject,
+        reason="replay",
+        detail=f"event {env.id} was stored already, from stream sequence {first}",
+        claimed_sender=env.sender,
+        kind=env.kind,
+        workflow=env.workflow,
+        id=env.id,
+    )
 
 
 def _plan(workflow: str, raw_head: bytes | None, items: list[_Pending]) -> tuple[Any, ...]:
@@ -448,7 +506,14 @@ def _plan(workflow: str, raw_head: bytes | None, items: list[_Pending]) -> tuple
         )
         prev = _hash(record)
         stored = _encoder.encode(msgspec.structs.replace(record, hash=prev))
-        events += (env.id, seq, _lua_bytes(stored), f"{seq}:{workflow}", env.sender, env.kind)
+        events += (
+            env.id,
+            _id_entry(seq, p.stream_seq),
+            _lua_bytes(stored),
+            f"{seq}:{workflow}",
+            env.sender,
+            env.kind,
+        )
     expected = raw_head.decode() if raw_head else ""
     return (workflow, expected, _head(seq, prev), items[-1].envelope.ts, events)
 
@@ -459,18 +524,19 @@ class AuditIndex:
     Args:
         redis: the deployment's Redis.
         prefix: the tenant's key prefix (``Deployment.key_prefix``, ``gm:<tenant>``).
-        codec: decodes sealed messages in `ingest`.
     """
 
-    def __init__(self, redis: aioredis.Redis, *, prefix: str, codec: Codec | None = None) -> None:
+    def __init__(self, redis: aioredis.Redis, *, prefix: str) -> None:
         self.redis = redis
         self.prefix = prefix
-        self.codec = codec or Codec()
         self._append = redis.register_script(_APPEND)
         self._heads = f"{prefix}:audit:heads"
         self._workflows = f"{prefix}:audit:workflows"
         self._checkpoints = f"{prefix}:audit:checkpoints"
         self._pruned = f"{prefix}:audit:pruned"
+        self._refused = f"{prefix}:audit:refused"
+        self._issuers = f"{prefix}:audit:issuers"
+        self._refused_pruned = f"{prefix}:audit:refused_pruned"
 
     def chain_key(self, workflow: str) -> str:
         """The list of ``workflow`` 's records."""
@@ -485,25 +551,38 @@ class AuditIndex:
     def _kind_key(self, kind: str) -> str:
         return f"{self.prefix}:audit:kind:{kind}"
 
-    async def ingest(self, data: Iterable[bytes]) -> IngestReport:
-        """Append sealed messages as the event stream holds them (``msg.data``).
-
-        Signatures are not checked again (the bus did before delivering); data that is not a
-        sealed govmesh message is counted as malformed and skipped.
+    async def ingest(
+        self, messages: Iterable[StoredMessage], *, verifier: StreamVerifier
+    ) -> IngestReport:
+        """Check messages as the event stream stored them (`StreamVerifier`, which judges
+        each at the time it was stored) and append those that pass, in order; keep the
+        others apart as security events (`refused`), as well as any event whose id is stored
+        already from another stream sequence (a replay).
         """
-        envelopes = []
-        malformed = 0
-        for item in data:
-            try:
-                envelopes.append(self.codec.envelope(self.codec.open(item).envelope))
-            except SecurityError:
-                malformed += 1
-        report = await self.append(envelopes)
-        report.malformed = malformed
+        accepted: list[_Pending] = []
+        refused: list[RefusedMessage] = []
+        for message in messages:
+            checked = verifier.check(message)
+            if isinstance(checked, RefusedMessage):
+                refused.append(checked)
+            else:
+                accepted.append(
+                    _Pending(
+                        checked,
+                        summarize_body(checked.kind, checked.body),
+                        stream_seq=message.seq,
+                        stored_at=message.stored_at,
+                    )
+                )
+        report, replays = await self._store(accepted)
+        refused += [_replay_refusal(p, first) for p, first in replays]
+        await self.refuse(refused)
+        report.refused = len(refused)
         return report
 
     async def append(self, envelopes: Iterable[Envelope]) -> IngestReport:
-        """Append envelopes in order, each once per event id, to their workflows' chains.
+        """Append envelopes verified already, in order, each once per event id, to their
+        workflows' chains.
 
         Atomic per workflow: a workflow's part of the batch is stored whole or not at all.
         Cancelling leaves each workflow either with its part or without.
@@ -511,50 +590,70 @@ class AuditIndex:
         Raises:
             StateError: other writers kept changing the same chains through every attempt.
         """
+        report, _ = await self._store(
+            [_Pending(env, summarize_body(env.kind, env.body)) for env in envelopes]
+        )
+        return report
+
+    async def _store(
+        self, items: list[_Pending]
+    ) -> tuple[IngestReport, list[tuple[_Pending, int]]]:
+        """`append` of ``items``; also returns each that repeats an event stored from
+        another stream sequence, with that sequence."""
         report = IngestReport()
+        replays: list[tuple[_Pending, int]] = []
         pending: dict[str, list[_Pending]] = {}
-        seen: set[str] = set()
-        for env in envelopes:
-            if env.id in seen:
-                report.duplicates += 1
+        seen: dict[str, int] = {}
+        for p in items:
+            first = seen.get(p.envelope.id)
+            if first is not None:
+                if _replayed(p, first):
+                    replays.append((p, first))
+                else:
+                    report.duplicates += 1
                 continue
-            seen.add(env.id)
-            pending.setdefault(env.workflow, []).append(
-                _Pending(env, summarize_body(env.kind, env.body))
-            )
+            seen[p.envelope.id] = p.stream_seq
+            pending.setdefault(p.envelope.workflow, []).append(p)
         check_ids = False
         for _ in range(_MAX_ATTEMPTS):
             if not pending:
-                return report
+                return report, replays
             workflows = list(pending)
             heads = cast(list[bytes | None], await self.redis.hmget(self._heads, workflows))
             if check_ids:
-                # A retry: some events may be stored already (redelivery, a second writer).
+                # A retry: some events may be stored already (redelivery, a second writer,
+                # or a replay of an event stored from elsewhere in the stream).
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for wf in workflows:
                         pipe.hmget(self._ids_key(wf), [p.envelope.id for p in pending[wf]])
                     known = await pipe.execute()
                 for wf, found in zip(workflows, known, strict=True):
-                    fresh = [p for p, f in zip(pending[wf], found, strict=True) if f is None]
-                    report.duplicates += len(pending[wf]) - len(fresh)
+                    fresh = []
+                    for p, f in zip(pending[wf], found, strict=True):
+                        if f is None:
+                            fresh.append(p)
+                        elif _replayed(p, _entry_stream_seq(f)):
+                            replays.append((p, _entry_stream_seq(f)))
+                        else:
+                            report.duplicates += 1
                     pending[wf] = fresh
             sent: list[tuple[list[str], asyncio.Task[Any]]] = []
             plan: list[Any] = []
             groups: list[str] = []
             for wf, raw_head in zip(workflows, heads, strict=True):
-                items = pending[wf]
-                if not items:
+                group = pending[wf]
+                if not group:
                     del pending[wf]
                     continue
                 groups.append(wf)
-                plan.append(_plan(wf, raw_head, items))
+                plan.append(_plan(wf, raw_head, group))
                 if len(plan) == _SCRIPT_GROUPS:
                     sent.append((groups, await self._send(plan)))
                     plan, groups = [], []
             if plan:
                 sent.append((groups, await self._send(plan)))
             if not sent:
-                return report
+                return report, replays
             answers = await asyncio.gather(*(task for _, task in sent))
             for (groups, _), conflicts in zip(sent, answers, strict=True):
                 failed = {groups[g - 1] for g in conflicts}
@@ -566,6 +665,56 @@ class AuditIndex:
             f"audit append kept conflicting for {len(pending)} workflows "
             f"(e.g. {next(iter(pending))!r}) after {_MAX_ATTEMPTS} attempts"
         )
+
+    async def trust(self, issuers: Sequence[bytes], *, now: float) -> dict[bytes, float]:
+        """Record that the index verifies with ``issuers`` from ``now`` on, unless recorded
+        already; returns every issuer it has recorded (for this deployment and the ones it
+        was before a restart) with when it was first trusted."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in issuers:
+                pipe.hsetnx(self._issuers, key.hex(), repr(now))
+            pipe.hgetall(self._issuers)
+            *_, raw = await pipe.execute()
+        return {bytes.fromhex(k.decode()): float(v) for k, v in raw.items()}
+
+    def _refused_key(self, workflow: str | None) -> str:
+        return self._refused if workflow is None else f"{self._refused}:{workflow}"
+
+    async def refuse(self, refused: Iterable[RefusedMessage]) -> None:
+        """Keep ``refused`` apart from every chain, once per stream sequence, also under the
+        workflow each claimed (so a workflow's are read without reading everyone's)."""
+        entries = [(m, _encoder.encode(m)) for m in refused]
+        if not entries:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for m, data in entries:
+                pipe.hset(self._refused, str(m.seq), data)
+                pipe.hset(self._refused_key(m.workflow), str(m.seq), data)
+            await pipe.execute()
+
+    async def refused(self, workflow: str | None = None) -> list[RefusedMessage]:
+        """The messages refused as security events, in stream order; with ``workflow``,
+        those that claimed it."""
+        raw = cast(list[bytes], await self.redis.hvals(self._refused_key(workflow)))
+        return _in_stream_order(raw)
+
+    async def forget_refused(self, refused: Sequence[RefusedMessage]) -> None:
+        """Remove ``refused`` (retention), counting them as removed on purpose: like a
+        `PruneMark`, the count is recorded, not signed."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for m in refused:
+                pipe.hdel(self._refused, str(m.seq))
+                pipe.hdel(self._refused_key(m.workflow), str(m.seq))
+            pipe.incrby(self._refused_pruned, len(refused))
+            await pipe.execute()
+
+    async def _refused_so_far(self) -> int:
+        """Refused messages kept, plus those retention removed."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hlen(self._refused)
+            pipe.get(self._refused_pruned)
+            kept, pruned = await pipe.execute()
+        return int(kept) + int(pruned or 0)
 
     async def _send(self, plan: list[Any]) -> asyncio.Task[Any]:
         """Start the append script for ``plan`` and return once it is on its way, so the
@@ -581,8 +730,13 @@ class AuditIndex:
         return [_records.decode(r) for r in raw]
 
     async def show(self, workflow: str) -> AuditTrace:
-        """``workflow`` 's records in order and its causal tree, in one round trip."""
-        records = await self.records(workflow)
+        """``workflow`` 's records in order and its causal tree, and apart from them the
+        refused messages that claimed it, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(self.chain_key(workflow), 0, -1)
+            pipe.hvals(self._refused_key(workflow))
+            raw, refused = await pipe.execute()
+        records = [_records.decode(r) for r in raw]
         ids = {r.id for r in records}
         roots: list[str] = []
         children: dict[str, list[str]] = {}
@@ -591,7 +745,13 @@ class AuditIndex:
                 children.setdefault(r.causation, []).append(r.id)
             else:
                 roots.append(r.id)
-        return AuditTrace(workflow=workflow, records=records, roots=roots, children=children)
+        return AuditTrace(
+            workflow=workflow,
+            records=records,
+            roots=roots,
+            children=children,
+            refused=_in_stream_order(refused),
+        )
 
     async def workflows(self) -> list[str]:
         """Every workflow in the index, oldest latest-event first."""
@@ -619,7 +779,13 @@ class AuditIndex:
         """Sign and store the current head of every chain; returns the checkpoint."""
         raw = cast(dict[bytes, bytes], await self.redis.hgetall(self._heads))
         heads = {wf.decode(): _parse_head(h) for wf, h in raw.items()}
-        cp = AuditCheckpoint(ts=time.time(), signer=signer, key=key.public.raw, heads=heads)
+        cp = AuditCheckpoint(
+            ts=time.time(),
+            signer=signer,
+            key=key.public.raw,
+            heads=heads,
+            refused=await self._refused_so_far(),
+        )
         doc = _encoder.encode(cp)
         signed = SignedCheckpoint(doc, key.sign(doc))
         await self.redis.rpush(self._checkpoints, _encoder.encode(signed))
@@ -672,9 +838,23 @@ class AuditIndex:
                 the checkpoint itself (which proves integrity, not who signed).
         """
         report = VerifyReport()
+        refused = await self.refused(workflow)
+        report.refused = len(refused)
+        report.refused_reasons = dict(Counter(m.reason for m in refused).most_common())
         cp = await self._last_checkpoint(trusted, report.problems)
         if cp is not None:
             report.checkpoint_ts = cp.ts
+            so_far = await self._refused_so_far()
+            if workflow is None and so_far < cp.refused:
+                report.problems.append(
+                    AuditProblem(
+                        workflow="",
+                        seq=0,
+                        what="removed",
+                        detail=f"the last checkpoint saw {cp.refused} refused messages; "
+                        f"{so_far} are left or were pruned",
+                    )
+                )
         pruned = await self.pruned()
         if workflow is not None:
             names = [workflow]
@@ -865,7 +1045,8 @@ class AuditConsumer:
     A durable pull consumer on ``gm.<tenant>.>`` from the start of the stream: a new index
     replays everything the stream still holds, and a restarted one resumes where it left.
     A batch is acknowledged only once it is stored, so nothing is lost in between; a
-    redelivered event is stored once (the index is idempotent per event id).
+    redelivered event is stored once (the index is idempotent per event id). Every message
+    is verified first (`AuditIndex.ingest`); refused ones are kept apart as security events.
 
     Use `start`, then `close` (safe twice; cancels the loop, leaving unacknowledged messages
     to be redelivered to the next consumer, and signs a last checkpoint if anything was
@@ -875,6 +1056,8 @@ class AuditConsumer:
         nc: a NATS connection with JetStream access.
         index: where events go.
         tenant: whose events.
+        verifier: checks each message as a receiver of the deployment would
+            (`StreamVerifier.of` the deployment).
         durable: the consumer's durable name (default ``audit-<tenant>``).
         batch: messages fetched and stored at once.
         checkpoint_key: sign a checkpoint of the chain heads with this key every
@@ -891,6 +1074,7 @@ class AuditConsumer:
         index: AuditIndex,
         *,
         tenant: str,
+        verifier: StreamVerifier,
         durable: str = "",
         batch: int = 500,
         checkpoint_key: SigningKey | None = None,
@@ -901,10 +1085,12 @@ class AuditConsumer:
         self.nc = nc
         self.index = index
         self.subjects = Subjects(tenant)
+        self.verifier = verifier
         self.durable = durable or f"audit-{self.subjects.tenant}"
         self.batch = batch
         self.stored = 0
         self.duplicates = 0
+        self.refused = 0
         self.checkpoints = 0
         self._checkpoint_key = checkpoint_key
         self._checkpoint_every_s = checkpoint_every_s
@@ -916,12 +1102,12 @@ class AuditConsumer:
 
     async def start(self) -> None:
         """Create (or resume) the durable consumer and start storing."""
-        await ensure_event_stream(self.nc)
+        await ensure_event_stream(self.nc, self.subjects.tenant)
         js = self.nc.jetstream()
         self._sub = await js.pull_subscribe(
             self.subjects.everything,
             durable=self.durable,
-            stream=EVENT_STREAM,
+            stream=self.subjects.event_stream,
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.ALL,
                 ack_policy=AckPolicy.EXPLICIT,
@@ -950,7 +1136,9 @@ class AuditConsumer:
                 await asyncio.sleep(1.0)
                 continue
             try:
-                report = await self.index.ingest([m.data for m in msgs])
+                report = await self.index.ingest(
+                    [StoredMessage.of(m) for m in msgs], verifier=self.verifier
+                )
             except (aioredis.RedisError, OSError) as exc:
                 log.warning("audit index unavailable, will retry: %s", exc)
                 for m in msgs:
@@ -966,6 +1154,9 @@ class AuditConsumer:
             self.stored += report.stored
             self._unsigned += report.stored
             self.duplicates += report.duplicates
+            if report.refused:
+                self.refused += report.refused
+                log.warning("audit refused %d messages of the stream", report.refused)
 
     async def _sign(self) -> None:
         """Sign a checkpoint if there is a key and something was stored since the last."""

@@ -23,7 +23,6 @@ import time
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import jwt
 import msgspec
@@ -55,7 +54,6 @@ __all__ = [
     "costed_trace",
     "export_bundle",
     "prune_index",
-    "public_url",
 ]
 
 BUNDLE_FORMAT: Final = "govmesh-evidence-bundle/1"
@@ -197,18 +195,6 @@ def _generator() -> str:
         return "govmesh"
 
 
-def public_url(url: str) -> str:
-    """``url`` without a password, fit to be written into a bundle."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _answer_proof(record: ApprovalRecord) -> dict[str, Any]:
     """What the sealed message that carried an operator's answer proves: who signed it,
     with which key, and whether the signature and content match the recorded answer."""
@@ -345,6 +331,9 @@ async def export_bundle(
         },
         "pruned": None if pruned is None else msgspec.to_builtins(pruned),
         "events": [msgspec.structs.asdict(r) for r in trace.records],
+        # Messages that claimed this workflow and failed verification: evidence of an
+        # attempt, never events of the workflow.
+        "refused": [msgspec.to_builtins(m) for m in trace.refused],
         "decisions": [
             {
                 "intent_id": d.intent_id,
@@ -387,6 +376,7 @@ class PruneReport(msgspec.Struct, kw_only=True):
         workflows: the ended workflows concerned.
         decisions: their decision records removed.
         approvals: their settled approvals removed.
+        refused: refused messages the stream stored before the cutoff, removed.
     """
 
     cutoff: float
@@ -394,6 +384,7 @@ class PruneReport(msgspec.Struct, kw_only=True):
     workflows: list[str] = msgspec.field(default_factory=list)
     decisions: int = 0
     approvals: int = 0
+    refused: int = 0
 
 
 async def prune_index(
@@ -406,7 +397,8 @@ async def prune_index(
 ) -> PruneReport:
     """Remove the workflows that ended (`WORKFLOW_ENDS`) and whose latest event is older
     than ``older_than_s``: their decision records, settled approvals and spend, then their
-    chains, each leaving a `PruneMark` so verify does not take them for tampering.
+    chains, each leaving a `PruneMark` so verify does not take them for tampering; and the
+    refused messages the stream stored before the cutoff.
 
     The chains go last, so a prune cut short leaves them to be found by the next one.
     """
@@ -414,7 +406,12 @@ async def prune_index(
     report = PruneReport(cutoff=now - older_than_s, dry_run=dry_run)
     index = AuditIndex(redis, prefix=prefix)
     report.workflows = await index.finished_before(report.cutoff, ends=WORKFLOW_ENDS)
-    if dry_run or not report.workflows:
+    old = [m for m in await index.refused() if m.stored_at < report.cutoff]
+    report.refused = len(old)
+    if dry_run:
+        return report
+    await index.forget_refused(old)
+    if not report.workflows:
         return report
     doomed = set(report.workflows)
     report.decisions = await forget_decisions(redis, prefix=prefix, workflows=doomed)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from govmesh.config import Deployment
 from govmesh.identity import Identity
 from govmesh.observability._audit import AuditConsumer, AuditIndex
+from govmesh.observability._stored import StreamVerifier
 from govmesh.service import Service
 
 __all__ = ["AuditService"]
@@ -14,11 +16,16 @@ __all__ = ["AuditService"]
 
 class AuditService(Service):
     """Consumes the tenant's event stream into the hash-chained audit index (see
-    `AuditIndex`) and signs a checkpoint of the chain heads with its own key every
-    ``checkpoint_every_s``. Its role (``auditor``) reads every event and changes nothing.
+    `AuditIndex`), verifying every message as the deployment's receivers do and keeping
+    those it refuses apart as security events, and signs a checkpoint of the chain heads
+    with its own key every ``checkpoint_every_s``. Its role (``auditor``) reads every event
+    and changes nothing.
 
     The durable JetStream consumer outlives the actor: a restarted one goes on from the
-    first event not yet stored, and an event stored twice is recognised by its id.
+    first event not yet stored, and an event stored twice is recognised by its id. A
+    resumed run has a new token issuer; the index remembers the issuers it trusted before,
+    and trusts them for the messages the stream stored before the current one came into
+    force (those left to index when the run stopped), never for later ones.
 
     Args:
         deployment: where the services are and whom to trust.
@@ -35,11 +42,20 @@ class AuditService(Service):
 
     async def on_start(self) -> None:
         """Start consuming the event stream."""
-        self.index = AuditIndex(self.redis, prefix=self.deployment.key_prefix)
+        dep = self.deployment
+        self.index = AuditIndex(self.redis, prefix=dep.key_prefix)
+        trusted = await self.index.trust(dep.issuers, now=time.time())
+        verifier = StreamVerifier(
+            issuers=dep.issuers,
+            audience=dep.audience,
+            retired=[k for k in trusted if k not in dep.issuers],
+            since=min(trusted[k] for k in dep.issuers),
+        )
         self._consumer = AuditConsumer(
             self.bus.nc,
             self.index,
-            tenant=self.deployment.tenant,
+            tenant=dep.tenant,
+            verifier=verifier,
             checkpoint_key=self.identity.key,
             checkpoint_every_s=self._checkpoint_every_s,
             signer=self.identity.agent_id,
@@ -47,12 +63,14 @@ class AuditService(Service):
         await self._consumer.start()
 
     def stats(self) -> dict[str, Any]:
-        """Counters, plus events stored, duplicates recognised and checkpoints signed."""
+        """Counters, plus events stored, duplicates recognised, messages refused and
+        checkpoints signed."""
         c = self._consumer
         return {
             **super().stats(),
             "stored": 0 if c is None else c.stored,
             "duplicates": 0 if c is None else c.duplicates,
+            "refused": 0 if c is None else c.refused,
             "checkpoints": 0 if c is None else c.checkpoints,
         }
 

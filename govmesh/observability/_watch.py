@@ -3,7 +3,9 @@
 The watcher joins the deployment advertised under ``$GOVMESH_HOME`` (see
 `govmesh.runtime.join`) as its watch member, in the ``auditor`` role: it reads every event of
 the tenant's stream and can change nothing. It reads the stream through an ephemeral
-JetStream consumer, from now on or, to join late, from the stream's start.
+JetStream consumer, from now on or, to join late, from the stream's start, and checks each
+message as a receiver does (`StreamVerifier`): any agent may publish a forged or malformed
+message that the stream keeps for days, and watch shows it as a security event and goes on.
 
 `WatchBoard` folds the events into what the live dashboard shows (decisions by outcome,
 pending approvals, burn, security events, workflows); it is plain Python, without a clock,
@@ -20,9 +22,10 @@ from typing import Any, Final
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from govmesh.bus import EVENT_STREAM, Bus, Codec
+from govmesh.bus import Bus, Envelope
 from govmesh.identity._permissions import AUDITOR_ROLE
 from govmesh.observability._audit import summarize_body
+from govmesh.observability._stored import RefusedMessage, StoredMessage, StreamVerifier
 from govmesh.runtime import WATCH_MEMBER, JoinedDeployment
 
 __all__ = [
@@ -40,6 +43,7 @@ _WATCH_TTL_S: Final = 600.0
 _RATE_WINDOW_S: Final = 60.0
 # Asked about once a second by whoever shows burn; the tail would show nothing else.
 _POLLING: Final = frozenset({"BudgetQuery", "SnapshotQuery"})
+_DETAIL_CHARS: Final = 120
 
 
 class WatchedEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +51,10 @@ class WatchedEvent(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         summary: a few fields of the body (`summarize_body`); reasoning only as a hash.
+        refused: the message failed verification: ``kind`` is ``SecurityEvent``, the
+            summary says why (``reason``, ``detail``) and what it claimed
+            (``claimed_sender``, ``claimed_kind``, ``stream_seq``); ``workflow`` and ``id``
+            are only claims.
     """
 
     ts: float
@@ -57,6 +65,39 @@ class WatchedEvent(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     causation: str
     summary: dict[str, Any]
+    refused: bool = False
+
+    @classmethod
+    def of(cls, checked: Envelope | RefusedMessage) -> WatchedEvent:
+        """A verified envelope as an event, or a refused message as a security event."""
+        if isinstance(checked, RefusedMessage):
+            return cls(
+                ts=checked.stored_at,
+                workflow=checked.workflow,
+                kind="SecurityEvent",
+                sender=WATCH_MEMBER,
+                subject=checked.subject,
+                id=checked.id,
+                causation="",
+                summary={
+                    "reason": checked.reason,
+                    "claimed_sender": checked.claimed_sender,
+                    "claimed_kind": checked.kind,
+                    "stream_seq": checked.seq,
+                    "detail": checked.detail[:_DETAIL_CHARS],
+                },
+                refused=True,
+            )
+        return cls(
+            ts=checked.ts,
+            workflow=checked.workflow,
+            kind=checked.kind,
+            sender=checked.sender,
+            subject=checked.subject,
+            id=checked.id,
+            causation=checked.causation,
+            summary=summarize_body(checked.kind, bytes(checked.body)),
+        )
 
 
 class PendingApproval(msgspec.Struct, frozen=True, kw_only=True):
@@ -135,7 +176,10 @@ class BoardSnapshot(msgspec.Struct, frozen=True, kw_only=True):
         spend: the costliest workflows in flight, costliest first.
         calls, tokens, cost_usd: model use of every workflow seen, finished or not.
         tokens_last_min: tokens of the calls in the minute up to ``at``.
-        security: refused messages per reason and claimed sender, most first.
+        security: refused messages per reason and claimed sender, most first: those
+            receivers reported (``SecurityEvent`` s on the stream) and those watch itself
+            refused on the stream (a message refused by both counts in both).
+        refused: messages on the stream that watch refused (forged, replayed, malformed).
         started: workflows seen starting.
         in_flight: workflows seen and not finished.
         finished: finished workflows by result (``executed``, ``denied``, ``rejected``,
@@ -156,6 +200,7 @@ class BoardSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     cost_usd: float
     tokens_last_min: int
     security: list[SecurityCount]
+    refused: int
     started: int
     in_flight: int
     finished: dict[str, int]
@@ -205,6 +250,7 @@ class WatchBoard:
         self._total = _Flow()
         self._recent: deque[tuple[float, str, int]] = deque()
         self._security: Counter[tuple[str, str]] = Counter()
+        self._refused = 0
         self._started = 0
         self._flows: dict[str, _Flow] = {}
         self._done: set[str] = set()
@@ -216,6 +262,11 @@ class WatchBoard:
         if event.kind not in _POLLING:
             self._tail.append(event)
         s, workflow = event.summary, event.workflow
+        if event.refused:
+            # What a refused message claims (its workflow above all) is not believed.
+            self._refused += 1
+            self._security[(_text(s, "reason") or "?", _text(s, "claimed_sender") or "?")] += 1
+            return
         flow = self._flows.get(workflow)
         if flow is None:
             flow = _Flow()
@@ -328,6 +379,7 @@ class WatchBoard:
                 SecurityCount(reason=reason, sender=sender, count=n)
                 for (reason, sender), n in self._security.most_common()
             ],
+            refused=self._refused,
             started=self._started,
             in_flight=len(self._flows),
             finished=dict(self._finished),
@@ -359,19 +411,21 @@ async def watch_events(
     kinds: tuple[str, ...] = (),
 ) -> AsyncIterator[WatchedEvent]:
     """The deployment's events as they come, oldest first; from the stream's start with
-    ``replay``, else from now. ``workflow`` and ``kinds`` keep only those.
+    ``replay``, else from now. ``workflow`` and ``kinds`` keep only those. A message that
+    fails verification comes as a refused ``SecurityEvent`` (`WatchedEvent.refused`) and
+    the watch goes on.
 
     Ends once the deployment's process has stopped and no event came for a second."""
     deployment = joined.deployment
     identity, cert = joined.member(WATCH_MEMBER, AUDITOR_ROLE, ttl_s=_WATCH_TTL_S)
     bus = await Bus.connect(deployment, identity, rotate=False, client_cert=cert)
-    codec = Codec()
+    verifier = StreamVerifier.of(deployment)
     try:
         js = bus.nc.jetstream()
         sub = await js.pull_subscribe(
             bus.subjects.everything,
             durable=None,
-            stream=EVENT_STREAM,
+            stream=bus.subjects.event_stream,
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.ALL if replay else DeliverPolicy.NEW,
                 ack_policy=AckPolicy.NONE,
@@ -387,24 +441,14 @@ async def watch_events(
                     return
                 continue
             for msg in msgs:
-                try:
-                    envelope = codec.envelope(codec.open(msg.data).envelope)
-                except (msgspec.DecodeError, ValueError):
+                event = WatchedEvent.of(verifier.check(StoredMessage.of(msg)))
+                # A refused message passes the filters by the workflow it claims, as a
+                # security event.
+                if workflow and event.workflow != workflow:
                     continue
-                if workflow and envelope.workflow != workflow:
+                if kinds and event.kind not in kinds:
                     continue
-                if kinds and envelope.kind not in kinds:
-                    continue
-                yield WatchedEvent(
-                    ts=envelope.ts,
-                    workflow=envelope.workflow,
-                    kind=envelope.kind,
-                    sender=envelope.sender,
-                    subject=envelope.subject,
-                    id=envelope.id,
-                    causation=envelope.causation,
-                    summary=summarize_body(envelope.kind, bytes(envelope.body)),
-                )
+                yield event
             await asyncio.sleep(0)
     finally:
         await bus.close()

@@ -4,7 +4,7 @@ A process that runs a deployment (``govmesh run``) writes ``$GOVMESH_HOME/<tenan
 (default ``~/.govmesh``) while it runs, and removes it when it stops:
 
 =====================  ==============================================================
-``deployment.json``    tenant, URLs, token audience, pid: what a client needs to connect
+``deployment.json``    tenant, NATS URL, token audience, pid: what a client needs to connect
 ``issuer.key``         the token issuer's Ed25519 seed (0600)
 ``ca.pem``             the deployment CA's certificate
 ``ca-key.pem``         the CA's private key (0600), only when mutual TLS is on
@@ -14,7 +14,8 @@ With these, ``govmesh approvals`` issues itself a short-lived operator token and
 certificate for the member the deployment admitted for operators (`OPERATOR_MEMBER`), so
 an answer given from another terminal is signed exactly as any other message. Whoever can
 read the directory can act as an operator of the deployment: the directory is 0700, the
-keys 0600, and nothing is written anywhere else.
+keys 0600, and nothing is written anywhere else. The Redis URL, which holds the
+deployment's Redis password, is not written: operator tools ask governance over the bus.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ _STATE: Final = "deployment.json"
 class _Record(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str
     nats_url: str
-    redis_url: str
     audience: str
     issuer_name: str
     tls: bool
@@ -71,7 +71,7 @@ class JoinedDeployment:
     """A running deployment as another process sees it.
 
     Attributes:
-        deployment: where its services are and whom they trust.
+        deployment: where its services are and whom they trust; without the Redis URL.
         issuer: its token issuer, with the private key.
         ca: its CA with the private key; None without mutual TLS.
         pid: the process that runs it.
@@ -165,7 +165,6 @@ def advertise(
     record = _Record(
         tenant=deployment.tenant,
         nats_url=deployment.nats_url,
-        redis_url=deployment.redis_url,
         audience=deployment.audience,
         issuer_name=issuer.name,
         tls=deployment.tls,
@@ -240,7 +239,7 @@ def join(tenant: str | None = None) -> JoinedDeployment:
         deployment=issuer.deployment(
             tenant=record.tenant,
             nats_url=record.nats_url,
-            redis_url=record.redis_url,
+            redis_url="",  # not advertised: it holds the Redis password
             tls=record.tls,
         ),
         issuer=issuer,

@@ -10,13 +10,16 @@ polling CPU sees at once (`Linux PM QoS
 <https://docs.kernel.org/power/pm_qos_interface.html>`_; it is what tuned's
 latency-performance profile sets).
 
-The price is CPU time: idle CPUs spin while the request is held. The kernel drops the request
-when the file is closed, and closes it when the holding process exits however it exits, so
-nothing outlives the deployment.
+The price is CPU time: idle CPUs spin while the request is held, and the request covers the
+whole machine, every other program on it included. The kernel drops the request when the
+file is closed, and closes it when the holding process exits however it exits, so nothing
+outlives the deployment.
 
-``GOVMESH_LOW_LATENCY`` (or ``govmesh --low-latency``) chooses: ``auto`` (the default) holds
-the request where this process may, and otherwise runs without it; ``on`` requires it; ``off``
-never asks.
+So it is the user's choice, never a default: ``GOVMESH_LOW_LATENCY`` (or ``govmesh
+--low-latency``) is ``off`` unless set to ``on``, which requires the request and fails
+clearly where it cannot be made. There is no mode that holds it wherever this process
+happens to be allowed to (root, containers, CI): the same command would then change a
+shared machine's power state for one user and not for another.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ __all__ = ["CPU_LATENCY_DEVICE", "ENV_LOW_LATENCY", "CpuLatencyHold", "LowLatenc
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["auto", "on", "off"]
+Mode = Literal["on", "off"]
 ENV_LOW_LATENCY: Final = "GOVMESH_LOW_LATENCY"
 CPU_LATENCY_DEVICE: Final = Path("/dev/cpu_dma_latency")
 _REQUEST_US: Final = 0
@@ -46,7 +49,7 @@ class LowLatency(msgspec.Struct, frozen=True, kw_only=True):
     """Whether this process holds the CPUs awake, and why (not).
 
     Attributes:
-        mode: the mode asked for: ``auto``, ``on`` or ``off``.
+        mode: the mode asked for: ``on`` or ``off``.
         held: the PM QoS request is in force.
         detail: what is held, or why nothing is.
     """
@@ -57,14 +60,14 @@ class LowLatency(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def low_latency_mode(value: str | None = None) -> Mode:
-    """`value`, else ``$GOVMESH_LOW_LATENCY``, else ``auto``, checked.
+    """`value`, else ``$GOVMESH_LOW_LATENCY``, else ``off``, checked.
 
     Raises:
-        ConfigError: not one of ``auto``, ``on``, ``off``.
+        ConfigError: not one of ``on``, ``off``.
     """
     source = "low_latency" if value is not None else ENV_LOW_LATENCY
     chosen = (value if value is not None else os.environ.get(ENV_LOW_LATENCY, "")).strip()
-    chosen = chosen.lower() or "auto"
+    chosen = chosen.lower() or "off"
     if chosen not in get_args(Mode):
         raise ConfigError(f"{source}={chosen!r}: expected one of {', '.join(get_args(Mode))}")
     return cast(Mode, chosen)
@@ -77,7 +80,7 @@ class CpuLatencyHold:
     `release` is safe to call twice; a released hold can be acquired again.
 
     Args:
-        mode: ``auto``, ``on`` or ``off``; default ``$GOVMESH_LOW_LATENCY``, else ``auto``.
+        mode: ``on`` or ``off``; default ``$GOVMESH_LOW_LATENCY``, else ``off``.
         device: the PM QoS device; another path only in tests.
 
     Raises:
@@ -96,7 +99,7 @@ class CpuLatencyHold:
         return self._fd is not None
 
     def acquire(self) -> LowLatency:
-        """Ask the kernel to keep idle CPUs polling, as the mode says; returns the outcome.
+        """Ask the kernel to keep idle CPUs polling if the mode is ``on``; returns the outcome.
 
         Raises:
             ConfigError: mode ``on`` and the request cannot be made (no PM QoS device, or
@@ -115,16 +118,11 @@ class CpuLatencyHold:
             step = "open" if fd is None else "write"
             if fd is not None:
                 os.close(fd)
-            why = f"cannot {step} {self._device}: {exc.strerror or exc}"
-            if self.mode == "on":
-                raise ConfigError(
-                    f"{ENV_LOW_LATENCY}=on: {why}; run as a user that may write it "
-                    f"(root, or a udev rule granting write access), or set "
-                    f"{ENV_LOW_LATENCY}=auto or off"
-                ) from None
-            self.state = LowLatency(mode=self.mode, held=False, detail=why)
-            log.info("low latency not held: %s", why)
-            return self.state
+            raise ConfigError(
+                f"{ENV_LOW_LATENCY}=on: cannot {step} {self._device}: "
+                f"{exc.strerror or exc}; run as a user that may write it (root, or a udev rule "
+                f"granting write access), or set {ENV_LOW_LATENCY}=off"
+            ) from None
         self._fd = fd
         self.state = LowLatency(
             mode=self.mode,

@@ -102,7 +102,7 @@ def render_nats_config(
         tls: require mutual TLS, map certificate subjects to users and include their
             permissions from `AUTHORIZATION_FILE` in the configuration's directory
             (nats-server resolves an include relative to the including file, even an
-            absolute path).
+            absolute path); log at debug level, which names refused certificates.
         extra_config: more top-level configuration, appended verbatim.
     """
     lines = [
@@ -123,6 +123,10 @@ def render_nats_config(
             f"  timeout: {tls.timeout_s:g}",
             "}",
             f"include {json.dumps(AUTHORIZATION_FILE)}",
+            # The subject DN of a certificate that maps to no user is logged only at debug
+            # level, a few lines per connection and none per message; the runtime reports
+            # it (see ServerLogReader).
+            "debug: true",
         ]
     if extra_config:
         lines.append(extra_config)
@@ -185,7 +189,7 @@ class NatsServer(EmbeddedServer):
         jetstream: bool = True,
         tls: ServerTLS | None = None,
         extra_config: str = "",
-        go_threads: int | None = 1,
+        go_threads: int | None = None,
     ) -> None:
         """Prepare, but do not start, a server.
 
@@ -195,11 +199,11 @@ class NatsServer(EmbeddedServer):
             tls: require mutual TLS with ``verify_and_map``; clients connect only with a
                 certificate whose subject DN is a user given to `authorize`.
             extra_config: top-level nats-server configuration appended to the generated file.
-            go_threads: threads running Go code at once (``GOMAXPROCS``). One by default:
-                the embedded server routes one machine's messages, and on one thread a
-                message passes from the connection that read it to the one that writes it
-                without waking another core (see README, "Governance speed"). None: Go's
-                default (every core), or ``$GOMAXPROCS`` when set.
+            go_threads: threads running Go code at once (``GOMAXPROCS``). None (the
+                default): Go's default (every core), or ``$GOMAXPROCS`` when set. One is
+                what low-latency mode asks for: on one thread a message passes from the
+                connection that read it to the one that writes it without waking another
+                core (see README, "Governance speed").
 
         Raises:
             ConfigError: `go_threads` is less than 1.

@@ -205,7 +205,8 @@ def _run_atexit_cleanups() -> None:
 
 
 class EmbeddedServer(ABC):
-    """A server binary run as a child process on a free 127.0.0.1 port.
+    """A server binary run as a child process on a free 127.0.0.1 port (or on a Unix
+    socket of its own, when `uses_port` is False).
 
     Subclasses say how to run the binary (`_argv`) and when it is ready (`_is_ready`); this
     class owns the port choice, readiness wait, stop, restart and exit-time cleanup. A
@@ -213,11 +214,14 @@ class EmbeddedServer(ABC):
 
     Attributes:
         workdir: directory owned by this server (config, data, log).
-        port: the TCP port; 0 until the first `start`, then kept across restarts.
+        port: the TCP port; 0 until the first `start`, then kept across restarts; always 0
+            for a server that does not listen on TCP.
     """
 
     name: str = "server"
     """Human-readable name of the binary, used in log lines and errors."""
+    uses_port: bool = True
+    """Whether the server listens on a TCP port that `start` picks."""
 
     def __init__(self, *, workdir: Path) -> None:
         """Prepare, but do not start, a server.
@@ -227,6 +231,7 @@ class EmbeddedServer(ABC):
         """
         self.workdir = Path(workdir)
         self.port = 0
+        self._started = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
@@ -257,8 +262,13 @@ class EmbeddedServer(ABC):
     def _is_ready(self) -> bool:
         """Whether the server, just started, accepts clients; must not block for long."""
 
+    @property
+    def address(self) -> str:
+        """Where clients connect, for log lines and errors: ``127.0.0.1:PORT``."""
+        return f"127.0.0.1:{self.port}"
+
     def _require_started(self) -> int:
-        if self.port == 0:
+        if not self._started:
             raise RuntimeStartError(f"{self.name} in {str(self.workdir)!r} was never started")
         return self.port
 
@@ -279,7 +289,7 @@ class EmbeddedServer(ABC):
         if self.running:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        attempts = _PORT_ATTEMPTS if self.port == 0 else 1
+        attempts = _PORT_ATTEMPTS if self.uses_port and not self._started else 1
         for attempt in range(1, attempts + 1):
             if attempts > 1:
                 self.port = free_port()
@@ -291,6 +301,7 @@ class EmbeddedServer(ABC):
                     raise
                 log.info("%s: port %d was taken, trying another", self.name, self.port)
             else:
+                self._started = True
                 return
 
     def _start_once(self, timeout: float) -> None:
@@ -304,7 +315,7 @@ class EmbeddedServer(ABC):
         except BaseException:  # includes Ctrl-C while waiting: never keep a half-started server
             self.stop()
             raise
-        log.info("%s ready on 127.0.0.1:%d (pid %d)", self.name, self.port, proc.pid)
+        log.info("%s ready on %s (pid %d)", self.name, self.address, proc.pid)
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -319,8 +330,7 @@ class EmbeddedServer(ABC):
     def _start_error(self, what: str) -> RuntimeStartError:
         tail = log_tail(self.log_path, offset=self._log_offset) or "(log is empty)"
         return RuntimeStartError(
-            f"{self.name} on 127.0.0.1:{self.port} {what}; last lines of {str(self.log_path)!r}:"
-            f"\n{tail}"
+            f"{self.name} on {self.address} {what}; last lines of {str(self.log_path)!r}:\n{tail}"
         )
 
     def stop(self) -> None:
@@ -348,6 +358,11 @@ class EmbeddedServer(ABC):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the server for good: `stop`, and whatever a subclass keeps only for a
+        restart. Safe to call twice."""
         self.stop()
 
     def __repr__(self) -> str:

@@ -17,13 +17,15 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Final, cast
 
 import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+
+from govmesh.config import public_url
 
 __all__ = ["RespConnection", "RespScript"]
 
@@ -46,6 +48,18 @@ def _encode(args: Sequence[Arg]) -> bytes:
             data = repr(arg).encode()
         parts += (b"$%d\r\n" % len(data), data, b"\r\n")
     return b"".join(parts)
+
+
+def _ssl_context(options: Mapping[str, Any]) -> ssl.SSLContext:
+    """The TLS settings of a ``rediss://`` URL, read as redis-py reads them: the CA to trust
+    (``ssl_ca_certs``, default the system's), a client certificate (``ssl_certfile``,
+    ``ssl_keyfile``) and whether the host name is checked (``ssl_check_hostname``)."""
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    if options.get("ssl_certfile"):
+        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    if options.get("ssl_check_hostname") is False:
+        context.check_hostname = False
+    return context
 
 
 class _Protocol(asyncio.Protocol):
@@ -88,7 +102,8 @@ class RespConnection:
 
     Args:
         url: a ``redis://``, ``rediss://`` or ``unix://`` URL, as redis-py reads it
-            (user, password and database included).
+            (user, password, database and, for ``rediss://``, ``ssl_ca_certs``,
+            ``ssl_certfile``, ``ssl_keyfile`` and ``ssl_check_hostname`` included).
     """
 
     def __init__(self, url: str) -> None:
@@ -127,12 +142,14 @@ class RespConnection:
                         _Protocol,
                         options.get("host", "localhost"),
                         int(options.get("port", 6379)),
-                        ssl=ssl.create_default_context() if kind is SSLConnection else None,
+                        ssl=_ssl_context(options) if kind is SSLConnection else None,
                     ),
                     _CONNECT_TIMEOUT_S,
                 )
         except (OSError, TimeoutError) as exc:
-            raise RedisConnectionError(f"cannot connect to Redis at {self._url!r}: {exc}") from exc
+            raise RedisConnectionError(
+                f"cannot connect to Redis at {public_url(self._url)!r}: {exc}"
+            ) from exc
         password, username = options.get("password"), options.get("username")
         if password:
             await self._send(protocol, ("AUTH", *((username,) if username else ()), password))

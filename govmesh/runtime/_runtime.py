@@ -12,7 +12,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
 
+from govmesh.config import public_url
 from govmesh.errors import ConfigError, RuntimeStartError
 from govmesh.runtime._latency import CpuLatencyHold, LowLatency
 from govmesh.runtime._nats import NatsServer
@@ -20,13 +22,15 @@ from govmesh.runtime._process import Reaper, register_atexit, unregister_atexit
 from govmesh.runtime._redis import RedisServer
 from govmesh.runtime._transport import ENV_NATS_CA, Transport
 
-__all__ = ["ENV_NATS_URL", "ENV_RAY_ADDRESS", "ENV_REDIS_URL", "Runtime"]
+__all__ = ["ENV_NATS_URL", "ENV_RAY_ADDRESS", "ENV_REDIS_NO_AUTH", "ENV_REDIS_URL", "Runtime"]
 
 log = logging.getLogger(__name__)
 
 ENV_NATS_URL: Final = "GOVMESH_NATS_URL"
 ENV_REDIS_URL: Final = "GOVMESH_REDIS_URL"
 ENV_RAY_ADDRESS: Final = "RAY_ADDRESS"
+ENV_REDIS_NO_AUTH: Final = "GOVMESH_REDIS_NO_AUTH"
+"""Set to ``1`` to accept an external Redis URL without a password (see `Runtime`)."""
 _NATS_SCHEMES: Final = ("nats://", "tls://", "ws://", "wss://")
 _REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 _T = TypeVar("_T")
@@ -41,9 +45,32 @@ def _external_url(var: str, schemes: tuple[str, ...]) -> str | None:
     for part in value.split(",") if var == ENV_NATS_URL else [value]:
         if not part.strip().startswith(schemes):
             raise ConfigError(
-                f"{var}={value!r}: expected a URL starting with {' or '.join(schemes)}"
+                f"{var}={public_url(value)!r}: expected a URL starting with {' or '.join(schemes)}"
             )
     return value
+
+
+def _check_redis_auth(url: str) -> None:
+    """Refuse an external Redis URL without a password unless ``GOVMESH_REDIS_NO_AUTH=1``
+    says that is meant, and warn then: whoever reaches such a server can rewrite committed
+    spend, approvals and the ledger, which voids every limit governance enforces."""
+    if urlsplit(url).password:
+        return
+    if os.environ.get(ENV_REDIS_NO_AUTH, "").strip() != "1":
+        raise ConfigError(
+            f"{ENV_REDIS_URL}={url!r} has no password: whoever reaches that server can "
+            "rewrite committed spend, approvals and the ledger. Give the credentials of an "
+            "ACL user (redis://USER:PASSWORD@HOST:PORT/0, rediss://... for TLS, or "
+            f"unix://USER:PASSWORD@/PATH?db=0), or set {ENV_REDIS_NO_AUTH}=1 to run on it "
+            "anyway"
+        )
+    log.warning(
+        "%s=%r has no password and %s=1 accepts that: anyone who reaches that server can "
+        "rewrite committed spend, approvals and the ledger",
+        ENV_REDIS_URL,
+        url,
+        ENV_REDIS_NO_AUTH,
+    )
 
 
 @contextlib.contextmanager
@@ -65,18 +92,24 @@ class Runtime:
     """The services a govmesh deployment needs: NATS, a Redis-protocol server and Ray.
 
     Each service is external when configured (``GOVMESH_NATS_URL``, ``GOVMESH_REDIS_URL``,
-    ``RAY_ADDRESS``) and embedded otherwise: a nats-server with JetStream and a Valkey (or
-    redis-server) on free 127.0.0.1 ports, and a local Ray instance. A Ray that is already
-    initialised in this process is reused and left running.
+    ``RAY_ADDRESS``) and embedded otherwise: a nats-server with JetStream on a free
+    127.0.0.1 port, a Valkey (or redis-server) on a private Unix socket with a password
+    (see `RedisServer`), and a local Ray instance. A Ray that is already initialised in
+    this process is reused and left running. An external Redis URL must carry credentials
+    (``redis://USER:PASSWORD@...``); one without is refused unless
+    ``GOVMESH_REDIS_NO_AUTH=1``, and then warned about on every start. `redis_url` holds
+    the password: log it only through `govmesh.config.public_url`.
 
     With ``secure=True`` (the default) the embedded nats-server requires mutual TLS and maps
     each client certificate to a user with its role's permissions; members join through
     `transport` (``rt.transport.admit(...)``). With external NATS, `transport` comes from the
     operator's files (``GOVMESH_NATS_CA`` and friends, see `Transport`), or is None.
 
-    While it runs, the Runtime holds this machine's CPUs awake where it may (low-latency
-    mode, `CpuLatencyHold`): a message then wakes the process it is for without waiting for
-    a halted CPU. Other machines of a cluster get the same from their operating system's
+    Asked to (``low_latency="on"``, `CpuLatencyHold`), the Runtime holds this machine's CPUs
+    awake while it runs, and its embedded nats-server runs its Go code on one thread: a
+    message then wakes the process it is for without waiting for a halted CPU. Otherwise
+    it changes nothing of the machine's power state and nats-server uses Go's default
+    thread count. Other machines of a cluster get the same from their operating system's
     tuning (tuned's latency-performance profile).
 
     Use ``async with Runtime() as rt:``. Entering blocks the event loop while the services
@@ -119,8 +152,8 @@ class Runtime:
             secure: run the embedded nats-server with mutual TLS and per-role permissions;
                 False serves plain NATS to anyone on 127.0.0.1.
             low_latency: hold this machine's CPUs awake while the Runtime runs (see
-                `CpuLatencyHold`): ``auto``, ``on`` or ``off``; default
-                ``$GOVMESH_LOW_LATENCY``, else ``auto``.
+                `CpuLatencyHold`): ``on`` or ``off``; default ``$GOVMESH_LOW_LATENCY``,
+                else ``off``.
 
         Raises:
             ConfigError: `ray_num_cpus` is less than 1, or `low_latency` is not a mode.
@@ -156,7 +189,8 @@ class Runtime:
 
     @property
     def redis_url(self) -> str:
-        """URL of the Redis-protocol server in use; valid once entered."""
+        """URL of the Redis-protocol server in use, with its password; valid once entered.
+        Never log it as it is (`govmesh.config.public_url` masks the password)."""
         return self._require(self._redis_url)
 
     @property
@@ -212,6 +246,8 @@ class Runtime:
         # Read before starting anything so a malformed URL starts nothing.
         nats_url = _external_url(ENV_NATS_URL, _NATS_SCHEMES)
         redis_url = _external_url(ENV_REDIS_URL, _REDIS_SCHEMES)
+        if redis_url is not None:
+            _check_redis_auth(redis_url)
         if nats_url is not None and self._secure:
             self.transport = Transport.from_environment()
             if self.transport is None:
@@ -230,6 +266,10 @@ class Runtime:
                 self.transport, nats = Transport.embedded(workdir / "nats")
             else:
                 nats = NatsServer(workdir=workdir / "nats")
+            if self._hold.held:
+                # On one thread a message passes from the connection that read it to the one
+                # that writes it without waking another core (README, "Governance speed").
+                nats.go_threads = 1
             self._stack.callback(nats.stop)
             nats.start()
             self.nats_server, self.embedded["nats"], nats_url = nats, True, nats.url
@@ -237,7 +277,7 @@ class Runtime:
 
         if redis_url is None:
             redis = RedisServer(workdir=workdir / "redis")
-            self._stack.callback(redis.stop)
+            self._stack.callback(redis.close)
             redis.start()
             self.redis_server, self.embedded["redis"], redis_url = redis, True, redis.url
         self._redis_url = redis_url
@@ -247,7 +287,7 @@ class Runtime:
         log.info(
             "runtime ready: nats %s, redis %s, ray %s (embedded: %s); low latency %s",
             self._nats_url,
-            self._redis_url,
+            public_url(self._redis_url),
             self.ray_address,
             ", ".join(name for name, own in self.embedded.items() if own) or "none",
             self.low_latency.detail,

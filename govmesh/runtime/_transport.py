@@ -15,7 +15,9 @@ External NATS (``GOVMESH_NATS_URL``) is configured by its operator through files
 ==========================  =====================================================
 
 The operator's server needs ``tls { ... verify_and_map: true }`` and the users that
-`Transport.authorization` renders; govmesh does not reload a server it did not start.
+`Transport.authorization` renders; govmesh does not reload a server it did not start, nor
+read its log: what such a server refuses (its ``Publish Violation``, ``Subscription
+Violation`` and ``authentication error`` log lines) is its operator's to watch.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class Transport:
         self.server = server
         self.own_cert = own_cert
         self._members: dict[tuple[str, str], Member] = {}
+        self._by_user: dict[str, Member] = {}
         self._users: dict[str, Permissions] = {}
         self._lock = threading.Lock()
 
@@ -170,6 +173,11 @@ class Transport:
         """Admitted members by (tenant, member id) (read-only view)."""
         return MappingProxyType(self._members)
 
+    def member_of(self, user: str) -> Member | None:
+        """The admitted member whose certificate maps to nats-server user `user` (its
+        subject DN, as the server's log names it), or None."""
+        return self._by_user.get(user)
+
     def admit(
         self,
         member_id: str,
@@ -215,6 +223,7 @@ class Transport:
             raise ConfigError(f"certificate ttl must be positive, got {ttl!r}")
         with self._lock:
             joining: dict[tuple[str, str], Member] = {}
+            named: dict[str, Member] = {}
             users = dict(self._users)
             for member in requested:
                 key = (member.tenant, member.member_id)
@@ -228,6 +237,7 @@ class Transport:
                     dn = member_dn(member.member_id, member.role, member.tenant)
                     users[dn] = _permissions(member)
                     joining[key] = member
+                    named[dn] = member
             if joining and self.server is not None:
                 self.server.authorize(users)
             elif joining:
@@ -237,6 +247,7 @@ class Transport:
                     ", ".join(f"{t}/{m}" for t, m in joining),
                 )
             self._members.update(joining)
+            self._by_user.update(named)
             self._users = users
         return {
             m.member_id: self.ca.member_cert(m.member_id, m.role, tenant=m.tenant, ttl=ttl)

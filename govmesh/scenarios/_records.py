@@ -32,9 +32,8 @@ from typing import Final
 import msgspec
 
 from govmesh.bus import Subjects
-from govmesh.config import key_prefix
+from govmesh.config import key_prefix, public_url
 from govmesh.errors import ConfigError, StateError
-from govmesh.observability._export import public_url
 from govmesh.runtime import RedisServer
 from govmesh.runtime._home import home_dir
 from govmesh.scenarios._runs import RunManifest, load_manifest, save_manifest
@@ -253,10 +252,10 @@ def audit_target(
         StateError: another command has the run's record open.
     """
     if redis_url and run_id:
-        raise ConfigError(f"give --run {run_id} or --redis-url {redis_url}, not both")
+        raise ConfigError(f"give --run {run_id} or --redis-url {public_url(redis_url)}, not both")
     if redis_url:
         if not tenant:
-            raise ConfigError(f"--tenant is needed with --redis-url {redis_url}")
+            raise ConfigError(f"--tenant is needed with --redis-url {public_url(redis_url)}")
         yield AuditTarget(
             redis_url=redis_url, tenant=tenant, prefix=key_prefix(Subjects(tenant).tenant)
         )

@@ -19,7 +19,7 @@ from nats.errors import Error as NatsError
 
 from govmesh.agents import PurchaseOutcome, WorkflowDone, WorkflowStart
 from govmesh.agents._base import TRANSIENT
-from govmesh.bus import EVENT_STREAM, Bus, Delivery, ensure_event_stream
+from govmesh.bus import Bus, Delivery, ensure_event_stream
 from govmesh.config import Deployment
 from govmesh.errors import BusError, ConfigError
 from govmesh.forecasting import (
@@ -37,9 +37,10 @@ from govmesh.forecasting import (
 from govmesh.governance._replay import ReplayReport, replay_url
 from govmesh.governance._starts import record_start
 from govmesh.identity import Issuer
-from govmesh.identity._permissions import AUDITOR_ROLE, OPERATOR_ROLE
+from govmesh.identity._permissions import AUDITOR_ROLE, OPERATOR_ROLE, SENTINEL_ROLE
 from govmesh.identity.authority import TokenAuthority
 from govmesh.observability import AuditIndex, summarize
+from govmesh.observability._sentinel import SENTINEL_MEMBER, ServerSentinel
 from govmesh.runtime import OPERATOR_MEMBER, WATCH_MEMBER, Transport
 from govmesh.runtime._home import home_dir, write_private
 from govmesh.scenarios._records import keep_run, load_resumable
@@ -151,7 +152,9 @@ async def run_workflows(
             None waits for every one.
         in_process: run services in this process instead of Ray actors.
         transport: mutual TLS; every member is admitted and gets its certificate, and the
-            operator member (`OPERATOR_MEMBER`) is admitted for ``govmesh approvals``.
+            operator member (`OPERATOR_MEMBER`) is admitted for ``govmesh approvals``. With
+            an embedded server, a sentinel (`ServerSentinel`) reports what the server
+            refused as security events, counted in the report's security rejections.
         simulated_approver: answer escalations with the scenario's simulated approver;
             False leaves them to operators (``govmesh approvals``) or to their expiry.
         on_done: called as each workflow finishes (progress bars), and at the start for
@@ -191,6 +194,13 @@ async def run_workflows(
     )
     approver = swarm.approver() if simulated_approver else None
     me = issuer.identity(f"coordinator-{run_id}", COORDINATOR_ROLE)
+    sentinel = (
+        ServerSentinel(
+            deployment, issuer.identity(SENTINEL_MEMBER, SENTINEL_ROLE), transport=transport
+        )
+        if transport is not None and transport.server is not None
+        else None
+    )
     if transport is not None:
         transport.admit(OPERATOR_MEMBER, OPERATOR_ROLE, tenant=deployment.tenant)
         transport.admit(WATCH_MEMBER, AUDITOR_ROLE, tenant=deployment.tenant)
@@ -200,11 +210,12 @@ async def run_workflows(
                 *([approver.identity] if approver else []),
                 authority.identity,
                 me,
+                *([sentinel.identity] if sentinel else []),
             ],
             tenant=deployment.tenant,
         )
     coordinator = await Bus.connect(deployment, me)
-    await ensure_event_stream(coordinator.nc)
+    await ensure_event_stream(coordinator.nc, deployment.tenant)
     records = RunRecords(deployment.redis_url, deployment.key_prefix, run_id)
     outcomes: dict[str, WorkflowDone] = await records.finished()
     waiting: dict[str, asyncio.Future[WorkflowDone]] = {}
@@ -221,6 +232,8 @@ async def run_workflows(
     chaos: asyncio.Task[Any] | None = None
     watch: asyncio.Task[Any] | None = None
     try:
+        if sentinel is not None:
+            await sentinel.start()
         await authority.start()
         await swarm.start()
         if approver is not None:
@@ -299,6 +312,9 @@ async def run_workflows(
                 "rejected": dict(approver.bus.rejected),
             }
         stats["coordinator"] = {"rejected": dict(coordinator.rejected)}
+        if sentinel is not None:
+            await sentinel.poll()
+            stats["sentinel"] = sentinel.stats()
         await asyncio.gather(*background, return_exceptions=True)
     finally:
         for side in (chaos, watch):
@@ -306,6 +322,8 @@ async def run_workflows(
                 side.cancel()
                 await asyncio.gather(side, return_exceptions=True)
         await records.close()
+        if sentinel is not None:
+            await sentinel.close()
         await coordinator.close()
         if approver is not None:
             await approver.close()
@@ -371,14 +389,15 @@ async def _audited(
     redelivery of events fetched before a nats-server restart and never acknowledged."""
     js = bus.nc.jetstream()
     durable = f"audit-{deployment.tenant}"
+    stream = bus.subjects.event_stream
     deadline = time.monotonic() + wait_s
     caught_up = False
     last: int | None = None
     while time.monotonic() < deadline:
         try:
             if last is None:
-                last = (await js.stream_info(EVENT_STREAM)).state.last_seq
-            info = await js.consumer_info(EVENT_STREAM, durable)
+                last = (await js.stream_info(stream)).state.last_seq
+            info = await js.consumer_info(stream, durable)
         except NatsError:
             await asyncio.sleep(0.2)
             continue
@@ -395,6 +414,7 @@ async def _audited(
             checked = await index.verify(workflow)
             records += checked.records
             problems += [msgspec.to_builtins(p) for p in checked.problems]
+        refused = Counter(m.reason for m in await index.refused())
     finally:
         await client.aclose()
     return {
@@ -403,6 +423,10 @@ async def _audited(
         "records": records,
         "problems": problems[:20],
         "intact": not problems,
+        # Messages of the stream the audit refused (forged, replayed, malformed), kept out of
+        # every chain: a chain can be intact while someone attacked the run.
+        "refused": sum(refused.values()),
+        "refused_reasons": dict(refused.most_common()),
     }
 
 
@@ -680,7 +704,8 @@ def finish_run(report: dict[str, Any]) -> None:
     run_id = report["run_id"]
     if report["workflows"]["finished"] == report["workflows"]["total"]:
         workdir = run_dir(run_id)
-        kept = keep_run(workdir, load_manifest(workdir))
+        refused = report["audit"]["refused"]
+        kept = keep_run(workdir, msgspec.structs.replace(load_manifest(workdir), refused=refused))
         report["record"] = {
             "dir": str(kept),
             "show": f"govmesh audit show {workflow_id(run_id, 0)} --run {run_id}",

@@ -42,6 +42,8 @@ class RunManifest(msgspec.Struct, frozen=True, kw_only=True):
         manual_approvals: escalations were left to operators.
         tenant: the scenario's tenant (whose keys the run's Redis holds).
         finished_at: when every workflow had finished (0: not yet).
+        refused: messages of the event stream the audit refused (forged, replayed,
+            malformed) by the time every workflow had finished.
     """
 
     run_id: str
@@ -53,6 +55,7 @@ class RunManifest(msgspec.Struct, frozen=True, kw_only=True):
     started_at: float = 0.0
     tenant: str = ""
     finished_at: float = 0.0
+    refused: int = 0
 
 
 def save_manifest(directory: Path, manifest: RunManifest) -> None:

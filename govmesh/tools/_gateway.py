@@ -285,7 +285,7 @@ class GatewayService(Service):
         if d.envelope.subject != self.subjects.tool(call.tool):
             raise SecurityError("wrong_tool_subject", f"{call.tool!r} on {d.envelope.subject!r}")
         proof = self.bus.check(
-            self.subjects.decision(workflow), call.decision, Decision, replay=False
+            self.subjects.decision(d.claims.sub, workflow), call.decision, Decision, replay=False
         )
         decision: Decision = proof.body
         if proof.claims.role != GOVERNANCE_ROLE:
