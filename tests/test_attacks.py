@@ -935,9 +935,18 @@ async def test_an_agent_the_start_record_does_not_name_is_refused(
             g.dep,
             g.issuer.identity("proc-2", ROLE, capabilities=(ERP_CREATE_PO,), budget_usd=50_000),
         )
+        theirs: asyncio.Queue[Decision] = asyncio.Queue()
+
+        async def on_decision(d: Delivery) -> None:
+            await theirs.put(d.body)
+
         try:
+            await outsider.subscribe(
+                outsider.subjects.decisions("proc-2"), on_decision, accepts=Decision
+            )
+            await outsider.flush()
             await _purchase(outsider, "wf-started")
-            refused = await asyncio.wait_for(g.decisions.get(), 10)
+            refused = await asyncio.wait_for(theirs.get(), 10)
             assert (refused.agent, refused.outcome) == ("proc-2", "deny")
             event = await asyncio.wait_for(events.get(), 10)
             await _purchase(g.agent, "wf-started", step=2)
