@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+from govmesh.bus import Bus
 from govmesh.config import Deployment
+from govmesh.governance._starts import record_start
 from govmesh.identity import Identity, Issuer
+from govmesh.identity._permissions import COORDINATOR_ROLE
 from govmesh.runtime import Transport
 
 
@@ -39,3 +43,34 @@ def deployment(
         tenant=tenant, nats_url=nats_url, redis_url=redis_url, tls=transport is not None
     )
     return dep, issuer
+
+
+class Coordinator:
+    """Records workflow starts as a run's coordinator does (`record_start`), each workflow
+    once, so that governance decides the intents a test sends.
+
+    Args:
+        bus: a member of role ``coordinator``.
+        agents: the agents each workflow names.
+    """
+
+    def __init__(self, bus: Bus, agents: tuple[str, ...]) -> None:
+        self.bus = bus
+        self.agents = agents
+        self._started: set[str] = set()
+
+    @classmethod
+    async def connect(cls, dep: Deployment, issuer: Issuer, agents: tuple[str, ...]) -> Coordinator:
+        """A coordinator of its own on the deployment ``dep``."""
+        bus = await Bus.connect(dep, issuer.identity("coordinator-1", COORDINATOR_ROLE))
+        return cls(bus, agents)
+
+    async def start(self, *workflows: str) -> None:
+        """Record the start of each of ``workflows`` not started yet."""
+        fresh = [w for w in dict.fromkeys(workflows) if w not in self._started]
+        await asyncio.gather(*(record_start(self.bus, w, self.agents) for w in fresh))
+        self._started.update(fresh)
+
+    async def close(self) -> None:
+        """Leave the bus."""
+        await self.bus.close()

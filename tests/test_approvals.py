@@ -23,6 +23,7 @@ from govmesh.config import Deployment
 from govmesh.governance._actor import GovernanceService
 from govmesh.governance._approvals import CLAIM_GRACE_S, Answer, ApprovalRecord, ApprovalStore
 from govmesh.governance._operator import ApprovalNotPending, OperatorDesk
+from govmesh.governance._starts import record_start
 from govmesh.identity import OPERATOR_MEMBER, EnrolmentServer, Issuer
 from govmesh.llm import SimulatedModel
 from govmesh.runtime import JoinedDeployment, Member, RedisServer, Transport
@@ -73,6 +74,7 @@ class Stack:
         return service
 
     async def buy(self, workflow: str, amount: float) -> None:
+        await record_start(self.coordinator, workflow, (AGENT,))
         await self.coordinator.publish(
             self.coordinator.subjects.msg(AGENT),
             PurchaseRequest(item="monitors", vendor="Vendor_A", amount_usd=amount),

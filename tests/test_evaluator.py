@@ -1023,3 +1023,32 @@ def test_reordering_or_duplicating_policy_files_changes_nothing(
     assert variant.hash == original.hash
     for intent, ctx in cases:
         assert evaluate(variant, intent, ctx) == evaluate(original, intent, ctx)
+
+
+def test_an_intent_outside_a_started_workflow_is_denied_before_any_policy() -> None:
+    intent = purchase(vendor="Vendor_A", amount_usd=100.0)
+    unstarted = evaluate(SEED, intent, EvalContext(workflow_started=False, agent_named=False))
+    unnamed = evaluate(SEED, intent, EvalContext(agent_named=False))
+    assert (unstarted.outcome, unstarted.refused) == ("deny", "unknown_workflow")
+    assert unstarted.reasons == ("workflow 'wf-1' was not started",)
+    assert (unnamed.outcome, unnamed.refused) == ("deny", "not_a_participant")
+    assert unnamed.reasons == ("agent 'agent-7' is not named in the start of workflow 'wf-1'",)
+    assert evaluate(SEED, intent, EvalContext()).outcome == "allow"
+
+
+def test_budget_authority_counts_the_agents_spend_today() -> None:
+    intent = purchase(vendor="Vendor_A", amount_usd=4000.0)
+
+    def under(day_spend: float, authority: float | None = 10_000.0) -> Verdict:
+        ctx = EvalContext(day_spend_usd=day_spend, budget_authority_usd=authority)
+        return evaluate(SEED, intent, ctx)
+
+    assert (under(6000.0).outcome, under(6000.0).refused) == ("allow", "")
+    over = under(6000.5)
+    assert (over.outcome, over.refused) == ("deny", "over_budget_authority")
+    assert over.reasons == (
+        "amount 4000 plus spend today 6000.5 (total 10000.5) exceeds the agent's budget "
+        "authority 10000 a day",
+    )
+    # Recorded before the authority was cumulative: not checked.
+    assert under(1e9, authority=None).outcome == "allow"

@@ -30,7 +30,7 @@ from govmesh.tools import (
     ToolResult,
 )
 
-from _deploy import deployment
+from _deploy import Coordinator, deployment
 
 POLICY = str(Path(__file__).parent.parent / "policies" / "procurement-agent-v2.yaml")
 ROLE = "Procurement-Agent-v2"
@@ -83,6 +83,7 @@ class Mesh:
             ),
         )
         self.monitor = await Bus.connect(self.dep, self.issuer.identity("monitor-1", "auditor"))
+        self.coordinator = await Coordinator.connect(self.dep, self.issuer, (AGENT,))
 
         async def on_decision(d: Delivery) -> None:
             await self.decisions.put(d)
@@ -106,6 +107,7 @@ class Mesh:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.coordinator.close()
         await self.monitor.close()
         await self.agent.close()
         for gateway in self.gateways:
@@ -120,6 +122,7 @@ class Mesh:
     async def decide(
         self, workflow: str, args: dict[str, Any], *, step: int = 1, tool: str = ERP_CREATE_PO
     ) -> Delivery:
+        await self.coordinator.start(workflow)
         await self.agent.publish(
             self.agent.subjects.intent(AGENT),
             ToolIntent(tool=tool, args=args, step=step),

@@ -14,7 +14,7 @@ from govmesh.governance._actor import GovernanceService
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.tools import ERP_CREATE_PO, GatewayService, SimulatedErp, ToolCall, ToolResult
 
-from _deploy import deployment
+from _deploy import Coordinator, deployment
 
 POLICY = str(Path(__file__).parent.parent / "policies" / "procurement-agent-v2.yaml")
 ROLE = "Procurement-Agent-v2"
@@ -47,17 +47,20 @@ class Setup:
             accepts=Decision,
         )
         await self.agent.flush()
+        self.coordinator = await Coordinator.connect(self.dep, self.issuer, ("proc-1",))
         self.erp = SimulatedErp(self.gateway.redis, prefix=self.dep.key_prefix)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         for bus in self.extra:
             await bus.close()
+        await self.coordinator.close()
         await self.agent.close()
         await self.gateway.close()
         await self.governance.close()
 
     async def decide(self, workflow: str, args: dict, step: int = 1) -> Delivery:
+        await self.coordinator.start(workflow)
         await self.agent.publish(
             self.agent.subjects.intent("proc-1"),
             ToolIntent(tool=ERP_CREATE_PO, args=args, step=step),

@@ -13,17 +13,21 @@ from pathlib import Path
 import pytest
 
 from govmesh.bus import Bus, Delivery
+from govmesh.config import Deployment
 from govmesh.governance._actor import GovernanceService
 from govmesh.governance._decider import MAX_ATTEMPTS
 from govmesh.governance.messages import Decision, ToolIntent
+from govmesh.identity import Issuer
 from govmesh.tools import ERP_CREATE_PO
 
-from _deploy import deployment
+from _deploy import Coordinator, deployment
 
 ROOT = Path(__file__).parent.parent
 SEED = (ROOT / "policies" / "procurement-agent-v2.yaml").read_text()
 ROLE = "Procurement-Agent-v2"
 ARGS = {"item": "monitors", "vendor": "Vendor_A", "amount_usd": 3000.0}
+AUTHORITY = 10_000_000.0
+"""The agent's budget authority a day: more than any test here spends."""
 
 
 @pytest.fixture
@@ -58,8 +62,9 @@ async def _running(tmp_path, secure_nats, redis_server, prefix):
     )
     await governance.start()
     agent = await Bus.connect(
-        dep, issuer.identity("proc-1", ROLE, capabilities=(ERP_CREATE_PO,), budget_usd=50_000)
+        dep, issuer.identity("proc-1", ROLE, capabilities=(ERP_CREATE_PO,), budget_usd=AUTHORITY)
     )
+    coordinator = await Coordinator.connect(dep, issuer, ("proc-1",))
     decisions: asyncio.Queue[Decision] = asyncio.Queue()
 
     async def on_decision(d: Delivery) -> None:
@@ -71,6 +76,7 @@ async def _running(tmp_path, secure_nats, redis_server, prefix):
     await agent.flush()
 
     async def decide(workflow: str, amount: float = ARGS["amount_usd"]) -> Decision:
+        await coordinator.start(workflow)
         await agent.publish(
             agent.subjects.intent("proc-1"),
             ToolIntent(tool=ERP_CREATE_PO, args={**ARGS, "amount_usd": amount}, step=1),
@@ -79,6 +85,7 @@ async def _running(tmp_path, secure_nats, redis_server, prefix):
         return await asyncio.wait_for(decisions.get(), 10)
 
     yield policy, governance, decide, governance.redis, dep.key_prefix, decisions
+    await coordinator.close()
     await agent.close()
     await governance.close()
 
@@ -278,11 +285,11 @@ async def test_concurrent_split_purchases_cannot_pass_the_limit_together(
     two_actors: Governed,
 ) -> None:
     rounds = 5
-    agent, decisions, actors = two_actors.agent, two_actors.decisions, two_actors.actors
+    decisions, actors = two_actors.decisions, two_actors.actors
     for r in range(rounds):
         # Three 4,000 purchases at once in one workflow against the 10,000 limit.
         for step in (1, 2, 3):
-            await _intent(agent, f"wf-split-{r}", 4000.0, step=step)
+            await _intent(two_actors, f"wf-split-{r}", 4000.0, step=step)
     got = [await asyncio.wait_for(decisions.get(), 10) for _ in range(3 * rounds)]
     allowed = sum(a.decided["allow"] for a in actors)
     by_workflow: dict[str, list[str]] = {}
@@ -302,13 +309,15 @@ async def test_concurrent_purchases_across_workflows_cannot_pass_the_daily_limit
         tmp_path, secure_nats, redis_server, prefix, limits.replace("calls: 3", "calls: 100")
     ) as g:
         for n in range(8):  # 8 x 3,000 at once, each in its own workflow, 10,000 a day
-            await _intent(g.agent, f"wf-day-{n}", 3000.0)
+            await _intent(g, f"wf-day-{n}", 3000.0)
         got = [await asyncio.wait_for(g.decisions.get(), 10) for _ in range(8)]
     assert sorted(d.outcome for d in got) == ["allow"] * 3 + ["deny"] * 5
     assert all(any("daily" in r for r in d.reasons) for d in got if d.outcome == "deny")
 
 
-async def _intent(agent: Bus, workflow: str, amount: float, *, step: int = 1) -> None:
+async def _intent(g: Governed, workflow: str, amount: float, *, step: int = 1) -> None:
+    await g.coordinator.start(workflow)
+    agent = g.agent
     await agent.publish(
         agent.subjects.intent("proc-1"),
         ToolIntent(
@@ -322,13 +331,16 @@ async def _intent(agent: Bus, workflow: str, amount: float, *, step: int = 1) ->
 
 @dataclass
 class Governed:
-    """Two governance actors in one queue group, an agent that sees every decision, and an
-    operator's bus."""
+    """Two governance actors in one queue group, an agent that sees every decision, an
+    operator's bus, a coordinator, and the deployment with its issuer."""
 
     agent: Bus
     decisions: asyncio.Queue[Decision]
     actors: list[GovernanceService]
     operator: Bus
+    coordinator: Coordinator
+    dep: Deployment
+    issuer: Issuer
 
 
 @pytest.fixture
@@ -340,9 +352,10 @@ async def two_actors(tmp_path, secure_nats, redis_server, prefix) -> AsyncIterat
 
 @contextlib.asynccontextmanager
 async def _two_governance_actors(
-    tmp_path, secure_nats, redis_server, prefix, policy_text
+    tmp_path, secure_nats, redis_server, prefix, policy_text, *, budget_usd: float = AUTHORITY
 ) -> AsyncIterator[Governed]:
-    """Two governance actors in one queue group and an agent that sees every decision."""
+    """Two governance actors in one queue group, an agent with budget authority
+    ``budget_usd`` that sees every decision, an operator and a coordinator."""
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
     policy = tmp_path / "policy.yaml"
@@ -356,7 +369,7 @@ async def _two_governance_actors(
     for actor in actors:
         await actor.start()
     agent = await Bus.connect(
-        dep, issuer.identity("proc-1", ROLE, capabilities=(ERP_CREATE_PO,), budget_usd=50_000)
+        dep, issuer.identity("proc-1", ROLE, capabilities=(ERP_CREATE_PO,), budget_usd=budget_usd)
     )
     decisions: asyncio.Queue[Decision] = asyncio.Queue()
 
@@ -364,13 +377,23 @@ async def _two_governance_actors(
         await decisions.put(d.body)
 
     operator = await Bus.connect(dep, issuer.identity("operator-1", "operator"))
+    coordinator = await Coordinator.connect(dep, issuer, ("proc-1",))
     try:
         await agent.subscribe(
             agent.subjects.decisions(agent.identity.agent_id), on_decision, accepts=Decision
         )
         await agent.flush()
-        yield Governed(agent=agent, decisions=decisions, actors=actors, operator=operator)
+        yield Governed(
+            agent=agent,
+            decisions=decisions,
+            actors=actors,
+            operator=operator,
+            coordinator=coordinator,
+            dep=dep,
+            issuer=issuer,
+        )
     finally:
+        await coordinator.close()
         await operator.close()
         await agent.close()
         for actor in actors:
@@ -382,7 +405,8 @@ async def test_an_escalation_is_sent_before_its_approval_request_is_announced(
 ) -> None:
     # The agent waits for the decision, not for the announcement: the decision goes on the
     # wire first.
-    agent, decisions, actors = two_actors.agent, two_actors.decisions, two_actors.actors
+    decisions, actors = two_actors.decisions, two_actors.actors
+    await two_actors.coordinator.start("wf-order")  # its answer is published too
     published: list[str] = []
     for actor in actors:
         publish = actor.bus.nc.publish
@@ -392,7 +416,7 @@ async def test_an_escalation_is_sent_before_its_approval_request_is_announced(
             return await _publish(subject, *args, **kwargs)
 
         actor.bus.nc.publish = recorded
-    await _intent(agent, "wf-order", 7000.0)  # over 5,000: escalates
+    await _intent(two_actors, "wf-order", 7000.0)  # over 5,000: escalates
     escalated = await asyncio.wait_for(decisions.get(), 10)
     deadline = time.monotonic() + 10
     while len(published) < 2 and time.monotonic() < deadline:
@@ -406,10 +430,10 @@ async def test_an_approval_cannot_spend_what_the_workflow_no_longer_has(
 ) -> None:
     from govmesh.governance.messages import ApprovalAnswer
 
-    agent, decisions, operator = two_actors.agent, two_actors.decisions, two_actors.operator
-    await _intent(agent, "wf-appr", 7000.0, step=1)  # over 5,000: escalates
+    decisions, operator = two_actors.decisions, two_actors.operator
+    await _intent(two_actors, "wf-appr", 7000.0, step=1)  # over 5,000: escalates
     escalated = await asyncio.wait_for(decisions.get(), 10)
-    await _intent(agent, "wf-appr", 4000.0, step=2)  # allowed: 4,000 of 10,000 spent
+    await _intent(two_actors, "wf-appr", 4000.0, step=2)  # allowed: 4,000 of 10,000 spent
     allowed = await asyncio.wait_for(decisions.get(), 10)
     await operator.publish(
         operator.subjects.approval("wf-appr"),
@@ -430,15 +454,16 @@ async def test_every_outcome_is_decided_and_recorded_in_one_round_trip(
 
     from govmesh.governance._replay import decisions_key
 
-    agent, decisions, actors = two_actors.agent, two_actors.decisions, two_actors.actors
-    await _intent(agent, "wf-warm", 100.0)  # loads the scripts into the server
+    decisions, actors = two_actors.decisions, two_actors.actors
+    await _intent(two_actors, "wf-warm", 100.0)  # loads the scripts into the server
     await asyncio.wait_for(decisions.get(), 10)
+    amounts = {"wf-rt-allow": 4000.0, "wf-rt-deny": 12000.0, "wf-rt-escalate": 7000.0}
+    await two_actors.coordinator.start(*amounts)  # recorded before, as a run starts them
     watcher = aioredis.Redis.from_url(redis_server.admin_url, decode_responses=True)
     try:
         async with watcher.monitor() as monitor:
-            amounts = {"wf-rt-allow": 4000.0, "wf-rt-deny": 12000.0, "wf-rt-escalate": 7000.0}
             for workflow, amount in amounts.items():
-                await _intent(agent, workflow, amount)
+                await _intent(two_actors, workflow, amount)
             got = [await asyncio.wait_for(decisions.get(), 10) for _ in amounts]
             # Every command of these decisions ran before its decision was published.
             await watcher.get(f"{prefix}:sentinel")
@@ -458,6 +483,7 @@ async def test_every_outcome_is_decided_and_recorded_in_one_round_trip(
     assert in_scripts.count("XADD") == 3
     assert in_scripts.count("HINCRBYFLOAT") == 2  # the allowed amount, per workflow and day
     assert in_scripts.count("HSET") == 1  # the escalation's pending approval request
+    assert in_scripts.count("SET") == 3 * 2  # each intent's nonce, and its first decision
     assert records == 1 + 3  # the warm-up's and these three, each once
 
 
@@ -639,16 +665,16 @@ async def test_intents_arriving_together_are_decided_in_groups_and_recorded_once
 
     from govmesh.governance._replay import DecisionRecord, decisions_key, replay
 
-    agent, decisions, actors = two_actors.agent, two_actors.decisions, two_actors.actors
+    decisions, actors = two_actors.decisions, two_actors.actors
     # Two purchases per workflow: 3,000 then 4,000 against the seed's 5,000 escalation
     # threshold per purchase and 10,000 per workflow; workflows 0-9 also buy 4,000 more,
     # which the workflow limit must deny.
     for n in range(60):
-        await _intent(agent, f"wf-g{n}", 3000.0)
+        await _intent(two_actors, f"wf-g{n}", 3000.0)
     for n in range(60):
-        await _intent(agent, f"wf-g{n}", 4000.0, step=2)
+        await _intent(two_actors, f"wf-g{n}", 4000.0, step=2)
     for n in range(10):
-        await _intent(agent, f"wf-g{n}", 4000.0, step=3)
+        await _intent(two_actors, f"wf-g{n}", 4000.0, step=3)
     got = [await asyncio.wait_for(decisions.get(), 10) for _ in range(130)]
     redis = actors[0].redis
     rows = await redis.xrange(decisions_key(actors[0].deployment.key_prefix))
@@ -672,7 +698,8 @@ async def test_intents_arriving_together_are_decided_in_groups_and_recorded_once
     assert all(amount <= 10_000 for amount in spend.values())
     assert (report.decisions, report.matched) == (130, 130)
     # The seed limits workflow spend only: the other figures are neither read nor recorded.
-    assert {r.unused for r in records} == {("day_spend_usd", "recent_calls")}
+    # (The agent's spend today is read for its budget authority.)
+    assert {r.unused for r in records} == {("recent_calls",)}
     assert round_trips < 130
 
 
@@ -691,3 +718,26 @@ async def test_an_approval_settled_again_after_a_takeover_commits_once_and_answe
 
     assert first == again == (True, ())
     assert float(await redis.hget(f"{key_prefix}:spend", "wf-taken-over")) == 7000.0
+
+
+async def test_an_approval_cannot_spend_what_the_agents_budget_authority_no_longer_has(
+    tmp_path, secure_nats, redis_server, prefix
+) -> None:
+    from govmesh.governance.messages import ApprovalAnswer
+
+    async with _two_governance_actors(
+        tmp_path, secure_nats, redis_server, prefix, SEED, budget_usd=10_000
+    ) as g:
+        await _intent(g, "wf-auth-a", 7000.0)  # over 5,000: escalates, commits nothing yet
+        escalated = await asyncio.wait_for(g.decisions.get(), 10)
+        await _intent(g, "wf-auth-b", 4000.0)  # allowed: 4,000 of the day's 10,000
+        allowed = await asyncio.wait_for(g.decisions.get(), 10)
+        await g.operator.publish(
+            g.operator.subjects.approval("wf-auth-a"),
+            ApprovalAnswer(approval_id=escalated.approval_id, approved=True, by="dana"),
+            workflow="wf-auth-a",
+        )
+        final = await asyncio.wait_for(g.decisions.get(), 10)
+    assert (escalated.outcome, allowed.outcome) == ("escalate", "allow")
+    assert final.approval_id == escalated.approval_id and final.outcome == "deny"
+    assert any("budget authority" in r for r in final.reasons), final.reasons

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from govmesh.agents.messages import InFlight, PurchaseOutcome, PurchaseRequest
 from govmesh.bus import Bus, Delivery, ensure_event_stream
+from govmesh.governance._starts import record_start
 from govmesh.scenarios._schema import load_scenario
 from govmesh.scenarios._swarm import Swarm
 from govmesh.state.messages import Snapshot
@@ -40,6 +41,7 @@ def _platform(dep, issuer, tmp_path: Path) -> tuple[list, object]:
 
 
 async def _buy(coordinator: Bus, workflow: str) -> None:
+    await record_start(coordinator, workflow, ("procurement-1",))
     await coordinator.publish(
         coordinator.subjects.msg("procurement-1"),
         PurchaseRequest(item="monitors", vendor="Vendor_A", amount_usd=1500.0),
@@ -85,6 +87,7 @@ async def test_a_killed_agent_actor_is_restarted_and_serves_the_next_workflow(
         after = (await swarm.pids())[agent]
         assert after != before
 
+        await record_start(coordinator, "wf-after-restart", swarm.agent_ids)
         await coordinator.publish(
             coordinator.subjects.msg(agent),
             PurchaseRequest(item="monitors", vendor="Vendor_A", amount_usd=1200.0),
@@ -135,6 +138,7 @@ async def test_a_restarted_agent_takes_up_its_unfinished_workflows(
             assert time.monotonic() < deadline, "the request was never taken on"
             await asyncio.sleep(0.02)
         # A second workflow that had already asked governance when the agent died.
+        await record_start(coordinator, "wf-decided", ("procurement-1",))
         await redis.hset(
             in_flight,
             "wf-decided",

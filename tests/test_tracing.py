@@ -19,12 +19,13 @@ from govmesh.agents import ProcurementAgent
 from govmesh.agents.messages import PurchaseOutcome, PurchaseRequest
 from govmesh.bus import Bus, Delivery
 from govmesh.governance._actor import GovernanceService
+from govmesh.governance._starts import record_start
 from govmesh.llm import ModelRequest, ModelResponse, SimulatedModel, SimulatedModelSettings
 from govmesh.scenarios import load_scenario
 from govmesh.state import StateService
 from govmesh.tools import ERP_CREATE_PO, GatewayService
 
-from _deploy import deployment
+from _deploy import Coordinator, deployment
 
 ROOT = Path(__file__).parent.parent
 SCENARIO = load_scenario(ROOT / "scenarios" / "procurement.yaml")
@@ -98,6 +99,7 @@ async def run_procurement(
         )
         await coordinator.flush()
         for workflow, request, traceparent in requests:
+            await record_start(coordinator, workflow, ("procurement-1",))
             await coordinator.publish(
                 coordinator.subjects.msg("procurement-1"),
                 request,
@@ -249,6 +251,7 @@ async def test_each_decision_carries_its_own_intents_trace_when_decided_in_one_g
             "procurement-1", "Procurement-Agent-v2", capabilities=(ERP_CREATE_PO,), budget_usd=1e6
         ),
     )
+    coordinator = await Coordinator.connect(dep, issuer, ("procurement-1",))
     traces: dict[str, str] = {}
     decided: dict[str, str] = {}
     all_in = asyncio.Event()
@@ -264,6 +267,7 @@ async def test_each_decision_carries_its_own_intents_trace_when_decided_in_one_g
             agent.subjects.decisions(agent.identity.agent_id), on_decision, accepts=Decision
         )
         await agent.flush()
+        await coordinator.start(*(f"wf-group-{n}" for n in range(20)))
         for n in range(20):  # sent at once: later ones are decided in a group with earlier
             trace_id = uuid.uuid4().hex
             sent = await agent.publish(
@@ -279,6 +283,7 @@ async def test_each_decision_carries_its_own_intents_trace_when_decided_in_one_g
             traces[sent.id] = trace_id
         await asyncio.wait_for(all_in.wait(), 30)
     finally:
+        await coordinator.close()
         await agent.close()
         await governance.close()
 

@@ -52,8 +52,10 @@ from govmesh.errors import ConfigError
 from govmesh.governance._actor import GovernanceService
 from govmesh.governance._evaluator import EvalContext, Intent, evaluate
 from govmesh.governance._policy import PolicySet, load_policies, parse_policy_text
+from govmesh.governance._starts import record_start
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Identity, Issuer
+from govmesh.identity._permissions import COORDINATOR_ROLE
 from govmesh.observability import summarize
 from govmesh.runtime._latency import CpuLatencyHold, current_cpu_latency_us
 
@@ -563,6 +565,7 @@ def _wake_probe(tick: Progress) -> dict[str, Any]:
 async def _phase(
     deployment: Deployment,
     agent: Bus,
+    coordinator: Bus,
     decisions: _Decisions,
     *,
     intents: int,
@@ -571,10 +574,17 @@ async def _phase(
     label: str,
 ) -> dict[str, Any]:
     """One intent in flight, then `_WINDOW` in flight, against the governance actors that
-    serve ``deployment`` now."""
+    serve ``deployment`` now. Each intent is in a workflow of its own, whose start the
+    coordinator records before the timing begins."""
     subjects = agent.subjects
     intent_subject = subjects.intent(agent.identity.agent_id)
     run = uuid.uuid4().hex[:8]
+    tick(f"bus ({label}): recording the workflows' starts", 0)
+    await _start_all(
+        coordinator,
+        [f"wf-{run}-{n}" for n in range(first - _BUS_WARMUP, first + 2 * intents)],
+        agent.identity.agent_id,
+    )
 
     async def decide(n: int) -> float:
         started = time.perf_counter()
@@ -609,6 +619,17 @@ async def _phase(
         "bus_loaded_ms": {"p50": busy["p50"], "p99": busy["p99"]},
         "decisions_per_s": len(loaded) / elapsed,
     }
+
+
+async def _start_all(coordinator: Bus, workflows: list[str], agent: str) -> None:
+    """Record the start of ``workflows``, `_WINDOW` at a time, each naming ``agent``."""
+    pending = iter(workflows)
+
+    async def worker() -> None:
+        for workflow in pending:
+            await record_start(coordinator, workflow, (agent,))
+
+    await asyncio.gather(*(worker() for _ in range(_WINDOW)))
 
 
 @asynccontextmanager
@@ -651,8 +672,10 @@ async def _on_bus(intents: int, tick: Progress, *, go_threads: int | None) -> di
             stack.enter_context(nats_server)
             redis_server = stack.enter_context(RedisServer(workdir=Path(tmp) / "redis"))
             actors = [issuer.identity(f"governance-{i}", "governance") for i in range(_ACTORS)]
-            agent_id = issuer.identity("proc-1", ROLE, capabilities=(TOOL,), budget_usd=50_000)
-            transport.enrol([*actors, agent_id], tenant=subjects.tenant)
+            # A day's budget authority that no run of the bench reaches.
+            agent_id = issuer.identity("proc-1", ROLE, capabilities=(TOOL,), budget_usd=1e12)
+            coordinator_id = issuer.identity("coordinator-1", COORDINATOR_ROLE)
+            transport.enrol([*actors, agent_id, coordinator_id], tenant=subjects.tenant)
             deployment = issuer.deployment(
                 tenant=subjects.tenant,
                 nats_url=nats_server.url,
@@ -661,6 +684,8 @@ async def _on_bus(intents: int, tick: Progress, *, go_threads: int | None) -> di
             )
             agent = await Bus.connect(deployment, agent_id, rotate=False)
             stack.push_async_callback(agent.close)
+            coordinator = await Bus.connect(deployment, coordinator_id, rotate=False)
+            stack.push_async_callback(coordinator.close)
             decisions = _Decisions()
             await agent.subscribe(
                 subjects.decisions(agent_id.agent_id),
@@ -685,6 +710,7 @@ async def _on_bus(intents: int, tick: Progress, *, go_threads: int | None) -> di
                 one = await _phase(
                     deployment,
                     agent,
+                    coordinator,
                     decisions,
                     intents=intents,
                     first=0,
@@ -700,6 +726,7 @@ async def _on_bus(intents: int, tick: Progress, *, go_threads: int | None) -> di
                 apart = await _phase(
                     deployment,
                     agent,
+                    coordinator,
                     decisions,
                     intents=intents,
                     first=10 * intents,

@@ -52,7 +52,22 @@ class MessageVerifier:
         self._window_s = window_s
         self._future_s = future_s
         self._max_bytes = max_bytes
-        self._nonces = NonceCache(window_s=window_s + future_s)
+        # Each receiver remembers the nonces it saw, at no cost per message. That catches
+        # every replay to a receiver that gets all of its subject's messages (an agent's
+        # inbox, a fan-out, a queue group of one). Where a queue group of several shares the
+        # messages, a replay may reach another member: governance, whose decisions a replay
+        # could repeat, also claims each nonce in Redis with the decision (`Decider`); the
+        # gateway holds a decision to one use in its ledger, whoever presents it; a usage
+        # event replayed to a second budget actor could count model use twice, which only
+        # ever tightens the caps, and a snapshot replayed to a second state actor stores
+        # again, unchanged, a version already held.
+        self._nonces = NonceCache(window_s=self.nonce_ttl_s)
+
+    @property
+    def nonce_ttl_s(self) -> float:
+        """How long a nonce must be remembered: while a message carrying it is fresh, which
+        is up to ``window_s`` after a timestamp that may be ``future_s`` ahead."""
+        return self._window_s + self._future_s
 
     def verify(
         self, subject: str, data: bytes, *, now: float | None = None, replay: bool = True

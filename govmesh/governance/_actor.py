@@ -12,6 +12,7 @@ from typing import Any, Final
 
 import msgspec
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
@@ -25,13 +26,25 @@ from govmesh.governance._approvals import (
     expiry_answer,
     is_id_prefix,
 )
-from govmesh.governance._decider import Decider, FirstDecision, amount_of, first_decision
+from govmesh.governance._decider import (
+    Decider,
+    FirstDecision,
+    amount_of,
+    first_decision,
+    nonce_key,
+)
 from govmesh.governance._evaluator import Intent, Verdict, intent_hash
 from govmesh.governance._policy import PolicySet
 from govmesh.governance._replay import (
     PolicySource,
     policy_set_of,
     policy_sources,
+)
+from govmesh.governance._starts import (
+    START_RECORD_FIELD,
+    checked_start,
+    coordinator_only,
+    start_key,
 )
 from govmesh.governance.messages import (
     ApprovalAnswer,
@@ -41,6 +54,8 @@ from govmesh.governance.messages import (
     ApprovalResult,
     Decision,
     SettledApproval,
+    StartRecord,
+    StartRecorded,
     ToolIntent,
 )
 from govmesh.identity import Claims, Identity
@@ -67,7 +82,8 @@ _FINISH_PAUSES_S: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 def authorize_intent(claims: Claims, intent: ToolIntent) -> None:
     """Refuse an intent for a tool the sender's token does not name, or for an amount above
-    the token's budget authority, before it reaches the policy engine."""
+    the token's budget authority, before it reaches the policy engine (which checks the
+    authority again against what the agent was allowed today)."""
     claims.require(intent.tool)
     amount = amount_of(intent.args)
     if amount is not None and amount > claims.budget_usd:
@@ -85,6 +101,16 @@ def operators_only(claims: Claims, _query: ApprovalQuery) -> None:
         raise SecurityError(
             "not_an_operator", f"{claims.sub!r} (role {claims.role!r}) asked for the approvals"
         )
+
+
+def _authorize_ctl(claims: Claims, body: ApprovalQuery | StartRecord) -> None:
+    """Start records only from the coordinator, queries for the approvals only from
+    operators."""
+    match body:
+        case StartRecord():
+            coordinator_only(claims, body)
+        case ApprovalQuery():
+            operators_only(claims, body)
 
 
 def _settled_approval(record: ApprovalRecord) -> SettledApproval:
@@ -113,7 +139,13 @@ class GovernanceService(Service):
     """Answers every tool intent with a signed allow, deny or escalate decision.
 
     Several instances share intents as one NATS queue group; what they must agree on
-    (committed spend per workflow, pending approvals) lives in Redis.
+    (committed spend per workflow and per agent and day, pending approvals, the workflows
+    started and the nonces of the messages decided) lives in Redis.
+
+    An intent is decided only for a workflow the coordinator recorded as started
+    (`record_start`), and only for an agent its start record names; others are denied,
+    recorded and reported as security events, as is a message whose nonce any actor of the
+    group has seen before.
 
     Args:
         deployment: where the services are and whom to trust.
@@ -152,7 +184,8 @@ class GovernanceService(Service):
         self.decided: Counter[str] = Counter()
 
     async def on_start(self) -> None:
-        """Subscribe to intents, approval answers and operators' queries as a queue group."""
+        """Subscribe to intents, approval answers, operators' queries and the coordinator's
+        start records as a queue group."""
         await self.bus.subscribe(
             self.subjects.all("intent"),
             self._on_intent,
@@ -168,10 +201,10 @@ class GovernanceService(Service):
         )
         await self.bus.subscribe(
             self.subjects.ctl(GOVERNANCE_SERVICE),
-            self._on_query,
-            accepts=ApprovalQuery,
+            self._on_ctl,
+            accepts=ApprovalQuery | StartRecord,
             queue=QUEUE,
-            authorize=operators_only,
+            authorize=_authorize_ctl,
             concurrent=False,
         )
         self._decider = Decider(
@@ -181,6 +214,7 @@ class GovernanceService(Service):
             policies=lambda: (self._sources, self.policies),
             key=self.key,
             approval_keys=(self.approvals.key("pending"), self.approvals.key("expiry")),
+            nonce_ttl_s=self.bus.verifier.nonce_ttl_s,
         )
         self._watch = asyncio.create_task(self._watch_policies(), name="policy-reload")
         await self.redecide_pending()
@@ -236,7 +270,12 @@ class GovernanceService(Service):
             intent = _intent_of(request)
             # Decided on today's figures, committing and recording nothing.
             decided = await self.decider.decide(
-                intent, request.reflections, time.time(), call_id=request.intent_id, commit=()
+                intent,
+                request.reflections,
+                time.time(),
+                call_id=request.intent_id,
+                commit=(),
+                authority=request.budget_authority_usd,
             )
             assert not isinstance(decided, FirstDecision)  # only with a first_key
             verdict = decided.verdict
@@ -350,16 +389,23 @@ class GovernanceService(Service):
                 "govmesh.intent.hash": ihash,
             },
         ) as deciding:
-            decided = await self.decider.decide(
-                intent,
-                body.reflections,
-                time.time(),
-                call_id=d.envelope.id,
-                commit=("allow",),
-                first_key=self.key("intent", ihash),
-                trace=d.envelope.trace,
-                seal=seal,
-            )
+            try:
+                decided = await self.decider.decide(
+                    intent,
+                    body.reflections,
+                    time.time(),
+                    call_id=d.envelope.id,
+                    commit=("allow",),
+                    first_key=self.key("intent", ihash),
+                    trace=d.envelope.trace,
+                    seal=seal,
+                    authority=d.claims.budget_usd,
+                    check_start=True,
+                    nonce=d.envelope.nonce,
+                )
+            except SecurityError as exc:  # a replay, seen by another actor of the group
+                self.bus.report(exc, subject=d.envelope.subject, data=d.data)
+                return
             stands = decided if isinstance(decided, FirstDecision) else decided.verdict
             deciding.set_attributes(
                 {
@@ -378,6 +424,12 @@ class GovernanceService(Service):
         await asyncio.sleep(0)
         self.decided[verdict.outcome] += 1
         record_decision(verdict.outcome, source="policy", started=started)
+        if verdict.refused:
+            self.bus.report(
+                SecurityError(verdict.refused, "; ".join(verdict.reasons)),
+                subject=d.envelope.subject,
+                data=d.data,
+            )
         if request is not None:
             # Stored with the record before either message, so an answer can never arrive for
             # an unknown request; an announcement lost to a crash here is made again when the
@@ -458,6 +510,7 @@ class GovernanceService(Service):
             commit=("allow", "escalate"),
             first_key=self.key("within-limits", request.approval_id),
             record=False,
+            authority=request.budget_authority_usd,
         )
         outcome, reasons = (
             (decided.outcome, decided.reasons)
@@ -489,6 +542,13 @@ class GovernanceService(Service):
             case ApprovalAnswer() as answer:
                 await self._on_answer(d, answer)
 
+    async def _on_ctl(self, d: Delivery) -> None:
+        match d.body:
+            case StartRecord():
+                await self._on_start_record(d)
+            case ApprovalQuery():
+                await self._on_query(d)
+
     async def _on_query(self, d: Delivery) -> None:
         query: ApprovalQuery = d.body
         if not d.reply:
@@ -502,7 +562,46 @@ class GovernanceService(Service):
         )
         await self.bus.respond(d, listing)
 
+    async def _first_sighting(self, d: Delivery) -> bool:
+        """Claim the nonce of ``d`` for every actor of the group; False, and reported, when
+        one of them saw it first (intents claim theirs as they are decided)."""
+        claimed = await self.redis.set(
+            nonce_key(self.deployment.key_prefix, d.envelope.nonce),
+            b"1",
+            nx=True,
+            px=int(self.bus.verifier.nonce_ttl_s * 1000) + 1,
+        )
+        if not claimed:
+            self.bus.report(
+                SecurityError("replay", f"nonce {d.envelope.nonce.hex()} seen before"),
+                subject=d.envelope.subject,
+                data=d.data,
+            )
+        return bool(claimed)
+
+    async def _on_start_record(self, d: Delivery) -> None:
+        """Keep a coordinator's start record where every actor's decisions read it, then
+        answer (the coordinator starts the workflow only once answered)."""
+        record: StartRecord = d.body
+        workflow = d.envelope.workflow
+        try:
+            checked_start(workflow, record)
+        except ValueError as exc:
+            self.bus.report(
+                SecurityError("bad_start_record", str(exc)), subject=d.envelope.subject, data=d.data
+            )
+            return
+        if not await self._first_sighting(d):
+            return
+        fields: dict[FieldT, EncodableT] = {START_RECORD_FIELD: d.data}
+        fields.update(dict.fromkeys(record.agents, "1"))
+        await self.redis.hset(start_key(self.deployment.key_prefix, workflow), mapping=fields)
+        if d.reply:
+            await self.bus.respond(d, StartRecorded(workflow=workflow))
+
     async def _on_answer(self, d: Delivery, answer: ApprovalAnswer) -> None:
+        if not await self._first_sighting(d):
+            return
         if d.claims.role != OPERATOR_ROLE:
             self.bus.report(
                 SecurityError(

@@ -28,6 +28,7 @@ from typing import Any, Final, Generic, NamedTuple, TypeVar
 import msgspec
 
 from govmesh.config import utc_day
+from govmesh.errors import SecurityError
 from govmesh.governance._evaluator import EvalContext, Intent, Verdict, evaluate, intent_hash
 from govmesh.governance._policy import Figures, PolicySet
 from govmesh.governance._replay import (
@@ -37,10 +38,11 @@ from govmesh.governance._replay import (
     decisions_key,
     policy_key,
 )
+from govmesh.governance._starts import start_key
 from govmesh.governance.messages import ApprovalRequest, Outcome
 from govmesh.runtime._resp import RespConnection
 
-__all__ = ["Decided", "Decider", "FirstDecision", "Fresh", "Seal"]
+__all__ = ["Decided", "Decider", "FirstDecision", "Fresh", "Seal", "nonce_key"]
 
 log = logging.getLogger(__name__)
 
@@ -60,78 +62,110 @@ _DAY_SPEND_TTL_S: Final = 2 * 86_400
 
 # Decisions on a group of intents, in one atomic step. KEYS[1..4] are shared: the committed
 # spend per workflow, the decision records, the pending approvals and their expiry times.
-# ARGV[1] is the number of intents; each then has 4 keys (its day's spend, its agent's
-# calls, its policy version's texts, its first decision) and 18 arguments:
+# ARGV[1] is the number of intents; each then has 6 keys (its day's spend, its agent's
+# calls, its policy version's texts, its first decision, its workflow's start record, its
+# message's nonce) and 23 arguments:
 #   1 workflow   2 agent   3 rate window start or ''   4 now   5 intent id
 #   6 calls ttl  7, 8, 9 the workflow spend, day spend and recent calls it was decided on,
 #   or '' for a figure it does not depend on   10 the amount to commit or ''
 #   11 day spend ttl   12 the policy texts of a version not stored yet, or ''
 #   13 the decision record or ''   14, 15, 16 an escalation's approval id, request and expiry
 #   17 the first decision to keep, or ''   18 how long to keep it, or '' for good
+#   19 the agent's budget authority, or '' when none applies   20 the intent's amount
+#   21 '1' if it was decided as over that authority, '0' if within
+#   22 the standing it was decided on (2: the workflow's start record names the agent,
+#   1: it names others, 0: there is none), or '' when not checked
+#   23 how long to remember the nonce (ms), or '' when it was claimed already
 # For each intent, in order:
+# - a message whose nonce was seen before (by any actor of the group) writes nothing, and
+#   the reply is 0;
 # - an intent decided before (its first decision is kept) gets that first decision back, and
 #   nothing is counted or written: a retry, or a retry racing its original, never commits
 #   twice;
 # - with a rate window, the call is counted for the calls after it, by its id, so an intent
 #   decided again is counted once, and the calls in the window before it are what it saw;
-# - a figure it depends on that is not what it was decided on writes nothing, and the reply
-#   is {0, workflow spend, day spend, recent calls} to decide again on;
+# - a figure it depends on that is not what it was decided on, a day spend now on the other
+#   side of the budget authority, or another standing, writes nothing, and the reply is
+#   {0, workflow spend, day spend, recent calls, standing} to decide again on;
 # - otherwise, each only if given: the amount is committed, the policy texts stored (before
 #   the record that refers to them), the record appended, an escalation's approval request
 #   stored as pending, and the first decision kept; the reply is {1, figures as they now are}.
+# The budget authority compares sides, not figures: what another actor commits meanwhile
+# makes a decision again only when it crosses the authority, so decisions of one agent on
+# several actors do not keep making each other decide again.
 _DECIDE: Final = """
 local n = tonumber(ARGV[1])
 local out = {}
 for i = 0, n - 1 do
-  local k = 4 + i * 4
-  local a = 1 + i * 18
-  local first = false
-  if ARGV[a + 17] ~= '' then
-    first = redis.call('GET', KEYS[k + 4])
-  end
-  if first then
-    out[i + 1] = first
+  local k = 4 + i * 6
+  local a = 1 + i * 23
+  if ARGV[a + 23] ~= '' and not redis.call('SET', KEYS[k + 6], '1', 'NX', 'PX', ARGV[a + 23]) then
+    out[i + 1] = 0
   else
-    local wf = ARGV[a + 7] ~= '' and (redis.call('HGET', KEYS[1], ARGV[a + 1]) or '0') or '0'
-    local day = ARGV[a + 8] ~= '' and (redis.call('HGET', KEYS[k + 1], ARGV[a + 2]) or '0') or '0'
-    local recent = 0
-    if ARGV[a + 3] ~= '' then
-      redis.call('ZREMRANGEBYSCORE', KEYS[k + 2], '-inf', ARGV[a + 3])
-      local own = redis.call('ZSCORE', KEYS[k + 2], ARGV[a + 5])
-      recent = redis.call('ZCARD', KEYS[k + 2]) - (own and 1 or 0)
-      redis.call('ZADD', KEYS[k + 2], ARGV[a + 4], ARGV[a + 5])
-      redis.call('EXPIRE', KEYS[k + 2], ARGV[a + 6])
+    local first = false
+    if ARGV[a + 17] ~= '' then
+      first = redis.call('GET', KEYS[k + 4])
     end
-    if (ARGV[a + 7] ~= '' and tonumber(wf) ~= tonumber(ARGV[a + 7]))
-        or (ARGV[a + 8] ~= '' and tonumber(day) ~= tonumber(ARGV[a + 8]))
-        or (ARGV[a + 9] ~= '' and recent ~= tonumber(ARGV[a + 9])) then
-      out[i + 1] = {0, wf, day, recent}
+    if first then
+      out[i + 1] = first
     else
-      if ARGV[a + 10] ~= '' then
-        wf = redis.call('HINCRBYFLOAT', KEYS[1], ARGV[a + 1], ARGV[a + 10])
-        day = redis.call('HINCRBYFLOAT', KEYS[k + 1], ARGV[a + 2], ARGV[a + 10])
-        redis.call('EXPIRE', KEYS[k + 1], ARGV[a + 11])
+      local wf = ARGV[a + 7] ~= '' and (redis.call('HGET', KEYS[1], ARGV[a + 1]) or '0') or '0'
+      local day = '0'
+      if ARGV[a + 8] ~= '' or ARGV[a + 19] ~= '' then
+        day = redis.call('HGET', KEYS[k + 1], ARGV[a + 2]) or '0'
       end
-      if ARGV[a + 12] ~= '' then
-        redis.call('SET', KEYS[k + 3], ARGV[a + 12], 'NX')
+      local recent = 0
+      if ARGV[a + 3] ~= '' then
+        redis.call('ZREMRANGEBYSCORE', KEYS[k + 2], '-inf', ARGV[a + 3])
+        local own = redis.call('ZSCORE', KEYS[k + 2], ARGV[a + 5])
+        recent = redis.call('ZCARD', KEYS[k + 2]) - (own and 1 or 0)
+        redis.call('ZADD', KEYS[k + 2], ARGV[a + 4], ARGV[a + 5])
+        redis.call('EXPIRE', KEYS[k + 2], ARGV[a + 6])
       end
-      if ARGV[a + 13] ~= '' then
-        redis.call('XADD', KEYS[2], '*', 'record', ARGV[a + 13])
-      end
-      if ARGV[a + 14] ~= '' then
-        redis.call('HSET', KEYS[3], ARGV[a + 14], ARGV[a + 15])
-        if ARGV[a + 16] ~= '' then
-          redis.call('ZADD', KEYS[4], ARGV[a + 16], ARGV[a + 14])
-        end
-      end
-      if ARGV[a + 17] ~= '' then
-        if ARGV[a + 18] ~= '' then
-          redis.call('SET', KEYS[k + 4], ARGV[a + 17], 'EX', ARGV[a + 18])
+      local standing = 2
+      if ARGV[a + 22] ~= '' then
+        if redis.call('HEXISTS', KEYS[k + 5], ARGV[a + 2]) == 1 then
+          standing = 2
+        elseif redis.call('EXISTS', KEYS[k + 5]) == 1 then
+          standing = 1
         else
-          redis.call('SET', KEYS[k + 4], ARGV[a + 17])
+          standing = 0
         end
       end
-      out[i + 1] = {1, wf, day, recent}
+      if (ARGV[a + 7] ~= '' and tonumber(wf) ~= tonumber(ARGV[a + 7]))
+          or (ARGV[a + 8] ~= '' and tonumber(day) ~= tonumber(ARGV[a + 8]))
+          or (ARGV[a + 9] ~= '' and recent ~= tonumber(ARGV[a + 9]))
+          or (ARGV[a + 19] ~= '' and (tonumber(ARGV[a + 20]) + tonumber(day)
+              > tonumber(ARGV[a + 19])) ~= (ARGV[a + 21] == '1'))
+          or (ARGV[a + 22] ~= '' and standing ~= tonumber(ARGV[a + 22])) then
+        out[i + 1] = {0, wf, day, recent, standing}
+      else
+        if ARGV[a + 10] ~= '' then
+          wf = redis.call('HINCRBYFLOAT', KEYS[1], ARGV[a + 1], ARGV[a + 10])
+          day = redis.call('HINCRBYFLOAT', KEYS[k + 1], ARGV[a + 2], ARGV[a + 10])
+          redis.call('EXPIRE', KEYS[k + 1], ARGV[a + 11])
+        end
+        if ARGV[a + 12] ~= '' then
+          redis.call('SET', KEYS[k + 3], ARGV[a + 12], 'NX')
+        end
+        if ARGV[a + 13] ~= '' then
+          redis.call('XADD', KEYS[2], '*', 'record', ARGV[a + 13])
+        end
+        if ARGV[a + 14] ~= '' then
+          redis.call('HSET', KEYS[3], ARGV[a + 14], ARGV[a + 15])
+          if ARGV[a + 16] ~= '' then
+            redis.call('ZADD', KEYS[4], ARGV[a + 16], ARGV[a + 14])
+          end
+        end
+        if ARGV[a + 17] ~= '' then
+          if ARGV[a + 18] ~= '' then
+            redis.call('SET', KEYS[k + 4], ARGV[a + 17], 'EX', ARGV[a + 18])
+          else
+            redis.call('SET', KEYS[k + 4], ARGV[a + 17])
+          end
+        end
+        out[i + 1] = {1, wf, day, recent, standing}
+      end
     end
   end
 end
@@ -225,7 +259,13 @@ def first_decision(
 
 
 def approval_request(
-    intent: Intent, verdict: Verdict, *, reflections: int, intent_id: str, trace: str
+    intent: Intent,
+    verdict: Verdict,
+    *,
+    reflections: int,
+    intent_id: str,
+    trace: str,
+    authority: float | None,
 ) -> ApprovalRequest:
     """The approval request an escalation of ``intent`` puts to its escalation target."""
     now = time.time()
@@ -247,6 +287,7 @@ def approval_request(
         expires_at=now + verdict.approval_expiry_s if verdict.approval_expiry_s else 0.0,
         on_expiry=verdict.on_expiry,
         trace=trace,
+        budget_authority_usd=authority,
     )
 
 
@@ -264,9 +305,14 @@ class _Job:
     trace: str
     seal: Seal | None
     future: asyncio.Future[Decided]
+    authority: float | None
+    check_start: bool
+    nonce: bytes
+    """The intent message's nonce, until the script has claimed it for this decision."""
     attempts: int = 0
-    seen: tuple[float, float, int] | None = None
-    """The true figures the script sent back when the last attempt's had moved."""
+    seen: tuple[float, float, int, int] | None = None
+    """The true figures and standing the script sent back when the last attempt's had
+    moved."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -305,6 +351,8 @@ class Decider:
             group is decided under one version even across a reload.
         key: builds a key under the tenant's prefix.
         approval_keys: the pending approvals hash and their expiry sorted set.
+        nonce_ttl_s: how long a nonce claimed for a decision is remembered: as long as a
+            message carrying it could pass the freshness check.
     """
 
     def __init__(
@@ -316,6 +364,7 @@ class Decider:
         policies: Callable[[], tuple[list[PolicySource], PolicySet]],
         key: Callable[..., str],
         approval_keys: tuple[str, str],
+        nonce_ttl_s: float,
     ) -> None:
         self._script = redis.script(_DECIDE)
         self._prefix = prefix
@@ -329,6 +378,8 @@ class Decider:
         self._workflow_spend: _Assumed[str, float] = _Assumed()
         self._day_spend: _Assumed[tuple[str, str], float] = _Assumed()
         self._recent_calls: _Assumed[str, int] = _Assumed()
+        self._standing: _Assumed[tuple[str, str], int] = _Assumed()
+        self._nonce_ttl_ms = repr(int(nonce_ttl_s * 1000) + 1).encode()
         self._queue: list[_Job] = []
         self._busy = False
         self._task: asyncio.Task[None] | None = None
@@ -348,6 +399,9 @@ class Decider:
         record: bool = True,
         trace: str = "",
         seal: Seal | None = None,
+        authority: float | None = None,
+        check_start: bool = False,
+        nonce: bytes = b"",
     ) -> Decided:
         """Decide ``intent`` on figures that hold when the decision is written, and write it
         in one atomic step with the decisions of its group.
@@ -371,9 +425,17 @@ class Decider:
                 thrown away when the decision is not the one written. It may run in the task
                 of another intent of the group, so it must not read the caller's context (its
                 span, say). An error in it is logged and leaves `Fresh.sealed` None.
+            authority: the agent's budget authority per UTC day, checked against what was
+                committed for it today with this intent's amount; None checks none.
+            check_start: decide on whether a start record names the workflow and the agent
+                (`start_key`); unchecked, both are taken as given.
+            nonce: the intent message's nonce, claimed for the governance actors of the
+                tenant in the same step; empty claims none.
 
         Raises:
             RedisError: the group's round trip failed; nothing of this decision was written.
+            SecurityError: ``replay``: another decision claimed ``nonce`` first; nothing of
+                this one was written.
         """
         if self._closed:
             raise RuntimeError(f"{self._member} is closing")
@@ -391,6 +453,9 @@ class Decider:
                 trace=trace,
                 seal=seal,
                 future=future,
+                authority=authority,
+                check_start=check_start,
+                nonce=nonce,
             )
         )
         if not self._busy:
@@ -477,13 +542,20 @@ class Decider:
         again: list[_Job] = []
         for item, reply in zip(sent, replies, strict=True):
             job = item.job
-            if isinstance(reply, bytes):
+            if isinstance(reply, int):
                 if not job.future.done():  # not if its handler was cancelled meanwhile
+                    job.future.set_exception(
+                        SecurityError("replay", f"nonce {job.nonce.hex()} seen before")
+                    )
+                continue
+            job.nonce = b""  # claimed for this decision: deciding it again claims no more
+            if isinstance(reply, bytes):
+                if not job.future.done():
                     job.future.set_result(self._first.decode(reply))
                 continue
-            status, wf_text, day_text, recent = reply
-            figures = (float(wf_text), float(day_text), int(recent))
-            self._assume(job.intent, utc_day(job.now), item.figures, figures)
+            status, wf_text, day_text, recent, standing = reply
+            figures = (float(wf_text), float(day_text), int(recent), int(standing))
+            self._assume(job, utc_day(job.now), item.figures, figures)
             if status == 1:
                 if item.texts_of:
                     self._recorded_versions.add(item.texts_of)
@@ -495,7 +567,9 @@ class Decider:
                 again.append(job)
         return again
 
-    def _assumed(self, job: _Job, needs: Figures, day: str, running: _Running) -> EvalContext:
+    def _assumed(
+        self, job: _Job, needs: Figures, bounded: bool, day: str, running: _Running
+    ) -> EvalContext:
         """The figures to decide ``job`` on: as the group's earlier decisions leave them,
         else as the script last sent them back for this job, else as last seen."""
         intent, seen = job.intent, job.seen
@@ -506,7 +580,7 @@ class Decider:
             if found is None:
                 found = seen[0] if seen else self._workflow_spend.get(intent.workflow, 0.0)
             wf = found
-        if needs.day_spend:
+        if needs.day_spend or bounded:
             found = running.day_spend.get((intent.agent, day))
             if found is None:
                 found = seen[1] if seen else self._day_spend.get((intent.agent, day), 0.0)
@@ -516,12 +590,22 @@ class Decider:
             if counted is None:
                 counted = seen[2] if seen else self._recent_calls.get(intent.agent, 0)
             recent = counted
+        standing = _NAMED
+        if job.check_start:
+            # Taken as named until the script says otherwise: a start record, once written,
+            # is never taken back, so only an intent outside one costs another round trip.
+            standing = (
+                seen[3] if seen else self._standing.get((intent.workflow, intent.agent), _NAMED)
+            )
         return EvalContext(
             reflections=job.reflections,
             workflow_spend_usd=wf,
             now=job.now,
             day_spend_usd=day_spent,
             recent_calls=recent,
+            workflow_started=standing != _UNSTARTED,
+            agent_named=standing == _NAMED,
+            budget_authority_usd=job.authority,
         )
 
     def _prepare(
@@ -537,7 +621,10 @@ class Decider:
         intent = job.intent
         needs = policies.figures(intent.role)
         day = utc_day(job.now)
-        ctx = self._assumed(job, needs, day, running)
+        amount_asked = amount_of(intent.args)
+        # The budget authority reads the agent's spend today, compared by side only.
+        bounded = job.authority is not None and amount_asked is not None
+        ctx = self._assumed(job, needs, bounded, day, running)
         contended = job.attempts >= MAX_ATTEMPTS
         verdict = (
             Verdict(
@@ -552,15 +639,20 @@ class Decider:
         recorded = bool(job.first_key) and job.record
         request = (
             approval_request(
-                intent, verdict, reflections=job.reflections, intent_id=job.call_id, trace=job.trace
+                intent,
+                verdict,
+                reflections=job.reflections,
+                intent_id=job.call_id,
+                trace=job.trace,
+                authority=job.authority,
             )
             if recorded and verdict.outcome == "escalate"
             else None
         )
-        amount = amount_of(intent.args) if verdict.outcome in job.commit else None
+        amount = amount_asked if verdict.outcome in job.commit else None
         if amount is not None:
             running.spend[intent.workflow] = ctx.workflow_spend_usd + amount
-            if needs.day_spend:
+            if needs.day_spend or bounded:
                 running.day_spend[(intent.agent, day)] = ctx.day_spend_usd + amount
         window = needs.rate_window_s
         if window is not None:
@@ -591,7 +683,7 @@ class Decider:
                     decided_by=self._member,
                     contended=contended,
                     obligations=verdict.obligations,
-                    unused=_unused(needs),
+                    unused=_unused(needs, bounded),
                 )
             )
         keys += [
@@ -599,6 +691,8 @@ class Decider:
             self._key("calls", intent.agent),
             policy_key(self._prefix, verdict.policy_hash),
             job.first_key or self._key("intent", ""),
+            start_key(self._prefix, intent.workflow),
+            nonce_key(self._prefix, job.nonce),
         ]
         args += [
             intent.workflow,
@@ -619,13 +713,22 @@ class Decider:
             repr(request.expires_at) if request is not None and request.expires_at else b"",
             kept,
             ttl,
+            *_authority_args(
+                job.authority, amount_asked, ctx.day_spend_usd, compared=bounded and not contended
+            ),
+            repr(_standing(ctx)).encode() if job.check_start and not contended else b"",
+            self._nonce_ttl_ms if job.nonce else b"",
         ]
-        return _Sent(job, verdict, request, needs, verdict.policy_hash if texts else "")
+        figures = needs._replace(day_spend=True) if bounded and not contended else needs
+        return _Sent(job, verdict, request, figures, verdict.policy_hash if texts else "")
 
     def _assume(
-        self, intent: Intent, day: str, needs: Figures, figures: tuple[float, float, int]
+        self, job: _Job, day: str, needs: Figures, figures: tuple[float, float, int, int]
     ) -> None:
         """Remember the figures the script sent back, for the next decisions on them."""
+        intent = job.intent
+        if job.check_start:
+            self._standing.put((intent.workflow, intent.agent), figures[3])
         if needs.workflow_spend:
             self._workflow_spend.put(intent.workflow, figures[0])
         if needs.day_spend:
@@ -636,13 +739,43 @@ class Decider:
 
 _NOTHING: Final = Figures(workflow_spend=False, day_spend=False, rate_window_s=None)
 
+# A workflow's standing for one agent, as the script reports it.
+_NAMED: Final = 2
+_OTHERS_NAMED: Final = 1
+_UNSTARTED: Final = 0
 
-def _unused(needs: Figures) -> tuple[str, ...]:
+
+def nonce_key(prefix: str, nonce: bytes) -> str:
+    """Where a message's nonce is remembered for every governance actor of a tenant."""
+    return f"{prefix}:nonce:{nonce.hex()}"
+
+
+def _authority_args(
+    authority: float | None, amount: float | None, day_spent: float, *, compared: bool
+) -> tuple[bytes, bytes, bytes]:
+    """The script's arguments 19-21: the budget authority, the amount, and whether the
+    decision took the amount as over it on the day's spend it assumed."""
+    if not compared or authority is None or amount is None:
+        return b"", b"", b""
+    return (
+        repr(authority).encode(),
+        repr(amount).encode(),
+        b"1" if amount + day_spent > authority else b"0",
+    )
+
+
+def _standing(ctx: EvalContext) -> int:
+    if not ctx.workflow_started:
+        return _UNSTARTED
+    return _NAMED if ctx.agent_named else _OTHERS_NAMED
+
+
+def _unused(needs: Figures, bounded: bool) -> tuple[str, ...]:
     return tuple(
         name
         for name, used in (
             ("workflow_spend_usd", needs.workflow_spend),
-            ("day_spend_usd", needs.day_spend),
+            ("day_spend_usd", needs.day_spend or bounded),
             ("recent_calls", needs.rate_window_s is not None),
         )
         if not used

@@ -15,8 +15,11 @@ import msgspec
 from govmesh.governance._policy import OnExpiry, PolicySet
 
 __all__ = [
+    "NOT_A_PARTICIPANT",
     "OBLIGATION_AWAIT_APPROVAL",
     "OBLIGATION_RECORD_SPEND",
+    "OVER_BUDGET_AUTHORITY",
+    "UNKNOWN_WORKFLOW",
     "EvalContext",
     "Intent",
     "Outcome",
@@ -62,10 +65,18 @@ class EvalContext(msgspec.Struct, frozen=True, kw_only=True):
         workflow_spend_usd: spend already committed (allowed or approved) on this workflow.
         now: unix time of the decision; an input so replays are exact.
         day_spend_usd: spend already committed by the requesting agent since 00:00 UTC of the
-            day that contains ``now``; checked against ``daily_limit_usd``.
+            day that contains ``now``; checked against ``daily_limit_usd`` and
+            ``budget_authority_usd``. Where only the budget authority reads it, it is the
+            figure governance decided on, and the decision stood because the true figure
+            left the amount on the same side of the authority.
         recent_calls: tool calls the requesting agent made in the last
             ``PolicySet.rate_window_s(role)`` seconds, not counting this one; checked against
             ``rate_limit``.
+        workflow_started: a start record of the deployment names the workflow.
+        agent_named: that start record names the requesting agent.
+        budget_authority_usd: the spend the agent's token allows it per UTC day, checked
+            with ``day_spend_usd``; None where no token's authority applies (decisions
+            recorded before it was cumulative).
     """
 
     reflections: int = 0
@@ -73,6 +84,9 @@ class EvalContext(msgspec.Struct, frozen=True, kw_only=True):
     now: float = 0.0
     day_spend_usd: float = 0.0
     recent_calls: int = 0
+    workflow_started: bool = True
+    agent_named: bool = True
+    budget_authority_usd: float | None = None
 
 
 class Verdict(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,6 +102,9 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
         approval_expiry_s: when the outcome is ``"escalate"``, seconds the approval may stay
             unanswered; otherwise ``None``. See ``PolicySet.approval_terms``.
         on_expiry: what an unanswered escalation becomes once its approval expires.
+        refused: for a deny that is a security matter rather than a policy's, its reason
+            (``unknown_workflow``, ``not_a_participant``, ``over_budget_authority``),
+            reported as a security event.
     """
 
     outcome: Outcome
@@ -97,6 +114,12 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     escalation: str | None = None
     approval_expiry_s: float | None = None
     on_expiry: OnExpiry = "deny"
+    refused: str = ""
+
+
+UNKNOWN_WORKFLOW: Final = "unknown_workflow"
+NOT_A_PARTICIPANT: Final = "not_a_participant"
+OVER_BUDGET_AUTHORITY: Final = "over_budget_authority"
 
 
 _AMOUNT: Final = "amount_usd"
@@ -126,6 +149,10 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
     policies lists ``allowed_tools`` is restricted to the tools its identity token names,
     which the governance actor checks before the evaluator runs.
 
+    Before any policy, an intent is denied for a workflow no start record names, or by an
+    agent its start record does not name; and, with the other denials, when its amount plus
+    the agent's spend today is over the budget authority of the agent's token.
+
     Args:
         policies: the compiled policy set in force.
         intent: the tool call asked for.
@@ -134,6 +161,8 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
     Returns:
         The verdict, bound to ``policies.hash``.
     """
+    if not (ctx.workflow_started and ctx.agent_named):
+        return _not_started(policies, intent, ctx)
     rules = policies.for_agent(intent.role)
     if not rules:
         return Verdict(
@@ -180,6 +209,15 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
 
     tool = intent.tool
     denials: list[str] = []
+    refused = ""
+    authority = ctx.budget_authority_usd
+    if authority is not None and amount is not None and amount + day_spent > authority:
+        refused = OVER_BUDGET_AUTHORITY
+        denials.append(
+            f"amount {_usd(amount)} plus spend today {_usd(day_spent)} "
+            f"(total {_usd(amount + day_spent)}) exceeds the agent's budget authority "
+            f"{_usd(authority)} a day"
+        )
     escalations: list[str] = []
     escalation: str | None = None
     for policy in rules:
@@ -237,6 +275,7 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
             reasons=tuple(dict.fromkeys(denials)),
             obligations=(),
             policy_hash=policies.hash,
+            refused=refused,
         )
     if escalations:
         expiry, on_expiry = policies.approval_terms(intent.role)
@@ -258,6 +297,23 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
         ),
         obligations=_ALLOW_OBLIGATIONS if amount is not None else (),
         policy_hash=policies.hash,
+    )
+
+
+def _not_started(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
+    """The deny of an intent outside the workflows the deployment started."""
+    workflow = _show(intent.workflow)
+    if not ctx.workflow_started:
+        refused, reason = UNKNOWN_WORKFLOW, f"workflow {workflow} was not started"
+    else:
+        refused = NOT_A_PARTICIPANT
+        reason = f"agent {_show(intent.agent)} is not named in the start of workflow {workflow}"
+    return Verdict(
+        outcome="deny",
+        reasons=(reason,),
+        obligations=(),
+        policy_hash=policies.hash,
+        refused=refused,
     )
 
 

@@ -14,6 +14,8 @@ __all__ = [
     "ApprovalResult",
     "Decision",
     "SettledApproval",
+    "StartRecord",
+    "StartRecorded",
     "ToolIntent",
 ]
 
@@ -67,6 +69,9 @@ class ApprovalRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
         on_expiry: what it becomes then, by the policy in force when it was escalated.
         trace: the workflow's trace context, so the decision that ends the wait, perhaps
             days later, continues the same trace.
+        budget_authority_usd: the budget authority of the agent's token when it asked,
+            checked again on the day's spend when the request is approved (None for
+            requests stored before it was kept).
     """
 
     approval_id: str
@@ -86,6 +91,7 @@ class ApprovalRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     expires_at: float = 0.0
     on_expiry: Literal["allow", "deny"] = "deny"
     trace: str = ""
+    budget_authority_usd: float | None = None
 
 
 class ApprovalAnswer(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -155,3 +161,20 @@ class ApprovalListing(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
     pending: tuple[ApprovalRequest, ...]
     settled: tuple[SettledApproval, ...] = ()
+
+
+class StartRecord(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """The coordinator's signed record that it started ``workflow``: governance decides the
+    workflow's intents only once it holds one, and only for the agents it names.
+
+    The workflow is the envelope's, as for an intent.
+    """
+
+    agents: tuple[str, ...]
+
+
+class StartRecorded(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Governance's reply to a `StartRecord`: every governance actor of the tenant now
+    decides the workflow's intents."""
+
+    workflow: str

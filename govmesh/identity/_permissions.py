@@ -88,7 +88,8 @@ PLATFORM_ROLES: Final = frozenset(
 TOKEN_SERVICE: Final = "identity"
 """The ``ctl`` service that renews Agent-ID tokens; every member asks it."""
 GOVERNANCE_SERVICE: Final = "governance"
-"""The ``ctl`` service of governance: operators ask it for the approvals."""
+"""The ``ctl`` service of governance: operators ask it for the approvals, the
+coordinator records workflow starts there."""
 DENY_ALL: Final = ">"
 
 

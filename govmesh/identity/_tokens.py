@@ -38,7 +38,12 @@ def _unb64(text: str) -> bytes:
 
 
 class Claims(msgspec.Struct, frozen=True, kw_only=True):
-    """The verified claims of an Agent-ID token."""
+    """The verified claims of an Agent-ID token.
+
+    Attributes:
+        budget_usd: the agent's budget authority: what governance may allow it in all, per
+            UTC day, across its workflows (one intent above it is refused outright).
+    """
 
     sub: str
     role: str

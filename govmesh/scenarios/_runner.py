@@ -35,6 +35,7 @@ from govmesh.forecasting import (
     forecast,
 )
 from govmesh.governance._replay import ReplayReport, replay_url
+from govmesh.governance._starts import record_start
 from govmesh.identity import SOCKET_MEMBERS, Issuer
 from govmesh.identity._permissions import SENTINEL_ROLE
 from govmesh.identity.authority import TokenAuthority
@@ -256,6 +257,9 @@ async def run_workflows(
                 wait = resend_s
                 while not future.done():
                     try:
+                        # Recorded with every start sent: a start is decided on only once
+                        # governance holds its record, even one lost to a Redis restart.
+                        await record_start(coordinator, workflow, swarm.agent_ids, trace=trace)
                         await coordinator.publish(
                             coordinator.subjects.msg(swarm.requester_id),
                             start,

@@ -155,6 +155,11 @@ class Swarm:
         """The requester agent's id."""
         return self.scenario.agents.requester.id
 
+    @property
+    def agent_ids(self) -> tuple[str, ...]:
+        """The agents that take part in each of the scenario's workflows."""
+        return (self.scenario.agents.requester.id, self.scenario.agents.procurement.id)
+
     def _plan(self, governance_actors: int) -> list[tuple[str, type[Service], dict[str, Any]]]:
         s, dep = self.scenario, self.deployment
         model = SimulatedModel(s.model, seed=self.seed)
