@@ -35,19 +35,12 @@ Arg = str | bytes | int | float
 
 
 def _encode(args: Sequence[Arg]) -> bytes:
-    """One command in the Redis protocol: an array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, int):
-            data = b"%d" % arg
-        else:
-            data = repr(arg).encode()
-        parts += (b"$%d\r\n" % len(data), data, b"\r\n")
-    return b"".join(parts)
+    """One command in the Redis protocol: an array of bulk strings, a float as its `repr`.
+
+    hiredis packs it in C: for a group of decisions (some thirty arguments each) that costs
+    less than half of building it in Python. It takes no other types (not even a bool).
+    """
+    return cast(bytes, hiredis.pack_command(tuple(args)))
 
 
 def _ssl_context(options: Mapping[str, Any]) -> ssl.SSLContext:
