@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -227,6 +228,9 @@ class _Assumed(Generic[_K, _V]):
     def get(self, key: _K, default: _V) -> _V:
         return self._kept.get(key, default)
 
+    def forget(self, key: _K) -> None:
+        self._kept.pop(key, None)
+
     def put(self, key: _K, value: _V) -> None:
         kept = self._kept
         kept.pop(key, None)
@@ -379,7 +383,7 @@ class Decider:
         self._day_spend: _Assumed[tuple[str, str], float] = _Assumed()
         self._recent_calls: _Assumed[str, int] = _Assumed()
         self._standing: _Assumed[tuple[str, str], int] = _Assumed()
-        self._nonce_ttl_ms = repr(int(nonce_ttl_s * 1000) + 1).encode()
+        self._nonce_ttl_ms = int(nonce_ttl_s * 1000) + 1
         self._queue: list[_Job] = []
         self._busy = False
         self._task: asyncio.Task[None] | None = None
@@ -660,15 +664,14 @@ class Decider:
         # Under contention the decision is written whatever the figures: it commits nothing,
         # and only a first decision already kept can stand in its way.
         compared = _NOTHING if contended else needs
-        texts, record, kept, ttl = b"", b"", b"", b""
+        texts, record, kept = b"", b"", b""
+        ttl: int | bytes = b""
         if job.first_key:
             first = first_decision(job.call_id, verdict, request)
             kept = self._encode(first)
             if not (first.approval_id and not first.approval_expires_at):
                 # (An approval that never lapses keeps its first decision for good.)
-                ttl = repr(
-                    int(max(0.0, first.approval_expires_at - job.now)) + _FIRST_DECISION_TTL_S
-                ).encode()
+                ttl = int(max(0.0, first.approval_expires_at - job.now)) + _FIRST_DECISION_TTL_S
         if recorded:
             if verdict.policy_hash not in self._recorded_versions:
                 texts = msgspec.json.encode(sources)
@@ -697,29 +700,29 @@ class Decider:
         args += [
             intent.workflow,
             intent.agent,
-            b"" if window is None else repr(job.now - window),
-            repr(job.now),
+            b"" if window is None else job.now - window,
+            job.now,
             job.call_id,
             0 if window is None else int(window) + 1,
-            repr(ctx.workflow_spend_usd) if compared.workflow_spend else b"",
-            repr(ctx.day_spend_usd) if compared.day_spend else b"",
+            ctx.workflow_spend_usd if compared.workflow_spend else b"",
+            ctx.day_spend_usd if compared.day_spend else b"",
             ctx.recent_calls if compared.rate_window_s is not None else b"",
-            b"" if amount is None else repr(amount),
+            b"" if amount is None else amount,
             _DAY_SPEND_TTL_S,
             texts,
             record,
             b"" if request is None else request.approval_id,
             b"" if request is None else self._encode(request),
-            repr(request.expires_at) if request is not None and request.expires_at else b"",
+            request.expires_at if request is not None and request.expires_at else b"",
             kept,
             ttl,
             *_authority_args(
                 job.authority, amount_asked, ctx.day_spend_usd, compared=bounded and not contended
             ),
-            repr(_standing(ctx)).encode() if job.check_start and not contended else b"",
+            _standing(ctx) if job.check_start and not contended else b"",
             self._nonce_ttl_ms if job.nonce else b"",
         ]
-        figures = needs._replace(day_spend=True) if bounded and not contended else needs
+        figures = _reading_day_spend(needs) if bounded and not contended else needs
         return _Sent(job, verdict, request, figures, verdict.policy_hash if texts else "")
 
     def _assume(
@@ -728,7 +731,12 @@ class Decider:
         """Remember the figures the script sent back, for the next decisions on them."""
         intent = job.intent
         if job.check_start:
-            self._standing.put((intent.workflow, intent.agent), figures[3])
+            # Only a standing other than the one assumed is kept: most intents are in a
+            # workflow that names their agent, and keeping those would push out the others.
+            if figures[3] == _NAMED:
+                self._standing.forget((intent.workflow, intent.agent))
+            else:
+                self._standing.put((intent.workflow, intent.agent), figures[3])
         if needs.workflow_spend:
             self._workflow_spend.put(intent.workflow, figures[0])
         if needs.day_spend:
@@ -752,16 +760,19 @@ def nonce_key(prefix: str, nonce: bytes) -> str:
 
 def _authority_args(
     authority: float | None, amount: float | None, day_spent: float, *, compared: bool
-) -> tuple[bytes, bytes, bytes]:
+) -> tuple[float | bytes, float | bytes, bytes]:
     """The script's arguments 19-21: the budget authority, the amount, and whether the
     decision took the amount as over it on the day's spend it assumed."""
     if not compared or authority is None or amount is None:
         return b"", b"", b""
-    return (
-        repr(authority).encode(),
-        repr(amount).encode(),
-        b"1" if amount + day_spent > authority else b"0",
-    )
+    return authority, amount, b"1" if amount + day_spent > authority else b"0"
+
+
+@functools.cache
+def _reading_day_spend(needs: Figures) -> Figures:
+    """``needs`` with the day's spend read and compared, as the budget authority needs it
+    (one per role's figures, made once)."""
+    return needs._replace(day_spend=True)
 
 
 def _standing(ctx: EvalContext) -> int:

@@ -40,7 +40,8 @@ def _encode(args: Sequence[Arg]) -> bytes:
     hiredis packs it in C: for a group of decisions (some thirty arguments each) that costs
     less than half of building it in Python. It takes no other types (not even a bool).
     """
-    return cast(bytes, hiredis.pack_command(tuple(args)))
+    # hiredis's type stub says a tuple of one item; it takes any number.
+    return cast(bytes, hiredis.pack_command(tuple(args)))  # type: ignore[arg-type]
 
 
 def _ssl_context(options: Mapping[str, Any]) -> ssl.SSLContext:
