@@ -55,6 +55,20 @@ async def test_a_script_missing_from_the_server_is_loaded_and_run(redis_server, 
     assert again == [f"{prefix}:b".encode(), b"y", 2]  # Lua numbers reply as integers
 
 
+async def test_a_float_reaches_the_server_as_its_repr(redis_server, prefix) -> None:
+    # The decision script compares the figures it is sent with those it holds: a float must
+    # arrive with every digit, as Python's repr writes it.
+    floats = [0.1, 1 / 3, 1e12, 5e-324, 1.7976931348623157e308, 100.0, -2.5, 1765100000.123456]
+    connection = RespConnection(redis_server.url)
+    try:
+        for n, value in enumerate(floats):
+            await connection.call("SET", f"{prefix}:f{n}", value)
+        got = [await connection.call("GET", f"{prefix}:f{n}") for n in range(len(floats))]
+    finally:
+        await connection.close()
+    assert got == [repr(value).encode() for value in floats]
+
+
 async def test_send_writes_the_command_before_it_returns(redis_server, prefix) -> None:
     import redis as blocking
 
