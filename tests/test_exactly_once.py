@@ -521,7 +521,7 @@ async def _call_failing(m: Mesh, workflow: str, *failures: Exception) -> tuple[F
 
 
 async def test_a_tool_raising_an_unexpected_error_is_answered_at_once_and_recorded_failed(
-    m: Mesh, redis_server
+    m: Mesh, redis_server, caplog: pytest.LogCaptureFixture
 ) -> None:
     secret = redis_server.url  # holds the deployment's Redis password
     flaky, d = await _call_failing(m, "wf-13", RuntimeError(f"lost {secret}"))
@@ -535,6 +535,9 @@ async def test_a_tool_raising_an_unexpected_error_is_answered_at_once_and_record
     assert password and password not in first.error and ":***@" in first.error
     assert again == ToolResult(ok=False, error=first.error, replayed=True)
     assert flaky.calls == 1
+    # The traceback is in the gateway's log, masked like the answer.
+    assert "Traceback" in caplog.text and "RuntimeError: lost" in caplog.text
+    assert password not in caplog.text
     found = await m.ledger.entry(m.key("wf-13", d))
     assert found is not None and (found.state, found.result) == ("done", first)
     stats = m.gateways[0].stats()

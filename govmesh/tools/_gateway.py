@@ -85,8 +85,10 @@ class GatewayService(Service):
       gives the step back (`Ledger.release`), any other is recorded as the step's answer;
     - ``ValueError`` or ``TypeError`` means the tool refused bad arguments: recorded;
     - any other exception is a failure that is not retried, recorded and answered with its
-      type and message (passwords in URLs, and the deployment's Redis password, masked);
-      the traceback goes to this gateway's log, masked alike.
+      type and message; the traceback goes to this gateway's log.
+
+    What a failure says is masked, in the answer and the log: passwords in URLs, and the
+    deployment's Redis password.
 
     Args:
         deployment: where the services are and whom to trust.
@@ -259,7 +261,7 @@ class GatewayService(Service):
         return recorded
 
     def _failure(self, call: ToolCall, entry: Entry, exc: Exception) -> ToolResult:
-        """The answer to a call whose tool raised ``exc``."""
+        """The answer to a call whose tool raised ``exc``; what it says is masked."""
         match exc:
             case ToolError():
                 error = exc.message
@@ -267,14 +269,14 @@ class GatewayService(Service):
                 error = str(exc)
             case _:
                 # Not the tool's own verdict: a bug or an outage it did not expect. The
-                # traceback stays here; the agent learns what and where, never a secret.
+                # traceback stays here; the agent learns what went wrong.
                 text = self._mask("".join(traceback.format_exception(exc)))
                 log.error(
                     "%s failed at step %s of %r:\n%s", call.tool, entry.step, entry.workflow, text
                 )
                 error = f"{type(exc).__qualname__}: {self._mask(str(exc))[:_MAX_ERROR]}"
         retryable = isinstance(exc, ToolError) and exc.retryable
-        return ToolResult(ok=False, error=f"{call.tool}: {error}", retryable=retryable)
+        return ToolResult(ok=False, error=self._mask(f"{call.tool}: {error}"), retryable=retryable)
 
     def _mask(self, text: str) -> str:
         """``text`` with the passwords of URLs, and the deployment's Redis password, masked."""
