@@ -20,6 +20,7 @@ __all__ = [
     "ScenarioError",
     "SecurityError",
     "StateError",
+    "ToolError",
 ]
 
 
@@ -101,3 +102,24 @@ class BudgetError(GovmeshError, RuntimeError):
         self.refusal = refusal
         self.calls = 0
         super().__init__(refusal.reason())
+
+
+class ToolError(GovmeshError, RuntimeError):
+    """A tool failed; the gateway answers the calling agent with ``message`` at once.
+
+    Whether to try again is the error's property, as with Temporal's
+    ``ApplicationError(non_retryable=...)``. By default the failure is the step's answer:
+    it is recorded, and a repeated call of the step gets it back without running the tool.
+    ``retryable=True`` promises that the attempt changed nothing (or that the tool dedupes on
+    the call's idempotency key), so the agent calls again, with backoff, and the gateway
+    runs the tool again under the same decision while that decision is valid.
+
+    Attributes:
+        message: what went wrong, as the agent is told it.
+        retryable: the agent may call again.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        self.message = message
+        self.retryable = retryable
+        super().__init__(message)
