@@ -137,7 +137,7 @@ def _start_telemetry(choice: str) -> None:
         os.environ["OTEL_SDK_DISABLED"] = "true"
     if not any(name.startswith("OTEL_") for name in os.environ):
         return  # nothing asked for: spare every command the import
-    from govmesh.observability import configure_telemetry
+    from govmesh.telemetry import configure_telemetry
 
     try:
         installed = configure_telemetry(member="cli")
