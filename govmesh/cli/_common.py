@@ -25,7 +25,6 @@ from rich.progress import (
 from govmesh.errors import GovmeshError
 
 __all__ = [
-    "T",
     "age",
     "claim_sigterm",
     "console",
@@ -39,7 +38,7 @@ __all__ = [
     "write_json",
 ]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 console = Console(stderr=True)
 out = Console()
 
@@ -112,10 +111,10 @@ def claim_sigterm() -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
 
 
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
+def run_async(coro: Coroutine[Any, Any, _T]) -> _T:
     """Run ``coro``; Ctrl-C and SIGTERM cancel it so every context manager cleans up."""
 
-    async def guarded() -> T:
+    async def guarded() -> _T:
         claim_sigterm()
         return await coro
 
@@ -155,6 +154,7 @@ tenant_option = click.option(
 
 
 def age(seconds: float) -> str:
+    """A duration in its largest whole unit: ``45s``, ``12.5m``, ``3.0h``, ``2.1d``."""
     seconds = max(0.0, seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
