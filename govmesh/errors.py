@@ -6,11 +6,6 @@ Each subclass also inherits the matching built-in exception so callers that alre
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from govmesh.forecasting._reservations import Refused
-
 __all__ = [
     "BusError",
     "ConfigError",
@@ -84,24 +79,6 @@ class SecurityError(GovmeshError, PermissionError):
 
 class StateError(GovmeshError, RuntimeError):
     """Persisting or restoring state failed."""
-
-
-class BudgetError(GovmeshError, RuntimeError):
-    """A model call's spend reservation was refused; the call did not run.
-
-    Final: the call must not be retried as it is. A ``soft`` refusal pauses the workflow
-    for a person; a ``hard`` one halts it.
-
-    Attributes:
-        refusal: the refusal, with the figures that caused it
-            (`govmesh.forecasting.Refused`).
-        calls: model calls of the step that did run before it (set by the agent).
-    """
-
-    def __init__(self, refusal: Refused) -> None:
-        self.refusal = refusal
-        self.calls = 0
-        super().__init__(refusal.reason())
 
 
 class ToolError(GovmeshError, RuntimeError):

@@ -17,23 +17,24 @@ from redis.exceptions import RedisError
 
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
-from govmesh.errors import BudgetError, BusError, ConfigError
+from govmesh.errors import BusError, ConfigError
+from govmesh.forecasting import BudgetError
 from govmesh.forecasting._prices import Price, PriceTable
-from govmesh.forecasting._reservations import BudgetCaps, Granted, ReservationBook
 from govmesh.forecasting.messages import BudgetInterrupt, InterruptAck, Usage
 from govmesh.governance.messages import Decision
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider, ModelRequest, ModelResponse
-from govmesh.observability._metrics import (
+from govmesh.reservations import BudgetCaps, Granted, ReservationBook
+from govmesh.service import Service
+from govmesh.state._tiers import encode_goal
+from govmesh.state.messages import Snapshot
+from govmesh.telemetry._metrics import (
     BUDGET_INTERRUPTS,
     MODEL_CALL_DURATION,
     measured,
     record_model_usage,
 )
-from govmesh.observability._tracing import span
-from govmesh.service import Service
-from govmesh.state._tiers import encode_goal
-from govmesh.state.messages import Snapshot
+from govmesh.telemetry._tracing import span
 
 __all__ = ["TRANSIENT", "AgentService", "RetryPolicy", "Thinking"]
 

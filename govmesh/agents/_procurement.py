@@ -28,13 +28,13 @@ from govmesh.agents._base import TRANSIENT, AgentService, RetryPolicy, Thinking
 from govmesh.agents.messages import InFlight, PurchaseOutcome, PurchaseRequest
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
-from govmesh.errors import BudgetError
+from govmesh.forecasting import BudgetError
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider
-from govmesh.observability._tracing import span
 from govmesh.service import being_cancelled
 from govmesh.state.messages import SnapshotQuery, SnapshotReply, TimerFired, TimerSet
+from govmesh.telemetry._tracing import span
 from govmesh.tools import ERP_CREATE_PO, STEP_IN_PROGRESS, ToolCall, ToolResult
 
 __all__ = ["ProcurementAgent"]

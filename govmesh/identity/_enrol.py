@@ -37,8 +37,8 @@ from govmesh.config import Deployment
 from govmesh.errors import ConfigError, SecurityError
 from govmesh.identity._ca import DEFAULT_CLIENT_TTL, ClientCert, DeploymentCA, _key_pem
 from govmesh.identity._keys import SigningKey, VerifyKey
-from govmesh.identity._permissions import AUDITOR_ROLE, OPERATOR_ROLE
 from govmesh.identity._tokens import DEFAULT_TOKEN_TTL_S, Identity, Issuer, TokenVerifier
+from govmesh.roles import AUDITOR_ROLE, OPERATOR_ROLE
 
 __all__ = [
     "ENROLMENT_TTL_S",

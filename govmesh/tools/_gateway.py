@@ -19,13 +19,13 @@ from redis.exceptions import RedisError
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
 from govmesh.errors import ConfigError, SecurityError, ToolError
-from govmesh.governance._actor import GOVERNANCE_ROLE
 from govmesh.governance._evaluator import Intent, intent_hash
 from govmesh.governance.messages import Decision
 from govmesh.identity import Claims, Identity
-from govmesh.observability._metrics import TOOL_DURATION, measured
-from govmesh.observability._tracing import span
+from govmesh.roles import GOVERNANCE_ROLE
 from govmesh.service import Service, being_cancelled, raise_if_cancelled
+from govmesh.telemetry._metrics import TOOL_DURATION, measured
+from govmesh.telemetry._tracing import span
 from govmesh.tools._erp import ERP_CREATE_PO, SimulatedErp
 from govmesh.tools._ledger import LEASE_S, Entry, Ledger
 from govmesh.tools._registry import RegisteredTool, ToolContext, ToolRegistry
