@@ -391,14 +391,17 @@ class EnrolmentServer:
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Grant:
         uid = _peer_uid(writer)
-        if uid is not None and uid != os.getuid():
-            raise _Refused(
-                "peer",
-                f"enrolment is only for uid {os.getuid()}, the user that runs the deployment; "
-                f"this client runs as uid {uid}",
-            )
         try:
+            # Read even a foreign peer's request (bounded in size and time) before refusing
+            # it: a refusal sent before the client finished writing breaks its pipe, and the
+            # client would never see why.
             line = await asyncio.wait_for(reader.readuntil(b"\n"), self._timeout_s)
+            if uid is not None and uid != os.getuid():
+                raise _Refused(
+                    "peer",
+                    f"enrolment is only for uid {os.getuid()}, the user that runs the "
+                    f"deployment; this client runs as uid {uid}",
+                )
         except asyncio.LimitOverrunError:
             raise _Refused(
                 "too_large", f"request is larger than {MAX_REQUEST_BYTES} bytes"
