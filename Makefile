@@ -28,6 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check govmesh tests
 	$(BIN)/ruff format --check govmesh tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

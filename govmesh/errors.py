@@ -6,11 +6,6 @@ Each subclass also inherits the matching built-in exception so callers that alre
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from govmesh.forecasting._reservations import Refused
-
 __all__ = [
     "BusError",
     "ConfigError",
@@ -20,6 +15,7 @@ __all__ = [
     "ScenarioError",
     "SecurityError",
     "StateError",
+    "ToolError",
 ]
 
 
@@ -85,19 +81,22 @@ class StateError(GovmeshError, RuntimeError):
     """Persisting or restoring state failed."""
 
 
-class BudgetError(GovmeshError, RuntimeError):
-    """A model call's spend reservation was refused; the call did not run.
+class ToolError(GovmeshError, RuntimeError):
+    """A tool failed; the gateway answers the calling agent with ``message`` at once.
 
-    Final: the call must not be retried as it is. A ``soft`` refusal pauses the workflow
-    for a person; a ``hard`` one halts it.
+    Whether to try again is the error's property, as with Temporal's
+    ``ApplicationError(non_retryable=...)``. By default the failure is the step's answer:
+    it is recorded, and a repeated call of the step gets it back without running the tool.
+    ``retryable=True`` promises that the attempt changed nothing (or that the tool dedupes on
+    the call's idempotency key), so the agent calls again, with backoff, and the gateway
+    runs the tool again under the same decision while that decision is valid.
 
     Attributes:
-        refusal: the refusal, with the figures that caused it
-            (`govmesh.forecasting.Refused`).
-        calls: model calls of the step that did run before it (set by the agent).
+        message: what went wrong, as the agent is told it.
+        retryable: the agent may call again.
     """
 
-    def __init__(self, refusal: Refused) -> None:
-        self.refusal = refusal
-        self.calls = 0
-        super().__init__(refusal.reason())
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        self.message = message
+        self.retryable = retryable
+        super().__init__(message)

@@ -18,7 +18,7 @@ from govmesh._tasks import being_cancelled, raise_if_cancelled
 from govmesh.bus import Bus
 from govmesh.config import Deployment
 from govmesh.identity import EnrolRequest, Grant, Identity, MemberKeys
-from govmesh.observability._telemetry import configure_telemetry
+from govmesh.telemetry._telemetry import configure_telemetry
 
 __all__ = ["Service", "ServiceActor", "being_cancelled", "raise_if_cancelled"]
 

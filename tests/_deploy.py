@@ -9,7 +9,7 @@ from govmesh.bus import Bus
 from govmesh.config import Deployment
 from govmesh.governance._starts import record_start
 from govmesh.identity import Identity, Issuer
-from govmesh.identity._permissions import COORDINATOR_ROLE
+from govmesh.roles import COORDINATOR_ROLE
 from govmesh.runtime import Transport
 
 

@@ -82,15 +82,10 @@ from govmesh.identity import (
     request_grant,
     ssl_context,
 )
-from govmesh.identity._permissions import (
-    AUDITOR_ROLE,
-    COORDINATOR_ROLE,
-    GOVERNANCE_SERVICE,
-    SENTINEL_ROLE,
-)
 from govmesh.observability import AuditIndex
 from govmesh.observability._sentinel import SENTINEL_MEMBER, ServerSentinel
 from govmesh.observability._service import AuditService
+from govmesh.roles import AUDITOR_ROLE, COORDINATOR_ROLE, SENTINEL_ROLE
 from govmesh.runtime import (
     ENV_LOW_LATENCY,
     WATCH_MEMBER,
@@ -112,6 +107,7 @@ from govmesh.state.messages import (
     SnapshotReply,
     SnapshotStored,
 )
+from govmesh.subjects import GOVERNANCE_SERVICE
 from govmesh.tools import ERP_CREATE_PO
 
 from _deploy import deployment

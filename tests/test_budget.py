@@ -10,7 +10,7 @@ import random
 import pytest
 import redis.asyncio as aioredis
 
-from govmesh.forecasting._reservations import (
+from govmesh.reservations import (
     BudgetCaps,
     Granted,
     Refused,

@@ -298,7 +298,7 @@ async def test_a_capability_the_token_lacks_is_refused_before_the_handler(h: Har
 async def test_token_rotation_under_steady_traffic_loses_and_rejects_nothing(
     secure_nats, redis_server, prefix
 ) -> None:
-    from govmesh.identity.authority import TokenAuthority
+    from govmesh.authority import TokenAuthority
 
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
@@ -339,7 +339,7 @@ async def test_client_certificates_are_renewed_so_a_reconnect_after_expiry_works
 ) -> None:
     import datetime as dt
 
-    from govmesh.identity.authority import TokenAuthority
+    from govmesh.authority import TokenAuthority
     from govmesh.runtime import Transport
 
     transport, server = Transport.embedded(tmp_path)

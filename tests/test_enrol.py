@@ -34,7 +34,7 @@ from govmesh.identity import (
     request_grant,
 )
 from govmesh.identity._enrol import MAX_REQUEST_BYTES
-from govmesh.identity._permissions import AUDITOR_ROLE, OPERATOR_ROLE
+from govmesh.roles import AUDITOR_ROLE, OPERATOR_ROLE
 from govmesh.runtime import Member, NatsServer, RedisServer, Transport, advertise, join
 
 from _deploy import deployment
@@ -264,8 +264,8 @@ async def test_a_member_renews_its_token_and_certificate_over_the_bus_keeping_it
 ) -> None:
     import datetime as dt
 
+    from govmesh.authority import TokenAuthority
     from govmesh.bus import Bus
-    from govmesh.identity.authority import TokenAuthority
 
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix, transport)

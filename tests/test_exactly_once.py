@@ -9,12 +9,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
 from govmesh.bus import Bus, Delivery, SecurityEvent
-from govmesh.errors import ConfigError
+from govmesh.errors import ConfigError, ToolError
 from govmesh.governance._actor import GovernanceService
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.tools import (
@@ -37,6 +39,8 @@ ROLE = "Procurement-Agent-v2"
 AGENT = "proc-1"
 LEGACY = "erp.legacy_purchase_order"
 """A tool the tests register as not idempotent."""
+FLAKY = "erp.flaky_purchase_order"
+"""A tool a test registers to fail as it says (`Flaky`)."""
 ARGS = {"item": "laptops", "vendor": "Vendor_A", "amount_usd": 1200.0}
 
 
@@ -79,7 +83,7 @@ class Mesh:
         self.agent = await Bus.connect(
             self.dep,
             self.issuer.identity(
-                AGENT, ROLE, capabilities=(ERP_CREATE_PO, LEGACY), budget_usd=50_000
+                AGENT, ROLE, capabilities=(ERP_CREATE_PO, LEGACY, FLAKY), budget_usd=50_000
             ),
         )
         self.monitor = await Bus.connect(self.dep, self.issuer.identity("monitor-1", "auditor"))
@@ -436,6 +440,22 @@ async def test_the_erp_executes_one_order_per_idempotency_key(m: Mesh) -> None:
     assert [o.po_id for o in await m.erp.orders()] == [same[0]["po_id"], other["po_id"]]
 
 
+async def test_an_unreachable_erp_is_a_tool_error_retryable_only_under_an_idempotency_key() -> None:
+    down = aioredis.Redis.from_url("redis://127.0.0.1:1")  # nothing listens on port 1
+    erp = SimulatedErp(down, prefix="t-down")
+    keyed = ToolContext(workflow="wf", agent=AGENT, step=1, decision_id="d", idempotency_key="k")
+    try:
+        with pytest.raises(ToolError, match="the ERP is unreachable") as with_key:
+            await erp.create_purchase_order(ARGS, keyed)
+        with pytest.raises(ToolError) as without_key:
+            await erp.create_purchase_order(
+                ARGS, msgspec.structs.replace(keyed, idempotency_key="")
+            )
+    finally:
+        await down.aclose()
+    assert with_key.value.retryable and not without_key.value.retryable
+
+
 def _expired_copy(m: Mesh, workflow: str, decision: Decision) -> bytes:
     """The decision as governance would sign it had it expired a minute ago."""
     body = Decision(
@@ -477,3 +497,93 @@ def test_the_lease_must_be_a_positive_number_of_seconds(redis_server) -> None:
     for bad in (0, -1.0, math.inf, True, "30"):
         with pytest.raises(ConfigError, match="lease_s"):
             GatewayService(dep, issuer.identity("gateway-1", "gateway"), lease_s=bad)
+
+
+class Flaky:
+    """A tool that fails with ``failures`` in turn, then places an order in the ERP."""
+
+    def __init__(self, erp: SimulatedErp, *failures: Exception) -> None:
+        self.erp = erp
+        self.failures = list(failures)
+        self.calls = 0
+
+    async def __call__(self, args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return await self.erp.create_purchase_order(args, ctx)
+
+
+async def _call_failing(m: Mesh, workflow: str, *failures: Exception) -> tuple[Flaky, Delivery]:
+    flaky = Flaky(m.erp, *failures)
+    m.gateways[0].tools.register(FLAKY, flaky, idempotent=False)
+    return flaky, await m.decide(workflow, ARGS, tool=FLAKY)
+
+
+async def test_a_tool_raising_an_unexpected_error_is_answered_at_once_and_recorded_failed(
+    m: Mesh, redis_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = redis_server.url  # holds the deployment's Redis password
+    flaky, d = await _call_failing(m, "wf-13", RuntimeError(f"lost {secret}"))
+
+    first = await m.call("wf-13", ARGS, d.data, tool=FLAKY)
+    again = await m.call("wf-13", ARGS, d.data, tool=FLAKY)
+
+    assert not first.ok and not first.retryable and not first.replayed
+    assert first.error.startswith(f"{FLAKY}: RuntimeError: lost "), first.error
+    password = urlsplit(secret).password
+    assert password and password not in first.error and ":***@" in first.error
+    assert again == ToolResult(ok=False, error=first.error, replayed=True)
+    assert flaky.calls == 1
+    # The traceback is in the gateway's log, masked like the answer.
+    assert "Traceback" in caplog.text and "RuntimeError: lost" in caplog.text
+    assert password not in caplog.text
+    found = await m.ledger.entry(m.key("wf-13", d))
+    assert found is not None and (found.state, found.result) == ("done", first)
+    stats = m.gateways[0].stats()
+    assert (stats["failed"], stats["ran"]) == ({FLAKY: 1}, {})
+    assert await m.erp.orders() == []
+
+
+async def test_a_tool_error_that_is_not_retryable_is_the_steps_answer(m: Mesh) -> None:
+    flaky, d = await _call_failing(m, "wf-14", ToolError("vendor blocked"))
+
+    first = await m.call("wf-14", ARGS, d.data, tool=FLAKY)
+    again = await m.call("wf-14", ARGS, d.data, tool=FLAKY)
+
+    assert first == ToolResult(ok=False, error=f"{FLAKY}: vendor blocked")
+    assert again == ToolResult(ok=False, error=first.error, replayed=True)
+    assert flaky.calls == 1
+    assert m.gateways[0].failed == {FLAKY: 1}
+
+
+async def test_a_retryable_tool_error_gives_the_step_back_and_the_next_call_runs_it_once(
+    m: Mesh,
+) -> None:
+    flaky, d = await _call_failing(m, "wf-15", ToolError("ERP busy", retryable=True))
+
+    failed = await m.call("wf-15", ARGS, d.data, tool=FLAKY)
+    released = await m.ledger.entry(m.key("wf-15", d))
+    retried = await m.call("wf-15", ARGS, d.data, tool=FLAKY)
+    again = await m.call("wf-15", ARGS, d.data, tool=FLAKY)
+
+    assert failed == ToolResult(ok=False, error=f"{FLAKY}: ERP busy", retryable=True)
+    assert released is not None and (released.state, released.result) == ("retryable", failed)
+    assert retried.ok and not retried.replayed, retried.error
+    assert again == ToolResult(ok=True, result=retried.result, replayed=True)
+    assert flaky.calls == 2
+    assert [o.po_id for o in await m.erp.orders()] == [retried.result["po_id"]]
+    found = await m.ledger.entry(m.key("wf-15", d))
+    assert found is not None and (found.state, found.attempts) == ("done", 2)
+    assert (m.gateways[0].failed, m.gateways[0].ran) == ({FLAKY: 1}, {FLAKY: 1})
+    assert m.rejected() == {}
+
+
+async def test_a_retryable_failure_runs_nothing_for_an_expired_decision(m: Mesh) -> None:
+    flaky, d = await _call_failing(m, "wf-16", ToolError("ERP busy", retryable=True))
+    assert (await m.call("wf-16", ARGS, d.data, tool=FLAKY)).retryable
+
+    refused = await m.call("wf-16", ARGS, _expired_copy(m, "wf-16", d.body), tool=FLAKY)
+
+    assert "decision_expired" in refused.error
+    assert flaky.calls == 1

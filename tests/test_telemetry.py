@@ -24,16 +24,16 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from govmesh.errors import ConfigError
-from govmesh.observability import TelemetrySettings
+from govmesh.telemetry import TelemetrySettings
 
 ROOT = Path(__file__).parent.parent
 GOVMESH = [sys.executable, "-m", "govmesh.cli"]
 
 # What one process hosting a member does: configure from its environment, work, close.
 PROBE = """
-from govmesh.observability import configure_telemetry
-from govmesh.observability._metrics import SECURITY_REJECTIONS
-from govmesh.observability._tracing import span
+from govmesh.telemetry import configure_telemetry
+from govmesh.telemetry._metrics import SECURITY_REJECTIONS
+from govmesh.telemetry._tracing import span
 
 telemetry = configure_telemetry(member="probe-1")
 assert configure_telemetry(member="probe-2") is telemetry, "configured twice"

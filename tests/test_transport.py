@@ -24,11 +24,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from govmesh.bus import Bus, ensure_event_stream
-from govmesh.bus._subjects import Subjects
 from govmesh.config import Deployment
 from govmesh.errors import ConfigError, RuntimeStartError
 from govmesh.identity import (
-    PLATFORM_ROLES,
     ClientCert,
     DeploymentCA,
     Issuer,
@@ -38,6 +36,7 @@ from govmesh.identity import (
     renew_before,
     ssl_context,
 )
+from govmesh.roles import PLATFORM_ROLES
 from govmesh.runtime import (
     ENV_NATS_CA,
     ENV_NATS_CA_KEY,
@@ -48,6 +47,7 @@ from govmesh.runtime import (
 )
 from govmesh.runtime._nats import render_authorization
 from govmesh.runtime._process import read_log
+from govmesh.subjects import Subjects
 
 WAIT_S = 5.0
 
@@ -711,9 +711,7 @@ def test_an_agent_role_may_not_reuse_a_platform_role_name():
 
 
 def test_platform_role_names_match_the_actors_that_use_them():
-    from govmesh.governance._actor import GOVERNANCE_ROLE, OPERATOR_ROLE
-    from govmesh.identity.authority import ISSUER_ROLE
-    from govmesh.scenarios._runner import COORDINATOR_ROLE
+    from govmesh.roles import COORDINATOR_ROLE, GOVERNANCE_ROLE, ISSUER_ROLE, OPERATOR_ROLE
 
     assert {GOVERNANCE_ROLE, OPERATOR_ROLE, ISSUER_ROLE, COORDINATOR_ROLE} <= PLATFORM_ROLES
 

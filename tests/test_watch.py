@@ -10,7 +10,7 @@ from rich.console import Console
 
 from govmesh.agents.messages import PurchaseOutcome, WorkflowDone, WorkflowStart
 from govmesh.bus import SecurityEvent
-from govmesh.cli import _board_view, _event_line
+from govmesh.cli._watch import _board_view, _event_line
 from govmesh.forecasting.messages import Usage
 from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest, Decision
 from govmesh.observability import RefusedMessage, summarize_body

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final, TypedDict
 
 import msgspec
@@ -15,25 +17,26 @@ from redis.exceptions import RedisError
 
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
-from govmesh.errors import BudgetError, BusError, ConfigError
+from govmesh.errors import BusError, ConfigError
+from govmesh.forecasting import BudgetError
 from govmesh.forecasting._prices import Price, PriceTable
-from govmesh.forecasting._reservations import BudgetCaps, Granted, ReservationBook
 from govmesh.forecasting.messages import BudgetInterrupt, InterruptAck, Usage
 from govmesh.governance.messages import Decision
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider, ModelRequest, ModelResponse
-from govmesh.observability._metrics import (
+from govmesh.reservations import BudgetCaps, Granted, ReservationBook
+from govmesh.service import Service
+from govmesh.state._tiers import encode_goal
+from govmesh.state.messages import Snapshot
+from govmesh.telemetry._metrics import (
     BUDGET_INTERRUPTS,
     MODEL_CALL_DURATION,
     measured,
     record_model_usage,
 )
-from govmesh.observability._tracing import span
-from govmesh.service import Service
-from govmesh.state._tiers import encode_goal
-from govmesh.state.messages import Snapshot
+from govmesh.telemetry._tracing import span
 
-__all__ = ["TRANSIENT", "AgentService", "Thinking"]
+__all__ = ["TRANSIENT", "AgentService", "RetryPolicy", "Thinking"]
 
 TRANSIENT: Final = (BusError, NatsError, RedisError, ConnectionError)
 """What a restarting nats-server or Redis-protocol server, or a restarting actor that does
@@ -42,6 +45,40 @@ not answer yet, looks like to an agent: worth trying again."""
 _KEEP_OUTCOME_S: Final = 8 * 86_400
 """How long an agent keeps a workflow's outcome to answer a repeated request with: longer
 than a workflow (up to 7 days) may take to ask again."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How an agent retries a tool call that failed with ``ToolError(retryable=True)``, as
+    Temporal's ``RetryPolicy``: the n-th retry waits ``initial_s * backoff ** (n - 1)``
+    seconds, at most ``maximum_s``, and the call is made at most ``maximum_attempts`` times.
+
+    Raises:
+        ConfigError: a figure is out of range; the message quotes it.
+    """
+
+    initial_s: float = 0.5
+    backoff: float = 2.0
+    maximum_s: float = 10.0
+    maximum_attempts: int = 5
+
+    def __post_init__(self) -> None:
+        figures = {
+            "initial_s": (self.initial_s, 0.0),
+            "backoff": (self.backoff, 1.0),
+            "maximum_s": (self.maximum_s, self.initial_s),
+        }
+        for name, (value, least) in figures.items():
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not least <= value < math.inf:
+                raise ConfigError(f"retry policy {name} must be in [{least}, inf), got {value!r}")
+        attempts = self.maximum_attempts
+        if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
+            raise ConfigError(f"retry policy maximum_attempts must be >= 1, got {attempts!r}")
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (from 1)."""
+        return float(min(self.initial_s * self.backoff ** (retry - 1), self.maximum_s))
 
 
 class Thinking(TypedDict, total=False):

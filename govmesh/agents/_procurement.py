@@ -24,17 +24,17 @@ from typing import Any, TypeVar, Unpack
 
 import msgspec
 
-from govmesh.agents._base import TRANSIENT, AgentService, Thinking
+from govmesh.agents._base import TRANSIENT, AgentService, RetryPolicy, Thinking
 from govmesh.agents.messages import InFlight, PurchaseOutcome, PurchaseRequest
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
-from govmesh.errors import BudgetError
+from govmesh.forecasting import BudgetError
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider
-from govmesh.observability._tracing import span
 from govmesh.service import being_cancelled
 from govmesh.state.messages import SnapshotQuery, SnapshotReply, TimerFired, TimerSet
+from govmesh.telemetry._tracing import span
 from govmesh.tools import ERP_CREATE_PO, STEP_IN_PROGRESS, ToolCall, ToolResult
 
 __all__ = ["ProcurementAgent"]
@@ -72,6 +72,10 @@ class ProcurementAgent(AgentService):
             governance, on the deployment's clock (a durable timer kept by the state actor);
             0 for no wait.
         max_reflections: the agent's own stop for a model that keeps failing.
+        tool_retry: how a tool call that failed with ``ToolError(retryable=True)`` is
+            retried (by default, `RetryPolicy`'s defaults); every retry is a governed call,
+            under the same decision while it is valid, and the gateway's ledger still runs
+            the step to effect once.
         thinking: max_tokens, prices, budget, keep_thoughts (see `AgentService`).
     """
 
@@ -87,6 +91,7 @@ class ProcurementAgent(AgentService):
         approval_timeout_s: float = 300.0,
         vendor_wait_s: float = 0.0,
         max_reflections: int = 40,
+        tool_retry: RetryPolicy | None = None,
         **thinking: Unpack[Thinking],
     ) -> None:
         super().__init__(deployment, identity, model=model, **thinking)
@@ -98,6 +103,7 @@ class ProcurementAgent(AgentService):
         self._timers: dict[tuple[str, str], asyncio.Future[TimerFired]] = {}
         self.timers = {"fired": 0, "missed": 0}
         self._max_reflections = max_reflections
+        self._tool_retry = tool_retry or RetryPolicy()
         self._decisions: defaultdict[str, asyncio.Queue[Delivery]] = defaultdict(asyncio.Queue)
         self._active: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -404,8 +410,10 @@ class ProcurementAgent(AgentService):
         until: float,
     ) -> ToolResult:
         """Call the tool through the gateway with ``decided`` (an allow), trying again
-        until it answers; a decision about to expire is asked for again first."""
+        until it answers, and after a retryable failure as `tool_retry` says; a decision
+        about to expire is asked for again first."""
         expired = False
+        attempts = 1
         while True:
             decision: Decision = decided.body
             if expired or decision.expires_at - time.time() < _FRESH_S:
@@ -444,6 +452,12 @@ class ProcurementAgent(AgentService):
                 continue
             if not result.ok and "decision_expired" in result.error:
                 expired = True
+                continue
+            retry = self._tool_retry
+            if result.retryable and attempts < retry.maximum_attempts:
+                log.info("%s of %s failed (%s); retrying", intent.tool, workflow, result.error)
+                await asyncio.sleep(retry.delay(attempts))
+                attempts += 1
                 continue
             return result
 

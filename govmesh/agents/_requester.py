@@ -17,7 +17,7 @@ from govmesh.agents.messages import (
 )
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
-from govmesh.errors import BudgetError
+from govmesh.forecasting import BudgetError
 from govmesh.identity import Identity
 from govmesh.llm import ModelProvider
 

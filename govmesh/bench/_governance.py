@@ -55,8 +55,8 @@ from govmesh.governance._policy import PolicySet, load_policies, parse_policy_te
 from govmesh.governance._starts import record_start
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Identity, Issuer
-from govmesh.identity._permissions import COORDINATOR_ROLE
 from govmesh.observability import summarize
+from govmesh.roles import COORDINATOR_ROLE
 from govmesh.runtime._latency import CpuLatencyHold, current_cpu_latency_us
 
 __all__ = ["CEDAR_POLICY", "SEED_POLICY", "run_governance_bench"]

@@ -4,8 +4,8 @@ from govmesh.bus._bus import MAX_HANDLERS, SLOW_CONSUMER, Bus, Delivery, Handler
 from govmesh.bus._codec import Codec, kind_of
 from govmesh.bus._envelope import Envelope, Sealed, SecurityEvent
 from govmesh.bus._stream import ensure_event_stream
-from govmesh.bus._subjects import Subjects
 from govmesh.bus._verify import MessageVerifier, Verified
+from govmesh.subjects import Subjects
 
 __all__ = [
     "MAX_HANDLERS",

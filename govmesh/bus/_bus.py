@@ -22,7 +22,6 @@ from opentelemetry.trace import SpanKind
 
 from govmesh.bus._codec import Codec
 from govmesh.bus._envelope import Envelope, SecurityEvent
-from govmesh.bus._subjects import Subjects
 from govmesh.bus._verify import MessageVerifier
 from govmesh.config import Deployment
 from govmesh.errors import BusError, ConfigError, SecurityError
@@ -35,8 +34,9 @@ from govmesh.identity import (
     ssl_context,
 )
 from govmesh.identity.messages import TokenGrant, TokenRenewal
-from govmesh.observability._metrics import HANDLER_DURATION, SECURITY_REJECTIONS
-from govmesh.observability._tracing import current_traceparent, span
+from govmesh.subjects import Subjects
+from govmesh.telemetry._metrics import HANDLER_DURATION, SECURITY_REJECTIONS
+from govmesh.telemetry._tracing import current_traceparent, span
 
 __all__ = [
     "MAX_HANDLERS",

@@ -14,7 +14,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from govmesh.bus._subjects import Subjects
+from govmesh.subjects import Subjects
 
 __all__ = ["CAPTURED", "captured_subjects", "ensure_event_stream"]
 

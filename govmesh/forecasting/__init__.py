@@ -19,14 +19,15 @@ from govmesh.forecasting._atfm import (
 from govmesh.forecasting._budget import BudgetService
 from govmesh.forecasting._history import UsageHistory, WorkflowUsage
 from govmesh.forecasting._prices import Price, PriceTable
-from govmesh.forecasting._reservations import (
+from govmesh.forecasting.messages import BudgetQuery, BudgetReport, Usage, WorkflowBurn
+from govmesh.reservations import (
     INTERRUPT_TOOL,
     BudgetCaps,
+    BudgetError,
     Granted,
     Refused,
     ReservationBook,
 )
-from govmesh.forecasting.messages import BudgetQuery, BudgetReport, Usage, WorkflowBurn
 
 __all__ = [
     "FORECAST_METHOD",
@@ -34,6 +35,7 @@ __all__ = [
     "P95_METHOD",
     "AtfmParams",
     "BudgetCaps",
+    "BudgetError",
     "BudgetQuery",
     "BudgetReport",
     "BudgetService",

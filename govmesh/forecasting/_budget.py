@@ -16,7 +16,6 @@ from redis.exceptions import RedisError
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
 from govmesh.forecasting._prices import Price, PriceTable
-from govmesh.forecasting._reservations import INTERRUPT_TOOL, BudgetCaps, ReservationBook
 from govmesh.forecasting.messages import (
     BudgetInterrupt,
     BudgetQuery,
@@ -30,6 +29,7 @@ from govmesh.forecasting.messages import (
 from govmesh.governance._approvals import ApprovalStore
 from govmesh.governance.messages import ApprovalRequest
 from govmesh.identity import Identity
+from govmesh.reservations import INTERRUPT_TOOL, BudgetCaps, ReservationBook
 from govmesh.service import Service, being_cancelled, raise_if_cancelled
 
 __all__ = ["BudgetService", "workflow_spend_keys"]

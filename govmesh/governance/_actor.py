@@ -17,7 +17,6 @@ from redis.typing import EncodableT, FieldT
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
 from govmesh.errors import PolicyError, SecurityError
-from govmesh.forecasting._reservations import INTERRUPT_TOOL, BudgetCaps, ReservationBook
 from govmesh.governance._approvals import (
     CLAIM_GRACE_S,
     Answer,
@@ -59,16 +58,16 @@ from govmesh.governance.messages import (
     ToolIntent,
 )
 from govmesh.identity import Claims, Identity
-from govmesh.identity._permissions import GOVERNANCE_SERVICE
-from govmesh.observability._metrics import record_decision
-from govmesh.observability._tracing import current_traceparent, span
+from govmesh.reservations import INTERRUPT_TOOL, BudgetCaps, ReservationBook
+from govmesh.roles import OPERATOR_ROLE
 from govmesh.runtime._resp import RespConnection
 from govmesh.service import Service, being_cancelled, raise_if_cancelled
+from govmesh.subjects import GOVERNANCE_SERVICE
+from govmesh.telemetry._metrics import record_decision
+from govmesh.telemetry._tracing import current_traceparent, span
 
-__all__ = ["OPERATOR_ROLE", "GovernanceService"]
+__all__ = ["GovernanceService"]
 
-OPERATOR_ROLE = "operator"
-GOVERNANCE_ROLE = "governance"
 QUEUE = "governance"
 
 log = logging.getLogger(__name__)

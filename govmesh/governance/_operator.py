@@ -15,8 +15,9 @@ from govmesh.governance.messages import (
     ApprovalResult,
     SettledApproval,
 )
-from govmesh.identity._permissions import GOVERNANCE_SERVICE, OPERATOR_ROLE
+from govmesh.roles import OPERATOR_ROLE
 from govmesh.runtime import OPERATOR_MEMBER, JoinedDeployment
+from govmesh.subjects import GOVERNANCE_SERVICE
 
 __all__ = ["ApprovalNotPending", "OperatorDesk"]
 

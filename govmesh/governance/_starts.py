@@ -14,11 +14,11 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from govmesh.bus import Bus
-from govmesh.bus._subjects import validate_token
 from govmesh.errors import SecurityError
 from govmesh.governance.messages import StartRecord, StartRecorded
 from govmesh.identity import Claims
-from govmesh.identity._permissions import COORDINATOR_ROLE, GOVERNANCE_ROLE, GOVERNANCE_SERVICE
+from govmesh.roles import COORDINATOR_ROLE, GOVERNANCE_ROLE
+from govmesh.subjects import GOVERNANCE_SERVICE, validate_token
 
 __all__ = ["START_RECORD_FIELD", "coordinator_only", "record_start", "start_key"]
 

@@ -22,7 +22,7 @@ from govmesh.identity._enrol import (
     request_grant,
 )
 from govmesh.identity._keys import SigningKey, VerifyKey
-from govmesh.identity._permissions import PLATFORM_ROLES, Permissions, permissions_for
+from govmesh.identity._permissions import Permissions, permissions_for
 from govmesh.identity._replay import NonceCache
 from govmesh.identity._tokens import (
     DEFAULT_TOKEN_TTL_S,
@@ -36,7 +36,6 @@ __all__ = [
     "DEFAULT_CLIENT_TTL",
     "DEFAULT_TOKEN_TTL_S",
     "OPERATOR_MEMBER",
-    "PLATFORM_ROLES",
     "SOCKET_MEMBERS",
     "WATCH_MEMBER",
     "Claims",

@@ -37,8 +37,8 @@ from govmesh.config import Deployment
 from govmesh.errors import ConfigError, SecurityError
 from govmesh.identity._ca import DEFAULT_CLIENT_TTL, ClientCert, DeploymentCA, _key_pem
 from govmesh.identity._keys import SigningKey, VerifyKey
-from govmesh.identity._permissions import AUDITOR_ROLE, OPERATOR_ROLE
 from govmesh.identity._tokens import DEFAULT_TOKEN_TTL_S, Identity, Issuer, TokenVerifier
+from govmesh.roles import AUDITOR_ROLE, OPERATOR_ROLE
 
 __all__ = [
     "ENROLMENT_TTL_S",
@@ -391,14 +391,17 @@ class EnrolmentServer:
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Grant:
         uid = _peer_uid(writer)
-        if uid is not None and uid != os.getuid():
-            raise _Refused(
-                "peer",
-                f"enrolment is only for uid {os.getuid()}, the user that runs the deployment; "
-                f"this client runs as uid {uid}",
-            )
         try:
+            # Read even a foreign peer's request (bounded in size and time) before refusing
+            # it: a refusal sent before the client finished writing breaks its pipe, and the
+            # client would never see why.
             line = await asyncio.wait_for(reader.readuntil(b"\n"), self._timeout_s)
+            if uid is not None and uid != os.getuid():
+                raise _Refused(
+                    "peer",
+                    f"enrolment is only for uid {os.getuid()}, the user that runs the "
+                    f"deployment; this client runs as uid {uid}",
+                )
         except asyncio.LimitOverrunError:
             raise _Refused(
                 "too_large", f"request is larger than {MAX_REQUEST_BYTES} bytes"

@@ -34,62 +34,26 @@ set, so a typo never grants more.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final, TypedDict
+from typing import Final, TypedDict
 
 from govmesh.errors import ConfigError
-
-if TYPE_CHECKING:
-    # Only the type: identity must not import the bus package at runtime (the bus imports
-    # identity).
-    from govmesh.bus._subjects import Subjects
-
-__all__ = [
-    "AGENT_ROLE",
-    "AUDITOR_ROLE",
-    "BUDGET_ROLE",
-    "COORDINATOR_ROLE",
-    "GATEWAY_ROLE",
-    "GOVERNANCE_ROLE",
-    "GOVERNANCE_SERVICE",
-    "ISSUER_ROLE",
-    "OPERATOR_ROLE",
-    "PLATFORM_ROLES",
-    "SENTINEL_ROLE",
-    "STATE_ROLE",
-    "Permissions",
-    "SubjectRules",
-    "permissions_for",
-]
-
-AGENT_ROLE: Final = "agent"
-GOVERNANCE_ROLE: Final = "governance"
-GATEWAY_ROLE: Final = "gateway"
-BUDGET_ROLE: Final = "budget"
-STATE_ROLE: Final = "state"
-ISSUER_ROLE: Final = "issuer"
-OPERATOR_ROLE: Final = "operator"
-COORDINATOR_ROLE: Final = "coordinator"
-AUDITOR_ROLE: Final = "auditor"
-SENTINEL_ROLE: Final = "sentinel"
-"""The member that reports what the embedded nats-server refused (`ServerSentinel`)."""
-PLATFORM_ROLES: Final = frozenset(
-    {
-        GOVERNANCE_ROLE,
-        GATEWAY_ROLE,
-        BUDGET_ROLE,
-        STATE_ROLE,
-        ISSUER_ROLE,
-        OPERATOR_ROLE,
-        COORDINATOR_ROLE,
-        AUDITOR_ROLE,
-        SENTINEL_ROLE,
-    }
+from govmesh.roles import (
+    AGENT_ROLE,
+    AUDITOR_ROLE,
+    BUDGET_ROLE,
+    COORDINATOR_ROLE,
+    GATEWAY_ROLE,
+    GOVERNANCE_ROLE,
+    ISSUER_ROLE,
+    OPERATOR_ROLE,
+    PLATFORM_ROLES,
+    SENTINEL_ROLE,
+    STATE_ROLE,
 )
-TOKEN_SERVICE: Final = "identity"
-"""The ``ctl`` service that renews Agent-ID tokens; every member asks it."""
-GOVERNANCE_SERVICE: Final = "governance"
-"""The ``ctl`` service of governance: operators ask it for the approvals, the
-coordinator records workflow starts there."""
+from govmesh.subjects import GOVERNANCE_SERVICE, TOKEN_SERVICE, Subjects
+
+__all__ = ["DENY_ALL", "Permissions", "SubjectRules", "permissions_for"]
+
 DENY_ALL: Final = ">"
 
 

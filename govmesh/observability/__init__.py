@@ -1,4 +1,6 @@
-"""Observability: telemetry export, the audit index, and statistics for reports."""
+"""Observability above the bus: the audit index, the stored stream, and statistics for reports.
+
+Spans and metrics are `govmesh.telemetry`, at the bottom of the stack."""
 
 from govmesh.observability._audit import (
     GENESIS,
@@ -17,11 +19,6 @@ from govmesh.observability._audit import (
 )
 from govmesh.observability._stats import percentile, summarize
 from govmesh.observability._stored import RefusedMessage, StoredMessage, StreamVerifier
-from govmesh.observability._telemetry import (
-    Telemetry,
-    TelemetrySettings,
-    configure_telemetry,
-)
 
 __all__ = [
     "GENESIS",
@@ -38,10 +35,7 @@ __all__ = [
     "SignedCheckpoint",
     "StoredMessage",
     "StreamVerifier",
-    "Telemetry",
-    "TelemetrySettings",
     "VerifyReport",
-    "configure_telemetry",
     "percentile",
     "summarize",
     "summarize_body",

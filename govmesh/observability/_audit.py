@@ -68,10 +68,10 @@ from nats.js.client import JetStreamContext
 from govmesh._tasks import raise_if_cancelled
 from govmesh.bus._envelope import Envelope
 from govmesh.bus._stream import ensure_event_stream
-from govmesh.bus._subjects import Subjects
 from govmesh.errors import StateError
 from govmesh.identity import SigningKey, VerifyKey
 from govmesh.observability._stored import RefusedMessage, StoredMessage, StreamVerifier
+from govmesh.subjects import Subjects
 
 __all__ = [
     "GENESIS",

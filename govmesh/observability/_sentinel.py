@@ -21,14 +21,14 @@ from typing import Any, Final
 # The bus's modules, not the package: the bus imports observability's metrics.
 from govmesh.bus._bus import Bus
 from govmesh.bus._envelope import SecurityEvent
-from govmesh.bus._subjects import Subjects
 from govmesh.config import Deployment
 from govmesh.errors import ConfigError
 from govmesh.identity import Identity
-from govmesh.identity._permissions import SENTINEL_ROLE
-from govmesh.observability._metrics import SECURITY_REJECTIONS
+from govmesh.roles import SENTINEL_ROLE
 from govmesh.runtime._nats_log import RefusalKind, ServerLogReader, ServerRefusal
 from govmesh.runtime._transport import Transport
+from govmesh.subjects import Subjects
+from govmesh.telemetry._metrics import SECURITY_REJECTIONS
 
 __all__ = ["REASONS", "SENTINEL_MEMBER", "Coalesced", "RefusalCoalescer", "ServerSentinel"]
 

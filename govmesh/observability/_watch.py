@@ -24,9 +24,9 @@ import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from govmesh.bus import Bus, Envelope
-from govmesh.identity._permissions import AUDITOR_ROLE
 from govmesh.observability._audit import summarize_body
 from govmesh.observability._stored import RefusedMessage, StoredMessage, StreamVerifier
+from govmesh.roles import AUDITOR_ROLE
 from govmesh.runtime import WATCH_MEMBER, JoinedDeployment
 
 __all__ = [

@@ -34,13 +34,14 @@ from typing import Final
 
 import msgspec
 
-from govmesh.bus._subjects import Subjects
 from govmesh.errors import ConfigError
 from govmesh.identity._ca import DEFAULT_CLIENT_TTL, ClientCert, DeploymentCA, member_dn
-from govmesh.identity._permissions import PLATFORM_ROLES, Permissions, permissions_for
+from govmesh.identity._permissions import Permissions, permissions_for
 from govmesh.identity._tokens import Identity
+from govmesh.roles import PLATFORM_ROLES
 from govmesh.runtime._home import write_private
 from govmesh.runtime._nats import NatsServer, ServerTLS, render_authorization
+from govmesh.subjects import Subjects
 
 __all__ = [
     "ENV_NATS_CA",

@@ -19,6 +19,7 @@ from nats.errors import Error as NatsError
 
 from govmesh.agents import PurchaseOutcome, WorkflowDone, WorkflowStart
 from govmesh.agents._base import TRANSIENT
+from govmesh.authority import TokenAuthority
 from govmesh.bus import Bus, Delivery, ensure_event_stream
 from govmesh.config import Deployment
 from govmesh.errors import BusError, ConfigError
@@ -37,10 +38,9 @@ from govmesh.forecasting import (
 from govmesh.governance._replay import ReplayReport, replay_url
 from govmesh.governance._starts import record_start
 from govmesh.identity import SOCKET_MEMBERS, Issuer
-from govmesh.identity._permissions import SENTINEL_ROLE
-from govmesh.identity.authority import TokenAuthority
 from govmesh.observability import AuditIndex, summarize
 from govmesh.observability._sentinel import SENTINEL_MEMBER, ServerSentinel
+from govmesh.roles import COORDINATOR_ROLE, SENTINEL_ROLE
 from govmesh.runtime import Member, Transport
 from govmesh.runtime._home import home_dir, write_private
 from govmesh.scenarios._records import keep_run, load_resumable
@@ -72,8 +72,6 @@ __all__ = [
     "run_workflows",
     "workflow_id",
 ]
-
-COORDINATOR_ROLE = "coordinator"
 
 _MAX_RESEND_S = 120.0
 _BURN_VIEW_MAX = 500

@@ -17,12 +17,12 @@ from govmesh.bus import Delivery
 from govmesh.config import Clock, Deployment
 from govmesh.errors import ConfigError, SecurityError
 from govmesh.forecasting import BudgetService
-from govmesh.governance._actor import GOVERNANCE_ROLE, OPERATOR_ROLE, GovernanceService
+from govmesh.governance._actor import GovernanceService
 from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest
 from govmesh.identity import EnrolRequest, Grant, Identity, Issuer, MemberKeys, certify
-from govmesh.identity._permissions import AUDITOR_ROLE
 from govmesh.llm import SimulatedModel
 from govmesh.observability._service import AuditService
+from govmesh.roles import AUDITOR_ROLE, GOVERNANCE_ROLE, OPERATOR_ROLE
 from govmesh.runtime import Member, Transport
 from govmesh.scenarios._schema import Scenario
 from govmesh.service import Service, ServiceActor, being_cancelled

@@ -14,7 +14,6 @@ from govmesh.bus import Delivery
 from govmesh.config import Deployment
 from govmesh.errors import BusError, ConfigError, SecurityError, StateError
 from govmesh.identity import Identity
-from govmesh.observability._tracing import span
 from govmesh.service import Service, being_cancelled, raise_if_cancelled
 from govmesh.state._tiers import (
     ENV_STATE_KEYS,
@@ -36,6 +35,7 @@ from govmesh.state.messages import (
     TimerFired,
     TimerSet,
 )
+from govmesh.telemetry._tracing import span
 
 __all__ = ["StateService"]
 

@@ -17,7 +17,9 @@ from typing import Any, Final
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
+from govmesh.errors import ToolError
 from govmesh.tools._registry import ToolContext
 
 __all__ = ["ERP_CREATE_PO", "PurchaseOrder", "SimulatedErp"]
@@ -64,6 +66,11 @@ class SimulatedErp:
 
         With ``ctx.idempotency_key``, an order already executed under that key is returned
         instead of a new one.
+
+        Raises:
+            ValueError: an argument is missing or invalid; nothing was executed.
+            ToolError: the ERP's store could not be reached; retryable with an idempotency
+                key, since a repeated call under the key executes no second order.
         """
         vendor, amount, item = args.get("vendor"), args.get("amount_usd"), args.get("item", "")
         if not isinstance(vendor, str) or not vendor:
@@ -83,13 +90,18 @@ class SimulatedErp:
             created_at=time.time(),
         )
         encoded = msgspec.json.encode(order)
-        if ctx.idempotency_key:
-            stored = await self._create_once(
-                keys=[self._by_key, self._key], args=[ctx.idempotency_key, encoded]
-            )
-            order = msgspec.json.decode(stored, type=PurchaseOrder)
-        else:
-            await self._redis.rpush(self._key, encoded)
+        try:
+            if ctx.idempotency_key:
+                stored = await self._create_once(
+                    keys=[self._by_key, self._key], args=[ctx.idempotency_key, encoded]
+                )
+                order = msgspec.json.decode(stored, type=PurchaseOrder)
+            else:
+                await self._redis.rpush(self._key, encoded)
+        except RedisError as exc:
+            raise ToolError(
+                f"the ERP is unreachable: {exc}", retryable=bool(ctx.idempotency_key)
+            ) from exc
         return {"po_id": order.po_id, "vendor": order.vendor, "amount_usd": order.amount_usd}
 
     async def orders(self) -> list[PurchaseOrder]:

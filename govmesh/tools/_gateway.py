@@ -6,23 +6,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
+import traceback
 from collections import Counter
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 from redis.exceptions import RedisError
 
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
-from govmesh.errors import ConfigError, SecurityError
-from govmesh.governance._actor import GOVERNANCE_ROLE
+from govmesh.errors import ConfigError, SecurityError, ToolError
 from govmesh.governance._evaluator import Intent, intent_hash
 from govmesh.governance.messages import Decision
 from govmesh.identity import Claims, Identity
-from govmesh.observability._metrics import TOOL_DURATION, measured
-from govmesh.observability._tracing import span
+from govmesh.roles import GOVERNANCE_ROLE
 from govmesh.service import Service, being_cancelled, raise_if_cancelled
+from govmesh.telemetry._metrics import TOOL_DURATION, measured
+from govmesh.telemetry._tracing import span
 from govmesh.tools._erp import ERP_CREATE_PO, SimulatedErp
 from govmesh.tools._ledger import LEASE_S, Entry, Ledger
 from govmesh.tools._registry import RegisteredTool, ToolContext, ToolRegistry
@@ -34,6 +37,9 @@ log = logging.getLogger(__name__)
 
 QUEUE = "gateway"
 STEP_IN_PROGRESS = "step in progress"
+_MAX_ERROR = 500
+"""Characters of an unexpected exception's message that an agent is told."""
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:]*):[^\s/@]*@")
 
 
 def _authorize_call(claims: Claims, call: ToolCall) -> None:
@@ -59,6 +65,7 @@ class GatewayService(Service):
     agent crashed, the reply was lost, a gateway crashed) then:
 
     - gets the recorded answer, marked ``replayed``, when the step is done;
+    - runs the tool again with the same key when its last attempt failed and may be retried;
     - gets ``"step in progress"`` while another attempt holds the step's lease;
     - re-runs an idempotent tool with the same key when the gateway that held the lease
       stopped renewing it before recording an answer;
@@ -72,9 +79,16 @@ class GatewayService(Service):
     decision still gets a recorded answer back, so an agent that comes back after the
     decision's lifetime learns what its step did.
 
-    A tool raising ``ValueError`` or ``TypeError`` has refused bad arguments: that answer is
-    recorded like a result. Any other exception leaves the step running until its lease
-    lapses, and it is then resolved as after a crash.
+    A tool that raises answers the agent at once, and the failure is counted in `failed`:
+
+    - ``ToolError`` carries its message and whether it may be retried; a retryable failure
+      gives the step back (`Ledger.release`), any other is recorded as the step's answer;
+    - ``ValueError`` or ``TypeError`` means the tool refused bad arguments: recorded;
+    - any other exception is a failure that is not retried, recorded and answered with its
+      type and message; the traceback goes to this gateway's log.
+
+    What a failure says is masked, in the answer and the log: passwords in URLs, and the
+    deployment's Redis password.
 
     Args:
         deployment: where the services are and whom to trust.
@@ -101,6 +115,7 @@ class GatewayService(Service):
         self.replayed: Counter[str] = Counter()
         self.in_progress: Counter[str] = Counter()
         self.in_doubt: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
         self._ledger: Ledger | None = None
 
     @property
@@ -124,11 +139,12 @@ class GatewayService(Service):
         )
 
     def stats(self) -> dict[str, Any]:
-        """Counters, plus tool runs, replayed answers, calls refused as in progress, and steps
-        put in doubt, each by tool."""
+        """Counters, plus tool runs, failed tool runs, replayed answers, calls refused as in
+        progress, and steps put in doubt, each by tool."""
         return {
             **super().stats(),
             "ran": dict(self.ran),
+            "failed": dict(self.failed),
             "replayed": dict(self.replayed),
             "in_progress": dict(self.in_progress),
             "in_doubt": dict(self.in_doubt),
@@ -166,7 +182,7 @@ class GatewayService(Service):
             case ToolResult():
                 self.replayed[call.tool] += 1
                 answer = msgspec.structs.replace(found, replayed=True)
-            case "new" | "resumed":
+            case "new" | "resumed" | "retried":
                 ctx = ToolContext(
                     workflow=workflow,
                     agent=d.claims.sub,
@@ -224,22 +240,49 @@ class GatewayService(Service):
             ):
                 try:
                     result = ToolResult(ok=True, result=await tool.run(call.args, ctx))
-                except (ValueError, TypeError) as exc:
-                    result = ToolResult(ok=False, error=f"{call.tool}: {exc}")
+                except Exception as exc:
+                    result = self._failure(call, entry, exc)
                     timing["error.type"] = type(exc).__qualname__
+                    run.set_attribute("error.type", type(exc).__qualname__)
                 run.set_attribute("govmesh.tool.ok", result.ok)
         finally:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
-        if result.ok:
-            self.ran[call.tool] += 1
-        recorded = await self.ledger.finish(key, result, now=time.time())
+        (self.ran if result.ok else self.failed)[call.tool] += 1
+        if result.retryable:
+            recorded = await self.ledger.release(key, result, call=entry.call, now=time.time())
+        else:
+            recorded = await self.ledger.finish(key, result, now=time.time())
         if recorded is None:
             log.warning("the ledger entry %s was removed while %s ran", key, call.tool)
             return result
         # Another attempt may have recorded first (after this one lost its lease); every
         # caller gets the same answer.
         return recorded
+
+    def _failure(self, call: ToolCall, entry: Entry, exc: Exception) -> ToolResult:
+        """The answer to a call whose tool raised ``exc``; what it says is masked."""
+        match exc:
+            case ToolError():
+                error = exc.message
+            case ValueError() | TypeError():
+                error = str(exc)
+            case _:
+                # Not the tool's own verdict: a bug or an outage it did not expect. The
+                # traceback stays here; the agent learns what went wrong.
+                text = self._mask("".join(traceback.format_exception(exc)))
+                log.error(
+                    "%s failed at step %s of %r:\n%s", call.tool, entry.step, entry.workflow, text
+                )
+                error = f"{type(exc).__qualname__}: {self._mask(str(exc))[:_MAX_ERROR]}"
+        retryable = isinstance(exc, ToolError) and exc.retryable
+        return ToolResult(ok=False, error=self._mask(f"{call.tool}: {error}"), retryable=retryable)
+
+    def _mask(self, text: str) -> str:
+        """``text`` with the passwords of URLs, and the deployment's Redis password, masked."""
+        text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
+        password = urlsplit(self.deployment.redis_url).password
+        return text.replace(password, "***") if password else text
 
     async def _keep_lease(self, key: str, call: str) -> None:
         """Renew the lease on ``key`` until cancelled (when the tool returns)."""

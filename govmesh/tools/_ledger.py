@@ -4,7 +4,7 @@ side effect.
 An entry is about one (workflow, step, intent hash), the call a governance decision is bound
 to; a different intent at the same step is a different entry. It is a Redis hash at
 ``<prefix>:idem:<workflow>:<step>:<intent hash>`` (see `Entry` for the fields) and moves
-through three states:
+through four states:
 
 ``running``
     A gateway claimed the step and is running the tool. It holds a lease until
@@ -12,7 +12,13 @@ through three states:
     is told the step is in progress, and nothing runs.
 ``done``
     The tool's answer is recorded; every later call for the step gets it back, marked
-    ``replayed``, and nothing runs. Kept for `DONE_RETENTION_S`.
+    ``replayed``, and nothing runs. Kept for `DONE_RETENTION_S`. A failure is an answer
+    too (bad arguments, an error the tool raised), unless the tool said it may be retried.
+``retryable``
+    The last attempt failed with ``ToolError(retryable=True)``, the tool's promise that it
+    changed nothing. The failure is kept in ``result``; the next call with an unexpired
+    decision claims the step again and runs the tool with the same idempotency key. Kept
+    for `DONE_RETENTION_S`.
 ``in_doubt``
     The gateway running a tool that is not idempotent stopped renewing its lease before it
     recorded the answer, so nobody knows whether the effect happened. Nothing runs the tool
@@ -68,13 +74,17 @@ DONE_RETENTION_S: Final = 7 * 86_400
 DECISION_USED_TTL_S: Final = 86_400
 """How long a used decision is remembered; far longer than any decision is valid."""
 
-EntryState = Literal["running", "done", "in_doubt"]
-ClaimStatus = Literal["new", "resumed", "running", "doubted", "in_doubt", "reused", "expired"]
+EntryState = Literal["running", "done", "retryable", "in_doubt"]
+ClaimStatus = Literal[
+    "new", "resumed", "retried", "running", "doubted", "in_doubt", "reused", "expired"
+]
 """What `Ledger.begin` found, for a step that is not done:
 
 - ``new``: no entry; the caller now holds one, and its decision is used: run the tool.
 - ``resumed``: an idempotent tool's lease had lapsed; the caller now holds it: run the tool
   again with the entry's idempotency key.
+- ``retried``: the last attempt failed and may be retried; the caller now holds the step:
+  run the tool again with the entry's idempotency key.
 - ``running``: another attempt holds a live lease; run nothing.
 - ``doubted``: a tool that is not idempotent had its lease lapse; the entry is now in doubt
   (the caller is the first to know, and reports it); run nothing.
@@ -89,6 +99,15 @@ _BEGIN: Final = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'done' then return {'done', redis.call('HGET', KEYS[1], 'result')} end
 if state == 'in_doubt' then return {'in_doubt'} end
+if state == 'retryable' then
+  if ARGV[3] ~= '1' then return {'expired'} end
+  redis.call('HSET', KEYS[1], 'state', 'running', 'gateway', ARGV[4], 'call', ARGV[5],
+    'lease_until', ARGV[6])
+  redis.call('HDEL', KEYS[1], 'result', 'finished_at')
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  redis.call('PERSIST', KEYS[1])
+  return {'retried'}
+end
 if state == 'running' then
   if tonumber(redis.call('HGET', KEYS[1], 'lease_until')) > tonumber(ARGV[1]) then
     return {'running'}
@@ -129,6 +148,22 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return ARGV[1]
 """
 
+# KEYS: entry. ARGV: call, failure (JSON), failed at, retention. Returns the recorded answer
+# when the step is done, the failure otherwise, or nil when there is no entry. Only the
+# attempt holding the lease releases a running step; one that lost it may still settle a
+# doubt, as `_FINISH` does.
+_RELEASE: Final = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return false end
+if state == 'done' then return redis.call('HGET', KEYS[1], 'result') end
+if state == 'in_doubt'
+    or (state == 'running' and redis.call('HGET', KEYS[1], 'call') == ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'state', 'retryable', 'result', ARGV[2], 'finished_at', ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+end
+return ARGV[2]
+"""
+
 
 class Entry(msgspec.Struct, frozen=True, kw_only=True):
     """One step's tool call, as the ledger keeps it.
@@ -141,7 +176,7 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
         started_at: when the first attempt claimed the step (that gateway's clock).
         lease_until: when the current lease lapses unless renewed.
         attempts: how many attempts have held the lease.
-        result: the recorded answer, once ``done``.
+        result: the recorded answer, once ``done``; the last failure, while ``retryable``.
         finished_at: when it was recorded.
     """
 
@@ -176,6 +211,7 @@ class Ledger:
         self._begin = redis.register_script(_BEGIN)
         self._renew = redis.register_script(_RENEW)
         self._finish = redis.register_script(_FINISH)
+        self._release = redis.register_script(_RELEASE)
         self._result = msgspec.json.Decoder(ToolResult)
 
     def key(self, workflow: str, step: int, intent_hash: str) -> str:
@@ -243,6 +279,22 @@ class Ledger:
         """
         got = await self._finish(
             keys=[key], args=[msgspec.json.encode(result), repr(now), DONE_RETENTION_S]
+        )
+        return None if got is None else self._result.decode(got)
+
+    async def release(
+        self, key: str, failure: ToolResult, *, call: str, now: float
+    ) -> ToolResult | None:
+        """Give the step back after ``call``'s attempt failed and may be retried, keeping
+        ``failure``; the next call with an unexpired decision runs the tool again.
+
+        Returns the step's recorded answer when another attempt finished it first,
+        otherwise ``failure``; None when there is no entry (a person removed it). An
+        attempt that no longer holds the lease changes nothing but a doubt: the tool's
+        promise that it changed nothing settles that.
+        """
+        got = await self._release(
+            keys=[key], args=[call, msgspec.json.encode(failure), repr(now), DONE_RETENTION_S]
         )
         return None if got is None else self._result.decode(got)
 

@@ -33,7 +33,9 @@ class ToolContext(msgspec.Struct, frozen=True, kw_only=True):
 
 Tool = Callable[[dict[str, Any], ToolContext], Awaitable[dict[str, Any]]]
 """A tool: arguments and context in, a JSON-able result out. It raises ``ValueError`` or
-``TypeError`` for bad arguments, before it has changed anything."""
+``TypeError`` for bad arguments, before it has changed anything, and `govmesh.ToolError` for
+a failure, saying whether it may be retried; the gateway answers any other exception as a
+failure that is not retried."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,14 +23,17 @@ class ToolCall(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 class ToolResult(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """The gateway's answer: the tool's normalised result, or why nothing ran.
+    """The gateway's answer: the tool's normalised result, or why it failed or nothing ran.
 
     Attributes:
         replayed: the step had already run; this is the result recorded then, and nothing
             ran now.
+        retryable: the tool failed with ``ToolError(retryable=True)``: nothing took effect,
+            and calling again under a valid decision may succeed.
     """
 
     ok: bool
     result: dict[str, Any] = {}
     error: str = ""
     replayed: bool = False
+    retryable: bool = False

@@ -21,6 +21,9 @@ Keys, under the tenant's prefix (each a hash with ``settled`` and ``reserved``):
 A reservation the agent never settles (it died mid-call) lapses and is settled by the
 budget actor's sweep at its full amount: the call may have run, so spend is counted high,
 never low.
+
+Below both the budget actor (`govmesh.forecasting`), which settles and sweeps, and the
+governance actor, which releases a workflow a person let spend on: neither imports the other.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ import msgspec
 import redis.asyncio as aioredis
 
 from govmesh.config import utc_day
+from govmesh.errors import GovmeshError
 
 __all__ = [
     "INTERRUPT_TOOL",
     "BudgetCaps",
+    "BudgetError",
     "Granted",
     "Refused",
     "ReservationBook",
@@ -181,6 +186,24 @@ class Refused(msgspec.Struct, frozen=True, kw_only=True):
             f"{self.reserved_usd:.6f} reserved + {self.amount_usd:.6f} for this call would pass "
             f"its {what} ({self.cap_usd:.6f} USD cap)"
         )
+
+
+class BudgetError(GovmeshError, RuntimeError):
+    """A model call's spend reservation was refused; the call did not run.
+
+    Final: the call must not be retried as it is. A ``soft`` refusal pauses the workflow
+    for a person; a ``hard`` one halts it.
+
+    Attributes:
+        refusal: the refusal, with the figures that caused it
+            (`Refused`).
+        calls: model calls of the step that did run before it (set by the agent).
+    """
+
+    def __init__(self, refusal: Refused) -> None:
+        self.refusal = refusal
+        self.calls = 0
+        super().__init__(refusal.reason())
 
 
 class ReservationBook:

@@ -26,7 +26,21 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["EVENT_STREAM_PREFIX", "INBOX_ROOT", "ROOT", "Subjects", "validate_token"]
+__all__ = [
+    "EVENT_STREAM_PREFIX",
+    "GOVERNANCE_SERVICE",
+    "INBOX_ROOT",
+    "ROOT",
+    "TOKEN_SERVICE",
+    "Subjects",
+    "validate_token",
+]
+
+TOKEN_SERVICE: Final = "identity"
+"""The ``ctl`` service that renews Agent-ID tokens; every member asks it."""
+GOVERNANCE_SERVICE: Final = "governance"
+"""The ``ctl`` service of governance: operators ask it for the approvals, the
+coordinator records workflow starts there."""
 
 ROOT: Final = "gm"
 INBOX_ROOT: Final = "_INBOX"

@@ -9,7 +9,7 @@ govmesh exports only when told to, and only where it is told:
 - ``OTEL_SDK_DISABLED=true`` turns everything off.
 
 With none of them set nothing is installed at all: the OpenTelemetry API stays on its
-no-op providers and tracing costs nothing (see `govmesh.observability._tracing`). govmesh
+no-op providers and tracing costs nothing (see `govmesh.telemetry._tracing`). govmesh
 never exports anywhere else by default. The OTLP exporter reads the rest of the standard
 variables itself (``OTEL_EXPORTER_OTLP_HEADERS``, ``..._TIMEOUT``, ``..._CERTIFICATE``), and
 the metric reader ``OTEL_METRIC_EXPORT_INTERVAL``.

@@ -1,7 +1,6 @@
 """The token authority: renews members' Agent-ID tokens over the bus.
 
-Kept out of ``govmesh.identity``'s front because it is a bus member and the bus itself
-depends on identity.
+A bus member, so it sits above both the bus and identity (the bus depends on identity).
 """
 
 from __future__ import annotations
@@ -15,10 +14,10 @@ from govmesh.errors import ConfigError, SecurityError
 from govmesh.identity._ca import DEFAULT_CLIENT_TTL, DeploymentCA
 from govmesh.identity._tokens import DEFAULT_TOKEN_TTL_S, Issuer
 from govmesh.identity.messages import TokenGrant, TokenRenewal
+from govmesh.roles import ISSUER_ROLE
 
-__all__ = ["ISSUER_ROLE", "TokenAuthority"]
+__all__ = ["TokenAuthority"]
 
-ISSUER_ROLE = "issuer"
 QUEUE = "identity"
 
 

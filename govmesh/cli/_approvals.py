@@ -1,0 +1,130 @@
+"""``govmesh approvals``: list and answer escalated tool calls."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from govmesh.cli._common import age, console, json_option, out, run_async, tenant_option, write_json
+from govmesh.cli._root import cli
+
+
+@cli.group()
+def approvals() -> None:
+    """List and answer escalated tool calls of a running deployment."""
+
+
+@approvals.command("list")
+@tenant_option
+@json_option
+def approvals_list(tenant: str | None, json_path: Path | None) -> None:
+    """List the pending approvals, oldest first."""
+
+    from govmesh.governance._operator import OperatorDesk
+    from govmesh.runtime import join
+
+    async def pending() -> list[Any]:
+        async with OperatorDesk(join(tenant)) as desk:
+            return await desk.pending()
+
+    requests = run_async(pending())
+    now = time.time()
+    table = Table(title=f"pending approvals: {len(requests)}")
+    for column in ("id", "workflow", "asks", "why", "waiting", "lapses"):
+        table.add_column(column, no_wrap=column == "id")
+    for r in requests:
+        amount = r.args.get("amount_usd")
+        asks = " ".join(
+            part
+            for part in (
+                f"{r.agent}: {r.tool}",
+                f"${amount:,.2f}" if isinstance(amount, int | float) else "",
+                str(r.args.get("vendor", "")),
+            )
+            if part
+        )
+        table.add_row(
+            r.approval_id[:12],
+            r.workflow,
+            asks,
+            "; ".join(r.reasons),
+            age(now - r.requested_at),
+            f"in {age(r.expires_at - now)}, then {r.on_expiry}" if r.expires_at else "never",
+        )
+    out.print(table)
+    write_json(json_path, requests, what="list")
+
+
+def _answer(
+    approval_id: str,
+    *,
+    approved: bool,
+    by: str,
+    reason: str,
+    tenant: str | None,
+    json_path: Path | None,
+) -> None:
+
+    from govmesh.governance._operator import ApprovalNotPending, OperatorDesk
+    from govmesh.runtime import join
+
+    async def answer() -> Any:
+        async with OperatorDesk(join(tenant)) as desk:
+            try:
+                return await desk.answer(approval_id, approved=approved, by=by, reason=reason)
+            except ApprovalNotPending as exc:
+                return exc
+
+    got = run_async(answer())
+    if isinstance(got, ApprovalNotPending):
+        console.print(f"[yellow]{got}[/]")
+        sys.exit(1)
+    request, result = got
+    colour = "green" if result.outcome == "allow" else "red"
+    out.print(
+        f"approval {request.approval_id} ({request.workflow}, {request.tool}): "
+        f"[{colour}]{result.outcome}[/]; " + "; ".join(result.reasons)
+    )
+    write_json(json_path, result, what="result")
+
+
+def _answer_command(approved: bool) -> Any:
+    verb = "approve" if approved else "deny"
+    recheck = (
+        "Governance decides the intent again on the current figures, so an approval still "
+        "ends in deny if the limits have been used up meanwhile. "
+    )
+    doc = (
+        f"{verb.capitalize()} the pending approval APPROVAL_ID (or a unique prefix of it) and "
+        f"print what governance decided. {recheck if approved else ''}Exits 1 if it is not "
+        "pending."
+    )
+
+    @approvals.command(verb, help=doc)
+    @click.argument("approval_id")
+    @click.option("--by", required=True, help="Who answers (recorded and shown to the workflow).")
+    @click.option("--reason", default="", help="Why; recorded with the answer.")
+    @tenant_option
+    @json_option
+    def command(
+        approval_id: str, by: str, reason: str, tenant: str | None, json_path: Path | None
+    ) -> None:
+        _answer(
+            approval_id,
+            approved=approved,
+            by=by,
+            reason=reason,
+            tenant=tenant,
+            json_path=json_path,
+        )
+
+    return command
+
+
+_answer_command(True)
+_answer_command(False)

@@ -1,0 +1,357 @@
+"""``govmesh run`` and ``govmesh chaos``: a scenario's workflows, without and with faults."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Group
+from rich.progress import (
+    Progress,
+    TextColumn,
+)
+from rich.table import Table
+
+from govmesh.cli._common import (
+    claim_sigterm,
+    console,
+    json_option,
+    out,
+    progress_bar,
+    run_async,
+    write_json,
+)
+from govmesh.cli._root import cli
+from govmesh.errors import GovmeshError
+
+
+@cli.command()
+@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@click.option("--workflows", "-n", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--seed", "-s", default=1, show_default=True, type=int)
+@click.option(
+    "--concurrency",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Workflows in flight at once.",
+)
+@click.option(
+    "--manual-approvals",
+    is_flag=True,
+    help="No simulated approver: escalations wait for `govmesh approvals` from another "
+    "terminal, or for their policy's expiry.",
+)
+@click.option(
+    "--resume",
+    "resume",
+    metavar="RUN_ID",
+    help="Finish a run that was stopped: its scenario, seed and counts are its own, its "
+    "embedded servers start again on its data, and its unfinished workflows go on.",
+)
+@json_option
+def run(
+    scenario: Path | None,
+    workflows: int,
+    seed: int,
+    concurrency: int,
+    manual_approvals: bool,
+    resume: str | None,
+    json_path: Path | None,
+) -> None:
+    """Run SCENARIO with a swarm of agent actors and print a summary.
+
+    While it runs, `govmesh approvals list|approve|deny` works against it from another
+    terminal (the deployment is advertised under $GOVMESH_HOME, default ~/.govmesh).
+    A run that is stopped before its workflows finish keeps its data under
+    $GOVMESH_HOME/runs/RUN_ID; `govmesh run --resume RUN_ID` finishes it.
+    """
+    from govmesh.scenarios import run_scenario
+    from govmesh.scenarios._records import load_resumable
+    from govmesh.scenarios._runner import run_dir
+    from govmesh.scenarios._runs import new_run_id
+
+    if scenario is None and resume is None:
+        raise click.UsageError("give a SCENARIO file, or --resume RUN_ID")
+    if scenario is not None and resume is not None:
+        raise click.UsageError("--resume takes the scenario of the run; give no SCENARIO")
+    run_id = resume or new_run_id()
+    if resume is not None:
+        try:
+            manifest = load_resumable(run_dir(resume))
+        except GovmeshError as exc:
+            raise click.ClickException(str(exc)) from None
+        workflows, manual_approvals = manifest.workflows, manifest.manual_approvals
+        console.print(f"resuming run [bold]{run_id}[/] of {manifest.scenario}")
+    else:
+        console.print(
+            f"run [bold]{run_id}[/]; if it is stopped, [bold]govmesh run --resume {run_id}[/] "
+            "finishes it"
+        )
+    if manual_approvals:
+        console.print(
+            "escalations wait for an operator: [bold]govmesh approvals list[/], then "
+            "[bold]govmesh approvals approve ID --by NAME[/] (or deny)"
+        )
+
+    from rich.live import Live
+
+    progress = progress_bar(TextColumn("{task.fields[tally]}"))
+    view = _BurnView(progress)
+    with Live(view, console=console, refresh_per_second=4, transient=False):
+        task = progress.add_task("starting", total=workflows, tally="")
+        tally: dict[str, int] = {}
+
+        def on_done(_: str, outcome: Any) -> None:
+            tally[outcome.result] = tally.get(outcome.result, 0) + 1
+            text = " ".join(f"{k}={v}" for k, v in sorted(tally.items()))
+            progress.update(task, advance=1, tally=text, description="workflows")
+
+        def on_phase(text: str) -> None:
+            claim_sigterm()  # phases after the first run with Ray up
+            progress.update(task, description=text)
+            if text == "stopping":
+                view.burns = []
+
+        report = run_async(
+            run_scenario(
+                scenario,
+                workflows=workflows,
+                seed=seed,
+                concurrency=concurrency,
+                simulated_approver=not manual_approvals,
+                on_done=on_done,
+                on_phase=on_phase,
+                run_id=run_id,
+                resume=resume is not None,
+                on_burn=view.update,
+            )
+        )
+    out.print(_summary(report))
+    if "resume" in report:
+        console.print(f"unfinished workflows remain: [bold]{report['resume']}[/]")
+    if "record" in report:
+        console.print(
+            f"run [bold]{report['run_id']}[/] kept its record in {report['record']['dir']}; "
+            f"audit it with [bold]{report['record']['show']}[/] (or verify, export)"
+        )
+    write_json(json_path, report)
+    if report["workflows"]["finished"] != report["workflows"]["total"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--workflows", "-n", default=50, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--kills",
+    "-k",
+    default=5,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Strikes: SIGKILLs of actor processes and restarts of the servers.",
+)
+@click.option("--seed", "-s", default=1, show_default=True, type=int)
+@click.option(
+    "--concurrency",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Workflows in flight at once.",
+)
+@json_option
+def chaos(
+    scenario: Path,
+    workflows: int,
+    kills: int,
+    seed: int,
+    concurrency: int,
+    json_path: Path | None,
+) -> None:
+    """Run SCENARIO while killing its actors and restarting its servers; check that
+    every workflow finished, no effect happened twice and no approval was lost.
+
+    The strikes SIGKILL agent actor processes, the state actor, a governance actor and
+    the gateway, and restart the Redis-protocol server and nats-server, spread over the
+    run. Exits 1 if a workflow did not finish or an effect or approval went wrong.
+    """
+    from govmesh.scenarios._chaos import run_chaos
+
+    with progress_bar(TextColumn("{task.fields[tally]}")) as progress:
+        task = progress.add_task("starting", total=workflows, tally="")
+
+        def on_done(_: str, outcome: Any) -> None:
+            progress.update(task, advance=1, description="workflows")
+
+        def on_phase(text: str) -> None:
+            claim_sigterm()
+            progress.update(task, description=text)
+
+        report = run_async(
+            run_chaos(
+                scenario,
+                workflows=workflows,
+                kills=kills,
+                seed=seed,
+                concurrency=concurrency,
+                on_done=on_done,
+                on_phase=on_phase,
+            )
+        )
+    table = Table(title=f"govmesh chaos: {report['scenario']} (seed {seed})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("workflows finished", f"{report['finished']} / {report['total']}")
+    table.add_row("duplicate effects (ERP's own orders)", str(report["duplicate_effects"]))
+    table.add_row("lost approvals", str(report["lost_approvals"]))
+    table.add_row("strikes", str(report["kills"]))
+    for strike in report["strikes"]:
+        table.add_row(
+            f"  at {strike['at_s']:.1f} s",
+            f"{strike['how']} {strike['target']} (pid {strike['pid']})",
+        )
+    restarts = report["actor_restarts"]
+    table.add_row(
+        "actors back on the bus",
+        ", ".join(f"{k} {v}" for k, v in sorted(restarts.items())) or "none",
+    )
+    w = report["run"]["workflows"]
+    table.add_row(
+        "outcomes",
+        f"executed {w['executed']}, denied {w['denied']}, rejected {w['rejected']}, "
+        f"failed {w['failed']}",
+    )
+    t = report["run"]["timings_s"]
+    table.add_row("time (workflows / total)", f"{t['workflows_s']:.1f} / {t['total_s']:.1f} s")
+    out.print(table)
+    write_json(json_path, report)
+    if (
+        report["finished"] != report["total"]
+        or report["duplicate_effects"]
+        or report["lost_approvals"]
+    ):
+        sys.exit(1)
+
+
+class _BurnView:
+    """The run's live view: the progress bar and, below it, the model use so far of the
+    costliest workflows in flight."""
+
+    _ROWS = 8
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.burns: list[Any] = []
+        self.in_flight = 0
+
+    def update(self, burns: list[Any]) -> None:
+        self.burns, self.in_flight = burns[: self._ROWS], len(burns)
+
+    def __rich__(self) -> Any:
+
+        if not self.burns:
+            return self.progress
+        table = Table(
+            title=f"burn of the costliest workflows in flight ({self.in_flight} in flight)",
+            title_justify="left",
+            box=None,
+        )
+        for column in ("workflow", "calls", "reflections", "tokens", "tokens/min", "cost"):
+            table.add_column(column, justify="left" if column == "workflow" else "right")
+        for b in self.burns:
+            table.add_row(
+                b.workflow,
+                str(b.calls),
+                str(b.reflections),
+                f"{b.tokens:,}",
+                f"{b.tokens_per_min:,.0f}",
+                f"${b.cost_usd:,.4f}",
+            )
+        return Group(self.progress, table)
+
+
+def _summary(report: dict[str, Any]) -> Table:
+    w, d, lat = report["workflows"], report["decisions"], report["governance_latency_ms"]
+    table = Table(title=f"govmesh run: {report['scenario']} (seed {report['seed']})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("workflows finished", f"{w['finished']} / {w['total']}")
+    table.add_row(
+        "outcomes",
+        f"executed {w['executed']}, denied {w['denied']}, rejected {w['rejected']}, "
+        f"failed {w['failed']}, halted {w['halted']}",
+    )
+    b = report["budget"]
+    if b["caps"] is not None:
+        i = b["interrupts"]
+        caps = b["caps"]
+        table.add_row(
+            "model-spend caps (workflow / agent / tenant)",
+            " / ".join(
+                "none" if caps[k] is None else f"${caps[k]:g}"
+                for k in ("workflow_usd", "agent_daily_usd", "tenant_daily_usd")
+            ),
+        )
+        table.add_row(
+            "budget interrupts",
+            f"{i['asked']} asked, {i['released']} released, {i['halted']} halted",
+        )
+    table.add_row("decisions", f"allow {d['allow']}, deny {d['deny']}, escalate {d['escalate']}")
+    table.add_row("decisions replayed", f"{d['replayed']}, {d['replay_differences']} differences")
+    approver = report["approver"]
+    table.add_row(
+        f"approvals ({'simulated: ' if approver['simulated'] else ''}{approver['name']})",
+        f"approved {report['approvals']['approved']}, rejected or expired "
+        f"{report['approvals']['rejected']}",
+    )
+    table.add_row(
+        "tokens (simulated model)",
+        f"{report['tokens']:,} in {report['model_calls']['counted_by_budget']} calls",
+    )
+    table.add_row("cost", f"${report['cost_usd']:,.4f}")
+    f = report["forecast"]
+    if not f["available"]:
+        table.add_row("cost forecast (ATFM)", f["why"])
+    else:
+        actual = f.get("actual")
+        versus = (
+            f"; actual ${actual['actual_usd']:,.4f}, error {actual['total_error']:+.1%}, "
+            f"{actual['p90_coverage']:.0%} of workflows under their P90"
+            if actual and actual["total_error"] is not None
+            else ""
+        )
+        table.add_row(
+            f"cost forecast (ATFM, from {f['recorded_workflows']} recorded workflows)",
+            f"${f['expected_cost_usd']:,.4f} (P5-P95 ${f['p5_cost_usd']:,.4f}-"
+            f"${f['p95_cost_usd']:,.4f}){versus}",
+        )
+    vendor = report["vendor_reply"]
+    if vendor["wait_hours"]:
+        clock = "simulated clock" if report["clock"]["simulated"] else "real clock"
+        table.add_row(
+            f"vendor quote wait ({clock})",
+            f"{vendor['wait_hours']:g} h each; timers fired {vendor['timers']['fired']}, "
+            f"missed {vendor['timers']['missed']}",
+        )
+    a = report["audit"]
+    table.add_row(
+        "audit index (hash-chained)",
+        f"{a['records']:,} events of {a['workflows_verified']} workflows, "
+        + ("every chain intact" if a["intact"] else f"{len(a['problems'])} problems")
+        + (f"; {a['refused']} messages refused, kept apart" if a["refused"] else "")
+        + ("" if a["caught_up"] else " (indexing had not caught up)"),
+    )
+    table.add_row("governance latency p50 / p99", f"{lat['p50']:.2f} / {lat['p99']:.2f} ms")
+    rejections = report["security_rejections"]
+    table.add_row(
+        "security rejections",
+        ", ".join(f"{k} {v}" for k, v in rejections.items()) if rejections else "none",
+    )
+    t = report["timings_s"]
+    table.add_row(
+        "time (start / workflows / total)",
+        f"{t['start_s']:.1f} / {t['workflows_s']:.1f} / {t['total_s']:.1f} s",
+    )
+    return table
