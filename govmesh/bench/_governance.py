@@ -101,8 +101,9 @@ _CEDAR_NOTE: Final = (
     "the allow decided by policy1."
 )
 _PROCESS_LAYOUT: Final = (
-    "nats-server (mutual TLS, one Go thread, as the runtime embeds it) and the "
-    "Redis-protocol server are child processes; the agent "
+    "nats-server (mutual TLS; one Go thread in low-latency mode, Go's default otherwise, as "
+    "the runtime embeds it) and the Redis-protocol server (Unix socket, password) are child "
+    "processes; the agent "
     "sending intents runs in the benchmark's process. bus_ms, bus_loaded_ms and "
     "decisions_per_s: each governance actor in a Python process of its own, as a Ray actor "
     "hosts it. floor_ms: the same layout, connections and message sizes, with stand-ins "
