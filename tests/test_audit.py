@@ -24,6 +24,7 @@ from govmesh.observability import (
     AuditConsumer,
     AuditIndex,
     AuditRecord,
+    RefusedMessage,
     StoredMessage,
     StreamVerifier,
     summarize_body,
@@ -549,3 +550,33 @@ async def test_a_model_call_is_audited_with_the_hash_of_its_answer_and_the_text_
     summary = summarize_body("Usage", bytes(body))
     assert summary["thought_sha256"] == digest
     assert answer.text not in str(summary)
+
+
+def test_a_large_batch_checked_on_threads_gets_the_verdicts_of_one_by_one_checks() -> None:
+    sender = Sender("acme")
+    good = _notes(sender, "wf-batch", 150)
+    stranger = Issuer(name="test:other", audience="govmesh:acme").identity("mallory", "agent")
+    subject = sender.subjects.msg("alice")
+    _, forged = sender.codec.seal(stranger, subject=subject, body=Note(n=-1), workflow="wf-batch")
+    # Replays in both halves of the batch, of messages in the other half, and garbage.
+    batch = [
+        *good[:75],
+        sender.stored(good[100].subject, good[100].data),
+        sender.stored(subject, forged),
+        sender.stored(subject, b"not a sealed message"),
+        *good[75:],
+        sender.stored(good[3].subject, good[3].data),
+    ]
+    serial = Sender("acme")
+    serial.issuer = sender.issuer
+    serial.verifier = StreamVerifier(issuers=[sender.issuer.public_key], audience="govmesh:acme")
+    one_by_one = [serial.verifier.check(m) for m in batch]
+    on_threads = sender.verifier.check_many(batch)
+
+    def outcome(verdict: object) -> str:
+        return verdict.reason if isinstance(verdict, RefusedMessage) else "ok"
+
+    assert [outcome(v) for v in on_threads] == [outcome(v) for v in one_by_one]
+    refused = [outcome(v) for v in on_threads if outcome(v) != "ok"]
+    assert sorted(refused) == ["malformed", "replay", "replay", "token_unknown_issuer"], refused
+    assert sum(outcome(v) == "ok" for v in on_threads) == 150

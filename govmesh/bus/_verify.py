@@ -84,6 +84,22 @@ class MessageVerifier:
                 both, so a step retried after a long stall still gets its recorded answer.
         """
         now = time.time() if now is None else now
+        verified = self.proof(subject, data, now=now)
+        if replay:
+            self.fresh(verified.envelope, now=now)
+        return verified
+
+    def proof(self, subject: str, data: bytes, *, now: float) -> Verified:
+        """Every check but the message's age and its nonce: size, token, signature, sender,
+        subject binding and a timestamp not too far ahead.
+
+        Keeps no state of its own (the token verifier caches what it verified), so callers
+        may run it on several threads at once; libsodium releases the GIL while it checks
+        the signature.
+
+        Raises:
+            SecurityError: the reason the message is refused.
+        """
         if len(data) > self._max_bytes:
             raise SecurityError("oversized", f"{len(data)} bytes > {self._max_bytes}")
         sealed = self._codec.open(data)
@@ -99,11 +115,19 @@ class MessageVerifier:
             raise SecurityError(
                 "wrong_subject", f"signed for {envelope.subject!r}, arrived on {subject!r}"
             )
-        age = now - envelope.ts
-        if replay and age > self._window_s:
-            raise SecurityError("stale", f"{age:.1f}s old")
-        if -age > self._future_s:
-            raise SecurityError("future", f"{-age:.1f}s in the future")
-        if replay and not self._nonces.check_and_add(envelope.nonce, ts=envelope.ts, now=now):
-            raise SecurityError("replay", f"nonce {envelope.nonce.hex()} seen before")
+        if envelope.ts - now > self._future_s:
+            raise SecurityError("future", f"{envelope.ts - now:.1f}s in the future")
         return Verified(envelope, claims)
+
+    def fresh(self, envelope: Envelope, *, now: float) -> None:
+        """Refuse a message of `proof` that is too old or whose nonce was seen; record the
+        nonce. Call in the order the messages arrived.
+
+        Raises:
+            SecurityError: ``stale`` or ``replay``.
+        """
+        age = now - envelope.ts
+        if age > self._window_s:
+            raise SecurityError("stale", f"{age:.1f}s old")
+        if not self._nonces.check_and_add(envelope.nonce, ts=envelope.ts, now=now):
+            raise SecurityError("replay", f"nonce {envelope.nonce.hex()} seen before")

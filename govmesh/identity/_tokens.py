@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import threading
 import time
 import uuid
 from typing import Any, Final
@@ -205,6 +206,9 @@ class TokenVerifier:
         self._audience = audience
         self._cache: dict[str, Claims] = {}
         self._max_cache = max_cache
+        # Readers of the event stream verify on several threads (`StreamVerifier`); a hit is
+        # one atomic dict read, so only a miss, which may evict, takes the lock.
+        self._filling = threading.Lock()
 
     def verify(self, token: str, *, now: float | None = None) -> Claims:
         """Return the claims of ``token``, or raise `SecurityError` saying why it is refused."""
@@ -212,9 +216,10 @@ class TokenVerifier:
         claims = self._cache.get(token)
         if claims is None:
             claims = self._decode(token)
-            if len(self._cache) >= self._max_cache:
-                self._evict(now)
-            self._cache[token] = claims
+            with self._filling:
+                if len(self._cache) >= self._max_cache:
+                    self._evict(now)
+                self._cache[token] = claims
         if now + _CLOCK_SKEW_S < claims.nbf:
             raise SecurityError("token_not_yet_valid", f"token for {claims.sub!r}")
         if now >= claims.exp:

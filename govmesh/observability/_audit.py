@@ -561,8 +561,8 @@ class AuditIndex:
         """
         accepted: list[_Pending] = []
         refused: list[RefusedMessage] = []
-        for message in messages:
-            checked = verifier.check(message)
+        batch = list(messages)
+        for message, checked in zip(batch, verifier.check_many(batch), strict=True):
             if isinstance(checked, RefusedMessage):
                 refused.append(checked)
             else:
