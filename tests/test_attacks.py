@@ -44,7 +44,6 @@ from nacl.bindings import crypto_sign_seed_keypair
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from test_governance import ROLE, SEED, Governed, _two_governance_actors
 
 from govmesh.bus import (
     MAX_HANDLERS,
@@ -111,6 +110,7 @@ from govmesh.subjects import GOVERNANCE_SERVICE
 from govmesh.tools import ERP_CREATE_PO
 
 from _deploy import deployment
+from _governed import ROLE, SEED, Governed, two_governance_actors
 from _procs import MARK_VAR, wait_until_gone
 
 ROOT = Path(__file__).parent.parent
@@ -960,7 +960,7 @@ async def _governed(
 ) -> AsyncIterator[tuple[Governed, asyncio.Queue[SecurityEvent]]]:
     """Two real governance actors in one queue group on the seed policy, an agent
     ``proc-1`` whose token carries ``budget_usd``, and the tenant's security events."""
-    async with _two_governance_actors(
+    async with two_governance_actors(
         tmp_path, secure_nats, redis_server, prefix, SEED, budget_usd=budget_usd
     ) as g:
         events: asyncio.Queue[SecurityEvent] = asyncio.Queue()

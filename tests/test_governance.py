@@ -4,30 +4,23 @@ decision records the policy hash that was in force."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from govmesh.bus import Bus, Delivery
-from govmesh.config import Deployment
 from govmesh.governance._actor import GovernanceService
 from govmesh.governance._decider import MAX_ATTEMPTS
 from govmesh.governance.messages import Decision, ToolIntent
-from govmesh.identity import Issuer
 from govmesh.tools import ERP_CREATE_PO
 
 from _deploy import Coordinator, deployment
+from _governed import AUTHORITY, ROLE, SEED, Governed, two_governance_actors
 
 ROOT = Path(__file__).parent.parent
-SEED = (ROOT / "policies" / "procurement-agent-v2.yaml").read_text()
-ROLE = "Procurement-Agent-v2"
 ARGS = {"item": "monitors", "vendor": "Vendor_A", "amount_usd": 3000.0}
-AUTHORITY = 10_000_000.0
-"""The agent's budget authority a day: more than any test here spends."""
 
 
 @pytest.fixture
@@ -305,7 +298,7 @@ async def test_concurrent_purchases_across_workflows_cannot_pass_the_daily_limit
     tmp_path, secure_nats, redis_server, prefix
 ) -> None:
     limits = LIMITS.replace("daily_limit_usd: 5000", "daily_limit_usd: 10000")
-    async with _two_governance_actors(
+    async with two_governance_actors(
         tmp_path, secure_nats, redis_server, prefix, limits.replace("calls: 3", "calls: 100")
     ) as g:
         for n in range(8):  # 8 x 3,000 at once, each in its own workflow, 10,000 a day
@@ -329,75 +322,11 @@ async def _intent(g: Governed, workflow: str, amount: float, *, step: int = 1) -
     )
 
 
-@dataclass
-class Governed:
-    """Two governance actors in one queue group, an agent that sees every decision, an
-    operator's bus, a coordinator, and the deployment with its issuer."""
-
-    agent: Bus
-    decisions: asyncio.Queue[Decision]
-    actors: list[GovernanceService]
-    operator: Bus
-    coordinator: Coordinator
-    dep: Deployment
-    issuer: Issuer
-
-
 @pytest.fixture
 async def two_actors(tmp_path, secure_nats, redis_server, prefix) -> AsyncIterator[Governed]:
-    """`_two_governance_actors` on the seed policy."""
-    async with _two_governance_actors(tmp_path, secure_nats, redis_server, prefix, SEED) as g:
+    """`two_governance_actors` on the seed policy."""
+    async with two_governance_actors(tmp_path, secure_nats, redis_server, prefix, SEED) as g:
         yield g
-
-
-@contextlib.asynccontextmanager
-async def _two_governance_actors(
-    tmp_path, secure_nats, redis_server, prefix, policy_text, *, budget_usd: float = AUTHORITY
-) -> AsyncIterator[Governed]:
-    """Two governance actors in one queue group, an agent with budget authority
-    ``budget_usd`` that sees every decision, an operator and a coordinator."""
-    transport, server = secure_nats
-    dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(policy_text)
-    actors = [
-        GovernanceService(
-            dep, issuer.identity(f"governance-{i}", "governance"), policy_paths=[str(policy)]
-        )
-        for i in (1, 2)
-    ]
-    for actor in actors:
-        await actor.start()
-    agent = await Bus.connect(
-        dep, issuer.identity("proc-1", ROLE, capabilities=(ERP_CREATE_PO,), budget_usd=budget_usd)
-    )
-    decisions: asyncio.Queue[Decision] = asyncio.Queue()
-
-    async def on_decision(d: Delivery) -> None:
-        await decisions.put(d.body)
-
-    operator = await Bus.connect(dep, issuer.identity("operator-1", "operator"))
-    coordinator = await Coordinator.connect(dep, issuer, ("proc-1",))
-    try:
-        await agent.subscribe(
-            agent.subjects.decisions(agent.identity.agent_id), on_decision, accepts=Decision
-        )
-        await agent.flush()
-        yield Governed(
-            agent=agent,
-            decisions=decisions,
-            actors=actors,
-            operator=operator,
-            coordinator=coordinator,
-            dep=dep,
-            issuer=issuer,
-        )
-    finally:
-        await coordinator.close()
-        await operator.close()
-        await agent.close()
-        for actor in actors:
-            await actor.close()
 
 
 async def test_an_escalation_is_sent_before_its_approval_request_is_announced(
@@ -730,7 +659,7 @@ async def test_an_approval_cannot_spend_what_the_agents_budget_authority_no_long
 ) -> None:
     from govmesh.governance.messages import ApprovalAnswer
 
-    async with _two_governance_actors(
+    async with two_governance_actors(
         tmp_path, secure_nats, redis_server, prefix, SEED, budget_usd=10_000
     ) as g:
         await _intent(g, "wf-auth-a", 7000.0)  # over 5,000: escalates, commits nothing yet
