@@ -1,8 +1,88 @@
 """govmesh: governed multi-agent workflow automation.
 
-The public API: what user code (agents, tools, workflows) imports.
+The public API: what user code (agents, tools, workflows, apps) imports. Names load on
+first use, so ``import govmesh`` stays cheap for the command line.
 """
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from govmesh.errors import GovmeshError, ToolError
 
-__all__ = ["GovmeshError", "ToolError"]
+if TYPE_CHECKING:
+    from govmesh.agents._base import RetryPolicy
+    from govmesh.agents._sdk import Agent, Denied, ToolFailed, Workflow, handler
+    from govmesh.llm import (
+        ModelProvider,
+        ModelRequest,
+        ModelResponse,
+        SimulatedModel,
+        SimulatedModelSettings,
+        TokenSpread,
+    )
+    from govmesh.reservations import BudgetError
+    from govmesh.scenarios._app import App
+    from govmesh.tools._registry import ToolContext
+    from govmesh.tools._spec import Effect, ToolSpec, tool
+
+try:
+    __version__ = version("govmesh")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
+_LAZY = {
+    "Agent": "govmesh.agents._sdk",
+    "Denied": "govmesh.agents._sdk",
+    "ToolFailed": "govmesh.agents._sdk",
+    "Workflow": "govmesh.agents._sdk",
+    "handler": "govmesh.agents._sdk",
+    "RetryPolicy": "govmesh.agents._base",
+    "ModelProvider": "govmesh.llm",
+    "ModelRequest": "govmesh.llm",
+    "ModelResponse": "govmesh.llm",
+    "SimulatedModel": "govmesh.llm",
+    "SimulatedModelSettings": "govmesh.llm",
+    "TokenSpread": "govmesh.llm",
+    "BudgetError": "govmesh.reservations",
+    "App": "govmesh.scenarios._app",
+    "ToolContext": "govmesh.tools._registry",
+    "Effect": "govmesh.tools._spec",
+    "ToolSpec": "govmesh.tools._spec",
+    "tool": "govmesh.tools._spec",
+}
+
+__all__ = [
+    "Agent",
+    "App",
+    "BudgetError",
+    "Denied",
+    "Effect",
+    "GovmeshError",
+    "ModelProvider",
+    "ModelRequest",
+    "ModelResponse",
+    "RetryPolicy",
+    "SimulatedModel",
+    "SimulatedModelSettings",
+    "TokenSpread",
+    "ToolContext",
+    "ToolError",
+    "ToolFailed",
+    "ToolSpec",
+    "Workflow",
+    "__version__",
+    "handler",
+    "tool",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'govmesh' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
 __all__ = [
     "InFlight",
+    "Outcome",
     "PurchaseOutcome",
     "PurchaseRequest",
     "Started",
@@ -15,15 +16,54 @@ __all__ = [
     "WorkflowStart",
 ]
 
-Result = Literal["executed", "denied", "rejected", "failed", "halted"]
+Result = Literal["completed", "executed", "denied", "rejected", "failed", "halted"]
 
 
 class WorkflowStart(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """The coordinator asks a requester agent to start a purchase workflow."""
+    """Start a workflow at an agent: the coordinator at the workflow's entry agent, or one
+    agent asking another to take part (``Workflow.ask``). Answered with an `Outcome`.
 
-    item: str
-    vendor: str
-    amount_usd: float
+    Attributes:
+        kind: the payload's type name; picks the receiving agent's handler.
+        body: the payload, msgpack-encoded (a msgspec Struct of the handler's argument type).
+    """
+
+    kind: str
+    body: bytes
+
+
+class Outcome(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """How an agent's part of a workflow ended, sent to whoever started it.
+
+    Attributes:
+        result: ``completed`` (the handler returned), ``denied`` (by policy), ``rejected``
+            (an approver said no), ``failed`` (an error; see ``reasons``), ``halted`` (its
+            model spend reached a cap, or a person stopped it; its state is saved).
+        first_decision: governance's first answer to the workflow's first governed call:
+            allow, deny or escalate; empty when it made none.
+        reasons: why, for anything but ``completed``.
+        approval_id: the approval the workflow waited for, if any.
+        approved_by: who approved it.
+        reflections: unusable model answers reflected on.
+        governance_ms: intent-to-first-decision latency seen by the agent.
+        model_calls: model calls made for the workflow, by this agent and the agents it
+            asked; the coordinator checks the sum against the budget actor's count.
+        shown: the workflow's first governed call as people see it: ``tool`` and the
+            arguments the tool declares to show.
+        value: the handler's return value, msgpack-encoded; empty when it returned None or
+            did not return.
+    """
+
+    result: Result
+    first_decision: str = ""
+    reasons: tuple[str, ...] = ()
+    approval_id: str = ""
+    approved_by: str = ""
+    reflections: int = 0
+    governance_ms: float = 0.0
+    model_calls: int = 0
+    shown: dict[str, Any] = {}
+    value: bytes = b""
 
 
 class PurchaseRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
