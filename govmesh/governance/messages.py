@@ -72,6 +72,9 @@ class ApprovalRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
         budget_authority_usd: the budget authority of the agent's token when it asked,
             checked again on the day's spend when the request is approved (None for
             requests stored before it was kept).
+        shown: the arguments people see, as the tool declares them (`ToolTerms.show`):
+            what ``approvals list``, watch and reports print; empty for requests stored
+            before it was kept, which show ``args``.
     """
 
     approval_id: str
@@ -92,6 +95,7 @@ class ApprovalRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     on_expiry: Literal["allow", "deny"] = "deny"
     trace: str = ""
     budget_authority_usd: float | None = None
+    shown: dict[str, Any] = {}
 
 
 class ApprovalAnswer(msgspec.Struct, frozen=True, kw_only=True, tag=True):
