@@ -35,13 +35,15 @@ from govmesh.llm import ModelProvider
 from govmesh.service import being_cancelled
 from govmesh.state.messages import SnapshotQuery, SnapshotReply, TimerFired, TimerSet
 from govmesh.telemetry._tracing import span
-from govmesh.tools import ERP_CREATE_PO, STEP_IN_PROGRESS, ToolCall, ToolResult
+from govmesh.tools import STEP_IN_PROGRESS, ToolCall, ToolResult
 
 __all__ = ["ProcurementAgent"]
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+ERP_CREATE_PO = "erp.create_purchase_order"
+"""The example's ERP tool (``procurement.tools``), which this agent calls by name."""
 
 _SETTLE_GRACE_S = 60.0
 """Beyond an approval's expiry: governance's sweep, or another actor's takeover, settles it."""
