@@ -24,7 +24,7 @@ if TYPE_CHECKING:
         TokenSpread,
     )
     from govmesh.reservations import BudgetError
-    from govmesh.scenarios._app import App
+    from govmesh.scenarios._app import AgentDef, App
     from govmesh.tools._registry import ToolContext
     from govmesh.tools._spec import Effect, ToolSpec, tool
 
@@ -47,6 +47,7 @@ _LAZY = {
     "SimulatedModelSettings": "govmesh.llm",
     "TokenSpread": "govmesh.llm",
     "BudgetError": "govmesh.reservations",
+    "AgentDef": "govmesh.scenarios._app",
     "App": "govmesh.scenarios._app",
     "ToolContext": "govmesh.tools._registry",
     "Effect": "govmesh.tools._spec",
@@ -56,6 +57,7 @@ _LAZY = {
 
 __all__ = [
     "Agent",
+    "AgentDef",
     "App",
     "BudgetError",
     "Denied",

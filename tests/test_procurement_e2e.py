@@ -1,20 +1,23 @@
-"""The procurement scenario end to end: Ray actors, real nats-server and Redis-protocol
-server, the seed policy, the simulated ERP's own records as the proof."""
+"""The procurement scenario end to end: the example's agents and tool named by a scenario
+file, Ray actors, real nats-server and Redis-protocol server, the seed policy, the simulated
+ERP's own records as the proof."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import msgspec
 import redis.asyncio as aioredis
 
-from govmesh.scenarios import load_scenario, run_workflows
-from govmesh.tools import SimulatedErp
+from govmesh.scenarios import run_workflows, scenario_app
 
 from _deploy import deployment
 
 ROOT = Path(__file__).parent.parent
 SCENARIO = ROOT / "scenarios" / "procurement.yaml"
+DONE = "completed"
+"""How a workflow that placed its order ends."""
 
 
 async def test_procurement_swarm_is_governed_end_to_end(
@@ -22,10 +25,12 @@ async def test_procurement_swarm_is_governed_end_to_end(
 ) -> None:
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix)
-    scenario = load_scenario(SCENARIO)
+    app = scenario_app(SCENARIO)
+    # The scenario's path put the example on this process's path too.
+    erp = importlib.import_module("procurement.tools")
 
     report = await run_workflows(
-        scenario, dep, issuer, workflows=50, seed=1, timeout_s=240, transport=transport
+        app, dep, issuer, workflows=50, seed=1, timeout_s=240, transport=transport
     )
 
     w, d = report["workflows"], report["decisions"]
@@ -33,7 +38,12 @@ async def test_procurement_swarm_is_governed_end_to_end(
     assert d["allow"] > 0 and d["deny"] > 0 and d["escalate"] > 0
     assert d["allow"] + d["deny"] + d["escalate"] == 50
     assert (d["replayed"], d["replay_differences"]) == (50, 0)
-    assert w["failed"] == 0
+    assert "failed" not in w["results"], report["failures"]
+    assert set(report["agents"]) == {"requester-1", "procurement-1"}
+    # The report shows the tool's declared arguments, not fields it knows by name.
+    call = report["calls"]["erp.create_purchase_order"]
+    assert set(call["shown"]) == {"vendor", "amount_usd"} and call["workflows"] == 50
+    assert set(call["shown"]["vendor"]["values"]) == {"Vendor_A", "Vendor_B", "Vendor_C"}
     assert report["model_calls"]["counted_by_budget"] == report["model_calls"]["reported_by_agents"]
     assert report["tokens"] > 0 and report["cost_usd"] > 0
     assert report["security_rejections"] == {}
@@ -44,7 +54,7 @@ async def test_procurement_swarm_is_governed_end_to_end(
 
     r = aioredis.Redis.from_url(redis_server.url)
     try:
-        orders = await SimulatedErp(r, prefix=dep.key_prefix).orders()
+        orders = await erp.orders(r, dep.key_prefix)
         approvals = {
             k.decode(): msgspec.json.decode(v)
             for k, v in (await r.hgetall(f"{dep.key_prefix}:approvals:done")).items()
@@ -52,7 +62,7 @@ async def test_procurement_swarm_is_governed_end_to_end(
     finally:
         await r.aclose()
 
-    assert len(orders) == w["executed"] > 0
+    assert len(orders) == w["results"][DONE] > 0
     assert len({o.workflow for o in orders}) == len(orders), "one order per workflow at most"
     for order in orders:
         assert order.amount_usd <= 10_000, order
@@ -61,7 +71,7 @@ async def test_procurement_swarm_is_governed_end_to_end(
             record = approvals[order.approval_id]
             assert record["answer"]["approved"] is True and record["outcome"] == "allow"
             assert record["workflow"] == order.workflow
-            assert order.approved_by == record["answer"]["by"] == scenario.approvals.by
+            assert order.approved_by == record["answer"]["by"] == app.approvals.by
     assert any(o.amount_usd > 5_000 for o in orders), "the run exercised approved escalations"
     rejected = [a for a in approvals.values() if not a["answer"]["approved"]]
     assert rejected, "some escalations were rejected"

@@ -12,8 +12,8 @@ exactly as `govmesh run` forecasts a run, and compared with what it cost after:
   P90 bound;
 - ``median_abs_error``: median of the held-out runs' absolute relative total error.
 
-The forecaster sees recorded usage only, never the simulated model's settings. The vendor's
-quote wait of the scenario is left out here: it costs nothing and only makes runs longer.
+The forecaster sees recorded usage only, never the simulated model's settings. The
+scenario's durable waits run as it says, on its own clock: they cost nothing.
 """
 
 from __future__ import annotations
@@ -25,11 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-import msgspec
-
 from govmesh.forecasting import UsageHistory
-from govmesh.scenarios import load_scenario, new_issuer, run_workflows
-from govmesh.scenarios._schema import VendorReply
+from govmesh.llm import SimulatedModelSettings
+from govmesh.scenarios import new_issuer, run_workflows, scenario_app
 
 __all__ = ["run_forecast_bench"]
 
@@ -59,8 +57,7 @@ async def run_forecast_bench(
     from govmesh.runtime import Runtime
 
     progress = tick or (lambda _s, _n: None)
-    scenario = load_scenario(scenario_path)
-    scenario = msgspec.structs.replace(scenario, vendor_reply=VendorReply())
+    scenario = scenario_app(scenario_path)
     rows: list[dict[str, Any]] = []
     coverage: list[float] = []
     with tempfile.TemporaryDirectory(prefix="govmesh-bench-forecast-") as tmp:
@@ -120,7 +117,10 @@ async def run_forecast_bench(
     low, high = P90_COVERAGE_TARGET
     return {
         "scenario": scenario.name,
-        "model": {"name": scenario.model.name, "simulated": True},
+        "model": {
+            "name": scenario.entry.model_name(),
+            "simulated": isinstance(scenario.entry.model, SimulatedModelSettings),
+        },
         "workflows_per_run": workflows,
         "calibration_runs": calibration,
         "calibration_workflows": calibration * workflows,

@@ -1,4 +1,5 @@
-"""``govmesh run`` and ``govmesh chaos``: a scenario's workflows, without and with faults."""
+"""``govmesh run`` and ``govmesh chaos``: an app's workflows (from a scenario file or
+``--app package.module:app``), without and with faults."""
 
 from __future__ import annotations
 
@@ -27,8 +28,30 @@ from govmesh.cli._root import cli
 from govmesh.errors import GovmeshError
 
 
+def _app_options(command: Any) -> Any:
+    command = click.option(
+        "--app-dir",
+        default=".",
+        show_default=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Where --app's module is found (and its actors find it).",
+    )(command)
+    return click.option(
+        "--app",
+        "app",
+        metavar="PACKAGE.MODULE:APP",
+        help="Run this govmesh.App instead of a SCENARIO file.",
+    )(command)
+
+
+def _source(scenario: Path | None, app: str | None) -> None:
+    if scenario is not None and app is not None:
+        raise click.UsageError("give a SCENARIO file or --app, not both")
+
+
 @cli.command()
 @click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@_app_options
 @click.option("--workflows", "-n", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--seed", "-s", default=1, show_default=True, type=int)
 @click.option(
@@ -54,6 +77,8 @@ from govmesh.errors import GovmeshError
 @json_option
 def run(
     scenario: Path | None,
+    app: str | None,
+    app_dir: Path,
     workflows: int,
     seed: int,
     concurrency: int,
@@ -61,7 +86,7 @@ def run(
     resume: str | None,
     json_path: Path | None,
 ) -> None:
-    """Run SCENARIO with a swarm of agent actors and print a summary.
+    """Run SCENARIO (or --app) with a swarm of agent actors and print a summary.
 
     While it runs, `govmesh approvals list|approve|deny` works against it from another
     terminal (the deployment is advertised under $GOVMESH_HOME, default ~/.govmesh).
@@ -73,10 +98,13 @@ def run(
     from govmesh.scenarios._runner import run_dir
     from govmesh.scenarios._runs import new_run_id
 
-    if scenario is None and resume is None:
-        raise click.UsageError("give a SCENARIO file, or --resume RUN_ID")
-    if scenario is not None and resume is not None:
-        raise click.UsageError("--resume takes the scenario of the run; give no SCENARIO")
+    _source(scenario, app)
+    if scenario is None and app is None and resume is None:
+        raise click.UsageError("give a SCENARIO file or --app, or --resume RUN_ID")
+    if (scenario is not None or app is not None) and resume is not None:
+        raise click.UsageError(
+            "--resume takes the scenario or app of the run; give no SCENARIO or --app"
+        )
     run_id = resume or new_run_id()
     if resume is not None:
         try:
@@ -84,7 +112,7 @@ def run(
         except GovmeshError as exc:
             raise click.ClickException(str(exc)) from None
         workflows, manual_approvals = manifest.workflows, manifest.manual_approvals
-        console.print(f"resuming run [bold]{run_id}[/] of {manifest.scenario}")
+        console.print(f"resuming run [bold]{run_id}[/] of {manifest.scenario or manifest.app}")
     else:
         console.print(
             f"run [bold]{run_id}[/]; if it is stopped, [bold]govmesh run --resume {run_id}[/] "
@@ -118,6 +146,8 @@ def run(
         report = run_async(
             run_scenario(
                 scenario,
+                app=app,
+                app_dir=app_dir,
                 workflows=workflows,
                 seed=seed,
                 concurrency=concurrency,
@@ -143,7 +173,8 @@ def run(
 
 
 @cli.command()
-@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@_app_options
 @click.option("--workflows", "-n", default=50, show_default=True, type=click.IntRange(1))
 @click.option(
     "--kills",
@@ -163,22 +194,29 @@ def run(
 )
 @json_option
 def chaos(
-    scenario: Path,
+    scenario: Path | None,
+    app: str | None,
+    app_dir: Path,
     workflows: int,
     kills: int,
     seed: int,
     concurrency: int,
     json_path: Path | None,
 ) -> None:
-    """Run SCENARIO while killing its actors and restarting its servers; check that
-    every workflow finished, no effect happened twice and no approval was lost.
+    """Run SCENARIO (or --app) while killing its actors and restarting its servers; check
+    that every workflow finished, no effect happened twice and no approval was lost.
 
-    The strikes SIGKILL agent actor processes, the state actor, a governance actor and
-    the gateway, and restart the Redis-protocol server and nats-server, spread over the
-    run. Exits 1 if a workflow did not finish or an effect or approval went wrong.
+    Effects are counted from each tool's own record of them (the tools that declare an
+    effects lister). The strikes SIGKILL every agent's actor process, the state actor, a
+    governance actor and the gateway, and restart the Redis-protocol server and
+    nats-server, spread over the run. Exits 1 if a workflow did not finish or an effect or
+    approval went wrong.
     """
     from govmesh.scenarios._chaos import run_chaos
 
+    _source(scenario, app)
+    if scenario is None and app is None:
+        raise click.UsageError("give a SCENARIO file or --app")
     with progress_bar(TextColumn("{task.fields[tally]}")) as progress:
         task = progress.add_task("starting", total=workflows, tally="")
 
@@ -192,6 +230,8 @@ def chaos(
         report = run_async(
             run_chaos(
                 scenario,
+                app=app,
+                app_dir=app_dir,
                 workflows=workflows,
                 kills=kills,
                 seed=seed,
@@ -204,7 +244,12 @@ def chaos(
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("workflows finished", f"{report['finished']} / {report['total']}")
-    table.add_row("duplicate effects (ERP's own orders)", str(report["duplicate_effects"]))
+    effects = report["effects"]
+    table.add_row(
+        "effects (tools' own records)",
+        ", ".join(f"{tool} {n}" for tool, n in sorted(effects.items())) or "no tool lists any",
+    )
+    table.add_row("duplicate effects", str(report["duplicate_effects"]))
     table.add_row("lost approvals", str(report["lost_approvals"]))
     table.add_row("strikes", str(report["kills"]))
     for strike in report["strikes"]:
@@ -217,12 +262,7 @@ def chaos(
         "actors back on the bus",
         ", ".join(f"{k} {v}" for k, v in sorted(restarts.items())) or "none",
     )
-    w = report["run"]["workflows"]
-    table.add_row(
-        "outcomes",
-        f"executed {w['executed']}, denied {w['denied']}, rejected {w['rejected']}, "
-        f"failed {w['failed']}",
-    )
+    table.add_row("outcomes", _results(report["run"]["workflows"]["results"]))
     t = report["run"]["timings_s"]
     table.add_row("time (workflows / total)", f"{t['workflows_s']:.1f} / {t['total_s']:.1f} s")
     out.print(table)
@@ -278,11 +318,10 @@ def _summary(report: dict[str, Any]) -> Table:
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("workflows finished", f"{w['finished']} / {w['total']}")
-    table.add_row(
-        "outcomes",
-        f"executed {w['executed']}, denied {w['denied']}, rejected {w['rejected']}, "
-        f"failed {w['failed']}, halted {w['halted']}",
-    )
+    table.add_row("outcomes", _results(w["results"]))
+    for tool, call in report["calls"].items():
+        table.add_row(f"first call: {tool}", _shown(call))
+    models = {(a["model"]["name"], a["model"]["simulated"]) for a in report["agents"].values()}
     b = report["budget"]
     if b["caps"] is not None:
         i = b["interrupts"]
@@ -307,7 +346,11 @@ def _summary(report: dict[str, Any]) -> Table:
         f"{report['approvals']['rejected']}",
     )
     table.add_row(
-        "tokens (simulated model)",
+        "tokens ("
+        + ", ".join(
+            f"{name}{' simulated' if simulated else ''}" for name, simulated in sorted(models)
+        )
+        + ")",
         f"{report['tokens']:,} in {report['model_calls']['counted_by_budget']} calls",
     )
     table.add_row("cost", f"${report['cost_usd']:,.4f}")
@@ -327,13 +370,12 @@ def _summary(report: dict[str, Any]) -> Table:
             f"${f['expected_cost_usd']:,.4f} (P5-P95 ${f['p5_cost_usd']:,.4f}-"
             f"${f['p95_cost_usd']:,.4f}){versus}",
         )
-    vendor = report["vendor_reply"]
-    if vendor["wait_hours"]:
+    timers = report["timers"]
+    if timers["fired"] or timers["missed"]:
         clock = "simulated clock" if report["clock"]["simulated"] else "real clock"
         table.add_row(
-            f"vendor quote wait ({clock})",
-            f"{vendor['wait_hours']:g} h each; timers fired {vendor['timers']['fired']}, "
-            f"missed {vendor['timers']['missed']}",
+            f"durable timers ({clock})",
+            f"fired {timers['fired']}, missed {timers['missed']}",
         )
     a = report["audit"]
     table.add_row(
@@ -355,3 +397,22 @@ def _summary(report: dict[str, Any]) -> Table:
         f"{t['start_s']:.1f} / {t['workflows_s']:.1f} / {t['total_s']:.1f} s",
     )
     return table
+
+
+def _results(results: dict[str, int]) -> str:
+    """Workflow results as the agents named them, most frequent first."""
+    return ", ".join(f"{name} {n}" for name, n in results.items()) or "none"
+
+
+def _shown(call: dict[str, Any]) -> str:
+    """A tool's first calls: how many, how they ended, and the arguments it shows."""
+    parts = [f"{call['workflows']} workflows ({_results(call['results'])})"]
+    for name, field in call["shown"].items():
+        if "values" in field:
+            values = ", ".join(f"{v} {n}" for v, n in field["values"].items())
+            parts.append(f"{name}: {values}")
+        else:
+            parts.append(
+                f"{name}: {field['min']:g} to {field['max']:g}, total {field['total']:,.2f}"
+            )
+    return "; ".join(parts)

@@ -8,8 +8,9 @@ lands on a busy deployment, and each waits until the actor struck before it is b
 first strikes take each kind once, the rest are drawn at random; all of it is seeded.
 
 What the run must show afterwards is counted from what the parts themselves recorded, never
-from the ledger that is under test: `duplicate_effects` from the ERP's own orders, and
-`lost_approvals` from governance's approvals against the end each workflow reported.
+from the ledger that is under test: `duplicate_effects` from each tool's own record of its
+effects (the lister it declares with ``@tool.effects``), and `lost_approvals` from
+governance's approvals against the end each workflow reported.
 """
 
 from __future__ import annotations
@@ -20,20 +21,21 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import redis.asyncio as aioredis
 
-from govmesh.agents import PurchaseOutcome, WorkflowDone
+from govmesh.agents.messages import Outcome
+from govmesh.errors import ConfigError
 from govmesh.governance._approvals import ApprovalStore
+from govmesh.scenarios._app import App, load_app, scenario_app
 from govmesh.scenarios._runner import deploy, finish_run, run_workflows
 from govmesh.scenarios._runs import RunManifest, RunRecords, new_run_id
-from govmesh.scenarios._schema import load_scenario
 from govmesh.scenarios._swarm import Swarm, seeded_rng
-from govmesh.tools import SimulatedErp
+from govmesh.tools._spec import Effect, ToolSpec
 
 if TYPE_CHECKING:
     from govmesh.runtime import NatsServer, RedisServer
@@ -47,8 +49,10 @@ _SPREAD = 0.8
 _MIN_GAP_S = 1.0
 _RECOVERY_WAIT_S = 30.0
 
-AGENT_KINDS = ("requester", "procurement")
-"""Swarm members that are agents, by the kind a strike names."""
+_PLATFORM = ("state", "governance", "gateway")
+"""Platform actors struck, by the prefix of their names."""
+_DONE = ("completed", "executed")
+"""Results of a workflow that went on past its governed calls."""
 
 
 class Strike(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,7 +60,7 @@ class Strike(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         at_s: seconds since the monkey started.
-        kind: ``requester``, ``procurement``, ``state``, ``governance``, ``gateway``,
+        kind: ``agent`` (one of the app's), ``state``, ``governance``, ``gateway``,
             ``redis`` or ``nats``.
         target: the actor's name, or the server's.
         how: ``SIGKILL`` (an actor's process) or ``restart`` (a server).
@@ -99,25 +103,24 @@ class ChaosMonkey:
         self.strikes: list[Strike] = []
         self._started = 0.0
 
-    def _plan(self, names: list[str]) -> list[tuple[str, str]]:
-        """(kind, target) for each strike: every kind once first, then drawn at random."""
+    def _plan(self, names: list[str], agents: tuple[str, ...]) -> list[tuple[str, str]]:
+        """(kind, target) for each strike: every agent and every other kind once first (in
+        a seeded order), then drawn at random."""
         rng = seeded_rng(self.seed, "chaos")
-        targets: dict[str, list[str]] = {
-            kind: [n for n in names if n.startswith(kind)]
-            for kind in (*AGENT_KINDS, "state", "governance", "gateway")
-        }
-        targets.update({k: [k] for k, server in self._servers.items() if server is not None})
-        kinds = [k for k, found in targets.items() if found]
-        first = kinds[:]
+        groups: list[tuple[str, list[str]]] = [("agent", [a]) for a in agents]
+        groups += [(kind, [n for n in names if n.startswith(kind)]) for kind in _PLATFORM]
+        groups += [(k, [k]) for k, server in self._servers.items() if server is not None]
+        groups = [(kind, found) for kind, found in groups if found]
+        first = groups[:]
         rng.shuffle(first)
-        order = (first + [rng.choice(kinds) for _ in range(self.kills)])[: self.kills]
-        return [(kind, rng.choice(targets[kind])) for kind in order]
+        order = (first + [rng.choice(groups) for _ in range(self.kills)])[: self.kills]
+        return [(kind, rng.choice(targets)) for kind, targets in order]
 
     async def __call__(self, swarm: Swarm, finished: Callable[[], int]) -> None:
         """Strike `kills` times over the run (`run_workflows` cancels it at the end)."""
         self._started = time.monotonic()
         names = list(await swarm.pids())
-        for i, (kind, target) in enumerate(self._plan(names), start=1):
+        for i, (kind, target) in enumerate(self._plan(names, swarm.agent_ids), start=1):
             due = self.total * _SPREAD * (i - 1) / self.kills
             while finished() < due:
                 await asyncio.sleep(0.05)
@@ -169,51 +172,73 @@ class ChaosMonkey:
 
 
 async def effects_and_approvals(
-    redis_url: str, prefix: str, outcomes: dict[str, WorkflowDone]
+    redis_url: str,
+    prefix: str,
+    outcomes: dict[str, Outcome],
+    tools: Sequence[ToolSpec[Any, Any]],
 ) -> dict[str, Any]:
     """Count what a run did twice or lost, from the parts' own records.
 
-    - ``duplicate_effects``: purchase orders the ERP holds beyond one per workflow.
-    - ``lost_approvals``: approvals of the run's workflows that are still pending, or whose
-      settlement is not the end their workflow reported (an approval allowed, a workflow
-      not executed; one rejected or expired, a workflow not rejected), or that a workflow
-      reported and governance does not know.
+    - ``duplicate_effects``: effects beyond one per (workflow, step), from the record of
+      every tool that declares an effects lister (``@tool.effects``).
+    - ``lost_approvals``: approvals of the run's workflows that are still pending; or whose
+      settlement is not the end their workflow reported (the workflow's approval allowed,
+      the workflow not done; rejected or expired, the workflow not rejected); or that a
+      workflow reported and governance does not know.
     """
     redis = aioredis.Redis.from_url(redis_url)
     try:
-        orders = await SimulatedErp(redis, prefix=prefix).orders()
+        effects: dict[str, list[Effect]] = {}
+        for spec in tools:
+            if spec.effects_lister is not None:
+                effects[spec.name] = await spec.effects_lister(redis, prefix)
         store = ApprovalStore(redis, prefix)
         pending = [r for r in await store.pending() if r.workflow in outcomes]
         settled = {r.approval_id: r for r in await store.settled() if r.workflow in outcomes}
     finally:
         await redis.aclose()
-    per_workflow = Counter(o.workflow for o in orders if o.workflow in outcomes)
+    per_step = Counter(
+        (tool, e.workflow, e.step)
+        for tool, listed in effects.items()
+        for e in listed
+        if e.workflow in outcomes
+    )
     lost: list[dict[str, str]] = [
         {"approval_id": r.approval_id, "workflow": r.workflow, "why": "still pending"}
         for r in pending
     ]
     for record in settled.values():
-        result = outcomes[record.workflow].outcome.result
-        expected = "executed" if record.outcome == "allow" else "rejected"
-        if result != expected:
+        outcome = outcomes[record.workflow]
+        if outcome.approval_id != record.approval_id:
+            continue  # a later call's approval: the outcome tells the first call's only
+        if record.outcome == "allow":
+            kept = outcome.result in _DONE
+        else:
+            kept = outcome.result == "rejected"
+        if not kept:
             lost.append(
                 {
                     "approval_id": record.approval_id,
                     "workflow": record.workflow,
-                    "why": f"settled {record.outcome}, workflow {result}",
+                    "why": f"settled {record.outcome}, workflow {outcome.result}",
                 }
             )
-    for workflow, done in outcomes.items():
-        approval = done.outcome.approval_id
-        if (
-            approval
-            and approval not in settled
-            and approval not in {r.approval_id for r in pending}
-        ):
+    pending_ids = {r.approval_id for r in pending}
+    for workflow, outcome in outcomes.items():
+        approval = outcome.approval_id
+        if approval and approval not in settled and approval not in pending_ids:
             lost.append({"approval_id": approval, "workflow": workflow, "why": "unknown"})
     return {
-        "orders": sum(per_workflow.values()),
-        "duplicate_effects": sum(n - 1 for n in per_workflow.values()),
+        "effects": {
+            tool: sum(1 for e in listed if e.workflow in outcomes)
+            for tool, listed in effects.items()
+        },
+        "duplicate_effects": sum(n - 1 for n in per_step.values()),
+        "duplicates": [
+            {"tool": tool, "workflow": workflow, "step": step, "times": n}
+            for (tool, workflow, step), n in sorted(per_step.items())
+            if n > 1
+        ][:20],
         "lost_approvals": len(lost),
         "lost": lost,
         "approvals_settled": len(settled),
@@ -221,7 +246,7 @@ async def effects_and_approvals(
 
 
 async def run_chaos(
-    path: str | Path,
+    path: str | Path | None,
     *,
     workflows: int,
     kills: int,
@@ -230,27 +255,45 @@ async def run_chaos(
     governance_actors: int = 2,
     resend_s: float = 5.0,
     timeout_s: float = 900.0,
-    on_done: Callable[[str, PurchaseOutcome], None] | None = None,
+    on_done: Callable[[str, Outcome], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    app: App | str | None = None,
+    app_dir: str | Path = ".",
 ) -> dict[str, Any]:
-    """Run a scenario on its own embedded (or external) services while a `ChaosMonkey`
-    strikes ``kills`` times, then count what was finished, done twice or lost.
+    """Run a scenario file (or an app) on its own embedded (or external) services while a
+    `ChaosMonkey` strikes ``kills`` times, then count what was finished, done twice or lost.
+
+    Args:
+        path: the scenario file; None with ``app``.
+        app: instead of ``path``, an `App` or its name ``package.module:app``.
 
     Returns:
-        ``total``, ``finished``, ``duplicate_effects``, ``lost_approvals``, ``kills`` (strikes
-        made), ``strikes`` (each), ``actor_restarts``, and the run's whole report (``run``).
+        ``total``, ``finished``, ``effects`` (per tool), ``duplicate_effects``,
+        ``lost_approvals``, ``kills`` (strikes made), ``strikes`` (each),
+        ``actor_restarts``, and the run's whole report (``run``).
     """
     phase = on_phase or (lambda _: None)
-    scenario = load_scenario(path)
+    if (path is None) == (app is None):
+        raise ConfigError("give a scenario file or an app, not both")
+    ref = app if isinstance(app, str) else ""
+    if isinstance(app, App):
+        loaded = app
+    elif ref:
+        loaded = load_app(ref, app_dir=app_dir)
+    else:
+        loaded = scenario_app(str(path))
     manifest = RunManifest(
         run_id=new_run_id(),
-        scenario=str(Path(path).resolve()),
+        scenario=str(Path(path).resolve()) if path is not None else "",
+        app=ref,
+        app_dir=str(Path(app_dir).resolve()) if ref else "",
         seed=seed,
         workflows=workflows,
         concurrency=concurrency,
         started_at=time.time(),
     )
-    async with deploy(manifest, resume=False, what=f"govmesh chaos {path}", phase=phase) as up:
+    what = f"govmesh chaos {path or ref or loaded.name}"
+    async with deploy(manifest, app=loaded, resume=False, what=what, phase=phase) as up:
         monkey = ChaosMonkey(
             kills=kills,
             total=workflows,
@@ -260,7 +303,7 @@ async def run_chaos(
         )
         phase("starting agent and platform actors")
         report = await run_workflows(
-            scenario,
+            loaded,
             up.deployment,
             up.issuer,
             workflows=workflows,
@@ -283,13 +326,13 @@ async def run_chaos(
         finally:
             await records.close()
         counted = await effects_and_approvals(
-            up.deployment.redis_url, up.deployment.key_prefix, finished
+            up.deployment.redis_url, up.deployment.key_prefix, finished, loaded.tools
         )
         report["runtime"] = up.describe()
         phase("stopping")
     finish_run(report)
     return {
-        "scenario": scenario.name,
+        "scenario": loaded.name,
         "seed": seed,
         "total": workflows,
         "finished": report["workflows"]["finished"],

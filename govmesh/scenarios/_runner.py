@@ -1,4 +1,5 @@
-"""Runs a scenario: draws the workflows, drives them through the swarm, reports."""
+"""Runs an app: starts its workflows at its entry agent, drives them through the swarm,
+reports."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import msgspec
 import redis.asyncio as aioredis
 from nats.errors import Error as NatsError
 
-from govmesh.agents import PurchaseOutcome, WorkflowDone, WorkflowStart
 from govmesh.agents._base import TRANSIENT
+from govmesh.agents.messages import Outcome, WorkflowStart
 from govmesh.authority import TokenAuthority
 from govmesh.bus import Bus, Delivery, ensure_event_stream
 from govmesh.config import Deployment
@@ -38,11 +39,13 @@ from govmesh.forecasting import (
 from govmesh.governance._replay import ReplayReport, replay_url
 from govmesh.governance._starts import record_start
 from govmesh.identity import SOCKET_MEMBERS, Issuer
+from govmesh.llm import SimulatedModelSettings
 from govmesh.observability import AuditIndex, summarize
 from govmesh.observability._sentinel import SENTINEL_MEMBER, ServerSentinel
 from govmesh.roles import COORDINATOR_ROLE, SENTINEL_ROLE
 from govmesh.runtime import Member, Transport
 from govmesh.runtime._home import home_dir, write_private
+from govmesh.scenarios._app import App, load_app, scenario_app
 from govmesh.scenarios._records import keep_run, load_resumable
 from govmesh.scenarios._runs import (
     RunManifest,
@@ -51,12 +54,8 @@ from govmesh.scenarios._runs import (
     new_run_id,
     save_manifest,
 )
-from govmesh.scenarios._schema import Scenario, load_scenario
-from govmesh.scenarios._swarm import Swarm, seeded_rng
+from govmesh.scenarios._swarm import Swarm
 from govmesh.state import Keyring
-
-if TYPE_CHECKING:
-    from govmesh.runtime import Runtime
 
 if TYPE_CHECKING:
     from govmesh.runtime import Runtime
@@ -64,8 +63,8 @@ if TYPE_CHECKING:
 __all__ = [
     "Deployed",
     "deploy",
-    "draw_workflows",
     "finish_run",
+    "load_app_of",
     "new_issuer",
     "run_dir",
     "run_scenario",
@@ -90,26 +89,8 @@ def workflow_id(run_id: str, index: int) -> str:
     return f"{run_id}-{index:05d}"
 
 
-def draw_workflows(scenario: Scenario, count: int, *, seed: int) -> list[WorkflowStart]:
-    """The purchases of ``count`` workflows, the same for the same seed."""
-    p = scenario.purchases
-    vendors = list(p.vendors)
-    weights = [p.vendors[v] for v in vendors]
-    starts = []
-    for i in range(count):
-        rng = seeded_rng(seed, f"workflow:{i}")
-        starts.append(
-            WorkflowStart(
-                item=rng.choice(p.items),
-                vendor=rng.choices(vendors, weights)[0],
-                amount_usd=round(rng.uniform(p.amount_usd.min, p.amount_usd.max), 2),
-            )
-        )
-    return starts
-
-
 async def run_workflows(
-    scenario: Scenario,
+    app: App,
     deployment: Deployment,
     issuer: Issuer,
     *,
@@ -120,7 +101,7 @@ async def run_workflows(
     in_process: bool = False,
     transport: Transport | None = None,
     simulated_approver: bool = True,
-    on_done: Callable[[str, PurchaseOutcome], None] | None = None,
+    on_done: Callable[[str, Outcome], None] | None = None,
     run_id: str | None = None,
     resend_s: float = 20.0,
     governance_actors: int = 1,
@@ -132,15 +113,17 @@ async def run_workflows(
 ) -> dict[str, Any]:
     """Start the swarm, run ``workflows`` workflows through it, and return the report.
 
-    Each workflow's end is recorded in Redis under the run's id as it arrives, and a
-    workflow not heard of within ``resend_s`` (doubling up to two minutes) is started
-    again: every agent answers a start or request it has seen with what it did, or goes on
-    with it, so a start sent again never makes a second workflow. Given the ``run_id`` of
-    an earlier run of the same scenario, seed and count, the workflows it finished are
-    taken from Redis and the rest started again: that is how a stopped run resumes.
+    Each workflow is a `WorkflowStart` of the app's workload sent to its entry agent, and
+    ends with the `Outcome` that agent answers. Each workflow's end is recorded in Redis
+    under the run's id as it arrives, and a workflow not heard of within ``resend_s``
+    (doubling up to two minutes) is started again: every agent answers a start or request
+    it has seen with what it did, or goes on with it, so a start sent again never makes a
+    second workflow. Given the ``run_id`` of an earlier run of the same app, seed and
+    count, the workflows it finished are taken from Redis and the rest started again: that
+    is how a stopped run resumes.
 
     Args:
-        scenario: the scenario.
+        app: the app.
         deployment: services to use (already running).
         issuer: issues every member's token.
         workflows: how many workflows.
@@ -152,7 +135,7 @@ async def run_workflows(
         transport: mutual TLS; every member is admitted and gets its certificate. With an
             embedded server, a sentinel (`ServerSentinel`) reports what the server refused
             as security events, counted in the report's security rejections.
-        simulated_approver: answer escalations with the scenario's simulated approver;
+        simulated_approver: answer escalations with the app's simulated approver;
             False leaves them to operators (``govmesh approvals``) or to their expiry.
         on_done: called as each workflow finishes (progress bars), and at the start for
             each one an earlier run of ``run_id`` finished.
@@ -162,7 +145,7 @@ async def run_workflows(
         keyring: the state actor's snapshot keys (see `Swarm`).
         during: run beside the workflows with the swarm and a count of the workflows
             finished so far, and cancelled once they all are (``govmesh chaos``).
-        clock_origin: for a scenario with a simulated clock, when the run's clock started
+        clock_origin: for an app with a simulated clock, when the run's clock started
             (the same when it resumes); now if None. A deployment whose clock is already
             simulated keeps it.
         history: recorded usage of earlier runs: the run's cost is forecast from it first
@@ -173,9 +156,10 @@ async def run_workflows(
     """
     started = time.perf_counter()
     run_id = run_id or new_run_id()
-    prior = _prior_forecast(history, scenario.name, workflows, seed=seed)
+    prior = _prior_forecast(history, app.name, workflows, seed=seed)
+    starts = app.starts(workflows, seed=seed)
     swarm = Swarm(
-        scenario,
+        app,
         deployment,
         issuer,
         seed=seed,
@@ -212,8 +196,8 @@ async def run_workflows(
     coordinator = await Bus.connect(deployment, me)
     await ensure_event_stream(coordinator.nc, deployment.tenant)
     records = RunRecords(deployment.redis_url, deployment.key_prefix, run_id)
-    outcomes: dict[str, WorkflowDone] = await records.finished()
-    waiting: dict[str, asyncio.Future[WorkflowDone]] = {}
+    outcomes: dict[str, Outcome] = await records.finished()
+    waiting: dict[str, asyncio.Future[Outcome]] = {}
     background: set[asyncio.Task[None]] = set()
 
     async def on_message(d: Delivery) -> None:
@@ -236,14 +220,14 @@ async def run_workflows(
         await coordinator.subscribe(
             coordinator.subjects.msg(coordinator.identity.agent_id),
             on_message,
-            accepts=WorkflowDone,
+            accepts=Outcome,
         )
         await coordinator.flush()
         ready = time.perf_counter()
         gate = asyncio.Semaphore(concurrency)
         if on_done is not None:
-            for workflow, done in sorted(outcomes.items()):
-                on_done(workflow, done.outcome)
+            for workflow, ended in sorted(outcomes.items()):
+                on_done(workflow, ended)
 
         async def one(i: int, start: WorkflowStart) -> None:
             workflow = workflow_id(run_id, i)
@@ -259,7 +243,7 @@ async def run_workflows(
                         # governance holds its record, even one lost to a Redis restart.
                         await record_start(coordinator, workflow, swarm.agent_ids, trace=trace)
                         await coordinator.publish(
-                            coordinator.subjects.msg(swarm.requester_id),
+                            coordinator.subjects.msg(swarm.entry_id),
                             start,
                             workflow=workflow,
                             trace=trace,
@@ -269,15 +253,12 @@ async def run_workflows(
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.shield(future), wait)
                     wait = min(wait * 2, _MAX_RESEND_S)
-                done = future.result()
-            outcomes[workflow] = done
+                ended = future.result()
+            outcomes[workflow] = ended
             if on_done is not None:
-                on_done(workflow, done.outcome)
+                on_done(workflow, ended)
 
-        tasks = [
-            asyncio.create_task(one(i, s))
-            for i, s in enumerate(draw_workflows(scenario, workflows, seed=seed))
-        ]
+        tasks = [asyncio.create_task(one(i, s)) for i, s in enumerate(starts)]
         if during is not None:
             chaos = asyncio.create_task(during(swarm, lambda: len(outcomes)))
         if on_burn is not None:
@@ -291,12 +272,12 @@ async def run_workflows(
                 side.cancel()
                 await asyncio.gather(side, return_exceptions=True)
         finished_at = time.perf_counter()
-        expected_calls = sum(done.model_calls for done in outcomes.values())
+        expected_calls = sum(ended.model_calls for ended in outcomes.values())
         budget = await _settled_budget(coordinator, tuple(outcomes), expected_calls)
         burns = await _burns(coordinator, tuple(outcomes))
         forecast_report = _forecast_vs_actual(prior, burns, workflows)
         if history is not None and len(outcomes) == workflows and burns:
-            history.append(_usage_records(scenario, run_id, seed, burns))
+            history.append(_usage_records(app, run_id, seed, burns))
         # Every recorded decision of the tenant, decided again (there must be no difference).
         replayed = await replay_url(deployment.redis_url, prefix=deployment.key_prefix)
         audit = await _audited(coordinator, deployment, tuple(outcomes))
@@ -325,7 +306,7 @@ async def run_workflows(
         await swarm.close()
         await authority.close()
     report = _report(
-        scenario,
+        app,
         seed=seed,
         total=workflows,
         outcomes=outcomes,
@@ -351,7 +332,7 @@ def _traceparent() -> str:
     return f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
 
 
-def _budget_section(scenario: Scenario, stats: dict[str, Any]) -> dict[str, Any]:
+def _budget_section(app: App, stats: dict[str, Any]) -> dict[str, Any]:
     """The caps in force and what they did: interrupts put to people, released, halted."""
     interrupts: Counter[str] = Counter()
     lapsed = 0
@@ -359,7 +340,7 @@ def _budget_section(scenario: Scenario, stats: dict[str, Any]) -> dict[str, Any]
         interrupts.update(service.get("interrupts", {}))
         lapsed += int(service.get("lapsed", 0))
     return {
-        "caps": None if scenario.budget is None else msgspec.to_builtins(scenario.budget),
+        "caps": None if app.budget is None else msgspec.to_builtins(app.budget),
         "interrupts": {k: interrupts[k] for k in ("asked", "released", "halted")},
         "lapsed_reservations": lapsed,
     }
@@ -439,7 +420,7 @@ def _prior_forecast(
 
 async def _watch_burn(
     bus: Bus,
-    waiting: dict[str, asyncio.Future[WorkflowDone]],
+    waiting: dict[str, asyncio.Future[Outcome]],
     on_burn: Callable[[list[WorkflowBurn]], None],
     *,
     interval_s: float = 1.0,
@@ -472,11 +453,11 @@ async def _burns(
 
 
 def _usage_records(
-    scenario: Scenario, run_id: str, seed: int, burns: list[WorkflowBurn]
+    app: App, run_id: str, seed: int, burns: list[WorkflowBurn]
 ) -> list[WorkflowUsage]:
     return [
         WorkflowUsage(
-            scenario=scenario.name,
+            scenario=app.name,
             run_id=run_id,
             seed=seed,
             workflow=burn.workflow,
@@ -533,11 +514,11 @@ async def _settled_budget(
 
 
 def _report(
-    scenario: Scenario,
+    app: App,
     *,
     seed: int,
     total: int,
-    outcomes: dict[str, WorkflowDone],
+    outcomes: dict[str, Outcome],
     budget: BudgetReport,
     expected_calls: int,
     stats: dict[str, Any],
@@ -545,42 +526,45 @@ def _report(
     simulated_approver: bool,
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    results = Counter(done.outcome.result for done in outcomes.values())
-    first = Counter(done.outcome.first_decision for done in outcomes.values())
-    latencies = [
-        done.outcome.governance_ms for done in outcomes.values() if done.outcome.first_decision
-    ]
+    results = Counter(o.result for o in outcomes.values())
+    first = Counter(o.first_decision for o in outcomes.values())
+    latencies = [o.governance_ms for o in outcomes.values() if o.first_decision]
     rejected: Counter[str] = Counter()
     for service in stats.values():
         rejected.update(service.get("rejected", {}))
     return {
-        "scenario": scenario.name,
+        "scenario": app.name,
         "seed": seed,
-        "model": {"name": scenario.model.name, "simulated": True},
-        "clock": {"speed": scenario.clock.speed, "simulated": scenario.clock.speed != 1.0},
-        "vendor_reply": {
-            "wait_hours": scenario.vendor_reply.wait_hours,
-            "timers": _timer_counts(stats),
+        "agents": {
+            m.id: {
+                "class": m.cls.__qualname__,
+                "role": m.role,
+                "entry": m.entry,
+                "model": {
+                    "name": m.model_name(),
+                    "simulated": isinstance(m.model, SimulatedModelSettings),
+                },
+            }
+            for m in app.members
         },
+        "clock": {"speed": app.clock.speed, "simulated": app.clock.speed != 1.0},
+        "timers": _timer_counts(stats),
         "approver": (
-            {"name": scenario.approvals.by, "simulated": True}
+            {"name": app.approvals.by, "simulated": True}
             if simulated_approver
             else {"name": "operators", "simulated": False}
         ),
         "workflows": {
             "total": total,
             "finished": len(outcomes),
-            "executed": results["executed"],
-            "denied": results["denied"],
-            "rejected": results["rejected"],
-            "failed": results["failed"],
-            "halted": results["halted"],
+            # Every result the agents reported, by name, most frequent first.
+            "results": dict(results.most_common()),
         },
         # Why workflows failed, so a run with failures can be looked into (at most 20).
         "failures": [
-            {"workflow": workflow, "reasons": list(done.outcome.reasons)}
-            for workflow, done in sorted(outcomes.items())
-            if done.outcome.result == "failed"
+            {"workflow": workflow, "reasons": list(o.reasons)}
+            for workflow, o in sorted(outcomes.items())
+            if o.result == "failed"
         ][:20],
         "decisions": {
             **{k: first[k] for k in ("allow", "deny", "escalate")},
@@ -588,20 +572,61 @@ def _report(
             "replay_differences": len(replayed.mismatches),
         },
         "approvals": {
-            "approved": sum(1 for d in outcomes.values() if d.outcome.approved_by),
+            "approved": sum(1 for o in outcomes.values() if o.approved_by),
             "rejected": results["rejected"],
         },
+        "calls": _shown_calls(outcomes),
         "model_calls": {"reported_by_agents": expected_calls, "counted_by_budget": budget.calls},
         "tokens": budget.tokens,
         "input_tokens": budget.input_tokens,
         "output_tokens": budget.output_tokens,
         "cost_usd": round(budget.cost_usd, 6),
-        "budget": _budget_section(scenario, stats),
+        "budget": _budget_section(app, stats),
         "governance_latency_ms": summarize(latencies),
         "security_rejections": dict(rejected),
         "timings_s": timings,
         "actors": stats,
     }
+
+
+_SHOWN_VALUES = 5
+"""Distinct values of a shown argument a report lists (the most frequent)."""
+
+
+def _shown_calls(outcomes: dict[str, Outcome]) -> dict[str, Any]:
+    """Each workflow's first governed call, by tool, with the arguments the tool declares
+    to show: a number as its range and total, anything else as its most frequent values;
+    and how the workflows that made it ended."""
+    by_tool: dict[str, list[Outcome]] = {}
+    for o in outcomes.values():
+        tool = o.shown.get("tool")
+        if isinstance(tool, str):
+            by_tool.setdefault(tool, []).append(o)
+    calls: dict[str, Any] = {}
+    for tool, made in sorted(by_tool.items()):
+        args: dict[str, list[Any]] = {}
+        for o in made:
+            for name, value in o.shown.items():
+                if name != "tool":
+                    args.setdefault(name, []).append(value)
+        fields: dict[str, Any] = {}
+        for name, values in args.items():
+            numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+            if numbers and len(numbers) == len(values):
+                fields[name] = {
+                    "min": min(numbers),
+                    "max": max(numbers),
+                    "total": round(sum(numbers), 6),
+                }
+            else:
+                counted = Counter(repr(v) if isinstance(v, dict | list) else v for v in values)
+                fields[name] = {"values": dict(counted.most_common(_SHOWN_VALUES))}
+        calls[tool] = {
+            "workflows": len(made),
+            "results": dict(Counter(o.result for o in made).most_common()),
+            "shown": fields,
+        }
+    return calls
 
 
 def run_dir(run_id: str) -> Path:
@@ -617,6 +642,7 @@ class Deployed:
     """A scenario's deployment brought up by `deploy`."""
 
     runtime: Runtime
+    app: App
     deployment: Deployment
     issuer: Issuer
     keyring: Keyring
@@ -634,24 +660,34 @@ class Deployed:
 
 @contextlib.asynccontextmanager
 async def deploy(
-    manifest: RunManifest, *, resume: bool, what: str, phase: Callable[[str], None]
+    manifest: RunManifest,
+    *,
+    app: App | None,
+    resume: bool,
+    what: str,
+    phase: Callable[[str], None],
 ) -> AsyncIterator[Deployed]:
-    """Bring up the runtime of a run (embedded or external services) with its data in
-    `run_dir`, advertised under ``$GOVMESH_HOME`` so ``govmesh approvals`` can answer its
-    escalations from another terminal. The manifest is kept in the run's directory; with
-    ``resume`` it is read back from there (the one given then only names the run).
+    """Bring up the runtime of a run of ``app`` (embedded or external services) with its
+    data in `run_dir`, advertised under ``$GOVMESH_HOME`` so ``govmesh approvals`` can
+    answer its escalations from another terminal. The manifest is kept in the run's
+    directory; with ``resume`` it is read back from there (the one given then only names
+    the run) and the app is the one it names (`load_app_of`).
 
     Raises:
-        ConfigError: ``resume`` of a run that has no directory here, or that finished.
+        ConfigError: ``resume`` of a run that has no directory here, or that finished, or
+            that names no scenario file or app; no ``app`` and no ``resume``.
     """
     from govmesh.runtime import Runtime, advertise
 
     workdir = run_dir(manifest.run_id)
     if resume:
         manifest = load_resumable(workdir)
+        app = load_app_of(manifest)
+    elif app is None:
+        raise ConfigError("a run needs an app or a scenario file, unless it resumes one")
     else:
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tenant = load_scenario(manifest.scenario).tenant
+    tenant = app.tenant
     manifest = msgspec.structs.replace(manifest, tenant=tenant)
     save_manifest(workdir, manifest)
     phase("starting nats-server, Redis-protocol server and Ray")
@@ -678,6 +714,7 @@ async def deploy(
         ):
             yield Deployed(
                 runtime=runtime,
+                app=app,
                 deployment=deployment,
                 issuer=issuer,
                 keyring=_run_keyring(workdir),
@@ -701,34 +738,55 @@ def _run_keyring(workdir: Path) -> Keyring:
 
 def finish_run(report: dict[str, Any]) -> None:
     """Once every workflow finished, keep the run's record (`keep_run`) and say how to
-    audit it (``record`` in the report); else say how to resume (``resume``)."""
+    audit it (``record`` in the report); else say how to resume (``resume``), if the run
+    names its scenario file or app."""
     run_id = report["run_id"]
+    workdir = run_dir(run_id)
+    manifest = load_manifest(workdir)
     if report["workflows"]["finished"] == report["workflows"]["total"]:
-        workdir = run_dir(run_id)
         refused = report["audit"]["refused"]
-        kept = keep_run(workdir, msgspec.structs.replace(load_manifest(workdir), refused=refused))
+        kept = keep_run(workdir, msgspec.structs.replace(manifest, refused=refused))
         report["record"] = {
             "dir": str(kept),
             "show": f"govmesh audit show {workflow_id(run_id, 0)} --run {run_id}",
         }
-    else:
+    elif manifest.scenario or manifest.app:
         report["resume"] = f"govmesh run --resume {run_id}"
+
+
+def load_app_of(manifest: RunManifest) -> App:
+    """The app a run's manifest names: its scenario file, or its ``--app``.
+
+    Raises:
+        ConfigError: it names neither (an app run from Python), or what it names is gone.
+    """
+    if manifest.app:
+        return load_app(manifest.app, app_dir=manifest.app_dir or ".")
+    if manifest.scenario:
+        return scenario_app(manifest.scenario)
+    raise ConfigError(
+        f"run {manifest.run_id!r} was started from Python with no scenario file or --app; "
+        "it cannot be resumed from the command line"
+    )
 
 
 async def run_scenario(
     path: str | Path | None,
     *,
+    app: App | str | None = None,
+    app_dir: str | Path = ".",
     workflows: int = 20,
     seed: int = 1,
     concurrency: int = 64,
     simulated_approver: bool = True,
-    on_done: Callable[[str, PurchaseOutcome], None] | None = None,
+    on_done: Callable[[str, Outcome], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
     run_id: str | None = None,
     resume: bool = False,
     on_burn: Callable[[list[WorkflowBurn]], None] | None = None,
 ) -> dict[str, Any]:
-    """Load a scenario, bring up the runtime (embedded or external services), run, report.
+    """Load a scenario file or an app, bring up the runtime (embedded or external
+    services), run, report.
 
     While it runs, the deployment is advertised under ``$GOVMESH_HOME`` (see
     `govmesh.runtime.advertise`) so ``govmesh approvals`` can answer its escalations from
@@ -736,29 +794,40 @@ async def run_scenario(
     expiry) answer them, and the run waits for every workflow.
 
     With ``resume``, ``run_id`` names a run that was stopped before its workflows finished:
-    its scenario, seed, count and approver setting are read back from its records, its
-    embedded servers start again on its data, and what was unfinished is finished (see
-    `run_workflows`); ``path`` and the counts given are not used.
+    its scenario or app, seed, count and approver setting are read back from its records,
+    its embedded servers start again on its data, and what was unfinished is finished (see
+    `run_workflows`); ``path``, ``app`` and the counts given are not used.
+
+    Args:
+        path: a scenario file.
+        app: instead of ``path``, an `App`, or its name ``package.module:app`` (with
+            ``app_dir`` first on the path).
     """
     phase = on_phase or (lambda _: None)
-    if path is None and not resume:
-        raise ConfigError("a scenario file is needed, unless resuming a run")
+    if (path is None) == (app is None) and not resume:
+        raise ConfigError("give a scenario file or an app (not both), unless resuming a run")
+    ref = app if isinstance(app, str) else ""
     asked = RunManifest(
         run_id=run_id or new_run_id(),
         scenario=str(Path(path).resolve()) if path is not None else "",
+        app=ref,
+        app_dir=str(Path(app_dir).resolve()) if ref else "",
         seed=seed,
         workflows=workflows,
         concurrency=concurrency,
         manual_approvals=not simulated_approver,
         started_at=time.time(),
     )
+    loaded: App | None = None
     if not resume:
-        load_scenario(asked.scenario)  # a bad scenario fails before anything starts
-    async with deploy(asked, resume=resume, what=f"govmesh run {path}", phase=phase) as up:
+        # A bad scenario or app fails before anything starts.
+        loaded = app if isinstance(app, App) else load_app_of(asked)
+    what = f"govmesh run {path or ref or (loaded.name if loaded else run_id)}"
+    async with deploy(asked, app=loaded, resume=resume, what=what, phase=phase) as up:
         m = up.manifest
         phase("starting agent and platform actors")
         report = await run_workflows(
-            load_scenario(m.scenario),
+            up.app,
             up.deployment,
             up.issuer,
             workflows=m.workflows,

@@ -2,8 +2,8 @@
 
 - ``<run dir>/run.json``: the run's `RunManifest`: scenario, seed, workflow count, tenant;
   kept with the run's record once it finished (see `govmesh.scenarios._records`).
-- ``<tenant prefix>:run:<run_id>:done`` in Redis: hash, workflow -> its `WorkflowDone`
-  (msgpack), as each ends.
+- ``<tenant prefix>:run:<run_id>:done`` in Redis: hash, workflow -> the `Outcome` its
+  entry agent answered (msgpack), as each ends.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from govmesh.agents import WorkflowDone
+from govmesh.agents.messages import Outcome
 from govmesh.errors import ConfigError
 
 __all__ = ["RunManifest", "RunRecords", "load_manifest", "new_run_id", "save_manifest"]
@@ -38,7 +38,9 @@ class RunManifest(msgspec.Struct, frozen=True, kw_only=True):
     """What a run was asked to do, enough to do the rest of it again.
 
     Attributes:
-        scenario: the scenario file's absolute path.
+        scenario: the scenario file's absolute path; empty for an app.
+        app: the app's name (``package.module:app``) when it was run with ``--app``.
+        app_dir: the folder the app's module was found from.
         manual_approvals: escalations were left to operators.
         tenant: the scenario's tenant (whose keys the run's Redis holds).
         finished_at: when every workflow had finished (0: not yet).
@@ -56,6 +58,8 @@ class RunManifest(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str = ""
     finished_at: float = 0.0
     refused: int = 0
+    app: str = ""
+    app_dir: str = ""
 
 
 def save_manifest(directory: Path, manifest: RunManifest) -> None:
@@ -95,15 +99,15 @@ class RunRecords:
         self._redis = aioredis.Redis.from_url(redis_url)
         self._done = f"{prefix}:run:{run_id}:done"
 
-    async def finished(self) -> dict[str, WorkflowDone]:
-        """The workflows of the run that ended, by id."""
+    async def finished(self) -> dict[str, Outcome]:
+        """How the workflows of the run that ended ended, by id."""
         raw = cast(dict[bytes, bytes], await self._redis.hgetall(self._done))
-        decoder = msgspec.msgpack.Decoder(WorkflowDone)
+        decoder = msgspec.msgpack.Decoder(Outcome)
         return {k.decode(): decoder.decode(v) for k, v in raw.items()}
 
-    async def finish(self, workflow: str, done: WorkflowDone) -> None:
+    async def finish(self, workflow: str, done: Outcome) -> None:
         """Record a workflow's end, trying for a while if Redis is restarting; a record
-        that cannot be written only means a resumed run asks its requester again."""
+        that cannot be written only means a resumed run asks its entry agent again."""
         deadline = time.monotonic() + 30.0
         while True:
             try:

@@ -1,8 +1,15 @@
-"""The scenario file: who the agents are, how the simulated model behaves, what is bought."""
+"""The scenario file: which agents (any classes), tools, policies, models and workload a run
+has, and how its approver, clock and budget behave.
+
+Validation errors name the file and the field path (``agents[1].class``) and quote the bad
+value. Classes, tools and workload generators are named here; `scenario_app` loads them.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -12,38 +19,63 @@ from govmesh.forecasting import BudgetCaps, Price
 from govmesh.forecasting._prices import load_price_file
 from govmesh.llm import SimulatedModelSettings
 
-__all__ = ["AgentSpec", "Scenario", "load_scenario"]
+__all__ = [
+    "AgentSpec",
+    "Approvals",
+    "ClockSpec",
+    "Scenario",
+    "WorkloadSpec",
+    "load_scenario",
+    "quoted_at",
+]
 
 
 class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One agent of the swarm."""
+    """One agent of the scenario.
+
+    Attributes:
+        id: the agent's id, unique in the scenario.
+        cls: its class (``class:`` in the file): ``package.module:Class``, or the name an
+            installed plugin gives it.
+        role: its role; the class's ``role`` when empty.
+        entry: workflows start at this agent (exactly one agent is the entry).
+        capabilities: the tools its token lets it ask for; the class's tools when None.
+        budget_usd: its token's budget authority: what governance may allow it to spend in
+            one UTC day, across its workflows.
+        options: keyword arguments of the class.
+        model: its simulated model; the scenario's ``model`` when None.
+    """
 
     id: str
-    role: str
-    capabilities: tuple[str, ...] = ()
+    cls: str = msgspec.field(name="class")
+    role: str = ""
+    entry: bool = False
+    capabilities: tuple[str, ...] | None = None
     budget_usd: float = 0.0
+    options: dict[str, Any] = {}
+    model: SimulatedModelSettings | None = None
 
 
-class Agents(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The scenario's agents by job."""
+class WorkloadSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the workflows start with: exactly one of ``generator``, ``starts`` and
+    ``starts_file``.
 
-    requester: AgentSpec
-    procurement: AgentSpec
+    Attributes:
+        generator: a class ``(**options)`` whose ``starts(count, seed)`` gives the entry
+            handler's payloads (the same for the same seed).
+        options: the generator's keyword arguments.
+        starts: payloads inline, each a mapping of the entry handler's argument type;
+            workflow ``i`` starts with ``starts[i % len(starts)]``.
+        starts_file: the same as JSON lines, relative to the scenario file.
+        kind: which of the entry agent's handlers ``starts`` and ``starts_file`` are for;
+            needed only when it has several.
+    """
 
-
-class AmountRange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Purchase amounts, drawn uniformly."""
-
-    min: float
-    max: float
-
-
-class Purchases(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """What the requesters ask to buy."""
-
-    items: tuple[str, ...]
-    vendors: dict[str, float]
-    amount_usd: AmountRange
+    generator: str = ""
+    options: dict[str, Any] = {}
+    starts: tuple[dict[str, Any], ...] | None = None
+    starts_file: str = ""
+    kind: str = ""
 
 
 class Approvals(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -54,13 +86,6 @@ class Approvals(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     by: str = "sim-approver"
 
 
-class VendorReply(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """How long each workflow waits for the vendor's quote before it asks governance, in
-    hours on the scenario's clock (a durable timer; 0: no wait)."""
-
-    wait_hours: float = 0.0
-
-
 class ClockSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The scenario's workflow clock: ``speed`` simulated seconds per real second (1: real
     time). Timers and waits run on it; security checks always use real time."""
@@ -69,32 +94,51 @@ class ClockSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 
 class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A whole scenario file; paths in it are relative to the file."""
+    """A whole scenario file; paths in it are relative to the file.
+
+    Attributes:
+        path: folders put on ``sys.path`` here and in every actor, so the classes, tools
+            and generators the file names import.
+        model: the agents' simulated model, unless an agent names its own.
+        tools: the tools the gateway runs: ``package.module:tool`` or a plugin's tool name.
+    """
 
     name: str
     description: str = ""
     tenant: str = "acme"
     policies: tuple[str, ...]
+    path: tuple[str, ...] = ()
     model: SimulatedModelSettings
     prices: dict[str, Price]
-    agents: Agents
-    purchases: Purchases
+    agents: tuple[AgentSpec, ...]
+    tools: tuple[str, ...] = ()
+    workload: WorkloadSpec
     approvals: Approvals = Approvals()
-    vendor_reply: VendorReply = VendorReply()
     clock: ClockSpec = ClockSpec()
     budget: BudgetCaps | None = None
     max_reflections: int = 40
     keep_thoughts: bool = False
     source: str = ""
 
+    def _resolved(self, paths: tuple[str, ...]) -> list[str]:
+        base = Path(self.source).parent
+        return [str((base / p).resolve()) for p in paths]
+
     def policy_paths(self) -> list[str]:
         """Policy files, resolved against the scenario file's folder."""
-        base = Path(self.source).parent
-        return [str((base / p).resolve()) for p in self.policies]
+        return self._resolved(self.policies)
+
+    def search_path(self) -> list[str]:
+        """The ``path`` folders, resolved against the scenario file's folder."""
+        return self._resolved(self.path)
+
+    def starts_path(self) -> Path:
+        """The workload's ``starts_file``, resolved against the scenario file's folder."""
+        return Path(self._resolved((self.workload.starts_file,))[0])
 
 
 def load_scenario(path: str | Path) -> Scenario:
-    """Load and validate a scenario file.
+    """Load and validate a scenario file (its shape; `scenario_app` loads what it names).
 
     Raises:
         ScenarioError: naming the file and the field path of anything wrong.
@@ -111,35 +155,94 @@ def load_scenario(path: str | Path) -> Scenario:
     try:
         scenario = msgspec.convert({**data, "source": str(path)}, Scenario)
     except msgspec.ValidationError as exc:
-        raise ScenarioError(f"{path}: {exc}") from None
+        raise ScenarioError(f"{path}: {quoted_at(str(exc), data)}") from None
     _check(scenario, path)
     return scenario
 
 
+_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_STEP = re.compile(r"\.(?P<key>[^.\[]+)|\[(?P<index>\d+)\]")
+
+
+def quoted_at(message: str, data: Any) -> str:
+    """A msgspec validation message turned around to name the field path first and quote
+    the value found there: ``agents[1].budget_usd: Expected `float`, got `str` (got 'x')``.
+    """
+    found = _AT.search(message)
+    if found is None:
+        return message
+    path = found.group("path")
+    head = message[: found.start()]
+    if not path:
+        return head
+    value: Any = data
+    for step in _STEP.finditer(path):
+        key, index = step.group("key"), step.group("index")
+        if key is not None and isinstance(value, dict) and key in value:
+            value = value[key]
+        elif index is not None and isinstance(value, list | tuple) and int(index) < len(value):
+            value = value[int(index)]
+        else:
+            return f"{path.lstrip('.')}: {head}"
+    return f"{path.lstrip('.')}: {head} (got {value!r})"
+
+
 def _check(s: Scenario, path: Path) -> None:
-    if s.model.name not in s.prices:
-        raise ScenarioError(
-            f"{path}: model {s.model.name!r} has no entry under prices; a model is never free"
+    def fail(field: str, message: str) -> None:
+        raise ScenarioError(f"{path}: {field}: {message}")
+
+    models = [("model", s.model)] + [
+        (f"agents[{i}].model", a.model) for i, a in enumerate(s.agents) if a.model is not None
+    ]
+    for field, model in models:
+        if model.name not in s.prices:
+            fail(field, f"{model.name!r} has no entry under prices; a model is never free")
+    if not s.agents:
+        fail("agents", "a scenario needs at least one agent")
+    seen: dict[str, int] = {}
+    for i, agent in enumerate(s.agents):
+        if agent.id in seen:
+            fail(f"agents[{i}].id", f"{agent.id!r} is also agents[{seen[agent.id]}].id")
+        seen[agent.id] = i
+        if not agent.budget_usd >= 0:
+            fail(f"agents[{i}].budget_usd", f"must be 0 or more, got {agent.budget_usd!r}")
+    entries = [i for i, a in enumerate(s.agents) if a.entry]
+    if len(entries) != 1:
+        fail(
+            "agents",
+            "exactly one agent must have entry: true (where workflows start), found "
+            + (", ".join(f"agents[{i}] ({s.agents[i].id!r})" for i in entries) or "none"),
         )
-    if not s.purchases.items:
-        raise ScenarioError(f"{path}: purchases.items is empty")
-    if not s.purchases.vendors or any(w < 0 for w in s.purchases.vendors.values()):
-        raise ScenarioError(f"{path}: purchases.vendors needs non-negative weights")
-    if not 0 < s.purchases.amount_usd.min <= s.purchases.amount_usd.max:
-        raise ScenarioError(
-            f"{path}: purchases.amount_usd needs 0 < min <= max, got {s.purchases.amount_usd!r}"
+    w = s.workload
+    given = [
+        k
+        for k, v in (
+            ("generator", w.generator),
+            ("starts", w.starts is not None),
+            ("starts_file", w.starts_file),
         )
+        if v
+    ]
+    if len(given) != 1:
+        fail("workload", f"give exactly one of generator, starts, starts_file; got {given!r}")
+    if w.options and not w.generator:
+        fail("workload.options", "options are a generator's; there is no generator")
+    if w.starts is not None and not w.starts:
+        fail("workload.starts", "is empty")
+    if w.starts_file and not s.starts_path().is_file():
+        fail("workload.starts_file", f"file not found: {str(s.starts_path())!r}")
     if not 0 <= s.approvals.approve_probability <= 1:
-        raise ScenarioError(
-            f"{path}: approvals.approve_probability must be in [0, 1], "
-            f"got {s.approvals.approve_probability!r}"
-        )
-    if not s.vendor_reply.wait_hours >= 0:
-        raise ScenarioError(
-            f"{path}: vendor_reply.wait_hours must be 0 or more, got {s.vendor_reply.wait_hours!r}"
+        fail(
+            "approvals.approve_probability",
+            f"must be in [0, 1], got {s.approvals.approve_probability!r}",
         )
     if not s.clock.speed > 0:
-        raise ScenarioError(f"{path}: clock.speed must be positive, got {s.clock.speed!r}")
-    for policy in s.policy_paths():
+        fail("clock.speed", f"must be positive, got {s.clock.speed!r}")
+    if s.max_reflections < 0:
+        fail("max_reflections", f"must be 0 or more, got {s.max_reflections!r}")
+    for i, policy in enumerate(s.policy_paths()):
         if not Path(policy).is_file():
-            raise ScenarioError(f"{path}: policy file not found: {policy!r}")
+            fail(f"policies[{i}]", f"file not found: {policy!r}")
+    for i, folder in enumerate(s.search_path()):
+        if not Path(folder).is_dir():
+            fail(f"path[{i}]", f"folder not found: {folder!r}")

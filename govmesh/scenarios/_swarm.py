@@ -1,10 +1,11 @@
-"""The actors of one scenario run: platform actors and agents, each a Ray actor."""
+"""The actors of one run: platform actors and the app's agents, each a Ray actor."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
+import os
 import random
 import time
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import msgspec
 import ray
 
-from govmesh.agents import ProcurementAgent, RequesterAgent
+from govmesh.agents._host import AgentHost
 from govmesh.bus import Delivery
 from govmesh.config import Clock, Deployment
 from govmesh.errors import ConfigError, SecurityError
@@ -20,11 +21,10 @@ from govmesh.forecasting import BudgetService
 from govmesh.governance._actor import GovernanceService
 from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest
 from govmesh.identity import EnrolRequest, Grant, Identity, Issuer, MemberKeys, certify
-from govmesh.llm import SimulatedModel
 from govmesh.observability._service import AuditService
 from govmesh.roles import AUDITOR_ROLE, GOVERNANCE_ROLE, OPERATOR_ROLE
 from govmesh.runtime import Member, Transport
-from govmesh.scenarios._schema import Scenario
+from govmesh.scenarios._app import App
 from govmesh.service import Service, ServiceActor, being_cancelled
 from govmesh.state import Keyring, StateService
 from govmesh.tools import GatewayService
@@ -95,10 +95,11 @@ class SimulatedApprover(Service):
 
 
 class Swarm:
-    """Starts and stops the services of one scenario, as Ray actors or in this process.
+    """Starts and stops the services of one app, as Ray actors or in this process: the
+    platform actors, and one `AgentHost` per agent of the app.
 
     Args:
-        scenario: the scenario.
+        app: the app (agents, tools, policies, models).
         deployment: where the services are and whom to trust.
         issuer: issues every member's token.
         seed: the run's seed (simulated model, approver).
@@ -116,7 +117,7 @@ class Swarm:
 
     def __init__(
         self,
-        scenario: Scenario,
+        app: App,
         deployment: Deployment,
         issuer: Issuer,
         *,
@@ -127,10 +128,10 @@ class Swarm:
         clock_origin: float | None = None,
         transport: Transport | None = None,
     ) -> None:
-        self.scenario = scenario
-        if scenario.clock.speed != 1.0 and not deployment.clock.simulated:
+        self.app = app
+        if app.clock.speed != 1.0 and not deployment.clock.simulated:
             origin = clock_origin or time.time()
-            clock = Clock(origin=origin, speed=scenario.clock.speed)
+            clock = Clock(origin=origin, speed=app.clock.speed)
             deployment = msgspec.structs.replace(deployment, clock=clock)
         self.deployment = deployment
         self.issuer = issuer
@@ -151,19 +152,17 @@ class Swarm:
         self.restarts: dict[str, int] = {}
 
     @property
-    def requester_id(self) -> str:
-        """The requester agent's id."""
-        return self.scenario.agents.requester.id
+    def entry_id(self) -> str:
+        """The entry agent's id: where workflows start."""
+        return self.app.entry.id
 
     @property
     def agent_ids(self) -> tuple[str, ...]:
-        """The agents that take part in each of the scenario's workflows."""
-        return (self.scenario.agents.requester.id, self.scenario.agents.procurement.id)
+        """The agents that take part in each of the app's workflows."""
+        return self.app.agent_ids
 
     def _plan(self, governance_actors: int) -> list[tuple[str, type[Service], dict[str, Any]]]:
-        s, dep = self.scenario, self.deployment
-        model = SimulatedModel(s.model, seed=self.seed)
-        req, proc = s.agents.requester, s.agents.procurement
+        app, dep = self.app, self.deployment
 
         def member(agent_id: str, role: str, **token: Any) -> str:
             # Each member makes its own keys where it runs; only what its token grants is
@@ -175,17 +174,21 @@ class Swarm:
             (
                 member(f"governance-{i}", GOVERNANCE_ROLE),
                 GovernanceService,
-                {"policy_paths": s.policy_paths()},
+                {"policy_paths": list(app.policies), "tools": [t.terms for t in app.tools]},
             )
             for i in range(1, governance_actors + 1)
         ]
         specs += [
-            (member("gateway-1", "gateway"), GatewayService, {}),
+            (
+                member("gateway-1", "gateway"),
+                GatewayService,
+                {"tools": app.tool_refs(), "search_path": list(app.search_path)},
+            ),
             (member("audit-1", AUDITOR_ROLE), AuditService, {}),
             (
                 member("budget-1", "budget"),
                 BudgetService,
-                {"prices": dict(s.prices), "caps": s.budget},
+                {"prices": dict(app.prices), "caps": app.budget},
             ),
             (
                 member("state-1", "state"),
@@ -193,35 +196,28 @@ class Swarm:
                 # One keyring per run, shared by every state actor (and by a restarted one).
                 {"keyring": self.keyring},
             ),
+        ]
+        specs += [
             (
                 member(
-                    proc.id,
-                    proc.role,
-                    capabilities=proc.capabilities,
-                    budget_usd=proc.budget_usd,
+                    agent.id,
+                    agent.role,
+                    capabilities=agent.capabilities,
+                    budget_usd=agent.budget_usd,
                 ),
-                ProcurementAgent,
+                AgentHost,
                 {
-                    "model": model,
-                    "max_reflections": s.max_reflections,
-                    "vendor_wait_s": s.vendor_reply.wait_hours * 3600,
-                    "prices": dict(s.prices),
-                    "budget": s.budget,
-                    "keep_thoughts": s.keep_thoughts,
+                    "agent": agent.ref,
+                    "options": dict(agent.options),
+                    "model": agent.model_factory(self.seed),
+                    "search_path": list(app.search_path),
+                    "max_reflections": app.max_reflections,
+                    "prices": dict(app.prices),
+                    "budget": app.budget,
+                    "keep_thoughts": app.keep_thoughts,
                 },
-            ),
-            (
-                member(req.id, req.role, capabilities=req.capabilities, budget_usd=req.budget_usd),
-                RequesterAgent,
-                {
-                    "model": model,
-                    "procurement": proc.id,
-                    "max_reflections": s.max_reflections,
-                    "prices": dict(s.prices),
-                    "budget": s.budget,
-                    "keep_thoughts": s.keep_thoughts,
-                },
-            ),
+            )
+            for agent in app.members
         ]
         for _, _, kwargs in specs:
             kwargs["deployment"] = dep
@@ -234,7 +230,7 @@ class Swarm:
 
     def approver(self) -> SimulatedApprover:
         """The simulated human operator, run by the coordinator's process."""
-        a = self.scenario.approvals
+        a = self.app.approvals
         return SimulatedApprover(
             self.deployment,
             self.issuer.identity(f"operator-{a.by}", OPERATOR_ROLE),
@@ -263,8 +259,16 @@ class Swarm:
                 keys.accept(self._grant(name, keys.request()), self.deployment)
             await asyncio.gather(*(svc.start() for svc in self._local.values()))
             return
+        options: dict[str, Any] = {"name": None}
+        if self.app.search_path:
+            # User modules must import in every actor before its arguments are unpickled
+            # (an agent class, a tool, a model factory), so they go on the worker's path.
+            path = [*self.app.search_path, os.environ.get("PYTHONPATH", "")]
+            options["runtime_env"] = {
+                "env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, path))}
+            }
         for name, service_type, kwargs in self._specs:
-            self._actors[name] = ServiceActor.options(name=None).remote(  # type: ignore[attr-defined]
+            self._actors[name] = ServiceActor.options(**options).remote(  # type: ignore[attr-defined]
                 service_type, kwargs, member_id=name, role=self._members[name][0]
             )
         names = list(self._actors)

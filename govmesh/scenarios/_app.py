@@ -1,0 +1,546 @@
+"""`App`: a deployment composed of agents, tools, policies, models and a workload.
+
+An app is what ``govmesh run`` runs: built in Python (``govmesh.App(...)``, run with
+``app.run()`` or ``govmesh run --app package.module:app``) or loaded from a scenario file
+(`scenario_app`), which names the same things by path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeAlias
+
+import msgspec
+
+from govmesh._load import load_object
+from govmesh.agents._sdk import Agent
+from govmesh.agents.messages import WorkflowStart
+from govmesh.errors import ConfigError, GovmeshError, ScenarioError
+from govmesh.forecasting import BudgetCaps, Price
+from govmesh.forecasting._prices import load_price_file
+from govmesh.llm import ModelProvider, SimulatedModel, SimulatedModelSettings
+from govmesh.scenarios._plugins import load_agent, load_tool, path_of
+from govmesh.scenarios._schema import (
+    AgentSpec,
+    Approvals,
+    ClockSpec,
+    Scenario,
+    load_scenario,
+    quoted_at,
+)
+from govmesh.tools._spec import ToolSpec
+
+__all__ = ["AgentDef", "App", "Member", "Model", "Workload", "load_app", "scenario_app"]
+
+Model: TypeAlias = SimulatedModelSettings | Callable[[], ModelProvider]
+"""An agent's model: simulated (seeded with the run's seed), or a factory called inside the
+agent's actor, so API keys and clients never travel through Ray."""
+
+
+class Workload(Protocol):
+    """Makes the entry agent's payloads: a class ``(**options)`` with this method."""
+
+    def starts(self, count: int, seed: int) -> Sequence[Any]:
+        """The payloads of ``count`` workflows, the same for the same seed."""
+        ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentDef:
+    """One agent of an app, when the class's defaults are not enough.
+
+    Attributes:
+        agent: the agent's class, or its name (``package.module:Class``, or a plugin's).
+        id: the agent's id; ``<class name in kebab case>-1`` when empty.
+        role: its role; the class's ``role`` when empty.
+        entry: workflows start at this agent (the app's first agent when none says so).
+        options: keyword arguments of the class.
+        model: its model; the app's when None.
+        capabilities: the tools its token lets it ask for; the class's tools when None.
+        budget_usd: its token's budget authority: what governance may allow it to spend in
+            one UTC day.
+    """
+
+    agent: type[Agent] | str
+    id: str = ""
+    role: str = ""
+    entry: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    model: Model | None = None
+    capabilities: Sequence[str] | None = None
+    budget_usd: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Member:
+    """An agent of an app, resolved: everything its actor and its token need.
+
+    Attributes:
+        ref: what the actor loads: the class's path, or the class itself when no module
+            names it (a script's ``__main__``); it then travels by value.
+    """
+
+    id: str
+    role: str
+    cls: type[Agent]
+    ref: str | type[Agent]
+    entry: bool
+    options: Mapping[str, Any]
+    model: Model
+    capabilities: tuple[str, ...]
+    budget_usd: float
+
+    def model_factory(self, seed: int) -> Callable[[], ModelProvider]:
+        """The factory the actor calls for its model; a simulated one is seeded with the
+        run's ``seed``."""
+        if isinstance(self.model, SimulatedModelSettings):
+            return functools.partial(SimulatedModel, self.model, seed=seed)
+        return self.model
+
+    def model_name(self) -> str:
+        """The model's name as reports show it; a factory's is known only in its actor."""
+        if isinstance(self.model, SimulatedModelSettings):
+            return self.model.name
+        return getattr(self.model, "__name__", type(self.model).__name__)
+
+
+class App:
+    """A govmesh deployment: agents, the tools they call, the policies that govern them,
+    their models and the workload that starts their workflows.
+
+    Args:
+        name: the app's name, as reports and recorded usage name it.
+        agents: agent classes, or `AgentDef` for ids, options and models of their own.
+            Workflows start at the one marked ``entry`` (the first if none is).
+        tools: the tools the gateway runs (``@govmesh.tool`` declarations or their names).
+        policies: policy files.
+        model: the agents' model, unless an `AgentDef` names its own; simulated by default.
+        workload: the entry agent's payloads: a `Workload` (``starts(count, seed)``), or a
+            sequence of payloads (workflow ``i`` gets the ``i % len``-th).
+        prices: USD per 1,000 tokens per model name (a mapping, or a price file's path);
+            every model in use needs one.
+        tenant: the tenant the deployment serves.
+        path: folders put on ``sys.path`` here and in every actor, so user modules import.
+        approvals: the simulated approver: ``approve_probability``, ``delay_ms``, ``by``.
+        clock_speed: simulated seconds per real second of the workflow clock (1: real time).
+        budget: model-spend caps (``workflow_usd``, ``agent_daily_usd``,
+            ``tenant_daily_usd``, ``soft_threshold``); None: uncapped.
+        max_reflections: unusable model answers a workflow may reflect on.
+        keep_thoughts: keep model answers in the snapshots' reflection tier.
+        description: one line on what the app does.
+        source: where the app was defined (a scenario file), for error messages.
+
+    Raises:
+        ConfigError: anything inconsistent, naming the field and quoting the bad value.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        agents: Sequence[AgentDef | type[Agent] | str],
+        tools: Sequence[ToolSpec[Any, Any] | str] = (),
+        policies: Sequence[str | Path] = (),
+        model: Model | None = None,
+        workload: Workload | Sequence[Any] | None = None,
+        prices: Mapping[str, Price | Mapping[str, float]] | str | Path | None = None,
+        tenant: str = "acme",
+        path: Sequence[str | Path] = (),
+        approvals: Approvals | Mapping[str, Any] | None = None,
+        clock_speed: float = 1.0,
+        budget: BudgetCaps | Mapping[str, Any] | None = None,
+        max_reflections: int = 40,
+        keep_thoughts: bool = False,
+        description: str = "",
+        source: str = "",
+    ) -> None:
+        self.name = name
+        self.description = description
+        self.source = source
+        self.tenant = tenant
+        where = f"{source}: " if source else f"app {name!r}: "
+        self._where = where
+        self.search_path = tuple(str(Path(p).resolve()) for p in path)
+        self.policies = tuple(str(Path(p).resolve()) for p in policies)
+        for i, policy in enumerate(self.policies):
+            if not Path(policy).is_file():
+                raise ConfigError(f"{where}policies[{i}]: file not found: {policy!r}")
+        self.prices = _prices(prices, where)
+        self.approvals = _convert(approvals or {}, Approvals, where + "approvals")
+        self.clock = ClockSpec(speed=clock_speed)
+        if not clock_speed > 0:
+            raise ConfigError(f"{where}clock_speed: must be positive, got {clock_speed!r}")
+        self.budget = None if budget is None else _convert(budget, BudgetCaps, where + "budget")
+        self.max_reflections = max_reflections
+        self.keep_thoughts = keep_thoughts
+        default_model = SimulatedModelSettings() if model is None else model
+        self.tools = tuple(
+            _field(where, f"tools[{i}]", load_tool, t, search_path=self.search_path)
+            if isinstance(t, str)
+            else t
+            for i, t in enumerate(tools)
+        )
+        self.members = self._members(agents, default_model)
+        self._check_tools()
+        self.entry = next(m for m in self.members if m.entry)
+        self._workload = workload
+        self._kinds = _handlers(self.entry.cls)
+
+    @property
+    def agent_ids(self) -> tuple[str, ...]:
+        """Every agent's id: the agents each workflow's start record names."""
+        return tuple(m.id for m in self.members)
+
+    def tool_refs(self) -> list[str | ToolSpec[Any, Any]]:
+        """The tools as the gateway's actor loads them: by path when a module names them,
+        else by value."""
+        return [path_of(t) or t for t in self.tools]
+
+    def _members(
+        self, agents: Sequence[AgentDef | type[Agent] | str], default_model: Model
+    ) -> tuple[Member, ...]:
+        where = self._where
+        if not agents:
+            raise ConfigError(f"{where}agents: an app needs at least one agent")
+        defs = [a if isinstance(a, AgentDef) else AgentDef(agent=a) for a in agents]
+        entries = [i for i, d in enumerate(defs) if d.entry]
+        if len(entries) > 1:
+            raise ConfigError(
+                f"{where}agents: only one agent can be the entry, got agents{entries!r}"
+            )
+        entry = entries[0] if entries else 0
+        members: list[Member] = []
+        seen: dict[str, int] = {}
+        for i, d in enumerate(defs):
+            cls = (
+                _field(
+                    where, f"agents[{i}].class", load_agent, d.agent, search_path=self.search_path
+                )
+                if isinstance(d.agent, str)
+                else d.agent
+            )
+            if not (isinstance(cls, type) and issubclass(cls, Agent)):
+                raise ConfigError(f"{where}agents[{i}]: {cls!r} is not a govmesh.Agent class")
+            agent_id = d.id or f"{_kebab(cls.__name__)}-1"
+            if agent_id in seen:
+                raise ConfigError(
+                    f"{where}agents[{i}].id: {agent_id!r} is also agents[{seen[agent_id]}]'s id"
+                )
+            seen[agent_id] = i
+            role = d.role or getattr(cls, "role", "")
+            if not role:
+                raise ConfigError(
+                    f"{where}agents[{i}].role: {cls.__qualname__} has no role; give one"
+                )
+            model = d.model if d.model is not None else default_model
+            if isinstance(model, SimulatedModelSettings) and model.name not in self.prices:
+                raise ConfigError(
+                    f"{where}agents[{i}].model: {model.name!r} has no entry under prices; "
+                    "a model is never free"
+                )
+            capabilities = (
+                tuple(t.name for t in getattr(cls, "tools", ()))
+                if d.capabilities is None
+                else tuple(d.capabilities)
+            )
+            members.append(
+                Member(
+                    id=agent_id,
+                    role=role,
+                    cls=cls,
+                    ref=path_of(cls) or cls,
+                    entry=i == entry,
+                    options=dict(d.options),
+                    model=model,
+                    capabilities=capabilities,
+                    budget_usd=d.budget_usd,
+                )
+            )
+            _check_options(cls, d.options, f"{where}agents[{i}].options")
+        return tuple(members)
+
+    def _check_tools(self) -> None:
+        """Every tool an agent may ask for must be one the gateway runs."""
+        names = {t.name for t in self.tools}
+        for i, m in enumerate(self.members):
+            for tool_name in m.capabilities:
+                if tool_name not in names:
+                    raise ConfigError(
+                        f"{self._where}agents[{i}].capabilities: {tool_name!r} is not one of "
+                        f"the app's tools {sorted(names)!r}"
+                    )
+
+    def starts(self, count: int, *, seed: int) -> list[WorkflowStart]:
+        """The starts of ``count`` workflows at the entry agent, the same for the same seed.
+
+        Raises:
+            ConfigError: the app has no workload, or a payload is not of a type one of the
+                entry agent's handlers takes.
+        """
+        workload = self._workload
+        if workload is None:
+            raise ConfigError(f"{self._where}workload: the app has none; give workload=...")
+        if isinstance(workload, Sequence):
+            if not workload:
+                raise ConfigError(f"{self._where}workload: is empty")
+            payloads = [workload[i % len(workload)] for i in range(count)]
+        else:
+            payloads = list(workload.starts(count, seed))
+        return [self._start(p, f"workload: payload {i}") for i, p in enumerate(payloads)]
+
+    def _start(self, payload: Any, what: str) -> WorkflowStart:
+        for kind, payload_type in self._kinds.items():
+            if type(payload) is payload_type:
+                return WorkflowStart(kind=kind, body=msgspec.msgpack.encode(payload))
+        raise ConfigError(
+            f"{self._where}{what} is a {type(payload).__qualname__}; "
+            f"{self.entry.cls.__qualname__} ({self.entry.id!r}) has handlers for "
+            f"{sorted(t.__qualname__ for t in self._kinds.values())!r}"
+        )
+
+    def run(self, *, workflows: int = 20, seed: int = 1, **options: Any) -> dict[str, Any]:
+        """Run ``workflows`` workflows on embedded services (a nats-server, a
+        Redis-protocol server and Ray, as ``govmesh run`` does, or those that
+        ``GOVMESH_NATS_URL``, ``GOVMESH_REDIS_URL`` and ``RAY_ADDRESS`` name) and return
+        the run's report. Blocks; from async code use `run_async`.
+
+        Args:
+            workflows: how many workflows.
+            seed: the run's seed (workload, simulated models and approver).
+            options: the rest of `run_async`'s options.
+        """
+        return asyncio.run(self.run_async(workflows=workflows, seed=seed, **options))
+
+    async def run_async(
+        self,
+        *,
+        workflows: int = 20,
+        seed: int = 1,
+        concurrency: int = 64,
+        simulated_approver: bool = True,
+        on_done: Callable[[str, Any], None] | None = None,
+    ) -> dict[str, Any]:
+        """`run`, awaitable.
+
+        Args:
+            workflows: how many workflows.
+            seed: the run's seed.
+            concurrency: workflows in flight at once.
+            simulated_approver: answer escalations with the simulated approver; False
+                leaves them to ``govmesh approvals`` in another terminal.
+            on_done: called with each workflow's id and `govmesh.agents.messages.Outcome`
+                as it ends.
+        """
+        from govmesh.scenarios._runner import run_scenario
+
+        return await run_scenario(
+            None,
+            app=self,
+            workflows=workflows,
+            seed=seed,
+            concurrency=concurrency,
+            simulated_approver=simulated_approver,
+            on_done=on_done,
+        )
+
+    def __repr__(self) -> str:
+        return f"<govmesh.App {self.name!r}: {', '.join(self.agent_ids)}>"
+
+
+def scenario_app(path: str | Path) -> App:
+    """The app a scenario file describes, with its classes, tools and workload loaded.
+
+    Raises:
+        ScenarioError: naming the file and the field path of anything wrong.
+    """
+    scenario = load_scenario(path)
+    try:
+        return _from_scenario(scenario)
+    except ScenarioError:
+        raise
+    except GovmeshError as exc:
+        raise ScenarioError(str(exc)) from None
+
+
+def load_app(ref: str, *, app_dir: str | Path = ".") -> App:
+    """The `App` that ``ref`` (``package.module:app``) names, ``app_dir`` first on the
+    path (as ``uvicorn main:app`` does); ``app_dir`` joins the app's own path, so its
+    actors import the same modules.
+
+    Raises:
+        ConfigError: no such object, or not a `govmesh.App`; the message quotes ``ref``.
+    """
+    folder = str(Path(app_dir).resolve())
+    found = load_object(ref, search_path=[folder], what="app")
+    if not isinstance(found, App):
+        raise ConfigError(f"app {ref!r} is {found!r}, not a govmesh.App")
+    if folder not in found.search_path:
+        found.search_path = (*found.search_path, folder)
+    return found
+
+
+def _from_scenario(s: Scenario) -> App:
+    where = f"{s.source}: "
+    search_path = s.search_path()
+    workload: Workload | list[Any]
+    entry = next(a for a in s.agents if a.entry)
+    if s.workload.generator:
+        factory = _field(
+            where,
+            "workload.generator",
+            load_object,
+            s.workload.generator,
+            search_path=search_path,
+            what="workload generator",
+        )
+        try:
+            workload = factory(**s.workload.options)
+        except (TypeError, ValueError) as exc:
+            raise ScenarioError(f"{where}workload.options: {exc}") from None
+        if not callable(getattr(workload, "starts", None)):
+            raise ScenarioError(
+                f"{where}workload.generator: {s.workload.generator!r} makes no starts(count, seed)"
+            )
+    else:
+        cls = _field(where, "agents.class", load_agent, entry.cls, search_path=search_path)
+        payload_type = _payload_type(cls, s.workload.kind, where)
+        workload = (
+            [
+                _convert(start, payload_type, f"{where}workload.starts[{i}]")
+                for i, start in enumerate(s.workload.starts)
+            ]
+            if s.workload.starts is not None
+            else _read_starts(s.starts_path(), payload_type)
+        )
+    return App(
+        s.name,
+        agents=[_agent_def(a) for a in s.agents],
+        tools=list(s.tools),
+        policies=s.policy_paths(),
+        model=s.model,
+        workload=workload,
+        prices=s.prices,
+        tenant=s.tenant,
+        path=search_path,
+        approvals=s.approvals,
+        clock_speed=s.clock.speed,
+        budget=s.budget,
+        max_reflections=s.max_reflections,
+        keep_thoughts=s.keep_thoughts,
+        description=s.description,
+        source=s.source,
+    )
+
+
+def _agent_def(a: AgentSpec) -> AgentDef:
+    return AgentDef(
+        agent=a.cls,
+        id=a.id,
+        role=a.role,
+        entry=a.entry,
+        options=a.options,
+        model=a.model,
+        capabilities=a.capabilities,
+        budget_usd=a.budget_usd,
+    )
+
+
+def _field(where: str, field_path: str, load: Callable[..., Any], ref: str, **kw: Any) -> Any:
+    """``load(ref, **kw)``, its error naming the file (or app) and the field."""
+    try:
+        return load(ref, **kw)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{field_path}: {exc}") from None
+
+
+def _handlers(cls: type[Agent]) -> dict[str, type[Any]]:
+    """The agent class's handlers: payload type by kind."""
+    return {kind: h.payload_type for kind, h in cls.handlers().items()}
+
+
+def _payload_type(cls: type[Agent], kind: str, where: str) -> type[Any]:
+    kinds = _handlers(cls)
+    if kind:
+        if kind not in kinds:
+            raise ScenarioError(
+                f"{where}workload.kind: {kind!r} is not one of {cls.__qualname__}'s "
+                f"{sorted(kinds)!r}"
+            )
+        return kinds[kind]
+    if len(kinds) != 1:
+        raise ScenarioError(
+            f"{where}workload.kind: {cls.__qualname__} has handlers for {sorted(kinds)!r}; "
+            "say which the starts are for"
+        )
+    return next(iter(kinds.values()))
+
+
+def _read_starts(path: Path, payload_type: type[Any]) -> list[Any]:
+    """The payloads of a JSON-lines file, one a line; blank lines are skipped.
+
+    Raises:
+        ScenarioError: naming the file and line of a payload that is not JSON or not of
+            ``payload_type``.
+    """
+    starts = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot read: {exc.strerror}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            data = msgspec.json.decode(line)
+        except msgspec.DecodeError as exc:
+            raise ScenarioError(f"{path}:{number}: not JSON: {exc}") from None
+        starts.append(_convert(data, payload_type, f"{path}:{number}"))
+    if not starts:
+        raise ScenarioError(f"{path}: holds no starts")
+    return starts
+
+
+def _convert(data: Any, into: type[Any], where: str) -> Any:
+    """``data`` as an ``into``; an error names ``where`` and the field path, and quotes
+    the bad value."""
+    if isinstance(data, into):
+        return data
+    try:
+        return msgspec.convert(data, into)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{where}: {quoted_at(str(exc), data)}") from None
+
+
+def _prices(
+    prices: Mapping[str, Price | Mapping[str, float]] | str | Path | None, where: str
+) -> dict[str, Price]:
+    if prices is None:
+        return {}
+    if isinstance(prices, str | Path):
+        try:
+            return load_price_file(Path(prices))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}prices: {exc}") from None
+    return {name: _convert(price, Price, f"{where}prices.{name}") for name, price in prices.items()}
+
+
+def _check_options(cls: type[Agent], options: Mapping[str, Any], where: str) -> None:
+    """The options must be keyword arguments of the class (checked here, not in its actor)."""
+    import inspect
+
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {cls.__qualname__}: {exc} (got {dict(options)!r})") from None
+
+
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def _kebab(name: str) -> str:
+    return _CAMEL.sub("-", name).lower()
