@@ -14,7 +14,7 @@ from govmesh.errors import GovmeshError, ToolError
 
 if TYPE_CHECKING:
     from govmesh.agents._base import RetryPolicy
-    from govmesh.agents._sdk import Agent, Denied, ToolFailed, Workflow, handler
+    from govmesh.agents._sdk import Agent, Denied, Halted, ToolFailed, Workflow, handler
     from govmesh.llm import (
         ModelProvider,
         ModelRequest,
@@ -36,6 +36,7 @@ except PackageNotFoundError:  # run from a source tree that was never installed
 _LAZY = {
     "Agent": "govmesh.agents._sdk",
     "Denied": "govmesh.agents._sdk",
+    "Halted": "govmesh.agents._sdk",
     "ToolFailed": "govmesh.agents._sdk",
     "Workflow": "govmesh.agents._sdk",
     "handler": "govmesh.agents._sdk",
@@ -63,6 +64,7 @@ __all__ = [
     "Denied",
     "Effect",
     "GovmeshError",
+    "Halted",
     "ModelProvider",
     "ModelRequest",
     "ModelResponse",

@@ -1,17 +1,22 @@
-"""Agents: the agent actors and the messages between them."""
+"""Agents: the SDK for agents of one's own, the actor that hosts them, and the messages
+between agents and the coordinator."""
 
 from govmesh.agents._base import AgentService, RetryPolicy
-from govmesh.agents._procurement import ProcurementAgent
-from govmesh.agents._requester import RequesterAgent
-from govmesh.agents.messages import PurchaseOutcome, PurchaseRequest, WorkflowDone, WorkflowStart
+from govmesh.agents._host import AgentHost
+from govmesh.agents._sdk import Agent, Denied, Halted, ToolFailed, Workflow, handler
+from govmesh.agents.messages import InFlight, Outcome, WorkflowStart
 
 __all__ = [
+    "Agent",
+    "AgentHost",
     "AgentService",
-    "ProcurementAgent",
-    "PurchaseOutcome",
-    "PurchaseRequest",
-    "RequesterAgent",
+    "Denied",
+    "Halted",
+    "InFlight",
+    "Outcome",
     "RetryPolicy",
-    "WorkflowDone",
+    "ToolFailed",
+    "Workflow",
     "WorkflowStart",
+    "handler",
 ]

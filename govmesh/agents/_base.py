@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
-from govmesh.errors import BusError, ConfigError
+from govmesh.errors import BusError, ConfigError, StateError
 from govmesh.forecasting import BudgetError
 from govmesh.forecasting._prices import Price, PriceTable
 from govmesh.forecasting.messages import BudgetInterrupt, InterruptAck, Usage
@@ -27,7 +27,7 @@ from govmesh.llm import ModelProvider, ModelRequest, ModelResponse
 from govmesh.reservations import BudgetCaps, Granted, ReservationBook
 from govmesh.service import Service
 from govmesh.state._tiers import encode_goal
-from govmesh.state.messages import Snapshot
+from govmesh.state.messages import Snapshot, SnapshotStored
 from govmesh.telemetry._metrics import (
     BUDGET_INTERRUPTS,
     MODEL_CALL_DURATION,
@@ -328,28 +328,36 @@ class AgentService(Service):
         policy_hash: str = "",
         tool: bytes = b"",
         reflections: tuple[str, ...] = (),
+        durable: bool = False,
     ) -> int:
-        """Send the next version of this workflow's state to the state actor.
+        """Send the next version of this workflow's state to the state actor; with
+        ``durable``, return only once the state actor has stored it.
 
         Raises:
             StateError: the goal state is not JSON or is over the 10 KB limit; checked
-                here so the agent, not the state actor, fails with the clear message.
+                here so the agent, not the state actor, fails with the clear message. With
+                ``durable``, also the state actor's refusal.
+            BusError: with ``durable``, the state actor did not answer.
         """
         encode_goal(goal, f"{workflow}/{self.agent_id}")
         version = self._versions.get(workflow, 0) + 1
         self._versions[workflow] = version
-        await self.bus.publish(
-            self.subjects.state(self.agent_id),
-            Snapshot(
-                workflow=workflow,
-                version=version,
-                goal=goal,
-                policy_hash=policy_hash,
-                tool=tool,
-                reflections=reflections,
-            ),
+        snapshot = Snapshot(
             workflow=workflow,
+            version=version,
+            goal=goal,
+            policy_hash=policy_hash,
+            tool=tool,
+            reflections=reflections,
         )
+        subject = self.subjects.state(self.agent_id)
+        if not durable:
+            await self.bus.publish(subject, snapshot, workflow=workflow)
+            return version
+        reply = await self.bus.request(subject, snapshot, accepts=SnapshotStored, workflow=workflow)
+        stored: SnapshotStored = reply.body
+        if not stored.stored:
+            raise StateError(f"snapshot {version} of {workflow}/{self.agent_id}: {stored.error}")
         return version
 
     @property
