@@ -14,7 +14,7 @@ from govmesh.governance._actor import GovernanceService
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.tools import ERP_CREATE_PO, GatewayService, SimulatedErp, ToolCall, ToolResult
 
-from _deploy import Coordinator, deployment
+from _deploy import ERP_TERMS, Coordinator, deployment
 
 POLICY = str(Path(__file__).parent.parent / "policies" / "procurement-agent-v2.yaml")
 ROLE = "Procurement-Agent-v2"
@@ -28,7 +28,10 @@ class Setup:
 
     async def __aenter__(self) -> Setup:
         self.governance = GovernanceService(
-            self.dep, self.issuer.identity("governance-1", "governance"), policy_paths=[POLICY]
+            self.dep,
+            self.issuer.identity("governance-1", "governance"),
+            policy_paths=[POLICY],
+            tools=[ERP_TERMS],
         )
         self.gateway = GatewayService(self.dep, self.issuer.identity("gateway-1", "gateway"))
         await self.governance.start()
