@@ -16,7 +16,7 @@ from govmesh.governance.messages import Decision
 from govmesh.identity import Issuer
 from govmesh.tools import ERP_CREATE_PO
 
-from _deploy import Coordinator, deployment
+from _deploy import ERP_TERMS, Coordinator, deployment
 
 ROOT = Path(__file__).parent.parent
 SEED = (ROOT / "policies" / "procurement-agent-v2.yaml").read_text()
@@ -51,7 +51,10 @@ async def two_governance_actors(
     policy.write_text(policy_text)
     actors = [
         GovernanceService(
-            dep, issuer.identity(f"governance-{i}", "governance"), policy_paths=[str(policy)]
+            dep,
+            issuer.identity(f"governance-{i}", "governance"),
+            policy_paths=[str(policy)],
+            tools=[ERP_TERMS],
         )
         for i in (1, 2)
     ]

@@ -32,7 +32,7 @@ from govmesh.state import StateService
 from govmesh.state.messages import SnapshotQuery, SnapshotReply
 from govmesh.tools import ERP_CREATE_PO, GatewayService, SimulatedErp
 
-from _deploy import deployment
+from _deploy import ERP_TERMS, deployment
 
 ROOT = Path(__file__).parent.parent
 SEED = (ROOT / "policies" / "procurement-agent-v2.yaml").read_text()
@@ -63,6 +63,7 @@ class Stack:
             self.issuer.identity(f"governance-{self.spawned}", "governance"),
             policy_paths=[str(self.policy)],
             sweep_interval_s=kw.get("sweep_interval_s", 0.05),
+            tools=[ERP_TERMS],
         )
         await service.start()
         return service

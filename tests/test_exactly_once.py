@@ -32,7 +32,7 @@ from govmesh.tools import (
     ToolResult,
 )
 
-from _deploy import Coordinator, deployment
+from _deploy import ERP_TERMS, Coordinator, deployment
 
 POLICY = str(Path(__file__).parent.parent / "policies" / "procurement-agent-v2.yaml")
 ROLE = "Procurement-Agent-v2"
@@ -68,7 +68,10 @@ class Mesh:
 
     async def __aenter__(self) -> Mesh:
         self.governance = GovernanceService(
-            self.dep, self.issuer.identity("governance-1", "governance"), policy_paths=[POLICY]
+            self.dep,
+            self.issuer.identity("governance-1", "governance"),
+            policy_paths=[POLICY],
+            tools=[ERP_TERMS],
         )
         await self.governance.start()
         self.gateways = [

@@ -21,7 +21,7 @@ from govmesh.observability._service import AuditService
 from govmesh.tools import GatewayService, ToolCall, ToolResult, ToolSpec
 from procurement.tools import create_purchase_order, orders
 
-from _deploy import Coordinator, deployment
+from _deploy import ERP_TERMS, Coordinator, deployment
 
 POLICY = str(Path(__file__).parent.parent / "policies" / "procurement-agent-v2.yaml")
 ROLE = "Procurement-Agent-v2"
@@ -46,7 +46,10 @@ class Setup:
 
     async def __aenter__(self) -> Setup:
         self.governance = GovernanceService(
-            self.dep, self.issuer.identity("governance-1", "governance"), policy_paths=[POLICY]
+            self.dep,
+            self.issuer.identity("governance-1", "governance"),
+            policy_paths=[POLICY],
+            tools=[ERP_TERMS],
         )
         self.gateway = GatewayService(
             self.dep,

@@ -16,7 +16,7 @@ from govmesh.governance._decider import MAX_ATTEMPTS
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.tools import ERP_CREATE_PO
 
-from _deploy import Coordinator, deployment
+from _deploy import ERP_TERMS, Coordinator, deployment
 from _governed import AUTHORITY, ROLE, SEED, Governed, two_governance_actors
 
 ROOT = Path(__file__).parent.parent
@@ -52,6 +52,7 @@ async def _running(tmp_path, secure_nats, redis_server, prefix):
         issuer.identity("governance-1", "governance"),
         policy_paths=[str(policy)],
         reload_interval_s=0.05,
+        tools=[ERP_TERMS],
     )
     await governance.start()
     agent = await Bus.connect(

@@ -15,7 +15,7 @@ from govmesh.scenarios._schema import load_scenario
 from govmesh.scenarios._swarm import Swarm
 from govmesh.state.messages import Snapshot
 
-from _deploy import deployment
+from _deploy import ERP_TERMS, deployment
 
 ROOT = Path(__file__).parent.parent
 
@@ -30,7 +30,10 @@ def _platform(dep, issuer, tmp_path: Path) -> tuple[list, object]:
     policy.write_text((ROOT / "policies" / "procurement-agent-v2.yaml").read_text())
     platform = [
         GovernanceService(
-            dep, issuer.identity("governance-1", "governance"), policy_paths=[str(policy)]
+            dep,
+            issuer.identity("governance-1", "governance"),
+            policy_paths=[str(policy)],
+            tools=[ERP_TERMS],
         ),
         GatewayService(dep, issuer.identity("gateway-1", "gateway")),
     ]

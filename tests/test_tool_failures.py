@@ -21,7 +21,7 @@ from govmesh.llm import SimulatedModel
 from govmesh.scenarios._schema import load_scenario
 from govmesh.tools import ERP_CREATE_PO, GatewayService, SimulatedErp, ToolContext
 
-from _deploy import deployment
+from _deploy import ERP_TERMS, deployment
 
 ROOT = Path(__file__).parent.parent
 POLICY = str(ROOT / "policies" / "procurement-agent-v2.yaml")
@@ -57,7 +57,10 @@ class Deployed:
     async def start(self) -> None:
         model = SimulatedModel(load_scenario(ROOT / "scenarios" / "procurement.yaml").model, seed=1)
         self.governance = GovernanceService(
-            self.dep, self.issuer.identity("governance-1", "governance"), policy_paths=[POLICY]
+            self.dep,
+            self.issuer.identity("governance-1", "governance"),
+            policy_paths=[POLICY],
+            tools=[ERP_TERMS],
         )
         self.gateway = GatewayService(self.dep, self.issuer.identity("gateway-1", "gateway"))
         self.agent = ProcurementAgent(

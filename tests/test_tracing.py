@@ -25,7 +25,7 @@ from govmesh.scenarios import load_scenario
 from govmesh.state import StateService
 from govmesh.tools import ERP_CREATE_PO, GatewayService
 
-from _deploy import Coordinator, deployment
+from _deploy import ERP_TERMS, Coordinator, deployment
 
 ROOT = Path(__file__).parent.parent
 SCENARIO = load_scenario(ROOT / "scenarios" / "procurement.yaml")
@@ -66,7 +66,10 @@ async def run_procurement(
     policy.write_text((ROOT / "policies" / "procurement-agent-v2.yaml").read_text())
     services = [
         GovernanceService(
-            dep, issuer.identity("governance-1", "governance"), policy_paths=[str(policy)]
+            dep,
+            issuer.identity("governance-1", "governance"),
+            policy_paths=[str(policy)],
+            tools=[ERP_TERMS],
         ),
         GatewayService(dep, issuer.identity("gateway-1", "gateway")),
         StateService(dep, issuer.identity("state-1", "state")),
@@ -243,7 +246,10 @@ async def test_each_decision_carries_its_own_intents_trace_when_decided_in_one_g
     policy = tmp_path / "policy.yaml"
     policy.write_text((ROOT / "policies" / "procurement-agent-v2.yaml").read_text())
     governance = GovernanceService(
-        dep, issuer.identity("governance-1", "governance"), policy_paths=[str(policy)]
+        dep,
+        issuer.identity("governance-1", "governance"),
+        policy_paths=[str(policy)],
+        tools=[ERP_TERMS],
     )
     agent = await Bus.connect(
         dep,
