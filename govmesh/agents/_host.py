@@ -82,8 +82,9 @@ class AgentHost(AgentService):
     Args:
         deployment: where the services are and whom to trust.
         identity: the agent's identity; its token names its role and capabilities.
-        agent: the `Agent` class, as ``"package.module:Class"``; imported here, in the
-            actor's process.
+        agent: the `Agent` class, as ``"package.module:Class"``, imported here, in the
+            actor's process; or the class itself when no module names it (one defined in
+            a script's ``__main__``, which Ray sends by value).
         options: keyword arguments of the class.
         model: a factory of the model provider, called here so clients and keys never
             travel through Ray (e.g. ``functools.partial(SimulatedModel, settings, seed=7)``).
@@ -113,7 +114,7 @@ class AgentHost(AgentService):
         deployment: Deployment,
         identity: Identity,
         *,
-        agent: str,
+        agent: str | type[Agent],
         options: Mapping[str, Any] | None = None,
         model: Callable[[], ModelProvider],
         search_path: Sequence[str] = (),
@@ -125,7 +126,11 @@ class AgentHost(AgentService):
         approval_timeout_s: float = 300.0,
         **thinking: Unpack[Thinking],
     ) -> None:
-        found = load_object(agent, search_path=search_path, what="agent")
+        found = (
+            agent
+            if isinstance(agent, type)
+            else load_object(agent, search_path=search_path, what="agent")
+        )
         if not (isinstance(found, type) and issubclass(found, Agent)):
             raise ConfigError(f"agent {agent!r} is {found!r}, not a govmesh.Agent class")
         if not found.handlers():

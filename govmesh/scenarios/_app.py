@@ -460,7 +460,7 @@ def _field(where: str, field_path: str, load: Callable[..., Any], ref: str, **kw
 
 def _handlers(cls: type[Agent]) -> dict[str, type[Any]]:
     """The agent class's handlers: payload type by kind."""
-    return {kind: h.payload_type for kind, h in cls.handlers().items()}
+    return {kind: h.payload for kind, h in cls.handlers().items()}
 
 
 def _payload_type(cls: type[Agent], kind: str, where: str) -> type[Any]:
