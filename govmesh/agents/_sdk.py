@@ -524,7 +524,7 @@ class Workflow:
             facts.governance_ms = (time.perf_counter() - started) * 1000
         facts.policy_hash = decision.policy_hash
         self.journal.steps[step] = record
-        self.phase = f"awaiting approval step {step}" if not decision.final else f"step {step}"
+        self.phase = f"{'awaiting approval' if not decision.final else 'decided'} step {step}"
         await self._runtime.save(self)
         final = first
         if not decision.final:
