@@ -23,9 +23,12 @@ from govmesh.governance._starts import record_start
 from govmesh.llm import ModelRequest, ModelResponse, SimulatedModel, SimulatedModelSettings
 from govmesh.scenarios import load_scenario
 from govmesh.state import StateService
-from govmesh.tools import ERP_CREATE_PO, GatewayService
+from govmesh.tools import GatewayService
 
 from _deploy import Coordinator, deployment
+from procurement.tools import create_purchase_order
+
+ERP_CREATE_PO = create_purchase_order.name
 
 ROOT = Path(__file__).parent.parent
 SCENARIO = load_scenario(ROOT / "scenarios" / "procurement.yaml")
@@ -68,7 +71,7 @@ async def run_procurement(
         GovernanceService(
             dep, issuer.identity("governance-1", "governance"), policy_paths=[str(policy)]
         ),
-        GatewayService(dep, issuer.identity("gateway-1", "gateway")),
+        GatewayService(dep, issuer.identity("gateway-1", "gateway"), tools=[create_purchase_order]),
         StateService(dep, issuer.identity("state-1", "state")),
         ProcurementAgent(
             dep,
