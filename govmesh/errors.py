@@ -15,6 +15,7 @@ __all__ = [
     "ScenarioError",
     "SecurityError",
     "StateError",
+    "ToolArgumentError",
     "ToolError",
 ]
 
@@ -100,3 +101,23 @@ class ToolError(GovmeshError, RuntimeError):
         self.message = message
         self.retryable = retryable
         super().__init__(message)
+
+
+class ToolArgumentError(GovmeshError, ValueError):
+    """A tool call's arguments do not fit the tool's argument type.
+
+    The gateway answers the calling agent with it at once and records it as the step's
+    answer, like a tool's own ``ValueError``: the same arguments never fit.
+
+    Attributes:
+        tool: the tool's name.
+        path: where in the arguments the first misfit is (``$.amount_usd``, ``$.lines[2]``),
+            or ``""`` when the arguments as a whole do not fit (a field is missing).
+        value: the value found there, when there is one.
+    """
+
+    def __init__(self, tool: str, problem: str, *, path: str = "", value: object = None) -> None:
+        self.tool = tool
+        self.path = path
+        self.value = value
+        super().__init__(problem)

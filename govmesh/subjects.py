@@ -5,6 +5,7 @@ Scheme (``<t>`` is the tenant)::
     gm.<t>.intent.<agent>               tool intents, answered by governance
     gm.<t>.decision.<agent>.<workflow>  signed governance decisions, for that agent only
     gm.<t>.tool.<tool>                  tool calls to the gateway (tool names may contain dots)
+    gm.<t>.result.<agent>               the gateway's record of each answer to a call of <agent>
     gm.<t>.usage.<agent>                model usage for the budget actor
     gm.<t>.state.<agent>                snapshots for the state actor (not in the event stream)
     gm.<t>.snapshot.<agent>             what the state actor stored of them, without content
@@ -98,6 +99,11 @@ class Subjects:
         if not _TOOL.match(tool):
             raise ValueError(f"tool name must be dot-separated words: {tool!r}")
         return f"{self.prefix}.tool.{tool}"
+
+    def result(self, agent: str) -> str:
+        """Where the gateway records each answer it gave a tool call of ``agent``: the answer
+        itself goes to the caller's reply inbox, which the event stream does not record."""
+        return self._one("result", agent, "agent id")
 
     def usage(self, agent: str) -> str:
         """Where ``agent`` reports model usage."""

@@ -54,21 +54,6 @@ def model(settings: SimulatedModelSettings = MODEL) -> functools.partial[Countin
     return functools.partial(CountingModel, settings, seed=1)
 
 
-def gateway(dep: Deployment, issuer: Issuer, tools: Sequence[ToolSpec[Any, Any]]) -> GatewayService:
-    """A gateway that runs ``tools``."""
-    service = GatewayService(dep, issuer.identity("gateway-1", "gateway"))
-    for spec in tools:
-        service.tools.register(spec.name, _untyped(spec), idempotent=spec.idempotent)
-    return service
-
-
-def _untyped(spec: ToolSpec[Any, Any]) -> Any:
-    async def run(args: dict[str, Any], ctx: Any) -> Any:
-        return msgspec.to_builtins(await spec.run(msgspec.convert(args, spec.args_type), ctx))
-
-    return run
-
-
 @dataclass
 class Mesh:
     """The services of one test's tenant, and the coordinator's and operator's view."""
@@ -197,7 +182,7 @@ async def mesh(
         GovernanceService(
             dep, issuer.identity("governance-1", "governance"), policy_paths=[str(path)]
         ),
-        gateway(dep, issuer, tools),
+        GatewayService(dep, issuer.identity("gateway-1", "gateway"), tools=tools),
         StateService(dep, issuer.identity("state-1", "state"), keyring=keyring),
         BudgetService(dep, issuer.identity("budget-1", "budget"), prices=PRICES),
     ]

@@ -30,9 +30,12 @@ from govmesh.runtime import JoinedDeployment, Member, RedisServer, Transport
 from govmesh.scenarios._schema import load_scenario
 from govmesh.state import StateService
 from govmesh.state.messages import SnapshotQuery, SnapshotReply
-from govmesh.tools import ERP_CREATE_PO, GatewayService, SimulatedErp
+from govmesh.tools import GatewayService
 
 from _deploy import deployment
+from procurement.tools import create_purchase_order, orders
+
+ERP_CREATE_PO = create_purchase_order.name
 
 ROOT = Path(__file__).parent.parent
 SEED = (ROOT / "policies" / "procurement-agent-v2.yaml").read_text()
@@ -131,7 +134,9 @@ async def stack(
         policy = tmp_path / "policy.yaml"
         policy.write_text(policy_text)
         model = SimulatedModel(load_scenario(ROOT / "scenarios" / "procurement.yaml").model, seed=1)
-        gateway = GatewayService(dep, issuer.identity("gateway-1", "gateway"))
+        gateway = GatewayService(
+            dep, issuer.identity("gateway-1", "gateway"), tools=[create_purchase_order]
+        )
         agent = ProcurementAgent(
             dep,
             issuer.identity(AGENT, ROLE, capabilities=(ERP_CREATE_PO,), budget_usd=25_000),
@@ -223,8 +228,8 @@ async def test_a_pending_approval_survives_restarts_of_governance_state_and_redi
     outcome = await asyncio.wait_for(s.outcomes.get(), 20)
     assert outcome.result == "executed", outcome
     assert outcome.approved_by == "alice" and outcome.approval_id == approval_id
-    orders = await SimulatedErp(s.governance.redis, prefix=s.dep.key_prefix).orders()
-    assert [(o.workflow, o.amount_usd) for o in orders] == [("wf-restart", 7_000.0)]
+    placed = await orders(s.governance.redis, s.dep.key_prefix)
+    assert [(o.workflow, o.amount_usd) for o in placed] == [("wf-restart", 7_000.0)]
     resumed = await s.snapshot("wf-restart", version=paused.snapshot.version)
     assert resumed.snapshot is not None and resumed.snapshot.goal["phase"] == "awaiting_approval"
     latest = await s.snapshot("wf-restart")

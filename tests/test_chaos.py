@@ -14,7 +14,9 @@ from govmesh.governance._approvals import Answer, ApprovalRecord, ApprovalStore
 from govmesh.governance.messages import ApprovalRequest
 from govmesh.scenarios._chaos import effects_and_approvals, run_chaos
 from govmesh.scenarios._runner import run_dir
-from govmesh.tools import SimulatedErp, ToolContext
+from govmesh.tools import ToolContext
+
+from procurement.tools import Order, create_purchase_order
 
 ROOT = Path(__file__).parent.parent
 SCENARIO = ROOT / "scenarios" / "procurement.yaml"
@@ -75,11 +77,24 @@ async def test_the_counts_catch_a_repeated_order_and_every_kind_of_lost_approval
 ) -> None:
     redis = aioredis.Redis.from_url(redis_server.url)
     try:
-        erp = SimulatedErp(redis, prefix=prefix)
-        order = {"item": "monitors", "vendor": "Vendor_A", "amount_usd": 10.0}
-        for workflow in ("wf-twice", "wf-twice", "wf-once", "wf-other-run"):
-            ctx = ToolContext(workflow=workflow, agent="procurement-1", step=1, decision_id="d")
-            await erp.create_purchase_order(order, ctx)
+        order = Order(item="monitors", vendor="Vendor_A", amount_usd=10.0)
+        # Twice at one step is a duplicate; once at each of two steps is not.
+        for workflow, step in (
+            ("wf-twice", 1),
+            ("wf-twice", 1),
+            ("wf-once", 1),
+            ("wf-once", 2),
+            ("wf-other-run", 1),
+        ):
+            ctx = ToolContext(
+                workflow=workflow,
+                agent="procurement-1",
+                step=step,
+                decision_id="d",
+                key_prefix=prefix,
+                redis=redis,
+            )
+            await create_purchase_order(order, ctx)
         store = ApprovalStore(redis, prefix)
         await redis.hset(
             store.key("pending"), "a1", msgspec.msgpack.encode(_request("a1", "wf-pending"))
@@ -111,11 +126,13 @@ async def test_the_counts_catch_a_repeated_order_and_every_kind_of_lost_approval
             "wf-ok": _done("rejected", "a3"),
             "wf-unknown": _done("rejected", "a4"),  # an approval governance never had
         }
-        counted = await effects_and_approvals(redis_server.url, prefix, outcomes)
+        counted = await effects_and_approvals(
+            redis_server.url, prefix, outcomes, tools=[create_purchase_order]
+        )
     finally:
         await redis.aclose()
 
-    assert (counted["orders"], counted["duplicate_effects"]) == (3, 1)
+    assert (counted["orders"], counted["duplicate_effects"]) == (4, 1)
     assert counted["lost_approvals"] == 3
     assert sorted((x["approval_id"], x["why"]) for x in counted["lost"]) == [
         ("a1", "still pending"),

@@ -9,9 +9,9 @@ import msgspec
 import redis.asyncio as aioredis
 
 from govmesh.scenarios import load_scenario, run_workflows
-from govmesh.tools import SimulatedErp
 
 from _deploy import deployment
+from procurement.tools import orders as placed_orders
 
 ROOT = Path(__file__).parent.parent
 SCENARIO = ROOT / "scenarios" / "procurement.yaml"
@@ -44,7 +44,7 @@ async def test_procurement_swarm_is_governed_end_to_end(
 
     r = aioredis.Redis.from_url(redis_server.url)
     try:
-        orders = await SimulatedErp(r, prefix=dep.key_prefix).orders()
+        orders = await placed_orders(r, dep.key_prefix)
         approvals = {
             k.decode(): msgspec.json.decode(v)
             for k, v in (await r.hgetall(f"{dep.key_prefix}:approvals:done")).items()

@@ -24,7 +24,9 @@ def _platform(dep, issuer, tmp_path: Path) -> tuple[list, object]:
     """Governance on the seed policy and the gateway, not started yet, and the procurement
     agent's identity."""
     from govmesh.governance._actor import GovernanceService
-    from govmesh.tools import ERP_CREATE_PO, GatewayService
+    from govmesh.tools import GatewayService
+
+    from procurement.tools import create_purchase_order
 
     policy = tmp_path / "policy.yaml"
     policy.write_text((ROOT / "policies" / "procurement-agent-v2.yaml").read_text())
@@ -32,10 +34,13 @@ def _platform(dep, issuer, tmp_path: Path) -> tuple[list, object]:
         GovernanceService(
             dep, issuer.identity("governance-1", "governance"), policy_paths=[str(policy)]
         ),
-        GatewayService(dep, issuer.identity("gateway-1", "gateway")),
+        GatewayService(dep, issuer.identity("gateway-1", "gateway"), tools=[create_purchase_order]),
     ]
     identity = issuer.identity(
-        "procurement-1", "Procurement-Agent-v2", capabilities=(ERP_CREATE_PO,), budget_usd=25_000
+        "procurement-1",
+        "Procurement-Agent-v2",
+        capabilities=(create_purchase_order.name,),
+        budget_usd=25_000,
     )
     return platform, identity
 
@@ -110,7 +115,8 @@ async def test_a_restarted_agent_takes_up_its_unfinished_workflows(
     from govmesh.agents import ProcurementAgent
     from govmesh.llm import SimulatedModel
     from govmesh.state import StateService
-    from govmesh.tools import SimulatedErp
+
+    from procurement.tools import orders as placed_orders
 
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
@@ -173,7 +179,7 @@ async def test_a_restarted_agent_takes_up_its_unfinished_workflows(
         again = await asyncio.wait_for(outcomes.get(), 30)
         assert again == ("wf-planning", got["wf-planning"])
         assert second.answered_again == 1
-        orders = await SimulatedErp(redis, prefix=dep.key_prefix).orders()
+        orders = await placed_orders(redis, dep.key_prefix)
         assert sorted(o.workflow for o in orders) == ["wf-decided", "wf-planning"]
     finally:
         await redis.aclose()
@@ -193,7 +199,8 @@ async def test_a_workflow_waiting_two_simulated_days_wakes_after_its_agent_and_s
     from govmesh.llm import SimulatedModel
     from govmesh.state import StateService
     from govmesh.state.messages import SnapshotQuery, SnapshotReply
-    from govmesh.tools import SimulatedErp
+
+    from procurement.tools import orders as placed_orders
 
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
@@ -250,7 +257,7 @@ async def test_a_workflow_waiting_two_simulated_days_wakes_after_its_agent_and_s
         assert dep.clock.now() >= due  # it did not go on before the two days were over
         assert second.resumed == {"waiting_for_vendor": 1}
         assert second.timers == {"fired": 1, "missed": 0}  # woken by the timer itself
-        orders = await SimulatedErp(redis, prefix=dep.key_prefix).orders()
+        orders = await placed_orders(redis, dep.key_prefix)
         assert [o.workflow for o in orders] == ["wf-wait"]
     finally:
         await redis.aclose()

@@ -19,9 +19,10 @@ from govmesh.governance._actor import GovernanceService
 from govmesh.governance._starts import record_start
 from govmesh.llm import SimulatedModel
 from govmesh.scenarios._schema import load_scenario
-from govmesh.tools import ERP_CREATE_PO, GatewayService, SimulatedErp, ToolContext
+from govmesh.tools import GatewayService, ToolContext, tool
 
 from _deploy import deployment
+from procurement.tools import Order, Placed, create_purchase_order, orders
 
 ROOT = Path(__file__).parent.parent
 POLICY = str(ROOT / "policies" / "procurement-agent-v2.yaml")
@@ -29,8 +30,7 @@ ROLE = "Procurement-Agent-v2"
 AGENT = "procurement-1"
 HANG_GUARD_S = 120.0
 """Far above the few seconds a failure takes to reach the agent; only stops a hung test."""
-
-Create = Callable[[SimulatedErp, dict[str, Any], ToolContext], Awaitable[dict[str, Any]]]
+ERP_CREATE_PO = create_purchase_order.name
 
 
 class Deployed:
@@ -43,23 +43,24 @@ class Deployed:
         self.calls = 0
         self.outcomes: asyncio.Queue[PurchaseOutcome] = asyncio.Queue()
 
-    def failing(self, create: Create) -> Create:
-        """The ERP's order call, raising the next of `failures` while there is one."""
-
-        async def run(erp: SimulatedErp, args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+        @tool(name=ERP_CREATE_PO, idempotent=True, spend="amount_usd")
+        async def failing(order: Order, ctx: ToolContext) -> Placed:
+            """The ERP's order call, raising the next of `failures` while there is one."""
             self.calls += 1
             if self.failures:
                 raise self.failures.pop(0)
-            return await create(erp, args, ctx)
+            return await create_purchase_order(order, ctx)
 
-        return run
+        self.erp = failing
 
     async def start(self) -> None:
         model = SimulatedModel(load_scenario(ROOT / "scenarios" / "procurement.yaml").model, seed=1)
         self.governance = GovernanceService(
             self.dep, self.issuer.identity("governance-1", "governance"), policy_paths=[POLICY]
         )
-        self.gateway = GatewayService(self.dep, self.issuer.identity("gateway-1", "gateway"))
+        self.gateway = GatewayService(
+            self.dep, self.issuer.identity("gateway-1", "gateway"), tools=[self.erp]
+        )
         self.agent = ProcurementAgent(
             self.dep,
             self.issuer.identity(AGENT, ROLE, capabilities=(ERP_CREATE_PO,), budget_usd=25_000),
@@ -79,7 +80,10 @@ class Deployed:
             self.coordinator.subjects.msg("coordinator-1"), on_outcome, accepts=PurchaseOutcome
         )
         await self.coordinator.flush()
-        self.erp = SimulatedErp(self.gateway.redis, prefix=self.dep.key_prefix)
+
+    async def orders(self) -> list[Any]:
+        """Every order the ERP placed."""
+        return await orders(self.gateway.redis, self.dep.key_prefix)
 
     async def close(self) -> None:
         await self.coordinator.close()
@@ -98,7 +102,7 @@ class Deployed:
 
 @pytest.fixture
 async def deploy(
-    secure_nats, redis_server, prefix, monkeypatch: pytest.MonkeyPatch
+    secure_nats, redis_server, prefix
 ) -> AsyncIterator[Callable[..., Awaitable[Deployed]]]:
     transport, server = secure_nats
     started: list[Deployed] = []
@@ -106,9 +110,6 @@ async def deploy(
     async def build(*failures: Exception) -> Deployed:
         dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
         d = Deployed(dep, issuer, list(failures))
-        # The gateway binds the ERP's method when it starts.
-        create = SimulatedErp.create_purchase_order
-        monkeypatch.setattr(SimulatedErp, "create_purchase_order", d.failing(create))
         await d.start()
         started.append(d)
         return d
@@ -138,7 +139,7 @@ async def test_a_tool_raising_runtime_error_is_reported_to_its_agent_as_failed(d
     # The run report shows the gateway's counters: a failed tool call, nothing run.
     stats = d.gateway.stats()
     assert (stats["failed"], stats["ran"]) == ({ERP_CREATE_PO: 1}, {})
-    assert await d.erp.orders() == []
+    assert await d.orders() == []
 
 
 async def test_a_retryable_tool_error_is_retried_and_the_order_placed_once(deploy) -> None:
@@ -148,7 +149,7 @@ async def test_a_retryable_tool_error_is_retried_and_the_order_placed_once(deplo
 
     assert outcome.result == "executed", outcome.reasons
     assert d.calls == 2
-    assert [o.po_id for o in await d.erp.orders()] == [outcome.order_id]
+    assert [o.po_id for o in await d.orders()] == [outcome.order_id]
     assert (d.gateway.failed, d.gateway.ran) == ({ERP_CREATE_PO: 1}, {ERP_CREATE_PO: 1})
     # Retried under the decision it had: governance decided once, and nothing was refused.
     assert d.governance.decided == {"allow": 1}
@@ -165,7 +166,7 @@ async def test_a_tool_error_that_is_not_retryable_is_not_retried(deploy) -> None
         (f"{ERP_CREATE_PO}: Vendor_A is blocked in the ERP",),
     )
     assert d.calls == 1
-    assert await d.erp.orders() == []
+    assert await d.orders() == []
 
 
 async def test_a_tool_that_keeps_failing_retryably_is_retried_a_bounded_number_of_times(
@@ -177,7 +178,7 @@ async def test_a_tool_that_keeps_failing_retryably_is_retried_a_bounded_number_o
 
     assert (outcome.result, outcome.reasons) == ("failed", (f"{ERP_CREATE_PO}: busy 2",))
     assert d.calls == 3
-    assert await d.erp.orders() == []
+    assert await d.orders() == []
 
 
 def test_a_retry_policy_names_the_figure_out_of_range() -> None:

@@ -18,11 +18,13 @@ from govmesh.agents import Outcome
 from govmesh.bus import Bus, Delivery
 from govmesh.governance._actor import GovernanceService
 from govmesh.llm import ModelRequest, ModelResponse, SimulatedModel, SimulatedModelSettings
-from govmesh.tools import ERP_CREATE_PO
 
 from _agents import MODEL, PRICES, mesh
 from _deploy import Coordinator, deployment
 from _shipping import POLICY, ROLE, Shipment, ship
+from procurement.tools import create_purchase_order
+
+ERP_CREATE_PO = create_purchase_order.name
 
 ROOT = Path(__file__).parent.parent
 TOOL = ship.name

@@ -24,6 +24,7 @@ CAPTURED: Final = (
     "intent.>",
     "decision.>",
     "tool.>",
+    "result.>",
     "usage.>",
     "msg.>",
     "approval.>",

@@ -8,7 +8,8 @@ role          publish                                     subscribe
 agent         intent/usage/state.<own id>, msg.*, tool.>,  msg.<own id>, decision.<own id>.*
               ctl.*
 governance    decision.>, approval.*, replies             intent.*, approval.*, ctl.governance
-gateway       (replies only: allow_responses)             tool.>
+gateway       result.* (its answers, for the record),     tool.>
+              replies
 budget        approval.* (budget interrupts)              usage.*, ctl.budget
 state         msg.* (timers fired), snapshot.*, replies   state.*, ctl.state
 issuer        (replies only)                              ctl.identity
@@ -115,10 +116,12 @@ def permissions_for(
         # Tells an operator's `govmesh approvals approve` what its answer decided.
         responds = True
     elif role in (GATEWAY_ROLE, BUDGET_ROLE, STATE_ROLE, ISSUER_ROLE):
-        # The state actor fires timers to agents; the budget actor puts interrupts to people.
+        # The state actor fires timers to agents; the budget actor puts interrupts to people;
+        # the gateway records its answers where the event stream keeps them.
         published = {
             STATE_ROLE: [s.all("msg"), s.all("snapshot")],
             BUDGET_ROLE: [s.all("approval")],
+            GATEWAY_ROLE: [s.all("result")],
         }
         pub, responds = published.get(role, []), True
         served = {

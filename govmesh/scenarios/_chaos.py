@@ -20,7 +20,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,7 @@ from govmesh.scenarios._runner import deploy, finish_run, run_workflows
 from govmesh.scenarios._runs import RunManifest, RunRecords, new_run_id
 from govmesh.scenarios._schema import load_scenario
 from govmesh.scenarios._swarm import Swarm, seeded_rng
-from govmesh.tools import SimulatedErp
+from govmesh.tools import ToolSpec, load_tools
 
 if TYPE_CHECKING:
     from govmesh.runtime import NatsServer, RedisServer
@@ -169,11 +169,17 @@ class ChaosMonkey:
 
 
 async def effects_and_approvals(
-    redis_url: str, prefix: str, outcomes: dict[str, WorkflowDone]
+    redis_url: str,
+    prefix: str,
+    outcomes: dict[str, WorkflowDone],
+    *,
+    tools: Iterable[ToolSpec[Any, Any]] = (),
 ) -> dict[str, Any]:
     """Count what a run did twice or lost, from the parts' own records.
 
-    - ``duplicate_effects``: purchase orders the ERP holds beyond one per workflow.
+    - ``orders``: the effects of the run's workflows that ``tools`` list from their own
+      records (`ToolSpec.effects`).
+    - ``duplicate_effects``: effects beyond one per (workflow, step).
     - ``lost_approvals``: approvals of the run's workflows that are still pending, or whose
       settlement is not the end their workflow reported (an approval allowed, a workflow
       not executed; one rejected or expired, a workflow not rejected), or that a workflow
@@ -181,13 +187,18 @@ async def effects_and_approvals(
     """
     redis = aioredis.Redis.from_url(redis_url)
     try:
-        orders = await SimulatedErp(redis, prefix=prefix).orders()
+        effects = [
+            effect
+            for spec in tools
+            if spec.effects_lister is not None
+            for effect in await spec.effects_lister(redis, prefix)
+        ]
         store = ApprovalStore(redis, prefix)
         pending = [r for r in await store.pending() if r.workflow in outcomes]
         settled = {r.approval_id: r for r in await store.settled() if r.workflow in outcomes}
     finally:
         await redis.aclose()
-    per_workflow = Counter(o.workflow for o in orders if o.workflow in outcomes)
+    per_step = Counter((e.workflow, e.step) for e in effects if e.workflow in outcomes)
     lost: list[dict[str, str]] = [
         {"approval_id": r.approval_id, "workflow": r.workflow, "why": "still pending"}
         for r in pending
@@ -212,8 +223,8 @@ async def effects_and_approvals(
         ):
             lost.append({"approval_id": approval, "workflow": workflow, "why": "unknown"})
     return {
-        "orders": sum(per_workflow.values()),
-        "duplicate_effects": sum(n - 1 for n in per_workflow.values()),
+        "orders": sum(per_step.values()),
+        "duplicate_effects": sum(n - 1 for n in per_step.values()),
         "lost_approvals": len(lost),
         "lost": lost,
         "approvals_settled": len(settled),
@@ -282,8 +293,9 @@ async def run_chaos(
             finished = await records.finished()
         finally:
             await records.close()
+        tools = load_tools(scenario.tools, search_path=scenario.search_path())
         counted = await effects_and_approvals(
-            up.deployment.redis_url, up.deployment.key_prefix, finished
+            up.deployment.redis_url, up.deployment.key_prefix, finished, tools=tools.values()
         )
         report["runtime"] = up.describe()
         phase("stopping")

@@ -75,6 +75,8 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     description: str = ""
     tenant: str = "acme"
     policies: tuple[str, ...]
+    path: tuple[str, ...] = ()
+    tools: tuple[str, ...] = ()
     model: SimulatedModelSettings
     prices: dict[str, Price]
     agents: Agents
@@ -91,6 +93,11 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         """Policy files, resolved against the scenario file's folder."""
         base = Path(self.source).parent
         return [str((base / p).resolve()) for p in self.policies]
+
+    def search_path(self) -> list[str]:
+        """Folders of user code (``path``), resolved against the scenario file's folder."""
+        base = Path(self.source).parent
+        return [str((base / p).resolve()) for p in self.path]
 
 
 def load_scenario(path: str | Path) -> Scenario:

@@ -180,7 +180,11 @@ class Swarm:
             for i in range(1, governance_actors + 1)
         ]
         specs += [
-            (member("gateway-1", "gateway"), GatewayService, {}),
+            (
+                member("gateway-1", "gateway"),
+                GatewayService,
+                {"tools": list(s.tools), "search_path": s.search_path()},
+            ),
             (member("audit-1", AUDITOR_ROLE), AuditService, {}),
             (
                 member("budget-1", "budget"),

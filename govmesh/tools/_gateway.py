@@ -10,6 +10,7 @@ import re
 import time
 import traceback
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,9 +27,9 @@ from govmesh.roles import GOVERNANCE_ROLE
 from govmesh.service import Service, being_cancelled, raise_if_cancelled
 from govmesh.telemetry._metrics import TOOL_DURATION, measured
 from govmesh.telemetry._tracing import span
-from govmesh.tools._erp import ERP_CREATE_PO, SimulatedErp
 from govmesh.tools._ledger import LEASE_S, Entry, Ledger
-from govmesh.tools._registry import RegisteredTool, ToolContext, ToolRegistry
+from govmesh.tools._registry import ToolContext
+from govmesh.tools._spec import ToolSpec, load_tools
 from govmesh.tools.messages import ToolCall, ToolResult
 
 __all__ = ["STEP_IN_PROGRESS", "GatewayService"]
@@ -51,8 +52,14 @@ class GatewayService(Service):
     for this workflow and agent, and bound to the hash of exactly this call; and runs each
     step's call to effect at most once.
 
-    Agents hold no tool credentials: tools live here, in `tools`. Every refusal is a security
-    event.
+    Agents hold no tool credentials: tools run here, in the gateway's process, each with a
+    `ToolContext` that lends it this gateway's Redis connection. A call's arguments are
+    converted to the tool's argument type before it runs, and its result to JSON-able
+    builtins. Every refusal is a security event.
+
+    Every answer (a result, a failure, a refusal) goes to the caller's reply inbox and is
+    also recorded on ``result.<agent>`` (`Subjects.result`), signed by this gateway and
+    caused by the call, so the event stream and the audit index hold it.
 
     Each call goes through the idempotency ledger (`Ledger`, whose module documents the
     states and every crash window) before anything runs. The first call for a (workflow,
@@ -83,7 +90,9 @@ class GatewayService(Service):
 
     - ``ToolError`` carries its message and whether it may be retried; a retryable failure
       gives the step back (`Ledger.release`), any other is recorded as the step's answer;
-    - ``ValueError`` or ``TypeError`` means the tool refused bad arguments: recorded;
+    - ``ValueError`` or ``TypeError`` means the tool refused bad arguments: recorded; so are
+      arguments that do not fit the tool's argument type (`ToolArgumentError`, naming the
+      field path and quoting the value), which the tool never sees;
     - any other exception is a failure that is not retried, recorded and answered with its
       type and message; the traceback goes to this gateway's log.
 
@@ -93,16 +102,26 @@ class GatewayService(Service):
     Args:
         deployment: where the services are and whom to trust.
         identity: this gateway's identity.
+        tools: the tools it runs: `ToolSpec` s, or paths ``"pkg.module:name"`` of ones,
+            imported here (in the gateway's own process when it is an actor).
+        search_path: folders put on ``sys.path`` before the paths are imported.
         lease_s: how long a claim on a step lasts without renewal; the gateway renews it
             every third of that while the tool runs, so a step is re-run (or put in doubt)
             only once its gateway has been silent this long.
 
     Raises:
-        ConfigError: ``lease_s`` is not a positive number of seconds.
+        ConfigError: ``lease_s`` is not a positive number of seconds, or a tool does not load
+            (see `load_tools`).
     """
 
     def __init__(
-        self, deployment: Deployment, identity: Identity, *, lease_s: float = LEASE_S
+        self,
+        deployment: Deployment,
+        identity: Identity,
+        *,
+        tools: Sequence[str | ToolSpec[Any, Any]] = (),
+        search_path: Sequence[str] = (),
+        lease_s: float = LEASE_S,
     ) -> None:
         if isinstance(lease_s, bool) or not isinstance(lease_s, int | float):
             raise ConfigError(f"lease_s must be a number of seconds, got {lease_s!r}")
@@ -110,7 +129,7 @@ class GatewayService(Service):
             raise ConfigError(f"lease_s must be positive and finite, got {lease_s!r}")
         super().__init__(deployment, identity)
         self.lease_s = float(lease_s)
-        self.tools = ToolRegistry()
+        self.tools = load_tools(tools, search_path=search_path)
         self.ran: Counter[str] = Counter()
         self.replayed: Counter[str] = Counter()
         self.in_progress: Counter[str] = Counter()
@@ -126,10 +145,8 @@ class GatewayService(Service):
         return self._ledger
 
     async def on_start(self) -> None:
-        """Register the tools and subscribe to tool calls."""
+        """Subscribe to tool calls."""
         self._ledger = Ledger(self.redis, tenant=self.deployment.tenant)
-        erp = SimulatedErp(self.redis, prefix=self.deployment.key_prefix)
-        self.tools.register(ERP_CREATE_PO, erp.create_purchase_order, idempotent=True)
         await self.bus.subscribe(
             self.subjects.all("tool"),
             self._on_call,
@@ -159,7 +176,7 @@ class GatewayService(Service):
             return
         tool = self.tools.get(call.tool)
         if tool is None:
-            await self.bus.respond(d, ToolResult(ok=False, error=f"no tool {call.tool!r}"))
+            await self._answer(d, ToolResult(ok=False, error=f"no tool {call.tool!r}"))
             return
         workflow, now = d.envelope.workflow, time.time()
         entry = Entry(
@@ -191,6 +208,8 @@ class GatewayService(Service):
                     approval_id=decision.approval_id,
                     approved_by=decision.approved_by,
                     idempotency_key=entry.idempotency_key,
+                    key_prefix=self.deployment.key_prefix,
+                    redis=self.redis,
                 )
                 answer = await self._run(tool, call, ctx, entry)
             case "running":
@@ -206,14 +225,25 @@ class GatewayService(Service):
                 used = f"decision {decision_id} already used"
                 await self._refuse(d, SecurityError("decision_reused", used))
                 return
+        await self._answer(d, answer)
+
+    async def _answer(self, d: Delivery, answer: ToolResult) -> None:
+        """Record ``answer`` where the event stream keeps it, then reply with it."""
+        await self.bus.publish(
+            self.subjects.result(d.claims.sub),
+            answer,
+            workflow=d.envelope.workflow,
+            causation=d.envelope.id,
+            trace=d.envelope.trace,
+        )
         await self.bus.respond(d, answer)
 
     async def _refuse(self, d: Delivery, exc: SecurityError) -> None:
         self.bus.report(exc, subject=d.envelope.subject, data=d.data)
-        await self.bus.respond(d, ToolResult(ok=False, error=f"refused: {exc}"))
+        await self._answer(d, ToolResult(ok=False, error=f"refused: {exc}"))
 
     async def _run(
-        self, tool: RegisteredTool, call: ToolCall, ctx: ToolContext, entry: Entry
+        self, tool: ToolSpec[Any, Any], call: ToolCall, ctx: ToolContext, entry: Entry
     ) -> ToolResult:
         key = self.ledger.key(entry.workflow, entry.step, entry.intent_hash)
         keeper = asyncio.get_running_loop().create_task(
@@ -239,7 +269,8 @@ class GatewayService(Service):
                 measured(TOOL_DURATION, tool_attributes) as timing,
             ):
                 try:
-                    result = ToolResult(ok=True, result=await tool.run(call.args, ctx))
+                    ran = await tool(tool.load_args(call.args), ctx)
+                    result = ToolResult(ok=True, result=tool.dump_result(ran))
                 except Exception as exc:
                     result = self._failure(call, entry, exc)
                     timing["error.type"] = type(exc).__qualname__
