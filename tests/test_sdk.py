@@ -152,7 +152,7 @@ async def test_a_workflow_resumed_after_its_agent_dies_mid_call_repeats_no_step(
     assert (outcome.result, outcome.first_decision) == ("completed", "allow"), outcome.reasons
     assert outcome.model_calls == 1
     assert second.model.calls == 0, "the plan came from the journal"  # type: ignore[attr-defined]
-    assert second.resumed == {"decided step 1": 1}, second.resumed
+    assert second.resumed == {"decided": 1}, second.resumed
     assert behaviour.effects == {("wf-resumed", 1): 1}
     assert msgspec.msgpack.decode(outcome.value, type=Shipped).tracking == "T-1"
     # Asked again, the agent answers from the outcome it kept, and does nothing.
@@ -220,7 +220,7 @@ async def test_a_durable_timer_wakes_its_workflow_after_the_agent_and_state_acto
     assert outcome.result == "completed", outcome.reasons
     assert dep.clock.now() >= timer.due_at  # it did not go on before the two days were over
     assert first.model.calls == 1  # type: ignore[attr-defined]
-    assert second.resumed == {"waiting pickup": 1}
+    assert second.resumed == {"waiting": 1}
     assert second.timers == {"fired": 1, "missed": 0}  # woken by the timer itself
     assert second.model.calls == 0  # type: ignore[attr-defined]
     assert behaviour.effects == {("wf-wait", 1): 1}
@@ -269,7 +269,7 @@ async def test_an_asking_agent_restarted_mid_ask_gets_the_answer_without_asking_
     assert outcome.result == "completed", outcome.reasons
     assert outcome.model_calls == 2
     assert second.model.calls == 0  # type: ignore[attr-defined]
-    assert second.resumed == {"thought note": 1}
+    assert second.resumed == {"thought": 1}
     assert m.hosts["shipper-1"].model.calls == 1  # type: ignore[attr-defined]
     assert behaviour.calls == 1 and behaviour.effects == {("wf-ask-restart", 1): 1}
 
@@ -376,3 +376,11 @@ def test_an_agent_host_names_what_it_cannot_host(nats_server, redis_server, pref
     ):
         with pytest.raises(ConfigError, match=error):
             AgentHost(dep, identity, agent=path, options={"speed": 3}, model=model())
+
+
+def test_a_retry_policy_names_the_figure_out_of_range() -> None:
+    with pytest.raises(ConfigError, match=r"maximum_attempts .* got 0"):
+        RetryPolicy(maximum_attempts=0)
+    with pytest.raises(ConfigError, match=r"backoff .* got 0.5"):
+        RetryPolicy(backoff=0.5)
+    assert [RetryPolicy(initial_s=1, maximum_s=5).delay(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 5]
