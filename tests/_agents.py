@@ -17,14 +17,14 @@ import msgspec
 
 from govmesh.agents import AgentHost, Outcome, WorkflowStart
 from govmesh.bus import Bus, Delivery, ensure_event_stream
-from govmesh.config import Deployment
+from govmesh.config import Clock, Deployment
 from govmesh.forecasting import BudgetService, Price
 from govmesh.governance._actor import GovernanceService
 from govmesh.governance._starts import record_start
 from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest
 from govmesh.identity import Issuer
 from govmesh.llm import ModelRequest, ModelResponse, SimulatedModel, SimulatedModelSettings
-from govmesh.state import StateService
+from govmesh.state import Keyring, StateService
 from govmesh.tools import GatewayService
 from govmesh.tools._spec import ToolSpec
 
@@ -54,27 +54,13 @@ def model(settings: SimulatedModelSettings = MODEL) -> functools.partial[Countin
     return functools.partial(CountingModel, settings, seed=1)
 
 
-def gateway(dep: Deployment, issuer: Issuer, tools: Sequence[ToolSpec[Any, Any]]) -> GatewayService:
-    """A gateway that runs ``tools``."""
-    service = GatewayService(dep, issuer.identity("gateway-1", "gateway"))
-    for spec in tools:
-        service.tools.register(spec.name, _untyped(spec), idempotent=spec.idempotent)
-    return service
-
-
-def _untyped(spec: ToolSpec[Any, Any]) -> Any:
-    async def run(args: dict[str, Any], ctx: Any) -> Any:
-        return msgspec.to_builtins(await spec.run(msgspec.convert(args, spec.args_type), ctx))
-
-    return run
-
-
 @dataclass
 class Mesh:
     """The services of one test's tenant, and the coordinator's and operator's view."""
 
     dep: Deployment
     issuer: Issuer
+    keyring: Keyring
     coordinator: Bus
     operator: Bus
     services: list[Any]
@@ -112,16 +98,27 @@ class Mesh:
         return host
 
     async def start(
-        self, workflow: str, agent: str, payload: msgspec.Struct, *, agents: tuple[str, ...] = ()
+        self,
+        workflow: str,
+        agent: str,
+        payload: msgspec.Struct,
+        *,
+        agents: tuple[str, ...] = (),
+        trace: str = "",
+        kind: str = "",
     ) -> asyncio.Future[Outcome]:
-        """Start ``workflow`` at ``agent`` with ``payload`` (``agents`` take part too);
+        """Start ``workflow`` at ``agent`` with ``payload`` (``agents`` take part too, and
+        ``trace`` is its trace context; ``kind`` is the payload type's name unless given);
         returns the future of its outcome."""
         future = self.outcomes.setdefault(workflow, asyncio.get_running_loop().create_future())
         await record_start(self.coordinator, workflow, (agent, *agents))
         await self.coordinator.publish(
             self.coordinator.subjects.msg(agent),
-            WorkflowStart(kind=type(payload).__qualname__, body=msgspec.msgpack.encode(payload)),
+            WorkflowStart(
+                kind=kind or type(payload).__qualname__, body=msgspec.msgpack.encode(payload)
+            ),
             workflow=workflow,
+            trace=trace,
         )
         return future
 
@@ -169,26 +166,36 @@ async def mesh(
     *,
     policy: str,
     tools: Sequence[ToolSpec[Any, Any]],
-    dep: Deployment | None = None,
+    clock: Clock | None = None,
 ) -> AsyncIterator[Mesh]:
     """Governance on ``policy`` (a policy text), a gateway running ``tools``, the state and
-    budget actors, a coordinator and an operator; agents are added with `Mesh.host`."""
+    budget actors, a coordinator and an operator, on ``clock`` if given; agents are added
+    with `Mesh.host`."""
     transport, server = secure_nats
-    made, issuer = deployment(server.url, redis_server.url, prefix, transport)
-    dep = dep or made
+    dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
+    if clock is not None:
+        dep = msgspec.structs.replace(dep, clock=clock)
+    keyring = Keyring.generate("test")
     path = tmp_path / "policy.yaml"
     path.write_text(policy)
     services: list[Any] = [
         GovernanceService(
             dep, issuer.identity("governance-1", "governance"), policy_paths=[str(path)]
         ),
-        gateway(dep, issuer, tools),
-        StateService(dep, issuer.identity("state-1", "state")),
+        GatewayService(dep, issuer.identity("gateway-1", "gateway"), tools=tools),
+        StateService(dep, issuer.identity("state-1", "state"), keyring=keyring),
         BudgetService(dep, issuer.identity("budget-1", "budget"), prices=PRICES),
     ]
     coordinator = await Bus.connect(dep, issuer.identity("coordinator-1", "coordinator"))
     operator = await Bus.connect(dep, issuer.identity("operator-1", "operator"))
-    m = Mesh(dep=dep, issuer=issuer, coordinator=coordinator, operator=operator, services=services)
+    m = Mesh(
+        dep=dep,
+        issuer=issuer,
+        keyring=keyring,
+        coordinator=coordinator,
+        operator=operator,
+        services=services,
+    )
     try:
         # The audit of events reads the stream; only a coordinator may create it.
         await ensure_event_stream(coordinator.nc, dep.tenant)

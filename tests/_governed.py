@@ -14,9 +14,11 @@ from govmesh.config import Deployment
 from govmesh.governance._actor import GovernanceService
 from govmesh.governance.messages import Decision
 from govmesh.identity import Issuer
-from govmesh.tools import ERP_CREATE_PO
 
 from _deploy import ERP_TERMS, Coordinator, deployment
+from procurement.tools import create_purchase_order
+
+ERP_CREATE_PO = create_purchase_order.name
 
 ROOT = Path(__file__).parent.parent
 SEED = (ROOT / "policies" / "procurement-agent-v2.yaml").read_text()

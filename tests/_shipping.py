@@ -104,3 +104,14 @@ class Desk(govmesh.Agent):
         """Note the request, then ask the shipper."""
         await wf.think(f"Note a request to ship {shipment.item}.", key="note")
         return await wf.ask(self.shipper, shipment, returns=Shipped)
+
+
+class Clumsy(govmesh.Agent):
+    """A handler with a bug."""
+
+    role = ROLE
+
+    @govmesh.handler
+    async def send(self, wf: govmesh.Workflow, shipment: Shipment) -> None:
+        """Fails on anything it is given."""
+        raise ValueError(f"cannot ship {shipment.item!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,8 +17,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from govmesh.agents import ProcurementAgent
-from govmesh.agents.messages import PurchaseOutcome, PurchaseRequest
+from govmesh.agents import AgentHost, Outcome, WorkflowStart
 from govmesh.bus import Bus, Delivery
 from govmesh.config import Deployment
 from govmesh.governance._actor import GovernanceService
@@ -25,16 +25,21 @@ from govmesh.governance._approvals import CLAIM_GRACE_S, Answer, ApprovalRecord,
 from govmesh.governance._operator import ApprovalNotPending, OperatorDesk
 from govmesh.governance._starts import record_start
 from govmesh.identity import OPERATOR_MEMBER, EnrolmentServer, Issuer
-from govmesh.llm import SimulatedModel
+from govmesh.llm import SimulatedModel, SimulatedModelSettings
 from govmesh.runtime import JoinedDeployment, Member, RedisServer, Transport
-from govmesh.scenarios._schema import load_scenario
-from govmesh.state import StateService
+from govmesh.state import Keyring, StateService
 from govmesh.state.messages import SnapshotQuery, SnapshotReply
-from govmesh.tools import ERP_CREATE_PO, GatewayService, SimulatedErp
+from govmesh.tools import GatewayService
 
 from _deploy import ERP_TERMS, deployment
+from procurement.agents import Purchase
+from procurement.tools import create_purchase_order, orders
+
+ERP_CREATE_PO = create_purchase_order.name
 
 ROOT = Path(__file__).parent.parent
+KEYRING = Keyring.generate("test")
+"""Every state actor of a deployment holds the same snapshot keys."""
 SEED = (ROOT / "policies" / "procurement-agent-v2.yaml").read_text()
 ROLE = "Procurement-Agent-v2"
 AGENT = "procurement-1"
@@ -52,7 +57,7 @@ class Stack:
     governance: GovernanceService
     state: StateService
     coordinator: Bus
-    outcomes: asyncio.Queue[PurchaseOutcome]
+    outcomes: asyncio.Queue[Outcome]
     enrolment: Path
     spawned: int = 0
 
@@ -70,7 +75,9 @@ class Stack:
 
     async def start_state(self) -> StateService:
         self.spawned += 1
-        service = StateService(self.dep, self.issuer.identity(f"state-{self.spawned}", "state"))
+        service = StateService(
+            self.dep, self.issuer.identity(f"state-{self.spawned}", "state"), keyring=KEYRING
+        )
         await service.start()
         return service
 
@@ -78,7 +85,12 @@ class Stack:
         await record_start(self.coordinator, workflow, (AGENT,))
         await self.coordinator.publish(
             self.coordinator.subjects.msg(AGENT),
-            PurchaseRequest(item="monitors", vendor="Vendor_A", amount_usd=amount),
+            WorkflowStart(
+                kind="Purchase",
+                body=msgspec.msgpack.encode(
+                    Purchase(item="monitors", vendor="Vendor_A", amount_usd=amount)
+                ),
+            ),
             workflow=workflow,
         )
 
@@ -131,24 +143,26 @@ async def stack(
         dep, issuer = deployment(server.url, redis.url, prefix, transport)  # type: ignore[attr-defined]
         policy = tmp_path / "policy.yaml"
         policy.write_text(policy_text)
-        model = SimulatedModel(load_scenario(ROOT / "scenarios" / "procurement.yaml").model, seed=1)
-        gateway = GatewayService(dep, issuer.identity("gateway-1", "gateway"))
-        agent = ProcurementAgent(
+        gateway = GatewayService(
+            dep, issuer.identity("gateway-1", "gateway"), tools=[create_purchase_order]
+        )
+        agent = AgentHost(
             dep,
             issuer.identity(AGENT, ROLE, capabilities=(ERP_CREATE_PO,), budget_usd=25_000),
-            model=model,
+            agent="procurement.agents:Buyer",
+            model=functools.partial(SimulatedModel, SimulatedModelSettings(latency_ms=1), seed=1),
         )
         for service in (gateway, agent):
             await service.start()
             services.append(service)
-        outcomes: asyncio.Queue[PurchaseOutcome] = asyncio.Queue()
+        outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
         coordinator = await Bus.connect(dep, issuer.identity("coordinator-1", "coordinator"))
 
         async def on_outcome(d: Delivery) -> None:
             await outcomes.put(d.body)
 
         await coordinator.subscribe(
-            coordinator.subjects.msg("coordinator-1"), on_outcome, accepts=PurchaseOutcome
+            coordinator.subjects.msg("coordinator-1"), on_outcome, accepts=Outcome
         )
         await coordinator.flush()
         # Operators enrol their own keys over the socket, as `govmesh approvals` does.
@@ -222,10 +236,10 @@ async def test_a_pending_approval_survives_restarts_of_governance_state_and_redi
     assert result.found and result.outcome == "allow" and result.by == "alice"
 
     outcome = await asyncio.wait_for(s.outcomes.get(), 20)
-    assert outcome.result == "executed", outcome
+    assert outcome.result == "completed", outcome
     assert outcome.approved_by == "alice" and outcome.approval_id == approval_id
-    orders = await SimulatedErp(s.governance.redis, prefix=s.dep.key_prefix).orders()
-    assert [(o.workflow, o.amount_usd) for o in orders] == [("wf-restart", 7_000.0)]
+    placed = await orders(s.governance.redis, s.dep.key_prefix)
+    assert [(o.workflow, o.amount_usd) for o in placed] == [("wf-restart", 7_000.0)]
     resumed = await s.snapshot("wf-restart", version=paused.snapshot.version)
     assert resumed.snapshot is not None and resumed.snapshot.goal["phase"] == "awaiting_approval"
     latest = await s.snapshot("wf-restart")
@@ -249,7 +263,7 @@ async def test_an_approval_is_settled_once_when_two_operators_answer_at_once(sta
         assert len(settled) == 1 and len(refused) == 1, answers
         _, result = settled[0]
         outcome = await asyncio.wait_for(s.outcomes.get(), 20)
-        assert outcome.result == ("executed" if result.outcome == "allow" else "rejected")
+        assert outcome.result == ("completed" if result.outcome == "allow" else "rejected")
         await asyncio.sleep(0.3)
         assert s.outcomes.empty(), "the workflow got one final decision"
         async with s.store() as store:
@@ -260,7 +274,7 @@ async def test_an_approval_is_settled_once_when_two_operators_answer_at_once(sta
         await second.close()
 
 
-@pytest.mark.parametrize(("default", "result"), [("deny", "rejected"), ("allow", "executed")])
+@pytest.mark.parametrize(("default", "result"), [("deny", "rejected"), ("allow", "completed")])
 async def test_an_approval_nobody_answers_takes_the_policy_default(
     stack, default: str, result: str
 ) -> None:
@@ -302,7 +316,7 @@ async def test_a_claim_abandoned_by_a_dead_actor_is_settled_with_its_answer(stac
         outcome = await asyncio.wait_for(s.outcomes.get(), 20)
     async with s.store() as store:
         record = await store.done(approval_id)
-    assert outcome.result == "executed" and outcome.approved_by == "carol"
+    assert outcome.result == "completed" and outcome.approved_by == "carol"
     assert record is not None and record.answer.by == "carol" and record.outcome == "allow"
 
 
@@ -331,7 +345,7 @@ async def test_a_settlement_is_recorded_through_a_redis_restart(stack) -> None:
         record = await store.done(approval_id)
         assert await desk.pending() == []
     assert outages == [approval_id]
-    assert result.outcome == "allow" and outcome.result == "executed"
+    assert result.outcome == "allow" and outcome.result == "completed"
     assert record is not None and record.answer.by == "dana" and record.outcome == "allow"
 
 

@@ -107,11 +107,13 @@ from govmesh.state.messages import (
     SnapshotStored,
 )
 from govmesh.subjects import GOVERNANCE_SERVICE
-from govmesh.tools import ERP_CREATE_PO
 
 from _deploy import ERP_TERMS, deployment
 from _governed import ROLE, SEED, Governed, two_governance_actors
 from _procs import MARK_VAR, wait_until_gone
+from procurement.tools import create_purchase_order
+
+ERP_CREATE_PO = create_purchase_order.name
 
 ROOT = Path(__file__).parent.parent
 WAIT_S = 10.0

@@ -1,5 +1,5 @@
 """A retried step never repeats a tool's effect: the gateway's idempotency ledger, with the
-simulated ERP's own records as the proof."""
+procurement example's simulated ERP and its own records as the proof."""
 
 from __future__ import annotations
 
@@ -20,23 +20,24 @@ from govmesh.errors import ConfigError, ToolError
 from govmesh.governance._actor import GovernanceService
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.tools import (
-    ERP_CREATE_PO,
     LEASE_S,
     STEP_IN_PROGRESS,
     Entry,
     GatewayService,
     Ledger,
-    SimulatedErp,
     ToolCall,
     ToolContext,
     ToolResult,
+    tool,
 )
 
 from _deploy import ERP_TERMS, Coordinator, deployment
+from procurement.tools import Order, Placed, PurchaseOrder, create_purchase_order, orders
 
 POLICY = str(Path(__file__).parent.parent / "policies" / "procurement-agent-v2.yaml")
 ROLE = "Procurement-Agent-v2"
 AGENT = "proc-1"
+ERP_CREATE_PO = create_purchase_order.name
 LEGACY = "erp.legacy_purchase_order"
 """A tool the tests register as not idempotent."""
 FLAKY = "erp.flaky_purchase_order"
@@ -65,6 +66,20 @@ class Mesh:
         self.legacy_runs: list[dict[str, Any]] = []
         self.legacy_gate = asyncio.Event()
         self.legacy_gate.set()
+        self.flaky = Flaky()
+
+        @tool(name=LEGACY)
+        async def legacy(order: Order, ctx: ToolContext) -> dict[str, int]:
+            await self.legacy_gate.wait()
+            self.legacy_runs.append(msgspec.to_builtins(order))
+            return {"order": len(self.legacy_runs)}
+
+        @tool(name=FLAKY)
+        async def flaky(order: Order, ctx: ToolContext) -> Placed:
+            return await self.flaky(order, ctx)
+
+        self.legacy = legacy
+        self.tools = (create_purchase_order, legacy, flaky)
 
     async def __aenter__(self) -> Mesh:
         self.governance = GovernanceService(
@@ -76,13 +91,15 @@ class Mesh:
         await self.governance.start()
         self.gateways = [
             GatewayService(
-                self.dep, self.issuer.identity(f"gateway-{i}", "gateway"), lease_s=self.lease_s
+                self.dep,
+                self.issuer.identity(f"gateway-{i}", "gateway"),
+                tools=self.tools,
+                lease_s=self.lease_s,
             )
             for i in range(1, self.count + 1)
         ]
         for gateway in self.gateways:
             await gateway.start()
-            gateway.tools.register(LEGACY, self.legacy, idempotent=False)
         self.agent = await Bus.connect(
             self.dep,
             self.issuer.identity(
@@ -109,7 +126,6 @@ class Mesh:
         await self.agent.flush()
         await self.monitor.flush()
         self.redis = self.gateways[0].redis
-        self.erp = SimulatedErp(self.redis, prefix=self.dep.key_prefix)
         self.ledger = self.gateways[0].ledger
         return self
 
@@ -121,10 +137,9 @@ class Mesh:
             await gateway.close()
         await self.governance.close()
 
-    async def legacy(self, args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
-        await self.legacy_gate.wait()
-        self.legacy_runs.append(args)
-        return {"order": len(self.legacy_runs)}
+    async def orders(self) -> list[PurchaseOrder]:
+        """Every order the ERP placed in this deployment."""
+        return await orders(self.redis, self.dep.key_prefix)
 
     async def decide(
         self, workflow: str, args: dict[str, Any], *, step: int = 1, tool: str = ERP_CREATE_PO
@@ -189,6 +204,8 @@ class Mesh:
             step=1,
             decision_id=d.envelope.id,
             idempotency_key=entry.idempotency_key,
+            key_prefix=self.dep.key_prefix,
+            redis=self.redis,
         )
 
     def rejected(self) -> dict[str, int]:
@@ -224,7 +241,7 @@ async def test_a_retried_step_gets_the_recorded_answer_and_the_erp_has_one_order
     fresh = await m.call("wf-1", ARGS, (await m.decide("wf-1", ARGS)).data)
     for retry in (again, fresh):
         assert retry == ToolResult(ok=True, result=first.result, replayed=True)
-    orders = await m.erp.orders()
+    orders = await m.orders()
     assert [o.po_id for o in orders] == [first.result["po_id"]]
     entry = await m.ledger.entry(m.key("wf-1", d))
     assert entry is not None
@@ -249,7 +266,7 @@ async def test_another_intent_at_the_same_step_is_another_entry_with_its_own_dec
     assert "intent_mismatch" in refused.error
     second = await m.call("wf-2", other, (await m.decide("wf-2", other)).data)
     assert second.ok and not second.replayed, second.error
-    assert sorted(o.item for o in await m.erp.orders()) == ["laptops", "monitors"]
+    assert sorted(o.item for o in await m.orders()) == ["laptops", "monitors"]
 
 
 @pytest.mark.parametrize("ran_before_crash", [True, False])
@@ -259,15 +276,15 @@ async def test_a_step_retried_after_a_crash_between_run_and_record_does_not_repe
     d = await m.decide("wf-3", ARGS)
     entry = await m.dead_gateway_claim("wf-3", d)
     if ran_before_crash:
-        effect = await m.erp.create_purchase_order(ARGS, m.tool_context("wf-3", d, entry))
+        effect = await create_purchase_order(Order(**ARGS), m.tool_context("wf-3", d, entry))
 
     retry = await m.call("wf-3", ARGS, d.data)
 
     assert retry.ok and not retry.replayed, retry.error
-    orders = await m.erp.orders()
+    orders = await m.orders()
     assert [o.po_id for o in orders] == [retry.result["po_id"]]
     if ran_before_crash:
-        assert retry.result == effect
+        assert retry.result == msgspec.to_builtins(effect)
     found = await m.ledger.entry(m.key("wf-3", d))
     assert found is not None
     assert (found.state, found.attempts, found.gateway, found.result) == (
@@ -279,7 +296,7 @@ async def test_a_step_retried_after_a_crash_between_run_and_record_does_not_repe
     assert await m.call("wf-3", ARGS, d.data) == ToolResult(
         ok=True, result=retry.result, replayed=True
     )
-    assert len(await m.erp.orders()) == 1
+    assert len(await m.orders()) == 1
     assert m.rejected() == {}
 
 
@@ -288,7 +305,7 @@ async def test_a_tool_that_is_not_idempotent_is_not_rerun_after_a_crash_but_left
 ) -> None:
     d = await m.decide("wf-4", ARGS, tool=LEGACY)
     entry = await m.dead_gateway_claim("wf-4", d, tool=LEGACY)
-    await m.legacy(ARGS, m.tool_context("wf-4", d, entry))
+    await m.legacy(Order(**ARGS), m.tool_context("wf-4", d, entry))
 
     first = await m.call("wf-4", ARGS, d.data, tool=LEGACY)
     again = await m.call("wf-4", ARGS, d.data, tool=LEGACY)
@@ -322,7 +339,7 @@ async def test_a_retry_while_the_lease_is_live_runs_nothing(m: Mesh, tool: str) 
     result = await m.call("wf-5", ARGS, d.data, tool=tool)
 
     assert result == ToolResult(ok=False, error=STEP_IN_PROGRESS)
-    assert await m.erp.orders() == [] and m.legacy_runs == []
+    assert await m.orders() == [] and m.legacy_runs == []
     found = await m.ledger.entry(m.key("wf-5", d))
     assert found is not None and (found.state, found.gateway) == ("running", "gateway-0")
     assert m.gateways[0].in_progress == {tool: 1}
@@ -363,7 +380,7 @@ async def test_two_gateways_in_the_queue_group_given_one_step_concurrently_run_i
     po_id = ran[0].result["po_id"]
     for r in results:
         assert (r.ok and r.result["po_id"] == po_id) or r.error == STEP_IN_PROGRESS, r
-    assert [o.po_id for o in await m2.erp.orders()] == [po_id]
+    assert [o.po_id for o in await m2.orders()] == [po_id]
     assert sum(g.ran[ERP_CREATE_PO] for g in m2.gateways) == 1
     # The queue group spread the calls over both gateways (all 24 on one: p = 2**-23).
     for g in m2.gateways:
@@ -415,7 +432,7 @@ async def test_an_expired_decision_gets_the_recorded_answer_but_runs_nothing(m: 
     d2 = await m.decide("wf-8", ARGS, step=2)
     refused = await m.call("wf-8", ARGS, _expired_copy(m, "wf-8", d2.body), step=2)
     assert "decision_expired" in refused.error
-    assert len(await m.erp.orders()) == 1
+    assert len(await m.orders()) == 1
     assert m.rejected() == {"decision_expired": 1}
 
 
@@ -428,32 +445,48 @@ async def test_a_used_decision_whose_entry_was_removed_is_refused(m: Mesh) -> No
     result = await m.call("wf-9", ARGS, d.data)
 
     assert "decision_reused" in result.error
-    assert len(await m.erp.orders()) == 1
+    assert len(await m.orders()) == 1
     assert m.rejected() == {"decision_reused": 1}
 
 
 async def test_the_erp_executes_one_order_per_idempotency_key(m: Mesh) -> None:
-    ctx = ToolContext(workflow="wf-10", agent=AGENT, step=1, decision_id="d", idempotency_key="k1")
-    same = await asyncio.gather(*(m.erp.create_purchase_order(ARGS, ctx) for _ in range(10)))
-    other = await m.erp.create_purchase_order(
-        ARGS,
-        ToolContext(workflow="wf-10", agent=AGENT, step=2, decision_id="d", idempotency_key="k2"),
-    )
-    assert len({r["po_id"] for r in same}) == 1
-    assert [o.po_id for o in await m.erp.orders()] == [same[0]["po_id"], other["po_id"]]
+    def ctx(step: int, key: str) -> ToolContext:
+        return ToolContext(
+            workflow="wf-10",
+            agent=AGENT,
+            step=step,
+            decision_id="d",
+            idempotency_key=key,
+            key_prefix=m.dep.key_prefix,
+            redis=m.redis,
+        )
+
+    order = Order(**ARGS)
+    same = await asyncio.gather(*(create_purchase_order(order, ctx(1, "k1")) for _ in range(10)))
+    other = await create_purchase_order(order, ctx(2, "k2"))
+    assert len({placed.po_id for placed in same}) == 1
+    assert [o.po_id for o in await m.orders()] == [same[0].po_id, other.po_id]
 
 
 async def test_an_unreachable_erp_is_a_tool_error_retryable_only_under_an_idempotency_key() -> None:
     down = aioredis.Redis.from_url("redis://127.0.0.1:1")  # nothing listens on port 1
-    erp = SimulatedErp(down, prefix="t-down")
-    keyed = ToolContext(workflow="wf", agent=AGENT, step=1, decision_id="d", idempotency_key="k")
+
+    def ctx(key: str) -> ToolContext:
+        return ToolContext(
+            workflow="wf",
+            agent=AGENT,
+            step=1,
+            decision_id="d",
+            idempotency_key=key,
+            key_prefix="t-down",
+            redis=down,
+        )
+
     try:
         with pytest.raises(ToolError, match="the ERP is unreachable") as with_key:
-            await erp.create_purchase_order(ARGS, keyed)
+            await create_purchase_order(Order(**ARGS), ctx("k"))
         with pytest.raises(ToolError) as without_key:
-            await erp.create_purchase_order(
-                ARGS, msgspec.structs.replace(keyed, idempotency_key="")
-            )
+            await create_purchase_order(Order(**ARGS), ctx(""))
     finally:
         await down.aclose()
     assert with_key.value.retryable and not without_key.value.retryable
@@ -490,9 +523,11 @@ async def test_a_refused_call_is_recorded_and_not_run_again(m: Mesh) -> None:
     first = await m.call("wf-12", bad, d.data)
     again = await m.call("wf-12", bad, d.data)
 
-    assert not first.ok and "amount_usd must be a positive number" in first.error
+    assert first == ToolResult(
+        ok=False, error=f"{ERP_CREATE_PO}: bad argument $.amount_usd = 0: Expected `float` > 0.0"
+    )
     assert again == ToolResult(ok=False, error=first.error, replayed=True)
-    assert await m.erp.orders() == []
+    assert await m.orders() == []
 
 
 def test_the_lease_must_be_a_positive_number_of_seconds(redis_server) -> None:
@@ -503,24 +538,23 @@ def test_the_lease_must_be_a_positive_number_of_seconds(redis_server) -> None:
 
 
 class Flaky:
-    """A tool that fails with ``failures`` in turn, then places an order in the ERP."""
+    """What the ``FLAKY`` tool does: fail with ``failures`` in turn, then place an order in
+    the ERP."""
 
-    def __init__(self, erp: SimulatedErp, *failures: Exception) -> None:
-        self.erp = erp
+    def __init__(self, *failures: Exception) -> None:
         self.failures = list(failures)
         self.calls = 0
 
-    async def __call__(self, args: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+    async def __call__(self, order: Order, ctx: ToolContext) -> Placed:
         self.calls += 1
         if self.failures:
             raise self.failures.pop(0)
-        return await self.erp.create_purchase_order(args, ctx)
+        return await create_purchase_order(order, ctx)
 
 
 async def _call_failing(m: Mesh, workflow: str, *failures: Exception) -> tuple[Flaky, Delivery]:
-    flaky = Flaky(m.erp, *failures)
-    m.gateways[0].tools.register(FLAKY, flaky, idempotent=False)
-    return flaky, await m.decide(workflow, ARGS, tool=FLAKY)
+    m.flaky = Flaky(*failures)
+    return m.flaky, await m.decide(workflow, ARGS, tool=FLAKY)
 
 
 async def test_a_tool_raising_an_unexpected_error_is_answered_at_once_and_recorded_failed(
@@ -545,7 +579,7 @@ async def test_a_tool_raising_an_unexpected_error_is_answered_at_once_and_record
     assert found is not None and (found.state, found.result) == ("done", first)
     stats = m.gateways[0].stats()
     assert (stats["failed"], stats["ran"]) == ({FLAKY: 1}, {})
-    assert await m.erp.orders() == []
+    assert await m.orders() == []
 
 
 async def test_a_tool_error_that_is_not_retryable_is_the_steps_answer(m: Mesh) -> None:
@@ -575,7 +609,7 @@ async def test_a_retryable_tool_error_gives_the_step_back_and_the_next_call_runs
     assert retried.ok and not retried.replayed, retried.error
     assert again == ToolResult(ok=True, result=retried.result, replayed=True)
     assert flaky.calls == 2
-    assert [o.po_id for o in await m.erp.orders()] == [retried.result["po_id"]]
+    assert [o.po_id for o in await m.orders()] == [retried.result["po_id"]]
     found = await m.ledger.entry(m.key("wf-15", d))
     assert found is not None and (found.state, found.attempts) == ("done", 2)
     assert (m.gateways[0].failed, m.gateways[0].ran) == ({FLAKY: 1}, {FLAKY: 1})

@@ -19,9 +19,9 @@ from govmesh.governance._actor import GovernanceService
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.observability._service import AuditService
 from govmesh.tools import GatewayService, ToolCall, ToolResult, ToolSpec
-from procurement.tools import create_purchase_order, orders
 
 from _deploy import ERP_TERMS, Coordinator, deployment
+from procurement.tools import create_purchase_order, orders
 
 POLICY = str(Path(__file__).parent.parent / "policies" / "procurement-agent-v2.yaml")
 ROLE = "Procurement-Agent-v2"

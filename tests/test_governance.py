@@ -14,10 +14,12 @@ from govmesh.bus import Bus, Delivery
 from govmesh.governance._actor import GovernanceService
 from govmesh.governance._decider import MAX_ATTEMPTS
 from govmesh.governance.messages import Decision, ToolIntent
-from govmesh.tools import ERP_CREATE_PO
 
 from _deploy import ERP_TERMS, Coordinator, deployment
 from _governed import AUTHORITY, ROLE, SEED, Governed, two_governance_actors
+from procurement.tools import create_purchase_order
+
+ERP_CREATE_PO = create_purchase_order.name
 
 ROOT = Path(__file__).parent.parent
 ARGS = {"item": "monitors", "vendor": "Vendor_A", "amount_usd": 3000.0}

@@ -89,7 +89,7 @@ def test_a_scenario_names_its_price_file_and_a_model_without_a_price_is_refused(
 
 
 def test_an_agent_whose_model_has_no_price_cannot_be_built() -> None:
-    from govmesh.agents import ProcurementAgent
+    from govmesh.agents import AgentService
     from govmesh.forecasting import BudgetCaps
     from govmesh.identity import Issuer
     from govmesh.llm import SimulatedModel, SimulatedModelSettings
@@ -98,7 +98,7 @@ def test_an_agent_whose_model_has_no_price_cannot_be_built() -> None:
     dep = issuer.deployment(tenant="t", nats_url="nats://127.0.0.1:1", redis_url="redis://x")
     model = SimulatedModel(SimulatedModelSettings(name="unpriced"), seed=1)
     with pytest.raises(ConfigError, match="'unpriced' has no price"):
-        ProcurementAgent(
+        AgentService(
             dep,
             issuer.identity("p-1", "agent"),
             model=model,
@@ -106,4 +106,4 @@ def test_an_agent_whose_model_has_no_price_cannot_be_built() -> None:
             budget=BudgetCaps(workflow_usd=1.0),
         )
     with pytest.raises(ConfigError, match="need a price table"):
-        ProcurementAgent(dep, issuer.identity("p-2", "agent"), model=model, budget=BudgetCaps())
+        AgentService(dep, issuer.identity("p-2", "agent"), model=model, budget=BudgetCaps())

@@ -4,16 +4,19 @@ decided by policy, waited for durably, run once, and its typed result handed bac
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgspec
 import pytest
 
+import govmesh
 from govmesh import ToolError
-from govmesh.agents import RetryPolicy
+from govmesh.agents import AgentHost, RetryPolicy
+from govmesh.errors import ConfigError
 from govmesh.tools import GatewayService
 
 import _shipping
-from _agents import mesh
+from _agents import HANG_GUARD_S, mesh
 from _shipping import POLICY, ROLE, Shipment, Shipped, ship
 
 SHIPPER = "_shipping:Shipper"
@@ -39,6 +42,12 @@ async def shipping(secure_nats, redis_server, prefix, tmp_path):
             tool_retry=RetryPolicy(initial_s=0.01, maximum_attempts=3),
         )
         yield m
+
+
+class Parcel(msgspec.Struct, frozen=True):
+    """A payload no handler of the shipper takes."""
+
+    weight_kg: float
 
 
 def _order(amount: float, vendor: str = "Vendor_A") -> Shipment:
@@ -121,3 +130,257 @@ async def test_a_tool_that_keeps_failing_retryably_fails_after_the_policys_attem
 
     assert (outcome.result, outcome.reasons) == ("failed", (f"{TOOL}: busy 2",))
     assert behaviour.calls == 3 and not behaviour.effects
+
+
+async def test_a_workflow_resumed_after_its_agent_dies_mid_call_repeats_no_step(
+    shipping, behaviour
+) -> None:
+    m = shipping
+    first = m.hosts["shipper-1"]
+    behaviour.release = asyncio.Event()
+    done = await m.start("wf-resumed", "shipper-1", _order(900.0))
+    await asyncio.wait_for(behaviour.running.wait(), HANG_GUARD_S)
+    # The agent's process goes away while the gateway runs its tool; what it knew is gone.
+    await first.close()
+    assert first.model.calls == 1  # type: ignore[attr-defined]
+    del m.hosts["shipper-1"]
+    second = await m.host("shipper-1", SHIPPER, role=ROLE, capabilities=(TOOL,))
+    behaviour.release.set()
+
+    outcome = await asyncio.wait_for(done, HANG_GUARD_S)
+
+    assert (outcome.result, outcome.first_decision) == ("completed", "allow"), outcome.reasons
+    assert outcome.model_calls == 1
+    assert second.model.calls == 0, "the plan came from the journal"  # type: ignore[attr-defined]
+    assert second.resumed == {"decided": 1}, second.resumed
+    assert behaviour.effects == {("wf-resumed", 1): 1}
+    assert msgspec.msgpack.decode(outcome.value, type=Shipped).tracking == "T-1"
+    # Asked again, the agent answers from the outcome it kept, and does nothing.
+    again = m.outcomes.pop("wf-resumed")
+    assert again.result() == outcome
+    assert await m.run("wf-resumed", "shipper-1", _order(900.0)) == outcome
+    assert second.answered_again == 1 and behaviour.effects == {("wf-resumed", 1): 1}
+
+
+async def test_a_workflow_waiting_for_a_person_resumes_in_a_new_agent_process(
+    shipping, behaviour
+) -> None:
+    m = shipping
+    m.hold.add("wf-held")
+    done = await m.start("wf-held", "shipper-1", _order(6_000.0))
+    await asyncio.wait_for(m.requests.get(), HANG_GUARD_S)
+    await m.hosts.pop("shipper-1").close()
+    second = await m.host("shipper-1", SHIPPER, role=ROLE, capabilities=(TOOL,))
+    await m.answer("wf-held", approved=True)
+
+    outcome = await asyncio.wait_for(done, HANG_GUARD_S)
+
+    assert (outcome.result, outcome.first_decision) == ("completed", "escalate"), outcome
+    assert outcome.approved_by == "test-operator" and outcome.model_calls == 1
+    assert second.model.calls == 0  # type: ignore[attr-defined]
+    assert behaviour.effects == {("wf-held", 1): 1}
+
+
+async def test_a_durable_timer_wakes_its_workflow_after_the_agent_and_state_actor_restart(
+    secure_nats, redis_server, prefix, tmp_path, behaviour
+) -> None:
+    from govmesh.config import Clock
+    from govmesh.state import StateService
+
+    two_days = 2 * 86_400.0
+    # Two simulated days take four real seconds.
+    clock = Clock(origin=time.time(), speed=two_days / 4)
+    async with mesh(
+        secure_nats, redis_server, prefix, tmp_path, policy=POLICY, tools=[ship], clock=clock
+    ) as m:
+        dep = m.dep
+        first = await m.host(
+            "shipper-1", SHIPPER, role=ROLE, capabilities=(TOOL,), options={"pickup_s": two_days}
+        )
+        done = await m.start("wf-wait", "shipper-1", _order(900.0))
+        state = m.service(StateService)
+        while not (pending := await state.timers.pending()):
+            await asyncio.sleep(0.05)
+        [timer] = pending
+        assert timer.due_at - dep.clock.now() > two_days - 3_600  # two days from now
+        # The agent and the state actor go away mid-wait; new ones take over.
+        await m.hosts.pop("shipper-1").close()
+        await state.close()
+        m.services.remove(state)
+        m.services.append(
+            StateService(dep, m.issuer.identity("state-2", "state"), keyring=m.keyring)
+        )
+        await m.services[-1].start()
+        second = await m.host(
+            "shipper-1", SHIPPER, role=ROLE, capabilities=(TOOL,), options={"pickup_s": two_days}
+        )
+
+        outcome = await asyncio.wait_for(done, HANG_GUARD_S)
+
+    assert outcome.result == "completed", outcome.reasons
+    assert dep.clock.now() >= timer.due_at  # it did not go on before the two days were over
+    assert first.model.calls == 1  # type: ignore[attr-defined]
+    assert second.resumed == {"waiting": 1}
+    assert second.timers == {"fired": 1, "missed": 0}  # woken by the timer itself
+    assert second.model.calls == 0  # type: ignore[attr-defined]
+    assert behaviour.effects == {("wf-wait", 1): 1}
+
+
+@pytest.fixture
+async def desk(shipping):
+    """The services with a shipper, and a desk ``desk-1`` that asks it."""
+    await shipping.host("desk-1", "_shipping:Desk", role="Desk")
+    return shipping
+
+
+async def test_an_agent_asks_another_and_gets_its_typed_result_and_governance_facts(
+    desk, behaviour
+) -> None:
+    m = desk
+    m.approve["wf-ask-rejected"] = False
+    agents = ("shipper-1",)
+
+    allowed = await m.run("wf-ask", "desk-1", _order(900.0), agents=agents)
+    rejected = await m.run("wf-ask-rejected", "desk-1", _order(7_000.0), agents=agents)
+
+    assert (allowed.result, allowed.first_decision) == ("completed", "allow")
+    assert msgspec.msgpack.decode(allowed.value, type=Shipped).item == "monitors"
+    # The desk's note and the shipper's plan.
+    assert allowed.model_calls == 2
+    assert allowed.shown == {"tool": TOOL, "item": "monitors", "amount_usd": 900.0}
+    assert (rejected.result, rejected.first_decision) == ("rejected", "escalate")
+    assert rejected.approval_id and rejected.model_calls == 2
+    assert behaviour.effects == {("wf-ask", 1): 1}
+
+
+async def test_an_asking_agent_restarted_mid_ask_gets_the_answer_without_asking_twice(
+    desk, behaviour
+) -> None:
+    m = desk
+    behaviour.release = asyncio.Event()
+    done = await m.start("wf-ask-restart", "desk-1", _order(900.0), agents=("shipper-1",))
+    await asyncio.wait_for(behaviour.running.wait(), HANG_GUARD_S)
+    await m.hosts.pop("desk-1").close()
+    second = await m.host("desk-1", "_shipping:Desk", role="Desk")
+    behaviour.release.set()
+
+    outcome = await asyncio.wait_for(done, HANG_GUARD_S)
+
+    assert outcome.result == "completed", outcome.reasons
+    assert outcome.model_calls == 2
+    assert second.model.calls == 0  # type: ignore[attr-defined]
+    assert second.resumed == {"thought": 1}
+    assert m.hosts["shipper-1"].model.calls == 1  # type: ignore[attr-defined]
+    assert behaviour.calls == 1 and behaviour.effects == {("wf-ask-restart", 1): 1}
+
+
+async def test_a_handler_that_raises_fails_its_workflow_with_the_error(shipping) -> None:
+    await shipping.host("clumsy-1", "_shipping:Clumsy", role=ROLE)
+
+    outcome = await shipping.run("wf-bug", "clumsy-1", _order(900.0))
+
+    assert (outcome.result, outcome.reasons) == ("failed", ("ValueError: cannot ship 'monitors'",))
+
+
+async def test_a_start_of_an_unknown_kind_or_a_bad_payload_fails_naming_what_is_wrong(
+    shipping,
+) -> None:
+    unknown = await shipping.run("wf-unknown", "shipper-1", Parcel(weight_kg=2.0))
+    bad = await shipping.run("wf-bad", "shipper-1", Parcel(weight_kg=2.0), kind="Shipment")
+
+    assert unknown.result == bad.result == "failed"
+    assert unknown.reasons == (
+        "shipper-1 has no handler of kind 'Parcel'; it handles ['Shipment']",
+    )
+    assert bad.reasons == ("Shipment: Object missing required field `item`",)
+
+
+async def test_a_workflow_whose_model_spend_reaches_its_cap_halts_with_its_state_saved(
+    shipping,
+) -> None:
+    from govmesh.bus import Bus
+    from govmesh.forecasting import BudgetCaps
+    from govmesh.state.messages import SnapshotQuery, SnapshotReply
+
+    from _agents import MODEL, PRICES, model
+
+    m = shipping
+    looping = model(msgspec.structs.replace(MODEL, error_probability=1.0))
+    await m.host(
+        "shipper-2",
+        SHIPPER,
+        role=ROLE,
+        capabilities=(TOOL,),
+        model=looping,
+        prices=PRICES,
+        budget=BudgetCaps(workflow_usd=0.05, soft_threshold=None),
+    )
+
+    outcome = await m.run("wf-spent", "shipper-2", _order(900.0))
+
+    assert outcome.result == "halted" and "cap" in outcome.reasons[0], outcome
+    assert outcome.first_decision == "" and outcome.model_calls > 0
+    assert m.hosts["shipper-2"].model.calls == outcome.model_calls  # type: ignore[attr-defined]
+    # Only the agent itself may read its snapshots: ask as the agent.
+    async with await Bus.connect(m.dep, m.issuer.identity("shipper-2", ROLE)) as bus:
+        reply = await bus.request(
+            bus.subjects.ctl("state"),
+            SnapshotQuery(workflow="wf-spent", agent="shipper-2"),
+            accepts=SnapshotReply,
+        )
+    goal = reply.body.snapshot.goal
+    assert (goal["phase"], goal["calls"]) == ("halted", outcome.model_calls)
+    assert goal["reason"] == outcome.reasons[0]
+
+
+def test_an_agent_class_with_a_bad_handler_is_refused_when_defined() -> None:
+    with pytest.raises(ConfigError, match=r"handler .*Untyped.go must be \(self, wf"):
+
+        class Untyped(govmesh.Agent):
+            @govmesh.handler
+            async def go(self, wf, payload):  # type: ignore[no-untyped-def]
+                return None
+
+    with pytest.raises(ConfigError, match="a and b both handle kind 'Shipment'"):
+
+        class Twice(govmesh.Agent):
+            @govmesh.handler
+            async def a(self, wf: govmesh.Workflow, s: Shipment) -> None:
+                return None
+
+            @govmesh.handler
+            async def b(self, wf: govmesh.Workflow, s: Shipment) -> None:
+                return None
+
+    class Named(govmesh.Agent):
+        tools = (ship,)
+
+        @govmesh.handler(kind="ship-it")
+        async def a(self, wf: govmesh.Workflow, s: Shipment) -> None:
+            return None
+
+    assert list(Named.handlers()) == ["ship-it"]
+    assert Named.role == "Named" and Named.capabilities() == (TOOL,)
+
+
+def test_an_agent_host_names_what_it_cannot_host(nats_server, redis_server, prefix) -> None:
+    from _agents import model
+    from _deploy import deployment
+
+    dep, issuer = deployment(nats_server.url, redis_server.url, prefix)
+    identity = issuer.identity("a-1", ROLE)
+    for path, error in (
+        ("_shipping:Nobody", "'_shipping' has no 'Nobody'"),
+        ("_shipping:Shipment", "is <class '_shipping.Shipment'>, not a govmesh.Agent class"),
+        ("_shipping:Shipper", r"options \{'speed': 3\}: .*unexpected keyword argument 'speed'"),
+    ):
+        with pytest.raises(ConfigError, match=error):
+            AgentHost(dep, identity, agent=path, options={"speed": 3}, model=model())
+
+
+def test_a_retry_policy_names_the_figure_out_of_range() -> None:
+    with pytest.raises(ConfigError, match=r"maximum_attempts .* got 0"):
+        RetryPolicy(maximum_attempts=0)
+    with pytest.raises(ConfigError, match=r"backoff .* got 0.5"):
+        RetryPolicy(backoff=0.5)
+    assert [RetryPolicy(initial_s=1, maximum_s=5).delay(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 5]

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from govmesh.agents import ProcurementAgent
+from govmesh.agents import AgentService
 from govmesh.bus import Bus, Delivery
 from govmesh.errors import StateError
-from govmesh.llm import SimulatedModel
-from govmesh.scenarios._schema import load_scenario
+from govmesh.llm import SimulatedModel, SimulatedModelSettings
 from govmesh.state import Keyring, StateService
 from govmesh.state.messages import Snapshot, SnapshotQuery, SnapshotRecorded, SnapshotReply
 
@@ -141,11 +140,10 @@ async def test_a_tampered_or_misplaced_snapshot_is_refused_loudly(parts: Parts) 
 async def test_an_oversized_goal_state_is_refused_in_the_agent_with_a_clear_error(
     parts: Parts,
 ) -> None:
-    scenario = load_scenario(ROOT / "scenarios" / "procurement.yaml")
-    agent = ProcurementAgent(
+    agent = AgentService(
         parts.state.deployment,
         parts.state.identity,  # never started: the check comes before the bus
-        model=SimulatedModel(scenario.model, seed=1),
+        model=SimulatedModel(SimulatedModelSettings(), seed=1),
     )
     with pytest.raises(StateError, match=r"goal state of wf-big/state-1 is 12,0\d\d bytes"):
         await agent.snapshot("wf-big", {"notes": "x" * 12_000})

@@ -8,27 +8,26 @@ import asyncio
 import uuid
 from pathlib import Path
 
-import msgspec
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from govmesh.agents import ProcurementAgent
-from govmesh.agents.messages import PurchaseOutcome, PurchaseRequest
+from govmesh.agents import Outcome
 from govmesh.bus import Bus, Delivery
 from govmesh.governance._actor import GovernanceService
-from govmesh.governance._starts import record_start
 from govmesh.llm import ModelRequest, ModelResponse, SimulatedModel, SimulatedModelSettings
-from govmesh.scenarios import load_scenario
-from govmesh.state import StateService
-from govmesh.tools import ERP_CREATE_PO, GatewayService
 
-from _deploy import ERP_TERMS, Coordinator, deployment
+from _agents import MODEL, PRICES, mesh
+from _deploy import Coordinator, deployment
+from _shipping import POLICY, ROLE, Shipment, ship
+from procurement.tools import create_purchase_order
+
+ERP_CREATE_PO = create_purchase_order.name
 
 ROOT = Path(__file__).parent.parent
-SCENARIO = load_scenario(ROOT / "scenarios" / "procurement.yaml")
+TOOL = ship.name
 
 
 @pytest.fixture(scope="module")
@@ -54,80 +53,40 @@ class RecordingModel(SimulatedModel):
         return answer
 
 
-async def run_procurement(
+async def run_shipments(
     secure_nats, redis_server, prefix, tmp_path, model: SimulatedModel, requests
-) -> dict[str, PurchaseOutcome]:
-    """Run each of ``requests`` (workflow, request, traceparent) through governance, the
-    gateway, the state actor and a procurement agent thinking with ``model``; returns the
-    outcomes by workflow."""
-    transport, server = secure_nats
-    dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text((ROOT / "policies" / "procurement-agent-v2.yaml").read_text())
-    services = [
-        GovernanceService(
-            dep,
-            issuer.identity("governance-1", "governance"),
-            policy_paths=[str(policy)],
-            tools=[ERP_TERMS],
-        ),
-        GatewayService(dep, issuer.identity("gateway-1", "gateway")),
-        StateService(dep, issuer.identity("state-1", "state")),
-        ProcurementAgent(
-            dep,
-            issuer.identity(
-                "procurement-1",
-                "Procurement-Agent-v2",
-                capabilities=(ERP_CREATE_PO,),
-                budget_usd=25_000,
-            ),
-            model=model,
-            prices=dict(SCENARIO.prices),
-        ),
-    ]
-    coordinator = await Bus.connect(dep, issuer.identity("coordinator-1", "coordinator"))
-    outcomes: dict[str, PurchaseOutcome] = {}
-    all_in = asyncio.Event()
-
-    async def on_outcome(d: Delivery) -> None:
-        outcomes[d.envelope.workflow] = d.body
-        if len(outcomes) == len(requests):
-            all_in.set()
-
-    try:
-        for service in services:
-            await service.start()
-        await coordinator.subscribe(
-            coordinator.subjects.msg("coordinator-1"), on_outcome, accepts=PurchaseOutcome
+) -> dict[str, Outcome]:
+    """Run each of ``requests`` (workflow, shipment, traceparent) through governance, the
+    gateway, the state actor and a shipper thinking with ``model``; returns the outcomes by
+    workflow."""
+    async with mesh(secure_nats, redis_server, prefix, tmp_path, policy=POLICY, tools=[ship]) as m:
+        await m.host(
+            "shipper-1",
+            "_shipping:Shipper",
+            role=ROLE,
+            capabilities=(TOOL,),
+            model=lambda: model,
+            prices=PRICES,
         )
-        await coordinator.flush()
-        for workflow, request, traceparent in requests:
-            await record_start(coordinator, workflow, ("procurement-1",))
-            await coordinator.publish(
-                coordinator.subjects.msg("procurement-1"),
-                request,
-                workflow=workflow,
-                trace=traceparent,
-            )
-        await asyncio.wait_for(all_in.wait(), 30)
+        started = [
+            await m.start(workflow, "shipper-1", shipment, trace=traceparent)
+            for workflow, shipment, traceparent in requests
+        ]
+        outcomes = await asyncio.wait_for(asyncio.gather(*started), 30)
         await asyncio.sleep(0.3)  # the last snapshot's span ends after the outcome is sent
-    finally:
-        await coordinator.close()
-        for service in reversed(services):
-            await service.close()
-    return outcomes
+    return {workflow: o for (workflow, _, _), o in zip(requests, outcomes, strict=True)}
 
 
 def _model(cls: type[SimulatedModel] = SimulatedModel) -> SimulatedModel:
-    return cls(msgspec.structs.replace(SCENARIO.model, error_probability=0.0), seed=1)
+    return cls(MODEL, seed=1)
 
 
-async def test_one_procurement_workflow_is_one_trace_across_its_actors(
+async def test_one_workflow_is_one_trace_across_its_actors(
     spans, secure_nats, redis_server, prefix, tmp_path
 ) -> None:
     trace_id = uuid.uuid4().hex
-    request = PurchaseRequest(item="monitors", vendor="Vendor_A", amount_usd=1200.0)
-    outcomes = await run_procurement(
+    request = Shipment(item="monitors", vendor="Vendor_A", amount_usd=1200.0)
+    outcomes = await run_shipments(
         secure_nats,
         redis_server,
         prefix,
@@ -135,29 +94,29 @@ async def test_one_procurement_workflow_is_one_trace_across_its_actors(
         _model(),
         [("wf-traced", request, f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01")],
     )
-    assert outcomes["wf-traced"].result == "executed", outcomes
+    assert outcomes["wf-traced"].result == "completed", outcomes
 
     ours = [s for s in spans.get_finished_spans() if format(s.context.trace_id, "032x") == trace_id]
     names = {s.name for s in ours}
     assert {
-        "invoke_agent procurement-1",
-        f"chat {SCENARIO.model.name}",
+        "invoke_agent shipper-1",
+        f"chat {MODEL.name}",
         "govmesh.decide",
-        f"execute_tool {ERP_CREATE_PO}",
+        f"execute_tool {TOOL}",
         "govmesh.snapshot",
         "handle ToolIntent",
         "handle ToolCall",
     } <= names, names
     members = {s.attributes["govmesh.member"] for s in ours if s.name.startswith("handle ")}
-    assert {"governance-1", "gateway-1", "state-1", "procurement-1"} <= members
+    assert {"governance-1", "gateway-1", "state-1", "shipper-1"} <= members
     [chat] = [s for s in ours if s.name.startswith("chat ")]
     assert chat.attributes["gen_ai.operation.name"] == "chat"
     assert chat.attributes["gen_ai.provider.name"] == "govmesh.simulated"
-    assert chat.attributes["gen_ai.request.model"] == SCENARIO.model.name
+    assert chat.attributes["gen_ai.request.model"] == MODEL.name
     assert chat.attributes["gen_ai.usage.input_tokens"] > 0
     assert chat.attributes["gen_ai.usage.output_tokens"] > 0
     [tool] = [s for s in ours if s.name.startswith("execute_tool ")]
-    assert tool.attributes["gen_ai.tool.name"] == ERP_CREATE_PO
+    assert tool.attributes["gen_ai.tool.name"] == TOOL
     assert tool.attributes["govmesh.tool.ok"] is True
     [decide] = [s for s in ours if s.name == "govmesh.decide"]
     assert decide.attributes["govmesh.decision.outcome"] == "allow"
@@ -167,35 +126,35 @@ async def test_one_procurement_workflow_is_one_trace_across_its_actors(
     by_id = {s.context.span_id: s for s in ours}
     handling = by_id[tool.parent.span_id]
     assert handling.name == "handle ToolCall"
-    assert by_id[handling.parent.span_id].name == "invoke_agent procurement-1"
+    assert by_id[handling.parent.span_id].name == "invoke_agent shipper-1"
     [decide_handling] = [s for s in ours if s.name == "handle ToolIntent"]
-    assert by_id[decide_handling.parent.span_id].name == "invoke_agent procurement-1"
+    assert by_id[decide_handling.parent.span_id].name == "invoke_agent shipper-1"
 
 
-async def test_procurement_records_tokens_cost_decisions_and_latencies(
+async def test_a_workflow_records_tokens_cost_decisions_and_latencies(
     metric_reader, secure_nats, redis_server, prefix, tmp_path
 ) -> None:
     model = _model(RecordingModel)
     metric_reader.read()  # skip what earlier tests recorded
-    outcomes = await run_procurement(
+    outcomes = await run_shipments(
         secure_nats,
         redis_server,
         prefix,
         tmp_path,
         model,
         [
-            ("wf-allowed", PurchaseRequest(item="desks", vendor="Vendor_A", amount_usd=900.0), ""),
-            ("wf-denied", PurchaseRequest(item="desks", vendor="Vendor_Z", amount_usd=900.0), ""),
+            ("wf-allowed", Shipment(item="desks", vendor="Vendor_A", amount_usd=900.0), ""),
+            ("wf-denied", Shipment(item="desks", vendor="Vendor_Z", amount_usd=900.0), ""),
         ],
     )
     got = metric_reader.read()
     assert {w: o.result for w, o in outcomes.items()} == {
-        "wf-allowed": "executed",
+        "wf-allowed": "completed",
         "wf-denied": "denied",
     }
     answers = model.answers
     assert len(answers) >= 2  # each workflow thought at least once
-    name = SCENARIO.model.name
+    name = MODEL.name
     chat = {
         "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": "govmesh.simulated",
@@ -210,7 +169,7 @@ async def test_procurement_records_tokens_cost_decisions_and_latencies(
         a.output_tokens for a in answers
     )
     assert got.count(tokens) == 2 * len(answers)
-    price = SCENARIO.prices[name]
+    price = PRICES[name]
     cost = sum(
         a.input_tokens * price.input_per_1k + a.output_tokens * price.output_per_1k for a in answers
     )
@@ -225,14 +184,14 @@ async def test_procurement_records_tokens_cost_decisions_and_latencies(
         where = {"govmesh.decision.outcome": outcome}
         assert got.count("govmesh.decision.duration", where) == 1
     # Only the allowed workflow ran its tool, once.
-    assert got.count("gen_ai.execute_tool.duration", {"gen_ai.tool.name": ERP_CREATE_PO}) == 1
+    assert got.count("gen_ai.execute_tool.duration", {"gen_ai.tool.name": TOOL}) == 1
     assert got.count("gen_ai.execute_tool.duration") == 1
     # Every member timed each message it handled; an agent that asks again (its retry on a
     # slow answer) is handled again, so at least one each.
     handled = "govmesh.handler.duration"
     assert got.count(handled, {"govmesh.message.kind": "ToolIntent"}) >= 2
     assert got.count(handled, {"govmesh.message.kind": "ToolCall"}) >= 1
-    assert got.count(handled, {"govmesh.message.kind": "PurchaseOutcome"}) == 2
+    assert got.count(handled, {"govmesh.message.kind": "Outcome"}) == 2
     assert got.total("govmesh.security.rejections") == 0
 
 
@@ -246,10 +205,7 @@ async def test_each_decision_carries_its_own_intents_trace_when_decided_in_one_g
     policy = tmp_path / "policy.yaml"
     policy.write_text((ROOT / "policies" / "procurement-agent-v2.yaml").read_text())
     governance = GovernanceService(
-        dep,
-        issuer.identity("governance-1", "governance"),
-        policy_paths=[str(policy)],
-        tools=[ERP_TERMS],
+        dep, issuer.identity("governance-1", "governance"), policy_paths=[str(policy)]
     )
     agent = await Bus.connect(
         dep,

@@ -613,7 +613,7 @@ def test_agent_subscribes_only_to_its_inbox_its_decisions_and_its_reply_inboxes(
     ("role", "subscribes", "publishes", "responds"),
     [
         ("governance", ["intent.a", "approval.w"], ["decision.a.w", "approval.w"], True),
-        ("gateway", ["tool.erp.create_po"], [], True),
+        ("gateway", ["tool.erp.create_po"], ["result.a"], True),
         ("budget", ["usage.a", "ctl.budget"], [], True),
         ("state", ["state.a", "ctl.state"], ["msg.a", "snapshot.a"], True),
         ("issuer", ["ctl.identity"], [], True),

@@ -48,8 +48,6 @@ __all__ = ["AgentHost"]
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-ERP_CREATE_PO = "erp.create_purchase_order"
-"""The example's ERP tool (``procurement.tools``), which this agent calls by name."""
 
 _SETTLE_GRACE_S: Final = 60.0
 """Beyond an approval's expiry: governance's sweep, or another actor's takeover, settles it."""
@@ -355,7 +353,12 @@ class AgentHost(AgentService):
     async def save(self, wf: Workflow) -> None:
         """Save the workflow's phase, user state and journal as its next snapshot, and wait
         until the state actor has stored it (asking again while it restarts)."""
-        await self._save(wf, {})
+        goal = {"phase": wf.phase, **wf.where, "state": wf.state}
+        journal = msgspec.msgpack.encode(wf.journal)
+        policy_hash = wf.facts.policy_hash
+        await self._again(
+            lambda: self.snapshot(wf.id, goal, policy_hash=policy_hash, tool=journal, durable=True)
+        )
 
     # -- serving workflows -----------------------------------------------------------------
 
@@ -505,8 +508,8 @@ class AgentHost(AgentService):
             outcome = self._ended(wf, "halted", exc.reasons)
         except BudgetError as exc:
             # Halted with its state saved: the snapshot says where and why.
-            wf.phase = "halted"
-            await self._save(wf, {"reason": str(exc), "calls": exc.calls})
+            wf.at("halted", reason=str(exc), calls=exc.calls)
+            await self.save(wf)
             return self._ended(wf, "halted", (str(exc),))
         except TRANSIENT:
             raise
@@ -516,9 +519,11 @@ class AgentHost(AgentService):
             log.exception("handler %s of %s failed on %s", spec.name, self.agent_id, wf.id)
             outcome = self._ended(wf, "failed", (f"{type(exc).__qualname__}: {exc}",))
         else:
-            outcome = msgspec.structs.replace(self._ended(wf, "completed", ()), value=body)
-        wf.phase = "done"
-        await self._save(wf, {"result": outcome.result})
+            # Completed: the reasons are those of the approval it went on with, if any.
+            completed = self._ended(wf, "completed", wf.facts.approval_reasons)
+            outcome = msgspec.structs.replace(completed, value=body)
+        wf.at("done", result=outcome.result)
+        await self.save(wf)
         return outcome
 
     @staticmethod
@@ -534,14 +539,6 @@ class AgentHost(AgentService):
             governance_ms=facts.governance_ms,
             model_calls=facts.model_calls,
             shown=facts.shown,
-        )
-
-    async def _save(self, wf: Workflow, extra: dict[str, Any]) -> None:
-        goal = {"phase": wf.phase, **extra, "state": wf.state}
-        journal = msgspec.msgpack.encode(wf.journal)
-        policy_hash = wf.facts.policy_hash
-        await self._again(
-            lambda: self.snapshot(wf.id, goal, policy_hash=policy_hash, tool=journal, durable=True)
         )
 
     async def _send(self, workflow: str, job: InFlight, outcome: Outcome) -> None:

@@ -261,7 +261,8 @@ class Facts(msgspec.Struct, kw_only=True):
             (here, or at an agent it asked).
         shown: that call as people see it.
         governance_ms: its intent-to-first-decision latency.
-        approval_id, approved_by: the first approval the workflow waited for.
+        approval_id, approved_by, approval_reasons: the first approval the workflow waited
+            for, who settled it and why (a person, or the policy's default when it lapsed).
         model_calls: model calls, here and at the agents it asked.
         reflections: unusable answers reflected on, here and at the agents it asked.
         own_reflections: those of this agent, which its intents report to governance.
@@ -273,6 +274,7 @@ class Facts(msgspec.Struct, kw_only=True):
     governance_ms: float = 0.0
     approval_id: str = ""
     approved_by: str = ""
+    approval_reasons: tuple[str, ...] = ()
     model_calls: int = 0
     reflections: int = 0
     own_reflections: int = 0
@@ -365,7 +367,11 @@ class Workflow:
         agent_id: the agent's id.
         state: the state the handler saved last (`snapshot`): on a resumed workflow that of
             its latest snapshot, else ``{}``.
-        phase: where the workflow is, as its snapshots say.
+        phase: where the workflow is, as its snapshots say: ``started``, ``thinking``,
+            ``thought``, ``asking``, ``awaiting_approval``, ``decided``, ``calling``,
+            ``called``, ``waiting``, ``woken``, ``asking_agent``, ``answered``, then
+            ``done`` or ``halted``.
+        where: the details of the phase (the step, tool, timer or agent it is at).
     """
 
     def __init__(
@@ -383,6 +389,7 @@ class Workflow:
         self.state: dict[str, Any] = state if state is not None else {}
         self.journal = journal if journal is not None else Journal()
         self.phase = "started"
+        self.where: dict[str, Any] = {}
         self._runtime = runtime
         self._thoughts = 0
 
@@ -390,6 +397,10 @@ class Workflow:
     def facts(self) -> Facts:
         """What the workflow's outcome reports besides its result."""
         return self.journal.facts
+
+    def at(self, phase: str, **where: Any) -> None:
+        """Note that the workflow is at ``phase`` (with ``where``); the next snapshot says so."""
+        self.phase, self.where = phase, where
 
     def now(self) -> float:
         """The deployment's clock (Unix seconds; simulated when the deployment's is)."""
@@ -429,7 +440,7 @@ class Workflow:
         if kept is not None:
             return kept.response
         facts = self.facts
-        self.phase = f"thinking {key}"
+        self.at("thinking", key=key)
         try:
             response, reflections = await self._runtime.answer(
                 self.id, prompt, key=key, trace=self.trace
@@ -442,7 +453,7 @@ class Workflow:
         facts.model_calls += reflections + 1
         facts.reflections += reflections
         facts.own_reflections += reflections
-        self.phase = f"thought {key}"
+        self.at("thought", key=key)
         await self._runtime.save(self)
         return response
 
@@ -511,7 +522,7 @@ class Workflow:
             tool=tool.name, args=payload, step=step, reflections=facts.own_reflections
         )
         sent: set[str] = set()
-        self.phase = f"asking {tool.name} step {step}"
+        self.at("asking", tool=tool.name, step=step)
         started = time.perf_counter()
         first = await self._runtime.decide(self.id, intent, sent, trace=self.trace)
         decision: Decision = first.body
@@ -524,7 +535,10 @@ class Workflow:
             facts.governance_ms = (time.perf_counter() - started) * 1000
         facts.policy_hash = decision.policy_hash
         self.journal.steps[step] = record
-        self.phase = f"awaiting approval step {step}" if not decision.final else f"step {step}"
+        if decision.final:
+            self.at("decided", tool=tool.name, step=step, decision=decision.outcome)
+        else:
+            self.at("awaiting_approval", tool=tool.name, step=step, approval_id=record.approval_id)
         await self._runtime.save(self)
         final = first
         if not decision.final:
@@ -534,12 +548,13 @@ class Workflow:
             decision = final.body
         if decision.approval_id and not facts.approval_id:
             facts.approval_id, facts.approved_by = decision.approval_id, decision.approved_by
+            facts.approval_reasons = decision.reasons
         if decision.outcome != "allow":
             end: End = "rejected" if decision.approval_id else "denied"
             return await self._finish(
                 step, msgspec.structs.replace(record, end=end, reasons=decision.reasons)
             )
-        self.phase = f"calling {tool.name} step {step}"
+        self.at("calling", tool=tool.name, step=step)
         answer = await self._runtime.run_tool(self.id, intent, final, sent, trace=self.trace)
         if answer.ok:
             record = msgspec.structs.replace(record, end="ok", result=answer.result)
@@ -551,7 +566,7 @@ class Workflow:
 
     async def _finish(self, step: int, record: Step) -> Step:
         self.journal.steps[step] = record
-        self.phase = f"step {step} {record.end}"
+        self.at("called", tool=record.tool, step=step, end=record.end)
         await self._runtime.save(self)
         return record
 
@@ -565,11 +580,11 @@ class Workflow:
             return
         if kept is None:
             kept = self.journal.timers[name] = Timer(due_at=due_at)
-        self.phase = f"waiting {name}"
+        self.at("waiting", timer=name, due_at=kept.due_at)
         await self._runtime.save(self)
         await self._runtime.wait_timer(self.id, name, kept.due_at)
         self.journal.timers[name] = Timer(due_at=kept.due_at, fired=True)
-        self.phase = f"woken {name}"
+        self.at("woken", timer=name)
         await self._runtime.save(self)
 
     async def sleep(self, name: str, seconds: float) -> None:
@@ -616,11 +631,11 @@ class Workflow:
             start = WorkflowStart(
                 kind=kind or kind_of(type(payload)), body=msgspec.msgpack.encode(payload)
             )
-            self.phase = f"asking {agent}"
+            self.at("asking_agent", agent=agent)
             outcome = await self._runtime.ask(self.id, agent, start, trace=self.trace)
             self.journal.asks[agent] = outcome
             _fold(self.facts, outcome)
-            self.phase = f"answered by {agent}"
+            self.at("answered", agent=agent, result=outcome.result)
             await self._runtime.save(self)
         match outcome.result:
             case "completed":
@@ -654,3 +669,4 @@ def _fold(facts: Facts, asked: Outcome) -> None:
         facts.governance_ms = asked.governance_ms
     if not facts.approval_id and asked.approval_id:
         facts.approval_id, facts.approved_by = asked.approval_id, asked.approved_by
+        facts.approval_reasons = asked.reasons

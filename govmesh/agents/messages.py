@@ -33,7 +33,8 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True, tag=True):
             model spend reached a cap, or a person stopped it; its state is saved).
         first_decision: governance's first answer to the workflow's first governed call:
             allow, deny or escalate; empty when it made none.
-        reasons: why, for anything but ``completed``.
+        reasons: why it ended so; for a ``completed`` workflow, why the approval it waited
+            for let it go on (a person's answer, or the policy's default when it lapsed).
         approval_id: the approval the workflow waited for, if any.
         approved_by: who approved it.
         reflections: unusable model answers reflected on.

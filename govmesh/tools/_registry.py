@@ -76,8 +76,10 @@ class ToolContext:
             ToolError: the context was made without one (not retryable).
         """
         if self._redis is None:
-            raise ToolError(f"no Redis connection in the context of step {self.step} of "
-                            f"{self.workflow!r}: make the ToolContext with redis=...")
+            raise ToolError(
+                f"no Redis connection in the context of step {self.step} of "
+                f"{self.workflow!r}: make the ToolContext with redis=..."
+            )
         return self._redis
 
     def key(self, *parts: str) -> str:

@@ -255,7 +255,13 @@ def tool(
         label = name or run.__name__
         if not inspect.iscoroutinefunction(run):
             raise ConfigError(f"tool {label!r}: {run.__qualname__} must be an async function")
-        hints = get_type_hints(run)
+        try:
+            hints = get_type_hints(run)
+        except NameError as exc:
+            raise ConfigError(
+                f"tool {label!r}: the type hints of {run.__qualname__} do not resolve ({exc}); "
+                "declare its types at module level"
+            ) from None
         params = [p for p in inspect.signature(run).parameters if p != "return"]
         if len(params) != 2 or params[0] not in hints or "return" not in hints:
             raise ConfigError(
