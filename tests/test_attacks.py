@@ -97,7 +97,7 @@ from govmesh.runtime import (
     join,
 )
 from govmesh.runtime._latency import CPU_LATENCY_DEVICE
-from govmesh.scenarios import Swarm, load_scenario, run_workflows
+from govmesh.scenarios import Swarm, run_workflows, scenario_app
 from govmesh.state import Keyring, StateService
 from govmesh.state.messages import (
     Snapshot,
@@ -852,8 +852,8 @@ async def test_refusals_during_a_run_count_in_its_security_rejections(
 ):
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix)
-    scenario = load_scenario(ROOT / "scenarios" / "procurement.yaml")
-    requester = scenario.agents.requester.id
+    app = scenario_app(ROOT / "scenarios" / "procurement.yaml")
+    requester, buyer = app.agent_ids
     attacked = asyncio.Event()
 
     async def attack(swarm: Swarm, finished: Callable[[], int]) -> None:
@@ -871,14 +871,14 @@ async def test_refusals_during_a_run_count_in_its_security_rejections(
             error_cb=quiet,
         )
         try:
-            await nc.publish(Subjects(prefix).intent(scenario.agents.procurement.id), b"x")
+            await nc.publish(Subjects(prefix).intent(buyer), b"x")
             await nc.flush()
         finally:
             await nc.close()
         attacked.set()
 
     report = await run_workflows(
-        scenario,
+        app,
         dep,
         issuer,
         workflows=2,
@@ -1362,11 +1362,11 @@ async def test_the_swarm_s_actors_are_given_no_private_key_and_make_their_own(
 
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
-    scenario = load_scenario(ROOT / "scenarios" / "procurement.yaml")
-    agent = scenario.agents.procurement.id
+    app = scenario_app(ROOT / "scenarios" / "procurement.yaml")
+    requester, agent = app.agent_ids
     coordinator = await Bus.connect(dep, issuer.identity("coordinator-1", "coordinator"))
     await ensure_event_stream(coordinator.nc, dep.tenant)
-    swarm = Swarm(scenario, dep, issuer, seed=1, transport=transport)
+    swarm = Swarm(app, dep, issuer, seed=1, transport=transport)
     try:
         await swarm.start()
         os.kill((await swarm.pids())[agent], signal.SIGKILL)
@@ -1391,7 +1391,7 @@ async def test_the_swarm_s_actors_are_given_no_private_key_and_make_their_own(
             claims = verifier.verify(args[0].token)
             enrolled.setdefault(claims.sub, []).append(claims.key.raw)
     members = {"governance-1", "gateway-1", "audit-1", "budget-1", "state-1", agent}
-    assert members | {scenario.agents.requester.id} == set(enrolled)
+    assert members | {requester} == set(enrolled)
     # Each key was made in its actor's process, none here; a restarted actor made new ones.
     made_here = {crypto_sign_seed_keypair(seed)[0] for seed in made}
     assert not [k for keys in enrolled.values() for k in keys if k in made_here]

@@ -108,7 +108,7 @@ async def _runaway(
 
     import msgspec
 
-    from govmesh.scenarios import load_scenario, run_workflows
+    from govmesh.scenarios import load_scenario, run_workflows, scenario_app
     from govmesh.state import Keyring
 
     from _deploy import deployment
@@ -124,7 +124,7 @@ async def _runaway(
     )
     keyring = Keyring.generate("runaway")
     report = await run_workflows(
-        scenario,
+        scenario_app(scenario),
         dep,
         issuer,
         workflows=workflows,

@@ -84,13 +84,15 @@ class Step(msgspec.Struct, frozen=True):
 
 
 @govmesh.tool(name="test.effect")
-async def effect(args: Step, ctx: govmesh.ToolContext) -> None:
+async def effect(args: Step, ctx: govmesh.ToolContext) -> Step:
     """A tool whose record of effects the test writes itself."""
+    return args
 
 
 @govmesh.tool(name="test.no_effects")
-async def no_effects(args: Step, ctx: govmesh.ToolContext) -> None:
+async def no_effects(args: Step, ctx: govmesh.ToolContext) -> Step:
     """A tool that declares no effects lister."""
+    return args
 
 
 RECORDED: list[govmesh.Effect] = []

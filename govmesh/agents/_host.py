@@ -80,9 +80,8 @@ class AgentHost(AgentService):
     Args:
         deployment: where the services are and whom to trust.
         identity: the agent's identity; its token names its role and capabilities.
-        agent: the `Agent` class, as ``"package.module:Class"``, imported here, in the
-            actor's process; or the class itself when no module names it (one defined in
-            a script's ``__main__``, which Ray sends by value).
+        agent: the `Agent` class, as ``"package.module:Class"``; imported here, in the
+            actor's process.
         options: keyword arguments of the class.
         model: a factory of the model provider, called here so clients and keys never
             travel through Ray (e.g. ``functools.partial(SimulatedModel, settings, seed=7)``).
@@ -112,7 +111,7 @@ class AgentHost(AgentService):
         deployment: Deployment,
         identity: Identity,
         *,
-        agent: str | type[Agent],
+        agent: str,
         options: Mapping[str, Any] | None = None,
         model: Callable[[], ModelProvider],
         search_path: Sequence[str] = (),
@@ -124,11 +123,7 @@ class AgentHost(AgentService):
         approval_timeout_s: float = 300.0,
         **thinking: Unpack[Thinking],
     ) -> None:
-        found = (
-            agent
-            if isinstance(agent, type)
-            else load_object(agent, search_path=search_path, what="agent")
-        )
+        found = load_object(agent, search_path=search_path, what="agent")
         if not (isinstance(found, type) and issubclass(found, Agent)):
             raise ConfigError(f"agent {agent!r} is {found!r}, not a govmesh.Agent class")
         if not found.handlers():

@@ -348,7 +348,7 @@ def _summary(report: dict[str, Any]) -> Table:
     table.add_row(
         "tokens ("
         + ", ".join(
-            f"{name}{' simulated' if simulated else ''}" for name, simulated in sorted(models)
+            f"{'simulated ' if simulated else ''}{name}" for name, simulated in sorted(models)
         )
         + ")",
         f"{report['tokens']:,} in {report['model_calls']['counted_by_budget']} calls",
@@ -409,7 +409,7 @@ def _shown(call: dict[str, Any]) -> str:
     parts = [f"{call['workflows']} workflows ({_results(call['results'])})"]
     for name, field in call["shown"].items():
         if "values" in field:
-            values = ", ".join(f"{v} {n}" for v, n in field["values"].items())
+            values = ", ".join(f"{v or '(empty)'} {n}" for v, n in field["values"].items())
             parts.append(f"{name}: {values}")
         else:
             parts.append(

@@ -24,7 +24,7 @@ from govmesh.errors import ConfigError, GovmeshError, ScenarioError
 from govmesh.forecasting import BudgetCaps, Price
 from govmesh.forecasting._prices import load_price_file
 from govmesh.llm import ModelProvider, SimulatedModel, SimulatedModelSettings
-from govmesh.scenarios._plugins import load_agent, load_tool, path_of
+from govmesh.scenarios._plugins import load_agent, load_tool, main_script, path_of
 from govmesh.scenarios._schema import (
     AgentSpec,
     Approvals,
@@ -81,14 +81,13 @@ class Member:
     """An agent of an app, resolved: everything its actor and its token need.
 
     Attributes:
-        ref: what the actor loads: the class's path, or the class itself when no module
-            names it (a script's ``__main__``); it then travels by value.
+        ref: the class's path (``package.module:Class``), which its actor imports.
     """
 
     id: str
     role: str
     cls: type[Agent]
-    ref: str | type[Agent]
+    ref: str
     entry: bool
     options: Mapping[str, Any]
     model: Model
@@ -185,8 +184,14 @@ class App:
             else t
             for i, t in enumerate(tools)
         )
+        self._tool_refs = [_importable(t, f"{where}tools[{i}]") for i, t in enumerate(self.tools)]
         self.members = self._members(agents, default_model)
         self._check_tools()
+        script = main_script()
+        defined_in_script = [m.cls for m in self.members] + [t.run for t in self.tools]
+        if script is not None and any(d.__module__ == "__main__" for d in defined_in_script):
+            # The actors import the script by its file name to find what it defines.
+            self.search_path = (*self.search_path, str(script.parent))
         self.entry = next(m for m in self.members if m.entry)
         self._workload = workload
         self._kinds = _handlers(self.entry.cls)
@@ -196,10 +201,9 @@ class App:
         """Every agent's id: the agents each workflow's start record names."""
         return tuple(m.id for m in self.members)
 
-    def tool_refs(self) -> list[str | ToolSpec[Any, Any]]:
-        """The tools as the gateway's actor loads them: by path when a module names them,
-        else by value."""
-        return [path_of(t) or t for t in self.tools]
+    def tool_refs(self) -> list[str]:
+        """The tools as the gateway's actor loads them, by path (``package.module:tool``)."""
+        return list(self._tool_refs)
 
     def _members(
         self, agents: Sequence[AgentDef | type[Agent] | str], default_model: Model
@@ -253,7 +257,7 @@ class App:
                     id=agent_id,
                     role=role,
                     cls=cls,
-                    ref=path_of(cls) or cls,
+                    ref=_importable(cls, f"{where}agents[{i}]"),
                     entry=i == entry,
                     options=dict(d.options),
                     model=model,
@@ -309,6 +313,9 @@ class App:
         ``GOVMESH_NATS_URL``, ``GOVMESH_REDIS_URL`` and ``RAY_ADDRESS`` name) and return
         the run's report. Blocks; from async code use `run_async`.
 
+        Every actor imports the modules that define the app's agents and tools: a script
+        that defines them runs its app under ``if __name__ == "__main__":``.
+
         Args:
             workflows: how many workflows.
             seed: the run's seed (workload, simulated models and approver).
@@ -352,13 +359,14 @@ class App:
         return f"<govmesh.App {self.name!r}: {', '.join(self.agent_ids)}>"
 
 
-def scenario_app(path: str | Path) -> App:
-    """The app a scenario file describes, with its classes, tools and workload loaded.
+def scenario_app(source: str | Path | Scenario) -> App:
+    """The app a scenario file (or a loaded `Scenario`) describes, with its classes, tools
+    and workload loaded.
 
     Raises:
         ScenarioError: naming the file and the field path of anything wrong.
     """
-    scenario = load_scenario(path)
+    scenario = source if isinstance(source, Scenario) else load_scenario(source)
     try:
         return _from_scenario(scenario)
     except ScenarioError:
@@ -456,6 +464,21 @@ def _field(where: str, field_path: str, load: Callable[..., Any], ref: str, **kw
         return load(ref, **kw)
     except ConfigError as exc:
         raise ConfigError(f"{where}{field_path}: {exc}") from None
+
+
+def _importable(obj: type[Agent] | ToolSpec[Any, Any], where: str) -> str:
+    """The path under which the actors import ``obj``.
+
+    Raises:
+        ConfigError: no module names it: it was defined in an interactive session.
+    """
+    found = path_of(obj)
+    if found is None:
+        raise ConfigError(
+            f"{where}: {obj!r} is defined where no actor can import it (an interactive "
+            "session?); define it in a module or a script file"
+        )
+    return found
 
 
 def _handlers(cls: type[Agent]) -> dict[str, type[Any]]:

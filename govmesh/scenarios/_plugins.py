@@ -19,6 +19,7 @@ import importlib.metadata
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from govmesh._load import load_object
@@ -26,7 +27,15 @@ from govmesh.agents._sdk import Agent
 from govmesh.errors import ConfigError
 from govmesh.tools._spec import ToolSpec
 
-__all__ = ["GROUP", "Plugins", "installed_plugins", "load_agent", "load_tool", "path_of"]
+__all__ = [
+    "GROUP",
+    "Plugins",
+    "installed_plugins",
+    "load_agent",
+    "load_tool",
+    "main_script",
+    "path_of",
+]
 
 GROUP: Final = "govmesh.plugins"
 """The entry point group through which installed packages add agents and tools."""
@@ -124,14 +133,28 @@ def load_tool(ref: str, *, search_path: Iterable[str] = ()) -> ToolSpec[Any, Any
     return found
 
 
+def main_script() -> Path | None:
+    """The script this process runs as ``__main__`` (``python script.py``), if any."""
+    found = getattr(sys.modules.get("__main__"), "__file__", None)
+    return Path(found).resolve() if found else None
+
+
 def path_of(obj: Any) -> str | None:
     """``package.module:name`` under which another process imports ``obj`` (a class, or a
-    tool declared at module level), or None: it lives in ``__main__`` or nowhere a module
-    names it, and must travel by value."""
+    tool declared at module level), or None if no module names it (an interactive
+    session's). What a script defines is named by the script's module name (its file name),
+    which its folder on the path imports: a script runs its app under
+    ``if __name__ == "__main__":``, as one using `multiprocessing` does.
+    """
     module_name = obj.run.__module__ if isinstance(obj, ToolSpec) else obj.__module__
     module = sys.modules.get(module_name)
-    if module is None or module_name == "__main__":
+    if module is None:
         return None
+    if module_name == "__main__":
+        script = main_script()
+        if script is None:
+            return None
+        module_name = script.stem
     qualname = getattr(obj, "__qualname__", None)
     if qualname is not None:
         found: Any = module
