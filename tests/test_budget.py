@@ -158,7 +158,7 @@ async def test_a_looping_model_is_put_to_a_person_then_halted_at_the_cap(
         secure_nats, redis_server, prefix, approve=1.0, on_burn=seen.append
     )
     w, interrupts = report["workflows"], report["budget"]["interrupts"]
-    assert w["finished"] == w["halted"] == w["total"] == 3, w
+    assert w["finished"] == w["results"]["halted"] == w["total"] == 3, w
     # Each workflow reached its soft threshold once, was let go on, and kept under its cap.
     assert interrupts["asked"] == interrupts["released"] == 3, interrupts
     for settled, reserved in spent.values():
@@ -197,7 +197,7 @@ async def test_a_looping_model_is_put_to_a_person_then_halted_at_the_cap(
                         phases.append(answer.snapshot.goal["reason"])
     finally:
         await state.close()
-    assert len(phases) == w["halted"]
+    assert len(phases) == w["results"]["halted"]
     assert all("would pass its cap" in reason for reason in phases), phases
 
 
@@ -206,7 +206,7 @@ async def test_a_person_who_says_no_halts_the_workflow_at_the_soft_threshold(
 ) -> None:
     report, spent, caps, *_ = await _runaway(secure_nats, redis_server, prefix, approve=0.0)
     w, interrupts = report["workflows"], report["budget"]["interrupts"]
-    assert w["halted"] == w["total"] == 3, w
+    assert w["results"]["halted"] == w["total"] == 3, w
     assert interrupts["asked"] == interrupts["halted"] == 3, interrupts
     for settled, reserved in spent.values():
         assert reserved == 0 and settled <= caps.soft_threshold * caps.workflow_usd

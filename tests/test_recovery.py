@@ -11,29 +11,31 @@ import signal
 import time
 from pathlib import Path
 
-from govmesh.agents.messages import PurchaseOutcome, PurchaseRequest
+import msgspec
+
+from govmesh.agents.messages import Outcome, WorkflowStart
 from govmesh.bus import Bus, Delivery, ensure_event_stream
 from govmesh.governance._starts import record_start
-from govmesh.scenarios._schema import load_scenario
-from govmesh.scenarios._swarm import Swarm
+from govmesh.scenarios import Swarm, scenario_app
 
 from _deploy import deployment
+from procurement.agents import Purchase
 
 ROOT = Path(__file__).parent.parent
 
 
-async def _coordinator(dep, issuer) -> tuple[Bus, asyncio.Queue[tuple[str, PurchaseOutcome]]]:
+async def _coordinator(dep, issuer) -> tuple[Bus, asyncio.Queue[tuple[str, Outcome]]]:
     """A bus member the outcomes are sent to, and the queue of (workflow, outcome)."""
     coordinator = await Bus.connect(dep, issuer.identity("coordinator-1", "coordinator"))
     # The audit actor reads the event stream; only a coordinator may create it.
     await ensure_event_stream(coordinator.nc, dep.tenant)
-    outcomes: asyncio.Queue[tuple[str, PurchaseOutcome]] = asyncio.Queue()
+    outcomes: asyncio.Queue[tuple[str, Outcome]] = asyncio.Queue()
 
     async def on_outcome(d: Delivery) -> None:
         await outcomes.put((d.envelope.workflow, d.body))
 
     await coordinator.subscribe(
-        coordinator.subjects.msg("coordinator-1"), on_outcome, accepts=PurchaseOutcome
+        coordinator.subjects.msg("coordinator-1"), on_outcome, accepts=Outcome
     )
     await coordinator.flush()
     return coordinator, outcomes
@@ -44,10 +46,10 @@ async def test_a_killed_agent_actor_is_restarted_and_serves_the_next_workflow(
 ) -> None:
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
-    scenario = load_scenario(ROOT / "scenarios" / "procurement.yaml")
-    swarm = Swarm(scenario, dep, issuer, seed=1, transport=transport)
+    app = scenario_app(ROOT / "scenarios" / "procurement.yaml")
+    swarm = Swarm(app, dep, issuer, seed=1, transport=transport)
     coordinator, outcomes = await _coordinator(dep, issuer)
-    agent = scenario.agents.procurement.id
+    agent = "procurement-1"
     try:
         await swarm.start()
         before = (await swarm.pids())[agent]
@@ -63,11 +65,16 @@ async def test_a_killed_agent_actor_is_restarted_and_serves_the_next_workflow(
         await record_start(coordinator, "wf-after-restart", swarm.agent_ids)
         await coordinator.publish(
             coordinator.subjects.msg(agent),
-            PurchaseRequest(item="monitors", vendor="Vendor_A", amount_usd=1200.0),
+            WorkflowStart(
+                kind="Purchase",
+                body=msgspec.msgpack.encode(
+                    Purchase(item="monitors", vendor="Vendor_A", amount_usd=1200.0)
+                ),
+            ),
             workflow="wf-after-restart",
         )
         _, outcome = await asyncio.wait_for(outcomes.get(), 60)
-        assert outcome.result == "executed", outcome
+        assert outcome.result == "completed", outcome
         assert swarm.restarts == {agent: 1}, "only the killed actor restarted"
     finally:
         await coordinator.close()
