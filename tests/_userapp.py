@@ -49,12 +49,16 @@ class Scribe(govmesh.Agent):
     role = "Scribe"
     tools = (write_note,)
 
-    def __init__(self, *, margin: int = 0) -> None:
+    def __init__(self, *, margin: int = 0, dry_s: float = 0.0) -> None:
         self.margin = margin
+        self.dry_s = dry_s
 
     @govmesh.handler
     async def take(self, wf: govmesh.Workflow, note: Note) -> Noted:
-        return await wf.call_tool(write_note, note, step=1)
+        noted = await wf.call_tool(write_note, note, step=1)
+        if self.dry_s:
+            await wf.sleep("ink", self.dry_s)  # a durable timer: a workflow stays in flight
+        return noted
 
 
 class Notes:
@@ -69,7 +73,7 @@ class Notes:
 
 app = govmesh.App(
     "notes",
-    agents=[Scribe],
+    agents=[govmesh.AgentDef(agent=Scribe, options={"dry_s": 1.0})],
     tools=[write_note],
     policies=[POLICY],
     prices={"simulated-small": {"input_per_1k": 0.003, "output_per_1k": 0.015}},
