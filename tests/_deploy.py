@@ -8,9 +8,16 @@ from typing import Any
 from govmesh.bus import Bus
 from govmesh.config import Deployment
 from govmesh.governance._starts import record_start
+from govmesh.governance._terms import ToolTerms
 from govmesh.identity import Identity, Issuer
 from govmesh.roles import COORDINATOR_ROLE
 from govmesh.runtime import Transport
+
+ERP_TERMS = ToolTerms(
+    name="erp.create_purchase_order", spend=("amount_usd",), show=("vendor", "amount_usd")
+)
+"""The purchase order tool's terms, as its ``@tool`` declares them: governance built with
+them counts ``amount_usd`` as spend."""
 
 
 class EnrollingIssuer(Issuer):

@@ -15,7 +15,7 @@ from govmesh.governance._actor import GovernanceService
 from govmesh.governance.messages import Decision
 from govmesh.identity import Issuer
 
-from _deploy import Coordinator, deployment
+from _deploy import ERP_TERMS, Coordinator, deployment
 from procurement.tools import create_purchase_order
 
 ERP_CREATE_PO = create_purchase_order.name
@@ -53,7 +53,10 @@ async def two_governance_actors(
     policy.write_text(policy_text)
     actors = [
         GovernanceService(
-            dep, issuer.identity(f"governance-{i}", "governance"), policy_paths=[str(policy)]
+            dep,
+            issuer.identity(f"governance-{i}", "governance"),
+            policy_paths=[str(policy)],
+            tools=[ERP_TERMS],
         )
         for i in (1, 2)
     ]

@@ -31,7 +31,7 @@ from govmesh.state import Keyring, StateService
 from govmesh.state.messages import SnapshotQuery, SnapshotReply
 from govmesh.tools import GatewayService
 
-from _deploy import deployment
+from _deploy import ERP_TERMS, deployment
 from procurement.agents import Purchase
 from procurement.tools import create_purchase_order, orders
 
@@ -68,6 +68,7 @@ class Stack:
             self.issuer.identity(f"governance-{self.spawned}", "governance"),
             policy_paths=[str(self.policy)],
             sweep_interval_s=kw.get("sweep_interval_s", 0.05),
+            tools=[ERP_TERMS],
         )
         await service.start()
         return service

@@ -108,7 +108,7 @@ from govmesh.state.messages import (
 )
 from govmesh.subjects import GOVERNANCE_SERVICE
 
-from _deploy import deployment
+from _deploy import ERP_TERMS, deployment
 from _governed import ROLE, SEED, Governed, two_governance_actors
 from _procs import MARK_VAR, wait_until_gone
 from procurement.tools import create_purchase_order
@@ -659,6 +659,7 @@ async def test_an_agent_cannot_list_the_approvals_and_is_reported(
         dep,
         issuer.identity("governance-1", "governance"),
         policy_paths=[str(ROOT / "policies" / "procurement-agent-v2.yaml")],
+        tools=[ERP_TERMS],
     )
     await governance.start()
     agent = await Bus.connect(dep, issuer.identity("proc-1", "Procurement-Agent-v2"))

@@ -31,7 +31,7 @@ from govmesh.tools import (
     tool,
 )
 
-from _deploy import Coordinator, deployment
+from _deploy import ERP_TERMS, Coordinator, deployment
 from procurement.tools import Order, Placed, PurchaseOrder, create_purchase_order, orders
 
 POLICY = str(Path(__file__).parent.parent / "policies" / "procurement-agent-v2.yaml")
@@ -83,7 +83,10 @@ class Mesh:
 
     async def __aenter__(self) -> Mesh:
         self.governance = GovernanceService(
-            self.dep, self.issuer.identity("governance-1", "governance"), policy_paths=[POLICY]
+            self.dep,
+            self.issuer.identity("governance-1", "governance"),
+            policy_paths=[POLICY],
+            tools=[ERP_TERMS],
         )
         await self.governance.start()
         self.gateways = [

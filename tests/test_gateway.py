@@ -20,7 +20,7 @@ from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.observability._service import AuditService
 from govmesh.tools import GatewayService, ToolCall, ToolResult, ToolSpec
 
-from _deploy import Coordinator, deployment
+from _deploy import ERP_TERMS, Coordinator, deployment
 from procurement.tools import create_purchase_order, orders
 
 POLICY = str(Path(__file__).parent.parent / "policies" / "procurement-agent-v2.yaml")
@@ -46,7 +46,10 @@ class Setup:
 
     async def __aenter__(self) -> Setup:
         self.governance = GovernanceService(
-            self.dep, self.issuer.identity("governance-1", "governance"), policy_paths=[POLICY]
+            self.dep,
+            self.issuer.identity("governance-1", "governance"),
+            policy_paths=[POLICY],
+            tools=[ERP_TERMS],
         )
         self.gateway = GatewayService(
             self.dep,

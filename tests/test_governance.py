@@ -15,7 +15,7 @@ from govmesh.governance._actor import GovernanceService
 from govmesh.governance._decider import MAX_ATTEMPTS
 from govmesh.governance.messages import Decision, ToolIntent
 
-from _deploy import Coordinator, deployment
+from _deploy import ERP_TERMS, Coordinator, deployment
 from _governed import AUTHORITY, ROLE, SEED, Governed, two_governance_actors
 from procurement.tools import create_purchase_order
 
@@ -54,6 +54,7 @@ async def _running(tmp_path, secure_nats, redis_server, prefix):
         issuer.identity("governance-1", "governance"),
         policy_paths=[str(policy)],
         reload_interval_s=0.05,
+        tools=[ERP_TERMS],
     )
     await governance.start()
     agent = await Bus.connect(

@@ -20,7 +20,7 @@ from govmesh.governance._actor import GovernanceService
 from govmesh.llm import ModelRequest, ModelResponse, SimulatedModel, SimulatedModelSettings
 
 from _agents import MODEL, PRICES, mesh
-from _deploy import Coordinator, deployment
+from _deploy import ERP_TERMS, Coordinator, deployment
 from _shipping import POLICY, ROLE, Shipment, ship
 from procurement.tools import create_purchase_order
 
@@ -205,7 +205,10 @@ async def test_each_decision_carries_its_own_intents_trace_when_decided_in_one_g
     policy = tmp_path / "policy.yaml"
     policy.write_text((ROOT / "policies" / "procurement-agent-v2.yaml").read_text())
     governance = GovernanceService(
-        dep, issuer.identity("governance-1", "governance"), policy_paths=[str(policy)]
+        dep,
+        issuer.identity("governance-1", "governance"),
+        policy_paths=[str(policy)],
+        tools=[ERP_TERMS],
     )
     agent = await Bus.connect(
         dep,

@@ -7,6 +7,7 @@ import itertools
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -16,7 +17,7 @@ from redis.typing import EncodableT, FieldT
 
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
-from govmesh.errors import PolicyError, SecurityError
+from govmesh.errors import ConfigError, PolicyError, SecurityError
 from govmesh.governance._approvals import (
     CLAIM_GRACE_S,
     Answer,
@@ -28,11 +29,10 @@ from govmesh.governance._approvals import (
 from govmesh.governance._decider import (
     Decider,
     FirstDecision,
-    amount_of,
     first_decision,
     nonce_key,
 )
-from govmesh.governance._evaluator import Intent, Verdict, intent_hash
+from govmesh.governance._evaluator import Intent, Verdict, intent_hash, spend_of
 from govmesh.governance._policy import PolicySet
 from govmesh.governance._replay import (
     PolicySource,
@@ -45,6 +45,7 @@ from govmesh.governance._starts import (
     coordinator_only,
     start_key,
 )
+from govmesh.governance._terms import ToolTerms
 from govmesh.governance.messages import (
     ApprovalAnswer,
     ApprovalListing,
@@ -79,18 +80,32 @@ _FINISH_PAUSES_S: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 """Pauses between those attempts; the last repeats."""
 
 
-def authorize_intent(claims: Claims, intent: ToolIntent) -> None:
-    """Refuse an intent for a tool the sender's token does not name, or for an amount above
-    the token's budget authority, before it reaches the policy engine (which checks the
-    authority again against what the agent was allowed today)."""
+def authorize_intent(claims: Claims, intent: ToolIntent, spend_args: tuple[str, ...] = ()) -> None:
+    """Refuse an intent for a tool the sender's token does not name, or whose spend (the
+    sum of its tool's ``spend_args``) is above the token's budget authority, before it
+    reaches the policy engine (which checks the authority again against what the agent was
+    allowed today)."""
     claims.require(intent.tool)
-    amount = amount_of(intent.args)
+    amount = spend_of(intent.args, spend_args)
     if amount is not None and amount > claims.budget_usd:
         raise SecurityError(
             "over_budget_authority",
-            f"{claims.sub!r} asked for {intent.args['amount_usd']!r} USD "
-            f"with authority {claims.budget_usd!r}",
+            f"{claims.sub!r} asked to spend {amount!r} USD with authority {claims.budget_usd!r}",
         )
+
+
+def tool_terms(tools: Sequence[ToolTerms]) -> dict[str, ToolTerms]:
+    """The tools' terms by name.
+
+    Raises:
+        ConfigError: two different terms name one tool.
+    """
+    terms: dict[str, ToolTerms] = {}
+    for term in tools:
+        known = terms.setdefault(term.name, term)
+        if known != term:
+            raise ConfigError(f"tool {term.name!r} has two different terms: {known!r} and {term!r}")
+    return terms
 
 
 def operators_only(claims: Claims, _query: ApprovalQuery) -> None:
@@ -153,6 +168,12 @@ class GovernanceService(Service):
         decision_ttl_s: how long an allow decision may be presented to the gateway.
         reload_interval_s: how often to look at the policy files for changes.
         sweep_interval_s: how often to settle lapsed approvals.
+        tools: the terms each tool declares (`ToolTerms`): which arguments are spend, and
+            which an approval shows. A tool without terms spends nothing and shows all of
+            its arguments.
+
+    Raises:
+        ConfigError: two different terms name one tool.
     """
 
     def __init__(
@@ -164,8 +185,10 @@ class GovernanceService(Service):
         decision_ttl_s: float = 60.0,
         reload_interval_s: float = 1.0,
         sweep_interval_s: float = 1.0,
+        tools: Sequence[ToolTerms] = (),
     ) -> None:
         super().__init__(deployment, identity)
+        self._terms = tool_terms(tools)
         self._paths = [Path(p) for p in policy_paths]
         self._stamp = self._file_stamp()
         self._sources, self.policies = self._load()
@@ -190,7 +213,7 @@ class GovernanceService(Service):
             self._on_intent,
             accepts=ToolIntent,
             queue=QUEUE,
-            authorize=authorize_intent,
+            authorize=self._authorize_intent,
         )
         await self.bus.subscribe(
             self.subjects.all("approval"),
@@ -214,10 +237,15 @@ class GovernanceService(Service):
             key=self.key,
             approval_keys=(self.approvals.key("pending"), self.approvals.key("expiry")),
             nonce_ttl_s=self.bus.verifier.nonce_ttl_s,
+            terms=self._terms,
         )
         self._watch = asyncio.create_task(self._watch_policies(), name="policy-reload")
         await self.redecide_pending()
         self._sweep = asyncio.create_task(self._sweep_approvals(), name="approval-sweep")
+
+    def _authorize_intent(self, claims: Claims, intent: ToolIntent) -> None:
+        terms = self._terms.get(intent.tool)
+        authorize_intent(claims, intent, () if terms is None else terms.spend)
 
     def _load(self) -> tuple[list[PolicySource], PolicySet]:
         # Compiled from the very texts that are recorded, so a replay sees what was decided.

@@ -23,14 +23,21 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 import msgspec
 
 from govmesh.config import utc_day
 from govmesh.errors import SecurityError
-from govmesh.governance._evaluator import EvalContext, Intent, Verdict, evaluate, intent_hash
+from govmesh.governance._evaluator import (
+    EvalContext,
+    Intent,
+    Verdict,
+    evaluate,
+    intent_hash,
+    spend_of,
+)
 from govmesh.governance._policy import Figures, PolicySet
 from govmesh.governance._replay import (
     CONTENDED_REASON,
@@ -40,6 +47,7 @@ from govmesh.governance._replay import (
     policy_key,
 )
 from govmesh.governance._starts import start_key
+from govmesh.governance._terms import ToolTerms
 from govmesh.governance.messages import ApprovalRequest, Outcome
 from govmesh.runtime._resp import RespConnection
 
@@ -239,12 +247,12 @@ class _Assumed(Generic[_K, _V]):
             del kept[next(iter(kept))]
 
 
-def amount_of(args: dict[str, Any]) -> float | None:
-    """An intent's ``amount_usd``, when it is a number (a bool is not)."""
-    amount = args.get("amount_usd")
-    if isinstance(amount, int | float) and not isinstance(amount, bool):
-        return float(amount)
-    return None
+def shown_args(args: dict[str, Any], terms: ToolTerms | None) -> dict[str, Any]:
+    """The arguments people see of a call with ``args``: those its tool declares to show
+    that the call gives, or every argument when the tool declares none."""
+    if terms is None or not terms.show:
+        return dict(args)
+    return {name: args[name] for name in terms.show if name in args}
 
 
 def first_decision(
@@ -270,8 +278,10 @@ def approval_request(
     intent_id: str,
     trace: str,
     authority: float | None,
+    terms: ToolTerms | None = None,
 ) -> ApprovalRequest:
-    """The approval request an escalation of ``intent`` puts to its escalation target."""
+    """The approval request an escalation of ``intent`` puts to its escalation target,
+    showing the arguments its tool's ``terms`` declare to show."""
     now = time.time()
     return ApprovalRequest(
         approval_id=uuid.uuid4().hex,
@@ -292,6 +302,7 @@ def approval_request(
         on_expiry=verdict.on_expiry,
         trace=trace,
         budget_authority_usd=authority,
+        shown=shown_args(intent.args, terms),
     )
 
 
@@ -357,6 +368,8 @@ class Decider:
         approval_keys: the pending approvals hash and their expiry sorted set.
         nonce_ttl_s: how long a nonce claimed for a decision is remembered: as long as a
             message carrying it could pass the freshness check.
+        terms: the tools' declared terms, by tool name: which arguments of a call are spend,
+            and which an approval request shows. A tool without terms spends nothing.
     """
 
     def __init__(
@@ -369,8 +382,10 @@ class Decider:
         key: Callable[..., str],
         approval_keys: tuple[str, str],
         nonce_ttl_s: float,
+        terms: Mapping[str, ToolTerms] | None = None,
     ) -> None:
         self._script = redis.script(_DECIDE)
+        self._terms: Mapping[str, ToolTerms] = terms or {}
         self._prefix = prefix
         self._member = member
         self._policies = policies
@@ -572,7 +587,13 @@ class Decider:
         return again
 
     def _assumed(
-        self, job: _Job, needs: Figures, bounded: bool, day: str, running: _Running
+        self,
+        job: _Job,
+        needs: Figures,
+        bounded: bool,
+        day: str,
+        running: _Running,
+        spend_args: tuple[str, ...],
     ) -> EvalContext:
         """The figures to decide ``job`` on: as the group's earlier decisions leave them,
         else as the script last sent them back for this job, else as last seen."""
@@ -610,6 +631,7 @@ class Decider:
             workflow_started=standing != _UNSTARTED,
             agent_named=standing == _NAMED,
             budget_authority_usd=job.authority,
+            spend_args=spend_args,
         )
 
     def _prepare(
@@ -625,10 +647,13 @@ class Decider:
         intent = job.intent
         needs = policies.figures(intent.role)
         day = utc_day(job.now)
-        amount_asked = amount_of(intent.args)
+        terms = self._terms.get(intent.tool)
+        # Recorded with the decision (in its context), so replay needs no tool's terms.
+        spend_args = () if terms is None else terms.spend
+        amount_asked = spend_of(intent.args, spend_args)
         # The budget authority reads the agent's spend today, compared by side only.
         bounded = job.authority is not None and amount_asked is not None
-        ctx = self._assumed(job, needs, bounded, day, running)
+        ctx = self._assumed(job, needs, bounded, day, running, spend_args)
         contended = job.attempts >= MAX_ATTEMPTS
         verdict = (
             Verdict(
@@ -649,6 +674,7 @@ class Decider:
                 intent_id=job.call_id,
                 trace=job.trace,
                 authority=job.authority,
+                terms=terms,
             )
             if recorded and verdict.outcome == "escalate"
             else None

@@ -12,7 +12,8 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from govmesh.governance._policy import OnExpiry, PolicySet
+from govmesh.governance._policy import OnExpiry, Policy, PolicySet
+from govmesh.governance._rules import Condition, value_text
 
 __all__ = [
     "NOT_A_PARTICIPANT",
@@ -26,13 +27,14 @@ __all__ = [
     "Verdict",
     "evaluate",
     "intent_hash",
+    "spend_of",
 ]
 
 Outcome = Literal["allow", "deny", "escalate"]
 
 OBLIGATION_RECORD_SPEND: Final = "record_spend"
-"""The enforcement point must add the intent's amount to the workflow's committed spend and to
-the agent's spend for the UTC day (the figures behind ``EvalContext``)."""
+"""The enforcement point must add the intent's spend (`spend_of`) to the workflow's committed
+spend and to the agent's spend for the UTC day (the figures behind ``EvalContext``)."""
 OBLIGATION_AWAIT_APPROVAL: Final = "await_approval"
 """The intent may run only after the escalation target approves it."""
 
@@ -44,7 +46,7 @@ class Intent(msgspec.Struct, frozen=True, kw_only=True):
         agent: the requesting agent's id.
         role: the agent's role, from its verified identity token; selects the policies.
         tool: the tool to call.
-        args: the tool arguments; ``amount_usd`` and ``vendor`` are what policy reads.
+        args: the tool arguments, as the tool's argument type converts to builtins.
         workflow: the workflow the call belongs to.
         step: the step number within the workflow.
     """
@@ -77,6 +79,11 @@ class EvalContext(msgspec.Struct, frozen=True, kw_only=True):
         budget_authority_usd: the spend the agent's token allows it per UTC day, checked
             with ``day_spend_usd``; None where no token's authority applies (decisions
             recorded before it was cumulative).
+        spend_args: the arguments the intent's tool declares as spend (`ToolTerms.spend`):
+            the intent's spend is their sum, and nothing else counts toward spending limits,
+            approval thresholds, the budget authority or ``record_spend``. None for
+            decisions recorded before tools declared their spend, when ``amount_usd`` was
+            the spend and a ``vendor`` had to be a string, so they replay as they were made.
     """
 
     reflections: int = 0
@@ -87,6 +94,7 @@ class EvalContext(msgspec.Struct, frozen=True, kw_only=True):
     workflow_started: bool = True
     agent_named: bool = True
     budget_authority_usd: float | None = None
+    spend_args: tuple[str, ...] | None = None
 
 
 class Verdict(msgspec.Struct, frozen=True, kw_only=True):
@@ -122,7 +130,7 @@ NOT_A_PARTICIPANT: Final = "not_a_participant"
 OVER_BUDGET_AUTHORITY: Final = "over_budget_authority"
 
 
-_AMOUNT: Final = "amount_usd"
+_LEGACY_SPEND: Final = ("amount_usd",)
 _VENDOR: Final = "vendor"
 _ABSENT: Final = object()
 _INF: Final = math.inf
@@ -136,13 +144,19 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
 
     Each policy denies when the tool is in its ``denied_tools``, when it lists
     ``allowed_tools`` and the tool is not among them, when the agent's recent calls have reached
-    its rate limit, when the reflection count is over its cap, when it lists vendors and the
-    intent names none of them, when the amount plus the workflow's committed spend is over its
-    limit, or when the amount plus the agent's spend today is over its daily limit; otherwise it
-    escalates when the amount is over its approval threshold, and otherwise allows. Policies
-    compose as deny over escalate over allow, so adding a policy for a role that already has one
-    can only make its decisions stricter. Invalid inputs (a non-numeric or negative amount, a
-    non-string vendor, a negative or non-finite context figure) deny.
+    its rate limit, when the reflection count is over its cap, when it lists vendors (or values
+    of another argument) and the intent gives none of them, when an argument has one of its
+    ``denied_values``, when one of its ``deny_if`` conditions matches, when the spend plus the
+    workflow's committed spend is over its limit, or when the spend plus the agent's spend
+    today is over its daily limit; otherwise it escalates when the spend is over its approval
+    threshold or one of its ``escalate_if`` conditions matches, and otherwise allows. Policies
+    compose as deny over escalate over allow, so adding a policy for a role that already has
+    one can only make its decisions stricter. Invalid inputs (a spend argument that is not a
+    non-negative number, an argument a condition compares that is not a finite number or
+    that it searches that is not a string, a negative or non-finite context figure) deny.
+
+    The spend is the sum of the intent's ``ctx.spend_args`` it gives; an intent that gives
+    none spends nothing and carries no ``record_spend`` obligation.
 
     A role with no policy is denied every tool. A tool is unknown to a role when some policy
     for the role lists ``allowed_tools`` without it, and is then denied; a role none of whose
@@ -150,7 +164,7 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
     which the governance actor checks before the evaluator runs.
 
     Before any policy, an intent is denied for a workflow no start record names, or by an
-    agent its start record does not name; and, with the other denials, when its amount plus
+    agent its start record does not name; and, with the other denials, when its spend plus
     the agent's spend today is over the budget authority of the agent's token.
 
     Args:
@@ -173,14 +187,21 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
         )
 
     problems: list[str] = []
+    args = intent.args
     amount: float | None = None
-    raw_amount = intent.args.get(_AMOUNT, _ABSENT)
-    if raw_amount is not _ABSENT:
-        amount = _non_negative(raw_amount)
-        if amount is None:
-            problems.append(f"amount_usd must be a non-negative number, got {_show(raw_amount)}")
-    vendor = intent.args.get(_VENDOR)
-    if vendor is not None and not isinstance(vendor, str):
+    spend_args = ctx.spend_args
+    legacy = spend_args is None
+    for name in _LEGACY_SPEND if spend_args is None else spend_args:
+        raw = args.get(name, _ABSENT)
+        if raw is _ABSENT:
+            continue
+        value = _non_negative(raw)
+        if value is None:
+            problems.append(f"{name} must be a non-negative number, got {_show(raw)}")
+        else:
+            amount = value if amount is None else amount + value
+    vendor = args.get(_VENDOR)
+    if legacy and vendor is not None and not isinstance(vendor, str):
         problems.append(f"vendor must be a string, got {_show(vendor)}")
     spent, day_spent = ctx.workflow_spend_usd, ctx.day_spend_usd
     reflections, recent_calls = ctx.reflections, ctx.recent_calls
@@ -241,8 +262,14 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
         if vendors is not None:
             if vendor is None:
                 denials.append("no vendor given and the policy allows only listed vendors")
-            elif vendor not in vendors:
+            elif not isinstance(vendor, str) or vendor not in vendors:
                 denials.append(f"vendor {_show(vendor)} is not in allowed_vendors")
+        if (
+            policy.reads_args
+            and _judge_args(policy, args, denials, escalations)
+            and escalation is None
+        ):
+            escalation = policy.escalation
         if amount is None:
             continue
         limit = policy.spending_limit_usd
@@ -298,6 +325,61 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
         obligations=_ALLOW_OBLIGATIONS if amount is not None else (),
         policy_hash=policies.hash,
     )
+
+
+def _judge_args(
+    policy: Policy, args: dict[str, Any], denials: list[str], escalations: list[str]
+) -> bool:
+    """Add what the policy's rules on arguments say to ``denials`` and ``escalations``;
+    return whether one of its ``escalate_if`` conditions matched."""
+    for rule in policy.allowed_values:
+        value = args.get(rule.arg, _ABSENT)
+        if value is _ABSENT:
+            denials.append(f"no {rule.arg} given and the policy allows only listed values")
+        elif not rule.members(value):
+            denials.append(f"{rule.arg} {_show(value)} is not in allowed_values")
+    for rule in policy.denied_values:
+        value = args.get(rule.arg, _ABSENT)
+        if value is not _ABSENT and rule.members(value):
+            denials.append(f"{rule.arg} {_show(value)} is in denied_values")
+    for condition in policy.deny_if:
+        _judge(condition, "deny_if", args, denials, denials)
+    escalated = False
+    for condition in policy.escalate_if:
+        escalated |= _judge(condition, "escalate_if", args, escalations, denials)
+    return escalated
+
+
+def _judge(
+    condition: Condition, kind: str, args: dict[str, Any], hits: list[str], denials: list[str]
+) -> bool:
+    """Add to ``hits`` why ``condition`` matches, or to ``denials`` why it cannot read its
+    argument; return whether it matched."""
+    value = args.get(condition.arg, _ABSENT)
+    if value is _ABSENT:
+        return False
+    matched = condition.test(value)
+    if matched is None:
+        denials.append(
+            f"{condition.arg} must be {condition.wants} for {kind} "
+            f"{condition.op} {value_text(condition.value)}, got {_show(value)}"
+        )
+        return False
+    if matched:
+        fact = f"{condition.arg} {_show(value)} {condition.relation}"
+        hits.append(f"{condition.reason}: {fact}" if condition.reason else f"{kind}: {fact}")
+    return matched
+
+
+def spend_of(args: dict[str, Any], spend_args: tuple[str, ...]) -> float | None:
+    """The sum of the ``spend_args`` that ``args`` gives as numbers (a bool is not one), or
+    None when it gives none of them; whether each is a valid amount is `evaluate`'s to say."""
+    total: float | None = None
+    for name in spend_args:
+        raw = args.get(name)
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            total = float(raw) if total is None else total + float(raw)
+    return total
 
 
 def _not_started(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:

@@ -24,6 +24,18 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from govmesh.errors import PolicyError
+from govmesh.governance._rules import (
+    COMPARISONS,
+    OPERATORS,
+    ArgValues,
+    Condition,
+    PatternError,
+    Scalar,
+    canonical_value,
+    compile_pattern,
+    value_order,
+    value_text,
+)
 
 __all__ = [
     "DEFAULT_APPROVAL_EXPIRY_S",
@@ -76,6 +88,12 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, dict=True):
         rate_limit: most calls by one agent per time window, or ``None``.
         approval_expiry_s: seconds an escalated intent waits for an answer.
         on_expiry: the outcome of an escalated intent left unanswered past its expiry.
+        allowed_values: per argument, the only values a call may give it (by argument); a
+            call without the argument is denied. ``allowed_vendors`` is this rule for
+            ``vendor``, and ``allowed_values: {vendor: [...]}`` of strings compiles to it.
+        denied_values: per argument, values a call may not give it (by argument).
+        escalate_if: conditions on arguments, any of which escalates (canonical order).
+        deny_if: conditions on arguments, any of which denies (canonical order).
         source: the file the policy came from; not part of the policy's identity or hash.
     """
 
@@ -91,6 +109,10 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, dict=True):
     rate_limit: RateLimit | None = None
     approval_expiry_s: float = DEFAULT_APPROVAL_EXPIRY_S
     on_expiry: OnExpiry = "deny"
+    allowed_values: tuple[ArgValues, ...] = ()
+    denied_values: tuple[ArgValues, ...] = ()
+    escalate_if: tuple[Condition, ...] = ()
+    deny_if: tuple[Condition, ...] = ()
     source: str = ""
 
     @functools.cached_property
@@ -107,6 +129,65 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, dict=True):
     def denied_tool_set(self) -> frozenset[str] | None:
         """``denied_tools`` as a frozenset, built once, for constant-time membership."""
         return None if self.denied_tools is None else frozenset(self.denied_tools)
+
+    def explain(self) -> list[str]:
+        """The policy's rules in words, one line each, in the order they are checked; what
+        no rule denies or escalates is allowed."""
+        escalate = f"escalate to {self.escalation}"
+        lines: list[str] = []
+        if self.allowed_tools is not None:
+            lines.append(f"deny any tool but {value_text(self.allowed_tools)}")
+        if self.denied_tools is not None:
+            lines.append(f"deny the tools {value_text(self.denied_tools)}")
+        if self.rate_limit is not None:
+            rate = self.rate_limit
+            lines.append(
+                f"deny a call once {rate.calls} calls by the agent came in the last "
+                f"{value_text(rate.per_seconds)} s"
+            )
+        if self.reflection_loop_cap is not None:
+            lines.append(f"deny after more than {self.reflection_loop_cap} reflections")
+        if self.allowed_vendors is not None:
+            lines.append(
+                f"deny unless vendor is one of {value_text(self.allowed_vendors)} "
+                "(a call without one is denied)"
+            )
+        for rule in self.allowed_values:
+            lines.append(
+                f"deny unless {rule.arg} is one of {value_text(rule.values)} "
+                f"(a call without one is denied)"
+            )
+        for rule in self.denied_values:
+            lines.append(f"deny when {rule.arg} is one of {value_text(rule.values)}")
+        for kind, conditions in (("deny", self.deny_if), (escalate, self.escalate_if)):
+            for condition in conditions:
+                why = f": {condition.reason}" if condition.reason else ""
+                lines.append(f"{kind} when {condition.arg} {condition.relation}{why}")
+        if self.spending_limit_usd is not None:
+            lines.append(
+                "deny when the spend plus the workflow's committed spend is over "
+                f"{value_text(self.spending_limit_usd)} USD"
+            )
+        if self.daily_limit_usd is not None:
+            lines.append(
+                "deny when the spend plus the agent's spend today (UTC) is over "
+                f"{value_text(self.daily_limit_usd)} USD"
+            )
+        if self.require_approval_if_over is not None:
+            lines.append(
+                f"{escalate} when the spend is over {value_text(self.require_approval_if_over)} USD"
+            )
+        if self.approval_expiry_s != DEFAULT_APPROVAL_EXPIRY_S or self.on_expiry != "deny":
+            lines.append(
+                f"an escalation unanswered for {value_text(self.approval_expiry_s)} s "
+                f"becomes {self.on_expiry}"
+            )
+        return lines
+
+    @functools.cached_property
+    def reads_args(self) -> bool:
+        """Whether some rule of this policy reads arguments other than spend and ``vendor``."""
+        return bool(self.allowed_values or self.denied_values or self.escalate_if or self.deny_if)
 
 
 class Figures(NamedTuple):
@@ -286,6 +367,21 @@ def _canonical(policy: Policy) -> str:
         form["approval_expiry_s"] = number(policy.approval_expiry_s)
     if policy.on_expiry != "deny":
         form["on_expiry"] = policy.on_expiry
+    for key, rules in (
+        ("allowed_values", policy.allowed_values),
+        ("denied_values", policy.denied_values),
+    ):
+        if rules:
+            form[key] = {rule.arg: canonical_value(rule.values) for rule in rules}
+    for key, conditions in (("escalate_if", policy.escalate_if), ("deny_if", policy.deny_if)):
+        if conditions:
+            # A list of conditions is a set: its order and repeats change no verdict.
+            forms = {_json(c.canonical()): c.canonical() for c in conditions}
+            form[key] = [forms[text] for text in sorted(forms)]
+    return _json(form)
+
+
+def _json(form: object) -> str:
     return json.dumps(
         form,
         sort_keys=True,
@@ -358,6 +454,8 @@ _INT: Final = "tag:yaml.org,2002:int"
 _FLOAT: Final = "tag:yaml.org,2002:float"
 _STR: Final = "tag:yaml.org,2002:str"
 _NULL: Final = "tag:yaml.org,2002:null"
+_BOOL: Final = "tag:yaml.org,2002:bool"
+_VENDOR_ARG: Final = "vendor"
 # Plain decimal only: YAML 1.1 would otherwise read 010000 as octal, 0x2710 as hex and 1:30 as
 # base 60, each a silently different limit.
 _DECIMAL_INT: Final = re.compile(r"[-+]?(?:0|[1-9][0-9_]*)")
@@ -530,13 +628,29 @@ class _Parser:
             field("approval_expiry_s"),
             field("on_expiry"),
         )
-        return Policy(
+        allowed_vendors = (
+            None if vendors is None else self._names("allowed_vendors", "vendor", vendors)
+        )
+        allowed_values = self._arg_values("allowed_values", field("allowed_values"))
+        sugar = next((rule for rule in allowed_values if rule.arg == _VENDOR_ARG), None)
+        if sugar is not None and all(isinstance(v, str) for v in sugar.values):
+            # One meaning, one form: `allowed_values: {vendor: [...]}` of names is the seed's
+            # `allowed_vendors`, with its verdicts and its hash.
+            if allowed_vendors is not None:
+                node = self._arg_key(entries["allowed_values"][1], _VENDOR_ARG)
+                self._fail(
+                    "vendor is restricted by both allowed_vendors and allowed_values; "
+                    "list its values in one of them",
+                    node,
+                    _VENDOR_ARG,
+                )
+            allowed_vendors = tuple(sorted(str(v) for v in sugar.values))
+            allowed_values = tuple(rule for rule in allowed_values if rule is not sugar)
+        policy = Policy(
             agent=self._string("agent", entries["agent"][1]),
             spending_limit_usd=limit,
             require_approval_if_over=threshold,
-            allowed_vendors=None
-            if vendors is None
-            else self._names("allowed_vendors", "vendor", vendors),
+            allowed_vendors=allowed_vendors,
             reflection_loop_cap=None if cap is None else self._count("reflection_loop_cap", cap),
             escalation="human_review"
             if escalation is None
@@ -549,8 +663,18 @@ class _Parser:
             if expiry is None
             else self._positive("approval_expiry_s", expiry),
             on_expiry="deny" if on_expiry is None else self._on_expiry(on_expiry),
+            allowed_values=allowed_values,
+            denied_values=self._arg_values("denied_values", field("denied_values")),
+            escalate_if=self._conditions("escalate_if", field("escalate_if")),
+            deny_if=self._conditions("deny_if", field("deny_if")),
             source=self._source,
         )
+        # Built now, so that no decision pays for compiling a pattern or building a set.
+        for rule in (*policy.allowed_values, *policy.denied_values):
+            rule.members  # noqa: B018
+        for condition in (*policy.escalate_if, *policy.deny_if):
+            condition.test  # noqa: B018
+        return policy
 
     def _mapping(self, node: Node, what: str) -> dict[str, tuple[Node, Node]]:
         if not isinstance(node, MappingNode):
@@ -637,6 +761,165 @@ class _Parser:
                     item,
                     item.value,
                 )
+
+    def _arg_key(self, node: Node, arg: str) -> Node:
+        """The key node naming ``arg`` in the mapping ``node``."""
+        return self._mapping(node, "a mapping")[arg][0]
+
+    def _arg_values(self, name: str, node: Node | None) -> tuple[ArgValues, ...]:
+        if node is None:
+            return ()
+        entries = self._mapping(node, name)
+        rules = []
+        for arg, (key, values) in entries.items():
+            if not arg.strip() or arg != arg.strip():
+                self._fail(f"argument names in {name} must be plain names, got {arg!r}", key, arg)
+            listed = self._values(f"{name}.{arg}", values)
+            rules.append(ArgValues(arg=arg, values=listed))
+        return tuple(sorted(rules, key=lambda rule: rule.arg))
+
+    def _values(self, name: str, node: Node) -> tuple[Scalar, ...]:
+        """A non-empty list of distinct values, in canonical order."""
+        if not isinstance(node, SequenceNode):
+            self._fail(f"{name} must be a list of values, got {self._show(node)}", node)
+        if not node.value:
+            self._fail(f"{name} lists no values", node, [])
+        seen: dict[tuple[int, float, str], int] = {}
+        values: list[Scalar] = []
+        for item in node.value:
+            value = self._value(f"each value in {name}", item)
+            order = value_order(value)
+            if order in seen:
+                self._fail(
+                    f"value {item.value!r} is listed twice in {name} (first on line {seen[order]})",
+                    item,
+                    item.value,
+                )
+            seen[order] = item.start_mark.line + 1
+            values.append(value)
+        return tuple(sorted(values, key=value_order))
+
+    def _value(self, name: str, node: Node) -> Scalar:
+        """One value: a string, a plain decimal number, ``true`` or ``false``."""
+        if not isinstance(node, ScalarNode):
+            self._fail(
+                f"{name} must be a single value (a string, a number, true or false), "
+                f"got {self._show(node)}",
+                node,
+            )
+        text: str = node.value
+        if node.tag == _STR:
+            if node.style is None and _DECIMAL.fullmatch(text):
+                # Unquoted 1e4 is a number to a reader, as it is for the limits.
+                return self._bound(name, node)
+            return text
+        if node.tag in (_INT, _FLOAT):
+            return self._bound(name, node)
+        if node.tag == _BOOL and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        if node.tag == _NULL:
+            self._fail(f"{name} must be a value, got {self._show(node)}", node)
+        # YAML 1.1 reads NO (Norway) and off as false, and 2024-01-01 as a date.
+        kind = node.tag.rsplit(":", 1)[-1]
+        other = ", or write true or false" if node.tag == _BOOL else ""
+        self._fail(
+            f"{name}: YAML reads {text!r} as a {kind}, not a string; "
+            f"quote it ('{text}') for the string{other}",
+            node,
+            text,
+        )
+
+    def _bound(self, name: str, node: Node) -> float:
+        text = self._number_text(name, node, _DECIMAL, "a number")
+        value = float(text)
+        if not math.isfinite(value):
+            self._fail(f"{name} is out of range: {text!r}", node, text)
+        return value + 0.0
+
+    def _conditions(self, name: str, node: Node | None) -> tuple[Condition, ...]:
+        if node is None:
+            return ()
+        if not isinstance(node, SequenceNode):
+            self._fail(
+                f"{name} must be a list of conditions such as "
+                f"'- {{arg: amount_usd, over: 1000}}', got {self._show(node)}",
+                node,
+            )
+        seen: dict[str, int] = {}
+        conditions = []
+        for index, item in enumerate(node.value):
+            condition = self._condition(f"{name}[{index}]", item)
+            key = _json(condition.canonical())
+            if key in seen:
+                self._fail(
+                    f"this condition is listed twice in {name} (first on line {seen[key]})", item
+                )
+            seen[key] = item.start_mark.line + 1
+            conditions.append((key, condition))
+        # Sorted, because the list is a set: its order changes no verdict, reason or hash.
+        return tuple(condition for _, condition in sorted(conditions, key=lambda kc: kc[0]))
+
+    def _condition(self, name: str, node: Node) -> Condition:
+        """One condition; ``name`` is its path, e.g. ``deny_if[0]``."""
+        entries = self._mapping(node, name)
+        known = ("arg", "reason", *OPERATORS)
+        for key_name, (key, _) in entries.items():
+            if key_name not in known:
+                hint = difflib.get_close_matches(key_name, known, n=1)
+                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+                self._fail(
+                    f"unknown key {key_name!r} in {name}{suggestion} "
+                    f"(allowed: arg, reason, {', '.join(OPERATORS)})",
+                    key,
+                    key_name,
+                )
+        if "arg" not in entries:
+            self._fail(f"{name} has no 'arg' naming the argument it reads", node)
+        ops = [key_name for key_name in entries if key_name in OPERATORS]
+        if not ops:
+            self._fail(
+                f"{name} has no operator; give one of {', '.join(OPERATORS)}",
+                node,
+            )
+        if len(ops) > 1:
+            self._fail(
+                f"{name} has {len(ops)} operators ({', '.join(ops)}); "
+                "write one condition per operator",
+                entries[ops[1]][0],
+                ops[1],
+            )
+        op = ops[0]
+        what = f"{name}.{op}"
+        arg = self._string(f"{name}.arg", entries["arg"][1])
+        value_node = entries[op][1]
+        value: Scalar | tuple[Scalar, ...]
+        if op in COMPARISONS:
+            value = self._bound(what, value_node)
+        elif op == "matches":
+            value = self._pattern(what, value_node)
+        elif op in ("in", "not_in"):
+            value = self._values(what, value_node)
+        else:
+            value = self._value(what, value_node)
+        reason = entries.get("reason")
+        return Condition(
+            arg=arg,
+            op=op,
+            value=value,
+            reason="" if reason is None else self._string(f"{name}.reason", reason[1]),
+        )
+
+    def _pattern(self, name: str, node: Node) -> str:
+        if not isinstance(node, ScalarNode) or node.tag != _STR:
+            self._fail(f"{name} must be a pattern string, got {self._show(node)}", node)
+        pattern: str = node.value
+        if not pattern:
+            self._fail(f"{name} is empty, so it would match every string", node, pattern)
+        try:
+            compile_pattern(pattern)
+        except PatternError as exc:
+            self._fail(f"{name} is not a valid RE2 pattern ({exc}): {pattern!r}", node, pattern)
+        return pattern
 
     def _rate_limit(self, node: Node) -> RateLimit:
         entries = self._mapping(node, "rate_limit")
