@@ -239,3 +239,37 @@ def test_a_claims_workload_draws_every_kind_of_claim_the_policy_decides() -> Non
     assert {c.memo for c in drawn} == {"", "cash advance for the trip"}
     assert len({c.claim for c in drawn}) == 200
     assert all(20 <= c.amount_usd <= 2500 for c in drawn)
+
+
+def test_call_tool_and_ask_are_typed_by_the_tools_and_the_answers_types(tmp_path) -> None:
+    from mypy import api
+
+    user = tmp_path / "user.py"
+    user.write_text(
+        "import govmesh\n"
+        "from procurement.agents import Purchase\n"
+        "from procurement.tools import Order, Placed, create_purchase_order\n"
+        "\n"
+        "class Agent(govmesh.Agent):\n"
+        "    @govmesh.handler\n"
+        "    async def go(self, wf: govmesh.Workflow, p: Purchase) -> str:\n"
+        "        await wf.call_tool(create_purchase_order, p, step=1)\n"
+        "        order = Order(item=p.item, vendor=p.vendor, amount_usd=p.amount_usd)\n"
+        "        placed = await wf.call_tool(create_purchase_order, order, step=2)\n"
+        "        asked = await wf.ask('buyer-1', p, returns=Placed)\n"
+        "        return placed.po_id + asked.po_id\n"
+        "\n"
+        "    @govmesh.handler\n"
+        "    async def wrong(self, wf: govmesh.Workflow, o: Order) -> int:\n"
+        "        placed = await wf.call_tool(create_purchase_order, o, step=1)\n"
+        "        return placed\n"
+    )
+
+    out, _, status = api.run(
+        ["--strict", "--no-incremental", "--config-file", str(ROOT / "pyproject.toml"), str(user)]
+    )
+
+    errors = [line.split(": error: ")[1] for line in out.splitlines() if ": error: " in line]
+    assert status == 1 and len(errors) == 2, out
+    assert errors[0].startswith('Cannot infer value of type parameter "A" of "call_tool"')
+    assert errors[1].startswith('Incompatible return value type (got "Placed", expected "int")')
