@@ -180,7 +180,10 @@ async def mesh(
     path.write_text(policy)
     services: list[Any] = [
         GovernanceService(
-            dep, issuer.identity("governance-1", "governance"), policy_paths=[str(path)]
+            dep,
+            issuer.identity("governance-1", "governance"),
+            policy_paths=[str(path)],
+            tools=[t.terms for t in tools],
         ),
         GatewayService(dep, issuer.identity("gateway-1", "gateway"), tools=tools),
         StateService(dep, issuer.identity("state-1", "state"), keyring=keyring),

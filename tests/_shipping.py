@@ -115,3 +115,25 @@ class Clumsy(govmesh.Agent):
     async def send(self, wf: govmesh.Workflow, shipment: Shipment) -> None:
         """Fails on anything it is given."""
         raise ValueError(f"cannot ship {shipment.item!r}")
+
+
+class Careful(govmesh.Agent):
+    """Ships, and settles for no shipment when the call is not allowed; with ``notes``,
+    first tries to save that many bytes of notes."""
+
+    role = ROLE
+    tools = (ship,)
+
+    def __init__(self, *, notes: int = 0) -> None:
+        self.notes = notes
+
+    @govmesh.handler
+    async def send(self, wf: govmesh.Workflow, shipment: Shipment) -> Shipped:
+        """Ship if allowed."""
+        if self.notes:
+            await wf.snapshot({"notes": "x" * self.notes})
+        try:
+            return await wf.call_tool(ship, shipment, step=1)
+        except govmesh.Denied as denied:
+            await wf.snapshot({"denied": list(denied.reasons), "rejected": denied.rejected})
+            return Shipped(tracking="none", item=shipment.item)

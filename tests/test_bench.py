@@ -42,7 +42,7 @@ def test_bench_auth_measures_three_setups_and_writes_json(tmp_path: Path) -> Non
     assert "mtls_a - plain" in proc.stdout
 
 
-def test_bench_governance_decides_in_process_against_cedar_and_over_the_bus(
+def test_bench_governance_decides_in_process_against_cedar_and_the_toolkit_and_over_the_bus(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "governance.json"
@@ -52,6 +52,9 @@ def test_bench_governance_decides_in_process_against_cedar_and_over_the_bus(
         "in_process_us",
         "in_process_100_rules_us",
         "cedar_in_process_us",
+        "agt_in_process_us",
+        "in_process_general_us",
+        "agt_general_us",
         "bus_ms",
         "floor_ms",
     ):
@@ -68,11 +71,23 @@ def test_bench_governance_decides_in_process_against_cedar_and_over_the_bus(
     assert 0 < report["bus_loaded_ms"]["p50"] <= report["bus_loaded_ms"]["p99"]
     assert set(report["in_process_outcomes"]["seed"]) == {"allow", "deny", "escalate"}
     assert set(report["in_process_outcomes"]["100_rules"]) == {"allow", "deny", "escalate"}
+    assert set(report["in_process_outcomes"]["general"]) == {"allow", "deny", "escalate"}
     assert report["cedar_compared"] > 0
     assert report["cedar_disagreements"] == 0
     assert report["cedar_preparsed"] is True
     expected = report["cedar_in_process_us"]["p50"] / report["in_process_us"]["p50"]
     assert report["speedup_vs_cedar"] == expected
+    # The Agent Governance Toolkit decides rules equivalent to the seed and to general rules.
+    assert report["agt_compared"] == report["cedar_compared"]
+    assert report["agt_general_compared"] > 0
+    assert (report["agt_disagreements"], report["agt_general_disagreements"]) == (0, 0)
+    assert report["speedup_vs_agt"] == (
+        report["agt_in_process_us"]["p50"] / report["in_process_us"]["p50"]
+    )
+    assert report["speedup_vs_agt_general"] == (
+        report["agt_general_us"]["p50"] / report["in_process_general_us"]["p50"]
+    )
+    assert "speedup vs AGT, general rules" in proc.stdout
     # Both layouts: governance actors in processes of their own, and on the agent's loop.
     assert report["bus_intents"] == 4 * 40
     assert sum(report["bus_outcomes"].values()) == 4 * 40 + report["bus_warmup"]

@@ -384,3 +384,26 @@ def test_a_retry_policy_names_the_figure_out_of_range() -> None:
     with pytest.raises(ConfigError, match=r"backoff .* got 0.5"):
         RetryPolicy(backoff=0.5)
     assert [RetryPolicy(initial_s=1, maximum_s=5).delay(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 5]
+
+
+async def test_a_handler_that_catches_a_denial_completes_with_what_it_returns(
+    shipping, behaviour
+) -> None:
+    await shipping.host("careful-1", "_shipping:Careful", role=ROLE, capabilities=(TOOL,))
+
+    outcome = await shipping.run("wf-careful", "careful-1", _order(900.0, vendor="Vendor_Z"))
+
+    assert (outcome.result, outcome.first_decision) == ("completed", "deny")
+    assert msgspec.msgpack.decode(outcome.value, type=Shipped).tracking == "none"
+    assert not behaviour.effects
+
+
+async def test_state_over_the_snapshot_limit_fails_the_workflow_naming_the_limit(shipping) -> None:
+    await shipping.host(
+        "careful-2", "_shipping:Careful", role=ROLE, capabilities=(TOOL,), options={"notes": 12_000}
+    )
+
+    outcome = await shipping.run("wf-notes", "careful-2", _order(900.0))
+
+    assert outcome.result == "failed"
+    assert outcome.reasons[0].startswith("StateError: goal state of wf-notes/careful-2 is 12,")

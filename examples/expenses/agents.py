@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 import govmesh
+
 from expenses.tools import Paid, Payment, pay_expense
 
 __all__ = ["Claim", "Expenses"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 import govmesh
+
 from procurement.tools import Order, Placed, create_purchase_order
 
 __all__ = ["Buyer", "Purchase", "Requester"]

@@ -139,13 +139,11 @@ class Handler:
         name: the method's name.
         kind: the start kind it handles.
         payload: its payload type.
-        returns: its return annotation.
     """
 
     name: str
     kind: str
     payload: type[Any]
-    returns: Any
 
 
 def kind_of(payload_type: type[Any]) -> str:
@@ -214,7 +212,7 @@ def _handler_of(cls: type[Agent], name: str, method: Callable[..., Any]) -> Hand
     if not isinstance(payload, type):
         raise ConfigError(f"handler {where}: its payload type must be a class, got {payload!r}")
     kind = getattr(method, _MARK) or kind_of(payload)
-    return Handler(name=name, kind=kind, payload=payload, returns=hints.get("return"))
+    return Handler(name=name, kind=kind, payload=payload)
 
 
 class Thought(msgspec.Struct, frozen=True, kw_only=True):

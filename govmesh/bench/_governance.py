@@ -7,6 +7,11 @@ Four measurements, each with its baseline in the same process and run:
 - cedarpy deciding an equivalent Cedar policy set, parsed once, on the same intents
   (``cedar_in_process_us``, ``speedup_vs_cedar``), after checking that both engines reach the
   same outcome on every benchmark intent (``cedar_disagreements``);
+- the Agent Governance Toolkit's ``PolicyEvaluator`` deciding rules equivalent to the seed
+  policy (``agt_in_process_us``, ``speedup_vs_agt``) and to a policy of general rules on
+  arguments (``in_process_general_us`` for govmesh, ``agt_general_us``,
+  ``speedup_vs_agt_general``), each after the same check (``agt_disagreements``,
+  ``agt_general_disagreements``);
 - intent-to-decision latency over the signed, mutual-TLS bus with one intent in flight
   (``bus_ms``);
 - throughput with two governance actors sharing intents as a queue group and a window of
@@ -53,17 +58,88 @@ from govmesh.governance._actor import GovernanceService
 from govmesh.governance._evaluator import EvalContext, Intent, evaluate
 from govmesh.governance._policy import PolicySet, load_policies, parse_policy_text
 from govmesh.governance._starts import record_start
+from govmesh.governance._terms import ToolTerms
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Identity, Issuer
 from govmesh.observability import summarize
 from govmesh.roles import COORDINATOR_ROLE
 from govmesh.runtime._latency import CpuLatencyHold, current_cpu_latency_us
 
-__all__ = ["CEDAR_POLICY", "SEED_POLICY", "run_governance_bench"]
+__all__ = [
+    "AGT_GENERAL_RULES",
+    "AGT_SEED_RULES",
+    "CEDAR_POLICY",
+    "GENERAL_POLICY",
+    "SEED_POLICY",
+    "run_governance_bench",
+]
 
 SEED_POLICY: Final = Path(__file__).resolve().parents[2] / "policies" / "procurement-agent-v2.yaml"
 ROLE: Final = "Procurement-Agent-v2"
 TOOL: Final = "erp.create_purchase_order"
+TERMS: Final = ToolTerms(name=TOOL, spend=("amount_usd",), show=("vendor", "amount_usd"))
+"""The purchase order tool's terms, as governance gets them in a deployment."""
+SPEND: Final = TERMS.spend
+
+GENERAL_ROLE: Final = "Expense-Agent"
+GENERAL_TOOL: Final = "ledger.pay_expense"
+GENERAL_POLICY: Final = f"""\
+policy:
+  agent: {GENERAL_ROLE}
+  allowed_tools: [{GENERAL_TOOL}]
+  allowed_values:
+    currency: [USD, EUR]
+  denied_values:
+    category: [gift_cards]
+  escalate_if:
+    - arg: category
+      in: [travel, entertainment]
+      reason: travel and entertainment need a manager
+    - {{arg: amount_usd, over: 1000}}
+  deny_if:
+    - {{arg: memo, matches: "(?i)cash advance"}}
+"""
+"""A policy of general rules on arguments, none of them spend: the expense example's."""
+
+AGT_SEED_RULES: Final[list[dict[str, Any]]] = [
+    {"name": "other-roles", "priority": 100, "action": "deny",
+     "condition": {"field": "role", "operator": "ne", "value": ROLE}},
+    {"name": "allowed-vendors", "priority": 90, "action": "deny",
+     "condition": {"field": "vendor", "operator": "not_in", "value": ["Vendor_A", "Vendor_B"]}},
+    {"name": "spending-limit", "priority": 90, "action": "deny",
+     "condition": {"field": "amount_usd", "operator": "gt", "value": 10000}},
+    {"name": "reflection-cap", "priority": 90, "action": "deny",
+     "condition": {"field": "reflections", "operator": "gt", "value": 25}},
+    {"name": "approval-threshold", "priority": 50, "action": "audit",
+     "condition": {"field": "amount_usd", "operator": "gt", "value": 5000}},
+    {"name": "role", "priority": 10, "action": "allow",
+     "condition": {"field": "role", "operator": "eq", "value": ROLE}},
+]  # fmt: skip
+"""The seed policy as the Agent Governance Toolkit's rules: the first match by priority
+decides, denies first, then ``audit`` for escalate, then allow; anything else is denied by
+the document's default."""
+
+AGT_GENERAL_RULES: Final[list[dict[str, Any]]] = [
+    {"name": "other-roles", "priority": 100, "action": "deny",
+     "condition": {"field": "role", "operator": "ne", "value": GENERAL_ROLE}},
+    {"name": "allowed-tools", "priority": 90, "action": "deny",
+     "condition": {"field": "tool", "operator": "ne", "value": GENERAL_TOOL}},
+    {"name": "allowed-currencies", "priority": 90, "action": "deny",
+     "condition": {"field": "currency", "operator": "not_in", "value": ["USD", "EUR"]}},
+    {"name": "denied-categories", "priority": 90, "action": "deny",
+     "condition": {"field": "category", "operator": "in", "value": ["gift_cards"]}},
+    {"name": "cash-advance", "priority": 90, "action": "deny",
+     "condition": {"field": "memo", "operator": "matches", "value": "(?i)cash advance"}},
+    {"name": "travel-and-entertainment", "priority": 50, "action": "audit",
+     "condition": {"field": "category", "operator": "in", "value": ["travel", "entertainment"]}},
+    {"name": "large-amounts", "priority": 50, "action": "audit",
+     "condition": {"field": "amount_usd", "operator": "gt", "value": 1000}},
+    {"name": "role", "priority": 10, "action": "allow",
+     "condition": {"field": "role", "operator": "eq", "value": GENERAL_ROLE}},
+]  # fmt: skip
+"""`GENERAL_POLICY` as the Agent Governance Toolkit's rules. Its conditions do not match a
+missing field, where govmesh's ``allowed_values`` denies; the benchmark's intents give every
+field, so the two decide alike."""
 
 CEDAR_POLICY: Final = """\
 // policy0: allow, the seed policy's allow branch.
@@ -100,6 +176,13 @@ _CEDAR_NOTE: Final = (
     "from Python to Cedar, as evaluate() takes its intent as Python objects. Escalation is "
     "the allow decided by policy1."
 )
+_AGT_NOTE: Final = (
+    "agent_os.policies.PolicyEvaluator over one PolicyDocument built once from the rules "
+    "(agt_policy, agt_general_policy); each call passes the intent's fields as a context "
+    "dict. It has no escalate outcome: escalate is its audit action. Its rules match the "
+    "first rule by priority, so the policy is written as denies, then audits, then allow, "
+    "with deny as the default."
+)
 _PROCESS_LAYOUT: Final = (
     "nats-server (mutual TLS; one Go thread in low-latency mode, Go's default otherwise, as "
     "the runtime embeds it) and the Redis-protocol server (Unix socket, password) are child "
@@ -130,6 +213,7 @@ _TARGETS: Final = {
     "bus_p99_ms": 1.0,
     "decisions_per_s": 5000.0,
     "speedup_vs_cedar": 1.0,
+    "speedup_vs_agt": 1.0,
 }
 
 Progress = Callable[[str, int], None]
@@ -167,9 +251,57 @@ def _seed_mix(rng: random.Random) -> list[tuple[Intent, EvalContext]]:
                 workflow=f"wf-{n}",
                 step=1,
             ),
-            EvalContext(reflections=reflections),
+            EvalContext(reflections=reflections, spend_args=SPEND),
         )
         for n, (role, vendor, amount, reflections) in enumerate(cases)
+    ]
+
+
+def _general_mix(rng: random.Random) -> list[tuple[Intent, EvalContext]]:
+    """Intents for `GENERAL_POLICY`: every rule's boundary once, then random ones."""
+    fine = ("meals", "USD", 120, "team lunch")
+    boundaries = [
+        (GENERAL_ROLE, GENERAL_TOOL, *fine),
+        (GENERAL_ROLE, GENERAL_TOOL, "meals", "EUR", 1000, "dinner"),
+        (GENERAL_ROLE, GENERAL_TOOL, "meals", "EUR", 1000.5, "dinner"),
+        (GENERAL_ROLE, GENERAL_TOOL, "travel", "USD", 300, "train"),
+        (GENERAL_ROLE, GENERAL_TOOL, "gift_cards", "USD", 50, "thanks"),
+        (GENERAL_ROLE, GENERAL_TOOL, "meals", "GBP", 50, "lunch"),
+        (GENERAL_ROLE, GENERAL_TOOL, "office", "USD", 80, "a CASH Advance for supplies"),
+        (GENERAL_ROLE, "ledger.refund", *fine),
+        ("Other-Agent", GENERAL_TOOL, *fine),
+    ]
+    cases = list(boundaries)
+    memos = ("team lunch", "taxi to the airport", "cash advance", "hotel, 2 nights", "printer")
+    while len(cases) < _MIX:
+        cases.append(
+            (
+                GENERAL_ROLE if rng.random() < 0.95 else "Other-Agent",
+                GENERAL_TOOL if rng.random() < 0.97 else "ledger.refund",
+                rng.choice(("meals", "meals", "office", "travel", "entertainment", "gift_cards")),
+                rng.choice(("USD", "USD", "EUR", "GBP")),
+                rng.choice((rng.randint(1, 1000), rng.randint(1, 3000))),
+                rng.choice(memos),
+            )
+        )
+    return [
+        (
+            Intent(
+                agent="expenses-1",
+                role=role,
+                tool=tool,
+                args={
+                    "category": category,
+                    "currency": currency,
+                    "amount_usd": amount,
+                    "memo": memo,
+                },
+                workflow=f"wf-{n}",
+                step=1,
+            ),
+            EvalContext(spend_args=()),
+        )
+        for n, (role, tool, category, currency, amount, memo) in enumerate(cases)
     ]
 
 
@@ -292,17 +424,60 @@ def _cedar_request(intent: Intent, ctx: EvalContext) -> dict[str, Any]:
     }
 
 
+def _agt_engine(
+    name: str, rules: list[dict[str, Any]]
+) -> tuple[Callable[[dict[str, Any]], str], str]:
+    """The Agent Governance Toolkit's decision function for ``rules``, and its version."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            # agent_os warns about its old distribution's name, not about this use of it.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from agent_os.policies import PolicyDocument, PolicyEvaluator
+    except ImportError as exc:
+        raise ConfigError(
+            "govmesh bench governance compares against the Agent Governance Toolkit, which "
+            "is not installed; install it with: pip install 'govmesh[bench]'"
+        ) from exc
+    from importlib.metadata import version
+
+    document = PolicyDocument.model_validate(
+        {"name": name, "rules": rules, "defaults": {"action": "deny"}}
+    )
+    evaluate_agt = PolicyEvaluator(policies=[document]).evaluate
+
+    def decide(context: dict[str, Any]) -> str:
+        action: str = evaluate_agt(context).action
+        return "escalate" if action == "audit" else action
+
+    return decide, version("agent-governance-toolkit-core")
+
+
+def _agt_context(intent: Intent, ctx: EvalContext) -> dict[str, Any]:
+    return {"role": intent.role, "tool": intent.tool, "reflections": ctx.reflections, **intent.args}
+
+
 def _in_process(decisions: int, tick: Progress) -> dict[str, Any]:
     rng = random.Random(7)
     seed = load_policies([SEED_POLICY])
     rules = parse_policy_text(_rules_text(_RULES), source="<bench: 100 rules>")
+    general = parse_policy_text(GENERAL_POLICY, source="<bench: general rules>")
     seed_mix, rules_mix = _seed_mix(rng), _rules_mix(rng, _RULES)
+    general_mix = _general_mix(rng)
     cedar, cedar_version = _cedar_engine()
     requests = [_cedar_request(intent, ctx) for intent, ctx in seed_mix]
+    agt_seed, agt_version = _agt_engine("seed", AGT_SEED_RULES)
+    agt_general, _ = _agt_engine("general", AGT_GENERAL_RULES)
+    seed_contexts = [_agt_context(intent, ctx) for intent, ctx in seed_mix]
+    general_contexts = [_agt_context(intent, ctx) for intent, ctx in general_mix]
 
     ours = [evaluate(seed, intent, ctx).outcome for intent, ctx in seed_mix]
     theirs = [cedar(request) for request in requests]
     disagreements = sum(a != b for a, b in zip(ours, theirs, strict=True))
+    agt_ours = [agt_seed(context) for context in seed_contexts]
+    general_ours = [evaluate(general, intent, ctx).outcome for intent, ctx in general_mix]
+    general_agt = [agt_general(context) for context in general_contexts]
 
     def on(policies: PolicySet) -> Callable[[Any], object]:
         def decide(case: tuple[Intent, EvalContext]) -> object:
@@ -316,12 +491,20 @@ def _in_process(decisions: int, tick: Progress) -> dict[str, Any]:
     rules_us = _time_batches(on(rules), rules_mix, decisions=decisions, tick=tick)
     tick("in-process: cedarpy", 0)
     cedar_us = _time_batches(cedar, requests, decisions=decisions, tick=tick)
+    tick("in-process: Agent Governance Toolkit, seed policy", 0)
+    agt_us = _time_batches(agt_seed, seed_contexts, decisions=decisions, tick=tick)
+    tick("in-process: general rules", 0)
+    general_us = _time_batches(on(general), general_mix, decisions=decisions, tick=tick)
+    tick("in-process: Agent Governance Toolkit, general rules", 0)
+    agt_general_us = _time_batches(agt_general, general_contexts, decisions=decisions, tick=tick)
     return {
         "in_process_us": seed_us,
         "in_process_100_rules_us": rules_us,
         "in_process_method": _IN_PROCESS_METHOD.format(batch=_BATCH),
+        "in_process_general_us": general_us,
         "in_process_outcomes": {
             "seed": dict(Counter(ours)),
+            "general": dict(Counter(general_ours)),
             "100_rules": dict(
                 Counter(evaluate(rules, intent, ctx).outcome for intent, ctx in rules_mix)
             ),
@@ -334,6 +517,21 @@ def _in_process(decisions: int, tick: Progress) -> dict[str, Any]:
         "cedar_policy": CEDAR_POLICY,
         "cedar_compared": len(ours),
         "cedar_disagreements": disagreements,
+        "agt_in_process_us": agt_us,
+        "speedup_vs_agt": agt_us["p50"] / seed_us["p50"],
+        "agt_general_us": agt_general_us,
+        "speedup_vs_agt_general": agt_general_us["p50"] / general_us["p50"],
+        "agt_version": agt_version,
+        "agt_note": _AGT_NOTE,
+        "agt_policy": AGT_SEED_RULES,
+        "agt_general_policy": AGT_GENERAL_RULES,
+        "general_policy": GENERAL_POLICY,
+        "agt_compared": len(agt_ours),
+        "agt_disagreements": sum(a != b for a, b in zip(ours, agt_ours, strict=True)),
+        "agt_general_compared": len(general_agt),
+        "agt_general_disagreements": sum(
+            a != b for a, b in zip(general_ours, general_agt, strict=True)
+        ),
     }
 
 
@@ -392,7 +590,9 @@ def _serve_governance(
     import uvloop
 
     async def serve() -> None:
-        service = GovernanceService(deployment, identity, policy_paths=[str(SEED_POLICY)])
+        service = GovernanceService(
+            deployment, identity, policy_paths=[str(SEED_POLICY)], tools=[TERMS]
+        )
         await service.start()
         ready.set()
         try:
@@ -703,7 +903,7 @@ async def _on_bus(intents: int, tick: Progress, *, go_threads: int | None) -> di
             async with AsyncExitStack() as hosted:
                 for identity in actors:
                     service = GovernanceService(
-                        deployment, identity, policy_paths=[str(SEED_POLICY)]
+                        deployment, identity, policy_paths=[str(SEED_POLICY)], tools=[TERMS]
                     )
                     hosted.push_async_callback(service.close)
                     await service.start()
@@ -776,14 +976,16 @@ async def run_governance_bench(
     low_latency: str | None = None,
     tick: Progress | None = None,
 ) -> dict[str, Any]:
-    """Measure governance in process, against cedarpy, and over the bus; return the report.
+    """Measure governance in process, against cedarpy and the Agent Governance Toolkit, and
+    over the bus; return the report.
 
     The bus is measured as a deployment runs it: with this machine's CPUs held awake and
     nats-server on one Go thread when `low_latency` is ``on`` (see `CpuLatencyHold`), and
     then again as by default, in the same run (``without_low_latency``).
 
     Args:
-        decisions: timed decisions per in-process engine (seed, 100 policies, cedarpy),
+        decisions: timed decisions per in-process engine (seed, 100 policies, cedarpy, the
+            Agent Governance Toolkit on the seed, general rules, the Toolkit on those),
             rounded down to whole batches of 100 (at least one).
         intents: intents over the bus in each phase (latency, then throughput).
         low_latency: ``on`` or ``off``; default ``$GOVMESH_LOW_LATENCY``, else ``off``.
@@ -828,5 +1030,6 @@ async def run_governance_bench(
         "bus_p99_ms": report["bus_ms"]["p99"] <= _TARGETS["bus_p99_ms"],
         "decisions_per_s": report["decisions_per_s"] >= _TARGETS["decisions_per_s"],
         "speedup_vs_cedar": report["speedup_vs_cedar"] > _TARGETS["speedup_vs_cedar"],
+        "speedup_vs_agt": report["speedup_vs_agt"] > _TARGETS["speedup_vs_agt"],
     }
     return report

@@ -81,7 +81,8 @@ def bench_auth(agents: int, messages: int, warmup: int, json_path: Path | None) 
     default=100_000,
     show_default=True,
     type=click.IntRange(100),
-    help="Timed in-process decisions per engine (seed policy, 100 policies, cedarpy).",
+    help="Timed in-process decisions per engine (seed policy, 100 policies, general rules, "
+    "cedarpy, the Agent Governance Toolkit on the seed and on the general rules).",
 )
 @click.option(
     "--intents",
@@ -92,12 +93,13 @@ def bench_auth(agents: int, messages: int, warmup: int, json_path: Path | None) 
 )
 @json_option
 def bench_governance(decisions: int, intents: int, json_path: Path | None) -> None:
-    """Decision latency in process and over the bus, throughput, and cedarpy, in one run."""
+    """Decision latency in process and over the bus, throughput, cedarpy and the Agent
+    Governance Toolkit, in one run."""
     from govmesh.bench._governance import run_governance_bench
 
     with progress_bar(auto_refresh=False) as progress:
         timed = decisions // 100 * 100
-        task = progress.add_task("governance", total=3 * timed + 10 * intents)
+        task = progress.add_task("governance", total=6 * timed + 10 * intents)
         tick = phase_ticker(progress, task)
 
         report = run_async(run_governance_bench(decisions=decisions, intents=intents, tick=tick))
@@ -130,6 +132,30 @@ def bench_governance(decisions: int, intents: int, json_path: Path | None) -> No
         key="speedup_vs_cedar",
     )
     row("cedarpy disagreements", f"{report['cedar_disagreements']} / {report['cedar_compared']}")
+    agt, general, agt_general = (
+        report["agt_in_process_us"],
+        report["in_process_general_us"],
+        report["agt_general_us"],
+    )
+    row("Agent Governance Toolkit (AGT), us", f"{agt['p50']:.2f}", f"{agt['p99']:.2f}")
+    row(
+        "speedup vs AGT",
+        f"{report['speedup_vs_agt']:.1f}x",
+        target=f"> {targets['speedup_vs_agt']:g}x",
+        key="speedup_vs_agt",
+    )
+    row("general rules, us", f"{general['p50']:.2f}", f"{general['p99']:.2f}")
+    row(
+        "AGT, general rules, us",
+        f"{agt_general['p50']:.2f}",
+        f"{agt_general['p99']:.2f}",
+    )
+    row("speedup vs AGT, general rules", f"{report['speedup_vs_agt_general']:.1f}x")
+    row(
+        "AGT disagreements, seed; general",
+        f"{report['agt_disagreements']} / {report['agt_compared']}; "
+        f"{report['agt_general_disagreements']} / {report['agt_general_compared']}",
+    )
     bus, loaded = report["bus_ms"], report["bus_loaded_ms"]
     row(
         "bus intent to decision, ms",

@@ -34,6 +34,7 @@ from govmesh.governance._rules import (
     canonical_value,
     compile_pattern,
     value_order,
+    value_text,
 )
 
 __all__ = [
@@ -128,6 +129,60 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, dict=True):
     def denied_tool_set(self) -> frozenset[str] | None:
         """``denied_tools`` as a frozenset, built once, for constant-time membership."""
         return None if self.denied_tools is None else frozenset(self.denied_tools)
+
+    def explain(self) -> list[str]:
+        """The policy's rules in words, one line each, in the order they are checked; what
+        no rule denies or escalates is allowed."""
+        escalate = f"escalate to {self.escalation}"
+        lines: list[str] = []
+        if self.allowed_tools is not None:
+            lines.append(f"deny any tool but {value_text(self.allowed_tools)}")
+        if self.denied_tools is not None:
+            lines.append(f"deny the tools {value_text(self.denied_tools)}")
+        if self.rate_limit is not None:
+            rate = self.rate_limit
+            lines.append(
+                f"deny a call once {rate.calls} calls by the agent came in the last "
+                f"{value_text(rate.per_seconds)} s"
+            )
+        if self.reflection_loop_cap is not None:
+            lines.append(f"deny after more than {self.reflection_loop_cap} reflections")
+        if self.allowed_vendors is not None:
+            lines.append(
+                f"deny unless vendor is one of {value_text(self.allowed_vendors)} "
+                "(a call without one is denied)"
+            )
+        for rule in self.allowed_values:
+            lines.append(
+                f"deny unless {rule.arg} is one of {value_text(rule.values)} "
+                f"(a call without one is denied)"
+            )
+        for rule in self.denied_values:
+            lines.append(f"deny when {rule.arg} is one of {value_text(rule.values)}")
+        for kind, conditions in (("deny", self.deny_if), (escalate, self.escalate_if)):
+            for condition in conditions:
+                why = f": {condition.reason}" if condition.reason else ""
+                lines.append(f"{kind} when {condition.arg} {condition.relation}{why}")
+        if self.spending_limit_usd is not None:
+            lines.append(
+                "deny when the spend plus the workflow's committed spend is over "
+                f"{value_text(self.spending_limit_usd)} USD"
+            )
+        if self.daily_limit_usd is not None:
+            lines.append(
+                "deny when the spend plus the agent's spend today (UTC) is over "
+                f"{value_text(self.daily_limit_usd)} USD"
+            )
+        if self.require_approval_if_over is not None:
+            lines.append(
+                f"{escalate} when the spend is over {value_text(self.require_approval_if_over)} USD"
+            )
+        if self.approval_expiry_s != DEFAULT_APPROVAL_EXPIRY_S or self.on_expiry != "deny":
+            lines.append(
+                f"an escalation unanswered for {value_text(self.approval_expiry_s)} s "
+                f"becomes {self.on_expiry}"
+            )
+        return lines
 
     @functools.cached_property
     def reads_args(self) -> bool:
