@@ -20,7 +20,7 @@ from govmesh.governance._actor import GovernanceService
 from govmesh.llm import ModelRequest, ModelResponse, SimulatedModel, SimulatedModelSettings
 
 from _agents import MODEL, PRICES, mesh
-from _deploy import ERP_TERMS, Coordinator, deployment
+from _deploy import Coordinator, deployment
 from _shipping import POLICY, ROLE, Shipment, ship
 from procurement.tools import create_purchase_order
 

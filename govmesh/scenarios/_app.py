@@ -165,10 +165,9 @@ class App:
         where = f"{source}: " if source else f"app {name!r}: "
         self._where = where
         self.search_path = tuple(str(Path(p).resolve()) for p in path)
+        # Resolved against the working directory now, checked when the app runs: the actors
+        # import the module that makes the app, in directories of their own.
         self.policies = tuple(str(Path(p).resolve()) for p in policies)
-        for i, policy in enumerate(self.policies):
-            if not Path(policy).is_file():
-                raise ConfigError(f"{where}policies[{i}]: file not found: {policy!r}")
         self.prices = _prices(prices, where)
         self.approvals = _convert(approvals or {}, Approvals, where + "approvals")
         self.clock = ClockSpec(speed=clock_speed)
@@ -195,6 +194,18 @@ class App:
         self.entry = next(m for m in self.members if m.entry)
         self._workload = workload
         self._kinds = _handlers(self.entry.cls)
+
+    def check_files(self) -> None:
+        """Check that the policy files are there, before anything starts.
+
+        Raises:
+            ConfigError: one is not, named by its index and path.
+        """
+        if not self.policies:
+            raise ConfigError(f"{self._where}policies: an app needs a policy file")
+        for i, policy in enumerate(self.policies):
+            if not Path(policy).is_file():
+                raise ConfigError(f"{self._where}policies[{i}]: file not found: {policy!r}")
 
     @property
     def agent_ids(self) -> tuple[str, ...]:

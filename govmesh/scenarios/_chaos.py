@@ -282,6 +282,7 @@ async def run_chaos(
         loaded = load_app(ref, app_dir=app_dir)
     else:
         loaded = scenario_app(str(path))
+    loaded.check_files()
     manifest = RunManifest(
         run_id=new_run_id(),
         scenario=str(Path(path).resolve()) if path is not None else "",

@@ -155,6 +155,7 @@ async def run_workflows(
             in flight, costliest first (a live view).
     """
     started = time.perf_counter()
+    app.check_files()
     run_id = run_id or new_run_id()
     prior = _prior_forecast(history, app.name, workflows, seed=seed)
     starts = app.starts(workflows, seed=seed)
@@ -822,6 +823,7 @@ async def run_scenario(
     if not resume:
         # A bad scenario or app fails before anything starts.
         loaded = app if isinstance(app, App) else load_app_of(asked)
+        loaded.check_files()
     what = f"govmesh run {path or ref or (loaded.name if loaded else run_id)}"
     async with deploy(asked, app=loaded, resume=resume, what=what, phase=phase) as up:
         m = up.manifest
