@@ -97,16 +97,7 @@ def load_agent(ref: str, *, search_path: Iterable[str] = ()) -> type[Agent]:
     Raises:
         ConfigError: no such class, or not a `govmesh.Agent`; the message quotes ``ref``.
     """
-    if ":" in ref:
-        found = load_object(ref, search_path=search_path, what="agent class")
-    else:
-        known = installed_plugins().agents
-        if ref not in known:
-            raise ConfigError(
-                f"no installed plugin gives an agent {ref!r} (they give {sorted(known)!r}); "
-                "name a class as 'package.module:Class'"
-            )
-        found = known[ref]
+    found = _named(ref, installed_plugins().agents, "agent class", search_path)
     if not (isinstance(found, type) and issubclass(found, Agent)):
         raise ConfigError(f"{ref!r} is {found!r}, not a govmesh.Agent class")
     return found
@@ -118,19 +109,22 @@ def load_tool(ref: str, *, search_path: Iterable[str] = ()) -> ToolSpec[Any, Any
     Raises:
         ConfigError: no such tool, or not a ``@govmesh.tool``; the message quotes ``ref``.
     """
-    if ":" in ref:
-        found = load_object(ref, search_path=search_path, what="tool")
-    else:
-        known = installed_plugins().tools
-        if ref not in known:
-            raise ConfigError(
-                f"no installed plugin gives a tool {ref!r} (they give {sorted(known)!r}); "
-                "name a tool as 'package.module:tool'"
-            )
-        found = known[ref]
+    found = _named(ref, installed_plugins().tools, "tool", search_path)
     if not isinstance(found, ToolSpec):
         raise ConfigError(f"{ref!r} is {found!r}, not a @govmesh.tool")
     return found
+
+
+def _named(ref: str, known: Mapping[str, Any], what: str, search_path: Iterable[str]) -> Any:
+    """What ``ref`` names: a path (it has a colon), else a name a plugin gives."""
+    if ":" in ref:
+        return load_object(ref, search_path=search_path, what=what)
+    if ref not in known:
+        raise ConfigError(
+            f"no installed plugin gives a {what} {ref!r} (they give {sorted(known)!r}); "
+            f"name it by path, as 'package.module:name'"
+        )
+    return known[ref]
 
 
 def main_script() -> Path | None:
