@@ -55,10 +55,17 @@ class Scribe(govmesh.Agent):
 
     @govmesh.handler
     async def take(self, wf: govmesh.Workflow, note: Note) -> Noted:
+        await wf.think(f"Word the note {note.text!r}", key="word")
         noted = await wf.call_tool(write_note, note, step=1)
         if self.dry_s:
             await wf.sleep("ink", self.dry_s)  # a durable timer: a workflow stays in flight
         return noted
+
+
+def thinker() -> govmesh.SimulatedModel:
+    """The scribe's model: a factory of the user's own, called in the scribe's actor."""
+    settings = govmesh.SimulatedModelSettings(error_probability=0.0)
+    return govmesh.SimulatedModel(settings, seed=1)
 
 
 class Notes:
@@ -75,6 +82,7 @@ app = govmesh.App(
     "notes",
     agents=[govmesh.AgentDef(agent=Scribe, options={"dry_s": 1.0})],
     tools=[write_note],
+    model=thinker,
     policies=[POLICY],
     prices={"simulated-small": {"input_per_1k": 0.003, "output_per_1k": 0.015}},
     workload=Notes(pages=2),

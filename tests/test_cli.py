@@ -431,7 +431,14 @@ def test_an_app_of_the_users_own_module_runs_and_survives_chaos(tmp_path: Path) 
     assert report["scenario"] == "notes"
     assert report["workflows"] == {"total": 4, "finished": 4, "results": {"completed": 4}}
     assert report["decisions"]["allow"] == 4
-    assert report["agents"]["scribe-1"]["class"] == "Scribe"
+    assert report["agents"]["scribe-1"] == {
+        "class": "Scribe",
+        "role": "Scribe",
+        "entry": True,
+        "model": {"name": "thinker", "simulated": False},
+    }
+    # The user's model factory was called in the scribe's actor: one model call a workflow.
+    assert report["model_calls"] == {"reported_by_agents": 4, "counted_by_budget": 4}
     shown = report["calls"]["notes.write"]["shown"]
     assert shown == {"text": {"values": {f"note 1-{i}": 1 for i in range(4)}}}
     assert "first call: notes.write" in ran.stdout

@@ -21,6 +21,7 @@ from govmesh.forecasting import BudgetService
 from govmesh.governance._actor import GovernanceService
 from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest
 from govmesh.identity import EnrolRequest, Grant, Identity, Issuer, MemberKeys, certify
+from govmesh.llm import SimulatedModelSettings
 from govmesh.observability._service import AuditService
 from govmesh.roles import AUDITOR_ROLE, GOVERNANCE_ROLE, OPERATOR_ROLE
 from govmesh.runtime import Member, Transport
@@ -145,6 +146,7 @@ class Swarm:
             )
         self.transport = transport
         self._members: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._user_factories: set[str] = set()
         self._specs = self._plan(governance_actors)
         self._actors: dict[str, Any] = {}
         self._local: dict[str, Service] = {}
@@ -219,6 +221,9 @@ class Swarm:
             )
             for agent in app.members
         ]
+        self._user_factories = {
+            m.id for m in app.members if not isinstance(m.model, SimulatedModelSettings)
+        }
         for _, _, kwargs in specs:
             kwargs["deployment"] = dep
         return specs
@@ -259,15 +264,17 @@ class Swarm:
                 keys.accept(self._grant(name, keys.request()), self.deployment)
             await asyncio.gather(*(svc.start() for svc in self._local.values()))
             return
-        options: dict[str, Any] = {"name": None}
-        if self.app.search_path:
-            # User modules must import in every actor before its arguments are unpickled
-            # (an agent class, a tool, a model factory), so they go on the worker's path.
-            path = [*self.app.search_path, os.environ.get("PYTHONPATH", "")]
-            options["runtime_env"] = {
-                "env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, path))}
-            }
+        # Agent classes and tools travel by path and are imported in their actor, after
+        # it puts the app's folders on its path. A model factory of the user's travels by
+        # reference to its module, which must import before the actor's arguments are
+        # unpickled: that actor's worker gets the folders on PYTHONPATH (a worker of its
+        # own, which costs a second or so to start, so only where it is needed).
+        path = [*self.app.search_path, os.environ.get("PYTHONPATH", "")]
+        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, path))}}
         for name, service_type, kwargs in self._specs:
+            options: dict[str, Any] = {"name": None}
+            if self.app.search_path and name in self._user_factories:
+                options["runtime_env"] = env
             self._actors[name] = ServiceActor.options(**options).remote(  # type: ignore[attr-defined]
                 service_type, kwargs, member_id=name, role=self._members[name][0]
             )
