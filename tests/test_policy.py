@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -1094,3 +1097,51 @@ def test_corrupted_seed_is_parsed_or_rejected_with_a_policy_error(at: int, junk:
     except PolicyError as error:
         assert error.line is not None
         assert 1 <= error.line <= SEED.count("\n") + junk.count("\n") + 2
+
+
+# --- govmesh policy ---------------------------------------------------------------------------
+
+
+def _policy_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "govmesh.cli", "policy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def test_policy_explain_says_what_each_rule_on_arguments_decides(tmp_path: Path) -> None:
+    expenses = tmp_path / "expenses.yaml"
+    expenses.write_text(EXPENSES)
+
+    run = _policy_command("explain", str(SEED_FILE), str(expenses))
+
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "role Expense-Agent: 1 policy" in lines
+    for line in (
+        "deny any tool but ['ledger.pay_expense']",
+        "deny unless currency is one of ['EUR', 'USD'] (a call without one is denied)",
+        "deny when category is one of ['gift_cards']",
+        "deny when memo matches '(?i)cash advance'",
+        "escalate to human_review when amount_usd is over 1000",
+        "escalate to human_review when category is one of ['entertainment', 'travel']: "
+        "travel and entertainment need a manager",
+        "escalate to human_review when the spend is over 5000 USD",
+    ):
+        assert f"    - {line}" in lines
+    assert lines[-1] == f"policy hash {load_policies([SEED_FILE, expenses]).hash}"
+
+
+def test_policy_check_names_the_line_of_a_pattern_that_does_not_compile(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(expenses_line(12, '    - {arg: memo, matches: "[bold]cash(?=advance)"}'))
+
+    run = _policy_command("check", str(bad))
+
+    assert run.returncode == 2
+    message = " ".join(run.stdout.split() + run.stderr.split())
+    assert f"{bad}:12: deny_if[0].matches is not a valid RE2 pattern" in message
+    assert "'[bold]cash(?=advance)'" in message
