@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from govmesh.governance import (
     load_policy_file,
     parse_policy_text,
 )
+from govmesh.governance._rules import ArgValues, Condition, Scalar, value_order
 
 ROLE = "Procurement-Agent-v2"
 SEED_FILE = Path(__file__).resolve().parents[1] / "policies" / "procurement-agent-v2.yaml"
@@ -659,6 +661,63 @@ SPENDS = st.sampled_from([0.0, 4000.0, 8000.0, 10000.0]) | st.floats(
 )
 
 
+# Rules on arguments. `vendor` is left to allowed_vendors: allowed_values for it is its sugar.
+RULE_ARGS = ["category", "memo", "qty"]
+NUMBERS = [-1.0, 0.0, 1.0, 2.5, 1000.0]
+VALUES: list[Scalar] = ["travel", "meals", "gift_cards", "1", 1.0, 2.5, True, False]
+# Patterns that mean the same to RE2 and to Python's re, which the reference uses.
+PATTERNS = ["(?i)cash advance", "^lunch$", "a|b", "[0-9]+"]
+OPERATORS = [
+    "over", "at_least", "under", "at_most", "equals", "not_equals", "in", "not_in", "matches"
+]  # fmt: skip
+ARG_VALUES = st.sampled_from(
+    [*VALUES, 1, 0, 1000, None, math.nan, math.inf, [1], "lunch", "CASH ADVANCE now", "b", "42"]
+)
+
+
+def value_lists() -> st.SearchStrategy[tuple[Scalar, ...]]:
+    return st.lists(st.sampled_from(VALUES), min_size=1, max_size=4, unique_by=value_order).map(
+        tuple
+    )
+
+
+@st.composite
+def conditions(draw: st.DrawFn, *, args: Sequence[str] = RULE_ARGS) -> Condition:
+    op = draw(st.sampled_from(OPERATORS))
+    arg = draw(st.sampled_from(args))
+    value: Scalar | tuple[Scalar, ...]
+    if op in ("over", "at_least", "under", "at_most"):
+        value = draw(st.sampled_from(NUMBERS))
+    elif op == "matches":
+        value = draw(st.sampled_from(PATTERNS))
+    elif op in ("in", "not_in"):
+        value = draw(value_lists())
+    else:
+        value = draw(st.sampled_from(VALUES))
+    reason = draw(st.sampled_from(["", "needs a manager"]))
+    return Condition(arg=arg, op=op, value=value, reason=reason)  # type: ignore[arg-type]
+
+
+# Raising amount_usd can only make these match: the amount law holds with them.
+AMOUNT_CONDITIONS = st.builds(
+    Condition,
+    arg=st.just("amount_usd"),
+    op=st.sampled_from(["over", "at_least"]),
+    value=st.sampled_from([0.0, 1000.0, 6000.0]),
+)
+# Mostly none, so that what one rule decides is not hidden by what another denies.
+CONDITIONS = st.just([]) | st.lists(
+    conditions() | AMOUNT_CONDITIONS, min_size=1, max_size=2, unique_by=lambda c: repr(c)
+)
+SOME_ARG_VALUES = st.sampled_from([(), (), ()]) | st.deferred(lambda: arg_values())
+
+
+@st.composite
+def arg_values(draw: st.DrawFn) -> tuple[ArgValues, ...]:
+    args = draw(st.lists(st.sampled_from(RULE_ARGS), unique=True, min_size=1, max_size=2))
+    return tuple(ArgValues(arg=arg, values=draw(value_lists())) for arg in sorted(args))
+
+
 @st.composite
 def policies(draw: st.DrawFn) -> Policy:
     limit = draw(st.none() | LIMITS)
@@ -692,6 +751,10 @@ def policies(draw: st.DrawFn) -> Policy:
         rate_limit=rate,
         approval_expiry_s=draw(st.sampled_from([DEFAULT_APPROVAL_EXPIRY_S, 60.0, 3600.0, 0.5])),
         on_expiry=draw(st.sampled_from(["deny", "allow"])),
+        allowed_values=draw(SOME_ARG_VALUES),
+        denied_values=draw(SOME_ARG_VALUES),
+        escalate_if=tuple(draw(CONDITIONS)),
+        deny_if=tuple(draw(CONDITIONS)),
     )
 
 
@@ -709,6 +772,13 @@ def intents(draw: st.DrawFn, *, roles: Sequence[str] = (*AGENTS, "Unknown-Role")
         args["vendor"] = vendor
     if draw(st.booleans()):
         args["note"] = draw(st.text(max_size=5))
+    fee = draw(st.sampled_from([MISSING]) | AMOUNTS | INVALID_AMOUNTS)
+    if fee is not MISSING:
+        args["fee_usd"] = fee
+    for name in RULE_ARGS:
+        value = draw(st.sampled_from([MISSING]) | ARG_VALUES)
+        if value is not MISSING:
+            args[name] = value
     return Intent(
         agent=draw(st.sampled_from(["agent-1", "agent-2"])),
         role=draw(st.sampled_from(roles)),
@@ -719,6 +789,8 @@ def intents(draw: st.DrawFn, *, roles: Sequence[str] = (*AGENTS, "Unknown-Role")
     )
 
 
+# None: decided before tools declared spend, when amount_usd was the spend.
+SPEND_ARGS = st.sampled_from([None, (), ("amount_usd",), ("amount_usd", "fee_usd"), ("fee_usd",)])
 CONTEXTS = st.builds(
     EvalContext,
     reflections=st.integers(min_value=0, max_value=35) | st.just(-1),
@@ -726,6 +798,7 @@ CONTEXTS = st.builds(
     now=st.floats(min_value=0, max_value=2e9),
     day_spend_usd=SPENDS | st.sampled_from([math.nan, -1.0, math.inf]),
     recent_calls=st.integers(min_value=0, max_value=8) | st.just(-1),
+    spend_args=SPEND_ARGS,
 )
 VALID_CONTEXTS = st.builds(
     EvalContext,
@@ -733,6 +806,7 @@ VALID_CONTEXTS = st.builds(
     workflow_spend_usd=st.floats(min_value=0, max_value=20000, allow_nan=False),
     day_spend_usd=SPENDS,
     recent_calls=st.integers(min_value=0, max_value=8),
+    spend_args=SPEND_ARGS,
 )
 
 
@@ -755,8 +829,24 @@ def to_yaml(items: Sequence[Policy]) -> str:
             body["rate_limit"] = msgspec.structs.asdict(policy.rate_limit)
         body["approval_expiry_s"] = policy.approval_expiry_s
         body["on_expiry"] = policy.on_expiry
+        for key in ("allowed_values", "denied_values"):
+            rules: tuple[ArgValues, ...] = getattr(policy, key)
+            if rules:
+                body[key] = {rule.arg: list(rule.values) for rule in rules}
+        for key in ("escalate_if", "deny_if"):
+            listed: tuple[Condition, ...] = getattr(policy, key)
+            if listed:
+                body[key] = [condition_body(c) for c in listed]
         documents.append(yaml.safe_dump({"policy": body}, sort_keys=False))
     return "---\n".join(documents)
+
+
+def condition_body(condition: Condition) -> dict[str, Any]:
+    value = condition.value
+    body = {"arg": condition.arg, condition.op: list(value) if isinstance(value, tuple) else value}
+    if condition.reason:
+        body["reason"] = condition.reason
+    return body
 
 
 def compile_set(items: Sequence[Policy]) -> PolicySet:
@@ -780,16 +870,17 @@ def reference(items: Sequence[Policy], intent: Intent, ctx: EvalContext) -> Expe
     if not mine:
         return DENY
 
-    has_amount = "amount_usd" in intent.args
-    amount: Any = intent.args.get("amount_usd")
+    spend_args = ("amount_usd",) if ctx.spend_args is None else ctx.spend_args
+    given = [intent.args[name] for name in spend_args if name in intent.args]
+    has_amount = bool(given)
+    amount_ok = all(
+        type(value) in (int, float) and math.isfinite(value) and value >= 0 for value in given
+    )
+    amount: Any = sum(given) if amount_ok else None
     vendor = intent.args.get("vendor")
     spend = ctx.workflow_spend_usd
-    amount_ok = (
-        type(amount) in (int, float) and math.isfinite(amount) and amount >= 0
-        if has_amount
-        else True
-    )
-    vendor_ok = vendor is None or isinstance(vendor, str)
+    # Before tools declared spend, a vendor had to be a string whatever the policy said.
+    vendor_ok = ctx.spend_args is not None or vendor is None or isinstance(vendor, str)
     day_spend = ctx.day_spend_usd
     context_ok = (
         math.isfinite(spend)
@@ -816,6 +907,7 @@ def reference(items: Sequence[Policy], intent: Intent, ctx: EvalContext) -> Expe
         over_rate = policy.rate_limit is not None and ctx.recent_calls >= policy.rate_limit.calls
         daily = policy.daily_limit_usd
         over_day = has_amount and daily is not None and amount + day_spend > daily
+        args_deny, args_escalate = judge_args(policy, intent.args)
         if (
             over_cap
             or bad_vendor
@@ -824,9 +916,10 @@ def reference(items: Sequence[Policy], intent: Intent, ctx: EvalContext) -> Expe
             or tool_unlisted
             or over_rate
             or over_day
+            or args_deny
         ):
             decisions.append(("deny", None))
-        elif needs_approval:
+        elif needs_approval or args_escalate:
             decisions.append(("escalate", policy.escalation))
         else:
             decisions.append(("allow", None))
@@ -838,11 +931,68 @@ def reference(items: Sequence[Policy], intent: Intent, ctx: EvalContext) -> Expe
         return Expected(
             "escalate",
             {target for outcome, target in decisions if outcome == "escalate"},
-            (OBLIGATION_AWAIT_APPROVAL, OBLIGATION_RECORD_SPEND),
+            (OBLIGATION_AWAIT_APPROVAL, OBLIGATION_RECORD_SPEND)
+            if has_amount
+            else (OBLIGATION_AWAIT_APPROVAL,),
             min(policy.approval_expiry_s for policy in mine),
             "allow" if all(policy.on_expiry == "allow" for policy in mine) else "deny",
         )
     return Expected("allow", {None}, (OBLIGATION_RECORD_SPEND,) if has_amount else (), None, "deny")
+
+
+def is_number(value: object) -> bool:
+    return type(value) in (int, float)
+
+
+def same(a: object, b: object) -> bool:
+    """Equal as a policy means it: of one kind (string, boolean, number) and equal."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is bool and type(b) is bool and a == b
+    if isinstance(a, str) or isinstance(b, str):
+        return isinstance(a, str) and isinstance(b, str) and a == b
+    return is_number(a) and is_number(b) and a == b
+
+
+def matches(condition: Condition, value: object) -> bool | None:
+    """Whether a condition matches a present argument; None when it cannot read it."""
+    op, bound = condition.op, condition.value
+    if op in ("over", "at_least", "under", "at_most"):
+        if not (is_number(value) and math.isfinite(value)):  # type: ignore[arg-type]
+            return None
+        number: Any = value
+        return {
+            "over": number > bound,
+            "at_least": number >= bound,
+            "under": number < bound,
+            "at_most": number <= bound,
+        }[op]
+    if op == "matches":
+        return re.search(str(bound), value) is not None if isinstance(value, str) else None
+    listed = bound if isinstance(bound, tuple) else (bound,)
+    found = any(same(value, item) for item in listed)
+    return found if op in ("equals", "in") else not found
+
+
+def judge_args(policy: Policy, args: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether the policy's rules on arguments deny, and whether they escalate."""
+    deny = any(
+        rule.arg not in args or not any(same(args[rule.arg], v) for v in rule.values)
+        for rule in policy.allowed_values
+    ) or any(
+        rule.arg in args and any(same(args[rule.arg], v) for v in rule.values)
+        for rule in policy.denied_values
+    )
+    escalate = False
+    for kind, listed in (("deny", policy.deny_if), ("escalate", policy.escalate_if)):
+        for condition in listed:
+            if condition.arg not in args:
+                continue
+            hit = matches(condition, args[condition.arg])
+            if hit is None or (hit and kind == "deny"):
+                deny = True
+            elif hit:
+                escalate = True
+    return deny, escalate
 
 
 @settings(max_examples=2000, deadline=None)
@@ -865,6 +1015,61 @@ def test_evaluator_agrees_with_the_reference_on_random_intents(
         assert len(set(verdict.reasons)) == len(verdict.reasons)
 
 
+RULES_ALONE = (
+    conditions().map(lambda c: {"deny_if": (c,)})
+    | conditions().map(lambda c: {"escalate_if": (c,)})
+    | arg_values().map(lambda rules: {"allowed_values": rules})
+    | arg_values().map(lambda rules: {"denied_values": rules})
+)
+
+
+def named_values(rule: dict[str, Any]) -> list[object]:
+    """The values a rule names, and their look-alikes of other kinds: where it decides."""
+    (listed,) = rule.values()
+    named: list[object] = []
+    for item in listed:
+        value = item.value if isinstance(item, Condition) else item.values
+        for scalar in value if isinstance(value, tuple) else (value,):
+            named += [scalar, str(scalar)]
+            if isinstance(scalar, float):
+                named += [int(scalar), scalar + 0.5, scalar - 0.5]
+            if isinstance(scalar, bool):
+                named.append(int(scalar))
+    return named
+
+
+@st.composite
+def rule_and_args(draw: st.DrawFn) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    rule = draw(RULES_ALONE)
+    near = st.sampled_from(named_values(rule))
+    cases = []
+    for _ in range(draw(st.integers(min_value=1, max_value=8))):
+        args = {}
+        for name in RULE_ARGS:
+            value = draw(st.sampled_from([MISSING]) | ARG_VALUES | near | near)
+            if value is not MISSING:
+                args[name] = value
+        cases.append(args)
+    return rule, cases
+
+
+@settings(max_examples=1500, deadline=None)
+@given(rule_and_args())
+def test_each_rule_on_arguments_decides_as_the_reference_alone(
+    case: tuple[dict[str, Any], list[dict[str, Any]]],
+) -> None:
+    rule, cases = case
+    policy = Policy(agent=ROLE, **rule)
+    compiled = compile_set([policy])
+    ctx = EvalContext(spend_args=())
+    for args in cases:
+        verdict = evaluate(compiled, purchase(**args), ctx)
+        deny, escalate = judge_args(policy, args)
+
+        expected = "deny" if deny else "escalate" if escalate else "allow"
+        assert verdict.outcome == expected, (rule, args, verdict)
+
+
 @settings(max_examples=300, deadline=None)
 @given(POLICY_LISTS, intents(), CONTEXTS)
 def test_evaluate_is_deterministic(items: list[Policy], intent: Intent, ctx: EvalContext) -> None:
@@ -872,10 +1077,13 @@ def test_evaluate_is_deterministic(items: list[Policy], intent: Intent, ctx: Eva
     recompiled = compile_set(items)
     replayed = msgspec.msgpack.decode(msgspec.msgpack.encode(intent), type=Intent)
 
+    # As a decision record carries it: replay needs nothing but the record.
+    recorded = msgspec.msgpack.decode(msgspec.msgpack.encode(ctx), type=EvalContext)
+
     first = evaluate(compiled, intent, ctx)
 
     assert evaluate(compiled, intent, ctx) == first
-    assert evaluate(recompiled, replayed, ctx) == first
+    assert evaluate(recompiled, replayed, recorded) == first
     assert evaluate(compiled, intent, msgspec.structs.replace(ctx, now=ctx.now + 86400)) == first
 
 
@@ -926,7 +1134,8 @@ def test_more_spend_reflections_day_spend_or_calls_never_relaxes_a_verdict(
 ) -> None:
     more_spend, more_loops, more_day_spend, more_calls = more
     compiled = compile_set(items)
-    later = EvalContext(
+    later = msgspec.structs.replace(
+        ctx,
         reflections=ctx.reflections + more_loops,
         workflow_spend_usd=ctx.workflow_spend_usd + more_spend,
         now=ctx.now + 1,
@@ -1052,3 +1261,289 @@ def test_budget_authority_counts_the_agents_spend_today() -> None:
     )
     # Recorded before the authority was cumulative: not checked.
     assert under(1e9, authority=None).outcome == "allow"
+
+
+# --- rules on arguments and declared spend ----------------------------------------------------
+
+EXPENSES = parse_policy_text(
+    """\
+policy:
+  agent: Expense-Agent
+  allowed_tools: [ledger.pay_expense]
+  allowed_values:
+    currency: [USD, EUR]
+  denied_values:
+    category: [gift_cards]
+  escalate_if:
+    - {arg: category, in: [travel, entertainment], reason: travel and entertainment need a manager}
+    - {arg: amount_usd, over: 1000}
+  deny_if:
+    - {arg: memo, matches: "(?i)cash advance"}
+""",
+    source="expenses.yaml",
+)
+
+
+def claim(**args: Any) -> Intent:
+    body = {"category": "meals", "currency": "USD", "amount_usd": 40, "memo": "lunch", **args}
+    return Intent(
+        agent="expenses-1",
+        role="Expense-Agent",
+        tool="ledger.pay_expense",
+        args={k: v for k, v in body.items() if v is not MISSING},
+        workflow="wf-1",
+        step=1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "outcome", "reasons"),
+    [
+        ({}, "allow", ("allowed by 1 policy for role 'Expense-Agent'",)),
+        (
+            {"category": "travel"},
+            "escalate",
+            (
+                "travel and entertainment need a manager: category 'travel' is one of "
+                "['entertainment', 'travel']",
+            ),
+        ),
+        ({"amount_usd": 1000}, "allow", None),
+        ({"amount_usd": 1000.01}, "escalate", ("escalate_if: amount_usd 1000.01 is over 1000",)),
+        ({"currency": "GBP"}, "deny", ("currency 'GBP' is not in allowed_values",)),
+        (
+            {"currency": MISSING},
+            "deny",
+            ("no currency given and the policy allows only listed values",),
+        ),
+        ({"category": "gift_cards"}, "deny", ("category 'gift_cards' is in denied_values",)),
+        (
+            {"memo": "a Cash Advance, please"},
+            "deny",
+            ("deny_if: memo 'a Cash Advance, please' matches '(?i)cash advance'",),
+        ),
+        ({"memo": MISSING}, "allow", None),
+        (
+            {"memo": 7},
+            "deny",
+            ("memo must be a string for deny_if matches '(?i)cash advance', got 7",),
+        ),
+        (
+            {"amount_usd": "5000"},
+            "deny",
+            ("amount_usd must be a number for escalate_if over 1000, got '5000'",),
+        ),
+        ({"category": "travel", "memo": "cash advance"}, "deny", None),
+    ],
+    ids=[
+        "meals_allow",
+        "travel_escalates_with_its_reason",
+        "amount_at_bound_allow",
+        "amount_over_bound_escalates",
+        "unlisted_currency_deny",
+        "missing_currency_deny",
+        "denied_category_deny",
+        "pattern_deny",
+        "missing_memo_allow",
+        "number_memo_cannot_be_searched_deny",
+        "string_amount_cannot_be_compared_deny",
+        "deny_over_escalate",
+    ],
+)
+def test_the_expense_policy_decides_as_written(
+    args: dict[str, Any], outcome: str, reasons: tuple[str, ...] | None
+) -> None:
+    # Non-monetary: the tool declares no spend, so nothing is spend or recorded as spent.
+    verdict = evaluate(EXPENSES, claim(**args), EvalContext(spend_args=()))
+
+    assert verdict.outcome == outcome, verdict
+    if reasons is not None:
+        assert verdict.reasons == reasons
+    assert OBLIGATION_RECORD_SPEND not in verdict.obligations
+
+
+# (operator, its value, the argument, whether the condition matches: None cannot read it)
+OPERATOR_CASES: list[tuple[str, Any, Any, bool | None]] = [
+    ("over", 10, 10.5, True),
+    ("over", 10, 10, False),
+    ("over", -5, -4, True),
+    ("at_least", 10, 10, True),
+    ("at_least", 10, 9.99, False),
+    ("under", 10, 9.99, True),
+    ("under", 10, 10, False),
+    ("at_most", 10, 10.0, True),
+    ("at_most", 10, 10.01, False),
+    ("over", 10, 10**400, True),
+    ("over", 10, "11", None),
+    ("over", 10, True, None),
+    ("under", 10, math.nan, None),
+    ("under", 10, -math.inf, None),
+    ("at_least", 10, None, None),
+    ("equals", "travel", "travel", True),
+    ("equals", "travel", "Travel", False),
+    ("equals", 3, 3.0, True),
+    ("equals", 3, "3", False),
+    ("equals", True, True, True),
+    ("equals", True, 1, False),
+    ("equals", 1, True, False),
+    ("equals", "x", ["x"], False),
+    ("not_equals", "travel", "meals", True),
+    ("not_equals", "travel", "travel", False),
+    ("not_equals", 1, True, True),
+    ("in", ["travel", "entertainment"], "entertainment", True),
+    ("in", ["travel", 2], 2.0, True),
+    ("in", ["travel", 2], "2", False),
+    ("in", [False], 0, False),
+    ("in", ["travel"], {"travel": 1}, False),
+    ("not_in", ["travel"], "meals", True),
+    ("not_in", ["travel"], "travel", False),
+    ("not_in", [0], False, True),
+    ("matches", "(?i)cash advance", "need a CASH ADVANCE", True),
+    ("matches", "^cash", "petty cash", False),
+    ("matches", "cash\\z", "petty cash", True),
+    ("matches", "[0-9]{4}", "card 1234", True),
+    ("matches", "cash", 1234, None),
+    ("matches", "cash", None, None),
+]
+
+
+@pytest.mark.parametrize(("op", "value", "arg", "matched"), OPERATOR_CASES)
+@pytest.mark.parametrize("kind", ["deny_if", "escalate_if"])
+def test_each_operator_decides_as_written(
+    kind: str, op: str, value: Any, arg: Any, matched: bool | None
+) -> None:
+    condition = yaml.safe_dump({"arg": "x", op: value}, default_flow_style=True).strip()
+    policies = parse_policy_text(f"policy:\n  agent: {ROLE}\n  {kind}:\n    - {condition}\n")
+
+    verdict = evaluate(policies, purchase(x=arg), EvalContext(spend_args=()))
+    absent = evaluate(policies, purchase(y=arg), EvalContext(spend_args=()))
+
+    hit = "deny" if kind == "deny_if" else "escalate"
+    assert verdict.outcome == {True: hit, False: "allow", None: "deny"}[matched], verdict
+    if matched is None:
+        (reason,) = verdict.reasons
+        assert reason.startswith(f"x must be a {'string' if op == 'matches' else 'number'}")
+    # A condition on an argument the intent does not have does not match.
+    assert absent.outcome == "allow"
+
+
+def test_a_backtracking_pattern_decides_in_linear_time() -> None:
+    # Python's re takes about 2**40 steps here: this test ends only because RE2 does not.
+    policies = parse_policy_text(
+        f"policy:\n  agent: {ROLE}\n  deny_if:\n    - {{arg: x, matches: '^(a+)+$'}}\n"
+    )
+
+    verdict = evaluate(policies, purchase(x="a" * 40 + "!"), EvalContext(spend_args=()))
+
+    assert verdict.outcome == "allow"
+
+
+def test_only_declared_spend_counts() -> None:
+    offer = purchase(vendor="Vendor_A", amount_usd=12_000, fee_usd=400)
+
+    undeclared = evaluate(SEED, offer, EvalContext(spend_args=()))
+    fee_only = evaluate(SEED, offer, EvalContext(spend_args=("fee_usd",)))
+    both = evaluate(SEED, offer, EvalContext(spend_args=("amount_usd", "fee_usd")))
+
+    # A counter-offer's amount is not money spent unless its tool says so.
+    assert (undeclared.outcome, undeclared.obligations) == ("allow", ())
+    assert (fee_only.outcome, fee_only.obligations) == ("allow", (OBLIGATION_RECORD_SPEND,))
+    assert both.outcome == "deny"
+    assert both.reasons == ("amount 12400 exceeds spending_limit_usd 10000",)
+
+
+def test_the_spend_of_several_arguments_is_their_sum_against_every_limit() -> None:
+    intent = purchase(vendor="Vendor_A", amount_usd=3000, fee_usd=2500)
+    ctx = EvalContext(spend_args=("amount_usd", "fee_usd"), budget_authority_usd=5000.0)
+
+    verdict = evaluate(SEED, intent, ctx)
+
+    assert (verdict.outcome, verdict.refused) == ("deny", "over_budget_authority")
+    assert "amount 5500 is over require_approval_if_over 5000" not in verdict.reasons
+
+
+def test_an_invalid_declared_spend_argument_is_denied_with_its_name() -> None:
+    verdict = evaluate(
+        SEED, purchase(vendor="Vendor_A", fee_usd=-3), EvalContext(spend_args=("fee_usd",))
+    )
+
+    assert verdict.reasons == ("fee_usd must be a non-negative number, got -3",)
+
+
+def test_a_record_from_before_declared_spend_replays_as_it_was_decided() -> None:
+    # Decided when amount_usd was the spend and a vendor had to be a string.
+    old = msgspec.msgpack.decode(msgspec.msgpack.encode({"reflections": 0}), type=EvalContext)
+    intent = purchase(vendor=42, amount_usd=7000)
+
+    assert old.spend_args is None
+    assert evaluate(SEED, intent, old).reasons == ("vendor must be a string, got 42",)
+    assert evaluate(SEED, purchase(vendor="Vendor_A", amount_usd=7000), old).outcome == "escalate"
+    # Decided now: the seed restricts vendors, and 42 is not one of them.
+    now = evaluate(SEED, intent, EvalContext(spend_args=("amount_usd",)))
+    assert now.reasons == ("vendor 42 is not in allowed_vendors",)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    POLICY_LISTS,
+    st.data(),
+    intents(roles=AGENTS),
+    CONTEXTS,
+)
+def test_adding_a_rule_on_arguments_to_a_policy_never_relaxes_a_verdict(
+    items: list[Policy], data: st.DataObject, intent: Intent, ctx: EvalContext
+) -> None:
+    index = data.draw(st.integers(min_value=0, max_value=len(items) - 1))
+    policy = items[index]
+    kind = data.draw(st.sampled_from(["deny_if", "escalate_if", "allowed_values", "denied_values"]))
+    if kind in ("deny_if", "escalate_if"):
+        extra: Any = data.draw(conditions())
+        if extra in getattr(policy, kind):
+            return
+    else:
+        extra = data.draw(arg_values())[0]
+        if any(rule.arg == extra.arg for rule in getattr(policy, kind)):
+            return
+    stricter = msgspec.structs.replace(policy, **{kind: (*getattr(policy, kind), extra)})
+
+    before = evaluate(compile_set(items), intent, ctx).outcome
+    after = evaluate(compile_set([*items[:index], stricter, *items[index + 1 :]]), intent, ctx)
+
+    assert RANK[before] <= RANK[after.outcome]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    POLICY_LISTS,
+    st.lists(st.tuples(intents(), CONTEXTS), min_size=1, max_size=5),
+    st.randoms(use_true_random=False),
+)
+def test_the_order_of_conditions_and_values_changes_nothing(
+    items: list[Policy], cases: list[tuple[Intent, EvalContext]], rng: random.Random
+) -> None:
+    def shuffled(policy: Policy) -> Policy:
+        def mix(values: tuple[Any, ...]) -> tuple[Any, ...]:
+            return tuple(rng.sample(values, k=len(values)))
+
+        return msgspec.structs.replace(
+            policy,
+            escalate_if=mix(policy.escalate_if),
+            deny_if=mix(
+                tuple(
+                    msgspec.structs.replace(c, value=mix(c.value))
+                    if isinstance(c.value, tuple)
+                    else c
+                    for c in policy.deny_if
+                )
+            ),
+            allowed_values=mix(
+                tuple(ArgValues(arg=r.arg, values=mix(r.values)) for r in policy.allowed_values)
+            ),
+        )
+
+    original = compile_set(items)
+    variant = compile_set([shuffled(policy) for policy in items])
+
+    assert variant.hash == original.hash
+    for intent, ctx in cases:
+        assert evaluate(variant, intent, ctx) == evaluate(original, intent, ctx)

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from govmesh.bus import Bus, Delivery
@@ -44,7 +45,14 @@ async def governed(tmp_path, secure_nats, redis_server, prefix):
         yield parts
 
 
-async def _running(tmp_path, secure_nats, redis_server, prefix):
+@pytest.fixture
+async def untermed(tmp_path, secure_nats, redis_server, prefix):
+    """As `governed`, with governance told no tool's terms."""
+    async for parts in _running(tmp_path, secure_nats, redis_server, prefix, tools=()):
+        yield parts
+
+
+async def _running(tmp_path, secure_nats, redis_server, prefix, *, tools=(ERP_TERMS,)):
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
     policy = tmp_path / "policy.yaml"
@@ -54,7 +62,7 @@ async def _running(tmp_path, secure_nats, redis_server, prefix):
         issuer.identity("governance-1", "governance"),
         policy_paths=[str(policy)],
         reload_interval_s=0.05,
-        tools=[ERP_TERMS],
+        tools=tools,
     )
     await governance.start()
     agent = await Bus.connect(
@@ -71,11 +79,11 @@ async def _running(tmp_path, secure_nats, redis_server, prefix):
     )
     await agent.flush()
 
-    async def decide(workflow: str, amount: float = ARGS["amount_usd"]) -> Decision:
+    async def decide(workflow: str, amount: float = ARGS["amount_usd"], **args: object) -> Decision:
         await coordinator.start(workflow)
         await agent.publish(
             agent.subjects.intent("proc-1"),
-            ToolIntent(tool=ERP_CREATE_PO, args={**ARGS, "amount_usd": amount}, step=1),
+            ToolIntent(tool=ERP_CREATE_PO, args={**ARGS, "amount_usd": amount, **args}, step=1),
             workflow=workflow,
         )
         return await asyncio.wait_for(decisions.get(), 10)
@@ -106,6 +114,63 @@ async def test_an_edited_policy_file_takes_effect_without_a_restart(running) -> 
 
     assert second.outcome == "escalate"
     assert second.policy_hash == governance.policies.hash != first.policy_hash
+
+
+GENERAL = SEED.replace(
+    "  escalation: human_review\n",
+    "  escalation: human_review\n"
+    "  escalate_if:\n"
+    "    - {arg: item, matches: '(?i)server', reason: servers need IT's approval}\n"
+    "  deny_if:\n"
+    "    - {arg: quantity, over: 100}\n",
+)
+
+
+async def test_rules_on_arguments_decide_on_the_bus_and_replay_from_the_record_alone(
+    governed,
+) -> None:
+    from govmesh.governance._replay import DecisionRecord, decisions_key, replay
+
+    policy, governance, decide, redis, key_prefix, _ = governed
+    policy.write_text(GENERAL)
+    await _wait_for(lambda: governance.reloads == 1)
+
+    plain = await decide("wf-1")
+    server = await decide("wf-2", item="Rack SERVERS")
+    bulk = await decide("wf-3", quantity=500)
+
+    assert (plain.outcome, server.outcome, bulk.outcome) == ("allow", "escalate", "deny")
+    assert server.reasons == (
+        "servers need IT's approval: item 'Rack SERVERS' matches '(?i)server'",
+    )
+    assert bulk.reasons == ("deny_if: quantity 500 is over 100",)
+    # The approval shows what the tool declares to show, not every argument.
+    (request,) = await governance.approvals.pending()
+    assert request.shown == {"vendor": "Vendor_A", "amount_usd": 3000.0}
+    assert request.args["item"] == "Rack SERVERS"
+    # Each record names the spend arguments it was decided on: replay needs no tool's terms.
+    rows = await redis.xrange(decisions_key(key_prefix))
+    records = [msgspec.msgpack.decode(f[b"record"], type=DecisionRecord) for _, f in rows]
+    assert {r.context.spend_args for r in records} == {("amount_usd",)}
+    report = await replay(redis, prefix=key_prefix)
+    assert (report.decisions, report.matched, report.mismatches) == (3, 3, [])
+
+
+async def test_a_tool_that_declares_no_spend_spends_nothing(untermed) -> None:
+    from govmesh.governance._replay import DecisionRecord, decisions_key, replay
+
+    _, governance, decide, redis, key_prefix, _ = untermed
+
+    # Over the seed's spending limit, were amount_usd spend: its tool does not say so.
+    decision = await decide("wf-1", amount=20_000.0)
+
+    assert decision.outcome == "allow"
+    assert decision.obligations == ()
+    assert await redis.hget(governance.key("spend"), "wf-1") is None
+    ((_, fields),) = await redis.xrange(decisions_key(key_prefix))
+    record = msgspec.msgpack.decode(fields[b"record"], type=DecisionRecord)
+    assert record.context.spend_args == ()
+    assert (await replay(redis, prefix=key_prefix)).matched == 1
 
 
 async def test_a_broken_edit_keeps_the_policy_in_force(running) -> None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -21,6 +26,7 @@ from govmesh.governance import (
     load_policy_file,
     parse_policy_text,
 )
+from govmesh.governance._rules import ArgValues, Condition, value_order
 
 # Written as escapes so the source shows which look-alike character each test pastes.
 EN_DASH = "\u2013"
@@ -46,6 +52,25 @@ policy:
 # The canonical form is a contract: state snapshots and audit records store this hash, so a
 # change here must be deliberate (and bump the canonical format version).
 SEED_HASH = "0bef41ba7c205e13bbee15ebdca3e0ac696fca68e1974525221cb35def1544e3"
+STRICT_HASH = "c3451f4f260bc0603a7f0e3525ab54e1b19138d0a2be169385d08ba788dbfbba"
+SEED_AND_STRICT_HASH = "3111f3b7572348af743f583cab0a2f0895432baacae879a90647a5c266a9ff06"
+
+EXPENSES = """\
+policy:
+  agent: Expense-Agent
+  allowed_tools: [ledger.pay_expense]
+  allowed_values:
+    currency: [USD, EUR]
+  denied_values:
+    category: [gift_cards]
+  escalate_if:
+    - {arg: category, in: [travel, entertainment], reason: travel and entertainment need a manager}
+    - {arg: amount_usd, over: 1000}
+  deny_if:
+    - {arg: memo, matches: "(?i)cash advance"}
+"""
+# The rules on arguments are part of the hash: pinned like the seed's.
+EXPENSES_HASH = "5cbc3b6643b3cfbe692a6c6fc63e6005af55f4d23605b314fb1de2306c4176fa"
 
 
 def seed_policy(source: str) -> Policy:
@@ -67,6 +92,116 @@ def test_seed_policy_file_loads_as_written_with_exact_values() -> None:
     assert type(policies.policies[0].spending_limit_usd) is float
     assert type(policies.policies[0].reflection_loop_cap) is int
     assert policies.hash == SEED_HASH
+
+
+def test_the_seed_policy_files_keep_their_hashes_under_the_general_language() -> None:
+    # Hashes of the files as they were before rules on arguments existed: snapshots and
+    # audit records store them.
+    assert load_policy_file(SEED_FILE).hash == SEED_HASH
+    assert load_policy_file(STRICT_FILE).hash == STRICT_HASH
+    assert load_policies([SEED_FILE, STRICT_FILE]).hash == SEED_AND_STRICT_HASH
+
+
+def test_rules_on_arguments_load_with_exact_values() -> None:
+    (policy,) = parse_policy_text(EXPENSES, source="expenses.yaml").policies
+
+    assert policy.allowed_values == (ArgValues(arg="currency", values=("EUR", "USD")),)
+    assert policy.denied_values == (ArgValues(arg="category", values=("gift_cards",)),)
+    assert policy.escalate_if == (
+        Condition(arg="amount_usd", op="over", value=1000.0),
+        Condition(
+            arg="category",
+            op="in",
+            value=("entertainment", "travel"),
+            reason="travel and entertainment need a manager",
+        ),
+    )
+    assert policy.deny_if == (Condition(arg="memo", op="matches", value="(?i)cash advance"),)
+    assert parse_policy_text(EXPENSES).hash == EXPENSES_HASH
+
+
+def test_patterns_and_value_sets_are_built_when_the_policy_loads() -> None:
+    (policy,) = parse_policy_text(EXPENSES).policies
+
+    # No decision pays for compiling a pattern or building a set.
+    assert all("test" in vars(c) for c in (*policy.escalate_if, *policy.deny_if))
+    assert all("members" in vars(r) for r in (*policy.allowed_values, *policy.denied_values))
+
+
+def test_allowed_values_of_vendor_names_is_the_seeds_allowed_vendors() -> None:
+    sugar = SEED.replace(
+        "  allowed_vendors:\n    - Vendor_A\n    - Vendor_B\n",
+        "  allowed_values:\n    vendor: [Vendor_B, Vendor_A]\n",
+    )
+
+    assert parse_policy_text(sugar) == parse_policy_text(SEED)
+    assert parse_policy_text(sugar).hash == SEED_HASH
+
+
+def test_values_of_other_kinds_for_vendor_stay_general_values() -> None:
+    text = "policy:\n  agent: A\n  allowed_values:\n    vendor: [Vendor_A, 7]\n"
+
+    (policy,) = parse_policy_text(text).policies
+
+    assert policy.allowed_vendors is None
+    assert policy.allowed_values == (ArgValues(arg="vendor", values=("Vendor_A", 7.0)),)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        EXPENSES.replace("[USD, EUR]", "[EUR, USD]"),
+        EXPENSES.replace("[travel, entertainment]", "[entertainment, travel]"),
+        EXPENSES.replace("over: 1000}", "over: 1000.0}"),
+        EXPENSES.replace("over: 1000}", "over: 1e3}"),
+        # Conditions in another order.
+        EXPENSES.replace(
+            "    - {arg: category, in: [travel, entertainment], reason: travel and "
+            "entertainment need a manager}\n    - {arg: amount_usd, over: 1000}\n",
+            "    - {arg: amount_usd, over: 1000}\n    - {arg: category, in: [travel, "
+            "entertainment], reason: travel and entertainment need a manager}\n",
+        ),
+        EXPENSES.replace("{arg: memo, matches", "{matches").replace(
+            '"(?i)cash advance"}', '"(?i)cash advance", arg: memo}'
+        ),
+    ],
+)
+def test_order_and_spelling_of_rules_on_arguments_keep_the_hash(variant: str) -> None:
+    assert variant != EXPENSES
+    assert parse_policy_text(variant).hash == EXPENSES_HASH
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("[USD, EUR]", "[USD]"),
+        ("[gift_cards]", "[gift_cards, cash]"),
+        ("over: 1000}", "at_least: 1000}"),
+        ("over: 1000}", "over: 1001}"),
+        ("reason: travel and entertainment need a manager", "reason: needs a manager"),
+        ('"(?i)cash advance"', '"cash advance"'),
+        ("memo, matches", "note, matches"),
+        ("  deny_if:", "  escalate_if:"),
+        ("in: [travel", "not_in: [travel"),
+    ],
+)
+def test_hash_changes_when_a_rule_on_arguments_changes(old: str, new: str) -> None:
+    changed = EXPENSES.replace(old, new, 1)
+    if new == "  escalate_if:":  # two escalate_if keys: move the deny_if entry instead
+        changed = EXPENSES.replace("  deny_if:\n    - {arg: memo", "    - {arg: memo")
+
+    assert changed != EXPENSES
+    assert parse_policy_text(changed).hash != EXPENSES_HASH
+
+
+def test_kinds_of_values_are_kept_apart_in_the_hash() -> None:
+    def hash_of(value: str) -> str:
+        return parse_policy_text(
+            f"policy:\n  agent: A\n  deny_if:\n    - {{arg: x, equals: {value}}}\n"
+        ).hash
+
+    assert len({hash_of("1"), hash_of("'1'"), hash_of("true"), hash_of("'true'")}) == 4
+    assert hash_of("1") == hash_of("1.0")
 
 
 def test_seed_policy_has_no_tool_restriction_and_default_approval_terms() -> None:
@@ -338,6 +473,10 @@ def strict_line(number: int, new: str) -> str:
     return replace_line(number, new, text=STRICT)
 
 
+def expenses_line(number: int, new: str) -> str:
+    return replace_line(number, new, text=EXPENSES)
+
+
 # (text, expected 1-based line, a fragment the one-line message must contain)
 BAD_POLICIES: dict[str, tuple[str, int, str]] = {
     "top_level_list": ("- policy: x\n", 1, "got a list '- policy: x'"),
@@ -518,6 +657,136 @@ BAD_POLICIES: dict[str, tuple[str, int, str]] = {
     ),
     "boolean_on_expiry": (strict_line(8, "  on_expiry: no"), 8, "on_expiry must be a string"),
     "capitalised_on_expiry": (strict_line(8, "  on_expiry: Deny"), 8, "'Deny'"),
+    # --- rules on arguments ---
+    "pattern_that_does_not_compile": (
+        expenses_line(12, '    - {arg: memo, matches: "(cash"}'),
+        12,
+        "deny_if[0].matches is not a valid RE2 pattern (missing ): (cash): '(cash'",
+    ),
+    "backreference_pattern": (
+        expenses_line(12, '    - {arg: memo, matches: "(a)\\\\1"}'),
+        12,
+        "not a valid RE2 pattern (invalid escape sequence: \\1)",
+    ),
+    "lookahead_pattern": (
+        expenses_line(12, '    - {arg: memo, matches: "cash(?!ier)"}'),
+        12,
+        "'cash(?!ier)'",
+    ),
+    "empty_pattern": (
+        expenses_line(12, '    - {arg: memo, matches: ""}'),
+        12,
+        "deny_if[0].matches is empty, so it would match every string",
+    ),
+    "number_pattern": (
+        expenses_line(12, "    - {arg: memo, matches: 42}"),
+        12,
+        "deny_if[0].matches must be a pattern string, got '42'",
+    ),
+    "two_operators": (
+        expenses_line(10, "    - {arg: amount_usd, over: 1000, under: 5000}"),
+        10,
+        "escalate_if[1] has 2 operators (over, under); write one condition per operator",
+    ),
+    "no_operator": (
+        expenses_line(10, "    - {arg: amount_usd, reason: big}"),
+        10,
+        "escalate_if[1] has no operator; give one of over, at_least",
+    ),
+    "operator_typo": (
+        expenses_line(10, "    - {arg: amount_usd, ovr: 1000}"),
+        10,
+        "unknown key 'ovr' in escalate_if[1]; did you mean 'over'?",
+    ),
+    "no_arg": (
+        expenses_line(10, "    - {over: 1000}"),
+        10,
+        "escalate_if[1] has no 'arg' naming the argument it reads",
+    ),
+    "numeric_arg": (expenses_line(10, "    - {arg: 7, over: 1000}"), 10, "escalate_if[1].arg"),
+    "string_bound": (
+        expenses_line(10, "    - {arg: amount_usd, over: lots}"),
+        10,
+        "escalate_if[1].over must be a number in plain decimal, got 'lots'",
+    ),
+    "quoted_bound": (expenses_line(10, "    - {arg: amount_usd, over: '1000'}"), 10, "'1000'"),
+    "infinite_bound": (expenses_line(10, "    - {arg: amount_usd, over: .inf}"), 10, "'.inf'"),
+    "norway_in_a_list": (
+        expenses_line(5, "    currency: [USD, NO]"),
+        5,
+        "each value in allowed_values.currency: YAML reads 'NO' as a bool, not a string; "
+        "quote it ('NO') for the string, or write true or false",
+    ),
+    "date_value": (
+        expenses_line(12, "    - {arg: memo, equals: 2024-01-01}"),
+        12,
+        "deny_if[0].equals: YAML reads '2024-01-01' as a timestamp",
+    ),
+    "null_value": (
+        expenses_line(12, "    - {arg: memo, equals: null}"),
+        12,
+        "deny_if[0].equals must be a value, got null ('null')",
+    ),
+    "list_for_equals": (
+        expenses_line(12, "    - {arg: memo, equals: [a]}"),
+        12,
+        "deny_if[0].equals must be a single value",
+    ),
+    "mapping_for_in": (
+        expenses_line(9, "    - {arg: category, in: {travel: 1}}"),
+        9,
+        "escalate_if[0].in must be a list of values",
+    ),
+    "empty_in": (
+        expenses_line(9, "    - {arg: category, in: []}"),
+        9,
+        "escalate_if[0].in lists no values",
+    ),
+    "duplicate_value": (
+        expenses_line(5, "    currency: [USD, EUR, USD]"),
+        5,
+        "value 'USD' is listed twice in allowed_values.currency (first on line 5)",
+    ),
+    "duplicate_number_spellings": (
+        expenses_line(9, "    - {arg: category, in: [1, 1.0]}"),
+        9,
+        "value '1.0' is listed twice",
+    ),
+    "duplicate_condition": (
+        expenses_line(9, "    - {arg: amount_usd, over: 1000.0}"),
+        10,
+        "this condition is listed twice in escalate_if (first on line 9)",
+    ),
+    "conditions_not_a_list": (
+        "policy:\n  agent: A\n  escalate_if: {arg: amount_usd, over: 1000}\n",
+        3,
+        "escalate_if must be a list of conditions",
+    ),
+    "condition_not_a_mapping": (
+        expenses_line(12, "    - memo matches cash"),
+        12,
+        "deny_if[0] must be a mapping",
+    ),
+    "allowed_values_a_list": (
+        "policy:\n  agent: A\n  allowed_values: [USD, EUR]\n",
+        3,
+        "allowed_values must be a mapping",
+    ),
+    "allowed_values_empty_list": (
+        expenses_line(5, "    currency: []"),
+        5,
+        "allowed_values.currency lists no values",
+    ),
+    "vendor_restricted_twice": (
+        SEED.replace("  escalation: human_review\n", "  allowed_values: {vendor: [Vendor_A]}\n"),
+        9,
+        "vendor is restricted by both allowed_vendors and allowed_values",
+    ),
+    "rule_key_typo": (
+        expenses_line(8, "  escalate_when:"),
+        8,
+        "did you mean 'escalate_if'?",
+    ),
 }
 
 
@@ -651,9 +920,73 @@ def policy_bodies(draw: st.DrawFn) -> dict[str, object]:
             "calls": draw(st.integers(min_value=0, max_value=10**6)),
             "per_seconds": draw(POSITIVE),
         }
+    for key in ("allowed_values", "denied_values"):
+        if draw(st.booleans()):
+            optional[key] = {
+                arg: draw(st.lists(RULE_VALUES, min_size=1, max_size=3, unique_by=value_order))
+                for arg in draw(st.lists(st.sampled_from(RULE_ARGS), min_size=1, unique=True))
+            }
+    for key in ("escalate_if", "deny_if"):
+        if draw(st.booleans()):
+            optional[key] = draw(
+                st.lists(CONDITION_BODIES, min_size=1, max_size=3, unique_by=json.dumps)
+            )
     body.update({key: value for key, value in optional.items() if value is not None})
     keys = draw(st.permutations(list(body)))
     return {key: body[key] for key in keys}
+
+
+RULE_ARGS = ["category", "memo", "amount_usd", "with spaces"]
+RULE_VALUES = st.sampled_from(["travel", "yes", "10000", "", "Vendör_Ω", 0, 2.5, -3, True, False])
+CONDITION_BODIES = st.one_of(
+    st.builds(
+        lambda arg, op, bound: {"arg": arg, op: bound},
+        st.sampled_from(RULE_ARGS),
+        st.sampled_from(["over", "at_least", "under", "at_most"]),
+        st.sampled_from([0, -1, 2.5, 10000]),
+    ),
+    st.builds(
+        lambda arg, op, value: {"arg": arg, op: value},
+        st.sampled_from(RULE_ARGS),
+        st.sampled_from(["equals", "not_equals"]),
+        RULE_VALUES,
+    ),
+    st.builds(
+        lambda arg, op, values, reason: {"arg": arg, op: values, "reason": reason},
+        st.sampled_from(RULE_ARGS),
+        st.sampled_from(["in", "not_in"]),
+        st.lists(RULE_VALUES, min_size=1, max_size=3, unique_by=value_order),
+        st.sampled_from(["needs a manager", "no: never"]),
+    ),
+    st.builds(
+        lambda arg, pattern: {"arg": arg, "matches": pattern},
+        st.sampled_from(RULE_ARGS),
+        st.sampled_from(["(?i)cash advance", "^a.*z$", "[0-9]{3}"]),
+    ),
+)
+
+
+def expected_condition(body: dict[str, Any]) -> Condition:
+    (op,) = set(body) - {"arg", "reason"}
+    value = body[op]
+
+    def scalar(item: Any) -> Any:
+        return item if isinstance(item, str | bool) else float(item)
+
+    return Condition(
+        arg=body["arg"],
+        op=op,
+        value=tuple(sorted(map(scalar, value), key=value_order))
+        if isinstance(value, list)
+        else scalar(value),
+        reason=body.get("reason", ""),
+    )
+
+
+def canonical_key(condition: Condition) -> str:
+    return json.dumps(
+        condition.canonical(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
 
 
 def expected_policy(body: dict[str, object]) -> Policy:
@@ -666,6 +999,25 @@ def expected_policy(body: dict[str, object]) -> Policy:
         value = body.get(key)
         assert value is None or isinstance(value, list)
         return None if value is None else tuple(sorted(value))
+
+    def values(key: str) -> tuple[ArgValues, ...]:
+        rules: Any = body.get(key, {})
+        return tuple(
+            ArgValues(
+                arg=arg,
+                values=tuple(
+                    sorted(
+                        (v if isinstance(v, str | bool) else float(v) for v in listed),
+                        key=value_order,
+                    )
+                ),
+            )
+            for arg, listed in sorted(rules.items())
+        )
+
+    def conditions(key: str) -> tuple[Condition, ...]:
+        listed: Any = body.get(key, [])
+        return tuple(sorted(map(expected_condition, listed), key=canonical_key))
 
     cap = body.get("reflection_loop_cap")
     rate = body.get("rate_limit")
@@ -687,6 +1039,10 @@ def expected_policy(body: dict[str, object]) -> Policy:
         else RateLimit(calls=rate["calls"], per_seconds=float(rate["per_seconds"])),
         approval_expiry_s=DEFAULT_APPROVAL_EXPIRY_S if expiry is None else expiry,
         on_expiry="allow" if body.get("on_expiry") == "allow" else "deny",
+        allowed_values=values("allowed_values"),
+        denied_values=values("denied_values"),
+        escalate_if=conditions("escalate_if"),
+        deny_if=conditions("deny_if"),
         source="<policy>",
     )
 
@@ -741,3 +1097,51 @@ def test_corrupted_seed_is_parsed_or_rejected_with_a_policy_error(at: int, junk:
     except PolicyError as error:
         assert error.line is not None
         assert 1 <= error.line <= SEED.count("\n") + junk.count("\n") + 2
+
+
+# --- govmesh policy ---------------------------------------------------------------------------
+
+
+def _policy_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "govmesh.cli", "policy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def test_policy_explain_says_what_each_rule_on_arguments_decides(tmp_path: Path) -> None:
+    expenses = tmp_path / "expenses.yaml"
+    expenses.write_text(EXPENSES)
+
+    run = _policy_command("explain", str(SEED_FILE), str(expenses))
+
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "role Expense-Agent: 1 policy" in lines
+    for line in (
+        "deny any tool but ['ledger.pay_expense']",
+        "deny unless currency is one of ['EUR', 'USD'] (a call without one is denied)",
+        "deny when category is one of ['gift_cards']",
+        "deny when memo matches '(?i)cash advance'",
+        "escalate to human_review when amount_usd is over 1000",
+        "escalate to human_review when category is one of ['entertainment', 'travel']: "
+        "travel and entertainment need a manager",
+        "escalate to human_review when the spend is over 5000 USD",
+    ):
+        assert f"    - {line}" in lines
+    assert lines[-1] == f"policy hash {load_policies([SEED_FILE, expenses]).hash}"
+
+
+def test_policy_check_names_the_line_of_a_pattern_that_does_not_compile(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(expenses_line(12, '    - {arg: memo, matches: "[bold]cash(?=advance)"}'))
+
+    run = _policy_command("check", str(bad))
+
+    assert run.returncode == 2
+    message = " ".join(run.stdout.split() + run.stderr.split())
+    assert f"{bad}:12: deny_if[0].matches is not a valid RE2 pattern" in message
+    assert "'[bold]cash(?=advance)'" in message

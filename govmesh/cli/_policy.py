@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from govmesh.cli._common import console, out
 from govmesh.cli._root import cli
@@ -26,7 +27,7 @@ def policy_check(files: tuple[Path, ...]) -> None:
     try:
         policies = load_policies(list(files))
     except GovmeshError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")
         sys.exit(2)
     for p in policies.policies:
         out.print(f"ok  {p.source or '-'}  agent={p.agent}")
@@ -47,7 +48,7 @@ def policy_explain(files: tuple[Path, ...]) -> None:
     try:
         policies = load_policies(list(files))
     except GovmeshError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")
         sys.exit(2)
 
     def say(text: str) -> None:

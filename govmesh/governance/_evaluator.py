@@ -137,6 +137,7 @@ _INF: Final = math.inf
 _SHOW_LIMIT: Final = 80
 _ALLOW_OBLIGATIONS: Final = (OBLIGATION_RECORD_SPEND,)
 _ESCALATE_OBLIGATIONS: Final = (OBLIGATION_AWAIT_APPROVAL, OBLIGATION_RECORD_SPEND)
+_ESCALATE_WITHOUT_SPEND: Final = (OBLIGATION_AWAIT_APPROVAL,)
 
 
 def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
@@ -309,7 +310,7 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
         return Verdict(
             outcome="escalate",
             reasons=tuple(dict.fromkeys(escalations)),
-            obligations=_ESCALATE_OBLIGATIONS,
+            obligations=_ESCALATE_OBLIGATIONS if amount is not None else _ESCALATE_WITHOUT_SPEND,
             policy_hash=policies.hash,
             escalation=escalation,
             approval_expiry_s=expiry,
