@@ -115,6 +115,9 @@ def test_a_result_that_is_not_the_declared_type_is_a_tool_error() -> None:
     with pytest.raises(govmesh.ToolError, match=r"returned \{'po': 1\}, not a Placed") as raised:
         create_purchase_order.dump_result({"po": 1})  # type: ignore[arg-type]
     assert not raised.value.retryable
+    with pytest.raises(govmesh.ToolError, match=r"answered \{'po': 1\}, not a Placed") as raised:
+        create_purchase_order.load_result({"po": 1})
+    assert not raised.value.retryable
 
 
 def test_the_schema_describes_arguments_and_result_from_their_types() -> None:

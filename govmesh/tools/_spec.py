@@ -165,9 +165,15 @@ class ToolSpec(Generic[A, R]):
         """A result the gateway answered, converted back to `result_type`.
 
         Raises:
-            msgspec.ValidationError: it does not fit (the tool changed since it answered).
+            ToolError: it does not fit (the tool changed since it answered); not retryable.
         """
-        return msgspec.convert(result, self.result_type)
+        try:
+            return msgspec.convert(result, self.result_type)
+        except msgspec.ValidationError as exc:
+            raise ToolError(
+                f"{self.name} answered {_quoted(result)}, not a {_type_name(self.result_type)}: "
+                f"{exc}"
+            ) from None
 
 
 def _standalone_schema(t: Any) -> dict[str, Any]:
