@@ -111,6 +111,7 @@ class ToolArgumentError(GovmeshError, ValueError):
 
     Attributes:
         tool: the tool's name.
+        problem: what is wrong, without the tool's name (the message is both).
         path: where in the arguments the first misfit is (``$.amount_usd``, ``$.lines[2]``),
             or ``""`` when the arguments as a whole do not fit (a field is missing).
         value: the value found there, when there is one.
@@ -118,6 +119,7 @@ class ToolArgumentError(GovmeshError, ValueError):
 
     def __init__(self, tool: str, problem: str, *, path: str = "", value: object = None) -> None:
         self.tool = tool
+        self.problem = problem
         self.path = path
         self.value = value
-        super().__init__(problem)
+        super().__init__(f"{tool}: {problem}")

@@ -1111,6 +1111,7 @@ def _waiting_scenario(path: Path) -> None:
     text = (ROOT / "scenarios" / "procurement.yaml").read_text()
     changes = {
         "../policies/": f"{ROOT / 'policies'}/",
+        "path: [../examples]": f"path: [{ROOT / 'examples'}]",
         "vendors: {Vendor_A: 0.45, Vendor_B: 0.40, Vendor_C: 0.15}": "vendors: {Vendor_A: 1.0}",
         "amount_usd: {min: 250, max: 12500}": "amount_usd: {min: 5500, max: 9500}",
     }

@@ -90,7 +90,8 @@ def test_arguments_that_do_not_fit_name_the_field_path_and_quote_the_value(
 ) -> None:
     with pytest.raises(ToolArgumentError) as raised:
         basket.load_args(args)
-    assert str(raised.value) == error
+    assert str(raised.value) == f"shop.basket: {error}"
+    assert raised.value.problem == error
     assert (raised.value.tool, raised.value.path, raised.value.value) == (
         "shop.basket",
         path,
@@ -108,12 +109,18 @@ def test_arguments_and_results_convert_between_types_and_builtins() -> None:
         "amount_usd": 5.0,
     }
     assert create_purchase_order.dump_result(Placed(po_id="PO-1")) == {"po_id": "PO-1"}
+    # Making a Struct checks no constraint; what a call would carry is checked.
+    with pytest.raises(ToolArgumentError, match=r"\$.amount_usd = -1.0: Expected `float` > 0"):
+        create_purchase_order.dump_args(Order(item="desk", vendor="V", amount_usd=-1.0))
     assert create_purchase_order.load_result({"po_id": "PO-1"}) == Placed(po_id="PO-1")
 
 
 def test_a_result_that_is_not_the_declared_type_is_a_tool_error() -> None:
     with pytest.raises(govmesh.ToolError, match=r"returned \{'po': 1\}, not a Placed") as raised:
         create_purchase_order.dump_result({"po": 1})  # type: ignore[arg-type]
+    assert not raised.value.retryable
+    with pytest.raises(govmesh.ToolError, match=r"answered \{'po': 1\}, not a Placed") as raised:
+        create_purchase_order.load_result({"po": 1})
     assert not raised.value.retryable
 
 

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
-from govmesh.errors import ConfigError, SecurityError, ToolError
+from govmesh.errors import ConfigError, SecurityError, ToolArgumentError, ToolError
 from govmesh.governance._evaluator import Intent, intent_hash
 from govmesh.governance.messages import Decision
 from govmesh.identity import Claims, Identity
@@ -296,6 +296,8 @@ class GatewayService(Service):
         match exc:
             case ToolError():
                 error = exc.message
+            case ToolArgumentError():
+                error = exc.problem
             case ValueError() | TypeError():
                 error = str(exc)
             case _:

@@ -138,8 +138,17 @@ class ToolSpec(Generic[A, R]):
             raise _argument_error(self.name, str(exc), args) from None
 
     def dump_args(self, args: A) -> dict[str, Any]:
-        """``args`` as a call carries them: JSON-able builtins, as governance decides on them."""
+        """``args`` as a call carries them: JSON-able builtins, as governance decides on them.
+
+        Checked as the gateway will check them (`load_args`), since making a Struct checks
+        no constraint (``Meta(gt=0)``): arguments the tool would refuse are found before
+        an intent is sent.
+
+        Raises:
+            ToolArgumentError: they do not fit; it names the field path and quotes the value.
+        """
         dumped: dict[str, Any] = msgspec.to_builtins(args)
+        self.load_args(dumped)
         return dumped
 
     def dump_result(self, result: R) -> dict[str, Any]:
@@ -165,9 +174,15 @@ class ToolSpec(Generic[A, R]):
         """A result the gateway answered, converted back to `result_type`.
 
         Raises:
-            msgspec.ValidationError: it does not fit (the tool changed since it answered).
+            ToolError: it does not fit (the tool changed since it answered); not retryable.
         """
-        return msgspec.convert(result, self.result_type)
+        try:
+            return msgspec.convert(result, self.result_type)
+        except msgspec.ValidationError as exc:
+            raise ToolError(
+                f"{self.name} answered {_quoted(result)}, not a {_type_name(self.result_type)}: "
+                f"{exc}"
+            ) from None
 
 
 def _standalone_schema(t: Any) -> dict[str, Any]:
