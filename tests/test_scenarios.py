@@ -60,7 +60,7 @@ def _write(folder: Path, text: str) -> Path:
 def test_a_scenario_names_its_agents_tools_and_workload_by_path(user_code: Path) -> None:
     app = scenario_app(user_code / "scenario.yaml")
 
-    [scribe] = app.members
+    [scribe] = app.agents
     assert (scribe.id, scribe.role, scribe.entry) == ("scribe-1", "Scribe", True)
     assert scribe.ref == "notes:Scribe" and dict(scribe.options) == {"margin": 2}
     assert scribe.capabilities == ("notes.write",)  # the class's tools by default
@@ -172,7 +172,7 @@ def test_a_bad_line_of_a_starts_file_is_named_by_file_and_line(user_code: Path) 
 def test_the_shipped_scenarios_load_with_their_examples() -> None:
     for name in ("procurement", "runaway", "expenses"):
         app = scenario_app(ROOT / "scenarios" / f"{name}.yaml")
-        assert sum(m.entry for m in app.members) == 1
+        assert sum(m.entry for m in app.agents) == 1
         assert app.tools and all(t.name for t in app.tools)
         assert len(app.starts(5, seed=1)) == 5
 
@@ -232,10 +232,10 @@ def test_an_installed_plugin_adds_agents_and_tools_scenarios_name(
             "tools: [notes:write_note]", "tools: [notes.write]"
         )
         app = scenario_app(_write(user_code, text))
-        assert app.members[0].cls is plugins.agents["notes.Scribe"]
+        assert app.agents[0].cls is plugins.agents["notes.Scribe"]
         assert app.tools == (plugins.tools["notes.write"],)
         # What the actors load: the plugin's own module paths, which every worker imports.
-        assert app.members[0].ref == "notes:Scribe" and app.tool_refs() == ["notes:write_note"]
+        assert app.agents[0].ref == "notes:Scribe" and app.tool_refs() == ["notes:write_note"]
 
         wrong = _write(user_code, text.replace("class: notes.Scribe", "class: notes.Poet"))
         with pytest.raises(ScenarioError, match=r"agents\[0\]\.class: no installed plugin gives"):

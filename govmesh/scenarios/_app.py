@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import msgspec
 
 from govmesh._load import load_object
 from govmesh.agents._sdk import Agent
-from govmesh.agents.messages import WorkflowStart
+from govmesh.agents.messages import Outcome, WorkflowStart
 from govmesh.errors import ConfigError, GovmeshError, ScenarioError
 from govmesh.forecasting import BudgetCaps, Price
 from govmesh.forecasting._prices import load_price_file
@@ -35,7 +36,7 @@ from govmesh.scenarios._schema import (
 )
 from govmesh.tools._spec import ToolSpec
 
-__all__ = ["AgentDef", "App", "Member", "Model", "Workload", "load_app", "scenario_app"]
+__all__ = ["AgentDef", "App", "Model", "ResolvedAgent", "Workload", "load_app", "scenario_app"]
 
 Model: TypeAlias = SimulatedModelSettings | Callable[[], ModelProvider]
 """An agent's model: simulated (seeded with the run's seed), or a factory called inside the
@@ -77,7 +78,7 @@ class AgentDef:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Member:
+class ResolvedAgent:
     """An agent of an app, resolved: everything its actor and its token need.
 
     Attributes:
@@ -134,6 +135,13 @@ class App:
         description: one line on what the app does.
         source: where the app was defined (a scenario file), for error messages.
 
+    Attributes:
+        agents: the agents, resolved (`ResolvedAgent`), in the order given.
+        entry: the agent where workflows start.
+        tools: the tools, resolved.
+        search_path: ``path``, and a script's own folder when the script defines agents or
+            tools (its actors import it by its file name).
+
     Raises:
         ConfigError: anything inconsistent, naming the field and quoting the bad value.
     """
@@ -184,14 +192,14 @@ class App:
             for i, t in enumerate(tools)
         )
         self._tool_refs = [_importable(t, f"{where}tools[{i}]") for i, t in enumerate(self.tools)]
-        self.members = self._members(agents, default_model)
+        self.agents = self._resolve(agents, default_model)
         self._check_tools()
         script = main_script()
-        defined_in_script = [m.cls for m in self.members] + [t.run for t in self.tools]
+        defined_in_script = [m.cls for m in self.agents] + [t.run for t in self.tools]
         if script is not None and any(d.__module__ == "__main__" for d in defined_in_script):
             # The actors import the script by its file name to find what it defines.
             self.search_path = (*self.search_path, str(script.parent))
-        self.entry = next(m for m in self.members if m.entry)
+        self.entry = next(m for m in self.agents if m.entry)
         self._workload = workload
         self._kinds = _handlers(self.entry.cls)
 
@@ -210,15 +218,15 @@ class App:
     @property
     def agent_ids(self) -> tuple[str, ...]:
         """Every agent's id: the agents each workflow's start record names."""
-        return tuple(m.id for m in self.members)
+        return tuple(m.id for m in self.agents)
 
     def tool_refs(self) -> list[str]:
         """The tools as the gateway's actor loads them, by path (``package.module:tool``)."""
         return list(self._tool_refs)
 
-    def _members(
+    def _resolve(
         self, agents: Sequence[AgentDef | type[Agent] | str], default_model: Model
-    ) -> tuple[Member, ...]:
+    ) -> tuple[ResolvedAgent, ...]:
         where = self._where
         if not agents:
             raise ConfigError(f"{where}agents: an app needs at least one agent")
@@ -229,7 +237,7 @@ class App:
                 f"{where}agents: only one agent can be the entry, got agents{entries!r}"
             )
         entry = entries[0] if entries else 0
-        members: list[Member] = []
+        resolved: list[ResolvedAgent] = []
         seen: dict[str, int] = {}
         for i, d in enumerate(defs):
             cls = (
@@ -263,8 +271,8 @@ class App:
                 if d.capabilities is None
                 else tuple(d.capabilities)
             )
-            members.append(
-                Member(
+            resolved.append(
+                ResolvedAgent(
                     id=agent_id,
                     role=role,
                     cls=cls,
@@ -277,12 +285,12 @@ class App:
                 )
             )
             _check_options(cls, d.options, f"{where}agents[{i}].options")
-        return tuple(members)
+        return tuple(resolved)
 
     def _check_tools(self) -> None:
         """Every tool an agent may ask for must be one the gateway runs."""
         names = {t.name for t in self.tools}
-        for i, m in enumerate(self.members):
+        for i, m in enumerate(self.agents):
             for tool_name in m.capabilities:
                 if tool_name not in names:
                     raise ConfigError(
@@ -318,11 +326,20 @@ class App:
             f"{sorted(t.__qualname__ for t in self._kinds.values())!r}"
         )
 
-    def run(self, *, workflows: int = 20, seed: int = 1, **options: Any) -> dict[str, Any]:
+    def run(
+        self,
+        *,
+        workflows: int = 20,
+        seed: int = 1,
+        concurrency: int = 64,
+        simulated_approver: bool = True,
+        on_done: Callable[[str, Outcome], None] | None = None,
+    ) -> dict[str, Any]:
         """Run ``workflows`` workflows on embedded services (a nats-server, a
         Redis-protocol server and Ray, as ``govmesh run`` does, or those that
         ``GOVMESH_NATS_URL``, ``GOVMESH_REDIS_URL`` and ``RAY_ADDRESS`` name) and return
-        the run's report. Blocks; from async code use `run_async`.
+        the run's report (what ``govmesh run --json`` writes). Blocks; from async code
+        use `run_async`.
 
         Every actor imports the modules that define the app's agents and tools: a script
         that defines them runs its app under ``if __name__ == "__main__":``.
@@ -330,9 +347,24 @@ class App:
         Args:
             workflows: how many workflows.
             seed: the run's seed (workload, simulated models and approver).
-            options: the rest of `run_async`'s options.
+            concurrency: workflows in flight at once.
+            simulated_approver: answer escalations with the simulated approver; False
+                leaves them to ``govmesh approvals`` in another terminal.
+            on_done: called with each workflow's id and `Outcome` as it ends.
+
+        Raises:
+            GovmeshError: the app or its deployment is misconfigured (a `ConfigError`
+                naming the field), or a service did not start.
         """
-        return asyncio.run(self.run_async(workflows=workflows, seed=seed, **options))
+        return asyncio.run(
+            self.run_async(
+                workflows=workflows,
+                seed=seed,
+                concurrency=concurrency,
+                simulated_approver=simulated_approver,
+                on_done=on_done,
+            )
+        )
 
     async def run_async(
         self,
@@ -341,19 +373,9 @@ class App:
         seed: int = 1,
         concurrency: int = 64,
         simulated_approver: bool = True,
-        on_done: Callable[[str, Any], None] | None = None,
+        on_done: Callable[[str, Outcome], None] | None = None,
     ) -> dict[str, Any]:
-        """`run`, awaitable.
-
-        Args:
-            workflows: how many workflows.
-            seed: the run's seed.
-            concurrency: workflows in flight at once.
-            simulated_approver: answer escalations with the simulated approver; False
-                leaves them to ``govmesh approvals`` in another terminal.
-            on_done: called with each workflow's id and `govmesh.agents.messages.Outcome`
-                as it ends.
-        """
+        """`run`, awaitable; the same arguments."""
         from govmesh.scenarios._runner import run_scenario
 
         return await run_scenario(
@@ -565,8 +587,6 @@ def _prices(
 
 def _check_options(cls: type[Agent], options: Mapping[str, Any], where: str) -> None:
     """The options must be keyword arguments of the class (checked here, not in its actor)."""
-    import inspect
-
     try:
         inspect.signature(cls).bind(**options)
     except TypeError as exc:

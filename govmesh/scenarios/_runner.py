@@ -546,7 +546,7 @@ def _report(
                     "simulated": isinstance(m.model, SimulatedModelSettings),
                 },
             }
-            for m in app.members
+            for m in app.agents
         },
         "clock": {"speed": app.clock.speed, "simulated": app.clock.speed != 1.0},
         "timers": _timer_counts(stats),

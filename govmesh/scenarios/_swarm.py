@@ -219,10 +219,10 @@ class Swarm:
                     "keep_thoughts": app.keep_thoughts,
                 },
             )
-            for agent in app.members
+            for agent in app.agents
         ]
         self._user_factories = {
-            m.id for m in app.members if not isinstance(m.model, SimulatedModelSettings)
+            m.id for m in app.agents if not isinstance(m.model, SimulatedModelSettings)
         }
         for _, _, kwargs in specs:
             kwargs["deployment"] = dep
