@@ -15,6 +15,7 @@ from govmesh.errors import GovmeshError, ToolError
 if TYPE_CHECKING:
     from govmesh.agents._base import RetryPolicy
     from govmesh.agents._sdk import Agent, Denied, Halted, ToolFailed, Workflow, handler
+    from govmesh.agents.messages import Outcome
     from govmesh.llm import (
         ModelProvider,
         ModelRequest,
@@ -49,6 +50,7 @@ _LAZY = {
     "TokenSpread": "govmesh.llm",
     "BudgetError": "govmesh.reservations",
     "AgentDef": "govmesh.scenarios._app",
+    "Outcome": "govmesh.agents.messages",
     "App": "govmesh.scenarios._app",
     "ToolContext": "govmesh.tools._registry",
     "Effect": "govmesh.tools._spec",
@@ -68,6 +70,7 @@ __all__ = [
     "ModelProvider",
     "ModelRequest",
     "ModelResponse",
+    "Outcome",
     "RetryPolicy",
     "SimulatedModel",
     "SimulatedModelSettings",
