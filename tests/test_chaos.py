@@ -122,6 +122,8 @@ async def test_the_counts_catch_a_repeated_effect_and_every_kind_of_lost_approva
             ("a2", "wf-allowed", "allow"),
             ("a3", "wf-ok", "deny"),
             ("a5", "wf-later", "deny"),
+            ("a7", "wf-caught", "deny"),
+            ("a8", "wf-approved-anyway", "deny"),
         ):
             await store.finish(
                 ApprovalRecord(
@@ -146,6 +148,8 @@ async def test_the_counts_catch_a_repeated_effect_and_every_kind_of_lost_approva
             "wf-ok": _done("rejected", "a3"),
             "wf-unknown": _done("rejected", "a4"),  # an approval governance never had
             "wf-later": _done("completed", "a6"),  # a5 was another call's; a6 is unknown
+            "wf-caught": _done("completed", "a7"),  # its handler caught the rejection
+            "wf-approved-anyway": Outcome(result="completed", approval_id="a8", approved_by="x"),
         }
         counted = await effects_and_approvals(
             redis_server.url, prefix, outcomes, [effect, no_effects]
@@ -158,10 +162,11 @@ async def test_the_counts_catch_a_repeated_effect_and_every_kind_of_lost_approva
     assert counted["duplicates"] == [
         {"tool": "test.effect", "workflow": "wf-twice", "step": 1, "times": 2}
     ]
-    assert counted["lost_approvals"] == 4
+    assert counted["lost_approvals"] == 5
     assert sorted((x["approval_id"], x["why"]) for x in counted["lost"]) == [
         ("a1", "still pending"),
         ("a2", "settled allow, workflow failed"),
         ("a4", "unknown"),
         ("a6", "unknown"),
+        ("a8", "settled deny, workflow completed"),
     ]

@@ -183,8 +183,8 @@ async def effects_and_approvals(
       every tool that declares an effects lister (``@tool.effects``).
     - ``lost_approvals``: approvals of the run's workflows that are still pending; or whose
       settlement is not the end their workflow reported (the workflow's approval allowed,
-      the workflow not done; rejected or expired, the workflow not rejected); or that a
-      workflow reported and governance does not know.
+      the workflow not done; rejected or expired, the workflow neither rejected nor done
+      unapproved); or that a workflow reported and governance does not know.
     """
     redis = aioredis.Redis.from_url(redis_url)
     try:
@@ -214,7 +214,10 @@ async def effects_and_approvals(
         if record.outcome == "allow":
             kept = outcome.result in _DONE
         else:
-            kept = outcome.result == "rejected"
+            # Rejected, or done without it: a handler may catch the rejection and go on.
+            kept = outcome.result == "rejected" or (
+                outcome.result in _DONE and not outcome.approved_by
+            )
         if not kept:
             lost.append(
                 {
