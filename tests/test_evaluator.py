@@ -37,6 +37,8 @@ from govmesh.governance import (
 )
 from govmesh.governance._rules import ArgValues, Condition, Scalar, value_order
 
+from _policies import EXPENSES as EXPENSES_TEXT
+
 ROLE = "Procurement-Agent-v2"
 SEED_FILE = Path(__file__).resolve().parents[1] / "policies" / "procurement-agent-v2.yaml"
 SEED = load_policy_file(SEED_FILE)
@@ -1265,23 +1267,7 @@ def test_budget_authority_counts_the_agents_spend_today() -> None:
 
 # --- rules on arguments and declared spend ----------------------------------------------------
 
-EXPENSES = parse_policy_text(
-    """\
-policy:
-  agent: Expense-Agent
-  allowed_tools: [ledger.pay_expense]
-  allowed_values:
-    currency: [USD, EUR]
-  denied_values:
-    category: [gift_cards]
-  escalate_if:
-    - {arg: category, in: [travel, entertainment], reason: travel and entertainment need a manager}
-    - {arg: amount_usd, over: 1000}
-  deny_if:
-    - {arg: memo, matches: "(?i)cash advance"}
-""",
-    source="expenses.yaml",
-)
+EXPENSES = parse_policy_text(EXPENSES_TEXT, source="expenses.yaml")
 
 
 def claim(**args: Any) -> Intent:

@@ -28,6 +28,8 @@ from govmesh.governance import (
 )
 from govmesh.governance._rules import ArgValues, Condition, value_order
 
+from _policies import EXPENSES
+
 # Written as escapes so the source shows which look-alike character each test pastes.
 EN_DASH = "\u2013"
 EM_DASH = "\u2014"
@@ -55,20 +57,6 @@ SEED_HASH = "0bef41ba7c205e13bbee15ebdca3e0ac696fca68e1974525221cb35def1544e3"
 STRICT_HASH = "c3451f4f260bc0603a7f0e3525ab54e1b19138d0a2be169385d08ba788dbfbba"
 SEED_AND_STRICT_HASH = "3111f3b7572348af743f583cab0a2f0895432baacae879a90647a5c266a9ff06"
 
-EXPENSES = """\
-policy:
-  agent: Expense-Agent
-  allowed_tools: [ledger.pay_expense]
-  allowed_values:
-    currency: [USD, EUR]
-  denied_values:
-    category: [gift_cards]
-  escalate_if:
-    - {arg: category, in: [travel, entertainment], reason: travel and entertainment need a manager}
-    - {arg: amount_usd, over: 1000}
-  deny_if:
-    - {arg: memo, matches: "(?i)cash advance"}
-"""
 # The rules on arguments are part of the hash: pinned like the seed's.
 EXPENSES_HASH = "5cbc3b6643b3cfbe692a6c6fc63e6005af55f4d23605b314fb1de2306c4176fa"
 

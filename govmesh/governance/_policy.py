@@ -15,7 +15,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Final, Literal, NamedTuple, NoReturn
 
@@ -581,16 +581,7 @@ class _Parser:
 
     def _policy(self, node: Node, owner: Node) -> Policy:
         entries = self._mapping(node, "a policy")
-        for name, (key, _) in entries.items():
-            if name not in _FIELDS:
-                hint = difflib.get_close_matches(name, _FIELDS, n=1)
-                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-                self._fail(
-                    f"unknown key {name!r} in policy{suggestion} "
-                    f"(allowed: {', '.join(sorted(_FIELDS))})",
-                    key,
-                    name,
-                )
+        self._check_keys(entries, sorted(_FIELDS), "policy")
         if "agent" not in entries:
             self._fail("policy has no 'agent' key naming the role it governs", owner)
 
@@ -688,6 +679,20 @@ class _Parser:
                 self._fail(f"duplicate key {key.value!r} (first on line {first})", key, key.value)
             entries[key.value] = (key, value)
         return entries
+
+    def _check_keys(
+        self, entries: dict[str, tuple[Node, Node]], known: Sequence[str], where: str
+    ) -> None:
+        """Fail on the first key of ``entries`` not in ``known``, suggesting the closest."""
+        for name, (key, _) in entries.items():
+            if name not in known:
+                hint = difflib.get_close_matches(name, known, n=1)
+                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+                self._fail(
+                    f"unknown key {name!r} in {where}{suggestion} (allowed: {', '.join(known)})",
+                    key,
+                    name,
+                )
 
     def _string(self, name: str, node: Node) -> str:
         if not isinstance(node, ScalarNode) or node.tag != _STR:
@@ -862,17 +867,7 @@ class _Parser:
     def _condition(self, name: str, node: Node) -> Condition:
         """One condition; ``name`` is its path, e.g. ``deny_if[0]``."""
         entries = self._mapping(node, name)
-        known = ("arg", "reason", *OPERATORS)
-        for key_name, (key, _) in entries.items():
-            if key_name not in known:
-                hint = difflib.get_close_matches(key_name, known, n=1)
-                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-                self._fail(
-                    f"unknown key {key_name!r} in {name}{suggestion} "
-                    f"(allowed: arg, reason, {', '.join(OPERATORS)})",
-                    key,
-                    key_name,
-                )
+        self._check_keys(entries, ("arg", "reason", *OPERATORS), name)
         if "arg" not in entries:
             self._fail(f"{name} has no 'arg' naming the argument it reads", node)
         ops = [key_name for key_name in entries if key_name in OPERATORS]
@@ -924,15 +919,7 @@ class _Parser:
     def _rate_limit(self, node: Node) -> RateLimit:
         entries = self._mapping(node, "rate_limit")
         known = ("calls", "per_seconds")
-        for name, (key, _) in entries.items():
-            if name not in known:
-                hint = difflib.get_close_matches(name, known, n=1)
-                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-                self._fail(
-                    f"unknown key {name!r} in rate_limit{suggestion} (allowed: calls, per_seconds)",
-                    key,
-                    name,
-                )
+        self._check_keys(entries, known, "rate_limit")
         for name in known:
             if name not in entries:
                 self._fail(
