@@ -251,7 +251,11 @@ def chaos(
     )
     table.add_row("duplicate effects", str(report["duplicate_effects"]))
     table.add_row("lost approvals", str(report["lost_approvals"]))
-    table.add_row("strikes", str(report["kills"]))
+    landed, asked = report["kills"], report["kills_asked"]
+    table.add_row(
+        "strikes",
+        str(landed) if landed == asked else f"{landed} of {asked} (the workflows finished first)",
+    )
     for strike in report["strikes"]:
         table.add_row(
             f"  at {strike['at_s']:.1f} s",
@@ -348,7 +352,8 @@ def _summary(report: dict[str, Any]) -> Table:
     table.add_row(
         "tokens ("
         + ", ".join(
-            f"{'simulated ' if simulated else ''}{name}" for name, simulated in sorted(models)
+            f"{'simulated model' if simulated else 'model'} {name}"
+            for name, simulated in sorted(models)
         )
         + ")",
         f"{report['tokens']:,} in {report['model_calls']['counted_by_budget']} calls",

@@ -272,7 +272,7 @@ async def run_chaos(
 
     Returns:
         ``total``, ``finished``, ``effects`` (per tool), ``duplicate_effects``,
-        ``lost_approvals``, ``kills`` (strikes made), ``strikes`` (each),
+        ``lost_approvals``, ``kills`` (strikes made), ``kills_asked``, ``strikes`` (each),
         ``actor_restarts``, and the run's whole report (``run``).
     """
     phase = on_phase or (lambda _: None)
@@ -342,6 +342,8 @@ async def run_chaos(
         "finished": report["workflows"]["finished"],
         **counted,
         "kills": len(monkey.strikes),
+        # Fewer strikes than asked land when the workflows all finish first.
+        "kills_asked": kills,
         "strikes": [msgspec.to_builtins(s) for s in monkey.strikes],
         "actor_restarts": report.get("actor_restarts", {}),
         "run": report,
