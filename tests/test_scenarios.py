@@ -242,3 +242,28 @@ def test_an_installed_plugin_adds_agents_and_tools_scenarios_name(
             scenario_app(wrong)
     finally:
         installed_plugins.cache_clear()
+
+
+def test_an_agent_may_have_a_model_made_by_a_factory_of_the_users(user_code: Path) -> None:
+    text = SCENARIO.replace(
+        "    options: {margin: 2}\n",
+        "    options: {margin: 2}\n    model_factory: {factory: notes:thinker}\n",
+    )
+    app = scenario_app(_write(user_code, text))
+
+    [scribe] = app.agents
+    assert scribe.model_name() == "thinker"
+    model = scribe.model_factory(seed=1)()  # what the scribe's actor calls
+    assert isinstance(model, govmesh.SimulatedModel) and model.model == "simulated-small"
+
+    wrong = text.replace("{factory: notes:thinker}", "{factory: notes:thinker, options: {t: 1}}")
+    with pytest.raises(ScenarioError, match=r"agents\[0\]\.model_factory\.options: .*'t'"):
+        scenario_app(_write(user_code, wrong))
+    both = text.replace(
+        "    model_factory:", "    model: {name: simulated-small}\n    model_factory:"
+    )
+    with pytest.raises(ScenarioError, match=r"agents\[0\]\.model_factory: give model or"):
+        scenario_app(_write(user_code, both))
+    none = SCENARIO.replace("model: {name: simulated-small}\n", "")
+    with pytest.raises(ScenarioError, match=r"agents\[0\]\.model: no model here"):
+        scenario_app(_write(user_code, none))

@@ -30,6 +30,7 @@ from govmesh.scenarios._schema import (
     AgentSpec,
     Approvals,
     ClockSpec,
+    ModelFactory,
     Scenario,
     load_scenario,
     quoted_at,
@@ -106,7 +107,8 @@ class ResolvedAgent:
         """The model's name as reports show it; a factory's is known only in its actor."""
         if isinstance(self.model, SimulatedModelSettings):
             return self.model.name
-        return getattr(self.model, "__name__", type(self.model).__name__)
+        factory = getattr(self.model, "func", self.model)  # a partial: its function
+        return getattr(factory, "__name__", type(factory).__name__)
 
 
 class App:
@@ -460,10 +462,10 @@ def _from_scenario(s: Scenario) -> App:
         )
     return App(
         s.name,
-        agents=[_agent_def(a) for a in s.agents],
+        agents=[_agent_def(a, f"{where}agents[{i}].", search_path) for i, a in enumerate(s.agents)],
         tools=list(s.tools),
         policies=s.policy_paths(),
-        model=s.model,
+        model=_model(s.model, s.model_factory, where, search_path),
         workload=workload,
         prices=s.prices,
         tenant=s.tenant,
@@ -478,17 +480,43 @@ def _from_scenario(s: Scenario) -> App:
     )
 
 
-def _agent_def(a: AgentSpec) -> AgentDef:
+def _agent_def(a: AgentSpec, where: str, search_path: Sequence[str]) -> AgentDef:
     return AgentDef(
         agent=a.cls,
         id=a.id,
         role=a.role,
         entry=a.entry,
         options=a.options,
-        model=a.model,
+        model=_model(a.model, a.model_factory, where, search_path),
         capabilities=a.capabilities,
         budget_usd=a.budget_usd,
     )
+
+
+def _model(
+    simulated: SimulatedModelSettings | None,
+    made: ModelFactory | None,
+    where: str,
+    search_path: Sequence[str],
+) -> Model | None:
+    """A scenario's model: simulated, or a factory of the user's with its options bound."""
+    if made is None:
+        return simulated
+    factory = _field(
+        where,
+        "model_factory.factory",
+        load_object,
+        made.factory,
+        search_path=search_path,
+        what="model factory",
+    )
+    if not callable(factory):
+        raise ConfigError(f"{where}model_factory.factory: {made.factory!r} is not callable")
+    try:
+        inspect.signature(factory).bind(**made.options)
+    except TypeError as exc:
+        raise ConfigError(f"{where}model_factory.options: {exc} (got {made.options!r})") from None
+    return functools.partial(factory, **made.options)
 
 
 def _field(where: str, field_path: str, load: Callable[..., Any], ref: str, **kw: Any) -> Any:

@@ -23,11 +23,27 @@ __all__ = [
     "AgentSpec",
     "Approvals",
     "ClockSpec",
+    "ModelFactory",
     "Scenario",
     "WorkloadSpec",
     "load_scenario",
     "quoted_at",
 ]
+
+
+class ModelFactory(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A model provider of the user's own (an OpenAI-compatible or Anthropic client, say),
+    made by a factory called inside the agent's actor, so keys and clients never travel
+    through Ray.
+
+    Attributes:
+        factory: ``package.module:function`` returning a `govmesh.ModelProvider`; its
+            model's name must be priced.
+        options: the factory's keyword arguments (no secrets: read those in the factory).
+    """
+
+    factory: str
+    options: dict[str, Any] = {}
 
 
 class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -43,7 +59,9 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
         budget_usd: its token's budget authority: what governance may allow it to spend in
             one UTC day, across its workflows.
         options: keyword arguments of the class.
-        model: its simulated model; the scenario's ``model`` when None.
+        model: its simulated model; the scenario's model when neither this nor
+            ``model_factory`` is given.
+        model_factory: its model made by a factory of the user's, instead of ``model``.
     """
 
     id: str
@@ -54,6 +72,7 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     budget_usd: float = 0.0
     options: dict[str, Any] = {}
     model: SimulatedModelSettings | None = None
+    model_factory: ModelFactory | None = None
 
 
 class WorkloadSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -100,6 +119,8 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         path: folders put on ``sys.path`` here and in every actor, so the classes, tools
             and generators the file names import.
         model: the agents' simulated model, unless an agent names its own.
+        model_factory: the agents' model made by a factory of the user's, instead of
+            ``model``.
         tools: the tools the gateway runs: ``package.module:tool`` or a plugin's tool name.
     """
 
@@ -108,7 +129,8 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     tenant: str = "acme"
     policies: tuple[str, ...]
     path: tuple[str, ...] = ()
-    model: SimulatedModelSettings
+    model: SimulatedModelSettings | None = None
+    model_factory: ModelFactory | None = None
     prices: dict[str, Price]
     agents: tuple[AgentSpec, ...]
     tools: tuple[str, ...] = ()
@@ -191,12 +213,20 @@ def _check(s: Scenario, path: Path) -> None:
     def fail(field: str, message: str) -> None:
         raise ScenarioError(f"{path}: {field}: {message}")
 
-    models = [("model", s.model)] + [
-        (f"agents[{i}].model", a.model) for i, a in enumerate(s.agents) if a.model is not None
-    ]
-    for field, model in models:
-        if model.name not in s.prices:
-            fail(field, f"{model.name!r} has no entry under prices; a model is never free")
+    owners: list[tuple[str, AgentSpec | Scenario]] = [("", s)]
+    owners += [(f"agents[{i}].", a) for i, a in enumerate(s.agents)]
+    for at, owner in owners:
+        if owner.model is not None and owner.model_factory is not None:
+            fail(f"{at}model_factory", "give model or model_factory, not both")
+        if owner.model is not None and owner.model.name not in s.prices:
+            fail(
+                f"{at}model",
+                f"{owner.model.name!r} has no entry under prices; a model is never free",
+            )
+    if s.model is None and s.model_factory is None:
+        for i, a in enumerate(s.agents):
+            if a.model is None and a.model_factory is None:
+                fail(f"agents[{i}].model", "no model here and no model or model_factory above")
     if not s.agents:
         fail("agents", "a scenario needs at least one agent")
     seen: dict[str, int] = {}
