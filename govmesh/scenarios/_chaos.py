@@ -29,11 +29,10 @@ import msgspec
 import redis.asyncio as aioredis
 
 from govmesh.agents.messages import Outcome
-from govmesh.errors import ConfigError
 from govmesh.governance._approvals import ApprovalStore
-from govmesh.scenarios._app import App, load_app, scenario_app
-from govmesh.scenarios._runner import deploy, finish_run, run_workflows
-from govmesh.scenarios._runs import RunManifest, RunRecords, new_run_id
+from govmesh.scenarios._app import App
+from govmesh.scenarios._runner import deploy, finish_run, planned_run, run_workflows
+from govmesh.scenarios._runs import RunRecords, new_run_id
 from govmesh.scenarios._swarm import Swarm, seeded_rng
 from govmesh.tools._spec import Effect, ToolSpec
 
@@ -276,27 +275,16 @@ async def run_chaos(
         ``actor_restarts``, and the run's whole report (``run``).
     """
     phase = on_phase or (lambda _: None)
-    if (path is None) == (app is None):
-        raise ConfigError("give a scenario file or an app, not both")
-    ref = app if isinstance(app, str) else ""
-    if isinstance(app, App):
-        loaded = app
-    elif ref:
-        loaded = load_app(ref, app_dir=app_dir)
-    else:
-        loaded = scenario_app(str(path))
-    loaded.check_files()
-    manifest = RunManifest(
+    loaded, manifest = planned_run(
+        path,
+        app=app,
+        app_dir=app_dir,
         run_id=new_run_id(),
-        scenario=str(Path(path).resolve()) if path is not None else "",
-        app=ref,
-        app_dir=str(Path(app_dir).resolve()) if ref else "",
         seed=seed,
         workflows=workflows,
         concurrency=concurrency,
-        started_at=time.time(),
     )
-    what = f"govmesh chaos {path or ref or loaded.name}"
+    what = f"govmesh chaos {path or manifest.app or loaded.name}"
     async with deploy(manifest, app=loaded, resume=False, what=what, phase=phase) as up:
         monkey = ChaosMonkey(
             kills=kills,

@@ -66,6 +66,7 @@ __all__ = [
     "finish_run",
     "load_app_of",
     "new_issuer",
+    "planned_run",
     "run_dir",
     "run_scenario",
     "run_workflows",
@@ -771,6 +772,44 @@ def load_app_of(manifest: RunManifest) -> App:
     )
 
 
+def planned_run(
+    path: str | Path | None,
+    *,
+    app: App | str | None,
+    app_dir: str | Path,
+    run_id: str,
+    seed: int,
+    workflows: int,
+    concurrency: int,
+    manual_approvals: bool = False,
+) -> tuple[App, RunManifest]:
+    """The app a run is asked to run (a scenario file's, an `App`, or one named
+    ``package.module:app`` found from ``app_dir``), checked before anything starts, and the
+    run's manifest, which names where it came from so the run can be resumed.
+
+    Raises:
+        ConfigError: both or neither of ``path`` and ``app``; anything wrong with the app
+            (a `ScenarioError` for a scenario file, naming the file and field).
+    """
+    if (path is None) == (app is None):
+        raise ConfigError("give a scenario file or an app, not both")
+    ref = app if isinstance(app, str) else ""
+    manifest = RunManifest(
+        run_id=run_id,
+        scenario=str(Path(path).resolve()) if path is not None else "",
+        app=ref,
+        app_dir=str(Path(app_dir).resolve()) if ref else "",
+        seed=seed,
+        workflows=workflows,
+        concurrency=concurrency,
+        manual_approvals=manual_approvals,
+        started_at=time.time(),
+    )
+    loaded = app if isinstance(app, App) else load_app_of(manifest)
+    loaded.check_files()
+    return loaded, manifest
+
+
 async def run_scenario(
     path: str | Path | None,
     *,
@@ -805,26 +844,27 @@ async def run_scenario(
             ``app_dir`` first on the path).
     """
     phase = on_phase or (lambda _: None)
-    if (path is None) == (app is None) and not resume:
-        raise ConfigError("give a scenario file or an app (not both), unless resuming a run")
-    ref = app if isinstance(app, str) else ""
-    asked = RunManifest(
-        run_id=run_id or new_run_id(),
-        scenario=str(Path(path).resolve()) if path is not None else "",
-        app=ref,
-        app_dir=str(Path(app_dir).resolve()) if ref else "",
-        seed=seed,
-        workflows=workflows,
-        concurrency=concurrency,
-        manual_approvals=not simulated_approver,
-        started_at=time.time(),
-    )
     loaded: App | None = None
-    if not resume:
-        # A bad scenario or app fails before anything starts.
-        loaded = app if isinstance(app, App) else load_app_of(asked)
-        loaded.check_files()
-    what = f"govmesh run {path or ref or (loaded.name if loaded else run_id)}"
+    if resume:
+        if run_id is None:
+            raise ConfigError("resuming a run needs its id")
+        # Only names the run: the rest is read back from its directory.
+        asked = RunManifest(
+            run_id=run_id, scenario="", seed=seed, workflows=workflows, concurrency=concurrency
+        )
+        what = f"govmesh run --resume {run_id}"
+    else:
+        loaded, asked = planned_run(
+            path,
+            app=app,
+            app_dir=app_dir,
+            run_id=run_id or new_run_id(),
+            seed=seed,
+            workflows=workflows,
+            concurrency=concurrency,
+            manual_approvals=not simulated_approver,
+        )
+        what = f"govmesh run {path or asked.app or loaded.name}"
     async with deploy(asked, app=loaded, resume=resume, what=what, phase=phase) as up:
         m = up.manifest
         phase("starting agent and platform actors")
