@@ -206,14 +206,14 @@ workload:
 """
 
 
-def _govmesh(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
+def _govmesh(args: list[str], home: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*GOVMESH, *args],
         cwd=ROOT,
         env=_env(uuid.uuid4().hex, home),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
 
 
@@ -418,14 +418,7 @@ def test_an_app_of_the_users_own_module_runs_and_survives_chaos(tmp_path: Path) 
     code, home = write_notes(tmp_path), tmp_path / "home"
     out = tmp_path / "run.json"
     app = ["--app", "notes:app", "--app-dir", str(code)]
-    ran = subprocess.run(
-        [*GOVMESH, "run", *app, "-n", "4", "--json", str(out)],
-        cwd=ROOT,
-        env=_env(uuid.uuid4().hex, home),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    ran = _govmesh(["run", *app, "-n", "4", "--json", str(out)], home, timeout=240)
     assert ran.returncode == 0, ran.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["scenario"] == "notes"
@@ -444,14 +437,7 @@ def test_an_app_of_the_users_own_module_runs_and_survives_chaos(tmp_path: Path) 
     assert "first call: notes.write" in ran.stdout
 
     out = tmp_path / "chaos.json"
-    struck = subprocess.run(
-        [*GOVMESH, "chaos", *app, "-n", "6", "--kills", "1", "--json", str(out)],
-        cwd=ROOT,
-        env=_env(uuid.uuid4().hex, home),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    struck = _govmesh(["chaos", *app, "-n", "6", "--kills", "1", "--json", str(out)], home, 300)
     assert struck.returncode == 0, struck.stderr[-3000:]
     chaos = json.loads(out.read_text())
     assert (chaos["finished"], chaos["duplicate_effects"], chaos["lost_approvals"]) == (6, 0, 0)

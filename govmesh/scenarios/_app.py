@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, TypedDict, Unpack
 
 import msgspec
 
@@ -37,11 +37,39 @@ from govmesh.scenarios._schema import (
 )
 from govmesh.tools._spec import ToolSpec
 
-__all__ = ["AgentDef", "App", "Model", "ResolvedAgent", "Workload", "load_app", "scenario_app"]
+__all__ = [
+    "AgentDef",
+    "App",
+    "Model",
+    "ResolvedAgent",
+    "RunOptions",
+    "Workload",
+    "load_app",
+    "scenario_app",
+]
 
 Model: TypeAlias = SimulatedModelSettings | Callable[[], ModelProvider]
 """An agent's model: simulated (seeded with the run's seed), or a factory called inside the
 agent's actor, so API keys and clients never travel through Ray."""
+
+
+class RunOptions(TypedDict, total=False):
+    """How `App.run` runs the app.
+
+    Attributes:
+        workflows: how many workflows (20).
+        seed: the run's seed: workload, simulated models and approver (1).
+        concurrency: workflows in flight at once (64).
+        simulated_approver: answer escalations with the simulated approver (True); False
+            leaves them to ``govmesh approvals`` in another terminal.
+        on_done: called with each workflow's id and `Outcome` as it ends.
+    """
+
+    workflows: int
+    seed: int
+    concurrency: int
+    simulated_approver: bool
+    on_done: Callable[[str, Outcome], None]
 
 
 class Workload(Protocol):
@@ -328,67 +356,29 @@ class App:
             f"{sorted(t.__qualname__ for t in self._kinds.values())!r}"
         )
 
-    def run(
-        self,
-        *,
-        workflows: int = 20,
-        seed: int = 1,
-        concurrency: int = 64,
-        simulated_approver: bool = True,
-        on_done: Callable[[str, Outcome], None] | None = None,
-    ) -> dict[str, Any]:
-        """Run ``workflows`` workflows on embedded services (a nats-server, a
-        Redis-protocol server and Ray, as ``govmesh run`` does, or those that
-        ``GOVMESH_NATS_URL``, ``GOVMESH_REDIS_URL`` and ``RAY_ADDRESS`` name) and return
-        the run's report (what ``govmesh run --json`` writes). Blocks; from async code
-        use `run_async`.
+    def run(self, **options: Unpack[RunOptions]) -> dict[str, Any]:
+        """Run the app's workflows on embedded services (a nats-server, a Redis-protocol
+        server and Ray, as ``govmesh run`` does, or those that ``GOVMESH_NATS_URL``,
+        ``GOVMESH_REDIS_URL`` and ``RAY_ADDRESS`` name) and return the run's report (what
+        ``govmesh run --json`` writes). Blocks; from async code use `run_async`.
 
         Every actor imports the modules that define the app's agents and tools: a script
         that defines them runs its app under ``if __name__ == "__main__":``.
 
         Args:
-            workflows: how many workflows.
-            seed: the run's seed (workload, simulated models and approver).
-            concurrency: workflows in flight at once.
-            simulated_approver: answer escalations with the simulated approver; False
-                leaves them to ``govmesh approvals`` in another terminal.
-            on_done: called with each workflow's id and `Outcome` as it ends.
+            options: see `RunOptions` (``workflows=20``, ``seed=1`` by default).
 
         Raises:
             GovmeshError: the app or its deployment is misconfigured (a `ConfigError`
                 naming the field), or a service did not start.
         """
-        return asyncio.run(
-            self.run_async(
-                workflows=workflows,
-                seed=seed,
-                concurrency=concurrency,
-                simulated_approver=simulated_approver,
-                on_done=on_done,
-            )
-        )
+        return asyncio.run(self.run_async(**options))
 
-    async def run_async(
-        self,
-        *,
-        workflows: int = 20,
-        seed: int = 1,
-        concurrency: int = 64,
-        simulated_approver: bool = True,
-        on_done: Callable[[str, Outcome], None] | None = None,
-    ) -> dict[str, Any]:
-        """`run`, awaitable; the same arguments."""
+    async def run_async(self, **options: Unpack[RunOptions]) -> dict[str, Any]:
+        """`run`, awaitable."""
         from govmesh.scenarios._runner import run_scenario
 
-        return await run_scenario(
-            None,
-            app=self,
-            workflows=workflows,
-            seed=seed,
-            concurrency=concurrency,
-            simulated_approver=simulated_approver,
-            on_done=on_done,
-        )
+        return await run_scenario(None, app=self, **options)
 
     def __repr__(self) -> str:
         return f"<govmesh.App {self.name!r}: {', '.join(self.agent_ids)}>"
