@@ -25,7 +25,7 @@ from govmesh.errors import ConfigError, GovmeshError, ScenarioError
 from govmesh.forecasting import BudgetCaps, Price
 from govmesh.forecasting._prices import load_price_file
 from govmesh.llm import ModelProvider, SimulatedModel, SimulatedModelSettings
-from govmesh.scenarios._plugins import load_agent, load_tool, main_script, path_of
+from govmesh.scenarios._plugins import load_agent, load_tool, main_module, path_of
 from govmesh.scenarios._schema import (
     AgentSpec,
     Approvals,
@@ -224,11 +224,11 @@ class App:
         self._tool_refs = [_importable(t, f"{where}tools[{i}]") for i, t in enumerate(self.tools)]
         self.agents = self._resolve(agents, default_model)
         self._check_tools()
-        script = main_script()
-        defined_in_script = [m.cls for m in self.agents] + [t.run for t in self.tools]
-        if script is not None and any(d.__module__ == "__main__" for d in defined_in_script):
-            # The actors import the script by its file name to find what it defines.
-            self.search_path = (*self.search_path, str(script.parent))
+        main = main_module()
+        defined_in_main = [m.cls for m in self.agents] + [t.run for t in self.tools]
+        if main is not None and any(d.__module__ == "__main__" for d in defined_in_main):
+            # The actors import the script again, by name, to find what it defines.
+            self.search_path = (*self.search_path, str(main[1]))
         self.entry = next(m for m in self.agents if m.entry)
         self._workload = workload
         self._kinds = _handlers(self.entry.cls)

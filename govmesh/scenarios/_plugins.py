@@ -33,7 +33,7 @@ __all__ = [
     "installed_plugins",
     "load_agent",
     "load_tool",
-    "main_script",
+    "main_module",
     "path_of",
 ]
 
@@ -127,28 +127,38 @@ def _named(ref: str, known: Mapping[str, Any], what: str, search_path: Iterable[
     return known[ref]
 
 
-def main_script() -> Path | None:
-    """The script this process runs as ``__main__`` (``python script.py``), if any."""
-    found = getattr(sys.modules.get("__main__"), "__file__", None)
-    return Path(found).resolve() if found else None
+def main_module() -> tuple[str, Path] | None:
+    """The name under which another process imports what this process runs as
+    ``__main__``, and the folder it imports it from: the script's file name and folder
+    (``python claims.py``), or the module's name and the working directory
+    (``python -m mypkg.claims``); None in an interactive session."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name and spec.name != "__main__":
+        return spec.name, Path.cwd()
+    found = getattr(main, "__file__", None)
+    if not found:
+        return None
+    script = Path(found).resolve()
+    return script.stem, script.parent
 
 
 def path_of(obj: Any) -> str | None:
     """``package.module:name`` under which another process imports ``obj`` (a class, or a
     tool declared at module level), or None if no module names it (an interactive
-    session's). What a script defines is named by the script's module name (its file name),
-    which its folder on the path imports: a script runs its app under
-    ``if __name__ == "__main__":``, as one using `multiprocessing` does.
+    session's). What a script defines is named as `main_module` says, and imported again
+    by that name: a script runs its app under ``if __name__ == "__main__":``, as one
+    using `multiprocessing` does.
     """
     module_name = obj.run.__module__ if isinstance(obj, ToolSpec) else obj.__module__
     module = sys.modules.get(module_name)
     if module is None:
         return None
     if module_name == "__main__":
-        script = main_script()
-        if script is None:
+        main = main_module()
+        if main is None:
             return None
-        module_name = script.stem
+        module_name = main[0]
     qualname = getattr(obj, "__qualname__", None)
     if qualname is not None:
         found: Any = module
