@@ -267,3 +267,14 @@ def test_an_agent_may_have_a_model_made_by_a_factory_of_the_users(user_code: Pat
     none = SCENARIO.replace("model: {name: simulated-small}\n", "")
     with pytest.raises(ScenarioError, match=r"agents\[0\]\.model: no model here"):
         scenario_app(_write(user_code, none))
+
+
+def test_a_scenario_in_the_format_before_apps_is_told_what_changed(tmp_path: Path) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        "name: old\npolicies: []\nmodel: {name: simulated-small}\n"
+        "agents:\n  requester: {id: requester-1, role: Requester}\n"
+        "purchases: {items: [laptops], vendors: {Vendor_A: 1}, amount_usd: {min: 1, max: 2}}\n"
+    )
+    with pytest.raises(ScenarioError, match=rf"^{old}: agents: .*format before apps"):
+        scenario_app(old)

@@ -167,6 +167,13 @@ def load_scenario(path: str | Path) -> Scenario:
     """
     path = Path(path)
     data = read_yaml_mapping(path, what="scenario", error=ScenarioError)
+    if "purchases" in data or isinstance(data.get("agents"), dict):
+        raise ScenarioError(
+            f"{path}: agents: a mapping of requester and procurement (with purchases:) is "
+            "the scenario format before apps; list the agents with their class: and entry:, "
+            "and give a workload: (scenarios/procurement.yaml shows the procurement example "
+            "in the new format)"
+        )
     prices = data.get("prices")
     if isinstance(prices, str):
         # A price table file, named relative to the scenario.
