@@ -33,6 +33,7 @@ from govmesh.governance._rules import (
     Scalar,
     canonical_value,
     compile_pattern,
+    shown,
     value_order,
     value_text,
 )
@@ -250,6 +251,18 @@ class PolicySet(msgspec.Struct, frozen=True, dict=True):
         the defaults.
         """
         return self._approval_terms.get(role, (DEFAULT_APPROVAL_EXPIRY_S, "deny"))
+
+    @functools.cached_property
+    def allow_reasons(self) -> dict[str, tuple[str, ...]]:
+        """The reasons of an allow, by role: how many policies allowed it. Written once per
+        set, as every allow of a role gives the same."""
+        return {
+            role: (
+                f"allowed by {len(group)} {'policy' if len(group) == 1 else 'policies'} "
+                f"for role {shown(role)}",
+            )
+            for role, group in self._by_role.items()
+        }
 
     @functools.cached_property
     def _by_role(self) -> dict[str, tuple[Policy, ...]]:
