@@ -245,11 +245,11 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
     escalations: list[str] = []
     escalation: str | None = None
     for policy in rules:
-        denied_tools = policy.denied_tool_set
-        if denied_tools is not None and tool in denied_tools:
+        # The plain fields first: most policies list no tools, and reading a field costs
+        # half of building or fetching its set.
+        if policy.denied_tools is not None and tool in policy.denied_tool_set:
             denials.append(f"tool {_show(tool)} is in denied_tools")
-        allowed_tools = policy.allowed_tool_set
-        if allowed_tools is not None and tool not in allowed_tools:
+        if policy.allowed_tools is not None and tool not in policy.allowed_tool_set:
             denials.append(f"tool {_show(tool)} is not in allowed_tools")
         rate = policy.rate_limit
         if rate is not None and recent_calls >= rate.calls:

@@ -122,14 +122,15 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, dict=True):
         return None if self.allowed_vendors is None else frozenset(self.allowed_vendors)
 
     @functools.cached_property
-    def allowed_tool_set(self) -> frozenset[str] | None:
-        """``allowed_tools`` as a frozenset, built once, for constant-time membership."""
-        return None if self.allowed_tools is None else frozenset(self.allowed_tools)
+    def allowed_tool_set(self) -> frozenset[str]:
+        """``allowed_tools`` as a frozenset, built once, for constant-time membership (empty
+        when the policy lists none: check ``allowed_tools`` first)."""
+        return frozenset(self.allowed_tools or ())
 
     @functools.cached_property
-    def denied_tool_set(self) -> frozenset[str] | None:
+    def denied_tool_set(self) -> frozenset[str]:
         """``denied_tools`` as a frozenset, built once, for constant-time membership."""
-        return None if self.denied_tools is None else frozenset(self.denied_tools)
+        return frozenset(self.denied_tools or ())
 
     def explain(self) -> list[str]:
         """The policy's rules in words, one line each, in the order they are checked; what
