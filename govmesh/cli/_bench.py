@@ -137,7 +137,7 @@ def bench_governance(decisions: int, intents: int, json_path: Path | None) -> No
         report["in_process_general_us"],
         report["agt_general_us"],
     )
-    row("Agent Governance Toolkit (AGT), us", f"{agt['p50']:.2f}", f"{agt['p99']:.2f}")
+    row("AGT PolicyEvaluator, us", f"{agt['p50']:.2f}", f"{agt['p99']:.2f}")
     row(
         "speedup vs AGT",
         f"{report['speedup_vs_agt']:.1f}x",
@@ -151,9 +151,9 @@ def bench_governance(decisions: int, intents: int, json_path: Path | None) -> No
         f"{agt_general['p99']:.2f}",
     )
     row("speedup vs AGT, general rules", f"{report['speedup_vs_agt_general']:.1f}x")
+    row("AGT disagreements", f"{report['agt_disagreements']} / {report['agt_compared']}")
     row(
-        "AGT disagreements, seed; general",
-        f"{report['agt_disagreements']} / {report['agt_compared']}; "
+        "AGT disagreements, general rules",
         f"{report['agt_general_disagreements']} / {report['agt_general_compared']}",
     )
     bus, loaded = report["bus_ms"], report["bus_loaded_ms"]

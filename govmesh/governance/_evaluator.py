@@ -14,6 +14,7 @@ import msgspec
 
 from govmesh.governance._policy import OnExpiry, Policy, PolicySet
 from govmesh.governance._rules import Condition, value_text
+from govmesh.governance._rules import shown as _show
 
 __all__ = [
     "NOT_A_PARTICIPANT",
@@ -134,7 +135,6 @@ _LEGACY_SPEND: Final = ("amount_usd",)
 _VENDOR: Final = "vendor"
 _ABSENT: Final = object()
 _INF: Final = math.inf
-_SHOW_LIMIT: Final = 80
 _ALLOW_OBLIGATIONS: Final = (OBLIGATION_RECORD_SPEND,)
 _ESCALATE_OBLIGATIONS: Final = (OBLIGATION_AWAIT_APPROVAL, OBLIGATION_RECORD_SPEND)
 _ESCALATE_WITHOUT_SPEND: Final = (OBLIGATION_AWAIT_APPROVAL,)
@@ -202,7 +202,9 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
         else:
             amount = value if amount is None else amount + value
     vendor = args.get(_VENDOR)
-    if legacy and vendor is not None and not isinstance(vendor, str):
+    # Checked once here, not per policy: a list or a mapping cannot be looked up in a set.
+    vendor_named = vendor is None or isinstance(vendor, str)
+    if legacy and not vendor_named:
         problems.append(f"vendor must be a string, got {_show(vendor)}")
     spent, day_spent = ctx.workflow_spend_usd, ctx.day_spend_usd
     reflections, recent_calls = ctx.reflections, ctx.recent_calls
@@ -243,11 +245,11 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
     escalations: list[str] = []
     escalation: str | None = None
     for policy in rules:
-        denied_tools = policy.denied_tool_set
-        if denied_tools is not None and tool in denied_tools:
+        # The plain fields first: most policies list no tools, and reading a field costs
+        # half of building or fetching its set.
+        if policy.denied_tools is not None and tool in policy.denied_tool_set:
             denials.append(f"tool {_show(tool)} is in denied_tools")
-        allowed_tools = policy.allowed_tool_set
-        if allowed_tools is not None and tool not in allowed_tools:
+        if policy.allowed_tools is not None and tool not in policy.allowed_tool_set:
             denials.append(f"tool {_show(tool)} is not in allowed_tools")
         rate = policy.rate_limit
         if rate is not None and recent_calls >= rate.calls:
@@ -263,7 +265,7 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
         if vendors is not None:
             if vendor is None:
                 denials.append("no vendor given and the policy allows only listed vendors")
-            elif not isinstance(vendor, str) or vendor not in vendors:
+            elif not vendor_named or vendor not in vendors:
                 denials.append(f"vendor {_show(vendor)} is not in allowed_vendors")
         if (
             policy.reads_args
@@ -316,13 +318,9 @@ def evaluate(policies: PolicySet, intent: Intent, ctx: EvalContext) -> Verdict:
             approval_expiry_s=expiry,
             on_expiry=on_expiry,
         )
-    count = len(rules)
     return Verdict(
         outcome="allow",
-        reasons=(
-            f"allowed by {count} {'policy' if count == 1 else 'policies'} "
-            f"for role {_show(intent.role)}",
-        ),
+        reasons=policies.allow_reasons[intent.role],
         obligations=_ALLOW_OBLIGATIONS if amount is not None else (),
         policy_hash=policies.hash,
     )
@@ -458,9 +456,3 @@ def _check_count(name: str, raw: object, problems: list[str]) -> None:
 
 def _usd(value: float) -> str:
     return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
-
-
-def _show(value: object) -> str:
-    # Arguments come from a model; keep a hostile megabyte string out of the audit trail.
-    text = repr(value)
-    return text if len(text) <= _SHOW_LIMIT else text[: _SHOW_LIMIT - 3] + "..."

@@ -33,6 +33,7 @@ from govmesh.governance._rules import (
     Scalar,
     canonical_value,
     compile_pattern,
+    shown,
     value_order,
     value_text,
 )
@@ -121,14 +122,15 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, dict=True):
         return None if self.allowed_vendors is None else frozenset(self.allowed_vendors)
 
     @functools.cached_property
-    def allowed_tool_set(self) -> frozenset[str] | None:
-        """``allowed_tools`` as a frozenset, built once, for constant-time membership."""
-        return None if self.allowed_tools is None else frozenset(self.allowed_tools)
+    def allowed_tool_set(self) -> frozenset[str]:
+        """``allowed_tools`` as a frozenset, built once, for constant-time membership (empty
+        when the policy lists none: check ``allowed_tools`` first)."""
+        return frozenset(self.allowed_tools or ())
 
     @functools.cached_property
-    def denied_tool_set(self) -> frozenset[str] | None:
+    def denied_tool_set(self) -> frozenset[str]:
         """``denied_tools`` as a frozenset, built once, for constant-time membership."""
-        return None if self.denied_tools is None else frozenset(self.denied_tools)
+        return frozenset(self.denied_tools or ())
 
     def explain(self) -> list[str]:
         """The policy's rules in words, one line each, in the order they are checked; what
@@ -250,6 +252,18 @@ class PolicySet(msgspec.Struct, frozen=True, dict=True):
         the defaults.
         """
         return self._approval_terms.get(role, (DEFAULT_APPROVAL_EXPIRY_S, "deny"))
+
+    @functools.cached_property
+    def allow_reasons(self) -> dict[str, tuple[str, ...]]:
+        """The reasons of an allow, by role: how many policies allowed it. Written once per
+        set, as every allow of a role gives the same."""
+        return {
+            role: (
+                f"allowed by {len(group)} {'policy' if len(group) == 1 else 'policies'} "
+                f"for role {shown(role)}",
+            )
+            for role, group in self._by_role.items()
+        }
 
     @functools.cached_property
     def _by_role(self) -> dict[str, tuple[Policy, ...]]:

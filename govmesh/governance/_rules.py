@@ -26,6 +26,7 @@ __all__ = [
     "Scalar",
     "canonical_value",
     "compile_pattern",
+    "shown",
     "value_order",
     "value_text",
 ]
@@ -61,6 +62,7 @@ _RELATION: Final[dict[str, str]] = {
     "matches": "matches",
 }
 _INF: Final = math.inf
+_SHOW_LIMIT: Final = 80
 
 
 class PatternError(ValueError):
@@ -246,3 +248,10 @@ def value_text(value: Scalar | tuple[Scalar, ...]) -> str:
     if isinstance(value, str):
         return repr(value)
     return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def shown(value: object) -> str:
+    """``value`` as a verdict's reasons quote it: its repr, cut to 80 characters."""
+    # Arguments come from a model; keep a hostile megabyte string out of the audit trail.
+    text = repr(value)
+    return text if len(text) <= _SHOW_LIMIT else text[: _SHOW_LIMIT - 3] + "..."
