@@ -111,11 +111,15 @@ def audit_show(
     json_path: Path | None,
 ) -> None:
     """Print WORKFLOW's causal trace from the audit index: who asked, what was decided under
-    which policy, what ran and what each model call cost."""
+    which policy, what ran and what each model call cost. Each event shows a few fields of
+    its kind, then what user code declared: a start's payload, the arguments a tool
+    declares to show (approval requests, outcomes), a tool's result and a handler's return
+    value, by name."""
 
     from rich.markup import escape
     from rich.tree import Tree
 
+    from govmesh.observability._audit import in_summary_order
     from govmesh.observability._export import costed_trace
 
     trace, _ = _audit_call(
@@ -137,9 +141,10 @@ def audit_show(
         r = by_id[record_id]
         when = time.strftime("%H:%M:%S", time.localtime(r.ts))
         spent = f" [green]${costs[r.id]:,.6f}[/]" if r.id in costs else ""
+        fields = glance(in_summary_order(r.kind, r.summary))
         node = parent.add(
             f"[dim]#{r.seq} {when}[/] [bold]{escape(r.kind)}[/] from [cyan]"
-            f"{escape(r.sender)}[/] {escape(glance(r.summary))}{spent}"
+            f"{escape(r.sender)}[/] {escape(fields)}{spent}"
         )
         for child in trace.children.get(record_id, ()):
             add(node, child)
