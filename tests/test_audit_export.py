@@ -130,7 +130,7 @@ def test_a_finished_run_can_be_shown_verified_and_exported_afterwards(
     assert set(approval["shown"]) == {"vendor", "amount_usd"}, "what the tool declares to show"
     outcome = bundle["outcome"]
     assert (outcome["first_decision"], outcome["tool"]) == ("escalate", "erp.create_purchase_order")
-    assert outcome["shown"]["vendor"] == approval["shown"]["vendor"]
+    assert outcome["fields"]["vendor"] == approval["shown"]["vendor"]
     proof = approval["proof"]
     assert proof["signature_valid"] and proof["matches_answer"]
     assert proof["token_claims"]["role"] == "operator" and len(proof["operator_key"]) == 64

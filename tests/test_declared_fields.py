@@ -1,7 +1,8 @@
 """What people see of a tool that spends nothing: on real servers, one workflow waiting for
-an approval and one finished go through `govmesh watch`, `govmesh approvals list` and
-`govmesh audit show`, and each shows the arguments the tool declares to show, the start's
-payload and the result by name, and nothing about amounts or vendors."""
+an approval and one finished go through `govmesh watch`, `govmesh approvals list`,
+`govmesh audit show` and `govmesh audit export`, and each shows the arguments the tool
+declares to show, the start's payload and the result by name, and nothing about amounts or
+vendors."""
 
 from __future__ import annotations
 
@@ -226,6 +227,23 @@ async def test_a_tool_without_spend_shows_its_declared_fields_in_watch_approvals
             f"Outcome from {AGENT} result=completed first_decision=allow "
             "tool=expenses.flag_claim category=meals memo=client lunch ticket=T-7"
         ) in finished.stdout
+
+        # audit export: the bundle says how the workflow ended, with the shown arguments.
+        bundle_path = tmp_path / "bundle.json"
+        exported = await asyncio.to_thread(
+            _govmesh, ["audit", "export", done, *where, "--out", str(bundle_path)], home
+        )
+        assert exported.returncode == 0, exported.stderr
+        assert "ended completed; chain intact" in exported.stdout
+        bundle = json.loads(bundle_path.read_text())
+        assert {k: v for k, v in bundle["outcome"].items() if k not in ("event", "ts")} == {
+            "agent": AGENT,
+            "result": "completed",
+            "first_decision": "allow",
+            "tool": TOOL,
+            "fields": {"category": "meals", "memo": "client lunch", "ticket": "T-7"},
+        }
+        _nothing_monetary(json.dumps(bundle["events"]) + json.dumps(bundle["outcome"]))
     finally:
         await consumer.close()
         for bus in (coordinator, agent, announcer, auditor):

@@ -266,7 +266,7 @@ def _outcome(end: AuditRecord) -> dict[str, Any]:
         "result": s.get("result"),
         "first_decision": s.get("first_decision", ""),
         "tool": s.get("tool", ""),
-        "shown": declared_fields(end.kind, s),
+        "fields": declared_fields(end.kind, s),
     }
 
 
