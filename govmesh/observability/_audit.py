@@ -145,6 +145,11 @@ _DECLARED: Final[dict[str, tuple[tuple[str, bool], ...]]] = {
     "ToolResult": (("result", False),),
 }
 _MAX_DECLARED: Final = 8
+# The names the fields above show under, per kind: a declared field must not take one.
+_FIELD_NAMES: Final = {
+    kind: frozenset(path.rpartition(".")[2] for path in paths)
+    for kind, paths in _SUMMARY_FIELDS.items()
+}
 # Free reasoning text is not copied into the index, only its hash.
 _THOUGHT_FIELDS: Final = ("reflections", "reasoning", "thought", "thoughts", "rationale")
 
@@ -444,8 +449,8 @@ def summarize_body(kind: str, body: bytes) -> dict[str, Scalar]:
             out[name] = v
         elif isinstance(v, list) and v and all(isinstance(x, str) for x in v):
             out[name] = ",".join(v)[:_MAX_TEXT]
-    taken = {path.rpartition(".")[2] for path in fixed or ()}
-    out.update(_declared(kind, value, taken=taken | out.keys()))
+    if kind in _DECLARED:
+        out.update(_declared(kind, value, taken=_FIELD_NAMES.get(kind, frozenset())))
     stated = value.get("thought_sha256")
     if isinstance(stated, str) and stated:
         # The sender's own hash of its reasoning (a model call's `Usage`): the text is not
@@ -458,7 +463,7 @@ def summarize_body(kind: str, body: bytes) -> dict[str, Scalar]:
     return out
 
 
-def _declared(kind: str, body: dict[str, Any], *, taken: set[str]) -> dict[str, Scalar]:
+def _declared(kind: str, body: dict[str, Any], *, taken: frozenset[str]) -> dict[str, Scalar]:
     """The fields user code declares in ``body`` (see `_DECLARED`), by name."""
     out: dict[str, Scalar] = {}
     for holder, packed in _DECLARED.get(kind, ()):
@@ -505,9 +510,11 @@ def _unpacked(data: Any) -> Any:
 def _shown_value(v: Any) -> Scalar:
     """``v`` as a summary shows a declared field: scalars as they are, text cut, anything
     else as JSON text, cut; None for nothing to show."""
+    if v is None or v == "":
+        return None
     if isinstance(v, str):
-        return v[:_MAX_TEXT] if v else None
-    if v is None or isinstance(v, bool | int | float):
+        return v[:_MAX_TEXT]
+    if isinstance(v, bool | int | float):
         return v
     try:
         return msgspec.json.encode(v).decode()[:_MAX_TEXT]
@@ -519,7 +526,7 @@ def in_summary_order(kind: str, summary: dict[str, Scalar]) -> dict[str, Scalar]
     """``summary`` with the fields of its kind first, in their order, then the rest as
     stored: a stored record keeps its summary's keys sorted (its hash is over a canonical
     encoding), which would put what user code declared among them."""
-    first = [path.rpartition(".")[2] for path in _SUMMARY_FIELDS.get(kind, ())]
+    first = (path.rpartition(".")[2] for path in _SUMMARY_FIELDS.get(kind, ()))
     ordered = {name: summary[name] for name in first if name in summary}
     return ordered | {k: v for k, v in summary.items() if k not in ordered}
 
@@ -531,7 +538,7 @@ def declared_fields(kind: str, summary: dict[str, Scalar]) -> dict[str, Scalar]:
     tool's result, the result. Empty for other kinds."""
     if kind not in _DECLARED:
         return {}
-    fixed = {path.rpartition(".")[2] for path in _SUMMARY_FIELDS.get(kind, ())}
+    fixed = _FIELD_NAMES.get(kind, frozenset())
     return {k: v for k, v in summary.items() if k not in fixed and k != "thought_sha256"}
 
 
