@@ -36,6 +36,7 @@ from _deploy import deployment
 SEED = ROOT / "policies" / "procurement-agent-v2.yaml"
 AGENT = "expenses-1"
 COORDINATOR = "coordinator-1"
+APPROVAL = uuid.uuid4().hex
 TOOL = "expenses.flag_claim"
 """A tool that spends nothing and declares ``show=("category", "memo")``."""
 
@@ -116,12 +117,12 @@ async def test_a_tool_without_spend_shows_its_declared_fields_in_watch_approvals
                     policy_hash=governance.policies.hash,
                     expires_at=time.time() + 60,
                     final=workflow != waiting,
-                    approval_id="ap1" if workflow == waiting else "",
+                    approval_id=APPROVAL if workflow == waiting else "",
                 ),
                 workflow=workflow,
             )
         request = ApprovalRequest(
-            approval_id="ap1",
+            approval_id=APPROVAL,
             workflow=waiting,
             agent=AGENT,
             tool=TOOL,
@@ -158,6 +159,8 @@ async def test_a_tool_without_spend_shows_its_declared_fields_in_watch_approvals
             )
             follow = ["watch", "--replay", "--lines", "-n", str(events), "--json", str(watched)]
             watch = await asyncio.to_thread(_govmesh, follow, home)
+            deny = ["approvals", "deny", APPROVAL, "--by", "bob", "--reason", "not this quarter"]
+            denied = await asyncio.to_thread(_govmesh, deny, home)
 
         # approvals list: who asks for which tool, with what the tool declares to show.
         assert approvals.returncode == 0, approvals.stderr
@@ -166,13 +169,19 @@ async def test_a_tool_without_spend_shows_its_declared_fields_in_watch_approvals
         _nothing_monetary(approvals.stdout)
         [pending] = json.loads(listed.read_text())
         assert pending["shown"] == {"category": "travel", "memo": "team offsite"}
+        assert denied.returncode == 0, denied.stderr
+        assert (
+            f"({waiting}, {TOOL} category=travel memo=team offsite): deny; "
+            "travel and entertainment need a manager; rejected by bob"
+        ) in denied.stdout, denied.stdout
+        _nothing_monetary(denied.stdout)
 
         # watch: the lines, and the dashboard folded from the same events.
         assert watch.returncode == 0, watch.stderr
         lines = watch.stdout
         assert "WorkflowStart coordinator-1: kind=Claim employee=e-17 category=travel" in lines
         assert (
-            "ApprovalRequest governance-2: approval_id=ap1 tool=expenses.flag_claim "
+            f"ApprovalRequest governance-2: approval_id={APPROVAL} tool=expenses.flag_claim "
             "escalation=human_review" in lines
         )
         assert "category=travel memo=team offsite" in lines
@@ -218,7 +227,7 @@ async def test_a_tool_without_spend_shows_its_declared_fields_in_watch_approvals
             "memo=team offsite"
         ) in shown.stdout
         assert (
-            "ApprovalRequest from governance-2 approval_id=ap1 tool=expenses.flag_claim "
+            f"ApprovalRequest from governance-2 approval_id={APPROVAL} tool=expenses.flag_claim "
             "escalation=human_review"
         ) in shown.stdout
         [request_line] = [line for line in shown.stdout.splitlines() if "ApprovalRequest" in line]

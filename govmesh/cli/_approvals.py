@@ -84,6 +84,8 @@ def _answer(
     json_path: Path | None,
 ) -> None:
 
+    from rich.markup import escape
+
     from govmesh.governance._operator import ApprovalNotPending, OperatorDesk
     from govmesh.runtime import join
 
@@ -100,9 +102,10 @@ def _answer(
         sys.exit(1)
     request, result = got
     colour = "green" if result.outcome == "allow" else "red"
+    asked = " ".join(filter(None, (request.tool, arguments(request.shown or request.args))))
     out.print(
-        f"approval {request.approval_id} ({request.workflow}, {request.tool}): "
-        f"[{colour}]{result.outcome}[/]; " + "; ".join(result.reasons)
+        f"approval {request.approval_id} ({escape(request.workflow)}, {escape(asked)}): "
+        f"[{colour}]{result.outcome}[/]; " + escape("; ".join(result.reasons))
     )
     write_json(json_path, result, what="result")
 
