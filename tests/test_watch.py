@@ -78,21 +78,29 @@ def _decision(
 
 def _request(workflow: str, approval: str, *, amount: float, ts: float) -> WatchedEvent:
     args = {"amount_usd": amount, "vendor": "Vendor_A", "item": "laptops"}
-    body = ApprovalRequest(
+    body = _approval(
+        workflow, approval, args=args, shown={"vendor": "Vendor_A", "amount_usd": amount}
+    )
+    return _event(body, workflow=workflow, ts=ts, sender="governance-1")
+
+
+def _approval(
+    workflow: str, approval: str, *, args: dict[str, object], shown: dict[str, object]
+) -> ApprovalRequest:
+    return ApprovalRequest(
         approval_id=approval,
         workflow=workflow,
         agent="buyer-1",
         tool=TOOL,
         args=args,
-        shown={"vendor": "Vendor_A", "amount_usd": amount},
+        shown=shown,
         intent_id="i",
         intent_hash=f"intent-of-{workflow}",
         reasons=("over 5000",),
         escalation="human_review",
         policy_hash=POLICY_A,
-        requested_at=ts,
+        requested_at=1000.0,
     )
-    return _event(body, workflow=workflow, ts=ts, sender="governance-1")
 
 
 def _usage(
@@ -357,19 +365,7 @@ def test_summaries_show_what_tools_and_workloads_declare_by_name() -> None:
 
 
 def test_an_old_approval_request_without_shown_arguments_shows_them_all() -> None:
-    body = ApprovalRequest(
-        approval_id="ap1",
-        workflow="w1",
-        agent="a",
-        tool="t",
-        args={"memo": "team dinner", "escalation": "x"},
-        intent_id="i",
-        intent_hash="h",
-        reasons=(),
-        escalation="human_review",
-        policy_hash=POLICY_A,
-        requested_at=1.0,
-    )
+    body = _approval("w1", "ap1", args={"memo": "team dinner", "escalation": "x"}, shown={})
     summary = summarize_body("ApprovalRequest", msgspec.msgpack.encode(body))
     assert declared_fields("ApprovalRequest", summary) == {
         "memo": "team dinner",
