@@ -34,6 +34,7 @@ __all__ = [
     "ROOT",
     "TOKEN_SERVICE",
     "Subjects",
+    "inbox_owner",
     "validate_token",
 ]
 
@@ -63,6 +64,15 @@ def validate_token(value: str, *, what: str) -> str:
             f"wildcards): {value!r}"
         )
     return value
+
+
+def inbox_owner(subject: str) -> str:
+    """The agent whose inbox (`Subjects.msg`) ``subject`` is, of any tenant; empty for any
+    other subject."""
+    parts = subject.split(".")
+    if len(parts) == 4 and parts[0] == ROOT and parts[2] == "msg":
+        return parts[3]
+    return ""
 
 
 class Subjects:

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from click.testing import CliRunner
 from test_cli import ESCALATING, GOVMESH, ROOT, _env
 
-from govmesh.agents import PurchaseOutcome, WorkflowDone
+from govmesh.agents.messages import Outcome, WorkflowStart
 from govmesh.bus import Codec, Envelope, Subjects
 from govmesh.cli import cli
 from govmesh.config import key_prefix
@@ -127,6 +127,10 @@ def test_a_finished_run_can_be_shown_verified_and_exported_afterwards(
     )
     [approval] = bundle["approvals"]
     assert approval["by"] == "sim-approver" and approval["operator"] == "operator-sim-approver"
+    assert set(approval["shown"]) == {"vendor", "amount_usd"}, "what the tool declares to show"
+    outcome = bundle["outcome"]
+    assert (outcome["first_decision"], outcome["tool"]) == ("escalate", "erp.create_purchase_order")
+    assert outcome["fields"]["vendor"] == approval["shown"]["vendor"]
     proof = approval["proof"]
     assert proof["signature_valid"] and proof["matches_answer"]
     assert proof["token_claims"]["role"] == "operator" and len(proof["operator_key"]) == 64
@@ -167,23 +171,26 @@ class _Sealer:
 
     def __init__(self, tenant: str) -> None:
         self.issuer = Issuer(name=f"test:{tenant}", audience=f"govmesh:{tenant}")
-        self.identity = self.issuer.identity("requester-1", "agent")
+        self.coordinator = self.issuer.identity("coordinator-1", "coordinator")
+        self.buyer = self.issuer.identity("buyer-1", "agent")
+        self.negotiator = self.issuer.identity("negotiator-1", "agent")
         self.subjects = Subjects(tenant)
         self.codec = Codec()
 
     def workflow(self, workflow: str, *, at: float, ended: bool) -> list[Envelope]:
-        bodies = [PurchaseOutcome(result="executed")] * 3
+        """The coordinator starts ``workflow`` at the buyer, which asks a negotiator to take
+        part and hears back; with ``ended``, the buyer then tells the coordinator."""
+        start = WorkflowStart(kind="Offer", body=msgspec.msgpack.encode({"price": 10}))
+        sent = [
+            (self.coordinator, self.subjects.msg("buyer-1"), start),
+            (self.buyer, self.subjects.msg("negotiator-1"), start),
+            (self.negotiator, self.subjects.msg("buyer-1"), Outcome(result="completed")),
+        ]
         if ended:
-            bodies.append(WorkflowDone(outcome=PurchaseOutcome(result="executed")))
+            sent.append((self.buyer, self.subjects.msg("coordinator-1"), Outcome(result="denied")))
         return [
-            self.codec.seal(
-                self.identity,
-                subject=self.subjects.msg("coordinator"),
-                body=body,
-                workflow=workflow,
-                now=at + i,
-            )[0]
-            for i, body in enumerate(bodies)
+            self.codec.seal(identity, subject=subject, body=body, workflow=workflow, now=at + i)[0]
+            for i, (identity, subject, body) in enumerate(sent)
         ]
 
 
@@ -261,6 +268,7 @@ def test_prune_removes_old_ended_workflows_and_verify_still_finds_a_tamper(
             index = AuditIndex(r, prefix=p)
             assert not await index.records("wf-old-done")
             assert [m.seq for m in await index.refused()] == [2], "the newer one is kept"
+            # An agent's answer to another that asked it does not end the workflow.
             assert len(await index.records("wf-old-open")) == 3, "not ended: kept"
             entries = await r.xrange(decisions_key(p))
             kept = {msgspec.msgpack.decode(f[b"record"])["intent"]["workflow"] for _, f in entries}

@@ -301,7 +301,8 @@ def test_an_approval_from_the_cli_resumes_the_paused_workflow(tmp_path: Path) ->
             "escalate 2 ",
             "pending approvals: 2",
             *(str(p["workflow"]) for p in pending),
-            *(f"${p['args']['amount_usd']:,.2f}" for p in pending),
+            # Each request's arguments as its tool declares them to show.
+            *(f"amount_usd={p['shown']['amount_usd']!r}" for p in pending),
         ]
         _frame_showing(screen, live, waiting)
 
@@ -326,10 +327,10 @@ def test_an_approval_from_the_cli_resumes_the_paused_workflow(tmp_path: Path) ->
     assert live.returncode == 0 and "the deployment stopped" in live_err, live_err[-3000:]
     report = json.loads(out.read_text())
     final = _frames(screen)[-1]
-    assert "after escalation allow 1, deny 1" in final and "executed 1, rejected 1" in final
+    assert "after escalation allow 1, deny 1" in final and "completed 1, rejected 1" in final
     board = json.loads(live_json.read_text())["board"]
     assert board["decisions"] == {"escalate": 2} and board["settled"] == {"allow": 1, "deny": 1}
-    assert board["finished"] == {"executed": 1, "rejected": 1} and board["in_flight"] == 0
+    assert board["finished"] == {"completed": 1, "rejected": 1} and board["in_flight"] == 0
     assert board["pending"] == [] and board["security"] == []
     assert [(a["by"], a["approved"]) for a in board["answers"]] == [("bob", False), ("alice", True)]
     assert board["tokens"] == report["tokens"] > 0

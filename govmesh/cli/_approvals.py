@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
 
-from govmesh.cli._common import age, console, json_option, out, run_async, tenant_option, write_json
+from govmesh.cli._common import (
+    age,
+    arguments,
+    console,
+    json_option,
+    out,
+    run_async,
+    tenant_option,
+    write_json,
+)
 from govmesh.cli._root import cli
+
+if TYPE_CHECKING:
+    from govmesh.governance.messages import ApprovalRequest
 
 
 @cli.group()
@@ -23,41 +36,42 @@ def approvals() -> None:
 @tenant_option
 @json_option
 def approvals_list(tenant: str | None, json_path: Path | None) -> None:
-    """List the pending approvals, oldest first."""
+    """List the pending approvals, oldest first: who asks for which tool, with the arguments
+    the tool declares to show, why it was escalated, how long it has waited and when it
+    lapses. --json writes each request whole (``shown`` and every argument in ``args``)."""
 
     from govmesh.governance._operator import OperatorDesk
     from govmesh.runtime import join
 
-    async def pending() -> list[Any]:
+    async def pending() -> list[ApprovalRequest]:
         async with OperatorDesk(join(tenant)) as desk:
             return await desk.pending()
 
     requests = run_async(pending())
-    now = time.time()
+    out.print(pending_table(requests, now=time.time()))
+    write_json(json_path, requests, what="list")
+
+
+def pending_table(requests: Sequence[ApprovalRequest], *, now: float) -> Table:
+    """The pending approvals as `approvals list` prints them: who asks for which tool with
+    the arguments the tool declares to show (every argument for a request from before tools
+    declared them), why, how long it has waited and when it lapses."""
+    from rich.markup import escape
+
     table = Table(title=f"pending approvals: {len(requests)}")
     for column in ("id", "workflow", "asks", "why", "waiting", "lapses"):
         table.add_column(column, no_wrap=column == "id")
     for r in requests:
-        amount = r.args.get("amount_usd")
-        asks = " ".join(
-            part
-            for part in (
-                f"{r.agent}: {r.tool}",
-                f"${amount:,.2f}" if isinstance(amount, int | float) else "",
-                str(r.args.get("vendor", "")),
-            )
-            if part
-        )
+        shown = arguments(r.shown or r.args)
         table.add_row(
             r.approval_id[:12],
-            r.workflow,
-            asks,
-            "; ".join(r.reasons),
+            escape(r.workflow),
+            escape(f"{r.agent}: {r.tool}" + (f" {shown}" if shown else "")),
+            escape("; ".join(r.reasons)),
             age(now - r.requested_at),
             f"in {age(r.expires_at - now)}, then {r.on_expiry}" if r.expires_at else "never",
         )
-    out.print(table)
-    write_json(json_path, requests, what="list")
+    return table
 
 
 def _answer(
@@ -69,6 +83,8 @@ def _answer(
     tenant: str | None,
     json_path: Path | None,
 ) -> None:
+
+    from rich.markup import escape
 
     from govmesh.governance._operator import ApprovalNotPending, OperatorDesk
     from govmesh.runtime import join
@@ -86,9 +102,10 @@ def _answer(
         sys.exit(1)
     request, result = got
     colour = "green" if result.outcome == "allow" else "red"
+    asked = " ".join(filter(None, (request.tool, arguments(request.shown or request.args))))
     out.print(
-        f"approval {request.approval_id} ({request.workflow}, {request.tool}): "
-        f"[{colour}]{result.outcome}[/]; " + "; ".join(result.reasons)
+        f"approval {request.approval_id} ({escape(request.workflow)}, {escape(asked)}): "
+        f"[{colour}]{result.outcome}[/]; " + escape("; ".join(result.reasons))
     )
     write_json(json_path, result, what="result")
 

@@ -111,11 +111,15 @@ def audit_show(
     json_path: Path | None,
 ) -> None:
     """Print WORKFLOW's causal trace from the audit index: who asked, what was decided under
-    which policy, what ran and what each model call cost."""
+    which policy, what ran and what each model call cost. Each event shows a few fields of
+    its kind, then what user code declared: a start's payload, the arguments a tool
+    declares to show (approval requests, outcomes), a tool's result and a handler's return
+    value, by name."""
 
     from rich.markup import escape
     from rich.tree import Tree
 
+    from govmesh.observability._audit import in_summary_order
     from govmesh.observability._export import costed_trace
 
     trace, _ = _audit_call(
@@ -137,9 +141,10 @@ def audit_show(
         r = by_id[record_id]
         when = time.strftime("%H:%M:%S", time.localtime(r.ts))
         spent = f" [green]${costs[r.id]:,.6f}[/]" if r.id in costs else ""
+        fields = glance(in_summary_order(r.kind, r.summary))
         node = parent.add(
             f"[dim]#{r.seq} {when}[/] [bold]{escape(r.kind)}[/] from [cyan]"
-            f"{escape(r.sender)}[/] {escape(glance(r.summary))}{spent}"
+            f"{escape(r.sender)}[/] {escape(fields)}{spent}"
         )
         for child in trace.children.get(record_id, ()):
             add(node, child)
@@ -244,11 +249,15 @@ def audit_export(
     out_path: Path | None,
 ) -> None:
     """Write WORKFLOW's evidence bundle: one JSON file with every event and its chain hash,
-    the decisions with their policy hashes and texts, approvals with who answered, why and
-    their signature, costs, the chain's verify result and the latest signed checkpoint,
-    the messages that claimed WORKFLOW but were refused (security events, apart from the
-    events), and a sha256 digest of the rest. Exits 1 if the chain has a problem (the
+    how the workflow ended (result, first decision, tool, the arguments the tool declares
+    to show and the return value's fields), the decisions with their policy hashes and
+    texts, approvals with what they showed, who answered, why and their signature, model
+    costs, the chain's verify result and the latest signed checkpoint, the messages that
+    claimed WORKFLOW but were refused (security events, apart from the events), and a
+    sha256 digest of the rest. Exits 1 if the chain has a problem (the
     bundle says which) or holds no event (then no bundle is written)."""
+    from rich.markup import escape
+
     from govmesh.observability._export import bundle_digest, export_bundle
 
     bundle, _ = _audit_call(
@@ -268,9 +277,12 @@ def audit_export(
         sys.exit(1)
     write_json(out_path or Path(f"evidence-{workflow}.json"), bundle, what="evidence bundle")
     integrity = bundle["integrity"]["verify"]
+    end = bundle["outcome"]
+    ended = "no end recorded" if end is None else f"ended {escape(str(end['result']))}"
     out.print(
         f"{len(bundle['events'])} events, {len(bundle['decisions'])} decisions, "
-        f"{len(bundle['approvals'])} approvals, ${bundle['costs']['cost_usd']:,.6f}; chain "
+        f"{len(bundle['approvals'])} approvals, ${bundle['costs']['cost_usd']:,.6f} of model "
+        f"calls; {ended}; chain "
         + ("intact" if integrity["ok"] else f"[red]{len(integrity['problems'])} problems[/]")
         + (
             f"; [red]{len(bundle['refused'])} refused messages[/] kept apart"

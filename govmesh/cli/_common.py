@@ -26,6 +26,7 @@ from govmesh.errors import GovmeshError
 
 __all__ = [
     "age",
+    "arguments",
     "claim_sigterm",
     "console",
     "glance",
@@ -142,6 +143,23 @@ def glance(summary: dict[str, Any]) -> str:
         text = f"{value:.6g}" if isinstance(value, float) else str(value)
         if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
             text = text[:12] + "…"
+        parts.append(f"{name}={text}")
+    return " ".join(parts)
+
+
+def arguments(values: dict[str, Any]) -> str:
+    """Arguments a tool declares to show, on one line as ``name=value``: numbers exactly
+    as given (a person approves what they read), text as it is, anything else as JSON."""
+    import msgspec
+
+    parts = []
+    for name, value in values.items():
+        if isinstance(value, str):
+            text = value
+        elif value is None or isinstance(value, bool | int | float):
+            text = repr(value)
+        else:
+            text = msgspec.json.encode(value).decode()
         parts.append(f"{name}={text}")
     return " ".join(parts)
 

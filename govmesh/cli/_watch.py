@@ -12,7 +12,16 @@ import click
 from rich.console import Group
 from rich.table import Table
 
-from govmesh.cli._common import age, console, glance, out, run_async, tenant_option, write_json
+from govmesh.cli._common import (
+    age,
+    arguments,
+    console,
+    glance,
+    out,
+    run_async,
+    tenant_option,
+    write_json,
+)
 from govmesh.cli._root import cli
 
 if TYPE_CHECKING:
@@ -58,10 +67,6 @@ def _event_line(event: WatchedEvent) -> str:
         f"{when} [bold]{escape(event.workflow or '-')}[/] [{style}]{escape(event.kind)}[/] "
         f"{escape(event.sender)}: {escape(summary)}"
     )
-
-
-def _usd(amount: float | None) -> str:
-    return "" if amount is None else f"${amount:,.2f}"
 
 
 def _board_view(board: BoardSnapshot, title: str) -> Group:
@@ -117,11 +122,14 @@ def _board_view(board: BoardSnapshot, title: str) -> Group:
         box=None,
         padding=(0, 1),
     )
-    for column in ("workflow", "tool", "amount", "age"):
-        pending.add_column(column, justify="right" if column in ("amount", "age") else "left")
+    for column in ("workflow", "tool", "asks", "age"):
+        pending.add_column(column, justify="right" if column == "age" else "left")
     for a in board.pending:
         pending.add_row(
-            escape(a.workflow), escape(a.tool), _usd(a.amount_usd), age(board.at - a.requested_at)
+            escape(a.workflow),
+            escape(a.tool),
+            escape(arguments(a.shown)),
+            age(board.at - a.requested_at),
         )
     answers = [
         f"[{'green' if a.approved else 'red'}]{'approved' if a.approved else 'denied'}[/] by "
@@ -207,9 +215,9 @@ def watch(
     advertises; stops when it stops, after --count events, or on Ctrl-C.
 
     On a terminal (or with --live) it shows a dashboard: decisions by outcome and policy,
-    pending approvals and their answers, spend per workflow, security events, workflows
-    started and finished, and the latest events. --replay first folds in what happened
-    before it joined.
+    pending approvals (with the arguments each tool declares to show) and their answers,
+    model spend per workflow, security events, workflows started and finished by result,
+    and the latest events. --replay first folds in what happened before it joined.
     """
 
     from rich.live import Live

@@ -15,7 +15,9 @@ from govmesh.observability._audit import (
     PruneMark,
     SignedCheckpoint,
     VerifyReport,
+    declared_fields,
     summarize_body,
+    workflow_end,
 )
 from govmesh.observability._stats import percentile, summarize
 from govmesh.observability._stored import RefusedMessage, StoredMessage, StreamVerifier
@@ -36,7 +38,9 @@ __all__ = [
     "StoredMessage",
     "StreamVerifier",
     "VerifyReport",
+    "declared_fields",
     "percentile",
     "summarize",
     "summarize_body",
+    "workflow_end",
 ]

@@ -71,10 +71,12 @@ from govmesh.bus._stream import ensure_event_stream
 from govmesh.errors import StateError
 from govmesh.identity import SigningKey, VerifyKey
 from govmesh.observability._stored import RefusedMessage, StoredMessage, StreamVerifier
-from govmesh.subjects import Subjects
+from govmesh.subjects import Subjects, inbox_owner
 
 __all__ = [
     "GENESIS",
+    "WORKFLOW_END",
+    "WORKFLOW_STARTS",
     "AuditCheckpoint",
     "AuditConsumer",
     "AuditIndex",
@@ -86,7 +88,11 @@ __all__ = [
     "PruneMark",
     "SignedCheckpoint",
     "VerifyReport",
+    "answers_starter",
+    "declared_fields",
+    "in_summary_order",
     "summarize_body",
+    "workflow_end",
 ]
 
 log = logging.getLogger(__name__)
@@ -96,6 +102,12 @@ Problem = Literal["changed", "removed", "reordered", "inserted", "truncated", "b
 
 GENESIS: Final = "0" * 64
 """The previous hash of every workflow's first record."""
+
+WORKFLOW_STARTS: Final = ("StartRecord", "WorkflowStart")
+"""Event kinds whose first sender in a workflow is whoever started it: the coordinator
+records the start with governance, then sends the entry agent its `WorkflowStart`."""
+WORKFLOW_END: Final = "Outcome"
+"""The event kind that ends a workflow when it answers whoever started it."""
 
 _MAX_ATTEMPTS: Final = 20
 _MAX_SUMMARY_FIELDS: Final = 6
@@ -108,27 +120,35 @@ _SCRIPT_GROUPS: Final = 250
 # The fields worth a glance for each kind of body; other kinds show their first scalar fields.
 # A dotted name reads a field of a nested mapping and shows under its last part.
 _SUMMARY_FIELDS: Final[dict[str, tuple[str, ...]]] = {
-    "WorkflowStart": ("item", "vendor", "amount_usd"),
-    "PurchaseRequest": ("item", "vendor", "amount_usd"),
-    "PurchaseOutcome": ("result", "first_decision", "order_id", "approval_id", "model_calls"),
-    "WorkflowDone": ("outcome.result", "outcome.first_decision", "model_calls"),
+    "StartRecord": ("agents",),
+    "WorkflowStart": ("kind",),
+    "Outcome": ("result", "first_decision", "shown.tool", "approval_id", "approved_by"),
     "ToolIntent": ("tool", "step"),
     "Decision": ("outcome", "policy_hash", "approval_id", "approved_by", "final", "intent_hash"),
-    "ApprovalRequest": (
-        "approval_id",
-        "tool",
-        "escalation",
-        "policy_hash",
-        "args.amount_usd",
-        "args.vendor",
-    ),
+    "ApprovalRequest": ("approval_id", "tool", "escalation", "policy_hash"),
     "ApprovalAnswer": ("approval_id", "approved", "by"),
     "ToolCall": ("tool", "step"),
-    "ToolResult": ("ok", "error", "replayed"),
+    "ToolResult": ("ok", "error", "replayed", "retryable"),
     "Usage": ("model", "input_tokens", "output_tokens", "reasoning_tokens", "error", "cost_usd"),
     "BudgetInterrupt": ("reason", "settled_usd", "cap_usd"),
     "Snapshot": ("version", "policy_hash"),
     "SecurityEvent": ("reason", "claimed_sender", "receiver"),
+}
+# What user code declares, shown by name after the fields above: the start's payload (the
+# workload's), the arguments a tool declares to show, a tool's result and a handler's return
+# value. Each source is (holder, msgpack-encoded); a name a field above or an earlier source
+# took shows as ``<holder>.<name>``.
+_DECLARED: Final[dict[str, tuple[tuple[str, bool], ...]]] = {
+    "WorkflowStart": (("body", True),),
+    "ApprovalRequest": (("shown", False),),
+    "Outcome": (("shown", False), ("value", True)),
+    "ToolResult": (("result", False),),
+}
+_MAX_DECLARED: Final = 8
+# The names the fields above show under, per kind: a declared field must not take one.
+_FIELD_NAMES: Final = {
+    kind: frozenset(path.rpartition(".")[2] for path in paths)
+    for kind, paths in _SUMMARY_FIELDS.items()
 }
 # Free reasoning text is not copied into the index, only its hash.
 _THOUGHT_FIELDS: Final = ("reflections", "reasoning", "thought", "thoughts", "rationale")
@@ -371,13 +391,36 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, str) and bool(value)
 
 
+def answers_starter(kind: str, subject: str, starter: str) -> bool:
+    """Whether an event ends its workflow: the `WORKFLOW_END` sent to ``starter``, whoever
+    started the workflow (the first sender of one of `WORKFLOW_STARTS` in it), rather than
+    one agent's answer to another that asked it to take part."""
+    return kind == WORKFLOW_END and bool(starter) and inbox_owner(subject) == starter
+
+
+def workflow_end(records: Iterable[AuditRecord]) -> AuditRecord | None:
+    """The record that ended the workflow of ``records`` (in chain order), if it ended:
+    the entry agent's `Outcome` to whoever started it (`answers_starter`)."""
+    starter = ""
+    for r in records:
+        if not starter and r.kind in WORKFLOW_STARTS:
+            starter = r.sender
+        elif answers_starter(r.kind, r.subject, starter):
+            return r
+    return None
+
+
 def summarize_body(kind: str, body: bytes) -> dict[str, Scalar]:
     """A few scalar fields of an encoded body, chosen by ``kind``, plus ``thought_sha256``.
 
-    Some come from a nested mapping: an approval request's ``args.amount_usd`` shows as
-    ``amount_usd``. Unknown kinds show their first scalar fields; text is cut to 120
-    characters; fields named like free reasoning (``reflections``, ``reasoning``...) are
-    hashed, never copied.
+    Some come from a nested mapping: an outcome's ``shown.tool`` shows as ``tool``. Unknown
+    kinds show their first scalar fields. After those come up to eight fields that user
+    code declares, by name (see `declared_fields`): a workflow start's payload, the
+    arguments a tool declares to show (an approval request's ``shown``, or all its ``args``
+    when it has none; an outcome's ``shown``), a tool's result and a handler's return value.
+    Text is cut to 120 characters, other values that are not scalars show as JSON text;
+    fields named like free reasoning (``reflections``, ``reasoning``...) are hashed, never
+    copied.
     """
     try:
         value = msgspec.msgpack.decode(body)
@@ -386,7 +429,8 @@ def summarize_body(kind: str, body: bytes) -> dict[str, Scalar]:
     if not isinstance(value, dict):
         return {}
     out: dict[str, Scalar] = {}
-    for path in _SUMMARY_FIELDS.get(kind) or [k for k in value if isinstance(k, str)]:
+    fixed = _SUMMARY_FIELDS.get(kind)
+    for path in fixed or [k for k in value if isinstance(k, str)]:
         if len(out) >= _MAX_SUMMARY_FIELDS:
             break
         *parents, name = path.split(".")
@@ -403,6 +447,10 @@ def summarize_body(kind: str, body: bytes) -> dict[str, Scalar]:
                 out[name] = v[:_MAX_TEXT]
         elif isinstance(v, bool | int | float):
             out[name] = v
+        elif isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+            out[name] = ",".join(v)[:_MAX_TEXT]
+    if kind in _DECLARED:
+        out.update(_declared(kind, value, taken=_FIELD_NAMES.get(kind, frozenset())))
     stated = value.get("thought_sha256")
     if isinstance(stated, str) and stated:
         # The sender's own hash of its reasoning (a model call's `Usage`): the text is not
@@ -413,6 +461,85 @@ def summarize_body(kind: str, body: bytes) -> dict[str, Scalar]:
         if thoughts:
             out["thought_sha256"] = hashlib.sha256(_encoder.encode(thoughts)).hexdigest()
     return out
+
+
+def _declared(kind: str, body: dict[str, Any], *, taken: frozenset[str]) -> dict[str, Scalar]:
+    """The fields user code declares in ``body`` (see `_DECLARED`), by name."""
+    out: dict[str, Scalar] = {}
+    for holder, packed in _DECLARED.get(kind, ()):
+        fields = body.get(holder)
+        if holder == "shown" and not fields and kind == "ApprovalRequest":
+            # Requests stored before tools declared what to show: every argument.
+            holder, fields = "args", body.get("args")
+        if packed:
+            fields = _unpacked(fields)
+        if fields is None or fields == {}:
+            continue
+        if not isinstance(fields, dict):
+            fields = {holder: fields}
+        for name, v in fields.items():
+            if len(out) >= _MAX_DECLARED:
+                return out
+            if (
+                not isinstance(name, str)
+                or name == "type"
+                or (holder == "shown" and name == "tool")
+            ):
+                continue  # a tagged struct's tag; the tool is a field of its own
+            if name in _THOUGHT_FIELDS and _is_text(v):
+                continue
+            shown = _shown_value(v)
+            if shown is None:
+                continue
+            key = f"{holder}.{name}" if name in taken or name in out else name
+            out[key] = shown
+    return out
+
+
+def _unpacked(data: Any) -> Any:
+    """A msgpack-encoded value (a start's payload, a handler's return), decoded; None when
+    it is empty or not msgpack."""
+    if not isinstance(data, bytes) or not data:
+        return None
+    try:
+        return msgspec.msgpack.decode(data)
+    except (msgspec.DecodeError, ValueError):
+        return None
+
+
+def _shown_value(v: Any) -> Scalar:
+    """``v`` as a summary shows a declared field: scalars as they are, text cut, anything
+    else as JSON text, cut; None for nothing to show."""
+    if v is None or v == "":
+        return None
+    if isinstance(v, str):
+        return v[:_MAX_TEXT]
+    if isinstance(v, bool | int | float):
+        return v
+    try:
+        return msgspec.json.encode(v).decode()[:_MAX_TEXT]
+    except (TypeError, ValueError):
+        return None
+
+
+def in_summary_order(kind: str, summary: dict[str, Scalar]) -> dict[str, Scalar]:
+    """``summary`` with the fields of its kind first, in their order, then the rest as
+    stored: a stored record keeps its summary's keys sorted (its hash is over a canonical
+    encoding), which would put what user code declared among them."""
+    first = (path.rpartition(".")[2] for path in _SUMMARY_FIELDS.get(kind, ()))
+    ordered = {name: summary[name] for name in first if name in summary}
+    return ordered | {k: v for k, v in summary.items() if k not in ordered}
+
+
+def declared_fields(kind: str, summary: dict[str, Scalar]) -> dict[str, Scalar]:
+    """The fields of a summary (`summarize_body`) that user code declared, as the summary
+    names them: for an approval request, the arguments its tool declares to show; for a
+    start, its payload; for an outcome, the shown arguments and the return value; for a
+    tool's result, the result. Empty for other kinds."""
+    if kind not in _DECLARED:
+        return {}
+    fixed = _FIELD_NAMES.get(kind, frozenset())
+    return {k: v for k, v in summary.items() if k not in fixed and k != "thought_sha256"}
 
 
 def _lua_bytes(data: bytes) -> msgspec.Raw:
@@ -902,18 +1029,26 @@ class AuditIndex:
         raw = cast(dict[bytes, bytes], await self.redis.hgetall(self._pruned))
         return {wf.decode(): _marks.decode(m) for wf, m in raw.items()}
 
-    async def finished_before(self, cutoff: float, *, ends: Sequence[str]) -> list[str]:
-        """Workflows whose latest event was sent before ``cutoff`` and that hold an event of
-        one of the kinds in ``ends`` (which mark a workflow's end), oldest first."""
+    async def finished_before(self, cutoff: float) -> list[str]:
+        """Workflows whose latest event was sent before ``cutoff`` and that ended (see
+        `workflow_end`), oldest first."""
         old = cast(list[bytes], await self.redis.zrangebyscore(self._workflows, "-inf", cutoff))
         if not old:
             return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for kind in ends:
-                pipe.lrange(self._kind_key(kind), 0, -1)
-            entries = cast(list[list[bytes]], await pipe.execute())
-        ended = {e.decode().partition(":")[2] for found in entries for e in found}
-        return [w for w in (o.decode() for o in old) if w in ended]
+        entries = cast(list[bytes], await self.redis.lrange(self._kind_key(WORKFLOW_END), 0, -1))
+        answered = {e.decode().partition(":")[2] for e in entries}
+        candidates = [w for w in (o.decode() for o in old) if w in answered]
+        ended: list[str] = []
+        for start in range(0, len(candidates), _VERIFY_CHUNK):
+            chunk = candidates[start : start + _VERIFY_CHUNK]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for wf in chunk:
+                    pipe.lrange(self.chain_key(wf), 0, -1)
+                chains = cast(list[list[bytes]], await pipe.execute())
+            for wf, raw in zip(chunk, chains, strict=True):
+                if workflow_end(_records.decode(r) for r in raw) is not None:
+                    ended.append(wf)
+        return ended
 
     async def prune(
         self, workflows: Sequence[str], *, reason: str = "", now: float | None = None

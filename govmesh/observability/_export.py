@@ -41,11 +41,18 @@ from govmesh.governance._replay import (
 )
 from govmesh.governance.messages import ApprovalAnswer
 from govmesh.identity import VerifyKey
-from govmesh.observability._audit import AuditIndex, AuditRecord, AuditTrace, VerifyReport
+from govmesh.observability._audit import (
+    AuditIndex,
+    AuditRecord,
+    AuditTrace,
+    Scalar,
+    VerifyReport,
+    declared_fields,
+    workflow_end,
+)
 
 __all__ = [
     "BUNDLE_FORMAT",
-    "WORKFLOW_ENDS",
     "CallCost",
     "CostedTrace",
     "PruneReport",
@@ -58,9 +65,6 @@ __all__ = [
 
 BUNDLE_FORMAT: Final = "govmesh-evidence-bundle/1"
 """The bundle's format name and version; a change of meaning gets a new version."""
-
-WORKFLOW_ENDS: Final = ("WorkflowDone",)
-"""Event kinds that mark a workflow's end; only ended workflows are pruned."""
 
 _DIGEST_RULE: Final = (
     "sha256 of the bundle without its 'digest' member, as JSON with keys sorted, separators "
@@ -230,13 +234,14 @@ def _answer_proof(record: ApprovalRecord) -> dict[str, Any]:
     }
 
 
-def _approval(record: ApprovalRecord) -> dict[str, Any]:
+def _approval(record: ApprovalRecord, shown: dict[str, Scalar] | None) -> dict[str, Any]:
     answer = record.answer
     return {
         "approval_id": record.approval_id,
         "agent": record.agent,
         "tool": record.tool,
         "args": record.args,
+        "shown": shown,
         "intent_hash": record.intent_hash,
         "requested_at": record.requested_at,
         "settled_at": record.settled_at,
@@ -248,6 +253,20 @@ def _approval(record: ApprovalRecord) -> dict[str, Any]:
         "outcome": record.outcome,
         "reasons": list(record.reasons),
         "proof": _answer_proof(record),
+    }
+
+
+def _outcome(end: AuditRecord) -> dict[str, Any]:
+    """How the workflow ended, from the outcome its entry agent sent whoever started it."""
+    s = end.summary
+    return {
+        "event": end.id,
+        "ts": end.ts,
+        "agent": end.sender,
+        "result": s.get("result"),
+        "first_decision": s.get("first_decision", ""),
+        "tool": s.get("tool", ""),
+        "fields": declared_fields(end.kind, s),
     }
 
 
@@ -317,6 +336,13 @@ async def export_bundle(
         | {str(r.summary["policy_hash"]) for r in trace.records if r.summary.get("policy_hash")}
     )
     pruned = (await index.pruned()).get(workflow)
+    # What people were shown of each request: the arguments its tool declares to show.
+    shown = {
+        str(r.summary["approval_id"]): declared_fields(r.kind, r.summary)
+        for r in trace.records
+        if r.kind == "ApprovalRequest" and r.summary.get("approval_id")
+    }
+    end = workflow_end(trace.records)
     bundle: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
         "generated_at": now,
@@ -330,6 +356,7 @@ async def export_bundle(
             "events": len(trace.records),
         },
         "pruned": None if pruned is None else msgspec.to_builtins(pruned),
+        "outcome": None if end is None else _outcome(end),
         "events": [msgspec.structs.asdict(r) for r in trace.records],
         # Messages that claimed this workflow and failed verification: evidence of an
         # attempt, never events of the workflow.
@@ -354,7 +381,7 @@ async def export_bundle(
             for d, why in decided
         ],
         "policies": await _policies(redis, prefix, hashes),
-        "approvals": [_approval(a) for a in approvals],
+        "approvals": [_approval(a, shown.get(a.approval_id)) for a in approvals],
         "costs": msgspec.to_builtins(trace.cost),
         "integrity": {
             "verify": {**msgspec.to_builtins(verify), "ok": verify.ok},
@@ -395,7 +422,7 @@ async def prune_index(
     now: float | None = None,
     dry_run: bool = False,
 ) -> PruneReport:
-    """Remove the workflows that ended (`WORKFLOW_ENDS`) and whose latest event is older
+    """Remove the workflows that ended (`workflow_end`) and whose latest event is older
     than ``older_than_s``: their decision records, settled approvals and spend, then their
     chains, each leaving a `PruneMark` so verify does not take them for tampering; and the
     refused messages the stream stored before the cutoff.
@@ -405,7 +432,7 @@ async def prune_index(
     now = time.time() if now is None else now
     report = PruneReport(cutoff=now - older_than_s, dry_run=dry_run)
     index = AuditIndex(redis, prefix=prefix)
-    report.workflows = await index.finished_before(report.cutoff, ends=WORKFLOW_ENDS)
+    report.workflows = await index.finished_before(report.cutoff)
     old = [m for m in await index.refused() if m.stored_at < report.cutoff]
     report.refused = len(old)
     if dry_run:

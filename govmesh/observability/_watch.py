@@ -24,7 +24,12 @@ import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from govmesh.bus import Bus, Envelope
-from govmesh.observability._audit import summarize_body
+from govmesh.observability._audit import (
+    Scalar,
+    answers_starter,
+    declared_fields,
+    summarize_body,
+)
 from govmesh.observability._stored import RefusedMessage, StoredMessage, StreamVerifier
 from govmesh.roles import AUDITOR_ROLE
 from govmesh.runtime import WATCH_MEMBER, JoinedDeployment
@@ -104,7 +109,8 @@ class PendingApproval(msgspec.Struct, frozen=True, kw_only=True):
     """An approval request seen on the stream and not answered yet.
 
     Attributes:
-        amount_usd: the amount the escalated call would spend, when its arguments name one.
+        shown: the arguments its tool declares to show, by name (every argument for a
+            request from before tools declared them; see `declared_fields`).
         requested_at: when the request was sent.
     """
 
@@ -112,8 +118,7 @@ class PendingApproval(msgspec.Struct, frozen=True, kw_only=True):
     workflow: str
     tool: str
     escalation: str = ""
-    amount_usd: float | None = None
-    vendor: str = ""
+    shown: dict[str, Scalar] = {}
     requested_at: float
 
 
@@ -182,8 +187,9 @@ class BoardSnapshot(msgspec.Struct, frozen=True, kw_only=True):
         refused: messages on the stream that watch refused (forged, replayed, malformed).
         started: workflows seen starting.
         in_flight: workflows seen and not finished.
-        finished: finished workflows by result (``executed``, ``denied``, ``rejected``,
-            ``failed``, ``halted``).
+        finished: finished workflows by result (``completed``, ``denied``, ``rejected``,
+            ``failed``, ``halted``): each counted when its entry agent's `Outcome` reaches
+            whoever started it.
         tail: the latest events, oldest first, apart from polling queries.
     """
 
@@ -211,12 +217,15 @@ class _Flow(msgspec.Struct, kw_only=True):
     """What the board keeps of one workflow in flight (or, for `WatchBoard`'s total, of all).
 
     Attributes:
+        starter: who started it: the sender of its start record, or of its first
+            `WorkflowStart` (see `answers_starter`).
         decided: (intent hash, settles an escalation) of each decision counted: an agent
             that asks again gets the same decision again, which is not a new one.
         settled: approvals answered or decided, so a repeated request does not reopen one.
     """
 
     started: bool = False
+    starter: str = ""
     calls: int = 0
     tokens: int = 0
     cost_usd: float = 0.0
@@ -229,8 +238,10 @@ class WatchBoard:
 
     Pure: it keeps no clock of its own; `snapshot` is told the time. Repeats on the stream
     (an agent asking again for a decision it did not get, a coordinator starting a workflow
-    again after a restart) are counted once. Memory stays bounded by what is in flight,
-    except one id per finished workflow, so that late events do not count it again.
+    again after a restart) are counted once. A workflow ends with the `Outcome` its entry
+    agent sends whoever started it; outcomes one agent sends another that asked it to take
+    part do not end it. Memory stays bounded by what is in flight, except one id per
+    finished workflow and one per coordinator, so that late events do not count it again.
 
     Args:
         tail: events kept for the tail.
@@ -253,6 +264,7 @@ class WatchBoard:
         self._refused = 0
         self._started = 0
         self._flows: dict[str, _Flow] = {}
+        self._coordinators: set[str] = set()
         self._done: set[str] = set()
         self._finished: Counter[str] = Counter()
 
@@ -284,8 +296,7 @@ class WatchBoard:
                         workflow=workflow,
                         tool=_text(s, "tool"),
                         escalation=_text(s, "escalation"),
-                        amount_usd=_number(s, "amount_usd"),
-                        vendor=_text(s, "vendor"),
+                        shown=declared_fields(event.kind, s),
                         requested_at=event.ts,
                     )
             case "ApprovalAnswer":
@@ -315,10 +326,14 @@ class WatchBoard:
                 self._forget_before(event.ts - _RATE_WINDOW_S)
             case "SecurityEvent":
                 self._security[(_text(s, "reason") or "?", _text(s, "claimed_sender") or "?")] += 1
+            case "StartRecord":
+                self._coordinators.add(event.sender)
+                flow.starter = flow.starter or event.sender
             case "WorkflowStart" if not flow.started:
                 flow.started = True
+                flow.starter = flow.starter or event.sender
                 self._started += 1
-            case "WorkflowDone" if workflow in self._flows:
+            case "Outcome" if workflow in self._flows and self._ends(flow, event):
                 self._finished[_text(s, "result") or "?"] += 1
                 del self._flows[workflow]
                 self._done.add(workflow)
@@ -326,6 +341,14 @@ class WatchBoard:
                     a.approval_id for a in self._pending.values() if a.workflow == workflow
                 ]:
                     del self._pending[approval_id]
+
+    def _ends(self, flow: _Flow, event: WatchedEvent) -> bool:
+        """Whether ``event`` (an `Outcome`) ends its workflow. For a workflow whose start
+        came before the watch joined, an outcome to any coordinator seen (a sender of start
+        records) ends it."""
+        if flow.starter:
+            return answers_starter(event.kind, event.subject, flow.starter)
+        return any(answers_starter(event.kind, event.subject, c) for c in self._coordinators)
 
     def _decision(self, flow: _Flow, s: dict[str, Any]) -> None:
         approval_id = _text(s, "approval_id")
