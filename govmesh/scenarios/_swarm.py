@@ -18,6 +18,7 @@ from govmesh.config import Clock, Deployment
 from govmesh.errors import ConfigError, SecurityError
 from govmesh.forecasting import BudgetService
 from govmesh.governance._actor import GovernanceService
+from govmesh.governance._terms import ToolTerms
 from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest
 from govmesh.identity import EnrolRequest, Grant, Identity, Issuer, MemberKeys, certify
 from govmesh.llm import SimulatedModel
@@ -27,7 +28,7 @@ from govmesh.runtime import Member, Transport
 from govmesh.scenarios._schema import Scenario
 from govmesh.service import Service, ServiceActor, being_cancelled
 from govmesh.state import Keyring, StateService
-from govmesh.tools import GatewayService
+from govmesh.tools import ERP_CREATE_PO, GatewayService
 
 __all__ = ["SimulatedApprover", "Swarm"]
 
@@ -175,7 +176,15 @@ class Swarm:
             (
                 member(f"governance-{i}", GOVERNANCE_ROLE),
                 GovernanceService,
-                {"policy_paths": s.policy_paths()},
+                {
+                    "policy_paths": s.policy_paths(),
+                    # The ERP's declared terms, until the scenario names its tools.
+                    "tools": [
+                        ToolTerms(
+                            name=ERP_CREATE_PO, spend=("amount_usd",), show=("vendor", "amount_usd")
+                        )
+                    ],
+                },
             )
             for i in range(1, governance_actors + 1)
         ]
