@@ -1418,6 +1418,8 @@ OPERATOR_CASES: list[tuple[str, Any, Any, bool | None]] = [
     ("matches", "cash\\z", "petty cash", True),
     ("matches", "[0-9]{4}", "card 1234", True),
     ("matches", "cash", 1234, None),
+    ("matches", "^.ü$", "éü", True),
+    ("matches", "cash", "\ud800 cash", True),
     ("matches", "cash", None, None),
 ]
 

