@@ -62,7 +62,11 @@ def test_a_finished_run_can_be_shown_verified_and_exported_afterwards(
     home, mark = tmp_path / "home", uuid.uuid4().hex
     monkeypatch.setenv("GOVMESH_HOME", str(home))
     scenario = tmp_path / "escalating.yaml"
-    scenario.write_text(ESCALATING.format(policy=ROOT / "policies" / "procurement-agent-v2.yaml"))
+    scenario.write_text(
+        ESCALATING.format(
+            policy=ROOT / "policies" / "procurement-agent-v2.yaml", examples=ROOT / "examples"
+        )
+    )
 
     def govmesh(*args: str) -> subprocess.CompletedProcess[str]:
         return _govmesh(list(args), home, mark, tmp_path)

@@ -812,6 +812,33 @@ VALID_CONTEXTS = st.builds(
 )
 
 
+def reordered(policy: Policy, rng: random.Random) -> Policy:
+    """``policy`` with its conditions, and the values of its rules, in another order."""
+
+    def mix(values: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(rng.sample(values, k=len(values)))
+
+    def mixed(condition: Condition) -> Condition:
+        value = condition.value
+        return (
+            msgspec.structs.replace(condition, value=mix(value))
+            if isinstance(value, tuple)
+            else condition
+        )
+
+    return msgspec.structs.replace(
+        policy,
+        escalate_if=mix(tuple(map(mixed, policy.escalate_if))),
+        deny_if=mix(tuple(map(mixed, policy.deny_if))),
+        allowed_values=mix(
+            tuple(ArgValues(arg=r.arg, values=mix(r.values)) for r in policy.allowed_values)
+        ),
+        denied_values=mix(
+            tuple(ArgValues(arg=r.arg, values=mix(r.values)) for r in policy.denied_values)
+        ),
+    )
+
+
 def to_yaml(items: Sequence[Policy]) -> str:
     """Render policies as one YAML document each, the way a person would write them."""
     documents = []
@@ -1204,6 +1231,8 @@ def test_reordering_or_duplicating_policy_documents_changes_nothing(
 ) -> None:
     shuffled = items + rng.choices(items, k=rng.randint(0, 3))
     rng.shuffle(shuffled)
+    # The conditions of a policy and the values of a rule are sets too.
+    shuffled = [reordered(policy, rng) for policy in shuffled]
     original, variant = compile_set(items), compile_set(shuffled)
 
     assert variant.hash == original.hash
@@ -1389,6 +1418,8 @@ OPERATOR_CASES: list[tuple[str, Any, Any, bool | None]] = [
     ("matches", "cash\\z", "petty cash", True),
     ("matches", "[0-9]{4}", "card 1234", True),
     ("matches", "cash", 1234, None),
+    ("matches", "^.ü$", "éü", True),
+    ("matches", "cash", "\ud800 cash", True),
     ("matches", "cash", None, None),
 ]
 
@@ -1496,40 +1527,3 @@ def test_adding_a_rule_on_arguments_to_a_policy_never_relaxes_a_verdict(
     after = evaluate(compile_set([*items[:index], stricter, *items[index + 1 :]]), intent, ctx)
 
     assert RANK[before] <= RANK[after.outcome]
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    POLICY_LISTS,
-    st.lists(st.tuples(intents(), CONTEXTS), min_size=1, max_size=5),
-    st.randoms(use_true_random=False),
-)
-def test_the_order_of_conditions_and_values_changes_nothing(
-    items: list[Policy], cases: list[tuple[Intent, EvalContext]], rng: random.Random
-) -> None:
-    def shuffled(policy: Policy) -> Policy:
-        def mix(values: tuple[Any, ...]) -> tuple[Any, ...]:
-            return tuple(rng.sample(values, k=len(values)))
-
-        return msgspec.structs.replace(
-            policy,
-            escalate_if=mix(policy.escalate_if),
-            deny_if=mix(
-                tuple(
-                    msgspec.structs.replace(c, value=mix(c.value))
-                    if isinstance(c.value, tuple)
-                    else c
-                    for c in policy.deny_if
-                )
-            ),
-            allowed_values=mix(
-                tuple(ArgValues(arg=r.arg, values=mix(r.values)) for r in policy.allowed_values)
-            ),
-        )
-
-    original = compile_set(items)
-    variant = compile_set([shuffled(policy) for policy in items])
-
-    assert variant.hash == original.hash
-    for intent, ctx in cases:
-        assert evaluate(variant, intent, ctx) == evaluate(original, intent, ctx)
