@@ -106,6 +106,22 @@ class Desk(govmesh.Agent):
         return await wf.ask(self.shipper, shipment, returns=Shipped)
 
 
+class Dispatcher(govmesh.Agent):
+    """Hands a shipment to the shipper and goes on without waiting for it."""
+
+    role = "Dispatcher"
+
+    def __init__(self, *, shipper: str = "shipper-1") -> None:
+        self.shipper = shipper
+
+    @govmesh.handler
+    async def dispatch(self, wf: govmesh.Workflow, shipment: Shipment) -> str:
+        """Send the shipment on, then note that it was sent."""
+        await wf.send(self.shipper, shipment)
+        await wf.think(f"Note that {shipment.item} went to the shipper.", key="note")
+        return "dispatched"
+
+
 class Clumsy(govmesh.Agent):
     """A handler with a bug."""
 

@@ -274,6 +274,26 @@ async def test_an_asking_agent_restarted_mid_ask_gets_the_answer_without_asking_
     assert behaviour.calls == 1 and behaviour.effects == {("wf-ask-restart", 1): 1}
 
 
+async def test_a_part_sent_without_waiting_ends_before_the_workflow_is_told_and_counts_in_it(
+    shipping, behaviour
+) -> None:
+    m = shipping
+    await m.host("dispatcher-1", "_shipping:Dispatcher", role="Dispatcher")
+    agents = ("shipper-1",)
+
+    sent = await m.run("wf-send", "dispatcher-1", _order(900.0), agents=agents)
+    denied = await m.run("wf-send-denied", "dispatcher-1", _order(900.0, "Vendor_C"), agents=agents)
+
+    assert sent.result == "completed", sent.reasons
+    assert msgspec.msgpack.decode(sent.value, type=str) == "dispatched"
+    # The dispatcher's note and the shipper's plan, and the shipper's governed call.
+    assert sent.model_calls == 2
+    assert (sent.first_decision, sent.shown["tool"]) == ("allow", TOOL)
+    assert behaviour.effects == {("wf-send", 1): 1}
+    # How a sent part ended does not end the workflow that sent it; its facts are in it.
+    assert (denied.result, denied.first_decision, denied.model_calls) == ("completed", "deny", 2)
+
+
 async def test_a_handler_that_raises_fails_its_workflow_with_the_error(shipping) -> None:
     await shipping.host("clumsy-1", "_shipping:Clumsy", role=ROLE)
 

@@ -493,7 +493,11 @@ class AgentHost(AgentService):
             return self._ended(wf, "failed", (f"{start.kind}: {exc}",))
         method: Callable[[Workflow, Any], Awaitable[Any]] = getattr(self.agent, spec.name)
         try:
-            value = await method(wf, payload)
+            try:
+                value = await method(wf, payload)
+            finally:
+                # The parts it sent end before its own outcome is told, with theirs in it.
+                await wf.parts_ended()
             body = b"" if value is None else msgspec.msgpack.encode(value)
         except Denied as exc:
             outcome = self._ended(wf, "rejected" if exc.rejected else "denied", exc.reasons)

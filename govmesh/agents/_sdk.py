@@ -14,6 +14,8 @@ decides only on what its steps return, `Workflow.now` and `Workflow.state`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -390,6 +392,7 @@ class Workflow:
         self.where: dict[str, Any] = {}
         self._runtime = runtime
         self._thoughts = 0
+        self._parts: dict[str, asyncio.Task[None]] = {}
 
     @property
     def facts(self) -> Facts:
@@ -626,6 +629,10 @@ class Workflow:
         """
         outcome = self.journal.asks.get(agent)
         if outcome is None:
+            if agent in self._parts and asyncio.current_task() is not self._parts[agent]:
+                raise ConfigError(
+                    f"{agent} already takes part in {self.id!r}; an agent takes part once"
+                )
             start = WorkflowStart(
                 kind=kind or kind_of(type(payload)), body=msgspec.msgpack.encode(payload)
             )
@@ -655,6 +662,38 @@ class Workflow:
                 raise Halted(outcome.reasons)
             case _:
                 raise ToolFailed("; ".join(outcome.reasons))
+
+    async def send(self, agent: str, payload: msgspec.Struct, *, kind: str | None = None) -> None:
+        """Have ``agent`` take part in this workflow without waiting for it: its handler of
+        ``payload``'s kind starts as `ask` would start it, durably, while this handler goes
+        on. The workflow's outcome is told only once every part it sent has ended, with
+        their model calls and governance facts folded in; how a part ended (denied,
+        failed) does not end this workflow. A resumed workflow sends again, and the agent
+        answers from what it kept.
+
+        Raises:
+            ConfigError: ``agent`` was sent or asked already in this workflow (an agent
+                takes part in a workflow once).
+        """
+        if agent in self._parts:
+            raise ConfigError(
+                f"{agent} already takes part in {self.id!r}; an agent takes part once"
+            )
+        self._parts[agent] = asyncio.create_task(
+            self._part(agent, payload, kind), name=f"{self.id}:{agent}"
+        )
+        await asyncio.sleep(0)  # the part's start goes out before the handler goes on
+
+    async def _part(self, agent: str, payload: msgspec.Struct, kind: str | None) -> None:
+        # Its facts are folded in by ask before ask raises for a part that did not complete.
+        with contextlib.suppress(Denied, ToolFailed, Halted):
+            await self.ask(agent, payload, kind=kind)
+
+    async def parts_ended(self) -> None:
+        """Wait until every part `send` started has ended (the host does, before it tells
+        the workflow's outcome)."""
+        if self._parts:
+            await asyncio.gather(*self._parts.values())
 
 
 def _fold(facts: Facts, asked: Outcome) -> None:
