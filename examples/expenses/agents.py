@@ -23,10 +23,18 @@ class Claim(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Expenses(govmesh.Agent):
-    """Checks expense claims with the model and pays them from the ledger."""
+    """Checks expense claims with the model and pays them from the ledger.
+
+    Args:
+        payment_run_hours: claims are paid at the next payment run, this many hours on,
+            on the deployment's clock (a durable timer); 0 pays at once.
+    """
 
     role = "Expense-Agent"
     tools = (pay_expense,)
+
+    def __init__(self, *, payment_run_hours: float = 0.0) -> None:
+        self.payment_run_hours = payment_run_hours
 
     @govmesh.handler
     async def review(self, wf: govmesh.Workflow, claim: Claim) -> Paid:
@@ -36,6 +44,8 @@ class Expenses(govmesh.Agent):
             f"{claim.amount_usd:,.2f} {claim.currency}: {claim.memo!r}",
             key="check",
         )
+        if self.payment_run_hours:
+            await wf.sleep("payment-run", self.payment_run_hours * 3600)
         payment = Payment(
             claim=claim.claim,
             employee=claim.employee,
