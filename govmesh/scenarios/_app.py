@@ -421,7 +421,7 @@ def _from_scenario(s: Scenario) -> App:
     where = f"{s.source}: "
     search_path = s.search_path()
     workload: Workload | list[Any]
-    entry = next(a for a in s.agents if a.entry)
+    at, entry = next((i, a) for i, a in enumerate(s.agents) if a.entry)
     if s.workload.generator:
         factory = _field(
             where,
@@ -440,7 +440,7 @@ def _from_scenario(s: Scenario) -> App:
                 f"{where}workload.generator: {s.workload.generator!r} makes no starts(count, seed)"
             )
     else:
-        cls = _field(where, "agents.class", load_agent, entry.cls, search_path=search_path)
+        cls = _field(where, f"agents[{at}].class", load_agent, entry.cls, search_path=search_path)
         payload_type = _payload_type(cls, s.workload.kind, where)
         workload = (
             [
