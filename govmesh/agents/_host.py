@@ -36,7 +36,7 @@ from govmesh.config import Deployment
 from govmesh.errors import ConfigError
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Identity
-from govmesh.llm import ModelProvider, ModelResponse
+from govmesh.llm import Message, ModelProvider, ModelResponse, ToolDef
 from govmesh.reservations import BudgetError
 from govmesh.service import being_cancelled
 from govmesh.state.messages import SnapshotQuery, SnapshotReply, TimerFired, TimerSet
@@ -194,15 +194,27 @@ class AgentHost(AgentService):
         return self.bus.tokens.verify(self.identity.token).budget_usd
 
     async def answer(
-        self, workflow: str, prompt: str, *, key: str, trace: str
+        self,
+        workflow: str,
+        prompt: str | Sequence[Message],
+        *,
+        key: str,
+        trace: str,
+        system: str = "",
+        tools: Sequence[ToolDef] = (),
+        schema: Mapping[str, Any] | None = None,
     ) -> tuple[ModelResponse, int]:
         """A usable answer and the reflections it took (see `think_until_usable`)."""
-        return await self.think_until_usable(
+        request = self.model_request(
             workflow,
             prompt,
             key=f"{self.agent_id}:{key}",
-            max_reflections=self._max_reflections,
-            trace=trace,
+            system=system,
+            tools=tools,
+            schema=schema,
+        )
+        return await self.think_until_usable(
+            workflow, request, max_reflections=self._max_reflections, trace=trace
         )
 
     async def decide(
