@@ -334,8 +334,8 @@ async def test_an_answer_that_does_not_follow_the_schema_is_reflected_on_with_th
         api.reply(completion('{"vendor": "acme", "amount": 5}'))
         rig = await _rig(secure_nats, redis_server, prefix, _openai(api))
         try:
-            request = rig.agent.model_request(
-                "wf-schema", "Which vendor?", key="plan", schema=VENDOR
+            request = ModelRequest(
+                prompt="Which vendor?", schema=VENDOR, max_tokens=64, key="wf-schema:plan"
             )
             answer, reflections = await rig.agent.think_until_usable(
                 "wf-schema", request, max_reflections=3

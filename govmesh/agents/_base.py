@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypedDict
 
@@ -23,14 +23,7 @@ from govmesh.forecasting._prices import Price, PriceTable
 from govmesh.forecasting.messages import BudgetInterrupt, InterruptAck, Usage
 from govmesh.governance.messages import Decision
 from govmesh.identity import Identity
-from govmesh.llm import (
-    Message,
-    ModelProvider,
-    ModelRequest,
-    ModelResponse,
-    ToolDef,
-    schema_problem,
-)
+from govmesh.llm import ModelProvider, ModelRequest, ModelResponse, schema_problem
 from govmesh.reservations import BudgetCaps, Granted, ReservationBook
 from govmesh.service import Service
 from govmesh.state._tiers import encode_goal
@@ -194,35 +187,8 @@ class AgentService(Service):
         """This agent's id."""
         return self.identity.agent_id
 
-    def model_request(
-        self,
-        workflow: str,
-        prompt: str | Sequence[Message],
-        *,
-        key: str,
-        system: str = "",
-        tools: Sequence[ToolDef] = (),
-        schema: Mapping[str, Any] | None = None,
-    ) -> ModelRequest:
-        """A model call of this agent in ``workflow``: ``prompt`` is the one user message,
-        or the chat so far; the completion cap is the agent's ``max_tokens``.
-
-        Raises:
-            ConfigError: an empty prompt, or a chat that does not start with the user.
-        """
-        one, chat = (prompt, ()) if isinstance(prompt, str) else ("", tuple(prompt))
-        return ModelRequest(
-            prompt=one,
-            messages=chat,
-            system=system,
-            tools=tuple(tools),
-            schema=None if schema is None else dict(schema),
-            max_tokens=self.max_tokens,
-            key=f"{workflow}:{key}",
-        )
-
     async def think(
-        self, workflow: str, prompt: str | Sequence[Message], *, key: str, trace: str = ""
+        self, workflow: str, prompt: str, *, key: str, trace: str = ""
     ) -> ModelResponse:
         """Make one model call (retried on a rate limit, a server error or a timeout) and
         report its usage to the budget actor; see `call_model`.
@@ -231,9 +197,8 @@ class AgentService(Service):
             BudgetError: the reservation was refused; the call did not run.
             ModelError: the call failed, and retrying did not help or cannot.
         """
-        return await self.call_model(
-            workflow, self.model_request(workflow, prompt, key=key), trace=trace
-        )
+        request = ModelRequest(prompt=prompt, max_tokens=self.max_tokens, key=f"{workflow}:{key}")
+        return await self.call_model(workflow, request, trace=trace)
 
     async def call_model(
         self, workflow: str, request: ModelRequest, *, trace: str = ""

@@ -28,7 +28,7 @@ from govmesh.agents.messages import Outcome, WorkflowStart
 from govmesh.bus import Delivery
 from govmesh.errors import ConfigError, GovmeshError, StateError
 from govmesh.governance.messages import Decision, ToolIntent
-from govmesh.llm import Message, ModelResponse, ToolDef
+from govmesh.llm import Message, ModelRequest, ModelResponse, ToolDef
 from govmesh.reservations import BudgetError
 from govmesh.tools._spec import ToolSpec, standalone_schema
 from govmesh.tools.messages import ToolResult
@@ -320,18 +320,15 @@ class Runtime(Protocol):
         """The budget authority of the agent's token (USD a day)."""
         ...
 
+    @property
+    def max_tokens(self) -> int:
+        """The agent's completion cap per model call."""
+        ...
+
     async def answer(
-        self,
-        workflow: str,
-        prompt: str | Sequence[Message],
-        *,
-        key: str,
-        trace: str,
-        system: str = "",
-        tools: Sequence[ToolDef] = (),
-        schema: Mapping[str, Any] | None = None,
+        self, workflow: str, request: ModelRequest, *, trace: str
     ) -> tuple[ModelResponse, int]:
-        """A usable model answer and the reflections it took."""
+        """A usable model answer to ``request`` and the reflections it took."""
         ...
 
     async def decide(
@@ -469,12 +466,16 @@ class Workflow:
         try:
             response, reflections = await self._runtime.answer(
                 self.id,
-                prompt,
-                key=key,
+                ModelRequest(
+                    prompt=prompt if isinstance(prompt, str) else "",
+                    messages=() if isinstance(prompt, str) else tuple(prompt),
+                    system=system,
+                    tools=tuple(ToolDef.of(t.schema()) for t in tools),
+                    schema=_json_schema(schema),
+                    max_tokens=self._runtime.max_tokens,
+                    key=key,
+                ),
                 trace=self.trace,
-                system=system,
-                tools=[ToolDef.of(t.schema()) for t in tools],
-                schema=standalone_schema(schema) if isinstance(schema, type) else schema,
             )
         except BudgetError as exc:
             facts.model_calls += exc.calls
@@ -724,6 +725,13 @@ class Workflow:
         the workflow's outcome)."""
         if self._parts:
             await asyncio.gather(*self._parts.values())
+
+
+def _json_schema(schema: Mapping[str, Any] | type | None) -> dict[str, Any] | None:
+    """``schema`` as a JSON Schema: a type's, written out in place."""
+    if schema is None:
+        return None
+    return standalone_schema(schema) if isinstance(schema, type) else dict(schema)
 
 
 def _fold(facts: Facts, asked: Outcome) -> None:

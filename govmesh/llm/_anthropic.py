@@ -5,13 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
-import anthropic
-import msgspec
-from anthropic.types import TextBlock, ToolUseBlock
-
-from govmesh.errors import ModelError
-from govmesh.llm._provider import ModelRequest, ModelResponse, ToolCall, prompt_bytes
-from govmesh.llm._wire import api_key, failure, wire_name
+from govmesh.llm._provider import ModelRequest, ModelResponse, ToolCall
+from govmesh.llm._wire import RemoteModel, RemoteSettings, client_errors, wire_name
 
 __all__ = ["AnthropicModel", "AnthropicSettings"]
 
@@ -20,76 +15,30 @@ ANSWER_TOOL: Final = "govmesh_answer"
 the Messages API checks against the schema, and that input is the answer's text."""
 
 
-class AnthropicSettings(
-    msgspec.Struct,
-    frozen=True,
-    kw_only=True,
-    forbid_unknown_fields=True,
-    tag_field="provider",
-    tag="anthropic",
-):
-    """An agent's model behind Anthropic's Messages API; comes from the scenario file or
-    the app. Holds no secret: the key is read from ``api_key_env`` in the agent's process.
+class AnthropicSettings(RemoteSettings, frozen=True, tag_field="provider", tag="anthropic"):
+    """An agent's model behind Anthropic's Messages API (see `RemoteSettings`).
 
     Attributes:
-        model: the model, as requests name it (``claude-sonnet-4-5``).
-        base_url: the API's URL; empty for Anthropic's.
-        api_key_env: the environment variable holding the API key.
-        name: the model's name as priced; ``model`` when empty.
-        timeout_s: how long one attempt may take before it is given up and retried.
-        template_tokens: tokens the API may add around the messages (role markers; with
-            tools or a schema, its tool-use system prompt, some hundreds of tokens), for
-            the reservation's upper bound of the prompt.
+        api_key_env: ``ANTHROPIC_API_KEY`` unless given.
+        template_tokens: 1024 unless given: with tools or a schema the API adds its
+            tool-use system prompt, some hundreds of tokens.
     """
 
-    model: str
-    base_url: str = ""
     api_key_env: str = "ANTHROPIC_API_KEY"
-    name: str = ""
-    timeout_s: float = 60.0
     template_tokens: int = 1024
 
-    @property
-    def priced_as(self) -> str:
-        """The name the price table has the model under."""
-        return self.name or self.model
 
-
-class AnthropicModel:
-    """A `govmesh.ModelProvider` over Anthropic's Messages API.
-
-    The client's own retries are off: the agent retries (429 with ``retry-after``, 5xx,
-    529 overloaded, timeouts), so each attempt is reserved, counted and priced. Cancelling
-    `complete` closes the request.
-
-    Args:
-        settings: which model and how to call it.
-
-    Raises:
-        ConfigError: ``settings.api_key_env`` is not set in this process's environment.
-    """
+class AnthropicModel(RemoteModel[AnthropicSettings]):
+    """A `govmesh.ModelProvider` over Anthropic's Messages API, through the official
+    ``anthropic`` client (see `RemoteModel`). A 529 (overloaded) is retried like a 5xx."""
 
     provider = "anthropic"
-    """The provider name spans report (``gen_ai.provider.name``)."""
 
     def __init__(self, settings: AnthropicSettings) -> None:
-        self.settings = settings
-        self._client = anthropic.AsyncAnthropic(
-            base_url=settings.base_url or None,
-            api_key=api_key(settings.api_key_env, provider=self.provider),
-            max_retries=0,
-            timeout=settings.timeout_s,
-        )
+        import anthropic  # here: importing it costs every process that never calls it
 
-    @property
-    def model(self) -> str:
-        """The model's name as priced."""
-        return self.settings.priced_as
-
-    def max_input_tokens(self, request: ModelRequest) -> int:
-        """The prompt's bytes plus the API's own tokens: a byte-level tokenizer never makes
-        more tokens than bytes."""
-        return prompt_bytes(request) + self.settings.template_tokens
+        super().__init__(settings)
+        self._client = anthropic.AsyncAnthropic(**self.client_options())
 
     async def close(self) -> None:
         """Close the client's connections. Safe to call twice."""
@@ -102,21 +51,12 @@ class AnthropicModel:
             ModelError: the attempt failed; retryable for a 429, a 5xx, a 529, a timeout
                 or a lost connection.
         """
+        import anthropic
+        from anthropic.types import TextBlock, ToolUseBlock
+
         names = {wire_name(t.name): t.name for t in request.tools}
-        try:
+        with client_errors(anthropic, self.settings):
             reply = await self._client.messages.create(**self._body(request))
-        except anthropic.APIStatusError as exc:
-            raise failure(exc.status_code, exc.response.headers, str(exc.message)) from None
-        except anthropic.APITimeoutError:
-            raise ModelError(
-                f"{self.model}: no answer within {self.settings.timeout_s}s",
-                retryable=True,
-                kind="timeout",
-            ) from None
-        except anthropic.APIConnectionError as exc:
-            raise ModelError(
-                f"{self.model}: connection failed: {exc}", retryable=True, kind="connection"
-            ) from None
         texts: list[str] = []
         calls: list[ToolCall] = []
         for block in reply.content:

@@ -8,92 +8,39 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-import msgspec
-import openai
-
-from govmesh.errors import ModelError
-from govmesh.llm._provider import ModelRequest, ModelResponse, ToolCall, prompt_bytes
-from govmesh.llm._wire import api_key, failure, wire_name
+from govmesh.llm._provider import ModelRequest, ModelResponse, ToolCall
+from govmesh.llm._wire import RemoteModel, RemoteSettings, client_errors, wire_name
 
 __all__ = ["OpenAIModel", "OpenAISettings"]
 
 
-class OpenAISettings(
-    msgspec.Struct,
-    frozen=True,
-    kw_only=True,
-    forbid_unknown_fields=True,
-    tag_field="provider",
-    tag="openai",
-):
-    """An agent's model behind an OpenAI-compatible API; comes from the scenario file or
-    the app. Holds no secret: the key is read from ``api_key_env`` in the agent's process.
+class OpenAISettings(RemoteSettings, frozen=True, tag_field="provider", tag="openai"):
+    """An agent's model behind an OpenAI-compatible API (see `RemoteSettings`).
 
     Attributes:
-        model: the model the server serves, as requests name it.
-        base_url: the API's URL (``http://127.0.0.1:8000/v1``); empty for OpenAI's.
-        api_key_env: the environment variable holding the API key; empty for a server that
-            takes none (a local one).
-        name: the model's name as priced; ``model`` when empty.
-        timeout_s: how long one attempt may take before it is given up and retried.
-        template_tokens: tokens the chat template may add around the messages (role
-            markers, a default system prompt, tool instructions), for the reservation's
-            upper bound of the prompt.
+        api_key_env: ``OPENAI_API_KEY`` unless given.
         response_format: how structured output is asked for: ``json_schema`` (OpenAI,
             vLLM) or ``json_object`` with a ``schema`` (llama-cpp-python's server).
         token_limit: the request field of the completion cap: ``max_tokens``, or
             ``max_completion_tokens`` for OpenAI's reasoning models.
     """
 
-    model: str
-    base_url: str = ""
     api_key_env: str = "OPENAI_API_KEY"
-    name: str = ""
-    timeout_s: float = 60.0
-    template_tokens: int = 256
     response_format: Literal["json_schema", "json_object"] = "json_schema"
     token_limit: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
 
-    @property
-    def priced_as(self) -> str:
-        """The name the price table has the model under."""
-        return self.name or self.model
 
-
-class OpenAIModel:
-    """A `govmesh.ModelProvider` over an OpenAI-compatible chat completions API.
-
-    The client's own retries are off: the agent retries, so each attempt is reserved,
-    counted and priced. Cancelling `complete` closes the request.
-
-    Args:
-        settings: where the model is and how to call it.
-
-    Raises:
-        ConfigError: ``settings.api_key_env`` is not set in this process's environment.
-    """
+class OpenAIModel(RemoteModel[OpenAISettings]):
+    """A `govmesh.ModelProvider` over an OpenAI-compatible chat completions API, through
+    the official ``openai`` client (see `RemoteModel`)."""
 
     provider = "openai"
-    """The provider name spans report (``gen_ai.provider.name``)."""
 
     def __init__(self, settings: OpenAISettings) -> None:
-        self.settings = settings
-        self._client = openai.AsyncOpenAI(
-            base_url=settings.base_url or None,
-            api_key=api_key(settings.api_key_env, provider=self.provider),
-            max_retries=0,
-            timeout=settings.timeout_s,
-        )
+        import openai  # here: importing it costs every process that never calls it
 
-    @property
-    def model(self) -> str:
-        """The model's name as priced."""
-        return self.settings.priced_as
-
-    def max_input_tokens(self, request: ModelRequest) -> int:
-        """The prompt's bytes plus the chat template's tokens: a byte-level tokenizer never
-        makes more tokens than bytes."""
-        return prompt_bytes(request) + self.settings.template_tokens
+        super().__init__(settings)
+        self._client = openai.AsyncOpenAI(**self.client_options())
 
     async def close(self) -> None:
         """Close the client's connections. Safe to call twice."""
@@ -106,21 +53,11 @@ class OpenAIModel:
             ModelError: the attempt failed; retryable for a 429, a 5xx, a timeout or a
                 lost connection.
         """
+        import openai
+
         names = {wire_name(t.name): t.name for t in request.tools}
-        try:
+        with client_errors(openai, self.settings):
             reply = await self._client.chat.completions.create(**self._body(request))
-        except openai.APIStatusError as exc:
-            raise failure(exc.status_code, exc.response.headers, str(exc.message)) from None
-        except openai.APITimeoutError:
-            raise ModelError(
-                f"{self.model}: no answer within {self.settings.timeout_s}s",
-                retryable=True,
-                kind="timeout",
-            ) from None
-        except openai.APIConnectionError as exc:
-            raise ModelError(
-                f"{self.model}: connection failed: {exc}", retryable=True, kind="connection"
-            ) from None
         usage = reply.usage
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0

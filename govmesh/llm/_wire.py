@@ -1,18 +1,127 @@
-"""What the providers that speak HTTP share: the API key from the process's environment,
-and a failed HTTP answer as a `ModelError`."""
+"""What the providers that speak HTTP share: their settings, the API key from the
+process's environment, and the official clients' errors as `ModelError`s."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from email.utils import parsedate_to_datetime
+from types import ModuleType
+from typing import Any, ClassVar, Generic, TypeVar
+
+import msgspec
 
 from govmesh.errors import ConfigError, ModelError
+from govmesh.llm._provider import ModelRequest, prompt_bytes
 
-__all__ = ["api_key", "failure", "retry_after", "wire_name"]
+__all__ = [
+    "RemoteModel",
+    "RemoteSettings",
+    "api_key",
+    "client_errors",
+    "failure",
+    "retry_after",
+    "wire_name",
+]
+
+S = TypeVar("S", bound="RemoteSettings")
+
+
+class RemoteSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An agent's model behind an API; comes from the scenario file or the app. Holds no
+    secret: the key is read from ``api_key_env`` in the agent's process.
+
+    Attributes:
+        model: the model, as requests name it.
+        base_url: the API's URL; empty for the provider's own.
+        api_key_env: the environment variable holding the API key; empty for a server
+            that takes none (a local one).
+        name: the model's name as priced; ``model`` when empty.
+        timeout_s: how long one attempt may take before it is given up and retried.
+        template_tokens: tokens the API may add around the messages (role markers, a
+            default system prompt, tool instructions), for the reservation's upper bound
+            of the prompt.
+    """
+
+    model: str
+    base_url: str = ""
+    api_key_env: str = ""
+    name: str = ""
+    timeout_s: float = 60.0
+    template_tokens: int = 256
+
+    @property
+    def priced_as(self) -> str:
+        """The name the price table has the model under."""
+        return self.name or self.model
+
+
+class RemoteModel(Generic[S]):
+    """What a `govmesh.ModelProvider` over an API shares with the others: its settings,
+    its name as priced, the bound of a prompt's tokens and its client's options.
+
+    The client's own retries are off: the agent retries a rate limit, a server error or a
+    timeout, so each attempt is reserved, counted and priced. Cancelling a call closes its
+    request.
+
+    Args:
+        settings: where the model is and how to call it.
+
+    Raises:
+        ConfigError: ``settings.api_key_env`` is not set in this process's environment.
+    """
+
+    provider: ClassVar[str]
+    """The provider name spans and reports show (``gen_ai.provider.name``)."""
+
+    def __init__(self, settings: S) -> None:
+        self.settings = settings
+        self._key = api_key(settings.api_key_env, provider=self.provider)
+
+    @property
+    def model(self) -> str:
+        """The model's name as priced."""
+        return self.settings.priced_as
+
+    def max_input_tokens(self, request: ModelRequest) -> int:
+        """The prompt's bytes plus the template's tokens: a byte-level tokenizer (BPE over
+        bytes, or one with byte fallback) never makes more tokens than bytes."""
+        return prompt_bytes(request) + self.settings.template_tokens
+
+    def client_options(self) -> dict[str, Any]:
+        """The official client's options: the API's URL, the key, the timeout, and no
+        retries of its own."""
+        return {
+            "base_url": self.settings.base_url or None,
+            "api_key": self._key,
+            "max_retries": 0,
+            "timeout": self.settings.timeout_s,
+        }
+
+
+@contextlib.contextmanager
+def client_errors(sdk: ModuleType, settings: RemoteSettings) -> Iterator[None]:
+    """Turn the errors of ``sdk`` (the ``openai`` or ``anthropic`` module: their clients
+    share one shape of errors) into `ModelError`s."""
+    try:
+        yield
+    except sdk.APIStatusError as exc:
+        raise failure(exc.status_code, exc.response.headers, str(exc.message)) from None
+    except sdk.APITimeoutError:
+        raise ModelError(
+            f"{settings.model}: no answer within {settings.timeout_s}s",
+            retryable=True,
+            kind="timeout",
+        ) from None
+    except sdk.APIConnectionError as exc:
+        raise ModelError(
+            f"{settings.model}: connection failed: {exc}", retryable=True, kind="connection"
+        ) from None
+
 
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
