@@ -349,3 +349,54 @@ async def test_an_answer_that_does_not_follow_the_schema_is_reflected_on_with_th
     assert second[-2] == {"role": "assistant", "content": "Acme, I think."}
     assert "not JSON" in second[-1]["content"]
     assert "'amount' is a required property" in third[-1]["content"]
+
+
+def test_retry_after_is_read_in_seconds_in_milliseconds_or_as_a_date() -> None:
+    from govmesh.llm._wire import failure, retry_after
+
+    assert retry_after({"retry-after": "2"}) == 2.0
+    assert retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after({"retry-after": "Wed, 21 Oct 2026 07:28:10 GMT"}, now=1792567680.0) == 10.0
+    assert retry_after({"retry-after": "soon"}) is None
+    assert retry_after({"retry-after": "-1"}) is None
+    assert retry_after({}) is None
+    kinds = {
+        s: (failure(s, {}, "x").kind, failure(s, {}, "x").retryable)
+        for s in (400, 401, 408, 429, 500, 503, 529)
+    }
+    assert kinds == {
+        400: ("rejected", False),
+        401: ("rejected", False),
+        408: ("timeout", True),
+        429: ("rate_limited", True),
+        500: ("server_error", True),
+        503: ("server_error", True),
+        529: ("server_error", True),
+    }
+
+
+async def test_a_call_cancelled_midway_leaves_its_reservation_to_lapse_at_its_full_amount(
+    secure_nats, redis_server, prefix, key
+) -> None:
+    import time
+
+    async with ScriptedApi() as api:
+        api.reply(completion("late"), delay_s=2.0)
+        rig = await _rig(secure_nats, redis_server, prefix, _openai(api))
+        try:
+            call = asyncio.create_task(rig.agent.think("wf-cancel", "Which vendor?", key="plan"))
+            while not api.requests:
+                await asyncio.sleep(0.01)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            book = rig.agent.book
+            assert book is not None
+            settled, reserved = await book.spent("wf-cancel")
+            lapsed = await book.settle_lapsed(now=time.time() + book.caps.reservation_ttl_s + 1)
+            after = await book.spent("wf-cancel")
+        finally:
+            await _close(rig)
+    assert (settled, lapsed) == (0.0, 1) and reserved > 0
+    assert after == (reserved, 0.0)  # counted high, never low
+    assert rig.usage == []  # no usage was reported for a call that never answered
