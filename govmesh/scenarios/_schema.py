@@ -32,9 +32,8 @@ __all__ = [
 
 
 class ModelFactory(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A model provider of the user's own (an OpenAI-compatible or Anthropic client, say),
-    made by a factory called inside the agent's actor, so keys and clients never travel
-    through Ray.
+    """A model provider of the user's own (a client govmesh has no provider for), made by a
+    factory called inside the agent's actor, so keys and clients never travel through Ray.
 
     Attributes:
         factory: ``package.module:function`` returning a `govmesh.ModelProvider`; its
