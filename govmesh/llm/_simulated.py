@@ -21,8 +21,16 @@ class TokenSpread(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     sd: float = 0.0
 
 
-class SimulatedModelSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """How the simulated model behaves; comes from the scenario file.
+class SimulatedModelSettings(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag_field="provider",
+    tag="simulated",
+):
+    """How the simulated model behaves; comes from the scenario file (``provider:
+    simulated``, or no ``provider:``).
 
     Attributes:
         name: model name, as priced.
