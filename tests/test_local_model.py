@@ -19,8 +19,6 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from _deploy import deployment
-from _procs import MARK_VAR, process_names, processes_with_marker, wait_until_gone
 from govmesh.errors import RuntimeStartError
 from govmesh.reservations import ReservationBook
 from govmesh.runtime import (
@@ -32,6 +30,9 @@ from govmesh.runtime import (
 )
 from govmesh.scenarios import run_workflows, scenario_app
 from govmesh.scenarios._runner import workflow_id
+
+from _deploy import deployment
+from _procs import MARK_VAR, process_names, processes_with_marker, wait_until_gone
 
 
 def _chat(server: LocalModelServer, body: dict[str, Any]) -> dict[str, Any]:
@@ -234,5 +235,56 @@ async def test_a_governed_workflow_runs_end_to_end_on_the_local_model(
         await r.aclose()
     assert all(reserved == 0 for _, reserved in spent), spent
     expected = sum(price.cost(u["prompt_tokens"], u["completion_tokens"]) for u in recorder.usages)
-    assert sum(settled for settled, _ in spent) == pytest.approx(expected, abs=1e-6 * len(recorder.usages))
+    assert sum(settled for settled, _ in spent) == pytest.approx(
+        expected, abs=1e-6 * len(recorder.usages)
+    )
     assert report["cost_usd"] == pytest.approx(expected, abs=1e-6 * len(recorder.usages))
+
+
+_SERVED = """
+import os, sys, urllib.error, urllib.request
+url = os.environ["OPENAI_BASE_URL"] + "/models"
+try:
+    urllib.request.urlopen(url, timeout=30)
+    sys.exit("the server answered without a key")
+except urllib.error.HTTPError as refused:
+    assert refused.code == 401, refused.code
+keyed = urllib.request.Request(
+    url, headers={"Authorization": "Bearer " + os.environ["GOVMESH_LOCAL_MODEL_KEY"]}
+)
+with urllib.request.urlopen(keyed, timeout=30) as answer:
+    assert b"SmolLM2-135M-Instruct" in answer.read()
+sys.exit(7)
+"""
+
+
+def test_model_serve_runs_a_command_beside_a_keyed_server_and_exits_with_its_status() -> None:
+    serve = [sys.executable, "-m", "govmesh.cli", "model", "serve", "--"]
+    done = subprocess.run(
+        [*serve, sys.executable, "-c", _SERVED],
+        capture_output=True,
+        timeout=300,
+    )
+    assert done.returncode == 7, done.stderr.decode()[-2000:]
+
+
+@pytest.mark.slow
+def test_govmesh_run_finishes_every_workflow_of_the_local_scenario(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    env = {**os.environ, "GOVMESH_HOME": str(tmp_path / "home")}
+    serve = [sys.executable, "-m", "govmesh.cli", "model", "serve", "--"]
+    run = [sys.executable, "-m", "govmesh.cli", "run", str(LOCAL_SCENARIO), "-n", "5"]
+    for seed in ("1", "2"):
+        done = subprocess.run(
+            [*serve, *run, "--seed", seed, "--json", str(report)],
+            env=env,
+            capture_output=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+    found = json.loads(report.read_text())
+    assert found["workflows"]["finished"] == found["workflows"]["total"] == 5
+    assert {a["model"]["provider"] for a in found["agents"].values()} == {"openai"}
+    # The second run was forecast from the first's recorded usage, and compared after.
+    assert found["forecast"]["available"] is True
+    assert found["forecast"]["actual"]["workflows"] == 5

@@ -45,7 +45,8 @@ def serve(gguf: Path | None, name: str, threads: int | None, command: tuple[str,
 
     The COMMAND finds the server in its environment: OPENAI_BASE_URL (the API's base URL,
     which the openai client reads when a model has no base_url) and GOVMESH_LOCAL_MODEL_KEY
-    (its key), as scenarios/procurement-local.yaml expects. Without a COMMAND both are printed, for `export` in another terminal.
+    (its key), as scenarios/procurement-local.yaml expects. Without a COMMAND both are
+    printed, for `export` in another terminal.
     """
     from govmesh.runtime import ENV_LOCAL_MODEL_KEY, ENV_LOCAL_MODEL_URL, LocalModelServer
 
