@@ -281,7 +281,7 @@ async def test_a_rate_limit_and_an_overload_are_retried_each_attempt_reserved_co
             report = await rig.report("wf-retry", calls=3)
         finally:
             await _close(rig)
-    assert answer.text == "Acme."
+    assert (answer.text, answer.retries) == ("Acme.", 2)
     assert len(api.requests) == 3
     # The backoff alone is 10 ms: the wait is the server's retry-after.
     assert api.requests[1].at - api.requests[0].at >= 1.0

@@ -222,12 +222,14 @@ class AgentService(Service):
         attempt = 1
         while True:
             try:
-                return await self._attempt(workflow, request, trace=trace)
+                response = await self._attempt(workflow, request, trace=trace)
             except ModelError as exc:
                 if not exc.retryable or attempt >= self.model_retry.maximum_attempts:
                     raise
                 await asyncio.sleep(max(self.model_retry.delay(attempt), exc.retry_after_s or 0.0))
                 attempt += 1
+            else:
+                return msgspec.structs.replace(response, retries=attempt - 1)
 
     async def _attempt(self, workflow: str, request: ModelRequest, *, trace: str) -> ModelResponse:
         granted: Granted | None = None
@@ -319,7 +321,8 @@ class AgentService(Service):
     ) -> tuple[ModelResponse, int]:
         """Call the model (`call_model`), reflecting and retrying on unusable answers.
 
-        Returns the last answer and the number of reflections used; stops after
+        Returns the last answer (its ``retries`` those of every call made for it) and the
+        number of reflections used; stops after
         ``max_reflections`` so a looping model cannot spin forever (policy caps it lower).
         Reflection ``n`` is asked with key ``<request.key>:<n>``, telling the model why
         the answer before was unusable. At the workflow's soft threshold it asks a person
@@ -330,7 +333,7 @@ class AgentService(Service):
                 its ``calls`` says how many calls ran.
             ModelError: a call failed, and retrying did not help or cannot.
         """
-        reflections = 0
+        reflections = retries = 0
         asked = request
         while True:
             try:
@@ -344,8 +347,9 @@ class AgentService(Service):
                     continue  # a person let the workflow spend on, up to its cap
                 exc.calls = reflections  # the calls that ran; the refused one did not
                 raise
+            retries += response.retries
             if not response.error or reflections >= max_reflections:
-                return response, reflections
+                return msgspec.structs.replace(response, retries=retries), reflections
             reflections += 1
             asked = asked.reflected(response.text, response.problem)
 

@@ -263,7 +263,8 @@ class Facts(msgspec.Struct, kw_only=True):
         governance_ms: its intent-to-first-decision latency.
         approval_id, approved_by, approval_reasons: the first approval the workflow waited
             for, who settled it and why (a person, or the policy's default when it lapsed).
-        model_calls: model calls, here and at the agents it asked.
+        model_calls: model calls, here and at the agents it asked (failed attempts
+            retried included).
         reflections: unusable answers reflected on, here and at the agents it asked.
         own_reflections: those of this agent, which its intents report to governance.
         policy_hash: the policy set of the latest decision.
@@ -482,7 +483,7 @@ class Workflow:
             facts.reflections += exc.calls
             raise
         self.journal.thoughts[key] = Thought(response=response, reflections=reflections)
-        facts.model_calls += reflections + 1
+        facts.model_calls += reflections + 1 + response.retries
         facts.reflections += reflections
         facts.own_reflections += reflections
         self.at("thought", key=key)

@@ -135,6 +135,8 @@ class ModelResponse(msgspec.Struct, frozen=True, kw_only=True):
         tool_calls: calls the model asks for, for the handler to make governed.
         problem: why the answer is unusable, when govmesh found out (it does not follow
             the request's schema).
+        retries: attempts that failed before this answer (a rate limit, a server error, a
+            timeout), each a model call of its own, reserved, counted and priced.
     """
 
     text: str
@@ -148,6 +150,7 @@ class ModelResponse(msgspec.Struct, frozen=True, kw_only=True):
     stop_reason: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
     problem: str = ""
+    retries: int = 0
 
     @property
     def prompt_tokens(self) -> int:
