@@ -20,6 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from govmesh.errors import RuntimeStartError
+from govmesh.llm import Message, ModelRequest, OpenAIModel, OpenAISettings
 from govmesh.reservations import ReservationBook
 from govmesh.runtime import (
     ENV_LOCAL_MODEL_KEY,
@@ -30,9 +31,11 @@ from govmesh.runtime import (
 )
 from govmesh.scenarios import run_workflows, scenario_app
 from govmesh.scenarios._runner import workflow_id
+from govmesh.tools._spec import standalone_schema
 
 from _deploy import deployment
 from _procs import MARK_VAR, process_names, processes_with_marker, wait_until_gone
+from procurement.agents import Plan
 
 
 def _chat(server: LocalModelServer, body: dict[str, Any]) -> dict[str, Any]:
@@ -288,3 +291,43 @@ def test_govmesh_run_finishes_every_workflow_of_the_local_scenario(tmp_path: Pat
     # The second run was forecast from the first's recorded usage, and compared after.
     assert found["forecast"]["available"] is True
     assert found["forecast"]["actual"]["workflows"] == 5
+
+
+async def test_the_reserved_prompt_bound_is_never_below_the_servers_count(
+    recorder: Recorder,
+) -> None:
+    model = OpenAIModel(
+        OpenAISettings(
+            model=SMOLLM2, base_url=recorder.base_url, api_key_env="", response_format="json_object"
+        )
+    )
+    requests = [
+        ModelRequest(prompt="Hi", max_tokens=4, key="short"),
+        ModelRequest(prompt="Préférez-vous 東京 ou Zürich ? " * 40, max_tokens=4, key="unicode"),
+        ModelRequest(
+            system="You are a careful buyer.",
+            messages=(
+                Message(role="user", content="Plan a purchase of monitors."),
+                Message(role="assistant", content="Which vendor?"),
+                Message(role="user", content="Vendor_B, for $900."),
+            ),
+            max_tokens=4,
+            key="chat",
+        ),
+        ModelRequest(
+            prompt="Plan a purchase of laptops.",
+            schema=standalone_schema(Plan),
+            max_tokens=4,
+            key="schema",
+        ),
+    ]
+    try:
+        bounds = []
+        for request in requests:
+            await model.complete(request)
+            bounds.append(model.max_input_tokens(request))
+    finally:
+        await model.close()
+    counted = [u["prompt_tokens"] for u in recorder.usages]
+    assert len(counted) == len(requests)
+    assert all(bound >= n for bound, n in zip(bounds, counted, strict=True)), (bounds, counted)
