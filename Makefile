@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint clean
+.PHONY: demo demo-local test test-all lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 ## make demo: run the procurement scenario on embedded nats-server, Valkey and Ray
 demo: $(STAMP)
 	$(BIN)/govmesh run scenarios/procurement.yaml --workflows 20 --seed 7
+
+## make demo-local: the procurement scenario (5 workflows) on a real model on this machine,
+## SmolLM2-135M-Instruct on CPU behind llama-cpp-python's server (from the dev extra)
+demo-local: $(STAMP)
+	$(BIN)/govmesh model serve -- $(BIN)/govmesh run scenarios/procurement-local.yaml --workflows 5 --seed 7
 
 ## make test: the test suite (slow stress tests excluded; `make test-all` runs them too)
 test: $(STAMP)

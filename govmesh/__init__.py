@@ -10,19 +10,23 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from govmesh.errors import GovmeshError, ToolError
+from govmesh.errors import GovmeshError, ModelError, ToolError
 
 if TYPE_CHECKING:
     from govmesh.agents._base import RetryPolicy
     from govmesh.agents._sdk import Agent, Denied, Halted, ToolFailed, Workflow, handler
     from govmesh.agents.messages import Outcome
     from govmesh.llm import (
+        AnthropicSettings,
+        Message,
         ModelProvider,
         ModelRequest,
         ModelResponse,
+        OpenAISettings,
         SimulatedModel,
         SimulatedModelSettings,
         TokenSpread,
+        ToolCall,
     )
     from govmesh.reservations import BudgetError
     from govmesh.scenarios._app import AgentDef, App
@@ -42,6 +46,10 @@ _LAZY = {
     "Workflow": "govmesh.agents._sdk",
     "handler": "govmesh.agents._sdk",
     "RetryPolicy": "govmesh.agents._base",
+    "AnthropicSettings": "govmesh.llm",
+    "Message": "govmesh.llm",
+    "OpenAISettings": "govmesh.llm",
+    "ToolCall": "govmesh.llm",
     "ModelProvider": "govmesh.llm",
     "ModelRequest": "govmesh.llm",
     "ModelResponse": "govmesh.llm",
@@ -61,20 +69,25 @@ _LAZY = {
 __all__ = [
     "Agent",
     "AgentDef",
+    "AnthropicSettings",
     "App",
     "BudgetError",
     "Denied",
     "Effect",
     "GovmeshError",
     "Halted",
+    "Message",
+    "ModelError",
     "ModelProvider",
     "ModelRequest",
     "ModelResponse",
+    "OpenAISettings",
     "Outcome",
     "RetryPolicy",
     "SimulatedModel",
     "SimulatedModelSettings",
     "TokenSpread",
+    "ToolCall",
     "ToolContext",
     "ToolError",
     "ToolFailed",

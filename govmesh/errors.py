@@ -10,6 +10,7 @@ __all__ = [
     "BusError",
     "ConfigError",
     "GovmeshError",
+    "ModelError",
     "PolicyError",
     "RuntimeStartError",
     "ScenarioError",
@@ -76,6 +77,39 @@ class SecurityError(GovmeshError, PermissionError):
     def __init__(self, reason: str, detail: str = "") -> None:
         self.reason = reason
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class ModelError(GovmeshError, RuntimeError):
+    """A model call failed: the provider did not answer, or answered with an error.
+
+    Whether to try again is the error's property: a rate limit, a server error (5xx, 529
+    overloaded) or a timeout is retryable, and the agent calls again with backoff, each
+    attempt reserved, counted and priced; a bad request or a wrong key is not.
+
+    Attributes:
+        message: what went wrong (never a credential).
+        retryable: calling again may succeed.
+        kind: ``rate_limited``, ``server_error``, ``timeout``, ``connection`` or
+            ``rejected`` (the request itself was refused).
+        status: the HTTP status, when there was one.
+        retry_after_s: how long the provider asked to wait (``retry-after``), if it did.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        kind: str,
+        status: int = 0,
+        retry_after_s: float | None = None,
+    ) -> None:
+        self.message = message
+        self.retryable = retryable
+        self.kind = kind
+        self.status = status
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
 
 
 class StateError(GovmeshError, RuntimeError):

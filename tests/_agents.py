@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,10 +167,11 @@ async def mesh(
     policy: str,
     tools: Sequence[ToolSpec[Any, Any]],
     clock: Clock | None = None,
+    prices: Mapping[str, Price] = PRICES,
 ) -> AsyncIterator[Mesh]:
     """Governance on ``policy`` (a policy text), a gateway running ``tools``, the state and
-    budget actors, a coordinator and an operator, on ``clock`` if given; agents are added
-    with `Mesh.host`."""
+    budget actors (pricing models at ``prices``), a coordinator and an operator, on
+    ``clock`` if given; agents are added with `Mesh.host`."""
     transport, server = secure_nats
     dep, issuer = deployment(server.url, redis_server.url, prefix, transport)
     if clock is not None:
@@ -187,7 +188,7 @@ async def mesh(
         ),
         GatewayService(dep, issuer.identity("gateway-1", "gateway"), tools=tools),
         StateService(dep, issuer.identity("state-1", "state"), keyring=keyring),
-        BudgetService(dep, issuer.identity("budget-1", "budget"), prices=PRICES),
+        BudgetService(dep, issuer.identity("budget-1", "budget"), prices=dict(prices)),
     ]
     coordinator = await Bus.connect(dep, issuer.identity("coordinator-1", "coordinator"))
     operator = await Bus.connect(dep, issuer.identity("operator-1", "operator"))

@@ -91,6 +91,23 @@ class Shipper(govmesh.Agent):
         return await wf.call_tool(ship, shipment, step=1)
 
 
+class Planner(govmesh.Agent):
+    """Lets the model pick the shipment, and makes each call it asks for, governed."""
+
+    role = ROLE
+    tools = (ship,)
+
+    @govmesh.handler
+    async def plan(self, wf: govmesh.Workflow, shipment: Shipment) -> list[Shipped]:
+        """Ask the model, then call the tools it asked for."""
+        answer = await wf.think(f"Ship {shipment.item}.", tools=[ship], key="plan")
+        return [
+            await wf.call_tool(ship, ship.load_args(call.args), step=step)
+            for step, call in enumerate(answer.tool_calls, start=1)
+            if call.name == ship.name
+        ]
+
+
 class Desk(govmesh.Agent):
     """Takes a shipment request and has the shipper ship it."""
 

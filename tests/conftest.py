@@ -1,5 +1,5 @@
-"""Shared fixtures: real nats-server, Redis-protocol server and Ray, one per test session,
-and an in-memory reader of the process's metrics."""
+"""Shared fixtures: real nats-server, Redis-protocol server, Ray and a local model server, one
+per test session, and an in-memory reader of the process's metrics."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
 
-from govmesh.runtime import NatsServer, RedisServer, Transport
+from govmesh.runtime import LocalModelServer, NatsServer, RedisServer, Transport
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +40,26 @@ def ray_session() -> Iterator[None]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tracer_provider() -> TracerProvider:
+    """The process's tracer provider (OpenTelemetry takes one per process), set on first
+    use; tests add exporters of their own to it."""
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    return provider
+
+
+@pytest.fixture(scope="session")
+def local_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalModelServer]:
+    """llama-cpp-python's OpenAI-compatible server running SmolLM2-135M-Instruct on CPU on
+    a free port, shared by the session; stopped at its end, and killed with this process if
+    it is killed (the server's death signal)."""
+    with LocalModelServer(workdir=tmp_path_factory.mktemp("llama")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -108,7 +108,7 @@ def test_run_reports_all_outcomes_and_leaves_nothing_running(tmp_path: Path) -> 
     assert report["governance_latency_ms"]["p99"] >= report["governance_latency_ms"]["p50"] > 0
     assert report["tokens"] > 0 and report["cost_usd"] > 0
     assert [a["model"] for a in report["agents"].values()] == [
-        {"name": "simulated-small", "simulated": True}
+        {"name": "simulated-small", "provider": "simulated", "simulated": True}
     ] * 2
     assert report["runtime"]["embedded"] == {"nats": True, "redis": True, "ray": True}
     held = report["runtime"]["low_latency"]

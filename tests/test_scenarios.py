@@ -278,3 +278,34 @@ def test_a_scenario_in_the_format_before_apps_is_told_what_changed(tmp_path: Pat
     )
     with pytest.raises(ScenarioError, match=rf"^{old}: agents: .*format before apps"):
         scenario_app(old)
+
+
+def test_a_scenario_points_an_agent_at_a_real_model_whose_key_stays_in_the_environment(
+    user_code: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = SCENARIO.replace(
+        "model: {name: simulated-small}",
+        "model: {provider: openai, base_url: 'http://127.0.0.1:9/v1', model: smol,"
+        " api_key_env: GOVMESH_TEST_SCENARIO_KEY}",
+    ).replace("  simulated-small:", "  smol:")
+    app = scenario_app(_write(user_code, real))
+
+    [scribe] = app.agents
+    assert isinstance(scribe.model, govmesh.OpenAISettings)
+    assert (scribe.model_name(), scribe.model_provider()) == ("smol", "openai")
+    make = scribe.model_factory(seed=1)  # what the scribe's actor calls, in its process
+    monkeypatch.delenv("GOVMESH_TEST_SCENARIO_KEY", raising=False)
+    with pytest.raises(ConfigError, match="'GOVMESH_TEST_SCENARIO_KEY' is not set"):
+        make()
+    monkeypatch.setenv("GOVMESH_TEST_SCENARIO_KEY", "sk-scenario")
+    assert make().model == "smol"
+
+    anthropic = real.replace("provider: openai", "provider: anthropic")
+    assert scenario_app(_write(user_code, anthropic)).agents[0].model_provider() == "anthropic"
+    with pytest.raises(ScenarioError, match=r"model: Object contains unknown field `api_key`"):
+        scenario_app(_write(user_code, real.replace("model: smol,", "model: smol, api_key: sk-1,")))
+    with pytest.raises(ScenarioError, match=r"model\.provider: Invalid value 'bedrock'"):
+        scenario_app(_write(user_code, real.replace("provider: openai", "provider: bedrock")))
+    unpriced = real.replace("  smol:", "  other:")
+    with pytest.raises(ScenarioError, match="model: 'smol' has no entry under prices"):
+        scenario_app(_write(user_code, unpriced))

@@ -427,3 +427,51 @@ async def test_state_over_the_snapshot_limit_fails_the_workflow_naming_the_limit
 
     assert outcome.result == "failed"
     assert outcome.reasons[0].startswith("StateError: goal state of wf-notes/careful-2 is 12,")
+
+
+async def test_a_tool_call_the_model_asks_for_is_made_by_the_handler_governed(
+    secure_nats, redis_server, prefix, tmp_path, behaviour
+) -> None:
+    import functools
+    import json
+
+    from govmesh.forecasting import Price
+    from govmesh.llm import OpenAISettings, model_of
+
+    from _model_servers import ScriptedApi, completion
+
+    def asks(vendor: str) -> dict[str, object]:
+        args = {"item": "monitors", "vendor": vendor, "amount_usd": 1200.0}
+        return completion(
+            None, tool_calls=(("test_ship", json.dumps(args)),), finish_reason="tool_calls"
+        )
+
+    prices = {"local-model": Price(input_per_1k=0.001, output_per_1k=0.002)}
+    async with (
+        ScriptedApi() as api,
+        mesh(
+            secure_nats, redis_server, prefix, tmp_path, policy=POLICY, tools=[ship], prices=prices
+        ) as m,
+    ):
+        api.reply(asks("Vendor_A"))
+        api.reply(asks("Vendor_Z"))
+        settings = OpenAISettings(model="local-model", base_url=f"{api.url}/v1", api_key_env="")
+        await m.host(
+            "planner-1",
+            "_shipping:Planner",
+            role=ROLE,
+            capabilities=(TOOL,),
+            model=functools.partial(model_of, settings, seed=1),
+            prices=prices,
+        )
+        allowed = await m.run("wf-asked", "planner-1", _order(0.0))
+        denied = await m.run("wf-asked-z", "planner-1", _order(0.0))
+
+    [offered] = api.requests[0].body["tools"]
+    assert offered["function"]["name"] == "test_ship"
+    assert "amount_usd" in offered["function"]["parameters"]["properties"]
+    assert (allowed.result, allowed.first_decision) == ("completed", "allow")
+    assert msgspec.msgpack.decode(allowed.value, type=list[Shipped])[0].item == "monitors"
+    # The model only asked: policy denied the call to a vendor it does not allow.
+    assert (denied.result, denied.first_decision) == ("denied", "deny")
+    assert behaviour.calls == 1

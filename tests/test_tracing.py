@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -31,12 +30,10 @@ TOOL = ship.name
 
 
 @pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    """Every span this process records (one tracer provider per process)."""
+def spans(tracer_provider: TracerProvider) -> InMemorySpanExporter:
+    """Every span this process records from now on."""
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     return exporter
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import msgspec
 
 import govmesh
 
 from procurement.tools import Order, Placed, create_purchase_order
 
-__all__ = ["Buyer", "Purchase", "Requester"]
+__all__ = ["Buyer", "Draft", "Plan", "Purchase", "Requester"]
 
 
 class Purchase(msgspec.Struct, frozen=True, kw_only=True):
@@ -17,6 +19,21 @@ class Purchase(msgspec.Struct, frozen=True, kw_only=True):
     item: str
     vendor: str
     amount_usd: float
+
+
+class Draft(msgspec.Struct, frozen=True, kw_only=True):
+    """The purchase request the requester's model drafts (structured output: its answer
+    must be this, as JSON). Short fields keep a small model's answers short."""
+
+    title: Annotated[str, msgspec.Meta(max_length=80)]
+    justification: Annotated[str, msgspec.Meta(max_length=200)]
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True):
+    """The buyer's plan of a purchase, as its model answers it (structured output)."""
+
+    summary: Annotated[str, msgspec.Meta(max_length=160)]
+    risk: Literal["low", "medium", "high"]
 
 
 class Requester(govmesh.Agent):
@@ -35,7 +52,9 @@ class Requester(govmesh.Agent):
     async def request(self, wf: govmesh.Workflow, purchase: Purchase) -> Placed:
         """Draft the request, then wait for the buyer's order."""
         await wf.think(
-            f"Draft a purchase request for {purchase.item} from {purchase.vendor}.", key="draft"
+            f"Draft a purchase request for {purchase.item} from {purchase.vendor}.",
+            schema=Draft,
+            key="draft",
         )
         return await wf.ask(self.procurement, purchase, returns=Placed)
 
@@ -59,7 +78,8 @@ class Buyer(govmesh.Agent):
         """Plan, wait for the quote, and order under the policy's decision."""
         await wf.think(
             f"Plan a purchase of {purchase.item} from {purchase.vendor} "
-            f"for ${purchase.amount_usd:,.2f}.",
+            f"for ${purchase.amount_usd:,.2f}: a one-sentence summary and its risk.",
+            schema=Plan,
             key="plan",
         )
         if self.vendor_wait_hours:

@@ -17,13 +17,13 @@ from redis.exceptions import RedisError
 
 from govmesh.bus import Delivery
 from govmesh.config import Deployment
-from govmesh.errors import BusError, ConfigError, StateError
+from govmesh.errors import BusError, ConfigError, ModelError, StateError
 from govmesh.forecasting import BudgetError
 from govmesh.forecasting._prices import Price, PriceTable
 from govmesh.forecasting.messages import BudgetInterrupt, InterruptAck, Usage
 from govmesh.governance.messages import Decision
 from govmesh.identity import Identity
-from govmesh.llm import ModelProvider, ModelRequest, ModelResponse
+from govmesh.llm import ModelProvider, ModelRequest, ModelResponse, schema_problem
 from govmesh.reservations import BudgetCaps, Granted, ReservationBook
 from govmesh.service import Service
 from govmesh.state._tiers import encode_goal
@@ -88,6 +88,7 @@ class Thinking(TypedDict, total=False):
     prices: Mapping[str, Price] | None
     budget: BudgetCaps | None
     keep_thoughts: bool
+    model_retry: RetryPolicy | None
 
 
 class AgentService(Service):
@@ -103,6 +104,8 @@ class AgentService(Service):
             None reserves nothing.
         keep_thoughts: put each answer's text in its usage event, and so in the event
             stream and the audit index; by default only its hash goes there.
+        model_retry: how a model call that failed with a retryable `ModelError` is
+            retried (by default, `RetryPolicy`'s defaults).
 
     Raises:
         ConfigError: ``budget`` without ``prices``, or the model has no price.
@@ -118,9 +121,11 @@ class AgentService(Service):
         prices: Mapping[str, Price] | None = None,
         budget: BudgetCaps | None = None,
         keep_thoughts: bool = False,
+        model_retry: RetryPolicy | None = None,
     ) -> None:
         super().__init__(deployment, identity)
         self.keep_thoughts = keep_thoughts
+        self.model_retry = model_retry or RetryPolicy()
         self.model = model
         self.max_tokens = max_tokens
         self._versions: dict[str, int] = {}
@@ -162,6 +167,14 @@ class AgentService(Service):
         """Counters, plus budget interrupts asked, released and halted."""
         return {**super().stats(), "interrupts": dict(self.interrupts)}
 
+    async def close(self) -> None:
+        """Leave (see `Service.close`), then close the model's client if it has one. Safe
+        to call twice."""
+        await super().close()
+        closing = getattr(self.model, "close", None)
+        if closing is not None:
+            await closing()
+
     @property
     def book(self) -> ReservationBook | None:
         """The tenant's model-spend reservations, if this agent has caps; after `start`."""
@@ -177,15 +190,48 @@ class AgentService(Service):
     async def think(
         self, workflow: str, prompt: str, *, key: str, trace: str = ""
     ) -> ModelResponse:
-        """Make one model call and report its usage to the budget actor.
-
-        With caps, the call's maximum cost is reserved first and settled with its actual
-        cost after (see `govmesh.forecasting.ReservationBook`).
+        """Make one model call (retried on a rate limit, a server error or a timeout) and
+        report its usage to the budget actor; see `call_model`.
 
         Raises:
             BudgetError: the reservation was refused; the call did not run.
+            ModelError: the call failed, and retrying did not help or cannot.
         """
         request = ModelRequest(prompt=prompt, max_tokens=self.max_tokens, key=f"{workflow}:{key}")
+        return await self.call_model(workflow, request, trace=trace)
+
+    async def call_model(
+        self, workflow: str, request: ModelRequest, *, trace: str = ""
+    ) -> ModelResponse:
+        """Make one model call and report its usage to the budget actor.
+
+        An attempt that fails with a retryable `ModelError` (a rate limit, a server error,
+        a timeout) is made again after ``model_retry``'s backoff, or after the provider's
+        ``retry-after`` when that is longer. Every attempt is a call of its own: reserved
+        first (with caps), settled with its actual cost, counted in a usage event (a
+        failed one as an ``error`` with its ``failure``, so the ATFM history sees it as a
+        retry) and traced. An answer that does not follow ``request.schema`` is unusable
+        (``error``). Cancelled mid-call, the attempt's reservation is left to lapse and is
+        settled at its full amount: the provider may have charged for it.
+
+        Raises:
+            BudgetError: an attempt's reservation was refused; it did not run.
+            ModelError: the last attempt failed, and it is not retryable or the attempts
+                ran out.
+        """
+        attempt = 1
+        while True:
+            try:
+                response = await self._attempt(workflow, request, trace=trace)
+            except ModelError as exc:
+                if not exc.retryable or attempt >= self.model_retry.maximum_attempts:
+                    raise
+                await asyncio.sleep(max(self.model_retry.delay(attempt), exc.retry_after_s or 0.0))
+                attempt += 1
+            else:
+                return msgspec.structs.replace(response, retries=attempt - 1)
+
+    async def _attempt(self, workflow: str, request: ModelRequest, *, trace: str) -> ModelResponse:
         granted: Granted | None = None
         book = self.book
         if book is not None and self.price is not None:
@@ -199,6 +245,7 @@ class AgentService(Service):
             "gen_ai.provider.name": getattr(self.model, "provider", "unknown"),
             "gen_ai.request.model": self.model.model,
         }
+        failed: ModelError | None = None
         with (
             span(
                 f"chat {self.model.model}",
@@ -213,14 +260,29 @@ class AgentService(Service):
             ) as call,
             measured(MODEL_CALL_DURATION, dict(genai)) as timing,
         ):
-            response = await self.model.complete(request)
+            try:
+                response = await self.model.complete(request)
+            except ModelError as exc:
+                failed = exc
+                call.set_attribute("error.type", exc.kind)
+                response = ModelResponse(
+                    text="", model=self.model.model, input_tokens=0, output_tokens=0, error=True
+                )
+            if request.schema is not None and not response.error and not response.tool_calls:
+                problem = schema_problem(response.text, request.schema)
+                if problem:
+                    response = msgspec.structs.replace(response, error=True, problem=problem)
             timing["gen_ai.response.model"] = response.model
             call.set_attribute("gen_ai.response.model", response.model)
-            call.set_attribute("gen_ai.usage.input_tokens", response.input_tokens)
+            call.set_attribute("gen_ai.usage.input_tokens", response.prompt_tokens)
             call.set_attribute("gen_ai.usage.output_tokens", response.output_tokens)
+            if response.stop_reason:
+                call.set_attribute("gen_ai.response.finish_reasons", (response.stop_reason,))
             call.set_attribute("govmesh.answer.usable", not response.error)
         usage = Usage(
-            model=response.model,
+            # As priced: the budget actor prices by it, and a server may name its model
+            # otherwise (a dated version, a file path).
+            model=self.model.model,
             input_tokens=response.input_tokens,
             output_tokens=response.output_tokens,
             error=response.error,
@@ -230,11 +292,12 @@ class AgentService(Service):
             reasoning_tokens=response.reasoning_tokens,
             thought_sha256=hashlib.sha256(response.text.encode()).hexdigest(),
             thought=response.text if self.keep_thoughts else "",
+            failure="" if failed is None else failed.kind,
         )
         cost = usage.cost(self.price) if self.price is not None else 0.0
         record_model_usage(
             timing,
-            input_tokens=response.input_tokens,
+            input_tokens=response.prompt_tokens,
             output_tokens=response.output_tokens,
             cost_usd=None if self.price is None else cost,
         )
@@ -244,37 +307,51 @@ class AgentService(Service):
         await self.bus.publish(
             self.subjects.usage(self.agent_id), usage, workflow=workflow, trace=trace
         )
+        if failed is not None:
+            raise failed
         return response
 
     async def think_until_usable(
-        self, workflow: str, prompt: str, *, key: str, max_reflections: int, trace: str = ""
+        self,
+        workflow: str,
+        request: ModelRequest,
+        *,
+        max_reflections: int,
+        trace: str = "",
     ) -> tuple[ModelResponse, int]:
-        """Call the model, reflecting and retrying on unusable answers.
+        """Call the model (`call_model`), reflecting and retrying on unusable answers.
 
-        Returns the last answer and the number of reflections used; stops after
+        Returns the last answer (its ``retries`` those of every call made for it) and the
+        number of reflections used; stops after
         ``max_reflections`` so a looping model cannot spin forever (policy caps it lower).
-        At the workflow's soft threshold it asks a person (`interrupt`) and goes on if they
-        agree.
+        Reflection ``n`` is asked with key ``<request.key>:<n>``, telling the model why
+        the answer before was unusable. At the workflow's soft threshold it asks a person
+        (`interrupt`) and goes on if they agree.
 
         Raises:
             BudgetError: a call's reservation was refused (the cap, or a person said no);
                 its ``calls`` says how many calls ran.
+            ModelError: a call failed, and retrying did not help or cannot.
         """
-        reflections = 0
+        reflections = retries = 0
+        asked = request
         while True:
             try:
-                response = await self.think(
-                    workflow, prompt, key=f"{key}:{reflections}", trace=trace
+                response = await self.call_model(
+                    workflow,
+                    msgspec.structs.replace(asked, key=f"{request.key}:{reflections}"),
+                    trace=trace,
                 )
             except BudgetError as exc:
                 if exc.refusal.kind == "soft" and await self.interrupt(workflow, exc, trace=trace):
                     continue  # a person let the workflow spend on, up to its cap
                 exc.calls = reflections  # the calls that ran; the refused one did not
                 raise
+            retries += response.retries
             if not response.error or reflections >= max_reflections:
-                return response, reflections
+                return msgspec.structs.replace(response, retries=retries), reflections
             reflections += 1
-            prompt = f"{prompt}\n(previous answer was unusable; reflect and retry)"
+            asked = asked.reflected(response.text, response.problem)
 
     async def interrupt(self, workflow: str, refused: BudgetError, *, trace: str = "") -> bool:
         """Pause ``workflow`` at its soft threshold and ask a person, through the budget

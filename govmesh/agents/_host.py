@@ -36,7 +36,7 @@ from govmesh.config import Deployment
 from govmesh.errors import ConfigError
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.identity import Identity
-from govmesh.llm import ModelProvider, ModelResponse
+from govmesh.llm import ModelProvider, ModelRequest, ModelResponse
 from govmesh.reservations import BudgetError
 from govmesh.service import being_cancelled
 from govmesh.state.messages import SnapshotQuery, SnapshotReply, TimerFired, TimerSet
@@ -194,15 +194,13 @@ class AgentHost(AgentService):
         return self.bus.tokens.verify(self.identity.token).budget_usd
 
     async def answer(
-        self, workflow: str, prompt: str, *, key: str, trace: str
+        self, workflow: str, request: ModelRequest, *, trace: str
     ) -> tuple[ModelResponse, int]:
-        """A usable answer and the reflections it took (see `think_until_usable`)."""
+        """A usable answer and the reflections it took (see `think_until_usable`); the
+        request's key is named after the workflow and this agent."""
+        keyed = msgspec.structs.replace(request, key=f"{workflow}:{self.agent_id}:{request.key}")
         return await self.think_until_usable(
-            workflow,
-            prompt,
-            key=f"{self.agent_id}:{key}",
-            max_reflections=self._max_reflections,
-            trace=trace,
+            workflow, keyed, max_reflections=self._max_reflections, trace=trace
         )
 
     async def decide(

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal, Protocol, TypeVar, get_type_hints, overload
 
@@ -28,9 +28,9 @@ from govmesh.agents.messages import Outcome, WorkflowStart
 from govmesh.bus import Delivery
 from govmesh.errors import ConfigError, GovmeshError, StateError
 from govmesh.governance.messages import Decision, ToolIntent
-from govmesh.llm import ModelResponse
+from govmesh.llm import Message, ModelRequest, ModelResponse, ToolDef
 from govmesh.reservations import BudgetError
-from govmesh.tools._spec import ToolSpec
+from govmesh.tools._spec import ToolSpec, standalone_schema
 from govmesh.tools.messages import ToolResult
 
 __all__ = [
@@ -263,7 +263,8 @@ class Facts(msgspec.Struct, kw_only=True):
         governance_ms: its intent-to-first-decision latency.
         approval_id, approved_by, approval_reasons: the first approval the workflow waited
             for, who settled it and why (a person, or the policy's default when it lapsed).
-        model_calls: model calls, here and at the agents it asked.
+        model_calls: model calls, here and at the agents it asked (failed attempts
+            retried included).
         reflections: unusable answers reflected on, here and at the agents it asked.
         own_reflections: those of this agent, which its intents report to governance.
         policy_hash: the policy set of the latest decision.
@@ -320,10 +321,15 @@ class Runtime(Protocol):
         """The budget authority of the agent's token (USD a day)."""
         ...
 
+    @property
+    def max_tokens(self) -> int:
+        """The agent's completion cap per model call."""
+        ...
+
     async def answer(
-        self, workflow: str, prompt: str, *, key: str, trace: str
+        self, workflow: str, request: ModelRequest, *, trace: str
     ) -> tuple[ModelResponse, int]:
-        """A usable model answer and the reflections it took."""
+        """A usable model answer to ``request`` and the reflections it took."""
         ...
 
     async def decide(
@@ -421,18 +427,34 @@ class Workflow:
             self.state = kept
             raise
 
-    async def think(self, prompt: str, *, key: str | None = None) -> ModelResponse:
-        """A usable model answer to ``prompt``: each call reserves its spend first, an
+    async def think(
+        self,
+        prompt: str | Sequence[Message],
+        *,
+        system: str = "",
+        schema: Mapping[str, Any] | type | None = None,
+        tools: Sequence[ToolSpec[Any, Any]] = (),
+        key: str | None = None,
+    ) -> ModelResponse:
+        """A usable model answer to ``prompt``: each call reserves its spend first, a call
+        that fails (a rate limit, a server error, a timeout) is retried with backoff, an
         unusable answer is reflected on up to the agent's cap, and at the workflow's soft
         spending threshold a person is asked whether it may go on.
 
         Args:
-            prompt: what to ask.
+            prompt: what to ask: one user message, or the chat so far (user first).
+            system: the system prompt.
+            schema: a JSON Schema (or a msgspec Struct type, whose schema it is) the
+                answer's text must follow; an answer that is not such JSON is unusable, and
+                reflected on.
+            tools: tools the model may ask for. A call it asks for comes back in
+                ``tool_calls``, not made: the handler makes it with `call_tool`, governed.
             key: names the step in the journal; by default the calls are numbered in order.
 
         Raises:
             BudgetError: spend was refused (a cap, or a person said no); the workflow ends
                 ``halted`` unless the handler catches it.
+            ModelError: the model could not be reached, and retrying did not help.
         """
         if key is None:
             self._thoughts += 1
@@ -444,14 +466,24 @@ class Workflow:
         self.at("thinking", key=key)
         try:
             response, reflections = await self._runtime.answer(
-                self.id, prompt, key=key, trace=self.trace
+                self.id,
+                ModelRequest(
+                    prompt=prompt if isinstance(prompt, str) else "",
+                    messages=() if isinstance(prompt, str) else tuple(prompt),
+                    system=system,
+                    tools=tuple(ToolDef.of(t.schema()) for t in tools),
+                    schema=_json_schema(schema),
+                    max_tokens=self._runtime.max_tokens,
+                    key=key,
+                ),
+                trace=self.trace,
             )
         except BudgetError as exc:
             facts.model_calls += exc.calls
             facts.reflections += exc.calls
             raise
         self.journal.thoughts[key] = Thought(response=response, reflections=reflections)
-        facts.model_calls += reflections + 1
+        facts.model_calls += reflections + 1 + response.retries
         facts.reflections += reflections
         facts.own_reflections += reflections
         self.at("thought", key=key)
@@ -694,6 +726,13 @@ class Workflow:
         the workflow's outcome)."""
         if self._parts:
             await asyncio.gather(*self._parts.values())
+
+
+def _json_schema(schema: Mapping[str, Any] | type | None) -> dict[str, Any] | None:
+    """``schema`` as a JSON Schema: a type's, written out in place."""
+    if schema is None:
+        return None
+    return standalone_schema(schema) if isinstance(schema, type) else dict(schema)
 
 
 def _fold(facts: Facts, asked: Outcome) -> None:

@@ -119,6 +119,7 @@ async def run_forecast_bench(
         "scenario": scenario.name,
         "model": {
             "name": scenario.entry.model_name(),
+            "provider": scenario.entry.model_provider(),
             "simulated": isinstance(scenario.entry.model, SimulatedModelSettings),
         },
         "workflows_per_run": workflows,

@@ -9,6 +9,7 @@ from govmesh.cli import (  # noqa: F401  (importing a command group registers it
     _audit,
     _bench,
     _forecast,
+    _model,
     _policy,
     _run_chaos,
     _up,

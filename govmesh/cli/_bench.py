@@ -380,3 +380,89 @@ def bench_audit(events: int, workflows: int, samples: int, json_path: Path | Non
         f"{report['redis_used_memory_mb']:,.0f} MB[/]"
     )
     write_json(json_path, report)
+
+
+@bench.command("model")
+@click.option(
+    "--iterations",
+    default=30,
+    show_default=True,
+    type=click.IntRange(2),
+    help="Timed pairs (bare HTTP and provider), then as many plan iterations.",
+)
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0))
+@click.option(
+    "--max-tokens",
+    default=32,
+    show_default=True,
+    type=click.IntRange(1, 512),
+    help="Tokens each paired call generates.",
+)
+@click.option(
+    "--base-url",
+    help="Measure this OpenAI-compatible server (taking no key) instead of starting the "
+    "local model.",
+)
+@click.option("--model", "model_name", default="", help="The model's name at --base-url.")
+@json_option
+def bench_model(
+    iterations: int,
+    warmup: int,
+    max_tokens: int,
+    base_url: str | None,
+    model_name: str,
+    json_path: Path | None,
+) -> None:
+    """A real model per reflection-loop iteration (SmolLM2-135M-Instruct on CPU unless
+    --base-url), tokens per second, and the provider's overhead over a bare HTTP call to
+    the same server, in one run."""
+    from govmesh.bench._model import run_model_bench
+
+    with progress_bar(auto_refresh=False) as progress:
+        task = progress.add_task("model", total=2 * iterations)
+        tick = phase_ticker(progress, task)
+        report = run_async(
+            run_model_bench(
+                iterations=iterations,
+                warmup=warmup,
+                max_tokens=max_tokens,
+                base_url=base_url,
+                model=model_name,
+                tick=tick,
+            )
+        )
+    table = Table(
+        title=f"govmesh bench model: {report['model']} ({report['provider']}), "
+        f"{report['cpus']} CPUs, {report['pairs']} pairs of {max_tokens} tokens"
+    )
+    for column in ("measure", "p50", "p99", "tokens/s"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    table.add_row(
+        "bare HTTP call, ms",
+        f"{report['bare_ms']['p50']:.1f}",
+        f"{report['bare_ms']['p99']:.1f}",
+        f"{report['bare_tokens_per_s']:.1f}",
+    )
+    table.add_row(
+        "through the provider, ms",
+        f"{report['provider_ms']['p50']:.1f}",
+        f"{report['provider_ms']['p99']:.1f}",
+        f"{report['provider_tokens_per_s']:.1f}",
+    )
+    ratio, extra = report["overhead_ratio"], report["overhead_ms"]
+    table.add_row("provider / bare (per pair)", f"{ratio['p50']:.3f}", f"{ratio['p99']:.3f}", "")
+    table.add_row("provider - bare, ms", f"{extra['p50']:+.2f}", f"{extra['p99']:+.2f}", "")
+    plan = report["plan"]
+    table.add_row(
+        "plan iteration (structured output), ms",
+        f"{plan['iteration_ms']['p50']:.1f}",
+        f"{plan['iteration_ms']['p99']:.1f}",
+        f"{plan['tokens_per_s']:.1f}",
+    )
+    out.print(table)
+    console.print(
+        f"[dim]plan answers that follow the schema: {plan['usable_share']:.0%}; "
+        f"{plan['output_tokens_mean']:.1f} tokens each on average; "
+        f"{report['pairs_left_out']} pairs left out (stopped before {max_tokens} tokens)[/]"
+    )
+    write_json(json_path, report)

@@ -325,7 +325,10 @@ def _summary(report: dict[str, Any]) -> Table:
     table.add_row("outcomes", _results(w["results"]))
     for tool, call in report["calls"].items():
         table.add_row(f"first call: {tool}", _shown(call))
-    models = {(a["model"]["name"], a["model"]["simulated"]) for a in report["agents"].values()}
+    models = {
+        (a["model"]["name"], a["model"]["simulated"], a["model"].get("provider", ""))
+        for a in report["agents"].values()
+    }
     b = report["budget"]
     if b["caps"] is not None:
         i = b["interrupts"]
@@ -352,8 +355,10 @@ def _summary(report: dict[str, Any]) -> Table:
     table.add_row(
         "tokens ("
         + ", ".join(
-            f"{'simulated model' if simulated else 'model'} {name}"
-            for name, simulated in sorted(models)
+            f"simulated model {name}"
+            if simulated
+            else f"model {name}" + (f" ({provider})" if provider else "")
+            for name, simulated, provider in sorted(models)
         )
         + ")",
         f"{report['tokens']:,} in {report['model_calls']['counted_by_budget']} calls",

@@ -158,6 +158,9 @@ class BudgetService(Service):
             self.deployment.key_prefix, d.envelope.workflow
         )
         agent_key = self.key("spend", "agent", d.claims.sub)
+        # Every token the provider charged counts, of whatever kind, as it reports them.
+        prompt = usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens
+        completion = usage.output_tokens + usage.reasoning_tokens
         async with self.redis.pipeline(transaction=True) as pipe:
             for key, part in (
                 (self.key("spend", "tenant"), ""),
@@ -167,8 +170,8 @@ class BudgetService(Service):
                 (workflow_key, f"{role}|"),
             ):
                 pipe.hincrby(key, f"{part}calls", 1)
-                pipe.hincrby(key, f"{part}input_tokens", usage.input_tokens)
-                pipe.hincrby(key, f"{part}output_tokens", usage.output_tokens)
+                pipe.hincrby(key, f"{part}input_tokens", prompt)
+                pipe.hincrby(key, f"{part}output_tokens", completion)
                 pipe.hincrbyfloat(key, f"{part}cost_usd", cost)
                 pipe.hincrby(key, f"{part}errors", int(usage.error))
             pipe.hset(workflow_key, f"{role}|model", usage.model)

@@ -28,6 +28,9 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True, tag=True):
         thought_sha256: sha256 (hex) of the answer's text, the agent's reasoning on this
             call: the audit trail proves what was thought without keeping it.
         thought: the answer's text itself, only from an agent told to keep thoughts.
+        failure: why the call got no answer (``rate_limited``, ``server_error``,
+            ``timeout``, ``connection``); such a call is an ``error`` the agent retried,
+            with the tokens the provider reported for it (none, mostly).
     """
 
     model: str
@@ -41,6 +44,7 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     cost_usd: float = 0.0
     thought_sha256: str = ""
     thought: str = ""
+    failure: str = ""
 
     def cost(self, price: Price) -> float:
         """What this usage costs at ``price``."""

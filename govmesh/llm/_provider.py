@@ -1,35 +1,142 @@
-"""The one interface every model provider implements."""
+"""The one interface every model provider implements, and the call and answer it speaks."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import json
+from collections.abc import Mapping
+from typing import Any, Final, Literal, Protocol, runtime_checkable
 
+import jsonschema
 import msgspec
 
-__all__ = ["ModelProvider", "ModelRequest", "ModelResponse"]
+from govmesh.errors import ConfigError
+
+__all__ = [
+    "Message",
+    "ModelProvider",
+    "ModelRequest",
+    "ModelResponse",
+    "ToolCall",
+    "ToolDef",
+    "prompt_bytes",
+    "schema_problem",
+]
+
+_REFLECT: Final = "(previous answer was unusable; reflect and retry)"
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    """One turn of a chat: what the user said, or what the model answered."""
+
+    role: Literal["user", "assistant"]
+    content: str
+
+
+class ToolDef(msgspec.Struct, frozen=True, kw_only=True):
+    """A tool the model may ask to call: its name, what it does, and a JSON Schema of its
+    arguments.
+
+    The model only asks; the agent makes the call with ``Workflow.call_tool``, governed.
+    """
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = {}
+
+    @classmethod
+    def of(cls, schema: Mapping[str, Any]) -> ToolDef:
+        """The definition of a tool from its ``ToolSpec.schema()``."""
+        return cls(
+            name=schema["name"],
+            description=schema.get("description", ""),
+            parameters=dict(schema.get("arguments", {})),
+        )
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """A call a model asked for: a tool's name and its arguments, not made yet.
+
+    Attributes:
+        id: the provider's id of the call, when it gives one.
+    """
+
+    name: str
+    args: dict[str, Any] = {}
+    id: str = ""
 
 
 class ModelRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """One model call.
+    """One model call: a chat (``messages``, or ``prompt`` as the one user message) with an
+    optional system prompt, tools the model may ask for, and a JSON Schema its answer must
+    follow.
 
     Attributes:
+        max_tokens: the completion cap.
         key: a stable name for this call (workflow, agent, step, attempt), which seeded
             providers use so the same run gives the same answers.
+        prompt: the user's one message; give it or ``messages``, not both.
+        messages: the chat so far, user first.
+        system: the system prompt.
+        tools: tools the model may ask to call.
+        schema: a JSON Schema the answer's text must follow (structured output).
+
+    Raises:
+        ConfigError: both or neither of ``prompt`` and ``messages``, or a chat that does
+            not start with the user.
     """
 
-    prompt: str
     max_tokens: int
     key: str
+    prompt: str = ""
+    messages: tuple[Message, ...] = ()
+    system: str = ""
+    tools: tuple[ToolDef, ...] = ()
+    schema: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.prompt) == bool(self.messages):
+            raise ConfigError(
+                f"model call {self.key!r}: give a prompt or messages, not both or neither "
+                f"(prompt {self.prompt[:40]!r}, {len(self.messages)} messages)"
+            )
+        if self.messages and self.messages[0].role != "user":
+            raise ConfigError(
+                f"model call {self.key!r}: messages[0].role must be 'user', "
+                f"got {self.messages[0].role!r}"
+            )
+
+    def chat(self) -> tuple[Message, ...]:
+        """The chat to send: ``messages``, or ``prompt`` as the one user message."""
+        return self.messages or (Message(role="user", content=self.prompt),)
+
+    def reflected(self, answer: str, why: str) -> ModelRequest:
+        """This call asked again after an unusable ``answer``: the chat goes on with that
+        answer and a note telling the model ``why`` it was unusable."""
+        note = f"(previous answer was unusable: {why}; reflect and retry)" if why else _REFLECT
+        said = (Message(role="assistant", content=answer),) if answer else ()
+        return msgspec.structs.replace(
+            self,
+            prompt="",
+            messages=(*self.chat(), *said, Message(role="user", content=note)),
+        )
 
 
 class ModelResponse(msgspec.Struct, frozen=True, kw_only=True):
     """A model's answer and its provider-reported usage.
 
     Attributes:
-        error: the answer was unusable (malformed output, refusal), so the agent reflects
-            and retries.
+        error: the answer was unusable (malformed output, refusal, not following the
+            request's schema), so the agent reflects and retries.
         cache_read_tokens, cache_write_tokens, reasoning_tokens: further token kinds some
-            providers report and price apart (see `govmesh.forecasting.Price`).
+            providers report and price apart (see `govmesh.forecasting.Price`); they are not
+            counted again in ``input_tokens`` and ``output_tokens``.
+        stop_reason: why the model stopped, as the provider says (``stop``, ``end_turn``,
+            ``max_tokens``, ``tool_calls``, ...).
+        tool_calls: calls the model asks for, for the handler to make governed.
+        problem: why the answer is unusable, when govmesh found out (it does not follow
+            the request's schema).
+        retries: attempts that failed before this answer (a rate limit, a server error, a
+            timeout), each a model call of its own, reserved, counted and priced.
     """
 
     text: str
@@ -40,11 +147,24 @@ class ModelResponse(msgspec.Struct, frozen=True, kw_only=True):
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    stop_reason: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    problem: str = ""
+    retries: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Every prompt token charged, of whatever kind."""
+        return self.input_tokens + self.cache_read_tokens + self.cache_write_tokens
 
 
 @runtime_checkable
 class ModelProvider(Protocol):
-    """Something that answers model calls."""
+    """Something that answers model calls.
+
+    A provider may raise `govmesh.errors.ModelError` for an attempt that failed; the agent
+    retries the retryable ones with backoff, each attempt reserved and counted.
+    """
 
     @property
     def model(self) -> str:
@@ -59,3 +179,34 @@ class ModelProvider(Protocol):
     async def complete(self, request: ModelRequest) -> ModelResponse:
         """Answer one call."""
         ...
+
+
+def prompt_bytes(request: ModelRequest) -> int:
+    """The UTF-8 bytes of everything ``request`` sends as prompt: system prompt, chat, tool
+    definitions and schema.
+
+    A byte-level tokenizer (BPE over bytes, or one with byte fallback) never makes more
+    tokens than bytes, so this plus the chat template's own tokens bounds the prompt.
+    """
+    size = len(request.system.encode())
+    size += sum(len(m.content.encode()) + len(m.role) for m in request.chat())
+    if request.tools:
+        size += len(json.dumps([msgspec.to_builtins(t) for t in request.tools]).encode())
+    if request.schema is not None:
+        size += len(json.dumps(request.schema).encode())
+    return size
+
+
+def schema_problem(text: str, schema: Mapping[str, Any]) -> str:
+    """Why ``text`` is not a JSON value that follows ``schema``; empty when it is."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        return f"not JSON: {exc}"
+    error = jsonschema.exceptions.best_match(
+        jsonschema.validators.validator_for(schema)(schema).iter_errors(value)
+    )
+    if error is None:
+        return ""
+    where = "$" + "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.path)
+    return f"at {where}: {error.message}"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import random
+from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 
@@ -21,8 +24,16 @@ class TokenSpread(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     sd: float = 0.0
 
 
-class SimulatedModelSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """How the simulated model behaves; comes from the scenario file.
+class SimulatedModelSettings(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag_field="provider",
+    tag="simulated",
+):
+    """How the simulated model behaves; comes from the scenario file (``provider:
+    simulated``, or no ``provider:``).
 
     Attributes:
         name: model name, as priced.
@@ -84,10 +95,59 @@ class SimulatedModel:
         error = rng.random() < s.error_probability
         if s.latency_ms > 0:
             await asyncio.sleep(s.latency_ms / 1000)
+        if error:
+            text = "(unusable answer)"
+        elif request.schema is not None:
+            # A usable answer to a call with a schema follows it, as a real model's
+            # constrained answer does; the seeded draws above stay as they were.
+            text = json.dumps(_least_instance(request.schema, request.schema))
+        else:
+            text = f"(simulated answer to {request.key})"
         return ModelResponse(
-            text="(unusable answer)" if error else f"(simulated answer to {request.key})",
+            text=text,
             model=s.name,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             error=error,
         )
+
+
+def _least_instance(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Any:
+    """The plainest value that follows ``schema``: required properties only, the first of
+    an enum or a choice, the least number and the shortest string allowed. Covers what
+    msgspec writes for Structs (local ``$ref``s into ``$defs`` of ``root``), not patterns
+    or formats."""
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target[part]
+        return _least_instance(target, root)
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return schema["enum"][0]
+    for choice in ("anyOf", "oneOf", "allOf"):
+        if choice in schema:
+            return _least_instance(schema[choice][0], root)
+    kind = schema.get("type", "object")
+    if isinstance(kind, list):
+        kind = kind[0]
+    match kind:
+        case "object":
+            properties = schema.get("properties", {})
+            return {
+                name: _least_instance(properties.get(name, {}), root)
+                for name in schema.get("required", ())
+            }
+        case "array":
+            return [_least_instance(schema.get("items", {}), root)] * schema.get("minItems", 0)
+        case "string":
+            return "x" * schema.get("minLength", 0)
+        case "integer" | "number":
+            least = schema.get("minimum", schema.get("exclusiveMinimum", -1) + 1)
+            return math.ceil(least) if kind == "integer" else least
+        case "boolean":
+            return False
+        case _:
+            return None

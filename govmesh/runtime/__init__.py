@@ -9,6 +9,13 @@ from govmesh.runtime._home import (
     join,
 )
 from govmesh.runtime._latency import ENV_LOW_LATENCY, CpuLatencyHold, LowLatency
+from govmesh.runtime._llama import (
+    ENV_LOCAL_MODEL_KEY,
+    ENV_LOCAL_MODEL_URL,
+    SMOLLM2,
+    LocalModelServer,
+    smollm2_gguf,
+)
 from govmesh.runtime._nats import NatsServer, ServerTLS
 from govmesh.runtime._redis import RedisServer
 from govmesh.runtime._runtime import ENV_NATS_URL, ENV_RAY_ADDRESS, ENV_REDIS_URL, Runtime
@@ -23,6 +30,8 @@ from govmesh.runtime._transport import (
 
 __all__ = [
     "ENV_HOME",
+    "ENV_LOCAL_MODEL_KEY",
+    "ENV_LOCAL_MODEL_URL",
     "ENV_LOW_LATENCY",
     "ENV_NATS_CA",
     "ENV_NATS_CA_KEY",
@@ -32,9 +41,11 @@ __all__ = [
     "ENV_RAY_ADDRESS",
     "ENV_REDIS_URL",
     "OPERATOR_MEMBER",
+    "SMOLLM2",
     "WATCH_MEMBER",
     "CpuLatencyHold",
     "JoinedDeployment",
+    "LocalModelServer",
     "LowLatency",
     "Member",
     "NatsServer",
@@ -44,4 +55,5 @@ __all__ = [
     "Transport",
     "advertise",
     "join",
+    "smollm2_gguf",
 ]

@@ -24,7 +24,14 @@ from govmesh.agents.messages import Outcome, WorkflowStart
 from govmesh.errors import ConfigError, GovmeshError, ScenarioError
 from govmesh.forecasting import BudgetCaps, Price
 from govmesh.forecasting._prices import load_price_file
-from govmesh.llm import ModelProvider, SimulatedModel, SimulatedModelSettings
+from govmesh.llm import (
+    ModelProvider,
+    ModelSettings,
+    SimulatedModelSettings,
+    model_of,
+    priced_name,
+    provider_of,
+)
 from govmesh.scenarios._plugins import load_agent, load_tool, main_module, path_of
 from govmesh.scenarios._schema import (
     AgentSpec,
@@ -48,9 +55,11 @@ __all__ = [
     "scenario_app",
 ]
 
-Model: TypeAlias = SimulatedModelSettings | Callable[[], ModelProvider]
-"""An agent's model: simulated (seeded with the run's seed), or a factory called inside the
-agent's actor, so API keys and clients never travel through Ray."""
+Model: TypeAlias = ModelSettings | Callable[[], ModelProvider]
+"""An agent's model: settings (`govmesh.llm.OpenAISettings`, `AnthropicSettings`, or
+simulated ones, seeded with the run's seed), or a factory of the user's; either way the
+provider is made inside the agent's actor, so API keys and clients never travel through
+Ray."""
 
 
 class RunOptions(TypedDict, total=False):
@@ -127,16 +136,23 @@ class ResolvedAgent:
     def model_factory(self, seed: int) -> Callable[[], ModelProvider]:
         """The factory the actor calls for its model; a simulated one is seeded with the
         run's ``seed``."""
-        if isinstance(self.model, SimulatedModelSettings):
-            return functools.partial(SimulatedModel, self.model, seed=seed)
+        if isinstance(self.model, ModelSettings):
+            return functools.partial(model_of, self.model, seed=seed)
         return self.model
 
     def model_name(self) -> str:
         """The model's name as reports show it; a factory's is known only in its actor."""
-        if isinstance(self.model, SimulatedModelSettings):
-            return self.model.name
+        if isinstance(self.model, ModelSettings):
+            return priced_name(self.model)
         factory = getattr(self.model, "func", self.model)  # a partial: its function
         return getattr(factory, "__name__", type(factory).__name__)
+
+    def model_provider(self) -> str:
+        """The model's provider as reports show it (``openai``, ``anthropic``,
+        ``simulated``); ``factory`` for a factory of the user's."""
+        if isinstance(self.model, ModelSettings):
+            return provider_of(self.model)
+        return "factory"
 
 
 class App:
@@ -291,10 +307,10 @@ class App:
                     f"{where}agents[{i}].role: {cls.__qualname__} has no role; give one"
                 )
             model = d.model if d.model is not None else default_model
-            if isinstance(model, SimulatedModelSettings) and model.name not in self.prices:
+            if isinstance(model, ModelSettings) and priced_name(model) not in self.prices:
                 raise ConfigError(
-                    f"{where}agents[{i}].model: {model.name!r} has no entry under prices; "
-                    "a model is never free"
+                    f"{where}agents[{i}].model: {priced_name(model)!r} has no entry under "
+                    "prices; a model is never free"
                 )
             capabilities = (
                 tuple(t.name for t in getattr(cls, "tools", ()))
@@ -484,14 +500,14 @@ def _agent_def(a: AgentSpec, where: str, search_path: Sequence[str]) -> AgentDef
 
 
 def _model(
-    simulated: SimulatedModelSettings | None,
+    settings: ModelSettings | None,
     made: ModelFactory | None,
     where: str,
     search_path: Sequence[str],
 ) -> Model | None:
-    """A scenario's model: simulated, or a factory of the user's with its options bound."""
+    """A scenario's model: its settings, or a factory of the user's with its options bound."""
     if made is None:
-        return simulated
+        return settings
     factory = _field(
         where,
         "model_factory.factory",

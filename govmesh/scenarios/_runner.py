@@ -544,6 +544,7 @@ def _report(
                 "entry": m.entry,
                 "model": {
                     "name": m.model_name(),
+                    "provider": m.model_provider(),
                     "simulated": isinstance(m.model, SimulatedModelSettings),
                 },
             }

@@ -17,7 +17,7 @@ from govmesh.config import read_yaml_mapping
 from govmesh.errors import ConfigError, ScenarioError
 from govmesh.forecasting import BudgetCaps, Price
 from govmesh.forecasting._prices import load_price_file
-from govmesh.llm import SimulatedModelSettings
+from govmesh.llm import ModelSettings, priced_name
 
 __all__ = [
     "AgentSpec",
@@ -32,9 +32,8 @@ __all__ = [
 
 
 class ModelFactory(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A model provider of the user's own (an OpenAI-compatible or Anthropic client, say),
-    made by a factory called inside the agent's actor, so keys and clients never travel
-    through Ray.
+    """A model provider of the user's own (a client govmesh has no provider for), made by a
+    factory called inside the agent's actor, so keys and clients never travel through Ray.
 
     Attributes:
         factory: ``package.module:function`` returning a `govmesh.ModelProvider`; its
@@ -59,8 +58,9 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
         budget_usd: its token's budget authority: what governance may allow it to spend in
             one UTC day, across its workflows.
         options: keyword arguments of the class.
-        model: its simulated model; the scenario's model when neither this nor
-            ``model_factory`` is given.
+        model: its model (``provider:`` ``simulated``, the default, ``openai`` or
+            ``anthropic``); the scenario's model when neither this nor ``model_factory``
+            is given.
         model_factory: its model made by a factory of the user's, instead of ``model``.
     """
 
@@ -71,7 +71,7 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     capabilities: tuple[str, ...] | None = None
     budget_usd: float = 0.0
     options: dict[str, Any] = {}
-    model: SimulatedModelSettings | None = None
+    model: ModelSettings | None = None
     model_factory: ModelFactory | None = None
 
 
@@ -118,7 +118,10 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     Attributes:
         path: folders put on ``sys.path`` here and in every actor, so the classes, tools
             and generators the file names import.
-        model: the agents' simulated model, unless an agent names its own.
+        model: the agents' model, unless an agent names its own: ``provider: openai``
+            (any OpenAI-compatible server) or ``anthropic`` with ``model:``, ``base_url:``
+            and ``api_key_env:`` (the variable of the agents' environment that holds the
+            key; never the key itself), or a simulated one (no ``provider:``).
         model_factory: the agents' model made by a factory of the user's, instead of
             ``model``.
         tools: the tools the gateway runs: ``package.module:tool`` or a plugin's tool name.
@@ -129,7 +132,7 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     tenant: str = "acme"
     policies: tuple[str, ...]
     path: tuple[str, ...] = ()
-    model: SimulatedModelSettings | None = None
+    model: ModelSettings | None = None
     model_factory: ModelFactory | None = None
     prices: dict[str, Price]
     agents: tuple[AgentSpec, ...]
@@ -181,12 +184,33 @@ def load_scenario(path: str | Path) -> Scenario:
             data = {**data, "prices": msgspec.to_builtins(load_price_file(path.parent / prices))}
         except ConfigError as exc:
             raise ScenarioError(f"{path}: prices: {exc}") from None
+    data = _simulated_by_default(data)
     try:
         scenario = msgspec.convert({**data, "source": str(path)}, Scenario)
     except msgspec.ValidationError as exc:
         raise ScenarioError(f"{path}: {quoted_at(str(exc), data)}") from None
     _check(scenario, path)
     return scenario
+
+
+def _simulated_by_default(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with ``provider: simulated`` in each ``model:`` that names no provider."""
+
+    def with_provider(model: Any) -> Any:
+        if isinstance(model, dict) and "provider" not in model:
+            return {"provider": "simulated", **model}
+        return model
+
+    data = {**data, "model": with_provider(data.get("model"))}
+    if data["model"] is None:
+        del data["model"]
+    agents = data.get("agents")
+    if isinstance(agents, list):
+        data["agents"] = [
+            {**a, "model": with_provider(a["model"])} if isinstance(a, dict) and "model" in a else a
+            for a in agents
+        ]
+    return data
 
 
 _AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
@@ -225,10 +249,10 @@ def _check(s: Scenario, path: Path) -> None:
     for at, owner in owners:
         if owner.model is not None and owner.model_factory is not None:
             fail(f"{at}model_factory", "give model or model_factory, not both")
-        if owner.model is not None and owner.model.name not in s.prices:
+        if owner.model is not None and priced_name(owner.model) not in s.prices:
             fail(
                 f"{at}model",
-                f"{owner.model.name!r} has no entry under prices; a model is never free",
+                f"{priced_name(owner.model)!r} has no entry under prices; a model is never free",
             )
     if s.model is None and s.model_factory is None:
         for i, a in enumerate(s.agents):

@@ -21,7 +21,7 @@ from govmesh.forecasting import BudgetService
 from govmesh.governance._actor import GovernanceService
 from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest
 from govmesh.identity import EnrolRequest, Grant, Identity, Issuer, MemberKeys, certify
-from govmesh.llm import SimulatedModelSettings
+from govmesh.llm import ModelSettings
 from govmesh.observability._service import AuditService
 from govmesh.roles import AUDITOR_ROLE, GOVERNANCE_ROLE, OPERATOR_ROLE
 from govmesh.runtime import Member, Transport
@@ -221,9 +221,7 @@ class Swarm:
             )
             for agent in app.agents
         ]
-        self._user_factories = {
-            m.id for m in app.agents if not isinstance(m.model, SimulatedModelSettings)
-        }
+        self._user_factories = {m.id for m in app.agents if not isinstance(m.model, ModelSettings)}
         for _, _, kwargs in specs:
             kwargs["deployment"] = dep
         return specs

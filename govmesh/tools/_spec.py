@@ -122,8 +122,8 @@ class ToolSpec(Generic[A, R]):
         return {
             "name": self.name,
             "description": self.description,
-            "arguments": _standalone_schema(self.args_type),
-            "result": _standalone_schema(self.result_type),
+            "arguments": standalone_schema(self.args_type),
+            "result": standalone_schema(self.result_type),
         }
 
     def load_args(self, args: Mapping[str, Any]) -> A:
@@ -185,7 +185,7 @@ class ToolSpec(Generic[A, R]):
             ) from None
 
 
-def _standalone_schema(t: Any) -> dict[str, Any]:
+def standalone_schema(t: Any) -> dict[str, Any]:
     """The JSON Schema of ``t``, with the top-level type written out in place rather than
     referenced, and ``$defs`` for the types it refers to."""
     (schema,), defs = msgspec.json.schema_components((t,), ref_template="#/$defs/{name}")

@@ -1,0 +1,207 @@
+"""``govmesh bench model``: a real model on this machine, per reflection-loop iteration, and
+what govmesh's OpenAI-compatible provider costs over a bare HTTP call to the same server.
+
+One local server (llama-cpp-python, SmolLM2-135M-Instruct on CPU, started here unless a
+``base_url`` is given) answers three phases in one run:
+
+- ``bare`` and ``provider``: the same chat request, sent alternately as a bare HTTP POST
+  (one kept-alive ``httpx`` client, the JSON parsed, nothing else) and through
+  `govmesh.llm.OpenAIModel` (the official ``openai`` client, usage and stop reason read,
+  the answer checked). The prompt makes the model write on until ``max_tokens``, so both
+  calls of a pair generate the same number of tokens and differ only in the client; pairs
+  where either stopped early are left out. The overhead is each pair's provider time over
+  its bare time, reported at p50 and p99.
+- ``plan``: the procurement buyer's planning call as a reflection loop makes it, through
+  the provider with structured output (a JSON Schema the server's grammar enforces):
+  milliseconds per iteration, tokens per second, and the share of answers that parse and
+  follow the schema (the others would be reflected on).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+
+from govmesh.llm import ModelRequest, OpenAIModel, OpenAISettings, schema_problem
+from govmesh.observability._stats import summarize
+
+__all__ = ["PLAN_SCHEMA", "run_model_bench"]
+
+Progress = Callable[[str, int], None]
+
+_RAMBLE: Final = "Write a long, detailed story about a purchasing department. Do not stop."
+
+PLAN_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "properties": {
+        "summary": {"type": "string", "maxLength": 160},
+        "risk": {"type": "string", "enum": ["low", "medium", "high"]},
+    },
+    "required": ["summary", "risk"],
+}
+"""The plan the bench asks for: the shape of the procurement example's `Plan`."""
+
+_PLAN_PROMPT: Final = (
+    "Plan a purchase of 12 laptops from Vendor_A for $4,800.00. Answer in JSON with a "
+    "one-sentence summary and the risk (low, medium or high)."
+)
+
+
+async def run_model_bench(
+    *,
+    iterations: int = 30,
+    warmup: int = 3,
+    max_tokens: int = 32,
+    base_url: str | None = None,
+    model: str = "",
+    tick: Progress | None = None,
+) -> dict[str, Any]:
+    """Measure the three phases and report them.
+
+    Args:
+        iterations: timed pairs (bare and provider), and timed plan iterations.
+        warmup: untimed pairs first (the server's caches, the clients' connections).
+        max_tokens: the completion cap of the paired calls (each generates exactly this).
+        base_url: an OpenAI-compatible server to measure (it must take no key); None
+            starts the local model here and stops it after.
+        model: the model's name at ``base_url``; SmolLM2-135M-Instruct when empty.
+        tick: progress callback ``(phase, units done)``.
+    """
+    from govmesh.runtime import SMOLLM2, LocalModelServer
+
+    progress = tick or (lambda _p, _n: None)
+    name = model or SMOLLM2
+    workdir: Path | None = None
+    server: LocalModelServer | None = None
+    if base_url is None:
+        progress("starting the local model", 0)
+        workdir = Path(tempfile.mkdtemp(prefix="govmesh-bench-model-"))
+        server = LocalModelServer(workdir=workdir, name=name)
+        server.start()
+        base_url = server.base_url
+    settings = OpenAISettings(
+        model=name, base_url=base_url, api_key_env="", response_format="json_object"
+    )
+    provider = OpenAIModel(settings)
+    try:
+        async with httpx.AsyncClient(base_url=base_url, timeout=settings.timeout_s) as bare:
+            pairs = await _pairs(bare, provider, name, iterations, warmup, max_tokens, progress)
+            plan = await _plans(provider, iterations, progress)
+    finally:
+        await provider.close()
+        if server is not None:
+            server.close()
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "model": name,
+        "provider": OpenAIModel.provider,
+        "base_url": "local (started by the bench)" if server is not None else base_url,
+        "cpus": os.cpu_count(),
+        "iterations": iterations,
+        "max_tokens": max_tokens,
+        **pairs,
+        "plan": plan,
+    }
+
+
+async def _bare_call(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, int, str]:
+    started = time.perf_counter()
+    answer = await client.post("/chat/completions", json=body)
+    answer.raise_for_status()
+    reply = answer.json()
+    elapsed = time.perf_counter() - started
+    return elapsed, int(reply["usage"]["completion_tokens"]), reply["choices"][0]["finish_reason"]
+
+
+async def _provider_call(provider: OpenAIModel, request: ModelRequest) -> tuple[float, int, str]:
+    started = time.perf_counter()
+    response = await provider.complete(request)
+    elapsed = time.perf_counter() - started
+    return elapsed, response.output_tokens, response.stop_reason
+
+
+async def _pairs(
+    bare: httpx.AsyncClient,
+    provider: OpenAIModel,
+    name: str,
+    iterations: int,
+    warmup: int,
+    max_tokens: int,
+    progress: Progress,
+) -> dict[str, Any]:
+    body = {
+        "model": name,
+        "messages": [{"role": "user", "content": _RAMBLE}],
+        "max_tokens": max_tokens,
+    }
+    request = ModelRequest(prompt=_RAMBLE, max_tokens=max_tokens, key="bench")
+    bare_s: list[float] = []
+    provider_s: list[float] = []
+    ratios: list[float] = []
+    left_out = 0
+    progress("bare HTTP and provider, alternately", 0)
+    for i in range(warmup + iterations):
+        # Alternating which goes first spreads any drift of the machine over both.
+        if i % 2:
+            via = await _provider_call(provider, request)
+            raw = await _bare_call(bare, body)
+        else:
+            raw = await _bare_call(bare, body)
+            via = await _provider_call(provider, request)
+        if i < warmup:
+            continue
+        progress("", 1)
+        if raw[1] != max_tokens or via[1] != max_tokens:
+            left_out += 1  # stopped early: not the same work
+            continue
+        bare_s.append(raw[0])
+        provider_s.append(via[0])
+        ratios.append(via[0] / raw[0])
+    return {
+        "bare_ms": summarize([s * 1000 for s in bare_s]),
+        "provider_ms": summarize([s * 1000 for s in provider_s]),
+        "bare_tokens_per_s": _rate(max_tokens * len(bare_s), sum(bare_s)),
+        "provider_tokens_per_s": _rate(max_tokens * len(provider_s), sum(provider_s)),
+        "overhead_ratio": summarize(ratios),
+        "overhead_ms": summarize([(p - b) * 1000 for p, b in zip(provider_s, bare_s, strict=True)]),
+        "pairs": len(ratios),
+        "pairs_left_out": left_out,
+    }
+
+
+async def _plans(provider: OpenAIModel, iterations: int, progress: Progress) -> dict[str, Any]:
+    progress("plan iterations (structured output)", 0)
+    seconds: list[float] = []
+    tokens = 0
+    usable = 0
+    last = ""
+    for i in range(iterations):
+        request = ModelRequest(
+            prompt=_PLAN_PROMPT, max_tokens=128, key=f"plan:{i}", schema=PLAN_SCHEMA
+        )
+        started = time.perf_counter()
+        response = await provider.complete(request)
+        seconds.append(time.perf_counter() - started)
+        tokens += response.output_tokens
+        usable += not schema_problem(response.text, PLAN_SCHEMA)
+        last = response.text
+        progress("", 1)
+    return {
+        "iteration_ms": summarize([s * 1000 for s in seconds]),
+        "tokens_per_s": _rate(tokens, sum(seconds)),
+        "output_tokens_mean": tokens / iterations,
+        "usable_share": usable / iterations,
+        "last_answer": last,
+    }
+
+
+def _rate(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else 0.0
