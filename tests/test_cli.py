@@ -429,7 +429,7 @@ def test_an_app_of_the_users_own_module_runs_and_survives_chaos(tmp_path: Path) 
         "class": "Scribe",
         "role": "Scribe",
         "entry": True,
-        "model": {"name": "thinker", "simulated": False},
+        "model": {"name": "thinker", "provider": "factory", "simulated": False},
     }
     # The user's model factory was called in the scribe's actor: one model call a workflow.
     assert report["model_calls"] == {"reported_by_agents": 4, "counted_by_budget": 4}

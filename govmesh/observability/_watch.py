@@ -22,6 +22,7 @@ from typing import Any, Final
 
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import ServiceUnavailableError
 
 from govmesh.bus import Bus, Envelope
 from govmesh.observability._audit import (
@@ -462,6 +463,13 @@ async def watch_events(
                 # nats-py's own, or asyncio's when its deadline passes between two pulls.
                 if not joined.running:
                     return
+                continue
+            except ServiceUnavailableError:
+                # JetStream did not answer the pull: the server is stopping with the
+                # deployment, or restarting; pull again shortly unless it stopped.
+                if not joined.running:
+                    return
+                await asyncio.sleep(0.2)
                 continue
             for msg in msgs:
                 event = WatchedEvent.of(verifier.check(StoredMessage.of(msg)))
