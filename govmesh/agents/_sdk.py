@@ -517,15 +517,14 @@ class Workflow:
         match done.end:
             case "ok":
                 return msgspec.convert(done.result, tool.result_type)
-            case "denied" | "rejected":
-                raise Denied(
+            case _:
+                raise _failure(
+                    done.end,
                     done.reasons,
-                    rejected=done.end == "rejected",
                     decision=done.decision,
                     approval_id=done.approval_id,
+                    retryable=done.retryable,
                 )
-            case _:
-                raise ToolFailed("; ".join(done.reasons), retryable=done.retryable)
 
     async def _governed(
         self, tool: ToolSpec[A, R], args: A, step: int, resumed: Step | None
@@ -683,17 +682,13 @@ class Workflow:
                         f"{agent} returned nothing for {self.id!r}; ask expected {returns!r}"
                     )
                 return msgspec.msgpack.decode(outcome.value, type=returns)
-            case "denied" | "rejected":
-                raise Denied(
+            case _:
+                raise _failure(
+                    outcome.result,
                     outcome.reasons,
-                    rejected=outcome.result == "rejected",
                     decision=outcome.first_decision,
                     approval_id=outcome.approval_id,
                 )
-            case "halted":
-                raise Halted(outcome.reasons)
-            case _:
-                raise ToolFailed("; ".join(outcome.reasons))
 
     async def send(self, agent: str, payload: msgspec.Struct, *, kind: str | None = None) -> None:
         """Have ``agent`` take part in this workflow without waiting for it: its handler of
@@ -733,6 +728,27 @@ def _json_schema(schema: Mapping[str, Any] | type | None) -> dict[str, Any] | No
     if schema is None:
         return None
     return standalone_schema(schema) if isinstance(schema, type) else dict(schema)
+
+
+def _failure(
+    end: str,
+    reasons: tuple[str, ...],
+    *,
+    decision: str,
+    approval_id: str,
+    retryable: bool = False,
+) -> GovmeshError:
+    """The error a handler gets for a governed step, or an asked agent's part, that ended
+    ``end`` without a result: `Denied`, `Halted` or, for a failure, `ToolFailed`."""
+    match end:
+        case "denied" | "rejected":
+            return Denied(
+                reasons, rejected=end == "rejected", decision=decision, approval_id=approval_id
+            )
+        case "halted":
+            return Halted(reasons)
+        case _:
+            return ToolFailed("; ".join(reasons), retryable=retryable)
 
 
 def _fold(facts: Facts, asked: Outcome) -> None:
