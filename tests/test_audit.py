@@ -234,6 +234,13 @@ def test_verify_names_an_edited_a_removed_and_two_reordered_records(
             await r.lset(key, 5, raw[5])
             one = await index.verify(wf)
             every = await index.verify()
+            # Both chains at once, as a run checks its own: the same findings, and the
+            # untouched chain's records counted too.
+            both = await index.verify([wf, "wf-untouched"])
+            assert (both.workflows, both.records) == (2, one.records + 3)
+            assert sorted((p.workflow, p.seq, p.what) for p in both.problems) == sorted(
+                (wf, p.seq, p.what) for p in one.problems
+            )
             return (
                 [(p.seq, p.what) for p in one.problems],
                 [(p.seq, p.what) for p in every.problems],

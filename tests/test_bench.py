@@ -128,3 +128,15 @@ def test_bench_state_writes_and_rehydrates_over_the_bus_beside_raw_redis(tmp_pat
     assert sizes["reflections_compressed"] < sizes["reflections"]
     assert report["met"]["rehydrate_p99_ms"] == (report["rehydrate_ms"]["p99"] <= 10.0)
     assert "rehydrate over the bus" in proc.stdout
+
+
+def test_bench_scale_reports_the_time_after_the_last_workflow_against_the_runs(
+    tmp_path: Path,
+) -> None:
+    proc, report = _bench(tmp_path / "scale.json", "scale", "--workflows", "12")
+    [run] = report["runs"]
+    assert (run["workflows"], run["finished"]) == (12, 12)
+    assert run["audit_intact"] and run["replay_differences"] == 0
+    assert run["start_s"] + run["workflows_s"] + run["after_s"] <= run["total_s"] + 1e-6
+    assert run["after_share"] == run["after_s"] / run["total_s"]
+    assert "after / total" in proc.stdout

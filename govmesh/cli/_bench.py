@@ -479,3 +479,48 @@ def bench_model(
         f"before {max_tokens} tokens)[/]"
     )
     write_json(json_path, report)
+
+
+@bench.command("scale")
+@click.argument(
+    "scenario",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default="scenarios/procurement.yaml",
+)
+@click.option(
+    "--workflows",
+    "counts",
+    multiple=True,
+    type=click.IntRange(1),
+    default=(1000, 10000),
+    show_default=True,
+    help="A run of this many workflows, all in flight at once; give it again for more runs.",
+)
+@click.option("-s", "--seed", default=1, show_default=True)
+@json_option
+def bench_scale(scenario: Path, counts: tuple[int, ...], seed: int, json_path: Path | None) -> None:
+    """Time after the last workflow ends (budget settled, decisions replayed, audit caught
+    up and verified, actors stopped) against the run's time, for runs of SCENARIO (default
+    scenarios/procurement.yaml) of each size."""
+    from govmesh.bench._scale import run_scale_bench
+
+    with progress_bar() as progress:
+        task = progress.add_task("starting", total=len(counts))
+        tick = phase_ticker(progress, task)
+        report = run_scale_bench(scenario, counts, seed=seed, tick=tick)
+    table = Table(title=f"govmesh bench scale: {scenario}, {report['cpus']} CPUs")
+    for column in ("workflows", "start s", "workflows s", "after s", "after / total", "checks"):
+        table.add_column(column, justify="right")
+    for run in report["runs"]:
+        checks = "audit intact" if run["audit_intact"] else "AUDIT PROBLEMS"
+        checks += f", {run['replay_differences']} replay differences"
+        table.add_row(
+            f"{run['finished']:,} / {run['workflows']:,}",
+            f"{run['start_s']:.1f}",
+            f"{run['workflows_s']:.1f}",
+            f"{run['after_s']:.1f}",
+            f"{run['after_share']:.1%}",
+            checks,
+        )
+    out.print(table)
+    write_json(json_path, report)

@@ -403,8 +403,8 @@ def _summary(report: dict[str, Any]) -> Table:
     )
     t = report["timings_s"]
     table.add_row(
-        "time (start / workflows / total)",
-        f"{t['start_s']:.1f} / {t['workflows_s']:.1f} / {t['total_s']:.1f} s",
+        "time (start / workflows / after / total)",
+        f"{t['start_s']:.1f} / {t['workflows_s']:.1f} / {t['after_s']:.1f} / {t['total_s']:.1f} s",
     )
     return table
 

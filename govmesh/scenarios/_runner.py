@@ -76,6 +76,8 @@ __all__ = [
 _MAX_RESEND_S = 120.0
 _BURN_VIEW_MAX = 500
 """Workflows in flight whose burn the live view asks for at once."""
+_BURN_CHUNK = 500
+"""Workflows whose burn one request asks for, so the answer stays within a bus message."""
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +322,9 @@ async def run_workflows(
         timings={
             "start_s": ready - started,
             "workflows_s": finished_at - ready,
+            # After the last workflow ended: the budget's settling, the replay, the audit's
+            # catch-up and verification, and stopping the actors.
+            "after_s": time.perf_counter() - finished_at,
             "total_s": time.perf_counter() - started,
         },
     )
@@ -386,12 +391,9 @@ async def _audited(
     client = aioredis.Redis.from_url(deployment.redis_url)
     try:
         index = AuditIndex(client, prefix=deployment.key_prefix)
-        problems: list[dict[str, Any]] = []
-        records = 0
-        for workflow in workflows:
-            checked = await index.verify(workflow)
-            records += checked.records
-            problems += [msgspec.to_builtins(p) for p in checked.problems]
+        checked = await index.verify(workflows)
+        records = checked.records
+        problems = [msgspec.to_builtins(p) for p in checked.problems]
         refused = Counter(m.reason for m in await index.refused())
     finally:
         await client.aclose()
@@ -438,20 +440,22 @@ async def _watch_burn(
 async def _burns(
     bus: Bus, workflows: tuple[str, ...], *, timeout: float = 10.0
 ) -> list[WorkflowBurn]:
-    """Each workflow's model use, by role, from the budget actor."""
-    if not workflows:
-        return []
-    try:
-        reply = await bus.request(
-            bus.subjects.ctl("budget"),
-            BudgetQuery(workflows=workflows, detail=True),
-            accepts=BudgetReport,
-            timeout=timeout,
-        )
-    except BusError:
-        return []
-    report: BudgetReport = reply.body
-    return [b for b in report.burn if b.scope == "workflow"]
+    """Each workflow's model use, by role, from the budget actor, asked for in chunks: the
+    detail of a 10,000-workflow run in one answer is more than a bus message may hold."""
+    burns: list[WorkflowBurn] = []
+    for start in range(0, len(workflows), _BURN_CHUNK):
+        try:
+            reply = await bus.request(
+                bus.subjects.ctl("budget"),
+                BudgetQuery(workflows=workflows[start : start + _BURN_CHUNK], detail=True),
+                accepts=BudgetReport,
+                timeout=timeout,
+            )
+        except BusError:
+            return []
+        report: BudgetReport = reply.body
+        burns += [b for b in report.burn if b.scope == "workflow"]
+    return burns
 
 
 def _usage_records(
