@@ -294,6 +294,19 @@ async def test_a_part_sent_without_waiting_ends_before_the_workflow_is_told_and_
     assert (denied.result, denied.first_decision, denied.model_calls) == ("completed", "deny", 2)
 
 
+async def test_a_call_the_agents_token_grants_no_capability_for_fails_at_once_saying_so(
+    shipping, behaviour
+) -> None:
+    await shipping.host("shipper-2", SHIPPER, role=ROLE, capabilities=())
+
+    outcome = await shipping.run("wf-no-capability", "shipper-2", _order(900.0))
+
+    assert (outcome.result, outcome.first_decision) == ("failed", "")
+    assert len(outcome.reasons) == 1 and "shipper-2 has no capability" in outcome.reasons[0]
+    assert repr(TOOL) in outcome.reasons[0]
+    assert behaviour.calls == 0 and not shipping.service(GatewayService).stats()["ran"]
+
+
 async def test_a_handler_that_raises_fails_its_workflow_with_the_error(shipping) -> None:
     await shipping.host("clumsy-1", "_shipping:Clumsy", role=ROLE)
 

@@ -113,11 +113,6 @@ def run(
             raise click.ClickException(str(exc)) from None
         workflows, manual_approvals = manifest.workflows, manifest.manual_approvals
         console.print(f"resuming run [bold]{run_id}[/] of {manifest.scenario or manifest.app}")
-    else:
-        console.print(
-            f"run [bold]{run_id}[/]; if it is stopped, [bold]govmesh run --resume {run_id}[/] "
-            "finishes it"
-        )
     if manual_approvals:
         console.print(
             "escalations wait for an operator: [bold]govmesh approvals list[/], then "
@@ -131,6 +126,7 @@ def run(
     with Live(view, console=console, refresh_per_second=4, transient=False):
         task = progress.add_task("starting", total=workflows, tally="")
         tally: dict[str, int] = {}
+        phases: list[str] = []
 
         def on_done(_: str, outcome: Any) -> None:
             tally[outcome.result] = tally.get(outcome.result, 0) + 1
@@ -139,6 +135,14 @@ def run(
 
         def on_phase(text: str) -> None:
             claim_sigterm()  # phases after the first run with Ray up
+            if not phases and resume is None:
+                # Said once the input is checked and the run's directory exists: a run
+                # refused before it started has nothing to resume.
+                console.print(
+                    f"run [bold]{run_id}[/]; if it is stopped, "
+                    f"[bold]govmesh run --resume {run_id}[/] finishes it"
+                )
+            phases.append(text)
             progress.update(task, description=text)
             if text == "stopping":
                 view.burns = []
@@ -323,6 +327,8 @@ def _summary(report: dict[str, Any]) -> Table:
     table.add_column("value", justify="right")
     table.add_row("workflows finished", f"{w['finished']} / {w['total']}")
     table.add_row("outcomes", _results(w["results"]))
+    for result, reasons in report.get("why", {}).items():
+        table.add_row(f"why {result}", "; ".join(f"{why} ({n})" for why, n in reasons.items()))
     for tool, call in report["calls"].items():
         table.add_row(f"first call: {tool}", _shown(call))
     models = {

@@ -5,8 +5,10 @@ from govmesh.runtime._home import (
     OPERATOR_MEMBER,
     WATCH_MEMBER,
     JoinedDeployment,
+    NotRunning,
     advertise,
     join,
+    join_when_up,
 )
 from govmesh.runtime._latency import ENV_LOW_LATENCY, CpuLatencyHold, LowLatency
 from govmesh.runtime._llama import (
@@ -49,11 +51,13 @@ __all__ = [
     "LowLatency",
     "Member",
     "NatsServer",
+    "NotRunning",
     "RedisServer",
     "Runtime",
     "ServerTLS",
     "Transport",
     "advertise",
     "join",
+    "join_when_up",
     "smollm2_gguf",
 ]

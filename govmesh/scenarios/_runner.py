@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +70,7 @@ __all__ = [
     "run_dir",
     "run_scenario",
     "run_workflows",
+    "why_not_completed",
     "workflow_id",
 ]
 
@@ -563,6 +564,8 @@ def _report(
             # Every result the agents reported, by name, most frequent first.
             "results": dict(results.most_common()),
         },
+        # Each result but completed with its most frequent reasons, for the summary.
+        "why": why_not_completed(outcomes.values()),
         # Why workflows failed, so a run with failures can be looked into (at most 20).
         "failures": [
             {"workflow": workflow, "reasons": list(o.reasons)}
@@ -589,6 +592,24 @@ def _report(
         "security_rejections": dict(rejected),
         "timings_s": timings,
         "actors": stats,
+    }
+
+
+_WHY_SHOWN = 3
+"""Reasons a report lists for each result that is not ``completed`` (the most frequent)."""
+
+
+def why_not_completed(outcomes: Iterable[Outcome]) -> dict[str, dict[str, int]]:
+    """For each result but ``completed``, its most frequent reasons with their counts, so
+    a run whose workflows fail (a capability its agent lacks, a tool that breaks) says why
+    where its outcomes are shown."""
+    by_result: dict[str, Counter[str]] = {}
+    for o in outcomes:
+        if o.result != "completed":
+            by_result.setdefault(o.result, Counter()).update(o.reasons or ("no reason given",))
+    return {
+        result: dict(reasons.most_common(_WHY_SHOWN))
+        for result, reasons in sorted(by_result.items())
     }
 
 
