@@ -19,6 +19,7 @@ from govmesh.errors import ConfigError, RuntimeStartError
 from govmesh.runtime._latency import CpuLatencyHold, LowLatency
 from govmesh.runtime._nats import NatsServer
 from govmesh.runtime._process import Reaper, register_atexit, unregister_atexit
+from govmesh.runtime._rayauth import RayAuth, joining_hint
 from govmesh.runtime._redis import RedisServer
 from govmesh.runtime._transport import ENV_NATS_CA, Transport
 
@@ -88,6 +89,23 @@ def _environ(updates: Mapping[str, str]) -> Iterator[None]:
                 os.environ[name] = old
 
 
+_RAY_AUTH_LOG: Final = "ray._private.authentication.authentication_token_setup"
+"""Ray's logger that warns, on every start, that token authentication is on: govmesh
+says how to join instead (`RayAuth.joining`)."""
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Only errors of `logger` for the duration of the block."""
+    log_ = logging.getLogger(logger)
+    level = log_.level
+    log_.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log_.setLevel(level)
+
+
 class Runtime:
     """The services a govmesh deployment needs: NATS, a Redis-protocol server and Ray.
 
@@ -126,6 +144,9 @@ class Runtime:
         embedded: which of ``"nats"``, ``"redis"`` and ``"ray"`` this Runtime started itself.
         ray_address: the Ray cluster in use (GCS address or ``RAY_ADDRESS``); None without Ray.
         ray_session_dir: session directory (logs) of the Ray instance this Runtime started.
+        ray_auth: how the Ray instance this Runtime started authenticates who joins it
+            (Ray's token authentication unless ``RAY_AUTH_MODE`` says otherwise); None
+            when it joined a cluster or reused Ray, or runs without Ray.
         nats_server: the embedded nats-server, None when NATS is external.
         transport: the deployment CA and member registry; None when not secure, or with
             external NATS and no ``GOVMESH_NATS_CA``.
@@ -173,6 +194,7 @@ class Runtime:
         self.embedded: dict[str, bool] = {"nats": False, "redis": False, "ray": False}
         self.ray_address: str | None = None
         self.ray_session_dir: Path | None = None
+        self.ray_auth: RayAuth | None = None
         self.nats_server: NatsServer | None = None
         self.transport: Transport | None = None
         self.redis_server: RedisServer | None = None
@@ -316,21 +338,37 @@ class Runtime:
             # A cluster's workers do not inherit this process's environment (the embedded
             # instance's do): hand on where their telemetry goes (see configure_telemetry).
             telemetry = {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
-            ray.init(
-                address=address,
-                log_to_driver=False,
-                logging_level=logging.ERROR,
-                configure_logging=False,
-                runtime_env={"env_vars": telemetry} if telemetry else None,
-            )
+            try:
+                ray.init(
+                    address=address,
+                    log_to_driver=False,
+                    logging_level=logging.ERROR,
+                    configure_logging=False,
+                    runtime_env={"env_vars": telemetry} if telemetry else None,
+                )
+            except ConnectionError as exc:
+                raise RuntimeStartError(
+                    f"cannot join the Ray cluster at {ENV_RAY_ADDRESS}={address!r}: {exc}"
+                    + joining_hint()
+                ) from None
             self.ray_address = address
             return
+        auth = RayAuth.for_new_cluster(workdir)
+        # Ray keeps the token it loaded first for the life of the process; a cluster
+        # started after another one here must be joined with its own. (Ray's own
+        # `ray get-auth-token --generate` resets it the same way; Ray before 2.52 has no
+        # token authentication.)
+        from ray import _raylet
+
+        loader = getattr(_raylet, "AuthenticationTokenLoader", None)
+        if loader is not None:
+            loader.instance().reset_cache()
         # Ray's raylet starts agents and workers that outlive a killed driver by about a
         # minute; each inherits this environment, so the reaper can find exactly them.
         reaper = Reaper(log_path=workdir / "ray-reaper.log")
         self._stack.callback(reaper.close)
         self._stack.callback(ray.shutdown)
-        with _environ(reaper.environ):
+        with _environ(reaper.environ | auth.start_environ), _quiet(_RAY_AUTH_LOG):
             try:
                 ray.init(
                     num_cpus=self._ray_num_cpus or os.cpu_count(),
@@ -342,6 +380,7 @@ class Runtime:
             except Exception as exc:
                 raise RuntimeStartError(f"local Ray instance failed to start: {exc}") from exc
         self.embedded["ray"] = True
+        self.ray_auth = auth
         self.ray_address = ray.get_runtime_context().gcs_address
         self.ray_session_dir = _ray_session_dir()
         if self.ray_session_dir is not None:
