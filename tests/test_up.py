@@ -1,8 +1,10 @@
 """``govmesh up`` in one terminal and ``govmesh run`` with what it prints in another, as a
-user runs them: Ray's token authentication on, nothing left running afterwards."""
+user runs them: mutual TLS and signed messages on the bus, Ray's token authentication on,
+nothing left running afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,6 +14,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import nats
 import pytest
 
 from govmesh.errors import ConfigError
@@ -35,9 +38,14 @@ def _env(mark: str, home: Path) -> dict[str, str]:
     return env | {MARK_VAR: mark, "GOVMESH_HOME": str(home)}
 
 
-def _joining(up: subprocess.Popen[str]) -> tuple[dict[str, str], list[str]]:
-    """What `govmesh up` wrote to its join file, once its services are up, and what it said
-    on stderr until then."""
+async def _plain_client(url: str) -> None:
+    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+    await nc.close()
+
+
+def _joining(up: subprocess.Popen[str]) -> tuple[dict[str, str], Path, list[str]]:
+    """What `govmesh up` wrote to its join file, once its services are up, the file, and
+    what it said on stderr until then."""
     assert up.stderr is not None
     said = []
     for line in up.stderr:
@@ -50,10 +58,10 @@ def _joining(up: subprocess.Popen[str]) -> tuple[dict[str, str], list[str]]:
     )
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     joining = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
-    return joining, said
+    return joining, env_file, said
 
 
-def test_a_run_joins_govmesh_up_with_what_it_prints_on_rays_token_authentication(
+def test_a_run_joins_govmesh_up_with_what_it_prints_over_mutual_tls_and_ray_token_auth(
     tmp_path: Path,
 ) -> None:
     mark = uuid.uuid4().hex
@@ -66,10 +74,21 @@ def test_a_run_joins_govmesh_up_with_what_it_prints_on_rays_token_authentication
         text=True,
     )
     try:
-        joining, said = _joining(up)
+        joining, env_file, said = _joining(up)
         token = joining["RAY_AUTH_TOKEN"]
         assert joining["RAY_AUTH_MODE"] == "token" and len(token) >= 32
         assert joining["RAY_ADDRESS"] and joining["GOVMESH_NATS_URL"]
+        # The bus is mutual TLS: a client without a certificate of its CA gets nothing.
+        with pytest.raises(Exception):  # noqa: B017  (nats-py raises what TLS failed with)
+            asyncio.run(_plain_client(joining["GOVMESH_NATS_URL"]))
+        # Nothing that can mint a certificate is written: the only private key in its
+        # directory is the server's own.
+        keys = [
+            p.relative_to(env_file.parent)
+            for p in env_file.parent.rglob("*")
+            if p.is_file() and b"PRIVATE KEY" in p.read_bytes()
+        ]
+        assert keys == [Path("nats/tls/server-key.pem")]
         out = tmp_path / "report.json"
         run = subprocess.run(
             [*GOVMESH, "run", "scenarios/procurement.yaml", "-n", "3", "--json", str(out)],
@@ -88,6 +107,8 @@ def test_a_run_joins_govmesh_up_with_what_it_prints_on_rays_token_authentication
     report = json.loads(out.read_text())
     assert report["workflows"]["finished"] == report["workflows"]["total"] == 3
     assert report["runtime"]["embedded"] == {"nats": False, "redis": False, "ray": False}
+    assert report["runtime"]["mutual_tls"] is True and report["runtime"]["insecure_bus"] is False
+    assert report["security_rejections"] == {}
     # The token is a secret: in the 0600 file only, never on the screen.
     assert "RAY_AUTH_TOKEN=***" in stdout
     assert token not in stdout + "".join(said) + stderr + run.stdout + run.stderr

@@ -74,6 +74,12 @@ def _source(scenario: Path | None, app: str | None) -> None:
     help="Finish a run that was stopped: its scenario, seed and counts are its own, its "
     "embedded servers start again on its data, and its unfinished workflows go on.",
 )
+@click.option(
+    "--insecure-bus",
+    is_flag=True,
+    help="Run on an external NATS (GOVMESH_NATS_URL) without mutual TLS: anyone who "
+    "reaches it reads every message. Refused without this flag; the report says so.",
+)
 @json_option
 def run(
     scenario: Path | None,
@@ -84,6 +90,7 @@ def run(
     concurrency: int,
     manual_approvals: bool,
     resume: str | None,
+    insecure_bus: bool,
     json_path: Path | None,
 ) -> None:
     """Run SCENARIO (or --app) with a swarm of agent actors and print a summary.
@@ -161,6 +168,7 @@ def run(
                 run_id=run_id,
                 resume=resume is not None,
                 on_burn=view.update,
+                insecure_bus=insecure_bus,
             )
         )
     out.print(_summary(report))
@@ -326,6 +334,9 @@ def _summary(report: dict[str, Any]) -> Table:
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("workflows finished", f"{w['finished']} / {w['total']}")
+    runtime = report.get("runtime", {})
+    if runtime.get("insecure_bus"):
+        table.add_row("[red]bus[/]", "[red]INSECURE (--insecure-bus): NATS without mutual TLS[/]")
     table.add_row("outcomes", _results(w["results"]))
     for result, reasons in report.get("why", {}).items():
         table.add_row(f"why {result}", "; ".join(f"{why} ({n})" for why, n in reasons.items()))

@@ -52,6 +52,8 @@ __all__ = [
     "MemberKeys",
     "Refusal",
     "certify",
+    "clear_stale_socket",
+    "peer_uid",
     "request_grant",
 ]
 
@@ -353,7 +355,7 @@ class EnrolmentServer:
                 f"{_MAX_SOCKET_PATH}); set GOVMESH_HOME to a shorter directory"
             )
         if self.path.exists() or self.path.is_symlink():
-            await _clear_stale(self.path)
+            await clear_stale_socket(self.path)
         self._server = await asyncio.start_unix_server(
             self._serve, path=str(self.path), limit=MAX_REQUEST_BYTES
         )
@@ -390,7 +392,7 @@ class EnrolmentServer:
                     await writer.wait_closed()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Grant:
-        uid = _peer_uid(writer)
+        uid = peer_uid(writer)
         try:
             # Read even a foreign peer's request (bounded in size and time) before refusing
             # it: a refusal sent before the client finished writing breaks its pipe, and the
@@ -452,7 +454,7 @@ def _allowed() -> str:
     return " and ".join(f"member {m!r} in role {r!r}" for m, r in SOCKET_MEMBERS.items())
 
 
-def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+def peer_uid(writer: asyncio.StreamWriter) -> int | None:
     """The uid of the process at the other end, where the kernel says (Linux)."""
     sock = writer.get_extra_info("socket")
     option = getattr(socket, "SO_PEERCRED", None)
@@ -463,7 +465,12 @@ def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
     return int(uid)
 
 
-async def _clear_stale(path: Path) -> None:
+async def clear_stale_socket(path: Path) -> None:
+    """Remove the Unix socket at `path` if nobody listens on it (a killed process left it).
+
+    Raises:
+        ConfigError: a live process serves it, or whether one does cannot be told.
+    """
     try:
         _, writer = await asyncio.open_unix_connection(str(path))
     except (ConnectionRefusedError, FileNotFoundError):

@@ -16,12 +16,13 @@ from urllib.parse import urlsplit
 
 from govmesh.config import public_url
 from govmesh.errors import ConfigError, RuntimeStartError
+from govmesh.runtime._admission import ENV_NATS_ADMISSION, admitted_transport
 from govmesh.runtime._latency import CpuLatencyHold, LowLatency
 from govmesh.runtime._nats import NatsServer
 from govmesh.runtime._process import Reaper, register_atexit, unregister_atexit
 from govmesh.runtime._rayauth import RayAuth, joining_hint
 from govmesh.runtime._redis import RedisServer
-from govmesh.runtime._transport import ENV_NATS_CA, Transport
+from govmesh.runtime._transport import ENV_NATS_CA, ENV_NATS_CA_KEY, Transport
 
 __all__ = ["ENV_NATS_URL", "ENV_RAY_ADDRESS", "ENV_REDIS_NO_AUTH", "ENV_REDIS_URL", "Runtime"]
 
@@ -120,8 +121,11 @@ class Runtime:
 
     With ``secure=True`` (the default) the embedded nats-server requires mutual TLS and maps
     each client certificate to a user with its role's permissions; members join through
-    `transport` (``rt.transport.admit(...)``). With external NATS, `transport` comes from the
-    operator's files (``GOVMESH_NATS_CA`` and friends, see `Transport`), or is None.
+    `transport` (``rt.transport.admit(...)``). With external NATS, `transport` comes from
+    the admission socket of the ``govmesh up`` that serves it (``GOVMESH_NATS_ADMISSION``,
+    see `admitted_transport`) or from the operator's files (``GOVMESH_NATS_CA`` and
+    friends, see `Transport`); external NATS with neither is refused unless
+    ``insecure_bus=True``.
 
     Asked to (``low_latency="on"``, `CpuLatencyHold`), the Runtime holds this machine's CPUs
     awake while it runs, and its embedded nats-server runs its Go code on one thread: a
@@ -148,8 +152,10 @@ class Runtime:
             (Ray's token authentication unless ``RAY_AUTH_MODE`` says otherwise); None
             when it joined a cluster or reused Ray, or runs without Ray.
         nats_server: the embedded nats-server, None when NATS is external.
-        transport: the deployment CA and member registry; None when not secure, or with
-            external NATS and no ``GOVMESH_NATS_CA``.
+        transport: the deployment CA and member registry; None when not secure, or on an
+            insecure bus.
+        insecure_bus: this Runtime runs on external NATS without mutual TLS, as the
+            caller accepted (``insecure_bus=True``).
         redis_server: the embedded Redis-protocol server, None when Redis is external.
     """
 
@@ -161,6 +167,7 @@ class Runtime:
         ray_num_cpus: int | None = None,
         secure: bool = True,
         low_latency: str | None = None,
+        insecure_bus: bool = False,
     ) -> None:
         """Configure, but do not start, a Runtime.
 
@@ -175,6 +182,9 @@ class Runtime:
             low_latency: hold this machine's CPUs awake while the Runtime runs (see
                 `CpuLatencyHold`): ``on`` or ``off``; default ``$GOVMESH_LOW_LATENCY``,
                 else ``off``.
+            insecure_bus: accept external NATS without mutual TLS (neither
+                ``GOVMESH_NATS_ADMISSION`` nor ``GOVMESH_NATS_CA``), which is refused
+                otherwise; `insecure_bus` then says so for every report.
 
         Raises:
             ConfigError: `ray_num_cpus` is less than 1, or `low_latency` is not a mode.
@@ -185,6 +195,8 @@ class Runtime:
         self._workdir_option = workdir
         self._start_ray = start_ray
         self._secure = secure
+        self._insecure_bus = insecure_bus
+        self.insecure_bus = False
         self._ray_num_cpus = ray_num_cpus
         self._stack = ExitStack()
         self._entered = False
@@ -271,14 +283,13 @@ class Runtime:
         if redis_url is not None:
             _check_redis_auth(redis_url)
         if nats_url is not None and self._secure:
-            self.transport = Transport.from_environment()
+            admission = os.environ.get(ENV_NATS_ADMISSION, "").strip()
+            if admission:
+                self.transport = admitted_transport(Path(admission))
+            else:
+                self.transport = Transport.from_environment()
             if self.transport is None:
-                log.warning(
-                    "external NATS at %s without %s: no client certificates; its transport "
-                    "security is up to its operator",
-                    nats_url,
-                    ENV_NATS_CA,
-                )
+                self._refuse_or_accept_insecure_bus(nats_url)
         workdir = self._make_workdir()
         self._hold.acquire()
         self._stack.callback(self._hold.release)
@@ -314,6 +325,23 @@ class Runtime:
             ", ".join(name for name, own in self.embedded.items() if own) or "none",
             self.low_latency.detail,
         )
+
+    def _refuse_or_accept_insecure_bus(self, nats_url: str) -> None:
+        """External NATS without mutual TLS: refused unless the caller accepted it
+        (``insecure_bus``), and warned about on every start then."""
+        risk = (
+            "any client that reaches it reads every message of every workflow and may "
+            "publish on any subject (signatures still expose forgeries, not eavesdropping)"
+        )
+        if not self._insecure_bus:
+            raise ConfigError(
+                f"{ENV_NATS_URL}={public_url(nats_url)!r} without mutual TLS: {risk}. Join a "
+                f"`govmesh up` with the {ENV_NATS_ADMISSION} it prints, give its operator's "
+                f"CA in {ENV_NATS_CA} (with {ENV_NATS_CA_KEY} to admit members), or pass "
+                "--insecure-bus to run on it anyway"
+            )
+        log.warning("insecure bus: NATS at %s without mutual TLS: %s", nats_url, risk)
+        self.insecure_bus = True
 
     def _make_workdir(self) -> Path:
         if self._workdir_option is not None:

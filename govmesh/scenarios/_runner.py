@@ -674,10 +674,12 @@ class Deployed:
 
     def describe(self) -> dict[str, Any]:
         """What a run's report says of its runtime: which services it embeds, whether the
-        bus is mutual TLS, and whether the CPUs were held awake."""
+        bus is mutual TLS or an insecure one the user accepted (``--insecure-bus``), and
+        whether the CPUs were held awake."""
         return {
             "embedded": self.runtime.embedded,
             "mutual_tls": self.deployment.tls,
+            "insecure_bus": self.runtime.insecure_bus,
             "low_latency": msgspec.structs.asdict(self.runtime.low_latency),
         }
 
@@ -690,12 +692,14 @@ async def deploy(
     resume: bool,
     what: str,
     phase: Callable[[str], None],
+    insecure_bus: bool = False,
 ) -> AsyncIterator[Deployed]:
     """Bring up the runtime of a run of ``app`` (embedded or external services) with its
     data in `run_dir`, advertised under ``$GOVMESH_HOME`` so ``govmesh approvals`` can
     answer its escalations from another terminal. The manifest is kept in the run's
     directory; with ``resume`` it is read back from there (the one given then only names
-    the run) and the app is the one it names (`load_app_of`).
+    the run) and the app is the one it names (`load_app_of`). ``insecure_bus`` accepts
+    external NATS without mutual TLS (see `Runtime`).
 
     Raises:
         ConfigError: ``resume`` of a run that has no directory here, or that finished, or
@@ -715,7 +719,7 @@ async def deploy(
     manifest = msgspec.structs.replace(manifest, tenant=tenant)
     save_manifest(workdir, manifest)
     phase("starting nats-server, Redis-protocol server and Ray")
-    async with Runtime(workdir=workdir) as runtime:
+    async with Runtime(workdir=workdir, insecure_bus=insecure_bus) as runtime:
         issuer = new_issuer(tenant)
         deployment = issuer.deployment(
             tenant=tenant,
@@ -846,6 +850,7 @@ async def run_scenario(
     run_id: str | None = None,
     resume: bool = False,
     on_burn: Callable[[list[WorkflowBurn]], None] | None = None,
+    insecure_bus: bool = False,
 ) -> dict[str, Any]:
     """Load a scenario file or an app, bring up the runtime (embedded or external
     services), run, report.
@@ -864,6 +869,8 @@ async def run_scenario(
         path: a scenario file.
         app: instead of ``path``, an `App`, or its name ``package.module:app`` (with
             ``app_dir`` first on the path).
+        insecure_bus: accept external NATS without mutual TLS (see `Runtime`); the
+            report says so (``runtime.insecure_bus``).
     """
     phase = on_phase or (lambda _: None)
     loaded: App | None = None
@@ -887,7 +894,9 @@ async def run_scenario(
             manual_approvals=not simulated_approver,
         )
         what = f"govmesh run {path or asked.app or loaded.name}"
-    async with deploy(asked, app=loaded, resume=resume, what=what, phase=phase) as up:
+    async with deploy(
+        asked, app=loaded, resume=resume, what=what, phase=phase, insecure_bus=insecure_bus
+    ) as up:
         m = up.manifest
         phase("starting agent and platform actors")
         report = await run_workflows(
