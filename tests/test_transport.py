@@ -184,18 +184,22 @@ async def test_member_with_a_valid_certificate_connects_and_exchanges_messages(
     s = Subjects(prefix)
     alice = await connect(transport.admit(alice_id, "agent", tenant=prefix), prefix)
     bob = await connect(transport.admit(bob_id, "agent", tenant=prefix), prefix)
+
+    assert await _sent(bob, alice, s.msg(alice_id), b"hello") == b"hello"
+    assert alice.errors.empty() and bob.errors.empty()
+
+
+async def _sent(sender: Member, receiver: Member, subject: str, data: bytes) -> bytes:
+    """What `receiver`, subscribed to `subject`, gets when `sender` publishes `data` there."""
     got: asyncio.Queue[Msg] = asyncio.Queue()
 
     async def on_msg(msg: Msg) -> None:
         got.put_nowait(msg)
 
-    await alice.nc.subscribe(s.msg(alice_id), cb=on_msg)
-    await ready(alice.nc)
-    await bob.nc.publish(s.msg(alice_id), b"hello")
-
-    msg = await asyncio.wait_for(got.get(), WAIT_S)
-    assert msg.data == b"hello"
-    assert alice.errors.empty() and bob.errors.empty()
+    await receiver.nc.subscribe(subject, cb=on_msg)
+    await ready(receiver.nc)
+    await sender.nc.publish(subject, data)
+    return (await asyncio.wait_for(got.get(), WAIT_S)).data
 
 
 async def test_client_without_a_certificate_is_refused(server: NatsServer):
@@ -758,15 +762,7 @@ async def test_a_joining_process_admits_its_members_through_the_admission_socket
     assert (prefix, alice_id) in transport.members and (prefix, bob_id) in transport.members
     alice = await connect(certs[alice_id], prefix)
     bob = await connect(certs[bob_id], prefix)
-    got: asyncio.Queue[Msg] = asyncio.Queue()
-
-    async def on_msg(msg: Msg) -> None:
-        got.put_nowait(msg)
-
-    await alice.nc.subscribe(s.msg(alice_id), cb=on_msg)
-    await ready(alice.nc)
-    await bob.nc.publish(s.msg(alice_id), b"hello")
-    assert (await asyncio.wait_for(got.get(), WAIT_S)).data == b"hello"
+    assert await _sent(bob, alice, s.msg(alice_id), b"hello") == b"hello"
     # Their permissions are their role's: an agent may not read another's inbox.
     await bob.nc.subscribe(s.msg(alice_id))
     await bob.violation(f'subscription to "{s.msg(alice_id)}"')

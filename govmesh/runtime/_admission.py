@@ -20,14 +20,12 @@ an embedded server.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import os
 import socket
 from collections import Counter
 from pathlib import Path
-from types import TracebackType
 from typing import Final
 
 import msgspec
@@ -39,7 +37,8 @@ from cryptography.x509.oid import NameOID
 from govmesh.errors import ConfigError, GovmeshError
 from govmesh.identity import DeploymentCA
 from govmesh.identity._ca import CERT_ORGANIZATION, DEFAULT_CLIENT_TTL, _key_pem
-from govmesh.identity._enrol import MAX_REQUEST_BYTES, clear_stale_socket, peer_uid
+from govmesh.identity._enrol import MAX_REQUEST_BYTES
+from govmesh.identity._unix import UnixSocketServer, peer_uid, reply_and_close
 from govmesh.runtime._transport import Member, Transport
 
 __all__ = ["ENV_NATS_ADMISSION", "AdmissionServer", "AdmittedCA", "admitted_transport"]
@@ -97,13 +96,13 @@ _REQUEST: Final = msgspec.json.Decoder(_Request)
 _REPLY: Final = msgspec.json.Decoder(Answer | Refused)
 
 
-class AdmissionServer:
+class AdmissionServer(UnixSocketServer):
     """Registers members and signs their certificates for processes of this user, on a
     Unix socket; the serving process's `Transport` (with its CA key) does the work.
 
     A certificate is signed only for a member registered with that role and tenant; a
-    member registered already with another role is refused (`Transport.register`).
-    `close` removes the socket; it is safe to call twice.
+    member registered already with another role is refused (`Transport.register`). See
+    `UnixSocketServer` for the socket's life.
 
     Args:
         path: where to serve the socket (in a directory only this user may enter).
@@ -115,46 +114,10 @@ class AdmissionServer:
     """
 
     def __init__(self, path: Path, transport: Transport) -> None:
-        self.path = Path(path)
+        super().__init__(path, limit=MAX_REQUEST_BYTES)
         self._transport = transport
-        self._server: asyncio.Server | None = None
         self.answered: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
-
-    async def __aenter__(self) -> AdmissionServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def start(self) -> None:
-        """Serve the socket at `path`, replacing one left by a killed process.
-
-        Raises:
-            ConfigError: a live process serves it.
-        """
-        if self.path.exists() or self.path.is_symlink():
-            await clear_stale_socket(self.path)
-        self._server = await asyncio.start_unix_server(
-            self._serve, path=str(self.path), limit=MAX_REQUEST_BYTES
-        )
-        os.chmod(self.path, 0o600)
-
-    async def close(self) -> None:
-        """Stop serving and remove the socket. Safe to call twice."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        await server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         reply: Answer | Refused
@@ -178,15 +141,7 @@ class AdmissionServer:
         except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             self.refused[kind] += 1
             reply = Refused(error=f"no whole request within {_TIMEOUT_S:g} s")
-        try:
-            writer.write(msgspec.json.encode(reply) + b"\n")
-            await asyncio.wait_for(writer.drain(), _TIMEOUT_S)
-        except (OSError, TimeoutError) as exc:
-            log.info("admission reply not delivered: %s", exc)
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+        await reply_and_close(writer, msgspec.json.encode(reply), timeout_s=_TIMEOUT_S)
 
     def _answer(self, request: _Request) -> bytes:
         transport = self._transport
