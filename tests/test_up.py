@@ -18,6 +18,7 @@ import nats
 import pytest
 
 from govmesh.errors import ConfigError
+from govmesh.runtime import NatsServer
 from govmesh.runtime._rayauth import (
     ENV_RAY_AUTH_MODE,
     ENV_RAY_AUTH_TOKEN,
@@ -145,3 +146,29 @@ def test_an_empty_ray_token_file_is_refused_naming_it(
 
     with pytest.raises(ConfigError, match=f"RAY_AUTH_TOKEN_PATH='{empty}'.*empty"):
         RayAuth.for_new_cluster(tmp_path)
+
+
+def test_an_external_nats_without_mutual_tls_is_refused_unless_the_run_accepts_it(
+    tmp_path: Path,
+) -> None:
+    with NatsServer(workdir=tmp_path / "nats") as plain:
+        env = _env(uuid.uuid4().hex, tmp_path / "home") | {"GOVMESH_NATS_URL": plain.url}
+        args = [*GOVMESH, "run", "scenarios/procurement.yaml", "-n", "2"]
+        refused = subprocess.run(
+            args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+        out = tmp_path / "report.json"
+        accepted = subprocess.run(
+            [*args, "--insecure-bus", "--json", str(out)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "without mutual TLS" in refused.stderr and "--insecure-bus" in refused.stderr
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["runtime"]["insecure_bus"] is True and report["runtime"]["mutual_tls"] is False
+    assert "INSECURE (--insecure-bus)" in accepted.stdout
