@@ -253,6 +253,24 @@ async def test_an_agent_asks_another_and_gets_its_typed_result_and_governance_fa
     assert behaviour.effects == {("wf-ask", 1): 1}
 
 
+async def test_asking_an_agent_the_deployment_does_not_have_fails_at_once_naming_it(
+    shipping,
+) -> None:
+    await shipping.host(
+        "desk-9",
+        "_shipping:Desk",
+        role="Desk",
+        options={"shipper": "shipper-9"},
+        peers=("desk-9", "shipper-1"),
+    )
+
+    outcome = await shipping.run("wf-nobody", "desk-9", _order(900.0))
+
+    assert outcome.result == "failed"
+    assert "'shipper-9' is not an agent of this deployment" in outcome.reasons[0]
+    assert "['desk-9', 'shipper-1']" in outcome.reasons[0]
+
+
 async def test_an_asking_agent_restarted_mid_ask_gets_the_answer_without_asking_twice(
     desk, behaviour
 ) -> None:

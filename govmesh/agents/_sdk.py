@@ -672,6 +672,8 @@ class Workflow:
             Denied: the agent's workflow was denied or rejected.
             ToolFailed: it failed.
             Halted: it was halted.
+            ConfigError: ``agent`` takes part already, or is not an agent of the
+                deployment (nothing would answer).
         """
         outcome = self.journal.asks.get(agent)
         if outcome is None:

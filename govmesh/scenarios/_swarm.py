@@ -217,6 +217,7 @@ class Swarm:
                     "prices": dict(app.prices),
                     "budget": app.budget,
                     "keep_thoughts": app.keep_thoughts,
+                    "peers": list(app.agent_ids),
                 },
             )
             for agent in app.agents
