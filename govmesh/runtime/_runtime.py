@@ -338,7 +338,7 @@ class Runtime:
                 f"{ENV_NATS_URL}={public_url(nats_url)!r} without mutual TLS: {risk}. Join a "
                 f"`govmesh up` with the {ENV_NATS_ADMISSION} it prints, give its operator's "
                 f"CA in {ENV_NATS_CA} (with {ENV_NATS_CA_KEY} to admit members), or pass "
-                "--insecure-bus to run on it anyway"
+                "--insecure-bus (insecure_bus=True from Python) to run on it anyway"
             )
         log.warning("insecure bus: NATS at %s without mutual TLS: %s", nats_url, risk)
         self.insecure_bus = True
