@@ -399,6 +399,10 @@ class Runtime:
         with _environ(reaper.environ | auth.start_environ), _quiet(_RAY_AUTH_LOG):
             try:
                 ray.init(
+                    # A new instance even when a node of another cluster runs on this
+                    # machine: Ray would join the one `ray start` last recorded in its
+                    # temporary directory, without RAY_ADDRESS naming it.
+                    address="local",
                     num_cpus=self._ray_num_cpus or os.cpu_count(),
                     include_dashboard=False,
                     log_to_driver=False,
