@@ -165,6 +165,8 @@ def test_bad_scenario_gives_a_one_line_error_not_a_traceback(tmp_path: Path) -> 
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "error_probability" in proc.stderr
+    # Nothing started, so there is nothing to resume.
+    assert "resume" not in proc.stderr
 
 
 def _cmdline(pid: int) -> str:
@@ -261,10 +263,18 @@ def test_an_approval_from_the_cli_resumes_the_paused_workflow(tmp_path: Path) ->
             policy=ROOT / "policies" / "procurement-agent-v2.yaml", examples=ROOT / "examples"
         )
     )
+    # Started before the run, these wait for it instead of exiting 2.
+    early_watch = _start(["watch", "--wait", "120", "-n", "1"], uuid.uuid4().hex, home)
+    early_list = _start(["approvals", "list", "--wait", "120"], uuid.uuid4().hex, home)
     run = ["run", str(scenario), "-n", "2", "--manual-approvals", "--json", str(out)]
     proc = _start(run, mark, home)
     live: subprocess.Popen[str] | None = None
     try:
+        said = {}
+        for name, early in (("watch", early_watch), ("list", early_list)):
+            said[name], early_err = early.communicate(timeout=120)
+            assert early.returncode == 0, early_err[-3000:]
+        assert "pending approvals" in said["list"] and said["watch"].strip()
         listed = tmp_path / "pending.json"
         deadline = time.monotonic() + 120
         pending: list[dict[str, object]] = []
@@ -320,7 +330,7 @@ def test_an_approval_from_the_cli_resumes_the_paused_workflow(tmp_path: Path) ->
         _, stderr = proc.communicate(timeout=120)
         _, live_err = live.communicate(timeout=60)
     finally:
-        for started in (proc, live):
+        for started in (proc, live, early_watch, early_list):
             if started is not None and started.poll() is None:
                 started.kill()
     assert proc.returncode == 0, stderr[-3000:]
@@ -452,3 +462,54 @@ def test_a_run_names_exactly_one_of_a_scenario_and_an_app(tmp_path: Path) -> Non
     said = " ".join(wrong.stderr.split())  # as one line, however the terminal wrapped it
     assert wrong.returncode == 2 and "error: app 'govmesh:tool' is" in said
     assert "not a govmesh.App" in said and "Traceback" not in said
+
+
+def test_version_names_the_installed_govmesh(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    proc = _govmesh(["--version"], tmp_path)
+
+    assert (proc.returncode, proc.stdout) == (0, f"govmesh {version('govmesh')}\n")
+
+
+def test_approvals_list_at_80_columns_shows_each_workflow_id_whole() -> None:
+    from rich.console import Console
+
+    from govmesh.cli._approvals import pending_table
+    from govmesh.governance.messages import ApprovalRequest
+
+    now = time.time()
+    requests = [
+        ApprovalRequest(
+            approval_id=f"{i:02d}" + "ab" * 15,
+            workflow=f"7f3c9a1e-{i:05d}",
+            agent="procurement-1",
+            tool="erp.create_purchase_order",
+            args={"vendor": "Vendor_A", "amount_usd": 7543.25},
+            intent_id="intent",
+            intent_hash="hash",
+            reasons=("amount 7543.25 is over 5000: a person approves",),
+            escalation="approval",
+            policy_hash="policy",
+            requested_at=now - 75,
+            expires_at=now + 3600,
+        )
+        for i in range(3)
+    ]
+    console = Console(width=80, record=True)
+    console.print(pending_table(requests, now=now))
+    screen = console.export_text()
+
+    assert max(len(line) for line in screen.splitlines()) <= 80
+    for r in requests:
+        assert r.workflow in screen and r.approval_id[:12] in screen
+    assert "amount_usd=7543.25" in screen.replace("\n", "")
+
+
+def test_approvals_and_watch_waiting_for_no_deployment_give_up_saying_so(tmp_path: Path) -> None:
+    for command in (["approvals", "list"], ["watch", "-n", "1"]):
+        proc = _govmesh([*command, "--wait", "0.5"], tmp_path)
+
+        assert proc.returncode == 2, proc.stderr
+        assert "no govmesh deployment is running here" in proc.stderr
+        assert "waited 0.5 s" in proc.stderr

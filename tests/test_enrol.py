@@ -206,7 +206,7 @@ async def test_a_socket_left_by_a_killed_process_is_replaced_and_a_live_one_is_a
     async with EnrolmentServer(path, issuer=issuer, ca=None, tenant="acme"):
         keys = MemberKeys(WATCH_MEMBER, AUDITOR_ROLE)
         keys.accept(await request_grant(path, keys.request()), _deployment(issuer, tls=False))
-        with pytest.raises(ConfigError, match="another live process serves enrolment here"):
+        with pytest.raises(ConfigError, match="another live process serves this socket"):
             await EnrolmentServer(path, issuer=issuer, ca=None, tenant="acme").start()
     assert not path.exists()
 

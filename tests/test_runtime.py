@@ -249,12 +249,27 @@ async def test_runtime_with_service_urls_starts_no_server(
     monkeypatch.setenv("GOVMESH_REDIS_URL", redis_server.url)
     before = children_of_this_process()
 
-    async with Runtime(start_ray=False) as rt:
+    async with Runtime(start_ray=False, insecure_bus=True) as rt:
         assert rt.nats_url == nats_server.url
         assert rt.redis_url == redis_server.url
         assert rt.embedded == {"nats": False, "redis": False, "ray": False}
         assert rt.nats_server is None and rt.redis_server is None
+        assert rt.insecure_bus and rt.transport is None
         assert children_of_this_process() == before
+
+
+async def test_an_external_nats_without_mutual_tls_is_refused_unless_accepted(
+    nats_server: NatsServer, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("GOVMESH_NATS_URL", nats_server.url)
+    monkeypatch.setenv("GOVMESH_REDIS_URL", redis_server.url)
+    before = children_of_this_process()
+
+    with pytest.raises(ConfigError, match=r"without mutual TLS.*--insecure-bus"):
+        async with Runtime(start_ray=False):
+            pass
+
+    assert children_of_this_process() == before
 
 
 async def test_runtime_rejects_a_malformed_service_url(monkeypatch: pytest.MonkeyPatch):

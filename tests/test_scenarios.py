@@ -336,3 +336,23 @@ def test_a_scenario_points_an_agent_at_a_real_model_whose_key_stays_in_the_envir
     unpriced = real.replace("  smol:", "  other:")
     with pytest.raises(ScenarioError, match="model: 'smol' has no entry under prices"):
         scenario_app(_write(user_code, unpriced))
+
+
+def test_a_report_says_why_workflows_did_not_complete_most_frequent_first() -> None:
+    from govmesh.agents.messages import Outcome
+    from govmesh.scenarios._runner import why_not_completed
+
+    lacks = "procurement-1 has no capability 'erp.create_purchase_order'"
+    outcomes = [
+        Outcome(result="completed"),
+        *[Outcome(result="failed", reasons=(lacks,))] * 3,
+        Outcome(result="failed", reasons=("erp: timeout",)),
+        Outcome(result="denied", reasons=("Vendor_C is blocked",)),
+        Outcome(result="halted"),
+    ]
+
+    assert why_not_completed(outcomes) == {
+        "denied": {"Vendor_C is blocked": 1},
+        "failed": {lacks: 3, "erp: timeout": 1},
+        "halted": {"no reason given": 1},
+    }

@@ -253,6 +253,24 @@ async def test_an_agent_asks_another_and_gets_its_typed_result_and_governance_fa
     assert behaviour.effects == {("wf-ask", 1): 1}
 
 
+async def test_asking_an_agent_the_deployment_does_not_have_fails_at_once_naming_it(
+    shipping,
+) -> None:
+    await shipping.host(
+        "desk-9",
+        "_shipping:Desk",
+        role="Desk",
+        options={"shipper": "shipper-9"},
+        peers=("desk-9", "shipper-1"),
+    )
+
+    outcome = await shipping.run("wf-nobody", "desk-9", _order(900.0))
+
+    assert outcome.result == "failed"
+    assert "'shipper-9' is not an agent of this deployment" in outcome.reasons[0]
+    assert "['desk-9', 'shipper-1']" in outcome.reasons[0]
+
+
 async def test_an_asking_agent_restarted_mid_ask_gets_the_answer_without_asking_twice(
     desk, behaviour
 ) -> None:
@@ -292,6 +310,19 @@ async def test_a_part_sent_without_waiting_ends_before_the_workflow_is_told_and_
     assert behaviour.effects == {("wf-send", 1): 1}
     # How a sent part ended does not end the workflow that sent it; its facts are in it.
     assert (denied.result, denied.first_decision, denied.model_calls) == ("completed", "deny", 2)
+
+
+async def test_a_call_the_agents_token_grants_no_capability_for_fails_at_once_saying_so(
+    shipping, behaviour
+) -> None:
+    await shipping.host("shipper-2", SHIPPER, role=ROLE, capabilities=())
+
+    outcome = await shipping.run("wf-no-capability", "shipper-2", _order(900.0))
+
+    assert (outcome.result, outcome.first_decision) == ("failed", "")
+    assert len(outcome.reasons) == 1 and "shipper-2 has no capability" in outcome.reasons[0]
+    assert repr(TOOL) in outcome.reasons[0]
+    assert behaviour.calls == 0 and not shipping.service(GatewayService).stats()["ran"]
 
 
 async def test_a_handler_that_raises_fails_its_workflow_with_the_error(shipping) -> None:

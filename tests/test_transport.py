@@ -42,9 +42,12 @@ from govmesh.runtime import (
     ENV_NATS_CA_KEY,
     ENV_NATS_CERT,
     ENV_NATS_KEY,
+    AdmissionServer,
     NatsServer,
     Transport,
+    admitted_transport,
 )
+from govmesh.runtime import Member as RegistryMember
 from govmesh.runtime._nats import render_authorization
 from govmesh.runtime._process import read_log
 from govmesh.subjects import Subjects
@@ -181,18 +184,22 @@ async def test_member_with_a_valid_certificate_connects_and_exchanges_messages(
     s = Subjects(prefix)
     alice = await connect(transport.admit(alice_id, "agent", tenant=prefix), prefix)
     bob = await connect(transport.admit(bob_id, "agent", tenant=prefix), prefix)
+
+    assert await _sent(bob, alice, s.msg(alice_id), b"hello") == b"hello"
+    assert alice.errors.empty() and bob.errors.empty()
+
+
+async def _sent(sender: Member, receiver: Member, subject: str, data: bytes) -> bytes:
+    """What `receiver`, subscribed to `subject`, gets when `sender` publishes `data` there."""
     got: asyncio.Queue[Msg] = asyncio.Queue()
 
     async def on_msg(msg: Msg) -> None:
         got.put_nowait(msg)
 
-    await alice.nc.subscribe(s.msg(alice_id), cb=on_msg)
-    await ready(alice.nc)
-    await bob.nc.publish(s.msg(alice_id), b"hello")
-
-    msg = await asyncio.wait_for(got.get(), WAIT_S)
-    assert msg.data == b"hello"
-    assert alice.errors.empty() and bob.errors.empty()
+    await receiver.nc.subscribe(subject, cb=on_msg)
+    await ready(receiver.nc)
+    await sender.nc.publish(subject, data)
+    return (await asyncio.wait_for(got.get(), WAIT_S)).data
 
 
 async def test_client_without_a_certificate_is_refused(server: NatsServer):
@@ -722,3 +729,58 @@ def test_rendered_users_never_allow_everything_by_omission():
 
     with pytest.raises(ConfigError, match="allow nothing"):
         render_authorization({"CN=m,OU=agent,O=govmesh": perms})
+
+
+# --- joining a bus another process serves -------------------------------------------------
+
+
+@pytest.fixture
+async def admitted(transport: Transport, tmp_path: Path) -> AsyncIterator[Transport]:
+    """A process's view of the server through the admission socket the serving one keeps."""
+    async with AdmissionServer(tmp_path / "admission.sock", transport) as server:
+        # The joining side blocks on the socket, as it does in its own process.
+        yield await asyncio.to_thread(admitted_transport, server.path)
+
+
+async def test_a_joining_process_admits_its_members_through_the_admission_socket(
+    transport: Transport, admitted: Transport, connect: Any, prefix: str
+):
+    alice_id, bob_id = ids(prefix, "alice", "bob")
+    s = Subjects(prefix)
+    # It trusts the serving process's CA, and holds no key of it.
+    assert admitted.ca.ca_pem == transport.ca.ca_pem
+    with pytest.raises(ConfigError):
+        _ = admitted.ca.key_pem
+    certs = await asyncio.to_thread(
+        admitted.admit_many,
+        [
+            RegistryMember(member_id=alice_id, role="agent", tenant=prefix),
+            RegistryMember(member_id=bob_id, role="agent", tenant=prefix),
+        ],
+    )
+    # The serving process registered them: its server knows them, with their permissions.
+    assert (prefix, alice_id) in transport.members and (prefix, bob_id) in transport.members
+    alice = await connect(certs[alice_id], prefix)
+    bob = await connect(certs[bob_id], prefix)
+    assert await _sent(bob, alice, s.msg(alice_id), b"hello") == b"hello"
+    # Their permissions are their role's: an agent may not read another's inbox.
+    await bob.nc.subscribe(s.msg(alice_id))
+    await bob.violation(f'subscription to "{s.msg(alice_id)}"')
+
+
+async def test_admission_signs_only_for_a_member_registered_in_that_role(
+    admitted: Transport, prefix: str
+):
+    (carol_id,) = ids(prefix, "carol")
+    with pytest.raises(ConfigError, match=f"{carol_id!r} .* is not registered in role 'agent'"):
+        await asyncio.to_thread(admitted.ca.client_cert, carol_id, "agent", tenant=prefix)
+    await asyncio.to_thread(
+        admitted.register, [RegistryMember(member_id=carol_id, role="auditor", tenant=prefix)]
+    )
+    with pytest.raises(ConfigError, match="is not registered in role 'governance'"):
+        await asyncio.to_thread(admitted.ca.client_cert, carol_id, "governance", tenant=prefix)
+
+
+def test_a_stopped_admission_socket_is_named_in_the_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"GOVMESH_NATS_ADMISSION=.*stopped"):
+        admitted_transport(tmp_path / "admission.sock")

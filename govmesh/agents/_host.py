@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, Unpack
 
@@ -99,6 +99,9 @@ class AgentHost(AgentService):
             its final decision was lost.
         approval_timeout_s: how long to wait for a person's answer to an escalation whose
             approval never lapses; one that lapses is waited for until it does.
+        peers: the agents of the deployment; a workflow that asks or sends to another
+            fails at once, naming it, where it would wait for an answer that never comes.
+            None lets it ask any agent.
         thinking: max_tokens, prices, budget, keep_thoughts (see `AgentService`).
 
     Raises:
@@ -121,6 +124,7 @@ class AgentHost(AgentService):
         retry_s: float = 5.0,
         recheck_s: float = 10.0,
         approval_timeout_s: float = 300.0,
+        peers: Collection[str] | None = None,
         **thinking: Unpack[Thinking],
     ) -> None:
         found = load_object(agent, search_path=search_path, what="agent")
@@ -140,6 +144,7 @@ class AgentHost(AgentService):
         self._retry_s = retry_s
         self._recheck_s = recheck_s
         self._approval_timeout_s = approval_timeout_s
+        self._peers = None if peers is None else frozenset(peers)
         self._decisions: dict[str, _Decisions] = {}
         self._timers: dict[tuple[str, str], asyncio.Future[TimerFired]] = {}
         self._asks: dict[tuple[str, str], asyncio.Future[Outcome]] = {}
@@ -322,7 +327,16 @@ class AgentHost(AgentService):
     async def ask(self, workflow: str, agent: str, start: WorkflowStart, *, trace: str) -> Outcome:
         """Send ``start`` to ``agent`` for ``workflow`` and wait for its outcome, sending it
         again, less and less often, until one comes: the agent answers a start it works on
-        with nothing, and one it finished with the outcome it kept."""
+        with nothing, and one it finished with the outcome it kept.
+
+        Raises:
+            ConfigError: ``agent`` is not one of the deployment's agents (``peers``).
+        """
+        if self._peers is not None and agent not in self._peers:
+            raise ConfigError(
+                f"{agent!r} is not an agent of this deployment, so nothing would answer; "
+                f"its agents are {sorted(self._peers)}"
+            )
         key = (workflow, agent)
         answered = self._asks[key] = asyncio.get_running_loop().create_future()
         wait = self._retry_s

@@ -86,9 +86,10 @@ class Denied(GovmeshError, PermissionError):
 
 
 class ToolFailed(GovmeshError, RuntimeError):
-    """A tool ran under an allow and failed (see `govmesh.ToolError`); retryable failures
-    were retried as the agent's `RetryPolicy` says before this is raised. Ends the workflow
-    ``failed`` unless the handler catches it.
+    """A tool ran under an allow and failed (see `govmesh.ToolError`), or the agent's token
+    lacks the tool's capability, so it was never asked for; retryable failures were retried
+    as the agent's `RetryPolicy` says before this is raised. Ends the workflow ``failed``
+    unless the handler catches it.
 
     Attributes:
         error: what went wrong, as the gateway reported it.
@@ -629,17 +630,31 @@ class Workflow:
         first_call = not facts.first_decision
         authority = self._runtime.authority_usd()
         spend = sum(float(payload[name]) for name in tool.terms.spend)
-        refusal = ""
+        # Governance would drop such an intent as a security event and the workflow would
+        # wait for a decision that never comes; a well-behaved agent never asks beyond
+        # what its own token states, and ends the step at once, saying why.
+        refused: Step | None = None
         if not self._runtime.may(tool.name):
-            refusal = f"{self.agent_id} has no capability {tool.name!r}"
+            # A deployment that gives an agent a tool but not the capability is set up
+            # wrong: that fails the workflow, where a policy's answer would deny it.
+            refused = Step(
+                tool=tool.name,
+                end="failed",
+                reasons=(
+                    f"{self.agent_id} has no capability {tool.name!r}: its token does not "
+                    "grant it (give it in the agent's capabilities)",
+                ),
+            )
         elif spend > authority:
-            refusal = f"spend {spend} is over this agent's authority {authority}"
-        if refusal:
-            # Governance would drop the intent as a security event; a well-behaved agent
-            # never asks beyond what its own token states.
+            refused = Step(
+                tool=tool.name,
+                end="denied",
+                reasons=(f"spend {spend} is over this agent's authority {authority}",),
+            )
+        if refused is not None:
             if first_call:
                 facts.shown = shown
-            return await self._finish(step, Step(tool=tool.name, end="denied", reasons=(refusal,)))
+            return await self._finish(step, refused)
         intent = ToolIntent(
             tool=tool.name, args=payload, step=step, reflections=facts.own_reflections
         )
@@ -747,6 +762,8 @@ class Workflow:
             Denied: the agent's workflow was denied or rejected.
             ToolFailed: it failed.
             Halted: it was halted.
+            ConfigError: ``agent`` takes part already, or is not an agent of the
+                deployment (nothing would answer).
         """
         outcome = self.journal.asks.get(agent)
         if outcome is None:

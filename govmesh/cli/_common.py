@@ -36,6 +36,7 @@ __all__ = [
     "progress_bar",
     "run_async",
     "tenant_option",
+    "wait_option",
     "write_json",
 ]
 
@@ -168,6 +169,17 @@ tenant_option = click.option(
     "--tenant",
     envvar="GOVMESH_TENANT",
     help="The deployment's tenant; needed only when several run here.",
+)
+
+
+wait_option = click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(0),
+    default=0,
+    metavar="SECONDS",
+    help="Wait up to SECONDS for the deployment to start (and answer), instead of exiting "
+    "2 at once when none runs yet.",
 )
 
 

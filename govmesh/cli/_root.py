@@ -32,6 +32,7 @@ def _start_telemetry(choice: str) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="govmesh", prog_name="govmesh", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.option(
     "--telemetry",

@@ -74,6 +74,12 @@ def _source(scenario: Path | None, app: str | None) -> None:
     help="Finish a run that was stopped: its scenario, seed and counts are its own, its "
     "embedded servers start again on its data, and its unfinished workflows go on.",
 )
+@click.option(
+    "--insecure-bus",
+    is_flag=True,
+    help="Run on an external NATS (GOVMESH_NATS_URL) without mutual TLS: anyone who "
+    "reaches it reads every message. Refused without this flag; the report says so.",
+)
 @json_option
 def run(
     scenario: Path | None,
@@ -84,6 +90,7 @@ def run(
     concurrency: int,
     manual_approvals: bool,
     resume: str | None,
+    insecure_bus: bool,
     json_path: Path | None,
 ) -> None:
     """Run SCENARIO (or --app) with a swarm of agent actors and print a summary.
@@ -113,11 +120,6 @@ def run(
             raise click.ClickException(str(exc)) from None
         workflows, manual_approvals = manifest.workflows, manifest.manual_approvals
         console.print(f"resuming run [bold]{run_id}[/] of {manifest.scenario or manifest.app}")
-    else:
-        console.print(
-            f"run [bold]{run_id}[/]; if it is stopped, [bold]govmesh run --resume {run_id}[/] "
-            "finishes it"
-        )
     if manual_approvals:
         console.print(
             "escalations wait for an operator: [bold]govmesh approvals list[/], then "
@@ -131,6 +133,7 @@ def run(
     with Live(view, console=console, refresh_per_second=4, transient=False):
         task = progress.add_task("starting", total=workflows, tally="")
         tally: dict[str, int] = {}
+        phases: list[str] = []
 
         def on_done(_: str, outcome: Any) -> None:
             tally[outcome.result] = tally.get(outcome.result, 0) + 1
@@ -139,6 +142,14 @@ def run(
 
         def on_phase(text: str) -> None:
             claim_sigterm()  # phases after the first run with Ray up
+            if not phases and resume is None:
+                # Said once the input is checked and the run's directory exists: a run
+                # refused before it started has nothing to resume.
+                console.print(
+                    f"run [bold]{run_id}[/]; if it is stopped, "
+                    f"[bold]govmesh run --resume {run_id}[/] finishes it"
+                )
+            phases.append(text)
             progress.update(task, description=text)
             if text == "stopping":
                 view.burns = []
@@ -157,6 +168,7 @@ def run(
                 run_id=run_id,
                 resume=resume is not None,
                 on_burn=view.update,
+                insecure_bus=insecure_bus,
             )
         )
     out.print(_summary(report))
@@ -322,7 +334,12 @@ def _summary(report: dict[str, Any]) -> Table:
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("workflows finished", f"{w['finished']} / {w['total']}")
+    runtime = report.get("runtime", {})
+    if runtime.get("insecure_bus"):
+        table.add_row("[red]bus[/]", "[red]INSECURE (--insecure-bus): NATS without mutual TLS[/]")
     table.add_row("outcomes", _results(w["results"]))
+    for result, reasons in report.get("why", {}).items():
+        table.add_row(f"why {result}", "; ".join(f"{why} ({n})" for why, n in reasons.items()))
     for tool, call in report["calls"].items():
         table.add_row(f"first call: {tool}", _shown(call))
     models = {

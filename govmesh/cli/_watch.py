@@ -20,6 +20,7 @@ from govmesh.cli._common import (
     out,
     run_async,
     tenant_option,
+    wait_option,
     write_json,
 )
 from govmesh.cli._root import cli
@@ -200,6 +201,7 @@ def _board_view(board: BoardSnapshot, title: str) -> Group:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the events seen and the final board as JSON here.",
 )
+@wait_option
 def watch(
     tenant: str | None,
     workflow: str,
@@ -208,6 +210,7 @@ def watch(
     count: int | None,
     live: bool | None,
     json_path: Path | None,
+    wait_s: float,
 ) -> None:
     """Follow a running deployment's events live: decisions, escalations, model use, tool
     results, security events, and messages on the stream that fail verification (shown as
@@ -223,7 +226,7 @@ def watch(
     from rich.live import Live
 
     from govmesh.observability._watch import WatchBoard, watch_events
-    from govmesh.runtime import join
+    from govmesh.runtime import join_when_up
 
     board = WatchBoard()
     seen: list[WatchedEvent] = []
@@ -233,7 +236,7 @@ def watch(
         """Fold in and show events until --count; False then, True if the deployment
         stopped first."""
         nonlocal title
-        joined = join(tenant)
+        joined = await join_when_up(tenant, wait_s=wait_s)
         title = f"govmesh watch: {joined.deployment.tenant}" + (
             f" ({joined.what})" if joined.what else ""
         )

@@ -19,12 +19,10 @@ import contextlib
 import datetime as dt
 import logging
 import os
-import socket
-import struct
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import Final
 
 import msgspec
@@ -38,6 +36,7 @@ from govmesh.errors import ConfigError, SecurityError
 from govmesh.identity._ca import DEFAULT_CLIENT_TTL, ClientCert, DeploymentCA, _key_pem
 from govmesh.identity._keys import SigningKey, VerifyKey
 from govmesh.identity._tokens import DEFAULT_TOKEN_TTL_S, Identity, Issuer, TokenVerifier
+from govmesh.identity._unix import UnixSocketServer, peer_uid, reply_and_close
 from govmesh.roles import AUDITOR_ROLE, OPERATOR_ROLE
 
 __all__ = [
@@ -70,8 +69,6 @@ ENROLMENT_TTL_S: Final = 600.0
 MAX_REQUEST_BYTES: Final = 8192
 """The largest request `EnrolmentServer` reads; a request is about 1 KiB."""
 _MAX_REPLY_BYTES: Final = 65536
-# sockaddr_un's sun_path is 108 bytes on Linux, including the terminating NUL.
-_MAX_SOCKET_PATH: Final = 107
 _CONCURRENT: Final = 8
 
 
@@ -268,7 +265,7 @@ def certify(
     return Grant(token=token, cert_pem=cert_pem, ca_pem=ca_pem)
 
 
-class EnrolmentServer:
+class EnrolmentServer(UnixSocketServer):
     """Short-lived operator and watch credentials for local processes, on a Unix socket.
 
     The running deployment serves this at ``<advertised directory>/enrol.sock``. A client
@@ -317,58 +314,15 @@ class EnrolmentServer:
         ttl_s: float = ENROLMENT_TTL_S,
         timeout_s: float = 5.0,
     ) -> None:
-        self.path = Path(path)
+        super().__init__(path, limit=MAX_REQUEST_BYTES)
         self._issuer = issuer
         self._ca = ca
         self._tenant = tenant
         self._ttl_s = ttl_s
         self._timeout_s = timeout_s
-        self._server: asyncio.Server | None = None
         self._slots = asyncio.Semaphore(_CONCURRENT)
         self.granted: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
-
-    async def __aenter__(self) -> EnrolmentServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def start(self) -> None:
-        """Serve the socket at `path`, replacing one left by a killed process.
-
-        Raises:
-            ConfigError: the path is too long for a Unix socket, or a live process serves it.
-        """
-        size = len(os.fsencode(self.path))
-        if size > _MAX_SOCKET_PATH:
-            raise ConfigError(
-                f"{self.path}: {size} bytes is too long for a Unix socket (at most "
-                f"{_MAX_SOCKET_PATH}); set GOVMESH_HOME to a shorter directory"
-            )
-        if self.path.exists() or self.path.is_symlink():
-            await _clear_stale(self.path)
-        self._server = await asyncio.start_unix_server(
-            self._serve, path=str(self.path), limit=MAX_REQUEST_BYTES
-        )
-        # The directory is 0700 already, so the moment before this chmod exposes nothing.
-        os.chmod(self.path, 0o600)
-
-    async def close(self) -> None:
-        """Stop serving and remove the socket. Safe to call twice."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        await server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async with self._slots:
@@ -379,18 +333,10 @@ class EnrolmentServer:
                 self.refused[exc.reason] += 1
                 log.warning("enrolment refused (%s): %s", exc.reason, exc.error)
                 reply = Refusal(error=exc.error)
-            try:
-                writer.write(msgspec.json.encode(reply) + b"\n")
-                await asyncio.wait_for(writer.drain(), self._timeout_s)
-            except (OSError, TimeoutError) as exc:
-                log.info("enrolment reply not delivered: %s", exc)
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
+            await reply_and_close(writer, msgspec.json.encode(reply), timeout_s=self._timeout_s)
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Grant:
-        uid = _peer_uid(writer)
+        uid = peer_uid(writer)
         try:
             # Read even a foreign peer's request (bounded in size and time) before refusing
             # it: a refusal sent before the client finished writing breaks its pipe, and the
@@ -438,7 +384,7 @@ class EnrolmentServer:
         return granted
 
     def __repr__(self) -> str:
-        return f"EnrolmentServer(path={str(self.path)!r}, serving={self._server is not None})"
+        return f"EnrolmentServer(path={str(self.path)!r}, serving={self.serving})"
 
 
 class _Refused(Exception):
@@ -450,33 +396,6 @@ class _Refused(Exception):
 
 def _allowed() -> str:
     return " and ".join(f"member {m!r} in role {r!r}" for m, r in SOCKET_MEMBERS.items())
-
-
-def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
-    """The uid of the process at the other end, where the kernel says (Linux)."""
-    sock = writer.get_extra_info("socket")
-    option = getattr(socket, "SO_PEERCRED", None)
-    if sock is None or option is None:
-        return None
-    raw = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", raw)
-    return int(uid)
-
-
-async def _clear_stale(path: Path) -> None:
-    try:
-        _, writer = await asyncio.open_unix_connection(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        # Nobody listens: left by a process that was killed.
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        return
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot tell whether it is in use: {exc}") from None
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    raise ConfigError(f"{path}: another live process serves enrolment here")
 
 
 async def request_grant(path: Path, request: EnrolRequest, *, timeout_s: float = 10.0) -> Grant:

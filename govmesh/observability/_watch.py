@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import ServiceUnavailableError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from govmesh.bus import Bus, Envelope
 from govmesh.observability._audit import (
@@ -446,16 +446,24 @@ async def watch_events(
     verifier = StreamVerifier.of(deployment)
     try:
         js = bus.nc.jetstream()
-        sub = await js.pull_subscribe(
-            bus.subjects.everything,
-            durable=None,
-            stream=bus.subjects.event_stream,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.ALL if replay else DeliverPolicy.NEW,
-                ack_policy=AckPolicy.NONE,
-                inactive_threshold=60.0,
-            ),
-        )
+        while True:
+            try:
+                sub = await js.pull_subscribe(
+                    bus.subjects.everything,
+                    durable=None,
+                    stream=bus.subjects.event_stream,
+                    config=ConsumerConfig(
+                        deliver_policy=DeliverPolicy.ALL if replay else DeliverPolicy.NEW,
+                        ack_policy=AckPolicy.NONE,
+                        inactive_threshold=60.0,
+                    ),
+                )
+                break
+            except NotFoundError:
+                # A run creates its stream a moment after it advertises itself.
+                if not joined.running:
+                    return
+                await asyncio.sleep(0.2)
         while True:
             try:
                 msgs = await sub.fetch(100, timeout=1.0)

@@ -1,12 +1,15 @@
 """Embedded nats-server, Redis-protocol server and Ray, or connections to external ones."""
 
+from govmesh.runtime._admission import ENV_NATS_ADMISSION, AdmissionServer, admitted_transport
 from govmesh.runtime._home import (
     ENV_HOME,
     OPERATOR_MEMBER,
     WATCH_MEMBER,
     JoinedDeployment,
+    NotRunning,
     advertise,
     join,
+    join_when_up,
 )
 from govmesh.runtime._latency import ENV_LOW_LATENCY, CpuLatencyHold, LowLatency
 from govmesh.runtime._llama import (
@@ -33,6 +36,7 @@ __all__ = [
     "ENV_LOCAL_MODEL_KEY",
     "ENV_LOCAL_MODEL_URL",
     "ENV_LOW_LATENCY",
+    "ENV_NATS_ADMISSION",
     "ENV_NATS_CA",
     "ENV_NATS_CA_KEY",
     "ENV_NATS_CERT",
@@ -43,17 +47,21 @@ __all__ = [
     "OPERATOR_MEMBER",
     "SMOLLM2",
     "WATCH_MEMBER",
+    "AdmissionServer",
     "CpuLatencyHold",
     "JoinedDeployment",
     "LocalModelServer",
     "LowLatency",
     "Member",
     "NatsServer",
+    "NotRunning",
     "RedisServer",
     "Runtime",
     "ServerTLS",
     "Transport",
+    "admitted_transport",
     "advertise",
     "join",
+    "join_when_up",
     "smollm2_gguf",
 ]

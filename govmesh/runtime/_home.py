@@ -21,6 +21,7 @@ the bus.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -51,15 +52,22 @@ __all__ = [
     "OPERATOR_MEMBER",
     "WATCH_MEMBER",
     "JoinedDeployment",
+    "NotRunning",
     "advertise",
     "home_dir",
     "join",
+    "join_when_up",
     "write_private",
 ]
 
 ENV_HOME: Final = "GOVMESH_HOME"
 ENROL_SOCKET: Final = "enrol.sock"
 _STATE: Final = "deployment.json"
+_JOIN_POLL_S: Final = 0.2
+
+
+class NotRunning(ConfigError):
+    """No deployment (of the tenant asked for) is running here now; one may start later."""
 
 
 class _Record(msgspec.Struct, frozen=True, kw_only=True):
@@ -218,14 +226,14 @@ def join(tenant: str | None = None) -> JoinedDeployment:
     """The running deployment of `tenant` (or the only one) advertised under `home_dir`.
 
     Raises:
-        ConfigError: none is running, several are and `tenant` is not given, or the one
-            found belongs to a process that is gone.
+        NotRunning: none is running, or the one found belongs to a process that is gone.
+        ConfigError: several are running and `tenant` is not given.
     """
     home = home_dir()
     if tenant is None:
         tenants = sorted(p.parent.name for p in home.glob(f"*/{_STATE}"))
         if not tenants:
-            raise ConfigError(
+            raise NotRunning(
                 f"no govmesh deployment is running here (nothing under {home}); start one "
                 f"with `govmesh run SCENARIO`, or set {ENV_HOME} to where it runs"
             )
@@ -235,9 +243,9 @@ def join(tenant: str | None = None) -> JoinedDeployment:
     where = home / tenant
     record = _read(where)
     if record is None:
-        raise ConfigError(f"no deployment of tenant {tenant!r} is running (nothing in {where})")
+        raise NotRunning(f"no deployment of tenant {tenant!r} is running (nothing in {where})")
     if not _alive(record.pid):
-        raise ConfigError(
+        raise NotRunning(
             f"the deployment of tenant {tenant!r} in {where} belonged to pid {record.pid}, "
             "which is gone; start it again"
         )
@@ -255,3 +263,23 @@ def join(tenant: str | None = None) -> JoinedDeployment:
         started_at=record.started_at,
         what=record.what,
     )
+
+
+async def join_when_up(tenant: str | None = None, *, wait_s: float = 0.0) -> JoinedDeployment:
+    """`join`, asked again every fraction of a second for up to `wait_s` seconds while no
+    deployment runs, so a command started a moment before its deployment finds it.
+
+    Raises:
+        NotRunning: none was running when `wait_s` had passed.
+        ConfigError: several are running and `tenant` is not given.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return join(tenant)
+        except NotRunning as exc:
+            if time.monotonic() >= deadline:
+                if wait_s:
+                    raise NotRunning(f"{exc} (waited {wait_s:g} s)") from None
+                raise
+        await asyncio.sleep(_JOIN_POLL_S)

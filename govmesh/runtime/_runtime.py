@@ -16,11 +16,13 @@ from urllib.parse import urlsplit
 
 from govmesh.config import public_url
 from govmesh.errors import ConfigError, RuntimeStartError
+from govmesh.runtime._admission import ENV_NATS_ADMISSION, admitted_transport
 from govmesh.runtime._latency import CpuLatencyHold, LowLatency
 from govmesh.runtime._nats import NatsServer
 from govmesh.runtime._process import Reaper, register_atexit, unregister_atexit
+from govmesh.runtime._rayauth import RayAuth, joining_hint
 from govmesh.runtime._redis import RedisServer
-from govmesh.runtime._transport import ENV_NATS_CA, Transport
+from govmesh.runtime._transport import ENV_NATS_CA, ENV_NATS_CA_KEY, Transport
 
 __all__ = ["ENV_NATS_URL", "ENV_RAY_ADDRESS", "ENV_REDIS_NO_AUTH", "ENV_REDIS_URL", "Runtime"]
 
@@ -88,6 +90,23 @@ def _environ(updates: Mapping[str, str]) -> Iterator[None]:
                 os.environ[name] = old
 
 
+_RAY_AUTH_LOG: Final = "ray._private.authentication.authentication_token_setup"
+"""Ray's logger that warns, on every start, that token authentication is on: govmesh
+says how to join instead (`RayAuth.joining`)."""
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Only errors of `logger` for the duration of the block."""
+    log_ = logging.getLogger(logger)
+    level = log_.level
+    log_.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log_.setLevel(level)
+
+
 class Runtime:
     """The services a govmesh deployment needs: NATS, a Redis-protocol server and Ray.
 
@@ -102,8 +121,11 @@ class Runtime:
 
     With ``secure=True`` (the default) the embedded nats-server requires mutual TLS and maps
     each client certificate to a user with its role's permissions; members join through
-    `transport` (``rt.transport.admit(...)``). With external NATS, `transport` comes from the
-    operator's files (``GOVMESH_NATS_CA`` and friends, see `Transport`), or is None.
+    `transport` (``rt.transport.admit(...)``). With external NATS, `transport` comes from
+    the admission socket of the ``govmesh up`` that serves it (``GOVMESH_NATS_ADMISSION``,
+    see `admitted_transport`) or from the operator's files (``GOVMESH_NATS_CA`` and
+    friends, see `Transport`); external NATS with neither is refused unless
+    ``insecure_bus=True``.
 
     Asked to (``low_latency="on"``, `CpuLatencyHold`), the Runtime holds this machine's CPUs
     awake while it runs, and its embedded nats-server runs its Go code on one thread: a
@@ -126,9 +148,14 @@ class Runtime:
         embedded: which of ``"nats"``, ``"redis"`` and ``"ray"`` this Runtime started itself.
         ray_address: the Ray cluster in use (GCS address or ``RAY_ADDRESS``); None without Ray.
         ray_session_dir: session directory (logs) of the Ray instance this Runtime started.
+        ray_auth: how the Ray instance this Runtime started authenticates who joins it
+            (Ray's token authentication unless ``RAY_AUTH_MODE`` says otherwise); None
+            when it joined a cluster or reused Ray, or runs without Ray.
         nats_server: the embedded nats-server, None when NATS is external.
-        transport: the deployment CA and member registry; None when not secure, or with
-            external NATS and no ``GOVMESH_NATS_CA``.
+        transport: the deployment CA and member registry; None when not secure, or on an
+            insecure bus.
+        insecure_bus: this Runtime runs on external NATS without mutual TLS, as the
+            caller accepted (``insecure_bus=True``).
         redis_server: the embedded Redis-protocol server, None when Redis is external.
     """
 
@@ -140,6 +167,7 @@ class Runtime:
         ray_num_cpus: int | None = None,
         secure: bool = True,
         low_latency: str | None = None,
+        insecure_bus: bool = False,
     ) -> None:
         """Configure, but do not start, a Runtime.
 
@@ -154,6 +182,9 @@ class Runtime:
             low_latency: hold this machine's CPUs awake while the Runtime runs (see
                 `CpuLatencyHold`): ``on`` or ``off``; default ``$GOVMESH_LOW_LATENCY``,
                 else ``off``.
+            insecure_bus: accept external NATS without mutual TLS (neither
+                ``GOVMESH_NATS_ADMISSION`` nor ``GOVMESH_NATS_CA``), which is refused
+                otherwise; `insecure_bus` then says so for every report.
 
         Raises:
             ConfigError: `ray_num_cpus` is less than 1, or `low_latency` is not a mode.
@@ -164,6 +195,8 @@ class Runtime:
         self._workdir_option = workdir
         self._start_ray = start_ray
         self._secure = secure
+        self._insecure_bus = insecure_bus
+        self.insecure_bus = False
         self._ray_num_cpus = ray_num_cpus
         self._stack = ExitStack()
         self._entered = False
@@ -173,6 +206,7 @@ class Runtime:
         self.embedded: dict[str, bool] = {"nats": False, "redis": False, "ray": False}
         self.ray_address: str | None = None
         self.ray_session_dir: Path | None = None
+        self.ray_auth: RayAuth | None = None
         self.nats_server: NatsServer | None = None
         self.transport: Transport | None = None
         self.redis_server: RedisServer | None = None
@@ -249,14 +283,13 @@ class Runtime:
         if redis_url is not None:
             _check_redis_auth(redis_url)
         if nats_url is not None and self._secure:
-            self.transport = Transport.from_environment()
+            admission = os.environ.get(ENV_NATS_ADMISSION, "").strip()
+            if admission:
+                self.transport = admitted_transport(Path(admission))
+            else:
+                self.transport = Transport.from_environment()
             if self.transport is None:
-                log.warning(
-                    "external NATS at %s without %s: no client certificates; its transport "
-                    "security is up to its operator",
-                    nats_url,
-                    ENV_NATS_CA,
-                )
+                self._refuse_or_accept_insecure_bus(nats_url)
         workdir = self._make_workdir()
         self._hold.acquire()
         self._stack.callback(self._hold.release)
@@ -293,6 +326,23 @@ class Runtime:
             self.low_latency.detail,
         )
 
+    def _refuse_or_accept_insecure_bus(self, nats_url: str) -> None:
+        """External NATS without mutual TLS: refused unless the caller accepted it
+        (``insecure_bus``), and warned about on every start then."""
+        risk = (
+            "any client that reaches it reads every message of every workflow and may "
+            "publish on any subject (signatures still expose forgeries, not eavesdropping)"
+        )
+        if not self._insecure_bus:
+            raise ConfigError(
+                f"{ENV_NATS_URL}={public_url(nats_url)!r} without mutual TLS: {risk}. Join a "
+                f"`govmesh up` with the {ENV_NATS_ADMISSION} it prints, give its operator's "
+                f"CA in {ENV_NATS_CA} (with {ENV_NATS_CA_KEY} to admit members), or pass "
+                "--insecure-bus (insecure_bus=True from Python) to run on it anyway"
+            )
+        log.warning("insecure bus: NATS at %s without mutual TLS: %s", nats_url, risk)
+        self.insecure_bus = True
+
     def _make_workdir(self) -> Path:
         if self._workdir_option is not None:
             workdir = Path(self._workdir_option)
@@ -316,23 +366,43 @@ class Runtime:
             # A cluster's workers do not inherit this process's environment (the embedded
             # instance's do): hand on where their telemetry goes (see configure_telemetry).
             telemetry = {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
-            ray.init(
-                address=address,
-                log_to_driver=False,
-                logging_level=logging.ERROR,
-                configure_logging=False,
-                runtime_env={"env_vars": telemetry} if telemetry else None,
-            )
+            try:
+                ray.init(
+                    address=address,
+                    log_to_driver=False,
+                    logging_level=logging.ERROR,
+                    configure_logging=False,
+                    runtime_env={"env_vars": telemetry} if telemetry else None,
+                )
+            except ConnectionError as exc:
+                raise RuntimeStartError(
+                    f"cannot join the Ray cluster at {ENV_RAY_ADDRESS}={address!r}: {exc}"
+                    + joining_hint()
+                ) from None
             self.ray_address = address
             return
+        auth = RayAuth.for_new_cluster(workdir)
+        # Ray keeps the token it loaded first for the life of the process; a cluster
+        # started after another one here must be joined with its own. (Ray's own
+        # `ray get-auth-token --generate` resets it the same way; Ray before 2.52 has no
+        # token authentication.)
+        from ray import _raylet
+
+        loader = getattr(_raylet, "AuthenticationTokenLoader", None)
+        if loader is not None:
+            loader.instance().reset_cache()
         # Ray's raylet starts agents and workers that outlive a killed driver by about a
         # minute; each inherits this environment, so the reaper can find exactly them.
         reaper = Reaper(log_path=workdir / "ray-reaper.log")
         self._stack.callback(reaper.close)
         self._stack.callback(ray.shutdown)
-        with _environ(reaper.environ):
+        with _environ(reaper.environ | auth.start_environ), _quiet(_RAY_AUTH_LOG):
             try:
                 ray.init(
+                    # A new instance even when a node of another cluster runs on this
+                    # machine: Ray would join the one `ray start` last recorded in its
+                    # temporary directory, without RAY_ADDRESS naming it.
+                    address="local",
                     num_cpus=self._ray_num_cpus or os.cpu_count(),
                     include_dashboard=False,
                     log_to_driver=False,
@@ -342,6 +412,7 @@ class Runtime:
             except Exception as exc:
                 raise RuntimeStartError(f"local Ray instance failed to start: {exc}") from exc
         self.embedded["ray"] = True
+        self.ray_auth = auth
         self.ray_address = ray.get_runtime_context().gcs_address
         self.ray_session_dir = _ray_session_dir()
         if self.ray_session_dir is not None:

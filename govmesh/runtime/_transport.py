@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final
@@ -105,9 +105,12 @@ class Transport:
     message.
 
     Args:
-        ca: the deployment CA; `admit` needs its private key.
+        ca: the deployment CA; `admit` needs its private key, or a CA that has another
+            process sign (`AdmittedCA`).
         server: the embedded nats-server whose users `admit` maintains; None for external.
         own_cert: this process's own certificate, issued by an operator (external NATS).
+        registrar: for external NATS served by another govmesh process, asks it for the
+            users of members admitted here (see `admitted_transport`).
 
     Attributes:
         ca: the deployment CA.
@@ -121,10 +124,12 @@ class Transport:
         *,
         server: NatsServer | None = None,
         own_cert: ClientCert | None = None,
+        registrar: Callable[[list[Member]], object] | None = None,
     ) -> None:
         self.ca = ca
         self.server = server
         self.own_cert = own_cert
+        self._registrar = registrar
         self._members: dict[tuple[str, str], Member] = {}
         self._by_user: dict[str, Member] = {}
         self._users: dict[str, Permissions] = {}
@@ -261,6 +266,8 @@ class Transport:
                     named[dn] = member
             if joining and self.server is not None:
                 self.server.authorize(users)
+            elif joining and self._registrar is not None:
+                self._registrar(list(joining.values()))
             elif joining:
                 log.info(
                     "admitted %s; the external nats-server needs their users (see "

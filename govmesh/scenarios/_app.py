@@ -73,6 +73,8 @@ class RunOptions(TypedDict, total=False):
         simulated_approver: answer escalations with the simulated approver (True); False
             leaves them to ``govmesh approvals`` in another terminal.
         on_done: called with each workflow's id and `Outcome` as it ends.
+        insecure_bus: run on an external NATS without mutual TLS, which is refused
+            otherwise (False); the report says so.
     """
 
     workflows: int
@@ -80,6 +82,7 @@ class RunOptions(TypedDict, total=False):
     concurrency: int
     simulated_approver: bool
     on_done: Callable[[str, Outcome], None]
+    insecure_bus: bool
 
 
 class Workload(Protocol):

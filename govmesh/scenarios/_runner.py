@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +70,7 @@ __all__ = [
     "run_dir",
     "run_scenario",
     "run_workflows",
+    "why_not_completed",
     "workflow_id",
 ]
 
@@ -567,6 +568,8 @@ def _report(
             # Every result the agents reported, by name, most frequent first.
             "results": dict(results.most_common()),
         },
+        # Each result but completed with its most frequent reasons, for the summary.
+        "why": why_not_completed(outcomes.values()),
         # Why workflows failed, so a run with failures can be looked into (at most 20).
         "failures": [
             {"workflow": workflow, "reasons": list(o.reasons)}
@@ -593,6 +596,24 @@ def _report(
         "security_rejections": dict(rejected),
         "timings_s": timings,
         "actors": stats,
+    }
+
+
+_WHY_SHOWN = 3
+"""Reasons a report lists for each result that is not ``completed`` (the most frequent)."""
+
+
+def why_not_completed(outcomes: Iterable[Outcome]) -> dict[str, dict[str, int]]:
+    """For each result but ``completed``, its most frequent reasons with their counts, so
+    a run whose workflows fail (a capability its agent lacks, a tool that breaks) says why
+    where its outcomes are shown."""
+    by_result: dict[str, Counter[str]] = {}
+    for o in outcomes:
+        if o.result != "completed":
+            by_result.setdefault(o.result, Counter()).update(o.reasons or ("no reason given",))
+    return {
+        result: dict(reasons.most_common(_WHY_SHOWN))
+        for result, reasons in sorted(by_result.items())
     }
 
 
@@ -657,10 +678,12 @@ class Deployed:
 
     def describe(self) -> dict[str, Any]:
         """What a run's report says of its runtime: which services it embeds, whether the
-        bus is mutual TLS, and whether the CPUs were held awake."""
+        bus is mutual TLS or an insecure one the user accepted (``--insecure-bus``), and
+        whether the CPUs were held awake."""
         return {
             "embedded": self.runtime.embedded,
             "mutual_tls": self.deployment.tls,
+            "insecure_bus": self.runtime.insecure_bus,
             "low_latency": msgspec.structs.asdict(self.runtime.low_latency),
         }
 
@@ -673,12 +696,14 @@ async def deploy(
     resume: bool,
     what: str,
     phase: Callable[[str], None],
+    insecure_bus: bool = False,
 ) -> AsyncIterator[Deployed]:
     """Bring up the runtime of a run of ``app`` (embedded or external services) with its
     data in `run_dir`, advertised under ``$GOVMESH_HOME`` so ``govmesh approvals`` can
     answer its escalations from another terminal. The manifest is kept in the run's
     directory; with ``resume`` it is read back from there (the one given then only names
-    the run) and the app is the one it names (`load_app_of`).
+    the run) and the app is the one it names (`load_app_of`). ``insecure_bus`` accepts
+    external NATS without mutual TLS (see `Runtime`).
 
     Raises:
         ConfigError: ``resume`` of a run that has no directory here, or that finished, or
@@ -698,7 +723,7 @@ async def deploy(
     manifest = msgspec.structs.replace(manifest, tenant=tenant)
     save_manifest(workdir, manifest)
     phase("starting nats-server, Redis-protocol server and Ray")
-    async with Runtime(workdir=workdir) as runtime:
+    async with Runtime(workdir=workdir, insecure_bus=insecure_bus) as runtime:
         issuer = new_issuer(tenant)
         deployment = issuer.deployment(
             tenant=tenant,
@@ -829,6 +854,7 @@ async def run_scenario(
     run_id: str | None = None,
     resume: bool = False,
     on_burn: Callable[[list[WorkflowBurn]], None] | None = None,
+    insecure_bus: bool = False,
 ) -> dict[str, Any]:
     """Load a scenario file or an app, bring up the runtime (embedded or external
     services), run, report.
@@ -847,6 +873,8 @@ async def run_scenario(
         path: a scenario file.
         app: instead of ``path``, an `App`, or its name ``package.module:app`` (with
             ``app_dir`` first on the path).
+        insecure_bus: accept external NATS without mutual TLS (see `Runtime`); the
+            report says so (``runtime.insecure_bus``).
     """
     phase = on_phase or (lambda _: None)
     loaded: App | None = None
@@ -870,7 +898,9 @@ async def run_scenario(
             manual_approvals=not simulated_approver,
         )
         what = f"govmesh run {path or asked.app or loaded.name}"
-    async with deploy(asked, app=loaded, resume=resume, what=what, phase=phase) as up:
+    async with deploy(
+        asked, app=loaded, resume=resume, what=what, phase=phase, insecure_bus=insecure_bus
+    ) as up:
         m = up.manifest
         phase("starting agent and platform actors")
         report = await run_workflows(

@@ -219,6 +219,7 @@ class Swarm:
                     "keep_thoughts": app.keep_thoughts,
                     "tool_retry": agent.tool_retry,
                     "model_retry": agent.model_retry,
+                    "peers": list(app.agent_ids),
                 },
             )
             for agent in app.agents
