@@ -17,8 +17,15 @@ from govmesh.runtime._llama import (
     smollm2_gguf,
 )
 from govmesh.runtime._nats import NatsServer, ServerTLS
+from govmesh.runtime._nats_cluster import NatsCluster
 from govmesh.runtime._redis import RedisServer
-from govmesh.runtime._runtime import ENV_NATS_URL, ENV_RAY_ADDRESS, ENV_REDIS_URL, Runtime
+from govmesh.runtime._runtime import (
+    ENV_NATS_REPLICAS,
+    ENV_NATS_URL,
+    ENV_RAY_ADDRESS,
+    ENV_REDIS_URL,
+    Runtime,
+)
 from govmesh.runtime._transport import (
     ENV_NATS_CA,
     ENV_NATS_CA_KEY,
@@ -37,6 +44,7 @@ __all__ = [
     "ENV_NATS_CA_KEY",
     "ENV_NATS_CERT",
     "ENV_NATS_KEY",
+    "ENV_NATS_REPLICAS",
     "ENV_NATS_URL",
     "ENV_RAY_ADDRESS",
     "ENV_REDIS_URL",
@@ -48,6 +56,7 @@ __all__ = [
     "LocalModelServer",
     "LowLatency",
     "Member",
+    "NatsCluster",
     "NatsServer",
     "RedisServer",
     "Runtime",
