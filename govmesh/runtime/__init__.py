@@ -18,6 +18,7 @@ from govmesh.runtime._llama import (
 )
 from govmesh.runtime._nats import NatsServer, ServerTLS
 from govmesh.runtime._nats_cluster import NatsCluster
+from govmesh.runtime._placement import AGENT_RESOURCE, PLATFORM_RESOURCE, ActorKind, placement
 from govmesh.runtime._redis import RedisServer
 from govmesh.runtime._runtime import (
     ENV_NATS_REPLICAS,
@@ -36,6 +37,7 @@ from govmesh.runtime._transport import (
 )
 
 __all__ = [
+    "AGENT_RESOURCE",
     "ENV_HOME",
     "ENV_LOCAL_MODEL_KEY",
     "ENV_LOCAL_MODEL_URL",
@@ -49,8 +51,10 @@ __all__ = [
     "ENV_RAY_ADDRESS",
     "ENV_REDIS_URL",
     "OPERATOR_MEMBER",
+    "PLATFORM_RESOURCE",
     "SMOLLM2",
     "WATCH_MEMBER",
+    "ActorKind",
     "CpuLatencyHold",
     "JoinedDeployment",
     "LocalModelServer",
@@ -64,5 +68,6 @@ __all__ = [
     "Transport",
     "advertise",
     "join",
+    "placement",
     "smollm2_gguf",
 ]
