@@ -47,8 +47,11 @@ def nats_cluster(
 ) -> Iterator[tuple[Transport, NatsCluster]]:
     """Three mutual-TLS nats-server nodes with route TLS and clustered JetStream."""
     transport, cluster = Transport.embedded_cluster(tmp_path_factory.mktemp("natsc"))
-    with cluster:
+    cluster.start()
+    try:
         yield transport, cluster
+    finally:
+        cluster.close()
 
 
 @pytest.fixture(scope="module")

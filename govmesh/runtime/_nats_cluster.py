@@ -11,8 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 from govmesh.errors import ConfigError, RuntimeStartError
 from govmesh.identity._permissions import Permissions
@@ -30,8 +29,8 @@ class NatsCluster:
 
     Every node serves the same `ServerTLS` files (a certificate valid for routes too, see
     `DeploymentCA.server_cert`) and the same users (`authorize` rewrites and reloads each).
-    A context manager: entering starts every node and waits until JetStream has elected
-    its metadata leader, leaving stops them all; `close` is safe to call twice.
+    `start` starts every node and waits until JetStream has elected its metadata leader;
+    `close` stops them all and is safe to call twice.
 
     Args:
         workdir: the nodes' directories go here.
@@ -106,18 +105,6 @@ class NatsCluster:
         """Stop every node. Safe to call twice."""
         for node in self.nodes:
             node.close()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"NatsCluster({self.name!r}, nodes={self.nodes!r})"
