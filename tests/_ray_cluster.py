@@ -69,8 +69,8 @@ class RayCluster:
     def _log(self, name: str) -> str:
         return (self._dir / f"{name}.log").read_text(errors="replace")
 
-    def start_head(self) -> None:
-        """``ray start --head`` with the platform resource; blocks until it is up."""
+    def _spawn_head(self) -> None:
+        """``ray start --head`` with the platform resource; returns at once."""
         port = self.address.rsplit(":", 1)[1]
         self._start(
             [
@@ -84,7 +84,6 @@ class RayCluster:
             ],
             "head",
         )
-        self._wait_started("head")
 
     def _spawn_worker(self) -> str:
         """``ray start --address`` with the agent resource; returns the node's name at once."""
@@ -134,8 +133,11 @@ class RayCluster:
         os.environ.update(self.environ)
         _reload_ray_auth()
         try:
-            self.start_head()
-            self._wait_started(self._spawn_worker())
+            # The worker waits for the head's GCS by itself: both start at once.
+            self._spawn_head()
+            worker = self._spawn_worker()
+            self._wait_started("head")
+            self._wait_started(worker)
         except BaseException:
             self.close()
             raise

@@ -27,6 +27,8 @@ from govmesh.subjects import Subjects
 
 from _ray_cluster import RayCluster
 
+pytestmark = pytest.mark.cluster
+
 ROOT = Path(__file__).parent.parent
 
 
