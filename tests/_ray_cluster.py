@@ -1,15 +1,16 @@
 """A Ray cluster of separate ``ray start`` processes on this machine, with Ray's token
 authentication on: a head node for govmesh's platform actors and worker nodes for its
-agents, started with the commands ``docs/deployment.md`` gives (plus ``--block``, so each
-node is one process group the test can kill, and free ports)."""
+agents, started with the commands ``docs/deployment.md`` gives, read from it (plus
+``--block``, so each node is one process group the test can kill, free ports, and what two
+nodes on one machine need)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,13 +19,28 @@ import tempfile
 import time
 from pathlib import Path
 
-from govmesh.runtime import AGENT_RESOURCE, PLATFORM_RESOURCE
 from govmesh.runtime._process import free_port
 
 RAY = str(Path(sysconfig.get_path("scripts")) / "ray")
+GUIDE = Path(__file__).parent.parent / "docs" / "deployment.md"
+_GUIDE_PORT = 6379
 _STARTED = "Ray runtime started"
 # A node that dies is noticed after period x threshold (15 s by default); a test waits less.
 _HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4"}
+
+
+def guide_commands() -> dict[str, list[str]]:
+    """The arguments of the head's and a worker's ``ray start`` in ``docs/deployment.md``
+    ("By hand"), so the test runs what the guide says."""
+    starts = [
+        shlex.split(line)[2:]
+        for line in GUIDE.read_text().splitlines()
+        if line.startswith("ray start ")
+    ]
+    return {
+        "head": next(a for a in starts if "--head" in a),
+        "worker": next(a for a in starts if any(x.startswith("--address=") for x in a)),
+    }
 
 
 class RayCluster:
@@ -70,15 +86,14 @@ class RayCluster:
         return (self._dir / f"{name}.log").read_text(errors="replace")
 
     def _spawn_head(self) -> None:
-        """``ray start --head`` with the platform resource; returns at once."""
+        """The guide's ``ray start --head``; returns at once."""
         port = self.address.rsplit(":", 1)[1]
+        argv = [a.replace(f"={_GUIDE_PORT}", f"={port}") for a in guide_commands()["head"]]
         self._start(
             [
-                "--head",
-                f"--port={port}",
+                *argv,
                 "--node-ip-address=127.0.0.1",
                 "--num-cpus=1",
-                f"--resources={json.dumps({PLATFORM_RESOURCE: 100})}",
                 "--include-dashboard=false",
                 f"--temp-dir={self._dir}",
             ],
@@ -86,14 +101,15 @@ class RayCluster:
         )
 
     def _spawn_worker(self) -> str:
-        """``ray start --address`` with the agent resource; returns the node's name at once."""
+        """The guide's ``ray start --address``; returns the node's name at once."""
         name = f"worker-{len(self._nodes)}"
+        guide = f"=<head>:{_GUIDE_PORT}"
+        argv = [a.replace(guide, f"={self.address}") for a in guide_commands()["worker"]]
         self.worker = self._start(
             [
-                f"--address={self.address}",
+                *argv,
                 "--node-ip-address=127.0.0.1",
                 "--num-cpus=1",
-                f"--resources={json.dumps({AGENT_RESOURCE: 100})}",
                 # Every node of a machine would take the same default port.
                 f"--dashboard-agent-listen-port={free_port()}",
             ],
