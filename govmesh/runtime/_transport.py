@@ -110,7 +110,8 @@ class Transport:
         server: the embedded nats-server whose users `admit` maintains; None for external.
         own_cert: this process's own certificate, issued by an operator (external NATS).
         cluster: the NATS cluster on this machine whose nodes' users `admit` maintains
-            (`embedded_cluster`); its sentinel is the nodes' operator's.
+            (`embedded_cluster`); no sentinel reports what its nodes refuse (a run's
+            sentinel follows the one embedded server's log).
 
     Attributes:
         ca: the deployment CA.
