@@ -5,15 +5,40 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import yaml
 
-from govmesh.errors import GovmeshError
+from govmesh.errors import ConfigError, GovmeshError
 
-__all__ = ["Clock", "Deployment", "key_prefix", "public_url", "read_yaml_mapping", "utc_day"]
+__all__ = [
+    "MAX_REPLICAS",
+    "Clock",
+    "Deployment",
+    "key_prefix",
+    "nats_servers",
+    "public_url",
+    "read_yaml_mapping",
+    "utc_day",
+]
+
+MAX_REPLICAS: Final = 5
+"""The most JetStream replicas a stream may have (nats-server's own limit)."""
+
+
+def nats_servers(url: str) -> list[str]:
+    """The server URLs in a NATS URL that names several, comma-separated
+    (``tls://a:4222,tls://b:4222``): the members of a NATS cluster a client may connect to.
+
+    Raises:
+        ConfigError: an entry is empty.
+    """
+    servers = [part.strip() for part in url.split(",")]
+    if not all(servers):
+        raise ConfigError(f"NATS URL {url!r} has an empty entry; separate servers by one comma")
+    return servers
 
 
 def public_url(url: str) -> str:
@@ -105,12 +130,14 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         tenant: the tenant id; the second token of every subject.
-        nats_url: the NATS server URL.
+        nats_url: the NATS server URL, or several comma-separated (a NATS cluster's).
         redis_url: the Redis-protocol server URL.
         audience: the token audience every member accepts.
         issuers: raw Ed25519 public keys of the trusted token issuers.
         tls: the NATS server requires mutual TLS; members connect with a client certificate.
         clock: workflow time (real by default; simulated in scenarios that say so).
+        replicas: JetStream replicas of the streams the deployment creates: 1 on one
+            nats-server, 3 (or 5) on a NATS cluster, so a node can fail without loss.
     """
 
     tenant: str
@@ -120,6 +147,13 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     issuers: tuple[bytes, ...]
     tls: bool = False
     clock: Clock = Clock()
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.replicas <= MAX_REPLICAS:
+            raise ConfigError(
+                f"replicas must be between 1 and {MAX_REPLICAS}, got {self.replicas!r}"
+            )
 
     @property
     def key_prefix(self) -> str:

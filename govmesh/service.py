@@ -159,6 +159,10 @@ class ServiceActor:
         """The actor's process id (tests kill it to check recovery)."""
         return os.getpid()
 
+    async def node_id(self) -> str:
+        """The Ray node the actor runs on (hex)."""
+        return ray.get_runtime_context().get_node_id()
+
     async def stats(self) -> dict[str, Any]:
         """The hosted service's counters."""
         return self._service.stats()

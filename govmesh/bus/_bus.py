@@ -23,7 +23,7 @@ from opentelemetry.trace import SpanKind
 from govmesh.bus._codec import Codec
 from govmesh.bus._envelope import Envelope, SecurityEvent
 from govmesh.bus._verify import MessageVerifier
-from govmesh.config import Deployment
+from govmesh.config import Deployment, nats_servers
 from govmesh.errors import BusError, ConfigError, SecurityError
 from govmesh.identity import (
     Claims,
@@ -214,7 +214,7 @@ class Bus:
         client_cert: ClientCert | None = None,
         **options: Any,
     ) -> Bus:
-        """Connect ``identity`` to the deployment's NATS server.
+        """Connect ``identity`` to the deployment's NATS server, or to one of its cluster's.
 
         Args:
             deployment: where the server is and whom to trust.
@@ -254,7 +254,8 @@ class Bus:
         options.setdefault("max_reconnect_attempts", -1)
         options.setdefault("reconnect_time_wait", 0.2)
         try:
-            nc = await nats.connect(deployment.nats_url, **options)
+            # Every server of a NATS cluster: the client fails over to another when one goes.
+            nc = await nats.connect(nats_servers(deployment.nats_url), **options)
         except Exception as exc:
             raise BusError(f"cannot connect to NATS at {deployment.nats_url!r}: {exc}") from exc
         tokens = TokenVerifier(issuers=list(deployment.issuers), audience=deployment.audience)

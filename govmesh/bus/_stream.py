@@ -45,9 +45,12 @@ def captured_subjects(subjects: Subjects) -> list[str]:
 
 
 async def ensure_event_stream(
-    nc: NATS, tenant: str, *, max_age_s: float = 7 * 24 * 3600
+    nc: NATS, tenant: str, *, replicas: int = 1, max_age_s: float = 7 * 24 * 3600
 ) -> StreamConfig:
     """Create (or keep) the event stream of `tenant` and return its config.
+
+    `replicas` is the deployment's (`Deployment.replicas`): on a NATS cluster of three
+    nodes, 3 keeps every event through the loss of any one of them.
 
     ``no_ack`` is set because agents use plain request/reply on captured subjects: with acks
     on, JetStream would answer every request with a publish ack that races the real reply.
@@ -65,12 +68,25 @@ async def ensure_event_stream(
         # permissions; events leave it only by age.
         deny_delete=True,
         deny_purge=True,
+        num_replicas=replicas,
     )
     try:
         found = await js.stream_info(subjects.event_stream)
     except NotFoundError:
         await js.add_stream(config)
         return config
+    if (found.config.num_replicas or 1) != replicas:
+        # Only an operator may change a stream (see the permissions); nats-server moves its
+        # data to the new peers itself.
+        log.warning(
+            "event stream %s has %s replicas, the deployment asks for %d: update it "
+            "(nats stream edit %s --replicas %d)",
+            subjects.event_stream,
+            found.config.num_replicas,
+            replicas,
+            subjects.event_stream,
+            replicas,
+        )
     if sorted(found.config.subjects or ()) != sorted(config.subjects or ()):
         # No member may change or purge the stream, so an operator must replace it.
         log.warning(

@@ -325,8 +325,12 @@ class DeploymentCA:
         hosts: Sequence[str] = ("127.0.0.1", "localhost"),
         *,
         ttl: dt.timedelta = DEFAULT_SERVER_TTL,
+        routes: bool = False,
     ) -> tuple[bytes, bytes]:
         """A nats-server certificate for `hosts` (IP addresses or DNS names).
+
+        With `routes`, also a client certificate: a node of a NATS cluster presents it
+        when it connects a route to another node, which verifies it (route TLS).
 
         Returns:
             ``(cert_pem, key_pem)``.
@@ -351,7 +355,8 @@ class DeploymentCA:
         return self._issue(
             subject,
             ttl=ttl,
-            usage=ExtendedKeyUsageOID.SERVER_AUTH,
+            usage=(ExtendedKeyUsageOID.SERVER_AUTH,)
+            + ((ExtendedKeyUsageOID.CLIENT_AUTH,) if routes else ()),
             san=x509.SubjectAlternativeName(names),
         )
 
@@ -383,7 +388,7 @@ class DeploymentCA:
         return self._issue(
             _member_name(member_id, role, tenant),
             ttl=ttl,
-            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+            usage=(ExtendedKeyUsageOID.CLIENT_AUTH,),
             not_before=not_before,
         )
 
@@ -447,7 +452,7 @@ class DeploymentCA:
         cert, _ = self._issue(
             _member_name(member_id, role, tenant),
             ttl=ttl,
-            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+            usage=(ExtendedKeyUsageOID.CLIENT_AUTH,),
             public_key=key,
         )
         return cert
@@ -476,7 +481,7 @@ class DeploymentCA:
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise ConfigError(f"certificate key is {type(key).__name__}, not EC")
         cert, _ = self._issue(
-            old.subject, ttl=ttl, usage=ExtendedKeyUsageOID.CLIENT_AUTH, public_key=key
+            old.subject, ttl=ttl, usage=(ExtendedKeyUsageOID.CLIENT_AUTH,), public_key=key
         )
         return cert
 
@@ -485,7 +490,7 @@ class DeploymentCA:
         subject: x509.Name,
         *,
         ttl: dt.timedelta,
-        usage: x509.ObjectIdentifier,
+        usage: tuple[x509.ObjectIdentifier, ...],
         san: x509.SubjectAlternativeName | None = None,
         not_before: dt.datetime | None = None,
         public_key: ec.EllipticCurvePublicKey | None = None,
@@ -512,7 +517,7 @@ class DeploymentCA:
             .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(cert_sign=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(list(usage)), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),

@@ -124,9 +124,10 @@ class Issuer:
         return self.key.public.raw
 
     def deployment(
-        self, *, tenant: str, nats_url: str, redis_url: str, tls: bool = False
+        self, *, tenant: str, nats_url: str, redis_url: str, tls: bool = False, replicas: int = 1
     ) -> Deployment:
-        """A deployment of ``tenant`` whose members trust this issuer (and only it)."""
+        """A deployment of ``tenant`` whose members trust this issuer (and only it); its
+        streams get `replicas` JetStream replicas."""
         return Deployment(
             tenant=tenant,
             nats_url=nats_url,
@@ -134,6 +135,7 @@ class Issuer:
             audience=self.audience,
             issuers=(self.public_key,),
             tls=tls,
+            replicas=replicas,
         )
 
     def issue(

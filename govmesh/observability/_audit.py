@@ -1218,6 +1218,8 @@ class AuditConsumer:
         signer: who signs the checkpoints, recorded in them.
         ack_wait_s: seconds before the server redelivers a message not acknowledged; a
             fetch still pending when the consumer closes can hold messages that long.
+        replicas: JetStream replicas of the event stream, if this consumer creates it
+            (`Deployment.replicas`).
     """
 
     def __init__(
@@ -1233,8 +1235,10 @@ class AuditConsumer:
         checkpoint_every_s: float = 60.0,
         signer: str = "",
         ack_wait_s: float = 30.0,
+        replicas: int = 1,
     ) -> None:
         self.nc = nc
+        self.replicas = replicas
         self.index = index
         self.subjects = Subjects(tenant)
         self.verifier = verifier
@@ -1254,7 +1258,7 @@ class AuditConsumer:
 
     async def start(self) -> None:
         """Create (or resume) the durable consumer and start storing."""
-        await ensure_event_stream(self.nc, self.subjects.tenant)
+        await ensure_event_stream(self.nc, self.subjects.tenant, replicas=self.replicas)
         js = self.nc.jetstream()
         self._sub = await js.pull_subscribe(
             self.subjects.everything,

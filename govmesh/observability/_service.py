@@ -59,6 +59,7 @@ class AuditService(Service):
             checkpoint_key=self.identity.key,
             checkpoint_every_s=self._checkpoint_every_s,
             signer=self.identity.agent_id,
+            replicas=dep.replicas,
         )
         await self._consumer.start()
 

@@ -20,8 +20,16 @@ from govmesh.runtime._llama import (
     smollm2_gguf,
 )
 from govmesh.runtime._nats import NatsServer, ServerTLS
+from govmesh.runtime._nats_cluster import NatsCluster
+from govmesh.runtime._placement import AGENT_RESOURCE, PLATFORM_RESOURCE, ActorKind, placement
 from govmesh.runtime._redis import RedisServer
-from govmesh.runtime._runtime import ENV_NATS_URL, ENV_RAY_ADDRESS, ENV_REDIS_URL, Runtime
+from govmesh.runtime._runtime import (
+    ENV_NATS_REPLICAS,
+    ENV_NATS_URL,
+    ENV_RAY_ADDRESS,
+    ENV_REDIS_URL,
+    Runtime,
+)
 from govmesh.runtime._transport import (
     ENV_NATS_CA,
     ENV_NATS_CA_KEY,
@@ -32,6 +40,7 @@ from govmesh.runtime._transport import (
 )
 
 __all__ = [
+    "AGENT_RESOURCE",
     "ENV_HOME",
     "ENV_LOCAL_MODEL_KEY",
     "ENV_LOCAL_MODEL_URL",
@@ -41,18 +50,22 @@ __all__ = [
     "ENV_NATS_CA_KEY",
     "ENV_NATS_CERT",
     "ENV_NATS_KEY",
+    "ENV_NATS_REPLICAS",
     "ENV_NATS_URL",
     "ENV_RAY_ADDRESS",
     "ENV_REDIS_URL",
     "OPERATOR_MEMBER",
+    "PLATFORM_RESOURCE",
     "SMOLLM2",
     "WATCH_MEMBER",
+    "ActorKind",
     "AdmissionServer",
     "CpuLatencyHold",
     "JoinedDeployment",
     "LocalModelServer",
     "LowLatency",
     "Member",
+    "NatsCluster",
     "NatsServer",
     "NotRunning",
     "RedisServer",
@@ -63,5 +76,6 @@ __all__ = [
     "advertise",
     "join",
     "join_when_up",
+    "placement",
     "smollm2_gguf",
 ]

@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
-from govmesh.config import public_url
+from govmesh.config import MAX_REPLICAS, nats_servers, public_url
 from govmesh.errors import ConfigError, RuntimeStartError
 from govmesh.runtime._admission import ENV_NATS_ADMISSION, admitted_transport
 from govmesh.runtime._latency import CpuLatencyHold, LowLatency
@@ -24,11 +24,21 @@ from govmesh.runtime._rayauth import RayAuth, joining_hint
 from govmesh.runtime._redis import RedisServer
 from govmesh.runtime._transport import ENV_NATS_CA, ENV_NATS_CA_KEY, Transport
 
-__all__ = ["ENV_NATS_URL", "ENV_RAY_ADDRESS", "ENV_REDIS_NO_AUTH", "ENV_REDIS_URL", "Runtime"]
+__all__ = [
+    "ENV_NATS_REPLICAS",
+    "ENV_NATS_URL",
+    "ENV_RAY_ADDRESS",
+    "ENV_REDIS_NO_AUTH",
+    "ENV_REDIS_URL",
+    "Runtime",
+]
 
 log = logging.getLogger(__name__)
 
 ENV_NATS_URL: Final = "GOVMESH_NATS_URL"
+ENV_NATS_REPLICAS: Final = "GOVMESH_NATS_REPLICAS"
+"""JetStream replicas of the streams a deployment creates on external NATS (default 1; 3 on
+a three-node NATS cluster)."""
 ENV_REDIS_URL: Final = "GOVMESH_REDIS_URL"
 ENV_RAY_ADDRESS: Final = "RAY_ADDRESS"
 ENV_REDIS_NO_AUTH: Final = "GOVMESH_REDIS_NO_AUTH"
@@ -43,13 +53,31 @@ def _external_url(var: str, schemes: tuple[str, ...]) -> str | None:
     value = os.environ.get(var, "").strip()
     if not value:
         return None
-    # nats-py takes a comma-separated server list; each entry must be a URL.
-    for part in value.split(",") if var == ENV_NATS_URL else [value]:
-        if not part.strip().startswith(schemes):
+    # A NATS cluster's servers are comma-separated (see nats_servers); each must be a URL.
+    for part in nats_servers(value) if var == ENV_NATS_URL else [value]:
+        if not part.startswith(schemes):
             raise ConfigError(
                 f"{var}={public_url(value)!r}: expected a URL starting with {' or '.join(schemes)}"
             )
     return value
+
+
+def _replicas(external: bool) -> int:
+    """``$GOVMESH_NATS_REPLICAS`` (external NATS only; an embedded server is one node)."""
+    value = os.environ.get(ENV_NATS_REPLICAS, "").strip()
+    if not value:
+        return 1
+    if not external:
+        raise ConfigError(
+            f"{ENV_NATS_REPLICAS}={value!r} needs {ENV_NATS_URL}: the embedded nats-server is "
+            "one node and keeps one replica"
+        )
+    if not value.isdigit() or not 1 <= int(value) <= MAX_REPLICAS:
+        raise ConfigError(
+            f"{ENV_NATS_REPLICAS}={value!r}: expected a number of replicas from 1 to "
+            f"{MAX_REPLICAS} (3 on a three-node NATS cluster)"
+        )
+    return int(value)
 
 
 def _check_redis_auth(url: str) -> None:
@@ -111,13 +139,15 @@ class Runtime:
     """The services a govmesh deployment needs: NATS, a Redis-protocol server and Ray.
 
     Each service is external when configured (``GOVMESH_NATS_URL``, ``GOVMESH_REDIS_URL``,
-    ``RAY_ADDRESS``) and embedded otherwise: a nats-server with JetStream on a free
-    127.0.0.1 port, a Valkey (or redis-server) on a private Unix socket with a password
-    (see `RedisServer`), and a local Ray instance. A Ray that is already initialised in
-    this process is reused and left running. An external Redis URL must carry credentials
-    (``redis://USER:PASSWORD@...``); one without is refused unless
-    ``GOVMESH_REDIS_NO_AUTH=1``, and then warned about on every start. `redis_url` holds
-    the password: log it only through `govmesh.config.public_url`.
+    ``RAY_ADDRESS``) and embedded otherwise. ``GOVMESH_NATS_URL`` may name every server of
+    a NATS cluster, comma-separated, and ``GOVMESH_NATS_REPLICAS`` how many JetStream
+    replicas the deployment's streams get there (`nats_replicas`). Embedded are a
+    nats-server with JetStream on a free 127.0.0.1 port, a Valkey (or redis-server) on a
+    private Unix socket with a password (see `RedisServer`), and a local Ray instance. A
+    Ray that is already initialised in this process is reused and left running. An
+    external Redis URL must carry credentials (``redis://USER:PASSWORD@...``); one without
+    is refused unless ``GOVMESH_REDIS_NO_AUTH=1``, and then warned about on every start.
+    `redis_url` holds the password: log it only through `govmesh.config.public_url`.
 
     With ``secure=True`` (the default) the embedded nats-server requires mutual TLS and maps
     each client certificate to a user with its role's permissions; members join through
@@ -157,6 +187,8 @@ class Runtime:
         insecure_bus: this Runtime runs on external NATS without mutual TLS, as the
             caller accepted (``insecure_bus=True``).
         redis_server: the embedded Redis-protocol server, None when Redis is external.
+        nats_replicas: JetStream replicas of the deployment's streams (1 unless
+            ``GOVMESH_NATS_REPLICAS`` says otherwise for external NATS).
     """
 
     def __init__(
@@ -210,6 +242,7 @@ class Runtime:
         self.nats_server: NatsServer | None = None
         self.transport: Transport | None = None
         self.redis_server: RedisServer | None = None
+        self.nats_replicas = 1
 
     @property
     def low_latency(self) -> LowLatency:
@@ -280,6 +313,7 @@ class Runtime:
         # Read before starting anything so a malformed URL starts nothing.
         nats_url = _external_url(ENV_NATS_URL, _NATS_SCHEMES)
         redis_url = _external_url(ENV_REDIS_URL, _REDIS_SCHEMES)
+        self.nats_replicas = _replicas(external=nats_url is not None)
         if redis_url is not None:
             _check_redis_auth(redis_url)
         if nats_url is not None and self._secure:

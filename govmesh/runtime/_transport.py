@@ -41,6 +41,7 @@ from govmesh.identity._tokens import Identity
 from govmesh.roles import PLATFORM_ROLES
 from govmesh.runtime._home import write_private
 from govmesh.runtime._nats import NatsServer, ServerTLS, render_authorization
+from govmesh.runtime._nats_cluster import NatsCluster
 from govmesh.subjects import Subjects
 
 __all__ = [
@@ -111,11 +112,15 @@ class Transport:
         own_cert: this process's own certificate, issued by an operator (external NATS).
         registrar: for external NATS served by another govmesh process, asks it for the
             users of members admitted here (see `admitted_transport`).
+        cluster: the NATS cluster on this machine whose nodes' users `admit` maintains
+            (`embedded_cluster`); no sentinel reports what its nodes refuse (a run's
+            sentinel follows the one embedded server's log).
 
     Attributes:
         ca: the deployment CA.
         server: the embedded nats-server, or None.
         own_cert: the operator-issued certificate of this process, or None.
+        cluster: the NATS cluster whose users this transport maintains, or None.
     """
 
     def __init__(
@@ -125,11 +130,13 @@ class Transport:
         server: NatsServer | None = None,
         own_cert: ClientCert | None = None,
         registrar: Callable[[list[Member]], object] | None = None,
+        cluster: NatsCluster | None = None,
     ) -> None:
         self.ca = ca
         self.server = server
         self.own_cert = own_cert
         self._registrar = registrar
+        self.cluster = cluster
         self._members: dict[tuple[str, str], Member] = {}
         self._by_user: dict[str, Member] = {}
         self._users: dict[str, Permissions] = {}
@@ -146,19 +153,22 @@ class Transport:
             The transport and the server whose users it maintains.
         """
         ca = DeploymentCA.create(f"govmesh-{uuid.uuid4().hex[:12]}")
-        tls_dir = Path(workdir) / _TLS_DIR
-        tls_dir.mkdir(parents=True, exist_ok=True)
-        cert_pem, key_pem = ca.server_cert()
-        files = ServerTLS(
-            cert_file=tls_dir / "server.pem",
-            key_file=tls_dir / "server-key.pem",
-            ca_file=tls_dir / "ca.pem",
-        )
-        files.ca_file.write_bytes(ca.ca_pem)
-        files.cert_file.write_bytes(cert_pem)
-        write_private(files.key_file, key_pem)
-        server = NatsServer(workdir=workdir, jetstream=jetstream, tls=files)
+        server = NatsServer(workdir=workdir, jetstream=jetstream, tls=_server_files(ca, workdir))
         return cls(ca, server=server), server
+
+    @classmethod
+    def embedded_cluster(cls, workdir: Path, *, size: int = 3) -> tuple[Transport, NatsCluster]:
+        """A new CA and a NATS cluster of `size` mutual-TLS nodes on this machine, with
+        route TLS and clustered JetStream, in `workdir`, not started yet (see `NatsCluster`).
+
+        Returns:
+            The transport and the cluster whose nodes' users it maintains.
+        """
+        ca = DeploymentCA.create(f"govmesh-{uuid.uuid4().hex[:12]}")
+        cluster = NatsCluster(
+            workdir=workdir, tls=_server_files(ca, workdir, routes=True), size=size
+        )
+        return cls(ca, cluster=cluster), cluster
 
     @classmethod
     def from_environment(cls) -> Transport | None:
@@ -266,6 +276,8 @@ class Transport:
                     named[dn] = member
             if joining and self.server is not None:
                 self.server.authorize(users)
+            elif joining and self.cluster is not None:
+                self.cluster.authorize(users)
             elif joining and self._registrar is not None:
                 self._registrar(list(joining.values()))
             elif joining:
@@ -300,8 +312,25 @@ class Transport:
             return render_authorization(self._users)
 
     def __repr__(self) -> str:
-        where = "embedded" if self.server is not None else "external"
+        where = "embedded" if self.server is not None or self.cluster is not None else "external"
         return f"Transport({where}, ca={self.ca.name!r}, members={len(self._members)})"
+
+
+def _server_files(ca: DeploymentCA, workdir: Path, *, routes: bool = False) -> ServerTLS:
+    """The CA's certificate and a server certificate for 127.0.0.1 (`routes`: for a
+    cluster's routes too) in ``workdir/tls``, the key 0600."""
+    tls_dir = Path(workdir) / _TLS_DIR
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    cert_pem, key_pem = ca.server_cert(routes=routes)
+    files = ServerTLS(
+        cert_file=tls_dir / "server.pem",
+        key_file=tls_dir / "server-key.pem",
+        ca_file=tls_dir / "ca.pem",
+    )
+    files.ca_file.write_bytes(ca.ca_pem)
+    files.cert_file.write_bytes(cert_pem)
+    write_private(files.key_file, key_pem)
+    return files
 
 
 def _permissions(member: Member) -> Permissions:

@@ -199,7 +199,7 @@ async def run_workflows(
             tenant=deployment.tenant,
         )
     coordinator = await Bus.connect(deployment, me)
-    await ensure_event_stream(coordinator.nc, deployment.tenant)
+    await ensure_event_stream(coordinator.nc, deployment.tenant, replicas=deployment.replicas)
     records = RunRecords(deployment.redis_url, deployment.key_prefix, run_id)
     outcomes: dict[str, Outcome] = await records.finished()
     waiting: dict[str, asyncio.Future[Outcome]] = {}
@@ -730,6 +730,7 @@ async def deploy(
             nats_url=runtime.nats_url,
             redis_url=runtime.redis_url,
             tls=runtime.transport is not None,
+            replicas=runtime.nats_replicas,
         )
         transport = runtime.transport
         if transport is not None:

@@ -24,7 +24,7 @@ from govmesh.identity import EnrolRequest, Grant, Identity, Issuer, MemberKeys, 
 from govmesh.llm import ModelSettings
 from govmesh.observability._service import AuditService
 from govmesh.roles import AUDITOR_ROLE, GOVERNANCE_ROLE, OPERATOR_ROLE
-from govmesh.runtime import Member, Transport
+from govmesh.runtime import ActorKind, Member, Transport, placement
 from govmesh.scenarios._app import App
 from govmesh.service import Service, ServiceActor, being_cancelled
 from govmesh.state import Keyring, StateService
@@ -272,8 +272,11 @@ class Swarm:
         # own, which costs a second or so to start, so only where it is needed).
         path = [*self.app.search_path, os.environ.get("PYTHONPATH", "")]
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, path))}}
+        # Platform actors and agents on the nodes the cluster set apart for each, if it did.
+        offered: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
         for name, service_type, kwargs in self._specs:
-            options: dict[str, Any] = {"name": None}
+            kind: ActorKind = "agent" if service_type is AgentHost else "platform"
+            options: dict[str, Any] = {"name": None, "resources": placement(kind, offered)}
             if self.app.search_path and name in self._user_factories:
                 options["runtime_env"] = env
             self._actors[name] = ServiceActor.options(**options).remote(  # type: ignore[attr-defined]
@@ -337,6 +340,12 @@ class Swarm:
         """Each actor's process id, by name."""
         names = list(self._actors)
         found = await asyncio.gather(*(self._actors[n].pid.remote() for n in names))
+        return dict(zip(names, found, strict=True))
+
+    async def nodes(self) -> dict[str, str]:
+        """The Ray node each actor runs on (hex id), by name."""
+        names = list(self._actors)
+        found = await asyncio.gather(*(self._actors[n].node_id.remote() for n in names))
         return dict(zip(names, found, strict=True))
 
     async def stats(self) -> dict[str, dict[str, Any]]:
