@@ -15,7 +15,10 @@ from govmesh.errors import GovmeshError, ModelError, ToolError
 if TYPE_CHECKING:
     from govmesh.agents._base import RetryPolicy
     from govmesh.agents._sdk import Agent, Denied, Halted, ToolFailed, Workflow, handler
-    from govmesh.agents.messages import Outcome
+    from govmesh.agents.messages import Outcome, WorkflowStart
+    from govmesh.bus import SecurityEvent
+    from govmesh.forecasting.messages import Usage
+    from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest, Decision
     from govmesh.llm import (
         AnthropicSettings,
         Message,
@@ -28,10 +31,18 @@ if TYPE_CHECKING:
         TokenSpread,
         ToolCall,
     )
+    from govmesh.observability import (
+        Event,
+        EventError,
+        EventStart,
+        EventStream,
+        RefusedMessage,
+    )
     from govmesh.reservations import BudgetError
     from govmesh.scenarios._app import AgentDef, App
     from govmesh.tools._registry import ToolContext
     from govmesh.tools._spec import Effect, ToolSpec, tool
+    from govmesh.tools.messages import ToolResult
 
 try:
     __version__ = version("govmesh")
@@ -59,6 +70,18 @@ _LAZY = {
     "BudgetError": "govmesh.reservations",
     "AgentDef": "govmesh.scenarios._app",
     "Outcome": "govmesh.agents.messages",
+    "WorkflowStart": "govmesh.agents.messages",
+    "SecurityEvent": "govmesh.bus",
+    "Usage": "govmesh.forecasting.messages",
+    "ApprovalAnswer": "govmesh.governance.messages",
+    "ApprovalRequest": "govmesh.governance.messages",
+    "Decision": "govmesh.governance.messages",
+    "Event": "govmesh.observability",
+    "EventError": "govmesh.observability",
+    "EventStart": "govmesh.observability",
+    "EventStream": "govmesh.observability",
+    "RefusedMessage": "govmesh.observability",
+    "ToolResult": "govmesh.tools.messages",
     "App": "govmesh.scenarios._app",
     "ToolContext": "govmesh.tools._registry",
     "Effect": "govmesh.tools._spec",
@@ -71,9 +94,16 @@ __all__ = [
     "AgentDef",
     "AnthropicSettings",
     "App",
+    "ApprovalAnswer",
+    "ApprovalRequest",
     "BudgetError",
+    "Decision",
     "Denied",
     "Effect",
+    "Event",
+    "EventError",
+    "EventStart",
+    "EventStream",
     "GovmeshError",
     "Halted",
     "Message",
@@ -83,7 +113,9 @@ __all__ = [
     "ModelResponse",
     "OpenAISettings",
     "Outcome",
+    "RefusedMessage",
     "RetryPolicy",
+    "SecurityEvent",
     "SimulatedModel",
     "SimulatedModelSettings",
     "TokenSpread",
@@ -91,8 +123,11 @@ __all__ = [
     "ToolContext",
     "ToolError",
     "ToolFailed",
+    "ToolResult",
     "ToolSpec",
+    "Usage",
     "Workflow",
+    "WorkflowStart",
     "__version__",
     "handler",
     "tool",
