@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         EventStream,
         RefusedMessage,
     )
+    from govmesh.observability._prometheus import PrometheusEndpoint
     from govmesh.reservations import BudgetError
     from govmesh.scenarios._app import AgentDef, App
     from govmesh.tools._registry import ToolContext
@@ -81,6 +82,7 @@ _LAZY = {
     "EventStart": "govmesh.observability",
     "EventStream": "govmesh.observability",
     "RefusedMessage": "govmesh.observability",
+    "PrometheusEndpoint": "govmesh.observability._prometheus",
     "ToolResult": "govmesh.tools.messages",
     "App": "govmesh.scenarios._app",
     "ToolContext": "govmesh.tools._registry",
@@ -113,6 +115,7 @@ __all__ = [
     "ModelResponse",
     "OpenAISettings",
     "Outcome",
+    "PrometheusEndpoint",
     "RefusedMessage",
     "RetryPolicy",
     "SecurityEvent",

@@ -74,6 +74,19 @@ def _source(scenario: Path | None, app: str | None) -> None:
     help="Finish a run that was stopped: its scenario, seed and counts are its own, its "
     "embedded servers start again on its data, and its unfinished workflows go on.",
 )
+@click.option(
+    "--prometheus-port",
+    type=click.IntRange(0, 65535),
+    help="Serve the deployment's metrics (decisions, tokens, cost, security rejections) for "
+    "Prometheus on this port while it runs (0: a free one). Default: the scenario's or "
+    "app's prometheus_port, else not served.",
+)
+@click.option(
+    "--prometheus-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address --prometheus-port binds; 0.0.0.0 for a Prometheus on another machine.",
+)
 @json_option
 def run(
     scenario: Path | None,
@@ -84,6 +97,8 @@ def run(
     concurrency: int,
     manual_approvals: bool,
     resume: str | None,
+    prometheus_port: int | None,
+    prometheus_host: str,
     json_path: Path | None,
 ) -> None:
     """Run SCENARIO (or --app) with a swarm of agent actors and print a summary.
@@ -117,6 +132,10 @@ def run(
         console.print(
             f"run [bold]{run_id}[/]; if it is stopped, [bold]govmesh run --resume {run_id}[/] "
             "finishes it"
+        )
+    if prometheus_port:
+        console.print(
+            f"metrics for Prometheus: [bold]http://{prometheus_host}:{prometheus_port}/metrics[/]"
         )
     if manual_approvals:
         console.print(
@@ -157,6 +176,8 @@ def run(
                 run_id=run_id,
                 resume=resume is not None,
                 on_burn=view.update,
+                prometheus_port=prometheus_port,
+                prometheus_host=prometheus_host,
             )
         )
     out.print(_summary(report))
@@ -401,6 +422,8 @@ def _summary(report: dict[str, Any]) -> Table:
         "security rejections",
         ", ".join(f"{k} {v}" for k, v in rejections.items()) if rejections else "none",
     )
+    if "prometheus" in report:
+        table.add_row("metrics for Prometheus (while it ran)", report["prometheus"]["url"])
     t = report["timings_s"]
     table.add_row(
         "time (start / workflows / total)",

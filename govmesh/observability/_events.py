@@ -23,7 +23,7 @@ from typing import Any, Final, Literal, TypeVar
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
-from nats.js.errors import ServiceUnavailableError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from govmesh.bus import Bus
 from govmesh.errors import ConfigError, GovmeshError
@@ -115,8 +115,9 @@ class EventStream:
     Iterating without ``async with`` opens it on the first event and closes it when the
     stream ends; a loop left early then leaves it open until `close`.
 
-    The stream ends once the process that runs the deployment has stopped and no event came
-    for a second, or after `stop`. Filters keep only events of the given workflows, kinds
+    A deployment still starting, without its stream yet, is waited for. The stream ends
+    once the process that runs the deployment has stopped and no event came for a second,
+    or after `stop`. Filters keep only events of the given workflows, kinds
     and senders (each: any of those given; none given: all). A message that fails
     verification is never yielded, whatever the filters: it is counted in `refused` and
     passed to ``on_refused``; what it claims (workflow, kind, sender) is not believed.
@@ -182,13 +183,25 @@ class EventStream:
     async def open(self) -> None:
         """Join the deployment, enrol the watch member and subscribe; `__aenter__` and the
         first iteration call it. Safe to call twice."""
-        if self._sub is not None or self._closed:
+        if self._bus is not None or self._closed:
             return
         joined = self._joined or await _join(self._tenant, self._wait_s)
         self._joined = joined
         identity = await joined.member(WATCH_MEMBER, AUDITOR_ROLE)
         self._verifier = StreamVerifier.of(joined.deployment)
-        self._bus = bus = await Bus.connect(joined.deployment, identity, rotate=False)
+        self._bus = await Bus.connect(joined.deployment, identity, rotate=False)
+        try:
+            await self._subscribe()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _subscribe(self) -> bool:
+        """Subscribe to the deployment's stream; False while it has none yet (a run makes
+        it once its services are up)."""
+        bus = self._bus
+        if bus is None:
+            return False
         try:
             self._sub = await bus.nc.jetstream().pull_subscribe(
                 bus.subjects.everything,
@@ -196,9 +209,9 @@ class EventStream:
                 stream=bus.subjects.event_stream,
                 config=self._consumer,
             )
-        except BaseException:
-            await self.close()
-            raise
+        except NotFoundError:
+            return False
+        return True
 
     def stop(self) -> None:
         """End the iteration: events already pulled are still yielded, then it ends. Safe
@@ -239,8 +252,14 @@ class EventStream:
     async def _pull(self) -> bool:
         """Pull the next batch and queue its events that pass the filters; False once the
         deployment has stopped."""
-        joined, sub, verifier = self._joined, self._sub, self._verifier
-        if joined is None or sub is None or verifier is None:
+        joined, verifier = self._joined, self._verifier
+        if joined is None or verifier is None or self._bus is None:
+            return False
+        if self._sub is None and not await self._subscribe():
+            await asyncio.sleep(_JOIN_POLL_S)
+            return joined.running
+        sub = self._sub
+        if sub is None:
             return False
         try:
             msgs = await sub.fetch(_BATCH, timeout=_PULL_S)

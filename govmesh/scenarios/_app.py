@@ -72,6 +72,9 @@ class RunOptions(TypedDict, total=False):
         simulated_approver: answer escalations with the simulated approver (True); False
             leaves them to ``govmesh approvals`` in another terminal.
         on_done: called with each workflow's id and `Outcome` as it ends.
+        prometheus_port: serve the deployment's metrics for Prometheus on this port while
+            it runs (0: a free one); the app's own setting when not given.
+        prometheus_host: the address the metrics are served on (127.0.0.1).
     """
 
     workflows: int
@@ -79,6 +82,8 @@ class RunOptions(TypedDict, total=False):
     concurrency: int
     simulated_approver: bool
     on_done: Callable[[str, Outcome], None]
+    prometheus_port: int | None
+    prometheus_host: str
 
 
 class Workload(Protocol):
@@ -178,6 +183,8 @@ class App:
             ``tenant_daily_usd``, ``soft_threshold``); None: uncapped.
         max_reflections: unusable model answers a workflow may reflect on.
         keep_thoughts: keep model answers in the snapshots' reflection tier.
+        prometheus_port: serve the deployment's metrics for Prometheus on this port while
+            it runs (see `govmesh.PrometheusEndpoint`); None: not served.
         description: one line on what the app does.
         source: where the app was defined (a scenario file), for error messages.
 
@@ -209,6 +216,7 @@ class App:
         budget: BudgetCaps | Mapping[str, Any] | None = None,
         max_reflections: int = 40,
         keep_thoughts: bool = False,
+        prometheus_port: int | None = None,
         description: str = "",
         source: str = "",
     ) -> None:
@@ -230,6 +238,7 @@ class App:
         self.budget = None if budget is None else _convert(budget, BudgetCaps, where + "budget")
         self.max_reflections = max_reflections
         self.keep_thoughts = keep_thoughts
+        self.prometheus_port = prometheus_port
         default_model = SimulatedModelSettings() if model is None else model
         self.tools = tuple(
             _field(where, f"tools[{i}]", load_tool, t, search_path=self.search_path)
@@ -479,6 +488,7 @@ def _from_scenario(s: Scenario) -> App:
         approvals=s.approvals,
         clock_speed=s.clock.speed,
         budget=s.budget,
+        prometheus_port=s.prometheus_port,
         max_reflections=s.max_reflections,
         keep_thoughts=s.keep_thoughts,
         description=s.description,

@@ -125,6 +125,9 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         model_factory: the agents' model made by a factory of the user's, instead of
             ``model``.
         tools: the tools the gateway runs: ``package.module:tool`` or a plugin's tool name.
+        prometheus_port: serve the deployment's metrics for Prometheus on this port of
+            127.0.0.1 while it runs (``govmesh run --prometheus-port`` wins); none: not
+            served.
     """
 
     name: str
@@ -143,6 +146,7 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     budget: BudgetCaps | None = None
     max_reflections: int = 40
     keep_thoughts: bool = False
+    prometheus_port: int | None = None
     source: str = ""
 
     def _resolved(self, paths: tuple[str, ...]) -> list[str]:

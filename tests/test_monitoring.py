@@ -1,0 +1,261 @@
+"""Monitoring a run as its users do: through the public event API (`govmesh.EventStream`)
+and by scraping the Prometheus endpoint of ``govmesh run --prometheus-port``, while the run
+goes, with a forged message on the stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import govmesh
+from govmesh.bus import Bus, Codec
+from govmesh.identity import Issuer
+from govmesh.roles import OPERATOR_ROLE
+from govmesh.runtime import OPERATOR_MEMBER
+
+ROOT = Path(__file__).parent.parent
+WORKFLOWS = 6
+FORGED_WORKFLOW = "forged-workflow"
+
+
+@dataclass
+class Watched:
+    """What the test saw of one run while it went."""
+
+    report: dict[str, Any]
+    events: list[govmesh.Event] = field(default_factory=list)
+    refused: list[govmesh.RefusedMessage] = field(default_factory=list)
+    counted_refused: int = 0
+    decisions_only: list[govmesh.Event] = field(default_factory=list)
+    from_sequence: list[govmesh.Event] = field(default_factory=list)
+    from_time: list[govmesh.Event] = field(default_factory=list)
+    forged_id: str = ""
+    asked_from: tuple[int, datetime] = (0, datetime.now(UTC))
+    scrapes: list[dict[str, dict[tuple[tuple[str, str], ...], float]]] = field(
+        default_factory=list
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _samples(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """A Prometheus text page as {sample name: {sorted labels: value}}."""
+    found: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            found.setdefault(sample.name, {})[labels] = sample.value
+    return found
+
+
+async def _forge(stream: govmesh.EventStream) -> str:
+    """Publish, as the deployment's operator may, an "allow" decision that claims to come
+    from governance but is signed with a key of an issuer the deployment does not trust;
+    its id."""
+    joined = stream.deployment
+    operator = await joined.member(OPERATOR_MEMBER, OPERATOR_ROLE)
+    outsider = Issuer(name="govmesh:acme:issuer", audience=joined.deployment.audience)
+    impostor = outsider.identity("governance-1", "governance")
+    forged = govmesh.Decision(
+        intent_id="0" * 32,
+        intent_hash="0" * 64,
+        workflow=FORGED_WORKFLOW,
+        agent="buyer-1",
+        outcome="allow",
+        policy_hash="f" * 64,
+        expires_at=time.time() + 300,
+    )
+    async with await Bus.connect(joined.deployment, operator, rotate=False) as bus:
+        subject = bus.subjects.approval(FORGED_WORKFLOW)
+        envelope, data = Codec().seal(
+            impostor, subject=subject, body=forged, workflow=FORGED_WORKFLOW
+        )
+        await bus.nc.publish(subject, data)
+        await bus.flush()
+    return envelope.id
+
+
+async def _watch(proc: subprocess.Popen[str], port: int, out: Path) -> Watched:
+    """Follow the run through the public API and scrape its metrics until it ends."""
+    watched = Watched(report={})
+    everything = govmesh.EventStream(
+        start="first", wait_s=120, on_refused=watched.refused.append
+    )
+
+    async def scrape() -> None:
+        async with httpx.AsyncClient(timeout=5) as client:
+            while proc.poll() is None:
+                try:
+                    page = await client.get(f"http://127.0.0.1:{port}/metrics")
+                except httpx.TransportError:
+                    pass  # not serving yet, or no more
+                else:
+                    if page.status_code == 200 and page.text:
+                        watched.scrapes.append(_samples(page.text))
+                await asyncio.sleep(0.2)
+
+    async def follow(stream: govmesh.EventStream, into: list[govmesh.Event]) -> None:
+        async with stream:
+            async for event in stream:
+                into.append(event)
+
+    scraping = asyncio.create_task(scrape())
+    async with everything:
+        watched.forged_id = await _forge(everything)
+        async for event in everything:
+            watched.events.append(event)
+            if len(watched.events) == 20:
+                # Two more subscribers while the run goes: one filtered, one from a point.
+                seq, at = event.seq, datetime.fromtimestamp(event.stored_at, UTC)
+                watched.asked_from = (seq, at)
+                others = [
+                    follow(
+                        govmesh.EventStream(
+                            kinds={"Decision"}, senders={"governance-1"}, start="first"
+                        ),
+                        watched.decisions_only,
+                    ),
+                    follow(govmesh.EventStream(start=seq), watched.from_sequence),
+                    follow(govmesh.EventStream(start=at), watched.from_time),
+                ]
+                followers = asyncio.gather(*others)
+    watched.counted_refused = everything.refused
+    await followers
+    await scraping
+    proc.wait(timeout=120)
+    watched.report = json.loads(out.read_text())
+    return watched
+
+
+@pytest.fixture(scope="module")
+def monitored_run() -> Iterator[Watched]:
+    """A `govmesh run` of the procurement scenario with its metrics on a port, followed
+    from this process as a user's monitoring code follows it."""
+    with tempfile.TemporaryDirectory(prefix="govmesh-monitoring-") as where:
+        home, out, port = Path(where) / "home", Path(where) / "out.json", _free_port()
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("GOVMESH_", "RAY_"))
+        }
+        args = ["run", "scenarios/procurement.yaml", "-n", str(WORKFLOWS), "--json", str(out)]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "govmesh.cli", *args, "--prometheus-port", str(port)],
+            cwd=ROOT,
+            env={**env, "GOVMESH_HOME": str(home)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.environ["GOVMESH_HOME"] = str(home)
+        try:
+            yield asyncio.run(_watch(proc, port, out))
+        finally:
+            os.environ.pop("GOVMESH_HOME", None)
+            if proc.poll() is None:
+                proc.kill()
+            _, stderr = proc.communicate(timeout=60)
+            assert proc.returncode == 0, stderr[-3000:]
+
+
+def test_the_event_api_yields_every_workflows_verified_events_and_reports_a_forged_one(
+    monitored_run: Watched,
+) -> None:
+    watched, report = monitored_run, monitored_run.report
+    assert report["workflows"]["finished"] == WORKFLOWS
+    workflows = {f"{report['run_id']}-{i:05d}" for i in range(WORKFLOWS)}
+    by_workflow: dict[str, Counter[str]] = {}
+    for event in watched.events:
+        by_workflow.setdefault(event.workflow, Counter())[event.kind] += 1
+    for workflow in workflows:
+        kinds = by_workflow.get(workflow, Counter())
+        assert {"WorkflowStart", "Usage", "ToolIntent", "Decision", "Outcome"} <= set(kinds), (
+            workflow,
+            kinds,
+        )
+    # Typed: each decision decodes as one, for its own workflow.
+    decisions = [e.decode(govmesh.Decision) for e in watched.events if e.kind == "Decision"]
+    assert {d.workflow for d in decisions} == workflows
+    assert Counter(d.outcome for d in decisions if not d.approval_id or not d.final) == {
+        outcome: n for outcome in ("allow", "deny", "escalate") if (n := report["decisions"][outcome])
+    }
+    with pytest.raises(govmesh.EventError, match="not 'Usage'"):
+        next(e for e in watched.events if e.kind == "Decision").decode(govmesh.Usage)
+
+    # The forged decision was reported and never yielded.
+    assert FORGED_WORKFLOW not in by_workflow
+    assert all(e.id != watched.forged_id for e in watched.events)
+    assert watched.counted_refused == len(watched.refused) == 1
+    refused = watched.refused[0]
+    assert refused.reason == "token_unknown_issuer", refused
+    assert (refused.claimed_sender, refused.kind, refused.workflow, refused.id) == (
+        "governance-1",
+        "Decision",
+        FORGED_WORKFLOW,
+        watched.forged_id,
+    )
+
+    # A filtered subscriber got exactly governance's decisions; the stream's sequence
+    # numbers have no gaps apart from the refused message.
+    assert [e.id for e in watched.decisions_only] == [
+        e.id for e in watched.events if e.kind == "Decision" and e.sender == "governance-1"
+    ]
+    seqs = sorted([e.seq for e in watched.events] + [refused.seq])
+    assert seqs == list(range(1, len(seqs) + 1))
+
+    # Started from a sequence number, or from a time, a subscriber gets the same events
+    # from there on.
+    seq, at = watched.asked_from
+    later = [e.id for e in watched.events if e.seq >= seq]
+    assert [e.id for e in watched.from_sequence] == later
+    assert watched.from_time[0].stored_at >= at.timestamp() - 1e-3
+    assert [e.id for e in watched.from_time] == [
+        e.id for e in watched.events if e.seq >= watched.from_time[0].seq
+    ]
+    assert watched.from_time[0].seq <= seq
+
+
+def test_prometheus_scrapes_during_the_run_show_its_decisions_tokens_and_refusals(
+    monitored_run: Watched,
+) -> None:
+    watched, report = monitored_run, monitored_run.report
+    assert report["prometheus"]["url"].startswith("http://127.0.0.1:")
+    assert watched.scrapes, "the endpoint was never scraped while the run went"
+    last = watched.scrapes[-1]
+    decided = Counter[str]()
+    for labels, value in last.get("govmesh_decisions_total", {}).items():
+        named = dict(labels)
+        if named["govmesh_decision_source"] == "policy":
+            decided[named["govmesh_decision_outcome"]] += int(value)
+    # Scraped while the run finished its checks: every decision was on the stream.
+    assert decided == {o: n for o in ("allow", "deny", "escalate") if (n := report["decisions"][o])}
+    tokens = sum(
+        value
+        for name in ("gen_ai_client_token_usage_sum",)
+        for value in last.get(name, {}).values()
+    )
+    assert tokens == report["tokens"]
+    refusals = {
+        dict(labels)["govmesh_security_reason"]: value
+        for labels, value in last.get("govmesh_security_rejections_total", {}).items()
+    }
+    assert refusals.get("token_unknown_issuer", 0) >= 1, refusals
