@@ -1,6 +1,7 @@
-"""Monitoring a run as its users do: through the public event API (`govmesh.EventStream`)
-and by scraping the Prometheus endpoint of ``govmesh run --prometheus-port``, while the run
-goes, with a forged message on the stream."""
+"""Monitoring a run as its users do: through the public event API (`govmesh.EventStream`),
+with the example that forwards events to a JSONL file, and by scraping the Prometheus
+endpoint of ``govmesh run --prometheus-port``, while the run goes, with a forged message on
+the stream."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class Watched:
     """What the test saw of one run while it went."""
 
     report: dict[str, Any]
+    forwarded: Path
+    forwarder_err: str = ""
     events: list[govmesh.Event] = field(default_factory=list)
     refused: list[govmesh.RefusedMessage] = field(default_factory=list)
     counted_refused: int = 0
@@ -47,9 +50,12 @@ class Watched:
     from_time: list[govmesh.Event] = field(default_factory=list)
     forged_id: str = ""
     asked_from: tuple[int, datetime] = (0, datetime.now(UTC))
-    scrapes: list[dict[str, dict[tuple[tuple[str, str], ...], float]]] = field(
-        default_factory=list
-    )
+    scrapes: list[dict[str, dict[tuple[tuple[str, str], ...], float]]] = field(default_factory=list)
+
+
+def _decided(report: dict[str, Any]) -> dict[str, int]:
+    """The run's decisions by policy, by outcome, as its report counts them."""
+    return {o: n for o in ("allow", "deny", "escalate") if (n := report["decisions"][o])}
 
 
 def _free_port() -> int:
@@ -96,12 +102,9 @@ async def _forge(stream: govmesh.EventStream) -> str:
     return envelope.id
 
 
-async def _watch(proc: subprocess.Popen[str], port: int, out: Path) -> Watched:
+async def _watch(proc: subprocess.Popen[str], port: int, out: Path, watched: Watched) -> None:
     """Follow the run through the public API and scrape its metrics until it ends."""
-    watched = Watched(report={})
-    everything = govmesh.EventStream(
-        start="first", wait_s=120, on_refused=watched.refused.append
-    )
+    everything = govmesh.EventStream(start="first", wait_s=120, on_refused=watched.refused.append)
 
     async def scrape() -> None:
         async with httpx.AsyncClient(timeout=5) as client:
@@ -145,7 +148,6 @@ async def _watch(proc: subprocess.Popen[str], port: int, out: Path) -> Watched:
     await scraping
     proc.wait(timeout=120)
     watched.report = json.loads(out.read_text())
-    return watched
 
 
 @pytest.fixture(scope="module")
@@ -154,25 +156,35 @@ def monitored_run() -> Iterator[Watched]:
     from this process as a user's monitoring code follows it."""
     with tempfile.TemporaryDirectory(prefix="govmesh-monitoring-") as where:
         home, out, port = Path(where) / "home", Path(where) / "out.json", _free_port()
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("GOVMESH_", "RAY_"))
-        }
-        args = ["run", "scenarios/procurement.yaml", "-n", str(WORKFLOWS), "--json", str(out)]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "govmesh.cli", *args, "--prometheus-port", str(port)],
-            cwd=ROOT,
-            env={**env, "GOVMESH_HOME": str(home)},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        watched = Watched(report={}, forwarded=Path(where) / "events.jsonl")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GOVMESH_", "RAY_"))}
+        env["GOVMESH_HOME"] = str(home)
+
+        def start(*args: str) -> subprocess.Popen[str]:
+            return subprocess.Popen(
+                [sys.executable, *args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+
+        # Started first, the example waits for the deployment.
+        example = ROOT / "examples" / "monitoring" / "forward_jsonl.py"
+        forwarder = start(str(example), str(watched.forwarded))
+        run = ["run", "scenarios/procurement.yaml", "-n", str(WORKFLOWS), "--json", str(out)]
+        proc = start("-m", "govmesh.cli", *run, "--prometheus-port", str(port))
         os.environ["GOVMESH_HOME"] = str(home)
         try:
-            yield asyncio.run(_watch(proc, port, out))
+            asyncio.run(_watch(proc, port, out, watched))
+            _, watched.forwarder_err = forwarder.communicate(timeout=60)
+            yield watched
         finally:
             os.environ.pop("GOVMESH_HOME", None)
-            if proc.poll() is None:
-                proc.kill()
+            for started in (proc, forwarder):
+                if started.poll() is None:
+                    started.kill()
             _, stderr = proc.communicate(timeout=60)
             assert proc.returncode == 0, stderr[-3000:]
 
@@ -195,9 +207,8 @@ def test_the_event_api_yields_every_workflows_verified_events_and_reports_a_forg
     # Typed: each decision decodes as one, for its own workflow.
     decisions = [e.decode(govmesh.Decision) for e in watched.events if e.kind == "Decision"]
     assert {d.workflow for d in decisions} == workflows
-    assert Counter(d.outcome for d in decisions if not d.approval_id or not d.final) == {
-        outcome: n for outcome in ("allow", "deny", "escalate") if (n := report["decisions"][outcome])
-    }
+    policy = Counter(d.outcome for d in decisions if not d.approval_id or not d.final)
+    assert policy == _decided(report)
     with pytest.raises(govmesh.EventError, match="not 'Usage'"):
         next(e for e in watched.events if e.kind == "Decision").decode(govmesh.Usage)
 
@@ -227,11 +238,11 @@ def test_the_event_api_yields_every_workflows_verified_events_and_reports_a_forg
     seq, at = watched.asked_from
     later = [e.id for e in watched.events if e.seq >= seq]
     assert [e.id for e in watched.from_sequence] == later
-    assert watched.from_time[0].stored_at >= at.timestamp() - 1e-3
-    assert [e.id for e in watched.from_time] == [
-        e.id for e in watched.events if e.seq >= watched.from_time[0].seq
-    ]
-    assert watched.from_time[0].seq <= seq
+    # From a time: the first event stored then or after (to the microsecond a float holds).
+    first = watched.from_time[0]
+    assert first.stored_at >= at.timestamp() - 1e-6
+    assert all(e.stored_at < at.timestamp() + 1e-6 for e in watched.events if e.seq < first.seq)
+    assert [e.id for e in watched.from_time] == [e.id for e in watched.events if e.seq >= first.seq]
 
 
 def test_prometheus_scrapes_during_the_run_show_its_decisions_tokens_and_refusals(
@@ -247,15 +258,24 @@ def test_prometheus_scrapes_during_the_run_show_its_decisions_tokens_and_refusal
         if named["govmesh_decision_source"] == "policy":
             decided[named["govmesh_decision_outcome"]] += int(value)
     # Scraped while the run finished its checks: every decision was on the stream.
-    assert decided == {o: n for o in ("allow", "deny", "escalate") if (n := report["decisions"][o])}
-    tokens = sum(
-        value
-        for name in ("gen_ai_client_token_usage_sum",)
-        for value in last.get(name, {}).values()
-    )
-    assert tokens == report["tokens"]
+    assert decided == _decided(report)
+    assert sum(last["gen_ai_client_token_usage_sum"].values()) == report["tokens"]
     refusals = {
         dict(labels)["govmesh_security_reason"]: value
         for labels, value in last.get("govmesh_security_rejections_total", {}).items()
     }
     assert refusals.get("token_unknown_issuer", 0) >= 1, refusals
+
+
+def test_the_example_forwards_every_verified_event_to_jsonl_and_reports_the_forged_one(
+    monitored_run: Watched,
+) -> None:
+    watched = monitored_run
+    lines = [json.loads(line) for line in watched.forwarded.read_text().splitlines()]
+    assert [(x["seq"], x["id"], x["kind"]) for x in lines] == [
+        (e.seq, e.id, e.kind) for e in watched.events
+    ]
+    decided = next(x for x in lines if x["kind"] == "Decision")
+    assert decided["summary"]["outcome"] in ("allow", "deny", "escalate")
+    assert "token_unknown_issuer" in watched.forwarder_err
+    assert f"{len(lines)} events written" in watched.forwarder_err
