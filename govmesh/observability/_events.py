@@ -17,7 +17,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection
 from datetime import datetime
-from types import TracebackType
 from typing import Any, Final, Literal, TypeVar
 
 import msgspec
@@ -230,12 +229,7 @@ class EventStream:
         await self.open()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     def __aiter__(self) -> EventStream:
