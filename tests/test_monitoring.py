@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,6 +34,7 @@ from govmesh.runtime import OPERATOR_MEMBER
 ROOT = Path(__file__).parent.parent
 WORKFLOWS = 6
 FORGED_WORKFLOW = "forged-workflow"
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
 
 @dataclass
@@ -58,6 +60,19 @@ def _decided(report: dict[str, Any]) -> dict[str, int]:
     return {o: n for o in ("allow", "deny", "escalate") if (n := report["decisions"][o])}
 
 
+def _by(
+    page: Samples, name: str, label: str, *, where: tuple[str, str] | None = None
+) -> dict[str, float]:
+    """The values of the samples called ``name`` in ``page`` (those labelled ``where``),
+    summed by ``label``."""
+    summed: dict[str, float] = {}
+    for labels, value in page.get(name, {}).items():
+        if where is None or where in labels:
+            key = dict(labels)[label]
+            summed[key] = summed.get(key, 0.0) + value
+    return summed
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,9 +80,9 @@ def _free_port() -> int:
         return port
 
 
-def _samples(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+def _samples(text: str) -> Samples:
     """A Prometheus text page as {sample name: {sorted labels: value}}."""
-    found: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    found: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = tuple(sorted(sample.labels.items()))
@@ -252,19 +267,13 @@ def test_prometheus_scrapes_during_the_run_show_its_decisions_tokens_and_refusal
     assert report["prometheus"]["url"].startswith("http://127.0.0.1:")
     assert watched.scrapes, "the endpoint was never scraped while the run went"
     last = watched.scrapes[-1]
-    decided = Counter[str]()
-    for labels, value in last.get("govmesh_decisions_total", {}).items():
-        named = dict(labels)
-        if named["govmesh_decision_source"] == "policy":
-            decided[named["govmesh_decision_outcome"]] += int(value)
     # Scraped while the run finished its checks: every decision was on the stream.
+    policy = ("govmesh_decision_source", "policy")
+    decided = _by(last, "govmesh_decisions_total", "govmesh_decision_outcome", where=policy)
     assert decided == _decided(report)
     assert sum(last["gen_ai_client_token_usage_sum"].values()) == report["tokens"]
-    refusals = {
-        dict(labels)["govmesh_security_reason"]: value
-        for labels, value in last.get("govmesh_security_rejections_total", {}).items()
-    }
-    assert refusals.get("token_unknown_issuer", 0) >= 1, refusals
+    refusals = _by(last, "govmesh_security_rejections_total", "govmesh_security_reason")
+    assert refusals["token_unknown_issuer"] >= 1, refusals
 
 
 def test_the_example_forwards_every_verified_event_to_jsonl_and_reports_the_forged_one(
@@ -279,3 +288,66 @@ def test_the_example_forwards_every_verified_event_to_jsonl_and_reports_the_forg
     assert decided["summary"]["outcome"] in ("allow", "deny", "escalate")
     assert "token_unknown_issuer" in watched.forwarder_err
     assert f"{len(lines)} events written" in watched.forwarder_err
+
+
+def _decision_event(seq: int, *, workflow: str, outcome: str, **more: Any) -> govmesh.Event:
+    decision = govmesh.Decision(
+        intent_id="i",
+        intent_hash=f"intent-of-{workflow}",
+        workflow=workflow,
+        agent="buyer-1",
+        outcome=outcome,  # type: ignore[arg-type]
+        policy_hash="p" * 64,
+        expires_at=0.0,
+        **more,
+    )
+    return govmesh.Event(
+        seq=seq,
+        stored_at=1000.0 + seq,
+        id=f"e{seq}",
+        kind="Decision",
+        sender="governance-1",
+        subject=f"gm.acme.decision.buyer-1.{workflow}",
+        ts=1000.0 + seq,
+        workflow=workflow,
+        body=msgspec.msgpack.encode(decision),
+    )
+
+
+def test_the_endpoint_counts_a_decision_answered_again_once_and_a_settlement_apart() -> None:
+    endpoint = govmesh.PrometheusEndpoint(port=0, tenant="acme")
+    escalated = {"final": False, "approval_id": "a1"}
+    for event in [
+        _decision_event(1, workflow="w1", outcome="allow"),
+        _decision_event(2, workflow="w1", outcome="allow"),  # the intent asked again
+        _decision_event(3, workflow="w2", outcome="escalate", **escalated),
+        _decision_event(4, workflow="w2", outcome="escalate", **escalated),
+        _decision_event(5, workflow="w2", outcome="allow", approval_id="a1"),
+    ]:
+        endpoint.record(event)
+    usage = govmesh.Usage(model="m", input_tokens=30, output_tokens=12, cost_usd=0.5)
+    endpoint.record(
+        msgspec.structs.replace(
+            _decision_event(6, workflow="w1", outcome="allow"),
+            kind="Usage",
+            body=msgspec.msgpack.encode(usage),
+        )
+    )
+    endpoint.refused(govmesh.RefusedMessage(seq=7, stored_at=1007.0, subject="s", reason="replay"))
+    page = _samples(endpoint.page())
+    assert _by(page, "govmesh_decisions_total", "govmesh_decision_source") == {
+        "policy": 2,
+        "approval": 1,
+    }
+    assert _by(page, "govmesh_decisions_total", "govmesh_decision_outcome") == {
+        "allow": 2,
+        "escalate": 1,
+    }
+    assert _by(page, "gen_ai_client_token_usage_sum", "gen_ai_token_type") == {
+        "input": 30,
+        "output": 12,
+    }
+    assert _by(page, "govmesh_model_cost_USD_total", "gen_ai_request_model") == {"m": 0.5}
+    assert _by(page, "govmesh_security_rejections_total", "govmesh_security_reason") == {
+        "replay": 1
+    }

@@ -25,13 +25,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Final
 from wsgiref.simple_server import WSGIServer
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 
 from govmesh.bus import SecurityEvent
 from govmesh.errors import ConfigError, GovmeshError
@@ -49,6 +50,9 @@ __all__ = ["PrometheusEndpoint"]
 log = logging.getLogger(__name__)
 
 _SCOPE: Final = "govmesh"
+_DECISIONS_KEPT: Final = 100_000
+"""Decisions remembered to count an answer given again once: an agent asks again within
+minutes, so the latest hundred thousand are plenty."""
 
 
 class PrometheusEndpoint:
@@ -92,11 +96,12 @@ class PrometheusEndpoint:
             resource=Resource.create({"service.name": "govmesh"}),
         )
         self._into = Instruments.of(self._provider.get_meter(_SCOPE))
+        self._decided: OrderedDict[tuple[str, str, bool], None] = OrderedDict()
         self._events = EventStream(
             tenant=tenant,
             deployment=deployment,
             start=start,
-            on_refused=self._refused,
+            on_refused=self.refused,
             wait_s=wait_s,
         )
         self._server: WSGIServer | None = None
@@ -112,6 +117,10 @@ class PrometheusEndpoint:
     def url(self) -> str:
         """Where Prometheus scrapes it."""
         return f"http://{self._host}:{self.port}/metrics"
+
+    def page(self) -> str:
+        """What a scrape gets now, in Prometheus' text format."""
+        return generate_latest(self._registry).decode()
 
     async def open(self) -> None:
         """Bind the port, join the deployment and start following its events."""
@@ -174,6 +183,14 @@ class PrometheusEndpoint:
             case "Decision":
                 decision = event.decode(Decision)
                 settles = decision.final and bool(decision.approval_id)
+                # Governance answers an intent asked again with the same decision, and
+                # counts it once; so does this.
+                key = (decision.workflow, decision.intent_hash, settles)
+                if key in self._decided:
+                    return
+                self._decided[key] = None
+                if len(self._decided) > _DECISIONS_KEPT:
+                    self._decided.popitem(last=False)
                 record_decision(
                     decision.outcome,
                     source="approval" if settles else "policy",
@@ -192,5 +209,6 @@ class PrometheusEndpoint:
                 reported = event.decode(SecurityEvent)
                 self._into.security_rejections.add(1, {"govmesh.security.reason": reported.reason})
 
-    def _refused(self, message: RefusedMessage) -> None:
+    def refused(self, message: RefusedMessage) -> None:
+        """Count ``message``, refused on the stream, as a security rejection."""
         self._into.security_rejections.add(1, {"govmesh.security.reason": message.reason})
