@@ -13,6 +13,7 @@ the ``on_refused`` callback, and the stream goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Collection
@@ -130,7 +131,7 @@ class EventStream:
         kinds: only events of these kinds.
         senders: only events these members sent.
         start: where to start (`EventStart`): ``"new"`` by default.
-        on_refused: called with each message refused, before the next event is yielded.
+        on_refused: called with each message refused, in stream order among the events.
         wait_s: how long to wait for the deployment to be advertised (0: it must be now).
 
     Raises:
@@ -159,7 +160,8 @@ class EventStream:
         self._senders = frozenset(senders)
         self._on_refused = on_refused
         self._wait_s = wait_s
-        self._ready: deque[Event] = deque()
+        # Refused messages wait in line too, so ``on_refused`` hears of each in stream order.
+        self._ready: deque[Event | RefusedMessage] = deque()
         self._bus: Bus | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
         self._verifier: StreamVerifier | None = None
@@ -195,22 +197,20 @@ class EventStream:
             await self.close()
             raise
 
-    async def _subscribe(self) -> bool:
-        """Subscribe to the deployment's stream; False while it has none yet (a run makes
-        it once its services are up)."""
+    async def _subscribe(self) -> JetStreamContext.PullSubscription | None:
+        """The subscription to the deployment's stream, made on first use; None while it
+        has no stream yet (a run makes it once its services are up)."""
         bus = self._bus
-        if bus is None:
-            return False
-        try:
+        if self._sub is not None or bus is None:
+            return self._sub
+        with contextlib.suppress(NotFoundError):
             self._sub = await bus.nc.jetstream().pull_subscribe(
                 bus.subjects.everything,
                 durable=None,
                 stream=bus.subjects.event_stream,
                 config=self._consumer,
             )
-        except NotFoundError:
-            return False
-        return True
+        return self._sub
 
     def stop(self) -> None:
         """End the iteration: events already pulled are still yielded, then it ends. Safe
@@ -237,24 +237,28 @@ class EventStream:
 
     async def __anext__(self) -> Event:
         await self.open()
-        while not self._ready:
-            if self._stopped or self._closed or not await self._pull():
-                await self.close()
-                raise StopAsyncIteration
-        return self._ready.popleft()
+        while True:
+            while not self._ready:
+                if self._stopped or self._closed or not await self._pull():
+                    await self.close()
+                    raise StopAsyncIteration
+            item = self._ready.popleft()
+            if isinstance(item, Event):
+                return item
+            self.refused += 1
+            if self._on_refused is not None:
+                self._on_refused(item)
 
     async def _pull(self) -> bool:
         """Pull the next batch and queue its events that pass the filters; False once the
         deployment has stopped."""
         joined, verifier = self._joined, self._verifier
-        if joined is None or verifier is None or self._bus is None:
+        if joined is None or verifier is None:
             return False
-        if self._sub is None and not await self._subscribe():
+        sub = await self._subscribe()
+        if sub is None:
             await asyncio.sleep(_JOIN_POLL_S)
             return joined.running
-        sub = self._sub
-        if sub is None:
-            return False
         try:
             msgs = await sub.fetch(_BATCH, timeout=_PULL_S)
         except TimeoutError:
@@ -270,9 +274,7 @@ class EventStream:
         stored = [StoredMessage.of(m) for m in msgs]
         for message, checked in zip(stored, verifier.check_many(stored), strict=True):
             if isinstance(checked, RefusedMessage):
-                self.refused += 1
-                if self._on_refused is not None:
-                    self._on_refused(checked)
+                self._ready.append(checked)
                 continue
             if (
                 (self._workflows and checked.workflow not in self._workflows)
