@@ -351,3 +351,16 @@ def test_the_endpoint_counts_a_decision_answered_again_once_and_a_settlement_apa
     assert _by(page, "govmesh_security_rejections_total", "govmesh_security_reason") == {
         "replay": 1
     }
+
+
+def test_a_scenario_file_asks_for_the_prometheus_port_and_gets_none_by_default(
+    tmp_path: Path,
+) -> None:
+    from govmesh.scenarios import scenario_app
+
+    shipped = ROOT / "scenarios" / "procurement.yaml"
+    assert scenario_app(shipped).prometheus_port is None
+    asking = tmp_path / "procurement.yaml"
+    text = shipped.read_text().replace("../", f"{ROOT}/")
+    asking.write_text(f"{text}\nprometheus_port: 9464\n")
+    assert scenario_app(asking).prometheus_port == 9464
