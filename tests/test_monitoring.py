@@ -131,7 +131,7 @@ async def _watch(proc: subprocess.Popen[str], port: int, out: Path, watched: Wat
                 else:
                     if page.status_code == 200 and page.text:
                         watched.scrapes.append(_samples(page.text))
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.1)
 
     async def follow(stream: govmesh.EventStream, into: list[govmesh.Event]) -> None:
         async with stream:
@@ -140,9 +140,11 @@ async def _watch(proc: subprocess.Popen[str], port: int, out: Path, watched: Wat
 
     scraping = asyncio.create_task(scrape())
     async with everything:
-        watched.forged_id = await _forge(everything)
         async for event in everything:
             watched.events.append(event)
+            if not watched.forged_id:
+                # Once the stream holds an event, it keeps what is published next.
+                watched.forged_id = await _forge(everything)
             if len(watched.events) == 20:
                 # Two more subscribers while the run goes: one filtered, one from a point.
                 seq, at = event.seq, datetime.fromtimestamp(event.stored_at, UTC)
@@ -187,7 +189,7 @@ def monitored_run() -> Iterator[Watched]:
 
         # Started first, the example waits for the deployment.
         example = ROOT / "examples" / "monitoring" / "forward_jsonl.py"
-        forwarder = start(str(example), str(watched.forwarded))
+        forwarder = start(str(example), str(watched.forwarded), "--wait", "300")
         run = ["run", "scenarios/procurement.yaml", "-n", str(WORKFLOWS), "--json", str(out)]
         proc = start("-m", "govmesh.cli", *run, "--prometheus-port", str(port))
         os.environ["GOVMESH_HOME"] = str(home)

@@ -2,11 +2,12 @@
 
     python examples/monitoring/forward_jsonl.py events.jsonl [--tenant acme] [--kind Decision]
 
-Start it before or while ``govmesh run`` runs (it waits up to a minute for the deployment);
-it stops when the deployment stops, or on Ctrl-C. Run again on the same file, it goes on
-after the last event the file holds (a stream sequence number), so nothing is written twice
-and nothing the stream still keeps is missed; on a new file it starts at the stream's first
-event. Messages that fail verification are never written: each is reported on stderr.
+Start it before or while ``govmesh run`` runs (it waits ``--wait`` seconds, 60 by default,
+for the deployment); it stops when the deployment stops, or on Ctrl-C. Run again on the
+same file, it goes on after the last event the file holds (a stream sequence number), so
+nothing is written twice and nothing the stream still keeps is missed; on a new file it
+starts at the stream's first event. Messages that fail verification are never written: each
+is reported on stderr.
 
 Only ``govmesh``'s public API is used: `govmesh.EventStream` and the events it yields.
 """
@@ -43,7 +44,7 @@ def report(message: govmesh.RefusedMessage) -> None:
     )
 
 
-async def forward(path: Path, *, tenant: str | None, kinds: list[str]) -> int:
+async def forward(path: Path, *, tenant: str | None, kinds: list[str], wait_s: float) -> int:
     """Append the deployment's events to ``path`` until it stops; how many were written."""
     after = last_seq(path)
     written = 0
@@ -52,7 +53,7 @@ async def forward(path: Path, *, tenant: str | None, kinds: list[str]) -> int:
         kinds=kinds,
         start=after + 1 if after else "first",
         on_refused=report,
-        wait_s=60,
+        wait_s=wait_s,
     )
     async with stream:
         with path.open("a") as out:
@@ -78,9 +79,12 @@ def main() -> None:
     parser.add_argument("path", type=Path, help="the JSONL file to append to")
     parser.add_argument("--tenant", help="the deployment's tenant (the only one running)")
     parser.add_argument("--kind", action="append", default=[], help="only these kinds")
+    parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for it")
     args = parser.parse_args()
     try:
-        written = asyncio.run(forward(args.path, tenant=args.tenant, kinds=args.kind))
+        written = asyncio.run(
+            forward(args.path, tenant=args.tenant, kinds=args.kind, wait_s=args.wait)
+        )
     except KeyboardInterrupt:
         sys.exit(130)
     except govmesh.GovmeshError as exc:
