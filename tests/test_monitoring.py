@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +44,7 @@ class Watched:
     report: dict[str, Any]
     forwarded: Path
     forwarder_err: str = ""
+    resumed: Path | None = None
     events: list[govmesh.Event] = field(default_factory=list)
     refused: list[govmesh.RefusedMessage] = field(default_factory=list)
     counted_refused: int = 0
@@ -117,8 +118,15 @@ async def _forge(stream: govmesh.EventStream) -> str:
     return envelope.id
 
 
-async def _watch(proc: subprocess.Popen[str], port: int, out: Path, watched: Watched) -> None:
-    """Follow the run through the public API and scrape its metrics until it ends."""
+async def _watch(
+    proc: subprocess.Popen[str],
+    port: int,
+    out: Path,
+    watched: Watched,
+    resume: Callable[[], None],
+) -> None:
+    """Follow the run through the public API and scrape its metrics until it ends;
+    ``resume`` is called midway."""
     everything = govmesh.EventStream(start="first", wait_s=120, on_refused=watched.refused.append)
 
     async def scrape() -> None:
@@ -160,6 +168,7 @@ async def _watch(proc: subprocess.Popen[str], port: int, out: Path, watched: Wat
                     follow(govmesh.EventStream(start=at), watched.from_time),
                 ]
                 followers = asyncio.gather(*others)
+                resume()
     watched.counted_refused = everything.refused
     await followers
     await scraping
@@ -193,13 +202,24 @@ def monitored_run() -> Iterator[Watched]:
         run = ["run", "scenarios/procurement.yaml", "-n", str(WORKFLOWS), "--json", str(out)]
         proc = start("-m", "govmesh.cli", *run, "--prometheus-port", str(port))
         os.environ["GOVMESH_HOME"] = str(home)
+        resumed: list[subprocess.Popen[str]] = []
+
+        def resume() -> None:
+            """Midway, the example again on a copy of the first two lines it wrote."""
+            watched.resumed = Path(where) / "resumed.jsonl"
+            written = watched.forwarded.read_text().splitlines(keepends=True)
+            watched.resumed.write_text("".join(written[:2]))
+            resumed.append(start(str(example), str(watched.resumed)))
+
         try:
-            asyncio.run(_watch(proc, port, out, watched))
+            asyncio.run(_watch(proc, port, out, watched, resume))
             _, watched.forwarder_err = forwarder.communicate(timeout=60)
+            for started in resumed:
+                started.communicate(timeout=60)
             yield watched
         finally:
             os.environ.pop("GOVMESH_HOME", None)
-            for started in (proc, forwarder):
+            for started in (proc, forwarder, *resumed):
                 if started.poll() is None:
                     started.kill()
             _, stderr = proc.communicate(timeout=60)
@@ -290,6 +310,9 @@ def test_the_example_forwards_every_verified_event_to_jsonl_and_reports_the_forg
     assert decided["summary"]["outcome"] in ("allow", "deny", "escalate")
     assert "token_unknown_issuer" in watched.forwarder_err
     assert f"{len(lines)} events written" in watched.forwarder_err
+    # Run again on a file that holds the first two events, it went on after them.
+    assert watched.resumed is not None
+    assert watched.resumed.read_text() == watched.forwarded.read_text()
 
 
 def _decision_event(seq: int, *, workflow: str, outcome: str, **more: Any) -> govmesh.Event:
