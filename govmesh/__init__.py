@@ -14,7 +14,15 @@ from govmesh.errors import GovmeshError, ModelError, ToolError
 
 if TYPE_CHECKING:
     from govmesh.agents._base import RetryPolicy
-    from govmesh.agents._sdk import Agent, Denied, Halted, ToolFailed, Workflow, handler
+    from govmesh.agents._sdk import (
+        Agent,
+        Denied,
+        Halted,
+        ToolFailed,
+        TurnsExhausted,
+        Workflow,
+        handler,
+    )
     from govmesh.agents.messages import Outcome, WorkflowStart
     from govmesh.bus import SecurityEvent
     from govmesh.forecasting.messages import Usage
@@ -55,6 +63,7 @@ _LAZY = {
     "Denied": "govmesh.agents._sdk",
     "Halted": "govmesh.agents._sdk",
     "ToolFailed": "govmesh.agents._sdk",
+    "TurnsExhausted": "govmesh.agents._sdk",
     "Workflow": "govmesh.agents._sdk",
     "handler": "govmesh.agents._sdk",
     "RetryPolicy": "govmesh.agents._base",
@@ -128,6 +137,7 @@ __all__ = [
     "ToolFailed",
     "ToolResult",
     "ToolSpec",
+    "TurnsExhausted",
     "Usage",
     "Workflow",
     "WorkflowStart",

@@ -108,6 +108,28 @@ class Planner(govmesh.Agent):
         ]
 
 
+class Operator(govmesh.Agent):
+    """Lets the model ship through the tool, turn by turn, and answers with its last word."""
+
+    role = ROLE
+    tools = (ship,)
+
+    def __init__(self, *, tell_failures: bool = False) -> None:
+        self.tell_failures = tell_failures
+
+    @govmesh.handler
+    async def operate(self, wf: govmesh.Workflow, shipment: Shipment) -> str:
+        """Ship with the model's help until it answers without a tool."""
+        answer = await wf.act(
+            f"Ship {shipment.item} from {shipment.vendor}.",
+            tools=[ship],
+            system="You ship things with the tools you are given.",
+            tell_failures=self.tell_failures,
+            max_turns=4,
+        )
+        return answer.text
+
+
 class Desk(govmesh.Agent):
     """Takes a shipment request and has the shipper ship it."""
 

@@ -331,3 +331,25 @@ async def test_the_reserved_prompt_bound_is_never_below_the_servers_count(
     counted = [u["prompt_tokens"] for u in recorder.usages]
     assert len(counted) == len(requests)
     assert all(bound >= n for bound, n in zip(bounds, counted, strict=True)), (bounds, counted)
+
+
+def test_bench_model_times_the_governed_call_against_the_provider_in_one_run(
+    local_model: LocalModelServer, tmp_path: Path
+) -> None:
+    report = tmp_path / "model.json"
+    args = ["--iterations", "2", "--warmup", "0", "--max-tokens", "4"]
+    args += ["--base-url", local_model.base_url, "--model", SMOLLM2, "--json", str(report)]
+    done = subprocess.run(
+        [sys.executable, "-m", "govmesh.cli", "bench", "model", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(report.read_text())
+    governed = found["governed"]
+    # Four tokens of a prompt asking never to stop: no pair stops early.
+    assert (governed["pairs"], governed["pairs_left_out"]) == (2, 0)
+    assert governed["provider_ms"]["p50"] > 0 and governed["governed_ms"]["p50"] > 0
+    assert found["plan"]["output_tokens_mean"] > 0
+    assert "governed call (reserve, usage, settle)" in done.stdout

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 import redis.asyncio as aioredis
@@ -22,7 +23,9 @@ from govmesh.llm import (
     ModelRequest,
     OpenAIModel,
     OpenAISettings,
+    ToolCall,
     ToolDef,
+    prompt_bytes,
 )
 from govmesh.reservations import BudgetCaps, ReservationBook
 
@@ -116,6 +119,116 @@ async def test_anthropic_answers_a_schema_through_a_forced_tool_and_returns_tool
     [call] = asked.tool_calls
     assert (call.name, call.args, call.id) == ("erp.create_po", {"amount": 5}, "toolu_0")
     assert asked.stop_reason == "tool_use" and asked.text == ""
+
+
+def _tool_chat() -> tuple[Message, ...]:
+    """A chat where the model asked for two calls, got one result and one refusal, and the
+    user said more."""
+    asked = (
+        ToolCall(name="erp.create_po", args={"amount": 5}, id="c1"),
+        ToolCall(name="erp.create_po", args={"amount": 9000}, id="c2"),
+    )
+    return (
+        Message(role="user", content="Order from acme."),
+        Message(role="assistant", content="Ordering.", tool_calls=asked),
+        Message.result(asked[0], {"po": "PO-1"}),
+        Message.result(asked[1], "denied: over the limit", error=True),
+        Message(role="user", content="And now?"),
+    )
+
+
+async def test_tool_results_go_back_to_each_api_in_its_own_form(key) -> None:
+    chat = _tool_chat()
+    async with ScriptedApi() as api:
+        api.reply(message("Done."))
+        api.reply(completion("Done."))
+        anthropic, openai = _anthropic(api), _openai(api)
+        try:
+            await anthropic.complete(
+                ModelRequest(messages=chat, tools=(ORDER,), max_tokens=64, key="wf:a:1")
+            )
+            await openai.complete(
+                ModelRequest(messages=chat, tools=(ORDER,), max_tokens=64, key="wf:a:1")
+            )
+        finally:
+            await anthropic.close()
+            await openai.close()
+    # Anthropic: tool_use blocks in the assistant turn; the results, then the user's text,
+    # in one user turn, since turns alternate.
+    assert api.requests[0].body["messages"] == [
+        {"role": "user", "content": "Order from acme."},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Ordering."},
+                {"type": "tool_use", "id": "c1", "name": "erp_create_po", "input": {"amount": 5}},
+                {
+                    "type": "tool_use",
+                    "id": "c2",
+                    "name": "erp_create_po",
+                    "input": {"amount": 9000},
+                },
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "c1",
+                    "content": '{"po": "PO-1"}',
+                    "is_error": False,
+                },
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "c2",
+                    "content": "denied: over the limit",
+                    "is_error": True,
+                },
+                {"type": "text", "text": "And now?"},
+            ],
+        },
+    ]
+    # OpenAI: the calls on the assistant message, a "tool" message answering each by id.
+    sent = api.requests[1].body["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool", "tool", "user"]
+    assert sent[1]["tool_calls"][1] == {
+        "id": "c2",
+        "type": "function",
+        "function": {"name": "erp_create_po", "arguments": '{"amount": 9000}'},
+    }
+    assert [(m["tool_call_id"], m["content"]) for m in sent[2:4]] == [
+        ("c1", '{"po": "PO-1"}'),
+        ("c2", "denied: over the limit"),
+    ]
+
+
+def test_a_chat_whose_tool_results_do_not_answer_its_calls_is_refused_naming_the_turn() -> None:
+    chat = _tool_chat()
+    stray = Message.result(ToolCall(name="erp.create_po", id="c9"), "{}")
+    unnamed = Message(role="assistant", tool_calls=(ToolCall(name="erp.create_po"),))
+    cases = [
+        ((*chat[:3], chat[4]), "call 'c2' of messages[1] has no result before messages[3]"),
+        ((*chat, stray), "messages[5] is the result of call 'c9'"),
+        ((*chat[:3], chat[2]), "messages[3] is the result of call 'c1'"),
+        ((chat[0], unnamed), "messages[1] asks for 'erp.create_po' without an id"),
+        (chat[:2], "call 'c1' of messages[1] has no result"),
+    ]
+    for messages, problem in cases:
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            ModelRequest(messages=messages, max_tokens=8, key="k")
+
+
+def test_the_prompt_bound_counts_the_tool_calls_and_results_sent_back() -> None:
+    chat = _tool_chat()
+    # The same text with no calls: results said as the user, a role of as many bytes.
+    bare = tuple(
+        Message(role="user" if m.role == "tool" else m.role, content=m.content) for m in chat
+    )
+    with_tools = prompt_bytes(ModelRequest(messages=chat, max_tokens=8, key="k"))
+    without = prompt_bytes(ModelRequest(messages=bare, max_tokens=8, key="k"))
+    sent = sum(len(c.id) + len(c.name) + len(json.dumps(c.args)) for c in chat[1].tool_calls)
+    assert with_tools - without == sent + 2 * (2 + len("erp.create_po"))
 
 
 async def test_openai_usage_splits_cached_and_reasoning_tokens_so_each_is_priced_once(key) -> None:

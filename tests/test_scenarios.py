@@ -73,6 +73,23 @@ def test_a_scenario_names_its_agents_tools_and_workload_by_path(user_code: Path)
     assert {s.kind for s in starts} == {"Note"}
 
 
+def test_retries_of_model_and_tool_calls_are_set_for_the_scenario_and_per_agent(
+    user_code: Path,
+) -> None:
+    # The defaults where neither the scenario nor the agent says.
+    default = scenario_app(user_code / "scenario.yaml").agents[0]
+    assert default.model_retry == default.tool_retry == govmesh.RetryPolicy()
+    text = SCENARIO.replace(
+        "tenant: notes",
+        "tenant: notes\nmodel_retry: {maximum_attempts: 8, initial_s: 2}",
+    ).replace("options: {margin: 2}", "options: {margin: 2}\n    tool_retry: {backoff: 3}")
+    app = scenario_app(_write(user_code, text))
+
+    [scribe] = app.agents
+    assert scribe.model_retry == govmesh.RetryPolicy(maximum_attempts=8, initial_s=2)
+    assert scribe.tool_retry == govmesh.RetryPolicy(backoff=3)
+
+
 def test_inline_starts_are_converted_to_the_entry_handlers_type(user_code: Path) -> None:
     text = SCENARIO.replace(
         "  generator: notes:Notes\n  options: {pages: 3}\n",
@@ -118,6 +135,16 @@ def test_inline_starts_are_converted_to_the_entry_handlers_type(user_code: Path)
         ),
         (("path: [code]", "path: [elsewhere]"), "path[0]", "elsewhere"),
         (("tenant: notes", "tenant: notes\nmystery: 1"), "mystery", "mystery"),
+        (
+            ("tenant: notes", "tenant: notes\nmodel_retry: {maximum_attempts: 0}"),
+            "model_retry",
+            "0",
+        ),
+        (
+            ("options: {margin: 2}", "options: {margin: 2}\n    tool_retry: {tries: 3}"),
+            "agents[0].tool_retry",
+            "tries",
+        ),
     ],
 )
 def test_a_mistake_is_named_by_file_and_field_path_with_its_value(

@@ -475,3 +475,80 @@ async def test_a_tool_call_the_model_asks_for_is_made_by_the_handler_governed(
     # The model only asked: policy denied the call to a vendor it does not allow.
     assert (denied.result, denied.first_decision) == ("denied", "deny")
     assert behaviour.calls == 1
+
+
+async def test_act_makes_each_call_the_model_asks_for_governed_and_gives_it_the_results(
+    secure_nats, redis_server, prefix, tmp_path, behaviour
+) -> None:
+    import functools
+    import json
+
+    from govmesh.forecasting import Price
+    from govmesh.llm import OpenAISettings, model_of
+
+    from _model_servers import ScriptedApi, completion
+
+    def asks(*calls: tuple[str, dict[str, object]]) -> dict[str, object]:
+        wire = tuple((name, json.dumps(args)) for name, args in calls)
+        return completion(None, tool_calls=wire, finish_reason="tool_calls")
+
+    good = {"item": "monitors", "vendor": "Vendor_A", "amount_usd": 1200.0}
+    prices = {"local-model": Price(input_per_1k=0.001, output_per_1k=0.002)}
+    settings = OpenAISettings(model="local-model", base_url="", api_key_env="")
+    async with (
+        ScriptedApi() as api,
+        mesh(
+            secure_nats, redis_server, prefix, tmp_path, policy=POLICY, tools=[ship], prices=prices
+        ) as m,
+    ):
+        settings = msgspec.structs.replace(settings, base_url=f"{api.url}/v1")
+        model = functools.partial(model_of, settings, seed=1)
+        for agent, tell in (("shipper-act", False), ("shipper-told", True)):
+            await m.host(
+                agent,
+                "_shipping:Operator",
+                role=ROLE,
+                capabilities=(TOOL,),
+                model=model,
+                prices=prices,
+                options={"tell_failures": tell},
+            )
+        # A good call, then a call with a field missing and one of a tool not offered,
+        # then an answer.
+        api.reply(asks(("test_ship", good)))
+        api.reply(asks(("test_ship", {"item": "desks"}), ("test_fly", {"to": "Mars"})))
+        api.reply(completion("Shipped the monitors."))
+        shipped = await m.run("wf-act", "shipper-act", _order(0.0))
+        seen = len(api.requests)
+        # A call policy denies, told to the model, which then answers.
+        api.reply(asks(("test_ship", {**good, "vendor": "Vendor_Z"})))
+        api.reply(completion("Vendor_Z is not allowed."))
+        told = await m.run("wf-act-told", "shipper-told", _order(0.0))
+        # The same call raises Denied where the agent does not tell the model.
+        api.reply(asks(("test_ship", {**good, "vendor": "Vendor_Z"})))
+        denied = await m.run("wf-act-denied", "shipper-act", _order(0.0))
+
+    assert (shipped.result, shipped.first_decision) == ("completed", "allow")
+    assert msgspec.msgpack.decode(shipped.value, type=str) == "Shipped the monitors."
+    assert behaviour.calls == 1  # neither wrong call reached the tool
+    second, third = (api.requests[i].body["messages"] for i in (1, 2))
+    assert second[0] == {
+        "role": "system",
+        "content": "You ship things with the tools you are given.",
+    }
+    asked, result = second[2], second[3]
+    assert asked["role"] == "assistant" and asked["tool_calls"][0]["id"] == "call_0"
+    assert json.loads(asked["tool_calls"][0]["function"]["arguments"]) == good
+    assert (result["role"], result["tool_call_id"]) == ("tool", "call_0")
+    assert json.loads(result["content"]) == {"tracking": "T-1", "item": "monitors"}
+    missing, unknown = third[-2:]
+    assert missing["tool_call_id"] == "call_0" and "vendor" in missing["content"]
+    assert unknown["tool_call_id"] == "call_1"
+    assert unknown["content"] == "no tool 'test_fly'; the tools are: test.ship"
+
+    assert (told.result, told.first_decision) == ("completed", "deny")
+    assert msgspec.msgpack.decode(told.value, type=str) == "Vendor_Z is not allowed."
+    refusal = api.requests[seen + 1].body["messages"][-1]
+    assert refusal["role"] == "tool" and refusal["content"].startswith("denied: ")
+    assert (denied.result, denied.first_decision) == ("denied", "deny")
+    assert len(api.requests) == seen + 3  # the denied workflow asked the model once

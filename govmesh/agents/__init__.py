@@ -3,7 +3,7 @@ between agents and the coordinator."""
 
 from govmesh.agents._base import AgentService, RetryPolicy
 from govmesh.agents._host import AgentHost
-from govmesh.agents._sdk import Agent, Denied, Halted, ToolFailed, Workflow, handler
+from govmesh.agents._sdk import Agent, Denied, Halted, ToolFailed, TurnsExhausted, Workflow, handler
 from govmesh.agents.messages import InFlight, Outcome, WorkflowStart
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "Outcome",
     "RetryPolicy",
     "ToolFailed",
+    "TurnsExhausted",
     "Workflow",
     "WorkflowStart",
     "handler",

@@ -7,7 +7,6 @@ import hashlib
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Final, TypedDict
 
 import msgspec
@@ -47,11 +46,12 @@ _KEEP_OUTCOME_S: Final = 8 * 86_400
 than a workflow (up to 7 days) may take to ask again."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class RetryPolicy:
-    """How an agent retries a tool call that failed with ``ToolError(retryable=True)``, as
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How an agent retries a tool call that failed with ``ToolError(retryable=True)``, or
+    a model call that failed retryably (a rate limit, a server error, a timeout), as
     Temporal's ``RetryPolicy``: the n-th retry waits ``initial_s * backoff ** (n - 1)``
     seconds, at most ``maximum_s``, and the call is made at most ``maximum_attempts`` times.
+    Scenario files give it as a mapping of these fields (``tool_retry:``, ``model_retry:``).
 
     Raises:
         ConfigError: a figure is out of range; the message quotes it.

@@ -26,7 +26,7 @@ import msgspec
 
 from govmesh.agents.messages import Outcome, WorkflowStart
 from govmesh.bus import Delivery
-from govmesh.errors import ConfigError, GovmeshError, StateError
+from govmesh.errors import ConfigError, GovmeshError, StateError, ToolArgumentError
 from govmesh.governance.messages import Decision, ToolIntent
 from govmesh.llm import Message, ModelRequest, ModelResponse, ToolDef
 from govmesh.reservations import BudgetError
@@ -42,6 +42,7 @@ __all__ = [
     "Journal",
     "Runtime",
     "ToolFailed",
+    "TurnsExhausted",
     "Workflow",
     "handler",
     "kind_of",
@@ -98,6 +99,15 @@ class ToolFailed(GovmeshError, RuntimeError):
         self.error = error
         self.retryable = retryable
         super().__init__(error)
+
+
+class TurnsExhausted(GovmeshError, RuntimeError):
+    """The model still asked for tools after the turns `Workflow.act` allows. Ends the
+    workflow ``failed`` unless the handler catches it."""
+
+    def __init__(self, key: str, turns: int) -> None:
+        self.turns = turns
+        super().__init__(f"{key}: the model still asked for tools after {turns} turns")
 
 
 class Halted(GovmeshError, RuntimeError):
@@ -489,6 +499,86 @@ class Workflow:
         self.at("thought", key=key)
         await self._runtime.save(self)
         return response
+
+    async def act(
+        self,
+        prompt: str | Sequence[Message],
+        *,
+        tools: Sequence[ToolSpec[Any, Any]],
+        system: str = "",
+        schema: Mapping[str, Any] | type | None = None,
+        max_turns: int = 8,
+        first_step: int = 1,
+        tell_failures: bool = False,
+        key: str = "act",
+    ) -> ModelResponse:
+        """Think with ``tools`` until the model answers without asking for one: each call
+        it asks for is made governed, with `call_tool`, as the workflow's next step, and
+        its result goes back to the model for its next turn.
+
+        A call the model gets wrong (a tool it was not offered, arguments that do not fit
+        the tool) never reaches policy: the model is told what was wrong and asked again.
+
+        Args:
+            prompt: what to ask: one user message, or the chat so far (user first).
+            tools: the tools the model may ask for.
+            system: the system prompt.
+            schema: what the final answer's text must follow (see `think`).
+            max_turns: model answers this may take, the last included.
+            first_step: the step number of the first tool call; each further call takes
+                the next number, so give the next unused one.
+            tell_failures: give the model a denied, rejected or failed call's reasons as
+                the call's result and go on, instead of raising.
+            key: names the turns in the journal (``key-1``, ``key-2``, ...).
+
+        Returns:
+            The model's last answer, which asks for no tool.
+
+        Raises:
+            Denied: a call was denied or rejected (unless ``tell_failures``).
+            ToolFailed: a call failed (unless ``tell_failures``).
+            TurnsExhausted: the model still asked for tools after ``max_turns`` answers.
+            BudgetError, ModelError: as `think` raises them.
+        """
+        if max_turns < 1:
+            raise ConfigError(f"act {key!r}: max_turns must be 1 or more, got {max_turns!r}")
+        offered = {t.name: t for t in tools}
+        chat = [Message(role="user", content=prompt)] if isinstance(prompt, str) else [*prompt]
+        step = first_step
+        for turn in range(1, max_turns + 1):
+            answer = await self.think(
+                chat, system=system, schema=schema, tools=tools, key=f"{key}-{turn}"
+            )
+            if not answer.tool_calls:
+                return answer
+            chat.append(answer.said())
+            for call in answer.tool_calls:
+                tool = offered.get(call.name)
+                if tool is None:
+                    chat.append(
+                        Message.result(
+                            call,
+                            f"no tool {call.name!r}; the tools are: {', '.join(offered)}",
+                            error=True,
+                        )
+                    )
+                    continue
+                try:
+                    args = tool.load_args(call.args)
+                except ToolArgumentError as exc:
+                    chat.append(Message.result(call, str(exc), error=True))
+                    continue
+                try:
+                    result = await self.call_tool(tool, args, step=step)
+                except (Denied, ToolFailed) as exc:
+                    if not tell_failures:
+                        raise
+                    chat.append(Message.result(call, str(exc), error=True))
+                else:
+                    chat.append(Message.result(call, result))
+                finally:
+                    step += 1
+        raise TurnsExhausted(key, max_turns)
 
     async def call_tool(self, tool: ToolSpec[A, R], args: A, *, step: int) -> R:
         """Call ``tool`` with ``args`` as step ``step`` of the workflow, governed: the

@@ -11,8 +11,13 @@ One local server (llama-cpp-python, SmolLM2-135M-Instruct on CPU, started here u
   calls of a pair generate the same number of tokens and differ only in the client; pairs
   where either stopped early are left out. The overhead is each pair's provider time over
   its bare time, reported at p50 and p99.
-- ``plan``: the procurement buyer's planning call as a reflection loop makes it, through
-  the provider with structured output (a JSON Schema the server's grammar enforces):
+- ``governed``: the same request again, alternately through the provider alone and as an
+  agent makes it (`govmesh.agents.AgentService.call_model`): the spend reserved in Redis
+  against the workflow's cap first, the usage published signed over mutual-TLS NATS to
+  the budget actor, the reservation settled, the call traced. The overhead is each
+  pair's governed time over its provider time.
+- ``plan``: the procurement buyer's planning call as a reflection loop makes it, governed
+  as above, with structured output (a JSON Schema the server's grammar enforces):
   milliseconds per iteration, tokens per second, and the share of answers that parse and
   follow the schema (the others would be reflected on).
 """
@@ -23,20 +28,29 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import httpx
 
+from govmesh.forecasting import Price
 from govmesh.llm import ModelRequest, OpenAIModel, OpenAISettings, schema_problem
 from govmesh.observability._stats import summarize
+from govmesh.reservations import BudgetCaps
+
+if TYPE_CHECKING:
+    from govmesh.agents import AgentService
 
 __all__ = ["PLAN_SCHEMA", "run_model_bench"]
 
 Progress = Callable[[str, int], None]
 
 _RAMBLE: Final = "Write a long, detailed story about a purchasing department. Do not stop."
+
+_PRICE: Final = Price(input_per_1k=0.0001, output_per_1k=0.0002)
+"""A price for the local model, which costs nothing but electricity: the caps need one."""
 
 PLAN_SCHEMA: Final[dict[str, Any]] = {
     "type": "object",
@@ -91,9 +105,13 @@ async def run_model_bench(
     )
     provider = OpenAIModel(settings)
     try:
-        async with httpx.AsyncClient(base_url=base_url, timeout=settings.timeout_s) as bare:
+        async with (
+            httpx.AsyncClient(base_url=base_url, timeout=settings.timeout_s) as bare,
+            _governed_agent(provider) as agent,
+        ):
             pairs = await _pairs(bare, provider, name, iterations, warmup, max_tokens, progress)
-            plan = await _plans(provider, iterations, progress)
+            governed = await _governed_pairs(agent, provider, iterations, max_tokens, progress)
+            plan = await _plans(agent, iterations, progress)
     finally:
         await provider.close()
         if server is not None:
@@ -108,6 +126,7 @@ async def run_model_bench(
         "iterations": iterations,
         "max_tokens": max_tokens,
         **pairs,
+        "governed": governed,
         "plan": plan,
     }
 
@@ -177,8 +196,90 @@ async def _pairs(
     }
 
 
-async def _plans(provider: OpenAIModel, iterations: int, progress: Progress) -> dict[str, Any]:
-    progress("plan iterations (structured output)", 0)
+@asynccontextmanager
+async def _governed_agent(provider: OpenAIModel) -> AsyncIterator[AgentService]:
+    """An agent thinking with ``provider`` as a deployment runs one: a mutual-TLS
+    nats-server, a Redis-protocol server, the budget actor, each call reserved against a
+    workflow cap (one no call reaches) and settled."""
+    from govmesh.agents import AgentService
+    from govmesh.forecasting import BudgetService
+    from govmesh.identity import Issuer
+    from govmesh.runtime import RedisServer, Transport
+
+    tenant = "bench"
+    prices = {provider.model: _PRICE}
+    issuer = Issuer(name="bench", audience=f"govmesh:{tenant}")
+    thinker = issuer.identity("thinker-1", "agent")
+    budget = issuer.identity("budget-1", "budget")
+    with tempfile.TemporaryDirectory(prefix="govmesh-bench-model-") as tmp:
+        async with AsyncExitStack() as stack:
+            transport, nats_server = Transport.embedded(Path(tmp) / "nats")
+            stack.enter_context(nats_server)
+            redis_server = stack.enter_context(RedisServer(workdir=Path(tmp) / "redis"))
+            transport.enrol([thinker, budget], tenant=tenant)
+            deployment = issuer.deployment(
+                tenant=tenant, nats_url=nats_server.url, redis_url=redis_server.url, tls=True
+            )
+            actor = BudgetService(deployment, budget, prices=prices)
+            agent = AgentService(
+                deployment,
+                thinker,
+                model=provider,
+                prices=prices,
+                budget=BudgetCaps(workflow_usd=1_000.0, soft_threshold=None),
+            )
+            for service in (actor, agent):
+                await service.start()
+                stack.push_async_callback(service.close)
+            yield agent
+
+
+async def _governed_pairs(
+    agent: AgentService,
+    provider: OpenAIModel,
+    iterations: int,
+    max_tokens: int,
+    progress: Progress,
+) -> dict[str, Any]:
+    progress("provider and governed agent, alternately", 0)
+    provider_s: list[float] = []
+    governed_s: list[float] = []
+    left_out = 0
+    for i in range(iterations):
+        request = ModelRequest(prompt=_RAMBLE, max_tokens=max_tokens, key=f"governed:{i}")
+
+        async def governed(request: ModelRequest = request, i: int = i) -> tuple[float, int]:
+            started = time.perf_counter()
+            response = await agent.call_model(f"bench-{i}", request)
+            return time.perf_counter() - started, response.output_tokens
+
+        async def alone(request: ModelRequest = request) -> tuple[float, int]:
+            elapsed, tokens, _stop = await _provider_call(provider, request)
+            return elapsed, tokens
+
+        first, second = (governed, alone) if i % 2 else (alone, governed)
+        a, b = await first(), await second()
+        via, plain = (a, b) if i % 2 else (b, a)
+        progress("", 1)
+        if via[1] != max_tokens or plain[1] != max_tokens:
+            left_out += 1
+            continue
+        governed_s.append(via[0])
+        provider_s.append(plain[0])
+    return {
+        "provider_ms": summarize([s * 1000 for s in provider_s]),
+        "governed_ms": summarize([s * 1000 for s in governed_s]),
+        "overhead_ratio": summarize([g / p for g, p in zip(governed_s, provider_s, strict=True)]),
+        "overhead_ms": summarize(
+            [(g - p) * 1000 for g, p in zip(governed_s, provider_s, strict=True)]
+        ),
+        "pairs": len(governed_s),
+        "pairs_left_out": left_out,
+    }
+
+
+async def _plans(agent: AgentService, iterations: int, progress: Progress) -> dict[str, Any]:
+    progress("governed plan iterations (structured output)", 0)
     seconds: list[float] = []
     tokens = 0
     usable = 0
@@ -188,7 +289,7 @@ async def _plans(provider: OpenAIModel, iterations: int, progress: Progress) -> 
             prompt=_PLAN_PROMPT, max_tokens=128, key=f"plan:{i}", schema=PLAN_SCHEMA
         )
         started = time.perf_counter()
-        response = await provider.complete(request)
+        response = await agent.call_model(f"plan-{i}", request)
         seconds.append(time.perf_counter() - started)
         tokens += response.output_tokens
         usable += not schema_problem(response.text, PLAN_SCHEMA)

@@ -419,7 +419,7 @@ def bench_model(
     from govmesh.bench._model import run_model_bench
 
     with progress_bar(auto_refresh=False) as progress:
-        task = progress.add_task("model", total=2 * iterations)
+        task = progress.add_task("model", total=3 * iterations)
         tick = phase_ticker(progress, task)
         report = run_async(
             run_model_bench(
@@ -452,9 +452,21 @@ def bench_model(
     ratio, extra = report["overhead_ratio"], report["overhead_ms"]
     table.add_row("provider / bare (per pair)", f"{ratio['p50']:.3f}", f"{ratio['p99']:.3f}", "")
     table.add_row("provider - bare, ms", f"{extra['p50']:+.2f}", f"{extra['p99']:+.2f}", "")
+    governed = report["governed"]
+    table.add_row(
+        "governed call (reserve, usage, settle), ms",
+        f"{governed['governed_ms']['p50']:.1f}",
+        f"{governed['governed_ms']['p99']:.1f}",
+        "",
+    )
+    ratio, extra = governed["overhead_ratio"], governed["overhead_ms"]
+    table.add_row(
+        "governed / provider (per pair)", f"{ratio['p50']:.3f}", f"{ratio['p99']:.3f}", ""
+    )
+    table.add_row("governed - provider, ms", f"{extra['p50']:+.2f}", f"{extra['p99']:+.2f}", "")
     plan = report["plan"]
     table.add_row(
-        "plan iteration (structured output), ms",
+        "governed plan iteration (structured output), ms",
         f"{plan['iteration_ms']['p50']:.1f}",
         f"{plan['iteration_ms']['p99']:.1f}",
         f"{plan['tokens_per_s']:.1f}",
@@ -463,6 +475,7 @@ def bench_model(
     console.print(
         f"[dim]plan answers that follow the schema: {plan['usable_share']:.0%}; "
         f"{plan['output_tokens_mean']:.1f} tokens each on average; "
-        f"{report['pairs_left_out']} pairs left out (stopped before {max_tokens} tokens)[/]"
+        f"{report['pairs_left_out'] + governed['pairs_left_out']} pairs left out (stopped "
+        f"before {max_tokens} tokens)[/]"
     )
     write_json(json_path, report)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, Final
 
-from govmesh.llm._provider import ModelRequest, ModelResponse, ToolCall
+from govmesh.llm._provider import Message, ModelRequest, ModelResponse, ToolCall
 from govmesh.llm._wire import RemoteModel, RemoteSettings, client_errors, wire_name
 
 __all__ = ["AnthropicModel", "AnthropicSettings"]
@@ -91,7 +92,7 @@ class AnthropicModel(RemoteModel[AnthropicSettings]):
         body: dict[str, Any] = {
             "model": self.settings.model,
             "max_tokens": request.max_tokens,
-            "messages": [{"role": m.role, "content": m.content} for m in request.chat()],
+            "messages": _messages(request.chat()),
         }
         if request.system:
             body["system"] = request.system
@@ -118,3 +119,42 @@ class AnthropicModel(RemoteModel[AnthropicSettings]):
         if tools:
             body["tools"] = tools
         return body
+
+
+def _messages(chat: Sequence[Message]) -> list[dict[str, Any]]:
+    """The chat in the API's form: an assistant turn's tool calls are ``tool_use`` blocks,
+    and tool results are ``tool_result`` blocks of the user turn after it, merged with any
+    user text that follows, since the API wants user and assistant turns in alternation."""
+    turns: list[dict[str, Any]] = []
+    for m in chat:
+        role = "assistant" if m.role == "assistant" else "user"
+        blocks: list[dict[str, Any]] = []
+        if m.role == "tool":
+            blocks.append(
+                {
+                    "type": "tool_result",
+                    "tool_use_id": m.call_id,
+                    "content": m.content,
+                    "is_error": m.error,
+                }
+            )
+        elif m.content:
+            blocks.append({"type": "text", "text": m.content})
+        blocks += [
+            {"type": "tool_use", "id": c.id, "name": wire_name(c.name), "input": c.args}
+            for c in m.tool_calls
+        ]
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += blocks
+        else:
+            turns.append({"role": role, "content": blocks})
+    return [_plain(t) for t in turns]
+
+
+def _plain(turn: dict[str, Any]) -> dict[str, Any]:
+    """A turn of one text block as a plain string, as most callers of the API send it."""
+    match turn["content"]:
+        case [{"type": "text", "text": str(text)}]:
+            return {"role": turn["role"], "content": text}
+        case _:
+            return turn

@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from govmesh.llm._provider import ModelRequest, ModelResponse, ToolCall
+from govmesh.llm._provider import Message, ModelRequest, ModelResponse, ToolCall, arguments
 from govmesh.llm._wire import RemoteModel, RemoteSettings, client_errors, wire_name
 
 __all__ = ["OpenAIModel", "OpenAISettings"]
@@ -88,7 +88,7 @@ class OpenAIModel(RemoteModel[OpenAISettings]):
         messages: list[dict[str, Any]] = []
         if request.system:
             messages.append({"role": "system", "content": request.system})
-        messages += [{"role": m.role, "content": m.content} for m in request.chat()]
+        messages += [_message(m) for m in request.chat()]
         body: dict[str, Any] = {
             "model": self.settings.model,
             "messages": messages,
@@ -117,6 +117,28 @@ class OpenAIModel(RemoteModel[OpenAISettings]):
         return body
 
 
+def _message(m: Message) -> dict[str, Any]:
+    """One turn of the chat in the API's form: a tool result answers its call by id."""
+    match m.role:
+        case "tool":
+            return {"role": "tool", "tool_call_id": m.call_id, "content": m.content}
+        case "assistant" if m.tool_calls:
+            return {
+                "role": "assistant",
+                "content": m.content or None,
+                "tool_calls": [
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": wire_name(c.name), "arguments": arguments(c.args)},
+                    }
+                    for c in m.tool_calls
+                ],
+            }
+        case _:
+            return {"role": m.role, "content": m.content}
+
+
 def _tool_calls(given: Iterable[Any], names: Mapping[str, str]) -> tuple[list[ToolCall], str]:
     """The function calls among ``given``, named as the request's tools are, and what was
     wrong with their arguments if anything was."""
@@ -132,7 +154,15 @@ def _tool_calls(given: Iterable[Any], names: Mapping[str, str]) -> tuple[list[To
             args, problem = {}, f"arguments of {function.name} are not JSON: {exc}"
         if not isinstance(args, dict):
             args, problem = {}, f"arguments of {function.name} are not an object: {args!r}"
-        calls.append(ToolCall(name=names.get(function.name, function.name), args=args, id=call.id))
+        # A server that gives no id (some OpenAI-compatible ones) gets one, so the call's
+        # result can answer it when the chat goes on.
+        calls.append(
+            ToolCall(
+                name=names.get(function.name, function.name),
+                args=args,
+                id=call.id or f"call_{len(calls)}",
+            )
+        )
     return calls, problem
 
 

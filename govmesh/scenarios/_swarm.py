@@ -217,6 +217,8 @@ class Swarm:
                     "prices": dict(app.prices),
                     "budget": app.budget,
                     "keep_thoughts": app.keep_thoughts,
+                    "tool_retry": agent.tool_retry,
+                    "model_retry": agent.model_retry,
                 },
             )
             for agent in app.agents
