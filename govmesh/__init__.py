@@ -23,7 +23,10 @@ if TYPE_CHECKING:
         Workflow,
         handler,
     )
-    from govmesh.agents.messages import Outcome
+    from govmesh.agents.messages import Outcome, WorkflowStart
+    from govmesh.bus import SecurityEvent
+    from govmesh.forecasting.messages import Usage
+    from govmesh.governance.messages import ApprovalAnswer, ApprovalRequest, Decision
     from govmesh.llm import (
         AnthropicSettings,
         Message,
@@ -36,10 +39,19 @@ if TYPE_CHECKING:
         TokenSpread,
         ToolCall,
     )
+    from govmesh.observability import (
+        Event,
+        EventError,
+        EventStart,
+        EventStream,
+        RefusedMessage,
+    )
+    from govmesh.observability._prometheus import PrometheusEndpoint
     from govmesh.reservations import BudgetError
     from govmesh.scenarios._app import AgentDef, App
     from govmesh.tools._registry import ToolContext
     from govmesh.tools._spec import Effect, ToolSpec, tool
+    from govmesh.tools.messages import ToolResult
 
 try:
     __version__ = version("govmesh")
@@ -68,6 +80,19 @@ _LAZY = {
     "BudgetError": "govmesh.reservations",
     "AgentDef": "govmesh.scenarios._app",
     "Outcome": "govmesh.agents.messages",
+    "WorkflowStart": "govmesh.agents.messages",
+    "SecurityEvent": "govmesh.bus",
+    "Usage": "govmesh.forecasting.messages",
+    "ApprovalAnswer": "govmesh.governance.messages",
+    "ApprovalRequest": "govmesh.governance.messages",
+    "Decision": "govmesh.governance.messages",
+    "Event": "govmesh.observability",
+    "EventError": "govmesh.observability",
+    "EventStart": "govmesh.observability",
+    "EventStream": "govmesh.observability",
+    "RefusedMessage": "govmesh.observability",
+    "PrometheusEndpoint": "govmesh.observability._prometheus",
+    "ToolResult": "govmesh.tools.messages",
     "App": "govmesh.scenarios._app",
     "ToolContext": "govmesh.tools._registry",
     "Effect": "govmesh.tools._spec",
@@ -80,9 +105,16 @@ __all__ = [
     "AgentDef",
     "AnthropicSettings",
     "App",
+    "ApprovalAnswer",
+    "ApprovalRequest",
     "BudgetError",
+    "Decision",
     "Denied",
     "Effect",
+    "Event",
+    "EventError",
+    "EventStart",
+    "EventStream",
     "GovmeshError",
     "Halted",
     "Message",
@@ -92,7 +124,10 @@ __all__ = [
     "ModelResponse",
     "OpenAISettings",
     "Outcome",
+    "PrometheusEndpoint",
+    "RefusedMessage",
     "RetryPolicy",
+    "SecurityEvent",
     "SimulatedModel",
     "SimulatedModelSettings",
     "TokenSpread",
@@ -100,9 +135,12 @@ __all__ = [
     "ToolContext",
     "ToolError",
     "ToolFailed",
+    "ToolResult",
     "ToolSpec",
     "TurnsExhausted",
+    "Usage",
     "Workflow",
+    "WorkflowStart",
     "__version__",
     "handler",
     "tool",

@@ -573,8 +573,9 @@ class Bus:
                 log.debug("flush before close failed: %s", exc)
             try:
                 await self.nc.close()
-            except OSError as exc:
+            except (OSError, AttributeError) as exc:
                 # The server went away with our last writes unsent; nothing is left to close.
+                # (asyncio's TLS transport, once lost, raises AttributeError on a write.)
                 log.debug("connection lost before close: %s", exc)
 
     async def __aenter__(self) -> Bus:

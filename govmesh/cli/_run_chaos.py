@@ -80,6 +80,19 @@ def _source(scenario: Path | None, app: str | None) -> None:
     help="Run on an external NATS (GOVMESH_NATS_URL) without mutual TLS: anyone who "
     "reaches it reads every message. Refused without this flag; the report says so.",
 )
+@click.option(
+    "--prometheus-port",
+    type=click.IntRange(0, 65535),
+    help="Serve the deployment's metrics (decisions, tokens, cost, security rejections) for "
+    "Prometheus on this port while it runs (0: a free one). Default: the scenario's or "
+    "app's prometheus_port, else not served.",
+)
+@click.option(
+    "--prometheus-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address --prometheus-port binds; 0.0.0.0 for a Prometheus on another machine.",
+)
 @json_option
 def run(
     scenario: Path | None,
@@ -91,6 +104,8 @@ def run(
     manual_approvals: bool,
     resume: str | None,
     insecure_bus: bool,
+    prometheus_port: int | None,
+    prometheus_host: str,
     json_path: Path | None,
 ) -> None:
     """Run SCENARIO (or --app) with a swarm of agent actors and print a summary.
@@ -120,6 +135,10 @@ def run(
             raise click.ClickException(str(exc)) from None
         workflows, manual_approvals = manifest.workflows, manifest.manual_approvals
         console.print(f"resuming run [bold]{run_id}[/] of {manifest.scenario or manifest.app}")
+    if prometheus_port:
+        console.print(
+            f"metrics for Prometheus: [bold]http://{prometheus_host}:{prometheus_port}/metrics[/]"
+        )
     if manual_approvals:
         console.print(
             "escalations wait for an operator: [bold]govmesh approvals list[/], then "
@@ -169,6 +188,8 @@ def run(
                 resume=resume is not None,
                 on_burn=view.update,
                 insecure_bus=insecure_bus,
+                prometheus_port=prometheus_port,
+                prometheus_host=prometheus_host,
             )
         )
     out.print(_summary(report))
@@ -418,6 +439,8 @@ def _summary(report: dict[str, Any]) -> Table:
         "security rejections",
         ", ".join(f"{k} {v}" for k, v in rejections.items()) if rejections else "none",
     )
+    if "prometheus" in report:
+        table.add_row("metrics for Prometheus (while it ran)", report["prometheus"]["url"])
     t = report["timings_s"]
     table.add_row(
         "time (start / workflows / after / total)",

@@ -225,7 +225,8 @@ def watch(
 
     from rich.live import Live
 
-    from govmesh.observability._watch import WatchBoard, watch_events
+    from govmesh.observability import EventStream, RefusedMessage
+    from govmesh.observability._watch import WatchBoard, WatchedEvent
     from govmesh.runtime import join_when_up
 
     board = WatchBoard()
@@ -241,15 +242,37 @@ def watch(
             f" ({joined.what})" if joined.what else ""
         )
         n = 0
-        async for event in watch_events(joined, replay=replay, workflow=workflow, kinds=kinds):
+
+        def take(event: WatchedEvent) -> bool:
+            """Fold in and show ``event``; True once --count events were taken."""
+            nonlocal n
             board.add(event)
             if json_path is not None:
                 seen.append(event)
             show(event)
             n += 1
-            if count is not None and n >= count:
-                return False
-        return True
+            return count is not None and n >= count
+
+        def refused(message: RefusedMessage) -> None:
+            # Shown as a security event, filtered by the workflow it claims.
+            event = WatchedEvent.of(message)
+            if (workflow and event.workflow != workflow) or (kinds and event.kind not in kinds):
+                return
+            if take(event):
+                stream.stop()
+
+        stream = EventStream(
+            deployment=joined,
+            start="first" if replay else "new",
+            workflows=(workflow,) if workflow else (),
+            kinds=kinds,
+            on_refused=refused,
+        )
+        async with stream:
+            async for event in stream:
+                if take(WatchedEvent.of(event)):
+                    return False
+        return not (count is not None and n >= count)
 
     async def dashboard(view: Live) -> bool:
         async def refresh() -> None:

@@ -1,4 +1,5 @@
-"""Observability above the bus: the audit index, the stored stream, and statistics for reports.
+"""Observability above the bus: the public event stream, the audit index, the stored
+stream, and statistics for reports.
 
 Spans and metrics are `govmesh.telemetry`, at the bottom of the stack."""
 
@@ -19,6 +20,7 @@ from govmesh.observability._audit import (
     summarize_body,
     workflow_end,
 )
+from govmesh.observability._events import Event, EventError, EventStart, EventStream
 from govmesh.observability._stats import percentile, summarize
 from govmesh.observability._stored import RefusedMessage, StoredMessage, StreamVerifier
 
@@ -30,6 +32,10 @@ __all__ = [
     "AuditProblem",
     "AuditRecord",
     "AuditTrace",
+    "Event",
+    "EventError",
+    "EventStart",
+    "EventStream",
     "IngestReport",
     "Problem",
     "PruneMark",

@@ -1,12 +1,9 @@
 """``govmesh watch``: a running deployment's events as they happen, from another terminal.
 
-The watcher joins the deployment advertised under ``$GOVMESH_HOME`` (see
-`govmesh.runtime.join`) as its watch member, in the ``auditor`` role, with keys it makes and
-enrols over the deployment's socket: it reads every event of the tenant's stream and can
-change nothing. It reads the stream through an ephemeral JetStream consumer, from now on
-or, to join late, from the stream's start, and checks each message as a receiver does
-(`StreamVerifier`): any agent may publish a forged or malformed message that the stream
-keeps for days, and watch shows it as a security event and goes on.
+The watcher reads the deployment's verified events through the public `EventStream`, from
+now on or, to join late, from the stream's start: any agent may publish a forged or
+malformed message that the stream keeps for days, and watch shows each one the stream
+refuses as a security event and goes on.
 
 `WatchBoard` folds the events into what the live dashboard shows (decisions by outcome,
 pending approvals, burn, security events, workflows); it is plain Python, without a clock,
@@ -15,25 +12,15 @@ a terminal or a bus.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter, deque
-from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import msgspec
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError, ServiceUnavailableError
 
-from govmesh.bus import Bus, Envelope
-from govmesh.observability._audit import (
-    Scalar,
-    answers_starter,
-    declared_fields,
-    summarize_body,
-)
-from govmesh.observability._stored import RefusedMessage, StoredMessage, StreamVerifier
-from govmesh.roles import AUDITOR_ROLE
-from govmesh.runtime import WATCH_MEMBER, JoinedDeployment
+from govmesh.observability._audit import Scalar, answers_starter, declared_fields
+from govmesh.observability._events import Event
+from govmesh.observability._stored import RefusedMessage
+from govmesh.runtime import WATCH_MEMBER
 
 __all__ = [
     "AnswerSeen",
@@ -43,7 +30,6 @@ __all__ = [
     "WatchBoard",
     "WatchedEvent",
     "WorkflowSpend",
-    "watch_events",
 ]
 
 _RATE_WINDOW_S: Final = 60.0
@@ -74,8 +60,8 @@ class WatchedEvent(msgspec.Struct, frozen=True, kw_only=True):
     refused: bool = False
 
     @classmethod
-    def of(cls, checked: Envelope | RefusedMessage) -> WatchedEvent:
-        """A verified envelope as an event, or a refused message as a security event."""
+    def of(cls, checked: Event | RefusedMessage) -> WatchedEvent:
+        """A verified event as watch shows it, or a refused message as a security event."""
         if isinstance(checked, RefusedMessage):
             return cls(
                 ts=checked.stored_at,
@@ -102,7 +88,7 @@ class WatchedEvent(msgspec.Struct, frozen=True, kw_only=True):
             subject=checked.subject,
             id=checked.id,
             causation=checked.causation,
-            summary=summarize_body(checked.kind, bytes(checked.body)),
+            summary=checked.summary(),
         )
 
 
@@ -425,69 +411,3 @@ def _number(summary: dict[str, Any], name: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
-
-
-async def watch_events(
-    joined: JoinedDeployment,
-    *,
-    replay: bool = False,
-    workflow: str = "",
-    kinds: tuple[str, ...] = (),
-) -> AsyncIterator[WatchedEvent]:
-    """The deployment's events as they come, oldest first; from the stream's start with
-    ``replay``, else from now. ``workflow`` and ``kinds`` keep only those. A message that
-    fails verification comes as a refused ``SecurityEvent`` (`WatchedEvent.refused`) and
-    the watch goes on.
-
-    Ends once the deployment's process has stopped and no event came for a second."""
-    deployment = joined.deployment
-    identity = await joined.member(WATCH_MEMBER, AUDITOR_ROLE)
-    bus = await Bus.connect(deployment, identity, rotate=False)
-    verifier = StreamVerifier.of(deployment)
-    try:
-        js = bus.nc.jetstream()
-        while True:
-            try:
-                sub = await js.pull_subscribe(
-                    bus.subjects.everything,
-                    durable=None,
-                    stream=bus.subjects.event_stream,
-                    config=ConsumerConfig(
-                        deliver_policy=DeliverPolicy.ALL if replay else DeliverPolicy.NEW,
-                        ack_policy=AckPolicy.NONE,
-                        inactive_threshold=60.0,
-                    ),
-                )
-                break
-            except NotFoundError:
-                # A run creates its stream a moment after it advertises itself.
-                if not joined.running:
-                    return
-                await asyncio.sleep(0.2)
-        while True:
-            try:
-                msgs = await sub.fetch(100, timeout=1.0)
-            except TimeoutError:
-                # nats-py's own, or asyncio's when its deadline passes between two pulls.
-                if not joined.running:
-                    return
-                continue
-            except ServiceUnavailableError:
-                # JetStream did not answer the pull: the server is stopping with the
-                # deployment, or restarting; pull again shortly unless it stopped.
-                if not joined.running:
-                    return
-                await asyncio.sleep(0.2)
-                continue
-            for msg in msgs:
-                event = WatchedEvent.of(verifier.check(StoredMessage.of(msg)))
-                # A refused message passes the filters by the workflow it claims, as a
-                # security event.
-                if workflow and event.workflow != workflow:
-                    continue
-                if kinds and event.kind not in kinds:
-                    continue
-                yield event
-            await asyncio.sleep(0)
-    finally:
-        await bus.close()

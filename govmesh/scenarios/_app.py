@@ -75,6 +75,9 @@ class RunOptions(TypedDict, total=False):
         on_done: called with each workflow's id and `Outcome` as it ends.
         insecure_bus: run on an external NATS without mutual TLS, which is refused
             otherwise (False); the report says so.
+        prometheus_port: serve the deployment's metrics for Prometheus on this port while
+            it runs (0: a free one); the app's own setting when not given.
+        prometheus_host: the address the metrics are served on (127.0.0.1).
     """
 
     workflows: int
@@ -83,6 +86,8 @@ class RunOptions(TypedDict, total=False):
     simulated_approver: bool
     on_done: Callable[[str, Outcome], None]
     insecure_bus: bool
+    prometheus_port: int | None
+    prometheus_host: str
 
 
 class Workload(Protocol):
@@ -188,6 +193,8 @@ class App:
             ``tenant_daily_usd``, ``soft_threshold``); None: uncapped.
         max_reflections: unusable model answers a workflow may reflect on.
         keep_thoughts: keep model answers in the snapshots' reflection tier.
+        prometheus_port: serve the deployment's metrics for Prometheus on this port while
+            it runs (see `govmesh.PrometheusEndpoint`); None: not served.
         description: one line on what the app does.
         source: where the app was defined (a scenario file), for error messages.
 
@@ -219,6 +226,7 @@ class App:
         budget: BudgetCaps | Mapping[str, Any] | None = None,
         max_reflections: int = 40,
         keep_thoughts: bool = False,
+        prometheus_port: int | None = None,
         tool_retry: RetryPolicy | Mapping[str, Any] | None = None,
         model_retry: RetryPolicy | Mapping[str, Any] | None = None,
         description: str = "",
@@ -242,6 +250,7 @@ class App:
         self.budget = None if budget is None else _convert(budget, BudgetCaps, where + "budget")
         self.max_reflections = max_reflections
         self.keep_thoughts = keep_thoughts
+        self.prometheus_port = prometheus_port
         self.tool_retry = _convert(tool_retry or {}, RetryPolicy, where + "tool_retry")
         self.model_retry = _convert(model_retry or {}, RetryPolicy, where + "model_retry")
         default_model = SimulatedModelSettings() if model is None else model
@@ -503,6 +512,7 @@ def _from_scenario(s: Scenario) -> App:
         approvals=s.approvals,
         clock_speed=s.clock.speed,
         budget=s.budget,
+        prometheus_port=s.prometheus_port,
         max_reflections=s.max_reflections,
         keep_thoughts=s.keep_thoughts,
         tool_retry=s.tool_retry,

@@ -856,6 +856,8 @@ async def run_scenario(
     resume: bool = False,
     on_burn: Callable[[list[WorkflowBurn]], None] | None = None,
     insecure_bus: bool = False,
+    prometheus_port: int | None = None,
+    prometheus_host: str = "127.0.0.1",
 ) -> dict[str, Any]:
     """Load a scenario file or an app, bring up the runtime (embedded or external
     services), run, report.
@@ -876,6 +878,9 @@ async def run_scenario(
             ``app_dir`` first on the path).
         insecure_bus: accept external NATS without mutual TLS (see `Runtime`); the
             report says so (``runtime.insecure_bus``).
+        prometheus_port: serve the deployment's metrics for Prometheus on this port (0: a
+            free one) of ``prometheus_host`` while it runs (`PrometheusEndpoint`; the
+            report's ``prometheus`` says where); the app's own setting when None.
     """
     phase = on_phase or (lambda _: None)
     loaded: App | None = None
@@ -899,9 +904,16 @@ async def run_scenario(
             manual_approvals=not simulated_approver,
         )
         what = f"govmesh run {path or asked.app or loaded.name}"
-    async with deploy(
-        asked, app=loaded, resume=resume, what=what, phase=phase, insecure_bus=insecure_bus
-    ) as up:
+    async with (
+        deploy(
+            asked, app=loaded, resume=resume, what=what, phase=phase, insecure_bus=insecure_bus
+        ) as up,
+        _metrics(
+            up,
+            up.app.prometheus_port if prometheus_port is None else prometheus_port,
+            prometheus_host,
+        ) as metrics_url,
+    ):
         m = up.manifest
         phase("starting agent and platform actors")
         report = await run_workflows(
@@ -922,6 +934,24 @@ async def run_scenario(
             on_burn=on_burn,
         )
         report["runtime"] = up.describe()
+        if metrics_url:
+            report["prometheus"] = {"url": metrics_url}
         phase("stopping")
     finish_run(report)
     return report
+
+
+@contextlib.asynccontextmanager
+async def _metrics(up: Deployed, port: int | None, host: str) -> AsyncIterator[str]:
+    """While the block runs, the deployment's metrics for Prometheus on ``port`` (see
+    `PrometheusEndpoint`), joined as any watcher joins it; yields their URL, or "" when
+    ``port`` is None."""
+    if port is None:
+        yield ""
+        return
+    from govmesh.observability._prometheus import PrometheusEndpoint
+
+    # From the stream's first event: the run makes its stream once the actors start.
+    endpoint = PrometheusEndpoint(port=port, host=host, tenant=up.deployment.tenant, start="first")
+    async with endpoint as served:
+        yield served.url

@@ -134,6 +134,9 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         tool_retry, model_retry: how the agents retry a tool call or a model call that
             failed retryably (``initial_s``, ``backoff``, ``maximum_s``,
             ``maximum_attempts``); `govmesh.RetryPolicy`'s defaults when absent.
+        prometheus_port: serve the deployment's metrics for Prometheus on this port of
+            127.0.0.1 while it runs (``govmesh run --prometheus-port`` wins); none: not
+            served.
     """
 
     name: str
@@ -154,6 +157,7 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     keep_thoughts: bool = False
     tool_retry: RetryPolicy | None = None
     model_retry: RetryPolicy | None = None
+    prometheus_port: int | None = None
     source: str = ""
 
     def _resolved(self, paths: tuple[str, ...]) -> list[str]:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Final
 
 from opentelemetry import metrics
-from opentelemetry.metrics import Histogram
+from opentelemetry.metrics import Counter, Histogram, Meter
 
 __all__ = [
     "BUDGET_INTERRUPTS",
@@ -30,6 +31,7 @@ __all__ = [
     "SECURITY_REJECTIONS",
     "TOKEN_USAGE",
     "TOOL_DURATION",
+    "Instruments",
     "measured",
     "record_decision",
     "record_model_usage",
@@ -52,58 +54,99 @@ _FAST_SECONDS: Final = (
 """Boundaries for govmesh's own steps, which take from a tenth of a millisecond (a policy
 decision) to seconds (a handler that waits on a tool)."""
 
-_meter = metrics.get_meter("govmesh")
 
-TOKEN_USAGE: Final = _meter.create_histogram(
-    "gen_ai.client.token.usage",
-    unit="{token}",
-    description="Tokens of each model call, by gen_ai.token.type (input, output).",
-    explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS,
-)
-MODEL_CALL_DURATION: Final = _meter.create_histogram(
-    "gen_ai.client.operation.duration",
-    unit="s",
-    description="How long each model call took.",
-    explicit_bucket_boundaries_advisory=_GENAI_SECONDS,
-)
-TOOL_DURATION: Final = _meter.create_histogram(
-    "gen_ai.execute_tool.duration",
-    unit="s",
-    description="How long each tool run by the gateway took.",
-    explicit_bucket_boundaries_advisory=_FAST_SECONDS,
-)
-MODEL_COST: Final = _meter.create_counter(
-    "govmesh.model.cost",
-    unit="USD",
-    description="What model calls cost, at the deployment's price table.",
-)
-DECISIONS: Final = _meter.create_counter(
-    "govmesh.decisions",
-    unit="{decision}",
-    description="Governance decisions, by govmesh.decision.outcome and govmesh.decision.source.",
-)
-DECISION_DURATION: Final = _meter.create_histogram(
-    "govmesh.decision.duration",
-    unit="s",
-    description="How long governance took to decide a tool intent by policy.",
-    explicit_bucket_boundaries_advisory=_FAST_SECONDS,
-)
-HANDLER_DURATION: Final = _meter.create_histogram(
-    "govmesh.handler.duration",
-    unit="s",
-    description="How long a bus member's handler took for one message, by message kind.",
-    explicit_bucket_boundaries_advisory=_FAST_SECONDS,
-)
-SECURITY_REJECTIONS: Final = _meter.create_counter(
-    "govmesh.security.rejections",
-    unit="{message}",
-    description="Messages refused before any handler saw them, by govmesh.security.reason.",
-)
-BUDGET_INTERRUPTS: Final = _meter.create_counter(
-    "govmesh.budget.interrupts",
-    unit="{interrupt}",
-    description="Workflows paused at their budget's soft threshold, by how a person answered.",
-)
+@dataclass(frozen=True)
+class Instruments:
+    """govmesh's instruments, made from one meter: the process's own (the module's
+    constants), or a meter provider of its own, such as the one a deployment's Prometheus
+    endpoint folds its event stream into.
+
+    Attributes are named as the module's constants are, in lower case.
+    """
+
+    token_usage: Histogram
+    model_call_duration: Histogram
+    tool_duration: Histogram
+    model_cost: Counter
+    decisions: Counter
+    decision_duration: Histogram
+    handler_duration: Histogram
+    security_rejections: Counter
+    budget_interrupts: Counter
+
+    @classmethod
+    def of(cls, meter: Meter) -> Instruments:
+        """The instruments, made from ``meter``."""
+        return cls(
+            token_usage=meter.create_histogram(
+                "gen_ai.client.token.usage",
+                unit="{token}",
+                description="Tokens of each model call, by gen_ai.token.type (input, output).",
+                explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS,
+            ),
+            model_call_duration=meter.create_histogram(
+                "gen_ai.client.operation.duration",
+                unit="s",
+                description="How long each model call took.",
+                explicit_bucket_boundaries_advisory=_GENAI_SECONDS,
+            ),
+            tool_duration=meter.create_histogram(
+                "gen_ai.execute_tool.duration",
+                unit="s",
+                description="How long each tool run by the gateway took.",
+                explicit_bucket_boundaries_advisory=_FAST_SECONDS,
+            ),
+            model_cost=meter.create_counter(
+                "govmesh.model.cost",
+                unit="USD",
+                description="What model calls cost, at the deployment's price table.",
+            ),
+            decisions=meter.create_counter(
+                "govmesh.decisions",
+                unit="{decision}",
+                description="Governance decisions, by govmesh.decision.outcome and "
+                "govmesh.decision.source.",
+            ),
+            decision_duration=meter.create_histogram(
+                "govmesh.decision.duration",
+                unit="s",
+                description="How long governance took to decide a tool intent by policy.",
+                explicit_bucket_boundaries_advisory=_FAST_SECONDS,
+            ),
+            handler_duration=meter.create_histogram(
+                "govmesh.handler.duration",
+                unit="s",
+                description="How long a bus member's handler took for one message, by "
+                "message kind.",
+                explicit_bucket_boundaries_advisory=_FAST_SECONDS,
+            ),
+            security_rejections=meter.create_counter(
+                "govmesh.security.rejections",
+                unit="{message}",
+                description="Messages refused before any handler saw them, by "
+                "govmesh.security.reason.",
+            ),
+            budget_interrupts=meter.create_counter(
+                "govmesh.budget.interrupts",
+                unit="{interrupt}",
+                description="Workflows paused at their budget's soft threshold, by how a "
+                "person answered.",
+            ),
+        )
+
+
+_OWN: Final = Instruments.of(metrics.get_meter("govmesh"))
+"""The process's instruments, recording into whatever meter provider it installs."""
+
+TOKEN_USAGE: Final = _OWN.token_usage
+MODEL_CALL_DURATION: Final = _OWN.model_call_duration
+TOOL_DURATION: Final = _OWN.tool_duration
+MODEL_COST: Final = _OWN.model_cost
+DECISIONS: Final = _OWN.decisions
+DECISION_DURATION: Final = _OWN.decision_duration
+HANDLER_DURATION: Final = _OWN.handler_duration
+SECURITY_REJECTIONS: Final = _OWN.security_rejections
+BUDGET_INTERRUPTS: Final = _OWN.budget_interrupts
 
 
 @contextmanager
@@ -120,7 +163,9 @@ def measured(histogram: Histogram, attributes: dict[str, str]) -> Iterator[dict[
         histogram.record(time.perf_counter() - started, attributes)
 
 
-def record_decision(outcome: str, *, source: str, started: float | None = None) -> None:
+def record_decision(
+    outcome: str, *, source: str, started: float | None = None, into: Instruments = _OWN
+) -> None:
     """Count one governance decision.
 
     Args:
@@ -129,15 +174,21 @@ def record_decision(outcome: str, *, source: str, started: float | None = None) 
             its expiry, settled an escalation).
         started: the `time.perf_counter` reading when deciding began, for the decision's
             duration; None records none (a person's wait is no decision latency).
+        into: the instruments to record in; the process's own by default.
     """
     attributes = {"govmesh.decision.outcome": outcome}
-    DECISIONS.add(1, {**attributes, "govmesh.decision.source": source})
+    into.decisions.add(1, {**attributes, "govmesh.decision.source": source})
     if started is not None:
-        DECISION_DURATION.record(time.perf_counter() - started, attributes)
+        into.decision_duration.record(time.perf_counter() - started, attributes)
 
 
 def record_model_usage(
-    attributes: dict[str, str], *, input_tokens: int, output_tokens: int, cost_usd: float | None
+    attributes: dict[str, str],
+    *,
+    input_tokens: int,
+    output_tokens: int,
+    cost_usd: float | None,
+    into: Instruments = _OWN,
 ) -> None:
     """Record one model call's tokens and, when it is priced, its cost.
 
@@ -146,8 +197,9 @@ def record_model_usage(
             ``gen_ai.request.model`` and ``gen_ai.response.model``.
         input_tokens, output_tokens: the usage the provider reported.
         cost_usd: what the call cost; None when the agent has no price table.
+        into: the instruments to record in; the process's own by default.
     """
-    TOKEN_USAGE.record(input_tokens, {**attributes, "gen_ai.token.type": "input"})
-    TOKEN_USAGE.record(output_tokens, {**attributes, "gen_ai.token.type": "output"})
+    into.token_usage.record(input_tokens, {**attributes, "gen_ai.token.type": "input"})
+    into.token_usage.record(output_tokens, {**attributes, "gen_ai.token.type": "output"})
     if cost_usd is not None:
-        MODEL_COST.add(cost_usd, attributes)
+        into.model_cost.add(cost_usd, attributes)
