@@ -313,8 +313,8 @@ async def export_bundle(
     source: dict[str, Any],
     now: float | None = None,
 ) -> dict[str, Any]:
-    """The evidence bundle of ``workflow`` as a JSON-ready object (see the README's "Audit
-    evidence bundles" for each member), its ``digest`` set.
+    """The evidence bundle of ``workflow`` as a JSON-ready object (see "Evidence bundles"
+    in docs/operations.md for each member), its ``digest`` set.
 
     Args:
         redis: the deployment's Redis (or a kept run's).

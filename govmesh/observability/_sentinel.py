@@ -173,7 +173,7 @@ class ServerSentinel:
         if transport.server is None:
             raise ConfigError(
                 "the sentinel reads an embedded nats-server's log; an external server's "
-                "refusals are its operator's to watch (see README, Identity)"
+                "refusals are its operator's to watch (see docs/security.md)"
             )
         if identity.role != SENTINEL_ROLE:
             raise ConfigError(

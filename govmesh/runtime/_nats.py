@@ -250,7 +250,7 @@ class NatsServer(EmbeddedServer):
                 default): Go's default (every core), or ``$GOMAXPROCS`` when set. One is
                 what low-latency mode asks for: on one thread a message passes from the
                 connection that read it to the one that writes it without waking another
-                core (see README, "Governance speed").
+                core (see docs/policies.md, "Measured cost of a decision").
 
         Raises:
             ConfigError: `go_threads` is less than 1.

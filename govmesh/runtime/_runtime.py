@@ -335,7 +335,7 @@ class Runtime:
                 nats = NatsServer(workdir=workdir / "nats")
             if self._hold.held:
                 # On one thread a message passes from the connection that read it to the one
-                # that writes it without waking another core (README, "Governance speed").
+                # that writes it without waking another core (docs/policies.md).
                 nats.go_threads = 1
             self._stack.callback(nats.stop)
             nats.start()
