@@ -418,3 +418,19 @@ def test_the_event_stream_records_every_area_of_a_tenant_but_state() -> None:
     captured = {pattern.split(".")[0] for pattern in CAPTURED}
     assert areas - captured == {"state"}
     assert captured <= areas
+
+
+async def test_a_nats_without_jetstream_is_a_clear_error_after_the_wait(tmp_path) -> None:
+    import nats
+
+    from govmesh.bus._stream import ensure_event_stream
+    from govmesh.errors import BusError
+    from govmesh.runtime import NatsServer
+
+    with NatsServer(workdir=tmp_path / "nats", jetstream=False) as server:
+        nc = await nats.connect(server.url)
+        try:
+            with pytest.raises(BusError, match="JetStream did not answer .* within 1s"):
+                await ensure_event_stream(nc, "acme", wait_s=1.0)
+        finally:
+            await nc.close()

@@ -7,13 +7,18 @@ reads and its coordinator creates that tenant's stream and no other (see
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Final
 
 from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
+from govmesh.errors import BusError
 from govmesh.subjects import Subjects
 
 __all__ = ["CAPTURED", "captured_subjects", "ensure_event_stream"]
@@ -44,13 +49,27 @@ def captured_subjects(subjects: Subjects) -> list[str]:
     return [f"{subjects.prefix}.{area}" for area in CAPTURED]
 
 
+_JETSTREAM_WAIT_S: Final = 30.0
+"""How long a deployment waits for JetStream to answer: a NATS cluster whose node just
+restarted takes some seconds to elect its leaders again, and answers nothing meanwhile."""
+
+
 async def ensure_event_stream(
-    nc: NATS, tenant: str, *, replicas: int = 1, max_age_s: float = 7 * 24 * 3600
+    nc: NATS,
+    tenant: str,
+    *,
+    replicas: int = 1,
+    max_age_s: float = 7 * 24 * 3600,
+    wait_s: float = _JETSTREAM_WAIT_S,
 ) -> StreamConfig:
     """Create (or keep) the event stream of `tenant` and return its config.
 
     `replicas` is the deployment's (`Deployment.replicas`): on a NATS cluster of three
-    nodes, 3 keeps every event through the loss of any one of them.
+    nodes, 3 keeps every event through the loss of any one of them. A JetStream that does
+    not answer yet (a cluster electing its leaders) is asked again for up to ``wait_s``.
+
+    Raises:
+        BusError: JetStream did not answer within ``wait_s``.
 
     ``no_ack`` is set because agents use plain request/reply on captured subjects: with acks
     on, JetStream would answer every request with a publish ack that races the real reply.
@@ -70,11 +89,24 @@ async def ensure_event_stream(
         deny_purge=True,
         num_replicas=replicas,
     )
-    try:
-        found = await js.stream_info(subjects.event_stream)
-    except NotFoundError:
-        await js.add_stream(config)
-        return config
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            try:
+                found = await js.stream_info(subjects.event_stream)
+            except NotFoundError:
+                await js.add_stream(config)
+                return config
+            break
+        except (NatsTimeout, NoRespondersError, ServiceUnavailableError) as exc:
+            if time.monotonic() >= deadline:
+                raise BusError(
+                    f"JetStream did not answer for the event stream {subjects.event_stream} "
+                    f"within {wait_s:.0f}s ({type(exc).__name__}): is JetStream on, and has "
+                    "the NATS cluster a leader?"
+                ) from None
+            log.info("JetStream does not answer yet (%s); asking again", type(exc).__name__)
+            await asyncio.sleep(0.5)
     if (found.config.num_replicas or 1) != replicas:
         # Only an operator may change a stream (see the permissions); nats-server moves its
         # data to the new peers itself.
