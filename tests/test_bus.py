@@ -430,7 +430,7 @@ async def test_a_nats_without_jetstream_is_a_clear_error_after_the_wait(tmp_path
     with NatsServer(workdir=tmp_path / "nats", jetstream=False) as server:
         nc = await nats.connect(server.url)
         try:
-            with pytest.raises(BusError, match="JetStream did not answer .* within 1s"):
+            with pytest.raises(BusError, match=r"JetStream did not answer .* within 1s"):
                 await ensure_event_stream(nc, "acme", wait_s=1.0)
         finally:
             await nc.close()
