@@ -98,6 +98,46 @@ def test_a_json_schema_constrains_the_answer(local_model: LocalModelServer) -> N
     assert answer["risk"] in ("low", "medium", "high")
 
 
+async def test_the_local_server_takes_a_chat_going_on_after_a_tool_call(
+    local_model: LocalModelServer,
+) -> None:
+    from govmesh.llm import ToolCall, ToolDef
+
+    lookup = ToolDef(
+        name="erp.lookup",
+        description="Look up a vendor.",
+        parameters={"type": "object", "properties": {"vendor": {"type": "string"}}},
+    )
+    call = ToolCall(name="erp.lookup", args={"vendor": "Vendor_A"}, id="call_0")
+    chat = (
+        Message(role="user", content="Look up Vendor_A with the tool."),
+        Message(role="assistant", tool_calls=(call,)),  # no text beside the call
+        Message.result(call, {"rating": "A", "country": "DE"}),
+    )
+    model = OpenAIModel(
+        OpenAISettings(
+            model=SMOLLM2,
+            base_url=local_model.base_url,
+            api_key_env="",
+            tool_turn_content="empty",
+        )
+    )
+    try:
+        answer = await model.complete(
+            ModelRequest(messages=chat, tools=(lookup,), max_tokens=16, key="wf:a:1")
+        )
+        asked = await model.complete(
+            ModelRequest(messages=chat[:1], tools=(lookup,), max_tokens=16, key="wf:a:2")
+        )
+    finally:
+        await model.close()
+    # Accepted as sent (the server refuses an assistant turn whose content is null, which
+    # tool_turn_content="empty" avoids) and answered, the call and its result counted in
+    # the prompt.
+    assert answer.text and answer.output_tokens > 0
+    assert answer.input_tokens > asked.input_tokens
+
+
 _CHILD = """
 import json, sys, time
 from pathlib import Path

@@ -569,6 +569,7 @@ async def test_act_makes_each_call_the_model_asks_for_governed_and_gives_it_the_
     }
     asked, result = second[2], second[3]
     assert asked["role"] == "assistant" and asked["tool_calls"][0]["id"] == "call_0"
+    assert asked["content"] is None  # a turn of tool calls alone, as OpenAI documents it
     assert json.loads(asked["tool_calls"][0]["function"]["arguments"]) == good
     assert (result["role"], result["tool_call_id"]) == ("tool", "call_0")
     assert json.loads(result["content"]) == {"tracking": "T-1", "item": "monitors"}

@@ -23,11 +23,16 @@ class OpenAISettings(RemoteSettings, frozen=True, tag_field="provider", tag="ope
             vLLM) or ``json_object`` with a ``schema`` (llama-cpp-python's server).
         token_limit: the request field of the completion cap: ``max_tokens``, or
             ``max_completion_tokens`` for OpenAI's reasoning models.
+        tool_turn_content: how an assistant turn with tool calls and no text is sent
+            back: ``null``, as OpenAI's API documents it (Bedrock refuses ``""`` there, and
+            Ollama's templates render it otherwise), or ``empty``, a ``""``, for servers
+            that refuse ``null`` (llama-cpp-python's).
     """
 
     api_key_env: str = "OPENAI_API_KEY"
     response_format: Literal["json_schema", "json_object"] = "json_schema"
     token_limit: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    tool_turn_content: Literal["null", "empty"] = "null"
 
 
 class OpenAIModel(RemoteModel[OpenAISettings]):
@@ -88,7 +93,8 @@ class OpenAIModel(RemoteModel[OpenAISettings]):
         messages: list[dict[str, Any]] = []
         if request.system:
             messages.append({"role": "system", "content": request.system})
-        messages += [_message(m) for m in request.chat()]
+        empty = None if self.settings.tool_turn_content == "null" else ""
+        messages += [_message(m, empty) for m in request.chat()]
         body: dict[str, Any] = {
             "model": self.settings.model,
             "messages": messages,
@@ -117,15 +123,16 @@ class OpenAIModel(RemoteModel[OpenAISettings]):
         return body
 
 
-def _message(m: Message) -> dict[str, Any]:
-    """One turn of the chat in the API's form: a tool result answers its call by id."""
+def _message(m: Message, empty: str | None) -> dict[str, Any]:
+    """One turn of the chat in the API's form: a tool result answers its call by id, and
+    an assistant turn of tool calls alone has ``empty`` as its content."""
     match m.role:
         case "tool":
             return {"role": "tool", "tool_call_id": m.call_id, "content": m.content}
         case "assistant" if m.tool_calls:
             return {
                 "role": "assistant",
-                "content": m.content or None,
+                "content": m.content or empty,
                 "tool_calls": [
                     {
                         "id": c.id,
