@@ -398,3 +398,22 @@ def test_a_scenario_file_asks_for_the_prometheus_port_and_gets_none_by_default(
     text = shipped.read_text().replace("../", f"{ROOT}/")
     asking.write_text(f"{text}\nprometheus_port: 9464\n")
     assert scenario_app(asking).prometheus_port == 9464
+
+
+def test_a_busy_metrics_port_is_refused_before_any_service_starts(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", _free_port()))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        run = ["run", "scenarios/procurement.yaml", "-n", "1", "--prometheus-port", str(port)]
+        done = subprocess.run(
+            [sys.executable, "-m", "govmesh.cli", *run],
+            cwd=ROOT,
+            env={**os.environ, "GOVMESH_HOME": str(tmp_path / "home")},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode != 0
+    assert f"prometheus port: cannot serve on 127.0.0.1:{port}" in done.stderr
+    assert "starting nats-server" not in done.stderr and "govmesh run --resume" not in done.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 import uuid
 from collections import Counter
@@ -904,48 +905,83 @@ async def run_scenario(
             manual_approvals=not simulated_approver,
         )
         what = f"govmesh run {path or asked.app or loaded.name}"
-    async with (
-        deploy(
-            asked, app=loaded, resume=resume, what=what, phase=phase, insecure_bus=insecure_bus
-        ) as up,
-        _metrics(
-            up,
-            up.app.prometheus_port if prometheus_port is None else prometheus_port,
-            prometheus_host,
-        ) as metrics_url,
-    ):
-        m = up.manifest
-        phase("starting agent and platform actors")
-        report = await run_workflows(
-            up.app,
-            up.deployment,
-            up.issuer,
-            workflows=m.workflows,
-            seed=m.seed,
-            concurrency=m.concurrency,
-            timeout_s=None if m.manual_approvals else 600.0,
-            transport=up.runtime.transport,
-            simulated_approver=not m.manual_approvals,
-            on_done=on_done,
-            run_id=m.run_id,
-            keyring=up.keyring,
-            clock_origin=up.manifest.started_at or None,
-            history=UsageHistory(),
-            on_burn=on_burn,
-        )
-        report["runtime"] = up.describe()
-        if metrics_url:
-            report["prometheus"] = {"url": metrics_url}
-        phase("stopping")
+    # The metrics port is held from now, before any service starts: a busy one is an error
+    # at once, and none of the run's servers or Ray's processes takes it meanwhile. A resumed
+    # run's own setting is known only once its app is read back.
+    if prometheus_port is None and loaded is not None:
+        prometheus_port = loaded.prometheus_port
+    held = _hold_port(prometheus_port, prometheus_host)
+    try:
+        async with (
+            deploy(
+                asked, app=loaded, resume=resume, what=what, phase=phase, insecure_bus=insecure_bus
+            ) as up,
+            _metrics(
+                up,
+                up.app.prometheus_port if prometheus_port is None else prometheus_port,
+                prometheus_host,
+                held,
+            ) as metrics_url,
+        ):
+            m = up.manifest
+            phase("starting agent and platform actors")
+            report = await run_workflows(
+                up.app,
+                up.deployment,
+                up.issuer,
+                workflows=m.workflows,
+                seed=m.seed,
+                concurrency=m.concurrency,
+                timeout_s=None if m.manual_approvals else 600.0,
+                transport=up.runtime.transport,
+                simulated_approver=not m.manual_approvals,
+                on_done=on_done,
+                run_id=m.run_id,
+                keyring=up.keyring,
+                clock_origin=up.manifest.started_at or None,
+                history=UsageHistory(),
+                on_burn=on_burn,
+            )
+            report["runtime"] = up.describe()
+            if metrics_url:
+                report["prometheus"] = {"url": metrics_url}
+            phase("stopping")
+    finally:
+        if held is not None:
+            held.close()  # when the run ended before serving on it
     finish_run(report)
     return report
 
 
+def _hold_port(port: int | None, host: str) -> socket.socket | None:
+    """A socket bound to ``port`` (0: a free one) until the metrics are served on it.
+
+    Raises:
+        ConfigError: the port cannot be bound; it names it.
+    """
+    if port is None:
+        return None
+    held = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        held.bind((host, port))
+    except OSError as exc:
+        held.close()
+        raise ConfigError(
+            f"prometheus port: cannot serve on {host}:{port}: {exc.strerror}"
+        ) from None
+    return held
+
+
 @contextlib.asynccontextmanager
-async def _metrics(up: Deployed, port: int | None, host: str) -> AsyncIterator[str]:
+async def _metrics(
+    up: Deployed, port: int | None, host: str, held: socket.socket | None = None
+) -> AsyncIterator[str]:
     """While the block runs, the deployment's metrics for Prometheus on ``port`` (see
     `PrometheusEndpoint`), joined as any watcher joins it; yields their URL, or "" when
-    ``port`` is None."""
+    ``port`` is None. A ``held`` socket names the port instead, freed for the server."""
+    if held is not None:
+        port = held.getsockname()[1]
+        held.close()
     if port is None:
         yield ""
         return
