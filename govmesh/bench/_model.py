@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -147,6 +147,52 @@ async def _provider_call(provider: OpenAIModel, request: ModelRequest) -> tuple[
     return elapsed, response.output_tokens, response.stop_reason
 
 
+async def _governed_call(agent: AgentService, request: ModelRequest) -> tuple[float, int, str]:
+    started = time.perf_counter()
+    response = await agent.call_model(f"bench-{request.key}", request)
+    elapsed = time.perf_counter() - started
+    return elapsed, response.output_tokens, response.stop_reason
+
+
+Call = Callable[[int], Awaitable[tuple[float, int, str]]]
+"""One timed call of a pair, numbered: (seconds, output tokens, stop reason)."""
+
+
+async def _paired(
+    base: Call, measured: Call, *, iterations: int, warmup: int, max_tokens: int, tick: Progress
+) -> tuple[list[float], list[float], int]:
+    """``base`` and ``measured`` timed in pairs, alternately first so any drift of the
+    machine falls on both; pairs where either stopped before ``max_tokens`` (not the same
+    work) are left out. Returns both sides' seconds and how many pairs were left out."""
+    base_s: list[float] = []
+    measured_s: list[float] = []
+    left_out = 0
+    for i in range(warmup + iterations):
+        if i % 2:
+            via = await measured(i)
+            raw = await base(i)
+        else:
+            raw = await base(i)
+            via = await measured(i)
+        if i < warmup:
+            continue
+        tick("", 1)
+        if raw[1] != max_tokens or via[1] != max_tokens:
+            left_out += 1
+            continue
+        base_s.append(raw[0])
+        measured_s.append(via[0])
+    return base_s, measured_s, left_out
+
+
+def _compared(base_s: list[float], measured_s: list[float]) -> dict[str, Any]:
+    """Each pair's measured time over its base time, and the difference, at p50 and p99."""
+    return {
+        "overhead_ratio": summarize([m / b for b, m in zip(base_s, measured_s, strict=True)]),
+        "overhead_ms": summarize([(m - b) * 1000 for b, m in zip(base_s, measured_s, strict=True)]),
+    }
+
+
 async def _pairs(
     bare: httpx.AsyncClient,
     provider: OpenAIModel,
@@ -162,36 +208,22 @@ async def _pairs(
         "max_tokens": max_tokens,
     }
     request = ModelRequest(prompt=_RAMBLE, max_tokens=max_tokens, key="bench")
-    bare_s: list[float] = []
-    provider_s: list[float] = []
-    ratios: list[float] = []
-    left_out = 0
     progress("bare HTTP and provider, alternately", 0)
-    for i in range(warmup + iterations):
-        # Alternating which goes first spreads any drift of the machine over both.
-        if i % 2:
-            via = await _provider_call(provider, request)
-            raw = await _bare_call(bare, body)
-        else:
-            raw = await _bare_call(bare, body)
-            via = await _provider_call(provider, request)
-        if i < warmup:
-            continue
-        progress("", 1)
-        if raw[1] != max_tokens or via[1] != max_tokens:
-            left_out += 1  # stopped early: not the same work
-            continue
-        bare_s.append(raw[0])
-        provider_s.append(via[0])
-        ratios.append(via[0] / raw[0])
+    bare_s, provider_s, left_out = await _paired(
+        lambda _i: _bare_call(bare, body),
+        lambda _i: _provider_call(provider, request),
+        iterations=iterations,
+        warmup=warmup,
+        max_tokens=max_tokens,
+        tick=progress,
+    )
     return {
         "bare_ms": summarize([s * 1000 for s in bare_s]),
         "provider_ms": summarize([s * 1000 for s in provider_s]),
         "bare_tokens_per_s": _rate(max_tokens * len(bare_s), sum(bare_s)),
         "provider_tokens_per_s": _rate(max_tokens * len(provider_s), sum(provider_s)),
-        "overhead_ratio": summarize(ratios),
-        "overhead_ms": summarize([(p - b) * 1000 for p, b in zip(provider_s, bare_s, strict=True)]),
-        "pairs": len(ratios),
+        **_compared(bare_s, provider_s),
+        "pairs": len(provider_s),
         "pairs_left_out": left_out,
     }
 
@@ -241,38 +273,23 @@ async def _governed_pairs(
     max_tokens: int,
     progress: Progress,
 ) -> dict[str, Any]:
+    def request(i: int) -> ModelRequest:
+        # A workflow of its own per call, as the reservations are kept per workflow.
+        return ModelRequest(prompt=_RAMBLE, max_tokens=max_tokens, key=f"governed:{i}")
+
     progress("provider and governed agent, alternately", 0)
-    provider_s: list[float] = []
-    governed_s: list[float] = []
-    left_out = 0
-    for i in range(iterations):
-        request = ModelRequest(prompt=_RAMBLE, max_tokens=max_tokens, key=f"governed:{i}")
-
-        async def governed(request: ModelRequest = request, i: int = i) -> tuple[float, int]:
-            started = time.perf_counter()
-            response = await agent.call_model(f"bench-{i}", request)
-            return time.perf_counter() - started, response.output_tokens
-
-        async def alone(request: ModelRequest = request) -> tuple[float, int]:
-            elapsed, tokens, _stop = await _provider_call(provider, request)
-            return elapsed, tokens
-
-        first, second = (governed, alone) if i % 2 else (alone, governed)
-        a, b = await first(), await second()
-        via, plain = (a, b) if i % 2 else (b, a)
-        progress("", 1)
-        if via[1] != max_tokens or plain[1] != max_tokens:
-            left_out += 1
-            continue
-        governed_s.append(via[0])
-        provider_s.append(plain[0])
+    provider_s, governed_s, left_out = await _paired(
+        lambda i: _provider_call(provider, request(i)),
+        lambda i: _governed_call(agent, request(i)),
+        iterations=iterations,
+        warmup=0,
+        max_tokens=max_tokens,
+        tick=progress,
+    )
     return {
         "provider_ms": summarize([s * 1000 for s in provider_s]),
         "governed_ms": summarize([s * 1000 for s in governed_s]),
-        "overhead_ratio": summarize([g / p for g, p in zip(governed_s, provider_s, strict=True)]),
-        "overhead_ms": summarize(
-            [(g - p) * 1000 for g, p in zip(governed_s, provider_s, strict=True)]
-        ),
+        **_compared(provider_s, governed_s),
         "pairs": len(governed_s),
         "pairs_left_out": left_out,
     }

@@ -39,6 +39,7 @@ __all__ = [
     "load_client_cert",
     "member_dn",
     "renew_before",
+    "signing_request",
     "ssl_context",
 ]
 
@@ -91,6 +92,19 @@ def member_dn(member_id: str, role: str, tenant: str = CERT_ORGANIZATION) -> str
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def signing_request(key: ec.EllipticCurvePrivateKey, member_id: str, role: str) -> bytes:
+    """A certificate signing request (PEM) for ``key``. The CA names the certificate
+    itself (`DeploymentCA.sign_request`); the subject only says who asks."""
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+            x509.NameAttribute(NameOID.COMMON_NAME, member_id),
+        ]
+    )
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

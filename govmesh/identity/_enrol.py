@@ -27,13 +27,17 @@ from typing import Final
 
 import msgspec
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from govmesh.config import Deployment
 from govmesh.errors import ConfigError, SecurityError
-from govmesh.identity._ca import DEFAULT_CLIENT_TTL, ClientCert, DeploymentCA, _key_pem
+from govmesh.identity._ca import (
+    DEFAULT_CLIENT_TTL,
+    ClientCert,
+    DeploymentCA,
+    _key_pem,
+    signing_request,
+)
 from govmesh.identity._keys import SigningKey, VerifyKey
 from govmesh.identity._tokens import DEFAULT_TOKEN_TTL_S, Identity, Issuer, TokenVerifier
 from govmesh.identity._unix import UnixSocketServer, peer_uid, reply_and_close
@@ -137,23 +141,12 @@ class MemberKeys:
     def request(self) -> EnrolRequest:
         """The enrolment request for these keys: the Ed25519 public key, and a certificate
         signing request for the TLS key, which a deployment without mutual TLS ignores."""
-        # The CA names the certificate itself; the subject only says who asks.
-        subject = x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, self.identity.role),
-                x509.NameAttribute(NameOID.COMMON_NAME, self.identity.agent_id),
-            ]
-        )
-        csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(subject)
-            .sign(self._tls_key, hashes.SHA256())
-        )
+        me = self.identity
         return EnrolRequest(
-            member_id=self.identity.agent_id,
-            role=self.identity.role,
-            key=self.identity.key.public.raw,
-            csr_pem=csr.public_bytes(serialization.Encoding.PEM),
+            member_id=me.agent_id,
+            role=me.role,
+            key=me.key.public.raw,
+            csr_pem=signing_request(self._tls_key, me.agent_id, me.role),
         )
 
     def accept(self, granted: Grant, deployment: Deployment) -> Identity:

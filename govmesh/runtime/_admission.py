@@ -30,13 +30,16 @@ from typing import Final
 
 import msgspec
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from govmesh.errors import ConfigError, GovmeshError
 from govmesh.identity import DeploymentCA
-from govmesh.identity._ca import CERT_ORGANIZATION, DEFAULT_CLIENT_TTL, _key_pem
+from govmesh.identity._ca import (
+    CERT_ORGANIZATION,
+    DEFAULT_CLIENT_TTL,
+    _key_pem,
+    signing_request,
+)
 from govmesh.identity._enrol import MAX_REQUEST_BYTES
 from govmesh.identity._unix import UnixSocketServer, peer_uid, reply_and_close
 from govmesh.runtime._transport import Member, Transport
@@ -241,14 +244,8 @@ class AdmittedCA(DeploymentCA):
         """A key made here and its certificate, signed by the serving process from now
         (``not_before`` is not asked of it)."""
         key = ec.generate_private_key(ec.SECP256R1())
-        csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, member_id)]))
-            .sign(key, hashes.SHA256())
-        )
-        cert_pem = self.sign_request(
-            csr.public_bytes(serialization.Encoding.PEM), member_id, role, tenant=tenant, ttl=ttl
-        )
+        csr_pem = signing_request(key, member_id, role)
+        cert_pem = self.sign_request(csr_pem, member_id, role, tenant=tenant, ttl=ttl)
         return cert_pem, _key_pem(key)
 
     def sign_request(
