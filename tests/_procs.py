@@ -9,6 +9,8 @@ they hold open in Ray's session directory instead.
 from __future__ import annotations
 
 import os
+import random
+import socket
 import time
 from pathlib import Path
 
@@ -79,3 +81,18 @@ def wait_until_gone(
     while (pids := leftovers(mark, directory=directory)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return pids
+
+
+def port_below_ephemeral_range() -> int:
+    """A port free now and outside the kernel's ephemeral range, which the servers and
+    Ray's processes the run starts meanwhile take their own ports from (port 0): one from
+    that range was taken by them before the run bound it."""
+    low, _high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for port in random.sample(range(20_000, min(low, 32_000)), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from govmesh.bus import Bus, Codec
 from govmesh.identity import Issuer
 from govmesh.roles import OPERATOR_ROLE
 from govmesh.runtime import OPERATOR_MEMBER
+
+from _procs import port_below_ephemeral_range
 
 ROOT = Path(__file__).parent.parent
 WORKFLOWS = 6
@@ -73,21 +74,6 @@ def _by(
             key = dict(labels)[label]
             summed[key] = summed.get(key, 0.0) + value
     return summed
-
-
-def _free_port() -> int:
-    """A port free now and outside the kernel's ephemeral range, which the servers and
-    Ray's processes the run starts meanwhile take their own ports from (port 0): one from
-    that range was taken by them before the run bound it."""
-    low, _high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    for port in random.sample(range(20_000, min(low, 32_000)), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below the ephemeral range")
 
 
 def _samples(text: str) -> Samples:
@@ -190,7 +176,8 @@ def monitored_run() -> Iterator[Watched]:
     """A `govmesh run` of the procurement scenario with its metrics on a port, followed
     from this process as a user's monitoring code follows it."""
     with tempfile.TemporaryDirectory(prefix="govmesh-monitoring-") as where:
-        home, out, port = Path(where) / "home", Path(where) / "out.json", _free_port()
+        home, out = Path(where) / "home", Path(where) / "out.json"
+        port = port_below_ephemeral_range()
         watched = Watched(report={}, forwarded=Path(where) / "events.jsonl")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GOVMESH_", "RAY_"))}
         env["GOVMESH_HOME"] = str(home)
@@ -402,7 +389,7 @@ def test_a_scenario_file_asks_for_the_prometheus_port_and_gets_none_by_default(
 
 def test_a_busy_metrics_port_is_refused_before_any_service_starts(tmp_path: Path) -> None:
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", _free_port()))
+        squatter.bind(("127.0.0.1", port_below_ephemeral_range()))
         squatter.listen()
         port = squatter.getsockname()[1]
         run = ["run", "scenarios/procurement.yaml", "-n", "1", "--prometheus-port", str(port)]

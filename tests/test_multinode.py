@@ -1,6 +1,6 @@
 """Scale-out on this machine: a Ray cluster of two nodes (separate ``ray start`` processes,
 Ray's token authentication on) and a NATS cluster of three nodes (mutual TLS, route TLS,
-JetStream replicas 3). The procurement scenario and the expenses example each run with
+JetStream replicas 3, members admitted by auth callout). The procurement scenario and the expenses example each run with
 platform actors on the head and agents on the worker, while the worker node and the NATS
 node that leads the event stream are killed mid-run; the run must lose nothing."""
 
@@ -176,4 +176,8 @@ async def test_a_run_loses_nothing_when_a_ray_node_and_a_nats_node_die(
     # rejoined the bus.
     assert agents <= set(report["actor_restarts"])
     assert nodes_with(AGENT_RESOURCE).isdisjoint(failures.worker)
+    # No node's configuration names a member: each agent was admitted by the callout when
+    # it started and again when it restarted.
+    assert transport.callout is not None
+    assert all(transport.callout.admitted[m.role] >= 2 for m in app.agents)
     assert failures.killed_nats

@@ -10,6 +10,7 @@ from govmesh.cli import (  # noqa: F401  (importing a command group registers it
     _bench,
     _forecast,
     _model,
+    _nats,
     _policy,
     _run_chaos,
     _up,

@@ -9,12 +9,11 @@ run goes on. A deployment connects to all of its nodes (`NatsCluster.url`).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
 from govmesh.errors import ConfigError, RuntimeStartError
-from govmesh.identity._permissions import Permissions
+from govmesh.runtime._callout import AuthCallout
 from govmesh.runtime._nats import ClusterRoutes, NatsServer, ServerTLS
 from govmesh.runtime._process import free_port, read_log
 
@@ -28,13 +27,15 @@ class NatsCluster:
     """`size` nats-server nodes on free 127.0.0.1 ports, each in ``workdir/<name>``.
 
     Every node serves the same `ServerTLS` files (a certificate valid for routes too, see
-    `DeploymentCA.server_cert`) and the same users (`authorize` rewrites and reloads each).
-    `start` starts every node and waits until JetStream has elected its metadata leader;
-    `close` stops them all and is safe to call twice.
+    `DeploymentCA.server_cert`) and admits members through `callout`, as nodes on other
+    machines do: no node's configuration names a member. `start` starts every node, waits
+    until JetStream has elected its metadata leader and starts the callout service; `close`
+    stops them all and is safe to call twice.
 
     Args:
         workdir: the nodes' directories go here.
         tls: the nodes' TLS files.
+        callout: the auth callout service that admits the members.
         size: how many nodes (3 for JetStream replicas 3).
         name: the cluster's name.
 
@@ -42,15 +43,25 @@ class NatsCluster:
         nodes: the nodes, in order; a node can be stopped and started again on its ports.
     """
 
-    def __init__(self, *, workdir: Path, tls: ServerTLS, size: int = 3, name: str = "govmesh"):
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        tls: ServerTLS,
+        callout: AuthCallout,
+        size: int = 3,
+        name: str = "govmesh",
+    ) -> None:
         if size < 1:
             raise ConfigError(f"a NATS cluster needs at least one node, got size={size!r}")
         self.name = name
+        self.callout = callout
         ports = [free_port() for _ in range(size)]
         self.nodes = [
             NatsServer(
                 workdir=Path(workdir) / f"n{i + 1}",
                 tls=tls,
+                callout=callout.config,
                 cluster=ClusterRoutes(
                     cluster=name,
                     server_name=f"n{i + 1}",
@@ -66,23 +77,19 @@ class NatsCluster:
         """Every node's client URL, comma-separated: what ``GOVMESH_NATS_URL`` names."""
         return ",".join(node.url for node in self.nodes)
 
-    def authorize(self, users: Mapping[str, Permissions], *, timeout: float = 10.0) -> None:
-        """Make `users` every node's complete user list (see `NatsServer.authorize`); a
-        node that is down gets it when it starts again."""
-        for node in self.nodes:
-            node.authorize(users, timeout=timeout)
-
     def start(self, *, timeout: float = 30.0) -> None:
-        """Start every node and wait until JetStream has a metadata leader.
+        """Start every node, wait until JetStream has a metadata leader, and start the
+        callout service.
 
         Raises:
-            RuntimeStartError: a node did not start, or no leader was elected within
-                `timeout` seconds; every node is stopped then.
+            RuntimeStartError: a node or the callout service did not start, or no leader
+                was elected within `timeout` seconds; every node is stopped then.
         """
         try:
             for node in self.nodes:
                 node.start()
             self._wait_for_leader(timeout)
+            self.callout.start(self.url)
         except BaseException:
             self.close()
             raise
@@ -102,7 +109,8 @@ class NatsCluster:
             time.sleep(_POLL_S)
 
     def close(self) -> None:
-        """Stop every node. Safe to call twice."""
+        """Stop the callout service and every node. Safe to call twice."""
+        self.callout.close()
         for node in self.nodes:
             node.close()
 

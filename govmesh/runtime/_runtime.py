@@ -325,6 +325,9 @@ class Runtime:
             if self.transport is None:
                 self._refuse_or_accept_insecure_bus(nats_url)
         workdir = self._make_workdir()
+        if nats_url is not None and self.transport and self.transport.callout:
+            self._stack.callback(self.transport.callout.close)
+            self.transport.callout.start(nats_url)
         self._hold.acquire()
         self._stack.callback(self._hold.release)
 

@@ -7,17 +7,20 @@ only issues a fresh certificate, without a reload: that is how certificates are 
 
 External NATS (``GOVMESH_NATS_URL``) is configured by its operator through files:
 
-==========================  =====================================================
-``GOVMESH_NATS_CA``         CA certificate (PEM) the server and members trust
-``GOVMESH_NATS_CA_KEY``     its private key (PEM), only where members are admitted
-``GOVMESH_NATS_CERT``       this process's own client certificate (PEM), optional
-``GOVMESH_NATS_KEY``        that certificate's private key (PEM)
-==========================  =====================================================
+============================  ===================================================
+``GOVMESH_NATS_CA``           CA certificate (PEM) the server and members trust
+``GOVMESH_NATS_CA_KEY``       its private key (PEM), only where members are admitted
+``GOVMESH_NATS_CALLOUT_KEY``  the auth callout's issuer nkey seed, only there too
+``GOVMESH_NATS_CERT``         this process's own client certificate (PEM), optional
+``GOVMESH_NATS_KEY``          that certificate's private key (PEM)
+============================  ===================================================
 
-The operator's server needs ``tls { ... verify_and_map: true }`` and the users that
-`Transport.authorization` renders; govmesh does not reload a server it did not start, nor
-read its log: what such a server refuses (its ``Publish Violation``, ``Subscription
-Violation`` and ``authentication error`` log lines) is its operator's to watch.
+The operator's servers need ``tls { ... verify_and_map: true }`` and either the auth
+callout (``govmesh nats init`` writes their configuration: the process that admits members
+answers for them, see `AuthCallout`) or the users that `Transport.authorization` renders.
+govmesh does not reload a server it did not start, nor read its log: what such a server
+refuses (its ``Publish Violation``, ``Subscription Violation`` and ``authentication error``
+log lines) is its operator's to watch.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from govmesh.identity._ca import DEFAULT_CLIENT_TTL, ClientCert, DeploymentCA, m
 from govmesh.identity._permissions import Permissions, permissions_for
 from govmesh.identity._tokens import Identity
 from govmesh.roles import PLATFORM_ROLES
+from govmesh.runtime._callout import AuthCallout, callout_dn, new_issuer_seed
 from govmesh.runtime._home import write_private
 from govmesh.runtime._nats import NatsServer, ServerTLS, render_authorization
 from govmesh.runtime._nats_cluster import NatsCluster
@@ -46,6 +50,7 @@ from govmesh.subjects import Subjects
 
 __all__ = [
     "ENV_NATS_CA",
+    "ENV_NATS_CALLOUT_KEY",
     "ENV_NATS_CA_KEY",
     "ENV_NATS_CERT",
     "ENV_NATS_KEY",
@@ -59,6 +64,7 @@ ENV_NATS_CA: Final = "GOVMESH_NATS_CA"
 ENV_NATS_CA_KEY: Final = "GOVMESH_NATS_CA_KEY"
 ENV_NATS_CERT: Final = "GOVMESH_NATS_CERT"
 ENV_NATS_KEY: Final = "GOVMESH_NATS_KEY"
+ENV_NATS_CALLOUT_KEY: Final = "GOVMESH_NATS_CALLOUT_KEY"
 _TLS_DIR: Final = "tls"
 
 
@@ -112,15 +118,18 @@ class Transport:
         own_cert: this process's own certificate, issued by an operator (external NATS).
         registrar: for external NATS served by another govmesh process, asks it for the
             users of members admitted here (see `admitted_transport`).
-        cluster: the NATS cluster on this machine whose nodes' users `admit` maintains
-            (`embedded_cluster`); no sentinel reports what its nodes refuse (a run's
-            sentinel follows the one embedded server's log).
+        cluster: the NATS cluster on this machine whose nodes admit this transport's
+            members through its `callout` (`embedded_cluster`); no sentinel reports what
+            its nodes refuse (a run's sentinel follows the one embedded server's log).
+        callout: the auth callout service that answers for this transport's members to
+            nodes that ask (`AuthCallout`); who runs the nodes starts it.
 
     Attributes:
         ca: the deployment CA.
         server: the embedded nats-server, or None.
         own_cert: the operator-issued certificate of this process, or None.
-        cluster: the NATS cluster whose users this transport maintains, or None.
+        cluster: the NATS cluster on this machine, or None.
+        callout: the auth callout service, or None.
     """
 
     def __init__(
@@ -131,12 +140,14 @@ class Transport:
         own_cert: ClientCert | None = None,
         registrar: Callable[[list[Member]], object] | None = None,
         cluster: NatsCluster | None = None,
+        callout: AuthCallout | None = None,
     ) -> None:
         self.ca = ca
         self.server = server
         self.own_cert = own_cert
         self._registrar = registrar
         self.cluster = cluster
+        self.callout = callout
         self._members: dict[tuple[str, str], Member] = {}
         self._by_user: dict[str, Member] = {}
         self._users: dict[str, Permissions] = {}
@@ -160,15 +171,24 @@ class Transport:
     def embedded_cluster(cls, workdir: Path, *, size: int = 3) -> tuple[Transport, NatsCluster]:
         """A new CA and a NATS cluster of `size` mutual-TLS nodes on this machine, with
         route TLS and clustered JetStream, in `workdir`, not started yet (see `NatsCluster`).
+        Its nodes admit members by auth callout, with an issuer key made here and kept in
+        memory, as nodes on other machines do.
 
         Returns:
-            The transport and the cluster whose nodes' users it maintains.
+            The transport and the cluster whose nodes admit its members.
         """
         ca = DeploymentCA.create(f"govmesh-{uuid.uuid4().hex[:12]}")
-        cluster = NatsCluster(
-            workdir=workdir, tls=_server_files(ca, workdir, routes=True), size=size
+        transport = cls(ca)
+        transport.callout = AuthCallout(
+            ca=ca, issuer_seed=new_issuer_seed(), permissions_of=transport.permissions_of
         )
-        return cls(ca, cluster=cluster), cluster
+        transport.cluster = NatsCluster(
+            workdir=workdir,
+            tls=_server_files(ca, workdir, routes=True),
+            callout=transport.callout,
+            size=size,
+        )
+        return transport, transport.cluster
 
     @classmethod
     def from_environment(cls) -> Transport | None:
@@ -188,12 +208,31 @@ class Transport:
         own = None
         if cert_pem is not None and key_pem is not None:
             own = ClientCert.from_pem(cert_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem)
-        return cls(ca, own_cert=own)
+        transport = cls(ca, own_cert=own)
+        seed = _read_env_file(ENV_NATS_CALLOUT_KEY)
+        if seed is not None:
+            if not ca.can_issue:
+                raise ConfigError(
+                    f"{ENV_NATS_CALLOUT_KEY} admits members, which needs the CA's key too: "
+                    f"set {ENV_NATS_CA_KEY}"
+                )
+            try:
+                transport.callout = AuthCallout(
+                    ca=ca, issuer_seed=seed, permissions_of=transport.permissions_of
+                )
+            except ConfigError as exc:
+                raise ConfigError(f"{ENV_NATS_CALLOUT_KEY}: {exc}") from None
+        return transport
 
     @property
     def members(self) -> Mapping[tuple[str, str], Member]:
         """Admitted members by (tenant, member id) (read-only view)."""
         return MappingProxyType(self._members)
+
+    def permissions_of(self, user: str) -> Permissions | None:
+        """The NATS permissions of the member whose certificate maps to `user` (its
+        subject DN), or None if no such member is admitted: what `callout` answers."""
+        return self._users.get(user)
 
     def member_of(self, user: str) -> Member | None:
         """The admitted member whose certificate maps to nats-server user `user` (its
@@ -271,13 +310,15 @@ class Transport:
                     )
                 if known is None:
                     dn = member_dn(member.member_id, member.role, member.tenant)
+                    if dn == callout_dn():
+                        raise ConfigError(f"{dn!r} is the NATS auth callout's; no member's")
                     users[dn] = _permissions(member)
                     joining[key] = member
                     named[dn] = member
             if joining and self.server is not None:
                 self.server.authorize(users)
-            elif joining and self.cluster is not None:
-                self.cluster.authorize(users)
+            elif joining and self.callout is not None:
+                log.debug("registered %d members for the auth callout", len(joining))
             elif joining and self._registrar is not None:
                 self._registrar(list(joining.values()))
             elif joining:

@@ -79,7 +79,7 @@ _MAX_RESEND_S = 120.0
 _BURN_VIEW_MAX = 500
 """Workflows in flight whose burn the live view asks for at once."""
 _BURN_CHUNK = 500
-"""Workflows whose burn one request asks for, so the answer stays within a bus message."""
+"""Workflows one budget request names, so it and its answer stay within a bus message."""
 
 log = logging.getLogger(__name__)
 
@@ -439,25 +439,40 @@ async def _watch_burn(
         on_burn(sorted(burns, key=lambda b: b.cost_usd, reverse=True))
 
 
-async def _burns(
-    bus: Bus, workflows: tuple[str, ...], *, timeout: float = 10.0
-) -> list[WorkflowBurn]:
-    """Each workflow's model use, by role, from the budget actor, asked for in chunks: the
-    detail of a 10,000-workflow run in one answer is more than a bus message may hold."""
-    burns: list[WorkflowBurn] = []
+async def _budget(
+    bus: Bus, workflows: tuple[str, ...], *, detail: bool = False, timeout: float = 10.0
+) -> BudgetReport | None:
+    """The budget actor's counts for `workflows`, asked for in chunks and summed (with each
+    workflow's burn when `detail`): the ids of a 10,000-workflow run, or their detail, in
+    one message is more than a bus message may hold. None when it does not answer."""
+    total = BudgetReport()
     for start in range(0, len(workflows), _BURN_CHUNK):
         try:
             reply = await bus.request(
                 bus.subjects.ctl("budget"),
-                BudgetQuery(workflows=workflows[start : start + _BURN_CHUNK], detail=True),
+                BudgetQuery(workflows=workflows[start : start + _BURN_CHUNK], detail=detail),
                 accepts=BudgetReport,
                 timeout=timeout,
             )
         except BusError:
-            return []
-        report: BudgetReport = reply.body
-        burns += [b for b in report.burn if b.scope == "workflow"]
-    return burns
+            return None
+        part: BudgetReport = reply.body
+        total = BudgetReport(
+            calls=total.calls + part.calls,
+            input_tokens=total.input_tokens + part.input_tokens,
+            output_tokens=total.output_tokens + part.output_tokens,
+            cost_usd=total.cost_usd + part.cost_usd,
+            burn=total.burn + tuple(b for b in part.burn if b.scope == "workflow"),
+        )
+    return total
+
+
+async def _burns(
+    bus: Bus, workflows: tuple[str, ...], *, timeout: float = 10.0
+) -> list[WorkflowBurn]:
+    """Each workflow's model use, by role, from the budget actor."""
+    report = await _budget(bus, workflows, detail=True, timeout=timeout)
+    return [] if report is None else list(report.burn)
 
 
 def _usage_records(
@@ -506,16 +521,9 @@ async def _settled_budget(
     """
     deadline = time.monotonic() + wait_s
     while True:
-        try:
-            reply = await bus.request(
-                bus.subjects.ctl("budget"),
-                BudgetQuery(workflows=workflows),
-                accepts=BudgetReport,
-                timeout=5.0,
-            )
-        except BusError:
+        report = await _budget(bus, workflows, timeout=5.0)
+        if report is None:
             return BudgetReport()
-        report: BudgetReport = reply.body
         if report.calls >= expected_calls or time.monotonic() > deadline:
             return report
         await asyncio.sleep(0.05)
@@ -680,12 +688,18 @@ class Deployed:
     def describe(self) -> dict[str, Any]:
         """What a run's report says of its runtime: which services it embeds, whether the
         bus is mutual TLS or an insecure one the user accepted (``--insecure-bus``), and
-        whether the CPUs were held awake."""
+        whether the CPUs were held awake, and what the NATS auth callout answered when
+        external nodes admitted the run's members through it."""
+        transport = self.runtime.transport
+        callout = transport.callout if transport is not None else None
         return {
             "embedded": self.runtime.embedded,
             "mutual_tls": self.deployment.tls,
             "insecure_bus": self.runtime.insecure_bus,
             "low_latency": msgspec.structs.asdict(self.runtime.low_latency),
+            "auth_callout": None
+            if callout is None
+            else {"admitted": dict(callout.admitted), "refused": dict(callout.refused)},
         }
 
 
