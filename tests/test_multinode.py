@@ -1,8 +1,9 @@
 """Scale-out on this machine: a Ray cluster of two nodes (separate ``ray start`` processes,
 Ray's token authentication on) and a NATS cluster of three nodes (mutual TLS, route TLS,
-JetStream replicas 3, members admitted by auth callout). The procurement scenario and the expenses example each run with
-platform actors on the head and agents on the worker, while the worker node and the NATS
-node that leads the event stream are killed mid-run; the run must lose nothing."""
+JetStream replicas 3, members admitted by auth callout). The procurement scenario and the
+expenses example each run with platform actors on the head and agents on the worker, while
+the worker node and the NATS node that leads the event stream are killed mid-run; the run
+must lose nothing."""
 
 from __future__ import annotations
 
