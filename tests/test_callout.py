@@ -170,7 +170,7 @@ def test_a_run_on_nodes_govmesh_does_not_run_admits_its_members_through_the_call
     run = subprocess.run(
         [*GOVMESH, "run", "scenarios/procurement.yaml", "-n", "3", "--json", str(out)],
         cwd=ROOT,
-        env=_env(mark, tmp_path / "home") | operator_cluster.environment,
+        env=_env(mark, tmp_path / "home") | operator_cluster.environment | {"COLUMNS": "200"},
         capture_output=True,
         text=True,
         timeout=300,
@@ -185,6 +185,7 @@ def test_a_run_on_nodes_govmesh_does_not_run_admits_its_members_through_the_call
     # Every platform member and every agent connected as a user the callout made.
     assert {"governance", "gateway", "budget", "state", "coordinator"} <= set(admitted)
     assert {"Requester", "Procurement-Agent-v2"} <= set(admitted), admitted
+    assert f"{sum(admitted.values())} members admitted, none refused" in run.stdout
     assert report["security_rejections"] == {}
     assert wait_until_gone(mark, timeout=60) == []
 

@@ -358,6 +358,13 @@ def _summary(report: dict[str, Any]) -> Table:
     runtime = report.get("runtime", {})
     if runtime.get("insecure_bus"):
         table.add_row("[red]bus[/]", "[red]INSECURE (--insecure-bus): NATS without mutual TLS[/]")
+    if callout := runtime.get("auth_callout"):
+        refused = sum(callout["refused"].values())
+        table.add_row(
+            "NATS auth callout",
+            f"{sum(callout['admitted'].values())} members admitted"
+            + (f", [red]{refused} refused[/]" if refused else ", none refused"),
+        )
     table.add_row("outcomes", _results(w["results"]))
     for result, reasons in report.get("why", {}).items():
         table.add_row(f"why {result}", "; ".join(f"{why} ({n})" for why, n in reasons.items()))
