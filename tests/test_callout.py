@@ -185,7 +185,7 @@ def test_a_run_on_nodes_govmesh_does_not_run_admits_its_members_through_the_call
     # Every platform member and every agent connected as a user the callout made.
     assert {"governance", "gateway", "budget", "state", "coordinator"} <= set(admitted)
     assert {"Requester", "Procurement-Agent-v2"} <= set(admitted), admitted
-    assert f"{sum(admitted.values())} members admitted, none refused" in run.stdout
+    assert f"{sum(admitted.values())} connections admitted, none refused" in run.stdout
     assert report["security_rejections"] == {}
     assert wait_until_gone(mark, timeout=60) == []
 

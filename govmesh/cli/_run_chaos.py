@@ -362,7 +362,7 @@ def _summary(report: dict[str, Any]) -> Table:
         refused = sum(callout["refused"].values())
         table.add_row(
             "NATS auth callout",
-            f"{sum(callout['admitted'].values())} members admitted"
+            f"{sum(callout['admitted'].values())} connections admitted"
             + (f", [red]{refused} refused[/]" if refused else ", none refused"),
         )
     table.add_row("outcomes", _results(w["results"]))

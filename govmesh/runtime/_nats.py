@@ -130,12 +130,12 @@ def render_nats_config(
             permissions from `AUTHORIZATION_FILE` in the configuration's directory
             (nats-server resolves an include relative to the including file, even an
             absolute path).
-        host: the address to listen on; 127.0.0.1 for a server of this machine's alone.
-        debug: with `tls`, log at debug level, which names refused certificates (a run
-            reports them from the embedded server's log, see ``ServerLogReader``).
         cluster: join a NATS cluster by these routes, over mutual TLS with `tls`'s files
             (required then); JetStream is then clustered (replicated streams).
         extra_config: more top-level configuration, appended verbatim.
+        host: the address to listen on; 127.0.0.1 for a server of this machine's alone.
+        debug: with `tls`, log at debug level, which names refused certificates (a run
+            reports them from the embedded server's log, see ``ServerLogReader``).
 
     Raises:
         ConfigError: `cluster` without `tls`.

@@ -14,6 +14,7 @@ is what its machine needs.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from pathlib import Path
 from typing import Final
@@ -249,7 +250,7 @@ def _write_node(
         cluster=routes,
         host=listen,
         debug=False,
-        extra_config="" if routes else f"server_name: {node.name}",
+        extra_config="" if routes else f"server_name: {json.dumps(node.name)}",
     )
     (here / "nats-server.conf").write_text(config)
     (here / AUTHORIZATION_FILE).write_text(render_authorization({}, callout=callout))
