@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import signal
+import socket
 import ssl
 import stat
 import subprocess
@@ -25,11 +26,12 @@ import msgspec
 import nats
 import nkeys
 import pytest
+from cryptography import x509
 from test_cli import GOVMESH, ROOT, _env
 
 from govmesh.errors import ConfigError, RuntimeStartError
 from govmesh.identity import DeploymentCA
-from govmesh.identity._ca import ssl_context
+from govmesh.identity._ca import ClientCert, ssl_context
 from govmesh.runtime import Member, Transport
 from govmesh.runtime._callout import (
     AuthCallout,
@@ -38,12 +40,27 @@ from govmesh.runtime._callout import (
     new_issuer_seed,
 )
 from govmesh.runtime._nats import find_nats_server
-from govmesh.runtime._nats_layout import NatsLayout, parse_node, write_nats_layout
+from govmesh.runtime._nats_layout import (
+    NatsLayout,
+    parse_node,
+    renew_node_certs,
+    write_nats_layout,
+)
 from govmesh.subjects import Subjects
 
 from _procs import MARK_VAR, port_below_ephemeral_range, wait_until_gone
 
 TENANT = "callout"
+ONE_DAY = dt.timedelta(days=1)
+
+
+def _govmesh(
+    args: list[str], *, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """``govmesh ARGS`` from the repository's root, as a user runs it."""
+    return subprocess.run(
+        [*GOVMESH, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,34 +72,22 @@ def operator_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsL
         f"n{i}=127.0.0.1:{port_below_ephemeral_range()}:{port_below_ephemeral_range()}"
         for i in (1, 2, 3)
     ]
-    made = subprocess.run(
+    made = _govmesh(
         [
-            *GOVMESH,
             *("nats", "init", str(where), "--listen", "127.0.0.1"),
             *("--json", str(where.parent / "layout.json")),
             *(arg for node in nodes for arg in ("--node", node)),
         ],
-        cwd=ROOT,
         env=_env(uuid.uuid4().hex),
-        capture_output=True,
-        text=True,
         timeout=60,
     )
     assert made.returncode == 0, made.stderr
     layout = msgspec.json.decode((where.parent / "layout.json").read_bytes())
     mark = uuid.uuid4().hex
-    servers = []
-    for node in layout["nodes"]:
-        log = open(Path(node["config"]).parent / "nats.log", "w")  # noqa: SIM115
-        servers.append(
-            subprocess.Popen(
-                [str(find_nats_server()), "-c", node["config"]],
-                env=os.environ | {MARK_VAR: mark},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        log.close()
+    servers = [
+        _start_node(Path(node["config"]), Path(node["config"]).parent / "nats.log", mark)
+        for node in layout["nodes"]
+    ]
     try:
         _wait_for_leader([Path(n["config"]).parent / "nats.log" for n in layout["nodes"]])
         yield NatsLayout(
@@ -91,6 +96,8 @@ def operator_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsL
             env_file=Path(layout["env_file"]),
             environment=layout["environment"],
             issuer=layout["issuer"],
+            ca_expires=dt.datetime.fromisoformat(layout["ca_expires"]),
+            node_expires=dt.datetime.fromisoformat(layout["node_certificates_expire"]),
         )
     finally:
         for server in servers:
@@ -98,6 +105,17 @@ def operator_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsL
         for server in servers:
             server.wait(timeout=30)
         assert wait_until_gone(mark, timeout=30) == []
+
+
+def _start_node(config: Path, log: Path, mark: str) -> subprocess.Popen[bytes]:
+    """A nats-server started from `config`, as an operator starts one, logging to `log`."""
+    with open(log, "w") as sink:
+        return subprocess.Popen(
+            [str(find_nats_server()), "-c", str(config)],
+            env=os.environ | {MARK_VAR: mark},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _wait_for_leader(logs: list[Path], timeout: float = 60.0) -> None:
@@ -132,6 +150,10 @@ def test_nats_init_keeps_the_keys_that_mint_identities_with_the_driver_only(
     users = (where / "n1" / "authorization.conf").read_text()
     assert users.count('"user"') == 2 and operator_cluster.issuer in users
     assert (where / "n1" / "nats-server.conf").read_text().count("verify: true") == 1
+    # A year for the nodes' certificates, three for the CA, unless asked otherwise.
+    now = dt.datetime.now(dt.UTC)
+    assert dt.timedelta(days=364) < operator_cluster.node_expires - now <= dt.timedelta(days=365)
+    assert dt.timedelta(days=1094) < operator_cluster.ca_expires - now <= dt.timedelta(days=1095)
 
 
 def test_nats_init_refuses_a_directory_with_files_and_names_a_bad_node(tmp_path: Path) -> None:
@@ -151,12 +173,9 @@ def test_nats_init_refuses_a_directory_with_files_and_names_a_bad_node(tmp_path:
     assert parse_node("n1=[::1]:4300").url == "tls://[::1]:4300"
     with pytest.raises(ConfigError, match="share a name"):
         write_nats_layout(tmp_path / "new", [parse_node("a=h1"), parse_node("a=h2")])
-    run = subprocess.run(
-        [*GOVMESH, "nats", "init", str(tmp_path / "cli"), "--node", "n1=h:99999"],
-        cwd=ROOT,
+    run = _govmesh(
+        ["nats", "init", str(tmp_path / "cli"), "--node", "n1=h:99999"],
         env=_env(uuid.uuid4().hex),
-        capture_output=True,
-        text=True,
         timeout=60,
     )
     assert run.returncode == 2 and "'99999' is not a port" in run.stderr
@@ -167,12 +186,9 @@ def test_a_run_on_nodes_govmesh_does_not_run_admits_its_members_through_the_call
 ) -> None:
     mark = uuid.uuid4().hex
     out = tmp_path / "report.json"
-    run = subprocess.run(
-        [*GOVMESH, "run", "scenarios/procurement.yaml", "-n", "3", "--json", str(out)],
-        cwd=ROOT,
+    run = _govmesh(
+        ["run", "scenarios/procurement.yaml", "-n", "3", "--json", str(out)],
         env=_env(mark, tmp_path / "home") | operator_cluster.environment | {"COLUMNS": "200"},
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -261,6 +277,69 @@ async def _admitted(url: str, tls: ssl.SSLContext) -> bool:
     finally:
         await nc.close()
     return True
+
+
+def _served_certificate(url: str, client: ClientCert) -> x509.Certificate:
+    """The certificate the node at `url` serves now, seen through the TLS handshake a
+    client starts after the node's plain-text INFO line."""
+    host, port = url.removeprefix("tls://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        info = b""
+        while not info.endswith(b"\r\n"):
+            info += raw.recv(1)
+        assert info.startswith(b"INFO ") and b'"tls_required":true' in info
+        with ssl_context(client).wrap_socket(raw, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_nats_renew_issues_certificates_a_running_node_serves_after_a_reload(
+    tmp_path: Path,
+) -> None:
+    node = parse_node(f"n1=127.0.0.1:{port_below_ephemeral_range()}")
+    layout = write_nats_layout(tmp_path / "nats", [node], listen="127.0.0.1", node_ttl=ONE_DAY)
+    ca = DeploymentCA.load(
+        (layout.directory / "ca.pem").read_bytes(),
+        Path(layout.environment["GOVMESH_NATS_CA_KEY"]).read_bytes(),
+    )
+    client = ca.member_cert("operator-1", "operator")
+    log = tmp_path / "n1.log"
+    mark = uuid.uuid4().hex
+    server = _start_node(layout.config_of(node), log, mark)
+    try:
+        _wait_for(log, "Server is ready")
+        before = _served_certificate(node.url, client)
+        assert before.not_valid_after_utc == layout.node_expires
+        run = _govmesh(
+            ["nats", "renew", str(layout.directory), "--node-days", "400"],
+            env=_env(uuid.uuid4().hex),
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        written = x509.load_pem_x509_certificate((layout.directory / "n1/server.pem").read_bytes())
+        assert written.serial_number != before.serial_number
+        assert f"{written.not_valid_after_utc:%Y-%m-%d %H:%M}" in run.stdout
+        server.send_signal(signal.SIGHUP)
+        _wait_for(log, "Reloaded server configuration")
+        after = _served_certificate(node.url, client)
+        assert after.serial_number == written.serial_number
+        assert after.not_valid_after_utc - before.not_valid_after_utc > dt.timedelta(days=398)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert wait_until_gone(mark, timeout=30) == []
+    # Where the CA key is not, nothing is renewed, and the message says where to run it.
+    (layout.directory / "driver" / "ca-key.pem").unlink()
+    with pytest.raises(ConfigError, match="renew on the driver's machine"):
+        renew_node_certs(layout.directory)
+
+
+def _wait_for(log: Path, line: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while line not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.05)
 
 
 def test_driver_variables_are_checked_before_anything_starts(

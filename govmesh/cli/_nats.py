@@ -12,6 +12,15 @@ from govmesh.cli._common import console, out, write_json
 from govmesh.cli._root import cli
 from govmesh.errors import GovmeshError
 
+_NODE_DAYS = click.option(
+    "--node-days",
+    type=click.IntRange(min=1),
+    default=365,
+    show_default=True,
+    help="How long each node's certificate lives, at most what the CA has left "
+    "(`govmesh nats renew` makes the next).",
+)
+
 
 @cli.group()
 def nats() -> None:
@@ -48,11 +57,19 @@ def nats() -> None:
     show_default=True,
     help="The address nodes listen on, for clients and for routes.",
 )
+@_NODE_DAYS
+@click.option(
+    "--ca-days",
+    type=click.IntRange(min=1),
+    default=3 * 365,
+    show_default=True,
+    help="How long the CA lives; a new CA needs a new layout.",
+)
 @click.option(
     "--json",
     "json_path",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Write what was made (files, variables, issuer key) as JSON.",
+    help="Write what was made (files, variables, issuer key, expiry dates) as JSON.",
 )
 def nats_init(
     directory: Path,
@@ -60,6 +77,8 @@ def nats_init(
     node_dir: str | None,
     store_dir: str | None,
     listen: str,
+    node_days: int,
+    ca_days: int,
     json_path: Path | None,
 ) -> None:
     """Make a NATS cluster's certificates and configuration in DIRECTORY (new or empty).
@@ -75,6 +94,8 @@ def nats_init(
     and start govmesh there with its variables: `set -a; . DIRECTORY/driver/govmesh.env;
     set +a`.
     """
+    import datetime as dt
+
     from govmesh.runtime._nats_layout import parse_node, write_nats_layout
 
     try:
@@ -84,6 +105,8 @@ def nats_init(
             node_dir=node_dir,
             store_dir=store_dir,
             listen=listen,
+            node_ttl=dt.timedelta(days=node_days),
+            ca_ttl=dt.timedelta(days=ca_days),
         )
     except GovmeshError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}")
@@ -92,6 +115,8 @@ def nats_init(
         config = layout.config_of(node)
         out.print(f"node {node.name}: {node.url}  {config}", highlight=False, soft_wrap=True)
     out.print(f"callout issuer {layout.issuer}", highlight=False)
+    out.print(f"node certificates expire {layout.node_expires:%Y-%m-%d %H:%M} UTC", highlight=False)
+    out.print(f"CA expires {layout.ca_expires:%Y-%m-%d %H:%M} UTC", highlight=False)
     out.print(f"driver variables: {layout.env_file} (0600)", highlight=False, soft_wrap=True)
     console.print(
         f"[dim]keep {escape(str(layout.env_file.parent))} on the driver's machine only: its "
@@ -109,6 +134,50 @@ def nats_init(
             "issuer": layout.issuer,
             "env_file": str(layout.env_file),
             "environment": layout.environment,
+            "node_certificates_expire": layout.node_expires.isoformat(),
+            "ca_expires": layout.ca_expires.isoformat(),
         },
         what="layout",
+    )
+
+
+@nats.command("renew")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@_NODE_DAYS
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the nodes and the new expiry dates as JSON.",
+)
+def nats_renew(directory: Path, node_days: int, json_path: Path | None) -> None:
+    """Issue every node of the layout in DIRECTORY a new certificate and key from its CA.
+
+    Run it where DIRECTORY/driver is (it holds the CA's key), before the nodes'
+    certificates expire. Then copy each DIRECTORY/NAME/server.pem and server-key.pem to
+    its node and reload it (`nats-server --signal reload`): it serves the new certificate
+    from then on, without a restart, and connected members stay connected.
+    """
+    import datetime as dt
+
+    from govmesh.runtime._nats_layout import renew_node_certs
+
+    try:
+        nodes, expires, ca_expires = renew_node_certs(directory, ttl=dt.timedelta(days=node_days))
+    except GovmeshError as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        sys.exit(2)
+    for node in nodes:
+        out.print(f"node {node.name}: {directory / node.name / 'server.pem'}", highlight=False)
+    out.print(f"node certificates expire {expires:%Y-%m-%d %H:%M} UTC", highlight=False)
+    out.print(f"CA expires {ca_expires:%Y-%m-%d %H:%M} UTC", highlight=False)
+    console.print("[dim]copy each node's server.pem and server-key.pem, then reload it[/]")
+    write_json(
+        json_path,
+        {
+            "nodes": [node.name for node in nodes],
+            "node_certificates_expire": expires.isoformat(),
+            "ca_expires": ca_expires.isoformat(),
+        },
+        what="renewal",
     )

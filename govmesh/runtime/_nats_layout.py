@@ -9,20 +9,29 @@ member, so it never changes from run to run. The keys that can mint an identity 
 and the callout issuer's) go to the ``driver`` directory only, 0600, for the one process
 that admits members; a node's directory holds its own key and public material only, and
 is what its machine needs.
+
+The CA lives `LAYOUT_CA_TTL` and each node's certificate `LAYOUT_NODE_TTL` unless asked
+otherwise; `renew_node_certs` issues the nodes new certificates from the same CA, which a
+node takes up on a configuration reload (``nats-server --signal reload``), without a
+restart and without a member noticing. Members' certificates are the driver's and live a
+day (`DEFAULT_CLIENT_TTL`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import json
+import os
 import re
 from pathlib import Path
 from typing import Final
 
 import msgspec
+from cryptography import x509
 
 from govmesh.errors import ConfigError
-from govmesh.identity._ca import DEFAULT_CA_TTL, DeploymentCA
+from govmesh.identity._ca import DeploymentCA
 from govmesh.runtime._callout import CalloutConfig, callout_dn, issuer_public_key, new_issuer_seed
 from govmesh.runtime._home import write_private
 from govmesh.runtime._nats import (
@@ -38,13 +47,27 @@ from govmesh.runtime._transport import (
     ENV_NATS_CALLOUT_KEY,
 )
 
-__all__ = ["NatsLayout", "NatsNode", "parse_node", "write_nats_layout"]
+__all__ = [
+    "LAYOUT_CA_TTL",
+    "LAYOUT_NODE_TTL",
+    "NatsLayout",
+    "NatsNode",
+    "parse_node",
+    "renew_node_certs",
+    "write_nats_layout",
+]
 
 DEFAULT_CLIENT_PORT: Final = 4222
 DEFAULT_ROUTE_PORT: Final = 6222
 _NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 _DRIVER_DIR: Final = "driver"
 _ENV_FILE: Final = "govmesh.env"
+_RECORD_FILE: Final = "layout.json"
+LAYOUT_CA_TTL: Final = dt.timedelta(days=3 * 365)
+"""How long the CA of an operator's cluster lives: every node's and member's certificate
+chains to it, so a new CA means a new layout."""
+LAYOUT_NODE_TTL: Final = dt.timedelta(days=365)
+"""How long a node's certificate lives; `renew_node_certs` issues the next ones."""
 
 
 class NatsNode(msgspec.Struct, frozen=True, kw_only=True):
@@ -116,6 +139,14 @@ def parse_node(spec: str) -> NatsNode:
     return NatsNode(name=name, host=parts[0], port=port, route_port=route)
 
 
+class _Record(msgspec.Struct, frozen=True, kw_only=True):
+    """What a layout's directory keeps of it (``layout.json``, public): what renewing
+    needs."""
+
+    nodes: tuple[NatsNode, ...]
+    issuer: str
+
+
 class NatsLayout(msgspec.Struct, frozen=True, kw_only=True):
     """What `write_nats_layout` wrote.
 
@@ -125,6 +156,8 @@ class NatsLayout(msgspec.Struct, frozen=True, kw_only=True):
         env_file: the driver's variables (``GOVMESH_NATS_URL`` and friends).
         environment: those variables.
         issuer: the callout issuer's public key, in every node's configuration.
+        ca_expires: when the CA's certificate expires (UTC).
+        node_expires: when the nodes' certificates expire (UTC).
     """
 
     directory: Path
@@ -132,6 +165,8 @@ class NatsLayout(msgspec.Struct, frozen=True, kw_only=True):
     env_file: Path
     environment: dict[str, str]
     issuer: str
+    ca_expires: dt.datetime
+    node_expires: dt.datetime
 
     def config_of(self, node: NatsNode) -> Path:
         """The node's nats-server configuration file."""
@@ -146,6 +181,8 @@ def write_nats_layout(
     store_dir: str | None = None,
     listen: str = "0.0.0.0",
     name: str = "govmesh",
+    ca_ttl: dt.timedelta = LAYOUT_CA_TTL,
+    node_ttl: dt.timedelta = LAYOUT_NODE_TTL,
 ) -> NatsLayout:
     """Make a new deployment CA and callout issuer, and write the cluster's files.
 
@@ -158,10 +195,12 @@ def write_nats_layout(
             ``jetstream`` in the node's directory.
         listen: the address nodes listen on for clients and routes.
         name: the cluster's name.
+        ca_ttl: how long the CA lives.
+        node_ttl: how long each node's certificate lives.
 
     Raises:
-        ConfigError: `directory` is not empty, no nodes, or two nodes share a name, or a
-            host and port.
+        ConfigError: `directory` is not empty, no nodes, two nodes share a name, or a host
+            and port, or a lifetime is not positive or outlives the CA.
     """
     directory = Path(directory).absolute()
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
@@ -178,7 +217,8 @@ def write_nats_layout(
     ):
         if len(set(keys)) != len(keys):
             raise ConfigError(f"two nodes share a {what}: {sorted(map(str, keys))!r}")
-    ca = DeploymentCA.create(f"{name}-nats", ttl=DEFAULT_CA_TTL)
+    _check_ttl(node_ttl, ca_ttl)
+    ca = DeploymentCA.create(f"{name}-nats", ttl=ca_ttl)
     seed = new_issuer_seed()
     callout = CalloutConfig(issuer=issuer_public_key(seed), service=callout_dn())
 
@@ -190,6 +230,9 @@ def write_nats_layout(
     write_private(driver / "callout.nk", seed + b"\n")
     for node in nodes:
         _write_node(directory, node, nodes, ca, callout, node_dir, store_dir, listen, name)
+        _write_node_cert(directory, node, ca, multi=len(nodes) > 1, ttl=node_ttl)
+    record = _Record(nodes=tuple(nodes), issuer=callout.issuer)
+    (directory / _RECORD_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(record)) + b"\n")
 
     environment = {
         "GOVMESH_NATS_URL": ",".join(n.url for n in nodes),
@@ -206,7 +249,77 @@ def write_nats_layout(
         env_file=env_file,
         environment=environment,
         issuer=callout.issuer,
+        ca_expires=_expiry(ca.ca_pem),
+        node_expires=_expiry((directory / nodes[0].name / "server.pem").read_bytes()),
     )
+
+
+def renew_node_certs(
+    directory: Path, *, ttl: dt.timedelta = LAYOUT_NODE_TTL
+) -> tuple[tuple[NatsNode, ...], dt.datetime, dt.datetime]:
+    """Issue every node of the layout in `directory` a new certificate and key from its CA,
+    in place of the old ones; a node serves them from its next configuration reload.
+
+    Returns:
+        The nodes, when their new certificates expire, and when the CA expires.
+
+    Raises:
+        ConfigError: `directory` is no layout, its CA key is not there (renew where
+            ``driver`` is), or `ttl` is not positive or outlives the CA.
+    """
+    directory = Path(directory).absolute()
+    try:
+        record = msgspec.json.decode((directory / _RECORD_FILE).read_bytes(), type=_Record)
+        ca_pem = (directory / "ca.pem").read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"{str(directory)!r} is not a layout govmesh nats init wrote: no {exc.filename!r}"
+        ) from None
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{str(directory / _RECORD_FILE)!r}: {exc}") from None
+    key_file = directory / _DRIVER_DIR / "ca-key.pem"
+    try:
+        key_pem = key_file.read_bytes()
+    except OSError:
+        raise ConfigError(
+            f"the CA key {str(key_file)!r} is not readable here; renew on the driver's "
+            "machine, where the layout's driver directory is"
+        ) from None
+    ca = DeploymentCA.load(ca_pem, key_pem)
+    ca_expires = _expiry(ca_pem)
+    _check_ttl(ttl, ca_expires - dt.datetime.now(dt.UTC))
+    for node in record.nodes:
+        _write_node_cert(directory, node, ca, multi=len(record.nodes) > 1, ttl=ttl)
+    expires = _expiry((directory / record.nodes[0].name / "server.pem").read_bytes())
+    return record.nodes, expires, ca_expires
+
+
+def _check_ttl(node_ttl: dt.timedelta, ca_left: dt.timedelta) -> None:
+    if node_ttl <= dt.timedelta(0):
+        raise ConfigError(f"a node certificate's lifetime must be positive, got {node_ttl}")
+    if node_ttl > ca_left:
+        raise ConfigError(
+            f"a node certificate of {node_ttl.days} days would outlive its CA, which has "
+            f"{ca_left.days} days left; make a new layout for a new CA"
+        )
+
+
+def _expiry(cert_pem: bytes) -> dt.datetime:
+    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
+
+
+def _write_node_cert(
+    directory: Path, node: NatsNode, ca: DeploymentCA, *, multi: bool, ttl: dt.timedelta
+) -> None:
+    """A node's certificate (for routes too in a cluster) and a new key, each file replaced
+    whole, so a reload never reads half of one."""
+    here = directory / node.name
+    cert_pem, key_pem = ca.server_cert([node.host], routes=multi, ttl=ttl)
+    partial = here / "server-key.pem.partial"
+    write_private(partial, key_pem)
+    (here / "server.pem.partial").write_bytes(cert_pem)
+    os.replace(partial, here / "server-key.pem")
+    os.replace(here / "server.pem.partial", here / "server.pem")
 
 
 def _write_node(
@@ -224,10 +337,7 @@ def _write_node(
     here.mkdir()
     there = Path(node_dir.replace("{node}", node.name)) if node_dir else here
     store = Path(store_dir.replace("{node}", node.name)) if store_dir else there / "jetstream"
-    cert_pem, key_pem = ca.server_cert([node.host], routes=len(nodes) > 1)
     (here / "ca.pem").write_bytes(ca.ca_pem)
-    (here / "server.pem").write_bytes(cert_pem)
-    write_private(here / "server-key.pem", key_pem)
     tls = ServerTLS(
         cert_file=there / "server.pem",
         key_file=there / "server-key.pem",
