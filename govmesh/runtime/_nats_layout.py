@@ -41,6 +41,7 @@ from govmesh.runtime._nats import (
     render_authorization,
     render_nats_config,
 )
+from govmesh.runtime._runtime import ENV_NATS_REPLICAS, ENV_NATS_URL
 from govmesh.runtime._transport import (
     ENV_NATS_CA,
     ENV_NATS_CA_KEY,
@@ -232,11 +233,12 @@ def write_nats_layout(
         _write_node(directory, node, nodes, ca, callout, node_dir, store_dir, listen, name)
         _write_node_cert(directory, node, ca, multi=len(nodes) > 1, ttl=node_ttl)
     record = _Record(nodes=tuple(nodes), issuer=callout.issuer)
-    (directory / _RECORD_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(record)) + b"\n")
+    recorded = msgspec.json.format(msgspec.json.encode(record))
+    (directory / _RECORD_FILE).write_bytes(recorded + b"\n")
 
     environment = {
-        "GOVMESH_NATS_URL": ",".join(n.url for n in nodes),
-        "GOVMESH_NATS_REPLICAS": "3" if len(nodes) >= 3 else "1",
+        ENV_NATS_URL: ",".join(n.url for n in nodes),
+        ENV_NATS_REPLICAS: "3" if len(nodes) >= 3 else "1",
         ENV_NATS_CA: str(directory / "ca.pem"),
         ENV_NATS_CA_KEY: str(driver / "ca-key.pem"),
         ENV_NATS_CALLOUT_KEY: str(driver / "callout.nk"),
