@@ -294,8 +294,8 @@ def _served_certificate(url: str, client: ClientCert) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
 
 
-def test_nats_renew_issues_certificates_a_running_node_serves_after_a_reload(
-    tmp_path: Path,
+async def test_nats_renew_issues_certificates_a_running_node_serves_after_a_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = parse_node(f"n1=127.0.0.1:{port_below_ephemeral_range()}")
     layout = write_nats_layout(tmp_path / "nats", [node], listen="127.0.0.1", node_ttl=ONE_DAY)
@@ -307,10 +307,20 @@ def test_nats_renew_issues_certificates_a_running_node_serves_after_a_reload(
     log = tmp_path / "n1.log"
     mark = uuid.uuid4().hex
     server = _start_node(layout.config_of(node), log, mark)
+    transport = _layout_env(layout, monkeypatch)
+    assert transport.callout is not None
     try:
         _wait_for(log, "Server is ready")
         before = _served_certificate(node.url, client)
         assert before.not_valid_after_utc == layout.node_expires
+        transport.callout.start(node.url)
+        member = transport.admit("agent-1", "Buyer", tenant=TENANT, agent=True)
+        connected = await nats.connect(
+            node.url,
+            tls=ssl_context(member),
+            inbox_prefix=Subjects(TENANT).inbox_prefix("agent-1"),
+            reconnect_time_wait=0.2,
+        )
         run = _govmesh(
             ["nats", "renew", str(layout.directory), "--node-days", "400"],
             env=_env(uuid.uuid4().hex),
@@ -325,7 +335,17 @@ def test_nats_renew_issues_certificates_a_running_node_serves_after_a_reload(
         after = _served_certificate(node.url, client)
         assert after.serial_number == written.serial_number
         assert after.not_valid_after_utc - before.not_valid_after_utc > dt.timedelta(days=398)
+        # The reload closed the connection of the member the callout admitted (the node's
+        # configuration does not list it); it reconnected and was admitted again.
+        deadline = time.monotonic() + 10
+        while connected.stats["reconnects"] < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await connected.flush(timeout=5)
+        assert connected.stats["reconnects"] == 1 and connected.is_connected
+        assert transport.callout.admitted["Buyer"] == 2
+        await connected.close()
     finally:
+        transport.callout.close()
         server.terminate()
         server.wait(timeout=30)
     assert wait_until_gone(mark, timeout=30) == []

@@ -156,7 +156,8 @@ def nats_renew(directory: Path, node_days: int, json_path: Path | None) -> None:
     Run it where DIRECTORY/driver is (it holds the CA's key), before the nodes'
     certificates expire. Then copy each DIRECTORY/NAME/server.pem and server-key.pem to
     its node and reload it (`nats-server --signal reload`): it serves the new certificate
-    from then on, without a restart, and connected members stay connected.
+    from then on, without a restart; the members connected to it reconnect and are
+    admitted again, as when a node fails over, so reload one node at a time.
     """
     import datetime as dt
 

@@ -13,8 +13,10 @@ is what its machine needs.
 The CA lives `LAYOUT_CA_TTL` and each node's certificate `LAYOUT_NODE_TTL` unless asked
 otherwise; `renew_node_certs` issues the nodes new certificates from the same CA, which a
 node takes up on a configuration reload (``nats-server --signal reload``), without a
-restart and without a member noticing. Members' certificates are the driver's and live a
-day (`DEFAULT_CLIENT_TTL`).
+restart. A reload closes the connections of users its configuration does not list, which
+are all the members the callout admitted: they reconnect at once and are admitted again,
+as when a node fails over. Members' certificates are the driver's and live a day
+(`DEFAULT_CLIENT_TTL`).
 """
 
 from __future__ import annotations
