@@ -362,6 +362,40 @@ def _wait_for(log: Path, line: str, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+async def test_a_member_admitted_by_the_callout_is_cut_off_when_its_certificate_expires(
+    operator_cluster: NatsLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transport = _layout_env(operator_cluster, monkeypatch)
+    assert transport.callout is not None
+    transport.callout.start(operator_cluster.environment["GOVMESH_NATS_URL"])
+    subjects = Subjects(TENANT)
+    try:
+        brief = transport.admit(
+            "brief-1", "Buyer", tenant=TENANT, agent=True, ttl=dt.timedelta(seconds=3)
+        )
+        lasting = transport.admit("lasting-1", "Buyer", tenant=TENANT, agent=True)
+        url = operator_cluster.nodes[0].url
+        nc_brief = await _connect(
+            url, ssl_context(brief), [], inbox_prefix=subjects.inbox_prefix("brief-1")
+        )
+        nc_lasting = await _connect(
+            url, ssl_context(lasting), [], inbox_prefix=subjects.inbox_prefix("lasting-1")
+        )
+        await nc_brief.flush(timeout=5)
+        deadline = time.monotonic() + 15
+        while nc_brief.is_connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # Cut off when its certificate expired, not before; the other member stays.
+        assert not nc_brief.is_connected
+        assert time.time() >= brief.expires.timestamp() - 0.5
+        await nc_lasting.flush(timeout=5)
+        assert nc_lasting.is_connected
+        await nc_brief.close()
+        await nc_lasting.close()
+    finally:
+        transport.callout.close()
+
+
 def test_driver_variables_are_checked_before_anything_starts(
     operator_cluster: NatsLayout, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

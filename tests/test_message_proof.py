@@ -22,7 +22,9 @@ class Ping(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 ISSUER = Issuer(name="test", audience="govmesh:acme")
-ALICE = ISSUER.identity("alice", "agent", capabilities=("erp.read",))
+# A day, not the default ten minutes: minted at import, and a slow suite reaches these tests
+# more than ten minutes after it imported them.
+ALICE = ISSUER.identity("alice", "agent", capabilities=("erp.read",), ttl_s=86_400)
 CODEC = Codec()
 
 

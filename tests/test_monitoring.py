@@ -129,8 +129,10 @@ async def _watch(
             while proc.poll() is None:
                 try:
                     page = await client.get(f"http://127.0.0.1:{port}/metrics")
-                except httpx.TransportError:
-                    pass  # not serving yet, or no more
+                except (httpx.TransportError, AttributeError):
+                    # Not serving yet, or no more; an endpoint that closes mid-request can
+                    # also fail inside httpx (an AttributeError on its closed socket).
+                    pass
                 else:
                     if page.status_code == 200 and page.text:
                         watched.scrapes.append(_samples(page.text))

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from govmesh.bus import Subjects
 from govmesh.errors import ConfigError, RuntimeStartError
 from govmesh.identity import ssl_context
 from govmesh.runtime import NatsServer, RedisServer, Runtime, _process
+from govmesh.runtime._home import _alive
 
 from _procs import MARK_VAR, leftovers, process_names, processes_with_marker, wait_until_gone
 
@@ -404,3 +406,20 @@ def test_a_deployment_shows_its_redis_url_without_the_password() -> None:
     )
     assert "s3cret" not in repr(dep) and "govmesh:***@redis.example:6380" in repr(dep)
     assert dep.redis_url.endswith("s3cret@redis.example:6380/0")  # still usable
+
+
+def test_a_process_that_exited_unreaped_runs_no_deployment() -> None:
+    """A run that exited but whose parent has not waited for it yet (a zombie) still
+    answers a signal; its deployment is over all the same, so streams and watchers end."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        stat = Path(f"/proc/{child.pid}/stat")
+        deadline = time.monotonic() + 30
+        while stat.read_text().split(")")[-1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(child.pid, 0)  # it still answers a signal
+        assert not _alive(child.pid)
+        assert _alive(os.getpid())
+    finally:
+        child.wait()

@@ -135,13 +135,21 @@ def write_private(path: Path, data: bytes) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` runs. One that exited but whose parent has not yet reaped it
+    (a zombie: a run started by a supervisor or a test that has not waited for it) still
+    answers a signal, but runs no more, and neither does its deployment."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # not Linux, or gone meanwhile: the signal's answer stands
+        return True
+    # The state follows the command name, which is in parentheses and may hold any byte.
+    return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] != "Z"
 
 
 @contextlib.asynccontextmanager
