@@ -422,7 +422,7 @@ def test_a_callout_whose_nodes_do_not_list_it_fails_to_start_clearly(
     ca = DeploymentCA.create("elsewhere")
     callout = AuthCallout(ca=ca, issuer_seed=new_issuer_seed(), permissions_of=lambda dn: None)
     with pytest.raises(RuntimeStartError, match=r"CERTIFICATE_VERIFY_FAILED.*auth_users"):
-        callout.start(operator_cluster.nodes[0].url, timeout=5)
+        callout.start(operator_cluster.nodes[0].url, timeout=2)
 
 
 # The callout's judgement, request by request: pure logic over real keys and certificates.
