@@ -53,7 +53,7 @@ from govmesh.roles import (
 )
 from govmesh.subjects import GOVERNANCE_SERVICE, TOKEN_SERVICE, Subjects
 
-__all__ = ["DENY_ALL", "Permissions", "SubjectRules", "permissions_for"]
+__all__ = ["DENY_ALL", "Permissions", "SubjectRules", "permissions_for", "server_rules"]
 
 DENY_ALL: Final = ">"
 
@@ -71,6 +71,27 @@ class Permissions(TypedDict):
     publish: SubjectRules
     subscribe: SubjectRules
     allow_responses: bool
+
+
+def server_rules(user: str, direction: str, rules: SubjectRules) -> dict[str, list[str]]:
+    """`rules` as nats-server takes them (empty lists left out), for a configured user
+    or a user JWT alike.
+
+    Raises:
+        ConfigError: they allow nothing yet do not deny everything, which nats-server
+            would read as "allow all".
+    """
+    if not rules["allow"] and DENY_ALL not in rules["deny"]:
+        raise ConfigError(
+            f"{direction} permissions of {user!r} allow nothing but do not deny "
+            f"{DENY_ALL!r}; nats-server would allow everything: {rules!r}"
+        )
+    rendered: dict[str, list[str]] = {}
+    if rules["allow"]:
+        rendered["allow"] = list(rules["allow"])
+    if rules["deny"]:
+        rendered["deny"] = list(rules["deny"])
+    return rendered
 
 
 def _rules(allow: list[str]) -> SubjectRules:

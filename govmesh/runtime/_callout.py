@@ -62,7 +62,8 @@ from govmesh.identity._ca import (
     member_dn,
     ssl_context,
 )
-from govmesh.identity._permissions import DENY_ALL, Permissions
+from govmesh.identity._permissions import Permissions, server_rules
+from govmesh.identity._tokens import _b64, _unb64
 
 __all__ = [
     "CALLOUT_MEMBER",
@@ -134,14 +135,6 @@ class CalloutConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     issuer: str
     service: str
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def encode_jwt(claims: dict[str, Any], pair: nkeys.KeyPair) -> str:
@@ -439,11 +432,11 @@ class AuthCallout:
             "data": _NO_LIMIT,
             "payload": _NO_LIMIT,
         }
-        for key, rules in (("pub", permissions["publish"]), ("sub", permissions["subscribe"])):
-            if not rules["allow"] and DENY_ALL not in rules["deny"]:
-                # nats-server would read a user that allows nothing as allowing everything
-                raise _Refusal("unsafe_permissions", f"{key} permissions of {dn!r}: {rules!r}")
-            user[key] = {name: value for name, value in rules.items() if value}
+        try:
+            user["pub"] = server_rules(dn, "publish", permissions["publish"])
+            user["sub"] = server_rules(dn, "subscribe", permissions["subscribe"])
+        except ConfigError as exc:
+            raise _Refusal("unsafe_permissions", str(exc)) from None
         if permissions["allow_responses"]:
             user["resp"] = {"max": 1, "ttl": _RESPONSE_TTL_NS}
         claims = {

@@ -21,7 +21,7 @@ from typing import Final
 import msgspec
 
 from govmesh.errors import ConfigError, RuntimeStartError
-from govmesh.identity._permissions import DENY_ALL, Permissions
+from govmesh.identity._permissions import DENY_ALL, Permissions, server_rules
 from govmesh.runtime._callout import CALLOUT_SUBJECT, CalloutConfig
 from govmesh.runtime._process import EmbeddedServer, log_tail, read_log
 
@@ -213,14 +213,8 @@ def render_authorization(
     ]
     for user, perms in users.items():
         rendered: dict[str, object] = {}
-        for direction in ("publish", "subscribe"):
-            rules = perms[direction]
-            if not rules["allow"] and DENY_ALL not in rules["deny"]:
-                raise ConfigError(
-                    f"{direction} permissions of {user!r} allow nothing but do not deny "
-                    f"{DENY_ALL!r}; nats-server would allow everything: {rules!r}"
-                )
-            rendered[direction] = {key: value for key, value in rules.items() if value}
+        rendered["publish"] = server_rules(user, "publish", perms["publish"])
+        rendered["subscribe"] = server_rules(user, "subscribe", perms["subscribe"])
         if perms["allow_responses"]:
             rendered["allow_responses"] = True
         entries.append({"user": user, "permissions": rendered})
