@@ -10,7 +10,7 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from govmesh.errors import GovmeshError, ModelError, ToolError
+from govmesh.errors import ConfigError, GovmeshError, ModelError, ToolError
 
 if TYPE_CHECKING:
     from govmesh.agents._base import RetryPolicy
@@ -108,6 +108,7 @@ __all__ = [
     "ApprovalAnswer",
     "ApprovalRequest",
     "BudgetError",
+    "ConfigError",
     "Decision",
     "Denied",
     "Effect",

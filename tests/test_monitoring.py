@@ -198,7 +198,10 @@ def monitored_run() -> Iterator[Watched]:
         example = ROOT / "examples" / "monitoring" / "forward_jsonl.py"
         forwarder = start(str(example), str(watched.forwarded), "--wait", "300")
         run = ["run", "scenarios/procurement.yaml", "-n", str(WORKFLOWS), "--json", str(out)]
-        proc = start("-m", "govmesh.cli", *run, "--prometheus-port", str(port))
+        # The run serves its final figures until scraped once: the scrapes below end with
+        # every decision counted, however far the endpoint's pulls lagged the run.
+        metrics = ["--prometheus-port", str(port), "--prometheus-linger", "120"]
+        proc = start("-m", "govmesh.cli", *run, *metrics)
         os.environ["GOVMESH_HOME"] = str(home)
         resumed: list[subprocess.Popen[str]] = []
 
@@ -286,8 +289,11 @@ def test_prometheus_scrapes_during_the_run_show_its_decisions_tokens_and_refusal
     watched, report = monitored_run, monitored_run.report
     assert report["prometheus"]["url"].startswith("http://127.0.0.1:")
     assert watched.scrapes, "the endpoint was never scraped while the run went"
+    final = report["prometheus"]
+    assert final["caught_up"] and final["scraped"], final
+    # The run served its final figures until this scraper read them: every decision of
+    # the run was counted by then.
     last = watched.scrapes[-1]
-    # Scraped while the run finished its checks: every decision was on the stream.
     policy = ("govmesh_decision_source", "policy")
     decided = _by(last, "govmesh_decisions_total", "govmesh_decision_outcome", where=policy)
     assert decided == _decided(report)
@@ -406,3 +412,13 @@ def test_a_busy_metrics_port_is_refused_before_any_service_starts(tmp_path: Path
     assert done.returncode != 0
     assert f"prometheus port: cannot serve on 127.0.0.1:{port}" in done.stderr
     assert "starting nats-server" not in done.stderr and "govmesh run --resume" not in done.stderr
+
+
+def test_a_metrics_linger_that_cannot_hold_is_refused_before_anything_starts() -> None:
+    from govmesh.scenarios import run_scenario
+
+    shipped = ROOT / "scenarios" / "procurement.yaml"
+    with pytest.raises(govmesh.ConfigError, match=r"prometheus linger: .* got -1\.0"):
+        asyncio.run(run_scenario(shipped, prometheus_port=0, prometheus_linger_s=-1.0))
+    with pytest.raises(govmesh.ConfigError, match="not served; give a prometheus port"):
+        asyncio.run(run_scenario(shipped, prometheus_linger_s=5.0))

@@ -93,6 +93,16 @@ def _source(scenario: Path | None, app: str | None) -> None:
     show_default=True,
     help="The address --prometheus-port binds; 0.0.0.0 for a Prometheus on another machine.",
 )
+@click.option(
+    "--prometheus-linger",
+    "prometheus_linger_s",
+    type=click.FloatRange(0),
+    default=0.0,
+    metavar="SECONDS",
+    help="Once the workflows end, count all their events into the metrics and serve them "
+    "until scraped once, at most SECONDS: a run shorter than Prometheus' scrape interval "
+    "still has its final figures scraped. Default: stop serving with the run.",
+)
 @json_option
 def run(
     scenario: Path | None,
@@ -106,6 +116,7 @@ def run(
     insecure_bus: bool,
     prometheus_port: int | None,
     prometheus_host: str,
+    prometheus_linger_s: float,
     json_path: Path | None,
 ) -> None:
     """Run SCENARIO (or --app) with a swarm of agent actors and print a summary.
@@ -190,6 +201,7 @@ def run(
                 insecure_bus=insecure_bus,
                 prometheus_port=prometheus_port,
                 prometheus_host=prometheus_host,
+                prometheus_linger_s=prometheus_linger_s,
             )
         )
     out.print(_summary(report))
@@ -446,8 +458,13 @@ def _summary(report: dict[str, Any]) -> Table:
         "security rejections",
         ", ".join(f"{k} {v}" for k, v in rejections.items()) if rejections else "none",
     )
-    if "prometheus" in report:
-        table.add_row("metrics for Prometheus (while it ran)", report["prometheus"]["url"])
+    if prometheus := report.get("prometheus"):
+        table.add_row("metrics for Prometheus (while it ran)", prometheus["url"])
+        if "scraped" in prometheus:
+            final = "scraped" if prometheus["scraped"] else "not scraped before the linger ended"
+            if not prometheus["caught_up"]:
+                final += f"; counted only to event {prometheus['counted_seq']}"
+            table.add_row("final metrics", final)
     t = report["timings_s"]
     table.add_row(
         "time (start / workflows / after / total)",

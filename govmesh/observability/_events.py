@@ -212,6 +212,22 @@ class EventStream:
             )
         return self._sub
 
+    async def latest_seq(self) -> int:
+        """The sequence number of the newest message the deployment's stream holds now, 0
+        while it holds none (or the run has not made it yet).
+
+        Raises:
+            ConfigError: the stream is not open.
+        """
+        bus = self._bus
+        if bus is None:
+            raise ConfigError("the event stream is not open: use `async with` first")
+        try:
+            info = await bus.nc.jetstream().stream_info(bus.subjects.event_stream)
+        except NotFoundError:
+            return 0
+        return info.state.last_seq or 0
+
     def stop(self) -> None:
         """End the iteration: events already pulled are still yielded, then it ends. Safe
         from ``on_refused`` and from another task."""

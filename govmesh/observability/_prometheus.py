@@ -25,7 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 from wsgiref.simple_server import WSGIServer
 
@@ -33,6 +36,7 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.metrics_core import Metric
 
 from govmesh.bus import SecurityEvent
 from govmesh.errors import ConfigError, GovmeshError
@@ -53,6 +57,23 @@ _SCOPE: Final = "govmesh"
 _DECISIONS_KEPT: Final = 100_000
 """Decisions remembered to count an answer given again once: an agent asks again within
 minutes, so the latest hundred thousand are plenty."""
+_CATCH_UP_S: Final = 30.0
+"""How long `serve_final` waits to count what the stream holds: a pull waits at most a
+second, and counting a hundred thousand events takes a few more."""
+_POLL_S: Final = 0.05
+
+
+class _ScrapeWitness:
+    """A collector with no metrics that notes each scrape. Registered before the
+    exporter's collector, it is called before the metrics are read, so a scrape noted
+    after a moment served the figures of that moment or later."""
+
+    def __init__(self) -> None:
+        self.scraped = threading.Event()
+
+    def collect(self) -> Iterable[Metric]:
+        self.scraped.set()
+        return ()
 
 
 class PrometheusEndpoint:
@@ -91,12 +112,15 @@ class PrometheusEndpoint:
         self._asked = port
         self._host = host
         self._registry = CollectorRegistry()
+        self._witness = _ScrapeWitness()
+        self._registry.register(self._witness)
         self._provider = MeterProvider(
             metric_readers=[PrometheusMetricReader(registry=self._registry)],
             resource=Resource.create({"service.name": "govmesh"}),
         )
         self._into = Instruments.of(self._provider.get_meter(_SCOPE))
         self._decided: OrderedDict[tuple[str, str, bool], None] = OrderedDict()
+        self._counted_seq = 0
         self._events = EventStream(
             tenant=tenant,
             deployment=deployment,
@@ -141,6 +165,41 @@ class PrometheusEndpoint:
             raise
         self._task = asyncio.create_task(self._follow(), name="govmesh-prometheus")
 
+    async def serve_final(self, linger_s: float) -> dict[str, int | bool]:
+        """Count every event the deployment's stream holds now, then serve until a scrape
+        has read those figures, for at most ``linger_s`` seconds: a run that ends between
+        two of Prometheus' scrapes still has its final figures scraped once.
+
+        Returns:
+            ``counted_seq``: the stream sequence number counted up to; ``caught_up``:
+            whether that is all the stream held (False when following it fell more than
+            30 s behind, or stopped); ``scraped``: whether a scrape read them.
+        """
+        target = await self._events.latest_seq()
+        deadline = time.monotonic() + _CATCH_UP_S
+        task = self._task
+        while self._counted_seq < target and time.monotonic() < deadline:
+            if task is None or task.done():
+                break
+            await asyncio.sleep(_POLL_S)
+        caught_up = self._counted_seq >= target
+        if not caught_up:
+            log.warning(
+                "the Prometheus endpoint counted the stream to %d of %d",
+                self._counted_seq,
+                target,
+            )
+        scraped = self._witness.scraped
+        scraped.clear()
+        until = time.monotonic() + linger_s
+        while not scraped.is_set() and time.monotonic() < until:
+            await asyncio.sleep(_POLL_S)
+        return {
+            "counted_seq": self._counted_seq,
+            "caught_up": caught_up,
+            "scraped": scraped.is_set(),
+        }
+
     async def close(self) -> None:
         """Stop following the events and serving; what was not scraped is lost. Safe to
         call twice."""
@@ -179,6 +238,7 @@ class PrometheusEndpoint:
 
     def record(self, event: Event) -> None:
         """Record what ``event`` says into the endpoint's instruments."""
+        self._counted_seq = max(self._counted_seq, event.seq)
         match event.kind:
             case "Decision":
                 decision = event.decode(Decision)
@@ -211,4 +271,5 @@ class PrometheusEndpoint:
 
     def refused(self, message: RefusedMessage) -> None:
         """Count ``message``, refused on the stream, as a security rejection."""
+        self._counted_seq = max(self._counted_seq, message.seq)
         self._into.security_rejections.add(1, {"govmesh.security.reason": message.reason})

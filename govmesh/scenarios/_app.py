@@ -78,6 +78,9 @@ class RunOptions(TypedDict, total=False):
         prometheus_port: serve the deployment's metrics for Prometheus on this port while
             it runs (0: a free one); the app's own setting when not given.
         prometheus_host: the address the metrics are served on (127.0.0.1).
+        prometheus_linger_s: once the workflows end, serve their final metrics until
+            scraped once, for at most this many seconds (0: the endpoint stops with the
+            run).
     """
 
     workflows: int
@@ -88,6 +91,7 @@ class RunOptions(TypedDict, total=False):
     insecure_bus: bool
     prometheus_port: int | None
     prometheus_host: str
+    prometheus_linger_s: float
 
 
 class Workload(Protocol):

@@ -59,6 +59,7 @@ from govmesh.scenarios._swarm import Swarm
 from govmesh.state import Keyring
 
 if TYPE_CHECKING:
+    from govmesh.observability._prometheus import PrometheusEndpoint
     from govmesh.runtime import Runtime
 
 __all__ = [
@@ -873,6 +874,7 @@ async def run_scenario(
     insecure_bus: bool = False,
     prometheus_port: int | None = None,
     prometheus_host: str = "127.0.0.1",
+    prometheus_linger_s: float = 0.0,
 ) -> dict[str, Any]:
     """Load a scenario file or an app, bring up the runtime (embedded or external
     services), run, report.
@@ -896,7 +898,20 @@ async def run_scenario(
         prometheus_port: serve the deployment's metrics for Prometheus on this port (0: a
             free one) of ``prometheus_host`` while it runs (`PrometheusEndpoint`; the
             report's ``prometheus`` says where); the app's own setting when None.
+        prometheus_linger_s: once the workflows end, count every event of the run into
+            the metrics and serve them until they are scraped once, for at most this many
+            seconds (`PrometheusEndpoint.serve_final`; the report's ``prometheus`` says
+            whether they were): a run shorter than Prometheus' scrape interval still has
+            its final figures scraped. 0: the endpoint stops with the run.
+
+    Raises:
+        ConfigError: ``prometheus_linger_s`` is negative, or given with no port to serve
+            on, or another setting is wrong.
     """
+    if not prometheus_linger_s >= 0:
+        raise ConfigError(
+            f"prometheus linger: seconds from 0 are needed, got {prometheus_linger_s!r}"
+        )
     phase = on_phase or (lambda _: None)
     loaded: App | None = None
     if resume:
@@ -924,6 +939,10 @@ async def run_scenario(
     # run's own setting is known only once its app is read back.
     if prometheus_port is None and loaded is not None:
         prometheus_port = loaded.prometheus_port
+        if prometheus_port is None and prometheus_linger_s:
+            raise ConfigError(
+                "prometheus linger: the metrics are not served; give a prometheus port too"
+            )
     held = _hold_port(prometheus_port, prometheus_host)
     try:
         async with (
@@ -935,7 +954,7 @@ async def run_scenario(
                 up.app.prometheus_port if prometheus_port is None else prometheus_port,
                 prometheus_host,
                 held,
-            ) as metrics_url,
+            ) as served,
         ):
             m = up.manifest
             phase("starting agent and platform actors")
@@ -957,8 +976,11 @@ async def run_scenario(
                 on_burn=on_burn,
             )
             report["runtime"] = up.describe()
-            if metrics_url:
-                report["prometheus"] = {"url": metrics_url}
+            if served is not None:
+                report["prometheus"] = {"url": served.url}
+                if prometheus_linger_s:
+                    phase("serving the final metrics")
+                    report["prometheus"] |= await served.serve_final(prometheus_linger_s)
             phase("stopping")
     finally:
         if held is not None:
@@ -989,19 +1011,20 @@ def _hold_port(port: int | None, host: str) -> socket.socket | None:
 @contextlib.asynccontextmanager
 async def _metrics(
     up: Deployed, port: int | None, host: str, held: socket.socket | None = None
-) -> AsyncIterator[str]:
+) -> AsyncIterator[PrometheusEndpoint | None]:
     """While the block runs, the deployment's metrics for Prometheus on ``port`` (see
-    `PrometheusEndpoint`), joined as any watcher joins it; yields their URL, or "" when
-    ``port`` is None. A ``held`` socket names the port instead, freed for the server."""
+    `PrometheusEndpoint`), joined as any watcher joins it; yields the endpoint, or None
+    when ``port`` is None. A ``held`` socket names the port instead, freed for the
+    server."""
     if held is not None:
         port = held.getsockname()[1]
         held.close()
     if port is None:
-        yield ""
+        yield None
         return
     from govmesh.observability._prometheus import PrometheusEndpoint
 
     # From the stream's first event: the run makes its stream once the actors start.
     endpoint = PrometheusEndpoint(port=port, host=host, tenant=up.deployment.tenant, start="first")
     async with endpoint as served:
-        yield served.url
+        yield served
