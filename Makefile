@@ -37,7 +37,7 @@ demo-local: $(LOCAL)
 
 ## make test: the test suite (slow stress tests excluded; `make test-all` runs them too)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''

@@ -147,6 +147,37 @@ def test_interrupt_mid_run_stops_every_service_it_started(signum: int, tmp_path:
     assert (kept / "run.json").exists()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_a_stop_while_ray_starts_waits_for_it_then_stops_everything(
+    signum: int, tmp_path: Path
+) -> None:
+    mark = uuid.uuid4().hex
+    proc = _start(["run", "scenarios/procurement.yaml", "--workflows", "100"], mark)
+    try:
+        # Ray's first server is up: `ray.init` goes on for a second or more after it.
+        deadline = time.monotonic() + 120
+        gcs: list[int] = []
+        while not gcs and time.monotonic() < deadline and proc.poll() is None:
+            gcs = [p for p in processes_with_marker(mark) if "gcs_server" in _cmdline(p)]
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        session = _ray_session(mark, proc)
+        status = Path(f"/proc/{gcs[0]}/status").read_text()
+        proc.send_signal(signum)
+        # The servers Ray starts take SIGTERM, so `ray.shutdown` stops them.
+        blocked = re.search(r"SigBlk:\s*([0-9a-f]+)", status)
+        assert blocked, status
+        assert not int(blocked.group(1), 16) & (1 << (signal.SIGTERM - 1)), status
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Not Ray's own exit (status 15) nor its failure handler's abort (-6): govmesh's stop.
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted" in err and "SIGTERM received" not in err
+    assert wait_until_gone(mark, directory=session, timeout=60) == []
+
+
 def test_bad_scenario_gives_a_one_line_error_not_a_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(
