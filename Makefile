@@ -35,12 +35,13 @@ demo: $(BASE)
 demo-local: $(LOCAL)
 	$(BIN)/govmesh model serve -- $(BIN)/govmesh run scenarios/procurement-local.yaml --workflows 5 --seed 7
 
-## make test: the test suite (slow stress tests excluded; `make test-all` runs them too)
+## make test: the test suite (slow stress tests excluded; `make test-all` runs them too, and
+## draws four times as many examples in the property tests)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m ''
+	GOVMESH_TEST_DEPTH=4 $(BIN)/python -m pytest -q -m ''
 
 lint: $(STAMP)
 	$(BIN)/ruff check govmesh tests

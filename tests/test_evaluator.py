@@ -37,6 +37,7 @@ from govmesh.governance import (
 )
 from govmesh.governance._rules import ArgValues, Condition, Scalar, value_order
 
+from _depth import examples
 from _policies import EXPENSES as EXPENSES_TEXT
 
 ROLE = "Procurement-Agent-v2"
@@ -1024,9 +1025,8 @@ def judge_args(policy: Policy, args: dict[str, Any]) -> tuple[bool, bool]:
     return deny, escalate
 
 
-# 1,000 policy sets of up to 8 intents each: 30 s here, where 2,000 took 45 s, to keep
-# `make test` within its 15 minutes as the suite grows.
-@settings(max_examples=1000, deadline=None)
+# 500 policy sets of up to 8 intents each in `make test` (2,000 in `make test-all`).
+@settings(max_examples=examples(500), deadline=None)
 @given(POLICY_LISTS, st.lists(st.tuples(intents(), CONTEXTS), min_size=1, max_size=8))
 def test_evaluator_agrees_with_the_reference_on_random_intents(
     items: list[Policy], cases: list[tuple[Intent, EvalContext]]
@@ -1084,7 +1084,7 @@ def rule_and_args(draw: st.DrawFn) -> tuple[dict[str, Any], list[dict[str, Any]]
     return rule, cases
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=examples(700), deadline=None)
 @given(rule_and_args())
 def test_each_rule_on_arguments_decides_as_the_reference_alone(
     case: tuple[dict[str, Any], list[dict[str, Any]]],
@@ -1101,7 +1101,7 @@ def test_each_rule_on_arguments_decides_as_the_reference_alone(
         assert verdict.outcome == expected, (rule, args, verdict)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(POLICY_LISTS, intents(), CONTEXTS)
 def test_evaluate_is_deterministic(items: list[Policy], intent: Intent, ctx: EvalContext) -> None:
     compiled = compile_set(items)
@@ -1118,7 +1118,7 @@ def test_evaluate_is_deterministic(items: list[Policy], intent: Intent, ctx: Eva
     assert evaluate(compiled, intent, msgspec.structs.replace(ctx, now=ctx.now + 86400)) == first
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(POLICY_LISTS, intents(), CONTEXTS, st.text(max_size=30))
 def test_unknown_role_is_always_denied(
     items: list[Policy], intent: Intent, ctx: EvalContext, role: str
@@ -1135,7 +1135,7 @@ def test_unknown_role_is_always_denied(
     assert verdict.obligations == ()
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(250), deadline=None)
 @given(POLICY_LISTS, intents(roles=AGENTS), VALID_CONTEXTS, AMOUNTS, AMOUNTS)
 def test_raising_the_amount_never_relaxes_a_verdict(
     items: list[Policy], intent: Intent, ctx: EvalContext, first: float, second: float
@@ -1150,7 +1150,7 @@ def test_raising_the_amount_never_relaxes_a_verdict(
     assert rank(low) <= rank(high)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     POLICY_LISTS,
     intents(roles=AGENTS),
@@ -1180,7 +1180,7 @@ def test_more_spend_reflections_day_spend_or_calls_never_relaxes_a_verdict(
     assert RANK[before] <= RANK[after]
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(250), deadline=None)
 @given(POLICY_LISTS, intents(roles=AGENTS), CONTEXTS)
 def test_a_tool_no_policy_of_a_tool_restricted_role_lists_is_denied(
     items: list[Policy], intent: Intent, ctx: EvalContext
@@ -1195,7 +1195,7 @@ def test_a_tool_no_policy_of_a_tool_restricted_role_lists_is_denied(
         assert verdict.obligations == ()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(POLICY_LISTS, intents(roles=AGENTS), CONTEXTS, st.sampled_from(TOOLS))
 def test_a_denied_tool_is_denied_whatever_else_the_intent_says(
     items: list[Policy], intent: Intent, ctx: EvalContext, tool: str
@@ -1209,7 +1209,7 @@ def test_a_denied_tool_is_denied_whatever_else_the_intent_says(
     assert verdict.outcome == "deny"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(POLICY_LISTS, policies(), intents(roles=AGENTS), CONTEXTS)
 def test_adding_a_policy_for_a_governed_role_never_relaxes_a_verdict(
     items: list[Policy], extra: Policy, intent: Intent, ctx: EvalContext
@@ -1222,7 +1222,7 @@ def test_adding_a_policy_for_a_governed_role_never_relaxes_a_verdict(
     assert RANK[before] <= RANK[after]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     POLICY_LISTS,
     st.lists(st.tuples(intents(), CONTEXTS), min_size=1, max_size=5),
@@ -1243,7 +1243,7 @@ def test_reordering_or_duplicating_policy_documents_changes_nothing(
         assert evaluate(variant, intent, ctx) == evaluate(original, intent, ctx)
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(
     POLICY_LISTS,
     st.lists(st.tuples(intents(), CONTEXTS), min_size=1, max_size=20),
@@ -1502,7 +1502,7 @@ def test_a_record_from_before_declared_spend_replays_as_it_was_decided() -> None
     assert now.reasons == ("vendor 42 is not in allowed_vendors",)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     POLICY_LISTS,
     st.data(),

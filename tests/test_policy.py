@@ -28,6 +28,7 @@ from govmesh.governance import (
 )
 from govmesh.governance._rules import ArgValues, Condition, value_order
 
+from _depth import examples
 from _policies import EXPENSES
 
 # Written as escapes so the source shows which look-alike character each test pastes.
@@ -1044,7 +1045,7 @@ def render(bodies: list[dict[str, object]], *, flow: bool | None = None) -> str:
     )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(st.lists(policy_bodies(), min_size=1, max_size=4))
 def test_rendered_policies_round_trip_exactly(bodies: list[dict[str, object]]) -> None:
     loaded = parse_policy_text(render(bodies))
@@ -1052,7 +1053,7 @@ def test_rendered_policies_round_trip_exactly(bodies: list[dict[str, object]]) -
     assert set(loaded.policies) == {expected_policy(body) for body in bodies}
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(st.lists(policy_bodies(), min_size=1, max_size=4), st.randoms(use_true_random=False))
 def test_hash_and_set_ignore_order_duplicates_and_style(
     bodies: list[dict[str, object]], rng: random.Random
@@ -1068,7 +1069,7 @@ def test_hash_and_set_ignore_order_duplicates_and_style(
     assert isinstance(variant, PolicySet)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(250), deadline=None)
 @given(st.text(alphabet=st.characters(codec="utf-8"), max_size=200))
 def test_arbitrary_text_is_parsed_or_rejected_with_a_policy_error(text: str) -> None:
     try:
@@ -1077,7 +1078,7 @@ def test_arbitrary_text_is_parsed_or_rejected_with_a_policy_error(text: str) -> 
         assert error.line is None or error.line >= 1
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(250), deadline=None)
 @given(st.integers(min_value=0, max_value=len(SEED)), st.text(max_size=8))
 def test_corrupted_seed_is_parsed_or_rejected_with_a_policy_error(at: int, junk: str) -> None:
     try:
