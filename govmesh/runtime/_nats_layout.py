@@ -231,9 +231,10 @@ def write_nats_layout(
     driver.mkdir(mode=0o700)
     write_private(driver / "ca-key.pem", ca.key_pem)
     write_private(driver / "callout.nk", seed + b"\n")
+    expiries = []
     for node in nodes:
         _write_node(directory, node, nodes, ca, callout, node_dir, store_dir, listen, name)
-        _write_node_cert(directory, node, ca, multi=len(nodes) > 1, ttl=node_ttl)
+        expiries.append(_write_node_cert(directory, node, ca, multi=len(nodes) > 1, ttl=node_ttl))
     record = _Record(nodes=tuple(nodes), issuer=callout.issuer)
     recorded = msgspec.json.format(msgspec.json.encode(record))
     (directory / _RECORD_FILE).write_bytes(recorded + b"\n")
@@ -254,7 +255,7 @@ def write_nats_layout(
         environment=environment,
         issuer=callout.issuer,
         ca_expires=_expiry(ca.ca_pem),
-        node_expires=_expiry((directory / nodes[0].name / "server.pem").read_bytes()),
+        node_expires=min(expiries),
     )
 
 
@@ -292,9 +293,8 @@ def renew_node_certs(
     ca = DeploymentCA.load(ca_pem, key_pem)
     ca_expires = _expiry(ca_pem)
     _check_ttl(ttl, ca_expires - dt.datetime.now(dt.UTC))
-    for node in record.nodes:
-        _write_node_cert(directory, node, ca, multi=len(record.nodes) > 1, ttl=ttl)
-    expires = _expiry((directory / record.nodes[0].name / "server.pem").read_bytes())
+    multi = len(record.nodes) > 1
+    expires = min(_write_node_cert(directory, n, ca, multi=multi, ttl=ttl) for n in record.nodes)
     return record.nodes, expires, ca_expires
 
 
@@ -314,9 +314,9 @@ def _expiry(cert_pem: bytes) -> dt.datetime:
 
 def _write_node_cert(
     directory: Path, node: NatsNode, ca: DeploymentCA, *, multi: bool, ttl: dt.timedelta
-) -> None:
+) -> dt.datetime:
     """A node's certificate (for routes too in a cluster) and a new key, each file replaced
-    whole, so a reload never reads half of one."""
+    whole, so a reload never reads half of one; when the certificate expires."""
     here = directory / node.name
     cert_pem, key_pem = ca.server_cert([node.host], routes=multi, ttl=ttl)
     partial = here / "server-key.pem.partial"
@@ -324,6 +324,7 @@ def _write_node_cert(
     (here / "server.pem.partial").write_bytes(cert_pem)
     os.replace(partial, here / "server-key.pem")
     os.replace(here / "server.pem.partial", here / "server.pem")
+    return _expiry(cert_pem)
 
 
 def _write_node(
