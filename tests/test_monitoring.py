@@ -391,8 +391,13 @@ def test_a_scenario_file_asks_for_the_prometheus_port_and_gets_none_by_default(
     assert scenario_app(shipped).prometheus_port is None
     asking = tmp_path / "procurement.yaml"
     text = shipped.read_text().replace("../", f"{ROOT}/")
-    asking.write_text(f"{text}\nprometheus_port: 9464\n")
-    assert scenario_app(asking).prometheus_port == 9464
+    asking.write_text(f"{text}\nprometheus_port: 9464\nprometheus_linger_s: 30\n")
+    app = scenario_app(asking)
+    assert (app.prometheus_port, app.prometheus_linger_s) == (9464, 30.0)
+    assert scenario_app(shipped).prometheus_linger_s == 0.0
+    asking.write_text(f"{text}\nprometheus_port: 9464\nprometheus_linger_s: -5\n")
+    with pytest.raises(govmesh.GovmeshError, match=r"procurement.yaml: prometheus_linger_s: .*-5"):
+        scenario_app(asking)
 
 
 def test_a_busy_metrics_port_is_refused_before_any_service_starts(tmp_path: Path) -> None:

@@ -97,11 +97,11 @@ def _source(scenario: Path | None, app: str | None) -> None:
     "--prometheus-linger",
     "prometheus_linger_s",
     type=click.FloatRange(0),
-    default=0.0,
     metavar="SECONDS",
     help="Once the workflows end, count all their events into the metrics and serve them "
     "until scraped once, at most SECONDS: a run shorter than Prometheus' scrape interval "
-    "still has its final figures scraped. Default: stop serving with the run.",
+    "still has its final figures scraped. Default: the scenario's or app's "
+    "prometheus_linger_s, else stop serving with the run.",
 )
 @json_option
 def run(
@@ -116,7 +116,7 @@ def run(
     insecure_bus: bool,
     prometheus_port: int | None,
     prometheus_host: str,
-    prometheus_linger_s: float,
+    prometheus_linger_s: float | None,
     json_path: Path | None,
 ) -> None:
     """Run SCENARIO (or --app) with a swarm of agent actors and print a summary.

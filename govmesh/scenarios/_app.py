@@ -79,8 +79,8 @@ class RunOptions(TypedDict, total=False):
             it runs (0: a free one); the app's own setting when not given.
         prometheus_host: the address the metrics are served on (127.0.0.1).
         prometheus_linger_s: once the workflows end, serve their final metrics until
-            scraped once, for at most this many seconds (0: the endpoint stops with the
-            run).
+            scraped once, for at most this many seconds; the app's own setting when not
+            given.
     """
 
     workflows: int
@@ -91,7 +91,7 @@ class RunOptions(TypedDict, total=False):
     insecure_bus: bool
     prometheus_port: int | None
     prometheus_host: str
-    prometheus_linger_s: float
+    prometheus_linger_s: float | None
 
 
 class Workload(Protocol):
@@ -199,6 +199,8 @@ class App:
         keep_thoughts: keep model answers in the snapshots' reflection tier.
         prometheus_port: serve the deployment's metrics for Prometheus on this port while
             it runs (see `govmesh.PrometheusEndpoint`); None: not served.
+        prometheus_linger_s: once the workflows end, serve their final metrics until
+            scraped once, for at most this many seconds; 0: the endpoint stops with the run.
         description: one line on what the app does.
         source: where the app was defined (a scenario file), for error messages.
 
@@ -231,6 +233,7 @@ class App:
         max_reflections: int = 40,
         keep_thoughts: bool = False,
         prometheus_port: int | None = None,
+        prometheus_linger_s: float = 0.0,
         tool_retry: RetryPolicy | Mapping[str, Any] | None = None,
         model_retry: RetryPolicy | Mapping[str, Any] | None = None,
         description: str = "",
@@ -255,6 +258,12 @@ class App:
         self.max_reflections = max_reflections
         self.keep_thoughts = keep_thoughts
         self.prometheus_port = prometheus_port
+        if not prometheus_linger_s >= 0:
+            raise ConfigError(
+                f"{where}prometheus_linger_s: must be 0 or more seconds, got "
+                f"{prometheus_linger_s!r}"
+            )
+        self.prometheus_linger_s = float(prometheus_linger_s)
         self.tool_retry = _convert(tool_retry or {}, RetryPolicy, where + "tool_retry")
         self.model_retry = _convert(model_retry or {}, RetryPolicy, where + "model_retry")
         default_model = SimulatedModelSettings() if model is None else model
@@ -517,6 +526,7 @@ def _from_scenario(s: Scenario) -> App:
         clock_speed=s.clock.speed,
         budget=s.budget,
         prometheus_port=s.prometheus_port,
+        prometheus_linger_s=s.prometheus_linger_s,
         max_reflections=s.max_reflections,
         keep_thoughts=s.keep_thoughts,
         tool_retry=s.tool_retry,

@@ -874,7 +874,7 @@ async def run_scenario(
     insecure_bus: bool = False,
     prometheus_port: int | None = None,
     prometheus_host: str = "127.0.0.1",
-    prometheus_linger_s: float = 0.0,
+    prometheus_linger_s: float | None = None,
 ) -> dict[str, Any]:
     """Load a scenario file or an app, bring up the runtime (embedded or external
     services), run, report.
@@ -902,13 +902,14 @@ async def run_scenario(
             the metrics and serve them until they are scraped once, for at most this many
             seconds (`PrometheusEndpoint.serve_final`; the report's ``prometheus`` says
             whether they were): a run shorter than Prometheus' scrape interval still has
-            its final figures scraped. 0: the endpoint stops with the run.
+            its final figures scraped. 0: the endpoint stops with the run; the app's own
+            setting when None.
 
     Raises:
         ConfigError: ``prometheus_linger_s`` is negative, or given with no port to serve
             on, or another setting is wrong.
     """
-    if not prometheus_linger_s >= 0:
+    if prometheus_linger_s is not None and not prometheus_linger_s >= 0:
         raise ConfigError(
             f"prometheus linger: seconds from 0 are needed, got {prometheus_linger_s!r}"
         )
@@ -939,10 +940,12 @@ async def run_scenario(
     # run's own setting is known only once its app is read back.
     if prometheus_port is None and loaded is not None:
         prometheus_port = loaded.prometheus_port
-        if prometheus_port is None and prometheus_linger_s:
-            raise ConfigError(
-                "prometheus linger: the metrics are not served; give a prometheus port too"
-            )
+    if prometheus_linger_s is None and loaded is not None:
+        prometheus_linger_s = loaded.prometheus_linger_s
+    if loaded is not None and prometheus_port is None and prometheus_linger_s:
+        raise ConfigError(
+            "prometheus linger: the metrics are not served; give a prometheus port too"
+        )
     held = _hold_port(prometheus_port, prometheus_host)
     try:
         async with (
@@ -978,9 +981,12 @@ async def run_scenario(
             report["runtime"] = up.describe()
             if served is not None:
                 report["prometheus"] = {"url": served.url}
-                if prometheus_linger_s:
+                linger = up.app.prometheus_linger_s
+                if prometheus_linger_s is not None:
+                    linger = prometheus_linger_s
+                if linger:
                     phase("serving the final metrics")
-                    report["prometheus"] |= await served.serve_final(prometheus_linger_s)
+                    report["prometheus"] |= await served.serve_final(linger)
             phase("stopping")
     finally:
         if held is not None:

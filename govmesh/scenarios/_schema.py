@@ -137,6 +137,9 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         prometheus_port: serve the deployment's metrics for Prometheus on this port of
             127.0.0.1 while it runs (``govmesh run --prometheus-port`` wins); none: not
             served.
+        prometheus_linger_s: once the workflows end, serve their final metrics until
+            scraped once, for at most this many seconds (``govmesh run
+            --prometheus-linger`` wins); 0: the endpoint stops with the run.
     """
 
     name: str
@@ -158,6 +161,7 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     tool_retry: RetryPolicy | None = None
     model_retry: RetryPolicy | None = None
     prometheus_port: int | None = None
+    prometheus_linger_s: float = 0.0
     source: str = ""
 
     def _resolved(self, paths: tuple[str, ...]) -> list[str]:
