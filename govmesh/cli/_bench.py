@@ -8,7 +8,6 @@ import click
 from rich.table import Table
 
 from govmesh.cli._common import (
-    claim_sigterm,
     console,
     json_option,
     out,
@@ -231,7 +230,6 @@ def bench_forecast(
         task = progress.add_task("starting", total=calibration_runs + held_out_runs)
 
         def tick(phase: str, done: int) -> None:
-            claim_sigterm()
             progress.update(task, description=phase, completed=done)
 
         report = run_async(

@@ -27,7 +27,6 @@ from govmesh.errors import GovmeshError
 __all__ = [
     "age",
     "arguments",
-    "claim_sigterm",
     "console",
     "glance",
     "json_option",
@@ -102,22 +101,17 @@ def phase_ticker(progress: Progress, task: Any) -> Any:
     return tick
 
 
-def claim_sigterm() -> None:
-    """Make SIGTERM cancel the running main task, so every context manager cleans up.
-
-    Called again once Ray is up: ``ray.init`` installs its own SIGTERM handler, which dumps
-    a stack trace and exits without stopping what govmesh started in order.
-    """
-    task = asyncio.current_task()
-    if task is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-
-
 def run_async(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run ``coro``; Ctrl-C and SIGTERM cancel it so every context manager cleans up."""
+    """Run ``coro``; Ctrl-C and SIGTERM cancel it so every context manager cleans up.
+
+    Ray, once started, leaves SIGTERM to this handler (see ``govmesh.runtime``'s start of
+    Ray), so it is claimed once.
+    """
 
     async def guarded() -> _T:
-        claim_sigterm()
+        task = asyncio.current_task()
+        if task is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         return await coro
 
     try:

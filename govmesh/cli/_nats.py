@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from pathlib import Path
 
@@ -94,8 +95,6 @@ def nats_init(
     and start govmesh there with its variables: `set -a; . DIRECTORY/driver/govmesh.env;
     set +a`.
     """
-    import datetime as dt
-
     from govmesh.runtime._nats_layout import parse_node, write_nats_layout
 
     try:
@@ -115,8 +114,7 @@ def nats_init(
         config = layout.config_of(node)
         out.print(f"node {node.name}: {node.url}  {config}", highlight=False, soft_wrap=True)
     out.print(f"callout issuer {layout.issuer}", highlight=False)
-    out.print(f"node certificates expire {layout.node_expires:%Y-%m-%d %H:%M} UTC", highlight=False)
-    out.print(f"CA expires {layout.ca_expires:%Y-%m-%d %H:%M} UTC", highlight=False)
+    _print_expiries(layout.node_expires, layout.ca_expires)
     out.print(f"driver variables: {layout.env_file} (0600)", highlight=False, soft_wrap=True)
     console.print(
         f"[dim]keep {escape(str(layout.env_file.parent))} on the driver's machine only: its "
@@ -159,8 +157,6 @@ def nats_renew(directory: Path, node_days: int, json_path: Path | None) -> None:
     from then on, without a restart; the members connected to it reconnect and are
     admitted again, as when a node fails over, so reload one node at a time.
     """
-    import datetime as dt
-
     from govmesh.runtime._nats_layout import renew_node_certs
 
     try:
@@ -170,8 +166,7 @@ def nats_renew(directory: Path, node_days: int, json_path: Path | None) -> None:
         sys.exit(2)
     for node in nodes:
         out.print(f"node {node.name}: {directory / node.name / 'server.pem'}", highlight=False)
-    out.print(f"node certificates expire {expires:%Y-%m-%d %H:%M} UTC", highlight=False)
-    out.print(f"CA expires {ca_expires:%Y-%m-%d %H:%M} UTC", highlight=False)
+    _print_expiries(expires, ca_expires)
     console.print("[dim]copy each node's server.pem and server-key.pem, then reload it[/]")
     write_json(
         json_path,
@@ -182,3 +177,8 @@ def nats_renew(directory: Path, node_days: int, json_path: Path | None) -> None:
         },
         what="renewal",
     )
+
+
+def _print_expiries(nodes: dt.datetime, ca: dt.datetime) -> None:
+    out.print(f"node certificates expire {nodes:%Y-%m-%d %H:%M} UTC", highlight=False)
+    out.print(f"CA expires {ca:%Y-%m-%d %H:%M} UTC", highlight=False)

@@ -16,7 +16,6 @@ from rich.progress import (
 from rich.table import Table
 
 from govmesh.cli._common import (
-    claim_sigterm,
     console,
     json_option,
     out,
@@ -171,7 +170,6 @@ def run(
             progress.update(task, advance=1, tally=text, description="workflows")
 
         def on_phase(text: str) -> None:
-            claim_sigterm()  # phases after the first run with Ray up
             if not phases and resume is None:
                 # Said once the input is checked and the run's directory exists: a run
                 # refused before it started has nothing to resume.
@@ -269,7 +267,6 @@ def chaos(
             progress.update(task, advance=1, description="workflows")
 
         def on_phase(text: str) -> None:
-            claim_sigterm()
             progress.update(task, description=text)
 
         report = run_async(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Final
 
-from govmesh.cli._common import claim_sigterm, console, out, run_async
+from govmesh.cli._common import console, out, run_async
 from govmesh.cli._root import cli
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ def up() -> None:
 
     async def serve() -> None:
         async with Runtime() as rt:
-            claim_sigterm()
             assert rt.transport is not None  # the embedded server is mutual TLS
             # In the Runtime's own directory (0700), so only this user reaches it.
             async with AdmissionServer(rt.workdir / _ADMISSION_SOCKET, rt.transport):

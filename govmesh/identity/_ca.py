@@ -306,6 +306,11 @@ class DeploymentCA:
         return cls(cert=cert, key=key)
 
     @property
+    def expires(self) -> dt.datetime:
+        """The end of the CA certificate's validity (UTC)."""
+        return self._cert.not_valid_after_utc
+
+    @property
     def ca_pem(self) -> bytes:
         """The CA certificate, PEM."""
         return _pem(self._cert)

@@ -254,7 +254,7 @@ def write_nats_layout(
         env_file=env_file,
         environment=environment,
         issuer=callout.issuer,
-        ca_expires=_expiry(ca.ca_pem),
+        ca_expires=ca.expires,
         node_expires=min(expiries),
     )
 
@@ -291,11 +291,10 @@ def renew_node_certs(
             "machine, where the layout's driver directory is"
         ) from None
     ca = DeploymentCA.load(ca_pem, key_pem)
-    ca_expires = _expiry(ca_pem)
-    _check_ttl(ttl, ca_expires - dt.datetime.now(dt.UTC))
+    _check_ttl(ttl, ca.expires - dt.datetime.now(dt.UTC))
     multi = len(record.nodes) > 1
     expires = min(_write_node_cert(directory, n, ca, multi=multi, ttl=ttl) for n in record.nodes)
-    return record.nodes, expires, ca_expires
+    return record.nodes, expires, ca.expires
 
 
 def _check_ttl(node_ttl: dt.timedelta, ca_left: dt.timedelta) -> None:
@@ -306,10 +305,6 @@ def _check_ttl(node_ttl: dt.timedelta, ca_left: dt.timedelta) -> None:
             f"a node certificate of {node_ttl.days} days would outlive its CA, which has "
             f"{ca_left.days} days left; make a new layout for a new CA"
         )
-
-
-def _expiry(cert_pem: bytes) -> dt.datetime:
-    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
 
 
 def _write_node_cert(
@@ -324,7 +319,7 @@ def _write_node_cert(
     (here / "server.pem.partial").write_bytes(cert_pem)
     os.replace(partial, here / "server-key.pem")
     os.replace(here / "server.pem.partial", here / "server.pem")
-    return _expiry(cert_pem)
+    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
 
 
 def _write_node(

@@ -981,9 +981,11 @@ async def run_scenario(
             report["runtime"] = up.describe()
             if served is not None:
                 report["prometheus"] = {"url": served.url}
-                linger = up.app.prometheus_linger_s
-                if prometheus_linger_s is not None:
-                    linger = prometheus_linger_s
+                linger = (
+                    up.app.prometheus_linger_s
+                    if prometheus_linger_s is None
+                    else prometheus_linger_s
+                )
                 if linger:
                     phase("serving the final metrics")
                     report["prometheus"] |= await served.serve_final(linger)
